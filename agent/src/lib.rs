@@ -1,0 +1,41 @@
+//! kiln-agent: the program baked into every kiln image.
+//!
+//! It reads where the control plane is and the bootstrap token from the
+//! kernel command line (`kiln.server=`, `kiln.token=`), gathers the node's
+//! identity from `/proc`, `/sys` and `/etc/machine-id`, registers, and then
+//! heartbeats with the node token it got back, registering again if the
+//! server forgets it. Every host path is a field of [`Roots`], so tests point
+//! them at fixtures.
+//!
+//! Modules: [`identity`] reads the node's facts; [`register`] talks to the
+//! control plane. A new duty (flannel, metrics) is a module with its own loop,
+//! started from `main.rs`.
+
+pub mod identity;
+pub mod register;
+
+use std::path::PathBuf;
+
+/// Host paths the agent reads, all overridable.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    /// `/proc`
+    pub proc: PathBuf,
+    /// `/sys`
+    pub sys: PathBuf,
+    /// `/etc/machine-id`; written if missing and no DMI UUID identifies the machine.
+    pub machine_id: PathBuf,
+    /// The kernel command line, normally `/proc/cmdline`.
+    pub cmdline: PathBuf,
+}
+
+impl Default for Roots {
+    fn default() -> Self {
+        Roots {
+            proc: "/proc".into(),
+            sys: "/sys".into(),
+            machine_id: "/etc/machine-id".into(),
+            cmdline: "/proc/cmdline".into(),
+        }
+    }
+}

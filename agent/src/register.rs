@@ -1,0 +1,140 @@
+//! Registration with the control plane, then heartbeats.
+//!
+//! `POST {server}/api/v1/register` with the bootstrap token, retried with
+//! exponential backoff (200 ms doubling to 10 s) until the server answers;
+//! then `POST {server}/api/v1/heartbeat` with the node token at the interval
+//! the server asks for. A heartbeat answered 401 means the server no longer
+//! knows the token (its state was reset): the agent registers again.
+
+use std::time::Duration;
+
+use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse};
+use log::{info, warn};
+
+/// Talking to the control plane failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No answer (connection refused, timeout, ...).
+    #[error("{url}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status.
+    #[error("{url}: {status}: {body}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The HTTP status.
+        status: reqwest::StatusCode,
+        /// The server's explanation.
+        body: String,
+    },
+}
+
+/// A client of one control plane.
+pub struct Client {
+    http: reqwest::Client,
+    server: String,
+    bootstrap_token: String,
+}
+
+impl Client {
+    /// A client of the control plane at `server` (base URL) with `bootstrap_token`.
+    pub fn new(server: &str, bootstrap_token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(3))
+            .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the HTTP client builds with static settings");
+        Client { http, server: server.trim_end_matches('/').to_string(), bootstrap_token: bootstrap_token.to_string() }
+    }
+
+    /// One registration attempt.
+    pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, Error> {
+        let url = format!("{}/api/v1/register", self.server);
+        let resp = self.http.post(&url).bearer_auth(&self.bootstrap_token).json(req).send().await;
+        json(url, resp).await
+    }
+
+    /// One heartbeat with the node token.
+    pub async fn heartbeat(&self, token: &str) -> Result<HeartbeatResponse, Error> {
+        let url = format!("{}/api/v1/heartbeat", self.server);
+        let resp = self.http.post(&url).bearer_auth(token).send().await;
+        json(url, resp).await
+    }
+
+    /// Registers, retrying with backoff until the server accepts; then
+    /// heartbeats forever, registering again when the server forgets the node.
+    pub async fn run(&self, gather: impl Fn() -> RegisterRequest) -> ! {
+        loop {
+            let registered = self.register_with_backoff(&gather).await;
+            let token = registered.token;
+            let mut interval = Duration::from_secs(registered.heartbeat_interval_secs.max(1));
+            loop {
+                tokio::time::sleep(interval).await;
+                match self.heartbeat(&token).await {
+                    Ok(hb) => interval = Duration::from_secs(hb.heartbeat_interval_secs.max(1)),
+                    Err(Error::Status { status, .. }) if status == reqwest::StatusCode::UNAUTHORIZED => {
+                        warn!("control plane no longer knows this node; registering again");
+                        break;
+                    }
+                    Err(e) => warn!("heartbeat: {}", chain(&e)),
+                }
+            }
+        }
+    }
+
+    async fn register_with_backoff(&self, gather: &impl Fn() -> RegisterRequest) -> RegisterResponse {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1u32;
+        loop {
+            let req = gather();
+            match self.register(&req).await {
+                Ok(resp) => {
+                    info!(
+                        "registered with {} as node {} (machine-id {}, macs {}, image {})",
+                        self.server,
+                        resp.name,
+                        req.machine_id,
+                        req.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                        if req.image_digest.is_empty() { "unknown" } else { &req.image_digest },
+                    );
+                    return resp;
+                }
+                Err(e) => {
+                    warn!("registering (attempt {attempt}, next in {delay:?}): {}", chain(&e));
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+async fn json<T: serde::de::DeserializeOwned>(url: String, resp: Result<reqwest::Response, reqwest::Error>) -> Result<T, Error> {
+    let resp = resp.map_err(|source| Error::Transport { url: url.clone(), source })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        return Err(Error::Status { url, status, body: body.trim().to_string() });
+    }
+    resp.json::<T>().await.map_err(|source| Error::Transport { url, source })
+}
+
+/// An error and its causes on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}

@@ -1,0 +1,31 @@
+#!/bin/sh
+# kiln tiny image: PID 1. Mounts the kernel filesystems, loads the NIC
+# drivers, configures every NIC by DHCP, and keeps kiln-agent running.
+/bin/busybox --install -s
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /run /tmp /var/log
+while read -r mod; do
+  insmod "/lib/modules/$mod" 2>/dev/null || echo "kiln-init: insmod $mod failed"
+done < /etc/kiln/modules
+ip link set lo up
+i=0
+while [ "$i" -lt 50 ] && [ -z "$(ls /sys/class/net | grep -v '^lo$')" ]; do sleep 0.1; i=$((i + 1)); done
+first_mac=
+for dev in /sys/class/net/*; do
+  nic=${dev##*/}
+  [ "$nic" = lo ] && continue
+  [ -z "$first_mac" ] && first_mac=$(cat "$dev/address")
+  ip link set "$nic" up
+  udhcpc -i "$nic" -s /etc/kiln/udhcpc.script -n -q -t 20 -T 1 >/dev/null 2>&1 &
+done
+wait
+hostname "tiny-$(echo "$first_mac" | tr -d ':' | cut -c7-12)"
+echo "kiln-init: $(hostname) up, $(ip -4 -o addr show scope global | awk '{print $2, $4}' | tr '\n' ' ')"
+while true; do
+  /usr/bin/kiln-agent
+  echo "kiln-init: kiln-agent exited ($?), restarting in 1s"
+  sleep 1
+done

@@ -1,0 +1,484 @@
+//! kiln-builder: from an image spec (`images/*.toml`) to the artifacts that
+//! `kiln serve` serves and QEMU boots.
+//!
+//! A build has phases, each reported through [`Event`]s:
+//! 1. **resolve**: parse the spec; resolve its Debian packages to exact
+//!    versions through apt's index (no download); hash the agent. Together
+//!    these make the cache key. An image directory whose manifest carries the
+//!    same key, and whose artifacts still match their sha256, is a cache hit.
+//! 2. **fetch**: download the `.deb`s into the cache (checked against the
+//!    archive's sha256) and unpack them there once.
+//! 3. **initramfs**: a reproducible cpio (fixed owners, mtimes and order) with
+//!    busybox, kiln-agent and the libraries it links, the kernel modules the
+//!    spec names with what `modules.dep` says they need, and an init script.
+//! 4. **write**: artifacts and `manifest.json` go into a temporary directory
+//!    beside the output, which is then swapped in with one atomic rename: a
+//!    build killed at any point leaves the previous image and the cache whole.
+//!
+//! To add a kind of image, add a section to [`ImageSpec`] and a function that
+//! turns it into artifacts; the resolve and write phases stay as they are.
+
+pub mod apt;
+pub mod cpio;
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flate2::Compression;
+use kiln_core::manifest::MANIFEST_FILE;
+use kiln_core::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
+use serde::Serialize;
+
+pub use apt::Archive;
+pub use spec::ImageSpec;
+
+/// Errors of the builder. Each names the file, key or package at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec is not valid TOML for an image spec.
+    #[error("{file}: key `{key}`: {message}")]
+    SpecParse {
+        /// The spec file.
+        file: PathBuf,
+        /// Dotted path of the key at fault (empty when the TOML itself is broken).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The spec parsed but a value is not acceptable.
+    #[error("{file}: key `{key}`: {message}")]
+    SpecInvalid {
+        /// The spec file.
+        file: PathBuf,
+        /// Dotted path of the key at fault.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// apt does not know the package.
+    #[error("unknown package `{package}` (apt-cache: {detail})")]
+    UnknownPackage {
+        /// The package name.
+        package: String,
+        /// What apt said.
+        detail: String,
+    },
+    /// Downloading a package failed.
+    #[error("fetching package `{package}`: {detail}")]
+    Fetch {
+        /// The package name.
+        package: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A kernel module the spec names is not in the kernel package.
+    #[error("kernel module `{module}` is not in {package}")]
+    MissingModule {
+        /// The module name.
+        module: String,
+        /// The kernel package.
+        package: String,
+    },
+    /// A package lacks a file the image needs from it.
+    #[error("package `{package}` has no {what}")]
+    MissingFile {
+        /// The package.
+        package: String,
+        /// The file looked for.
+        what: String,
+    },
+    /// The kiln-agent binary to bake in.
+    #[error("kiln-agent binary {path}: {reason}")]
+    Agent {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file operation failed.
+    #[error("{path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program could not be started.
+    #[error("starting {program}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program failed.
+    #[error("{program} failed ({status}): {stderr}")]
+    Command {
+        /// The program.
+        program: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+}
+
+/// Progress of a build, for a progress bar or one JSON line each (`--json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A phase started.
+    Phase {
+        /// `resolve`, `fetch`, `initramfs`, `write`.
+        phase: String,
+        /// What it is working on.
+        detail: String,
+    },
+    /// The image was up to date: nothing was rebuilt.
+    Cached {
+        /// Image name.
+        image: String,
+        /// Image digest.
+        digest: String,
+    },
+    /// The image was built.
+    Built {
+        /// Image name.
+        image: String,
+        /// Image digest.
+        digest: String,
+        /// Total bytes of its artifacts.
+        bytes: u64,
+    },
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The manifest written (or found, on a cache hit).
+    pub manifest: Manifest,
+    /// The image directory.
+    pub dir: PathBuf,
+    /// True when the existing image was up to date.
+    pub cached: bool,
+}
+
+/// Builds images. Holds the cache location and the agent binary to bake in.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    /// Cache directory: `.deb`s and their unpacked trees.
+    pub cache: PathBuf,
+    /// The kiln-agent binary (release build) to bake into images.
+    pub agent: PathBuf,
+    /// Timestamp for every file in every archive (SOURCE_DATE_EPOCH).
+    pub source_date_epoch: u32,
+}
+
+/// Bumped when the builder's output changes for the same inputs.
+const BUILDER_FORMAT: &str = "kiln-builder/1";
+
+const INIT_SCRIPT: &str = include_str!("init.sh");
+const UDHCPC_SCRIPT: &str = include_str!("udhcpc.sh");
+
+/// Everything a build reads, resolved, before anything is written.
+struct Inputs {
+    spec: ImageSpec,
+    spec_digest: String,
+    agent: Vec<u8>,
+    agent_digest: String,
+    libs: Vec<(PathBuf, Vec<u8>)>,
+    kernel: PackageRef,
+    busybox: PackageRef,
+    key: String,
+}
+
+impl Builder {
+    /// Builds the image that `spec_path` describes into `out/<name>/`.
+    pub fn build(&self, spec_path: &Path, out: &Path, progress: &dyn Fn(Event)) -> Result<Outcome, Error> {
+        progress(Event::Phase { phase: "resolve".into(), detail: spec_path.display().to_string() });
+        let inputs = self.resolve(spec_path)?;
+        let dir = out.join(&inputs.spec.name);
+        if let Some(manifest) = up_to_date(&dir, &inputs.key) {
+            progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest.clone() });
+            return Ok(Outcome { manifest, dir, cached: true });
+        }
+
+        let archive = Archive::new(&self.cache);
+        progress(Event::Phase { phase: "fetch".into(), detail: format!("{} {}", inputs.kernel.name, inputs.kernel.version) });
+        let kernel_tree = archive.unpacked(&inputs.kernel, |tree| {
+            let version = kernel_version(tree, &inputs.kernel)?;
+            apt::run(Command::new("depmod").arg("-b").arg(tree).arg(&version))
+        })?;
+        progress(Event::Phase { phase: "fetch".into(), detail: format!("{} {}", inputs.busybox.name, inputs.busybox.version) });
+        let busybox_tree = archive.unpacked(&inputs.busybox, |_| Ok(()))?;
+
+        progress(Event::Phase { phase: "initramfs".into(), detail: format!("{} modules", inputs.spec.kernel.modules.len()) });
+        let kver = kernel_version(&kernel_tree, &inputs.kernel)?;
+        let initrd = self.initramfs(&inputs, &kernel_tree, &kver, &busybox_tree)?;
+        let vmlinuz = read(&kernel_tree.join(format!("boot/vmlinuz-{kver}")))?;
+
+        progress(Event::Phase { phase: "write".into(), detail: dir.display().to_string() });
+        let files: Vec<(&str, &[u8])> = vec![("initrd.img", &initrd), ("vmlinuz", &vmlinuz)];
+        let artifacts: Vec<Artifact> = files
+            .iter()
+            .map(|(name, bytes)| Artifact { name: name.to_string(), size: bytes.len() as u64, sha256: sha256_hex(bytes) })
+            .collect();
+        let manifest = Manifest {
+            name: inputs.spec.name.clone(),
+            digest: Manifest::compute_digest(&artifacts),
+            artifacts,
+            boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: inputs.spec.kernel.cmdline.clone() },
+            inputs: InputDigests {
+                spec: inputs.spec_digest.clone(),
+                agent: inputs.agent_digest.clone(),
+                kernel_package: inputs.kernel.clone(),
+                packages: vec![inputs.busybox.clone()],
+                key: inputs.key.clone(),
+            },
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+        let mut all = files;
+        all.push((MANIFEST_FILE, &json));
+        install_dir(out, &inputs.spec.name, &all)?;
+        let bytes = manifest.artifacts.iter().map(|a| a.size).sum();
+        progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest.clone(), bytes });
+        Ok(Outcome { manifest, dir, cached: false })
+    }
+
+    fn resolve(&self, spec_path: &Path) -> Result<Inputs, Error> {
+        let spec_bytes = read(spec_path)?;
+        let spec = ImageSpec::from_str(&String::from_utf8_lossy(&spec_bytes), spec_path)?;
+        let agent = std::fs::read(&self.agent).map_err(|e| Error::Agent { path: self.agent.clone(), reason: e.to_string() })?;
+        if !agent.starts_with(b"\x7fELF") {
+            return Err(Error::Agent { path: self.agent.clone(), reason: "not an ELF executable".into() });
+        }
+        let libs = linked_libraries(&self.agent)?
+            .into_iter()
+            .map(|p| read(&p).map(|b| (p, b)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let archive = Archive::new(&self.cache);
+        let kernel = archive.resolve_kernel(&spec.kernel.package)?;
+        let busybox = archive.resolve(&spec.initramfs.busybox_package)?.package;
+        let spec_digest = format!("sha256:{}", sha256_hex(&spec_bytes));
+        let agent_digest = format!("sha256:{}", sha256_hex(&agent));
+        let mut key_text = format!("{BUILDER_FORMAT}\n{spec_digest}\n{agent_digest}\n{}\n{}\n", kernel.sha256, busybox.sha256);
+        for (path, bytes) in &libs {
+            key_text.push_str(&format!("{} {}\n", path.display(), sha256_hex(bytes)));
+        }
+        key_text.push_str(&format!("{}\n{}\n", self.source_date_epoch, INIT_SCRIPT));
+        key_text.push_str(UDHCPC_SCRIPT);
+        let key = format!("sha256:{}", sha256_hex(key_text.as_bytes()));
+        Ok(Inputs { spec, spec_digest, agent, agent_digest, libs, kernel, busybox, key })
+    }
+
+    fn initramfs(&self, inputs: &Inputs, kernel_tree: &Path, kver: &str, busybox_tree: &Path) -> Result<Vec<u8>, Error> {
+        let mut entries = Tree::default();
+        for dir in ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "etc", "root", "var"] {
+            entries.put(dir, 0o755, cpio::Entry::Dir);
+        }
+        entries.put("dev/console", 0o600, cpio::Entry::CharDev(5, 1));
+        entries.put("init", 0o755, cpio::Entry::File(INIT_SCRIPT.as_bytes().to_vec()));
+        entries.put("etc/kiln/udhcpc.script", 0o755, cpio::Entry::File(UDHCPC_SCRIPT.as_bytes().to_vec()));
+        entries.put("etc/kiln/image", 0o644, cpio::Entry::File(format!("{}\n", inputs.spec.name).into_bytes()));
+        let busybox = read(&busybox_tree.join("bin/busybox"))
+            .map_err(|_| Error::MissingFile { package: inputs.busybox.name.clone(), what: "bin/busybox".into() })?;
+        entries.put("bin/busybox", 0o755, cpio::Entry::File(busybox));
+        entries.put("usr/bin/kiln-agent", 0o755, cpio::Entry::File(inputs.agent.clone()));
+        for (path, bytes) in &inputs.libs {
+            let rel = path.to_string_lossy().trim_start_matches('/').to_string();
+            entries.put(&rel, 0o755, cpio::Entry::File(bytes.clone()));
+        }
+
+        let modules = module_load_order(kernel_tree, kver, &inputs.spec.kernel.modules, &inputs.kernel.name)?;
+        for rel in &modules {
+            let bytes = read(&kernel_tree.join("lib/modules").join(rel))?;
+            entries.put(&format!("lib/modules/{rel}"), 0o644, cpio::Entry::File(bytes));
+        }
+        let list: String = modules.iter().map(|m| format!("{m}\n")).collect();
+        entries.put("etc/kiln/modules", 0o644, cpio::Entry::File(list.into_bytes()));
+
+        let gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), Compression::new(6));
+        let mut writer = cpio::Writer::new(gz, self.source_date_epoch);
+        for (path, (perm, entry)) in &entries.0 {
+            writer.add(path, *perm, entry).map_err(|source| Error::Io { path: PathBuf::from(path), source })?;
+        }
+        let gz = writer.finish().map_err(|source| Error::Io { path: "initrd.img".into(), source })?;
+        gz.finish().map_err(|source| Error::Io { path: "initrd.img".into(), source })
+    }
+}
+
+/// The entries of an archive by path; sorted, so parents come before children.
+#[derive(Default)]
+struct Tree(BTreeMap<String, (u32, cpio::Entry)>);
+
+impl Tree {
+    /// Adds `path` and, as directories, every parent it lacks.
+    fn put(&mut self, path: &str, perm: u32, entry: cpio::Entry) {
+        let mut end = 0;
+        while let Some(i) = path[end..].find('/') {
+            end += i;
+            self.0.entry(path[..end].to_string()).or_insert((0o755, cpio::Entry::Dir));
+            end += 1;
+        }
+        self.0.insert(path.to_string(), (perm, entry));
+    }
+}
+
+/// The manifest in `dir` if it was made from inputs with `key` and every
+/// artifact is still there with its recorded sha256.
+fn up_to_date(dir: &Path, key: &str) -> Option<Manifest> {
+    let text = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
+    let manifest: Manifest = serde_json::from_slice(&text).ok()?;
+    if manifest.inputs.key != key || manifest.check().is_err() {
+        return None;
+    }
+    for a in &manifest.artifacts {
+        let path = dir.join(&a.name);
+        if std::fs::metadata(&path).ok()?.len() != a.size || apt::file_sha256(&path).ok()? != a.sha256 {
+            return None;
+        }
+    }
+    Some(manifest)
+}
+
+/// Writes `files` into a fresh temporary directory under `out`, then swaps
+/// it in as `out/<name>` with one `renameat2(RENAME_EXCHANGE)` (or a plain
+/// rename when there was none), and removes the old one.
+fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])]) -> Result<(), Error> {
+    apt::create_dir(out)?;
+    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.tmp-")).tempdir_in(out).map_err(|source| Error::Io { path: out.into(), source })?;
+    for (file, bytes) in files {
+        let path = tmp.path().join(file);
+        let mut f = std::fs::File::create(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|source| Error::Io { path: path.clone(), source })?;
+    }
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|source| Error::Io { path: tmp.path().into(), source })?;
+    let dest = out.join(name);
+    if dest.exists() {
+        nix::fcntl::renameat2(nix::fcntl::AT_FDCWD, tmp.path(), nix::fcntl::AT_FDCWD, &dest, nix::fcntl::RenameFlags::RENAME_EXCHANGE)
+            .map_err(|e| Error::Io { path: dest.clone(), source: e.into() })?;
+        // `tmp` now holds the old image; dropping it removes it.
+    } else {
+        let kept = tmp.keep();
+        std::fs::rename(&kept, &dest).map_err(|source| Error::Io { path: dest.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// The kernel release inside an unpacked kernel package (`boot/vmlinuz-<ver>`).
+fn kernel_version(tree: &Path, pkg: &PackageRef) -> Result<String, Error> {
+    let boot = tree.join("boot");
+    std::fs::read_dir(&boot)
+        .map_err(|source| Error::Io { path: boot.clone(), source })?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_string))
+        .next()
+        .ok_or_else(|| Error::MissingFile { package: pkg.name.clone(), what: "boot/vmlinuz-*".into() })
+}
+
+/// Module paths (relative to `lib/modules/`) to load, dependencies first,
+/// for the modules named, as `modules.dep` orders them.
+fn module_load_order(tree: &Path, kver: &str, wanted: &[String], package: &str) -> Result<Vec<String>, Error> {
+    let dep_path = tree.join(format!("lib/modules/{kver}/modules.dep"));
+    let text = std::fs::read_to_string(&dep_path).map_err(|source| Error::Io { path: dep_path, source })?;
+    let deps = parse_modules_dep(&text);
+    let mut order = Vec::new();
+    for name in wanted {
+        let norm = name.replace('-', "_");
+        let path = deps
+            .keys()
+            .find(|p| module_name(p) == norm)
+            .ok_or_else(|| Error::MissingModule { module: name.clone(), package: package.to_string() })?;
+        visit(path, &deps, &mut order);
+    }
+    Ok(order.into_iter().map(|p| format!("{kver}/{p}")).collect())
+}
+
+fn visit(path: &str, deps: &BTreeMap<String, Vec<String>>, order: &mut Vec<String>) {
+    if order.iter().any(|p| p == path) {
+        return;
+    }
+    for d in deps.get(path).into_iter().flatten() {
+        visit(d, deps, order);
+    }
+    order.push(path.to_string());
+}
+
+/// `modules.dep`: `kernel/a.ko: kernel/b.ko kernel/c.ko`.
+fn parse_modules_dep(text: &str) -> BTreeMap<String, Vec<String>> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| (m.trim().to_string(), d.split_whitespace().map(str::to_string).collect()))
+        .collect()
+}
+
+/// `kernel/drivers/net/virtio_net.ko` → `virtio_net`.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+/// The shared libraries a dynamically linked binary loads, as `ldd` resolves
+/// them on this host (the agent was linked here, against these).
+fn linked_libraries(binary: &Path) -> Result<Vec<PathBuf>, Error> {
+    let out = Command::new("ldd").arg(binary).output().map_err(|source| Error::Spawn { program: "ldd".into(), source })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("statically linked") || text.contains("not a dynamic executable") {
+        return Ok(Vec::new());
+    }
+    let mut libs: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rhs)) => rhs.trim().split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect();
+    libs.sort();
+    libs.dedup();
+    if let Some(missing) = text.lines().find(|l| l.contains("not found")) {
+        return Err(Error::Agent { path: binary.into(), reason: format!("a library it needs is missing: {}", missing.trim()) });
+    }
+    Ok(libs)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_order_puts_dependencies_first() {
+        let dep = "kernel/drivers/virtio/virtio.ko:\nkernel/drivers/virtio/virtio_ring.ko:\n\
+                   kernel/net/core/failover.ko:\nkernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko\n\
+                   kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("lib/modules/6.1.0")).unwrap();
+        std::fs::write(dir.path().join("lib/modules/6.1.0/modules.dep"), dep).unwrap();
+        let order = module_load_order(dir.path(), "6.1.0", &["virtio-net".into()], "k").unwrap();
+        let pos = |m: &str| order.iter().position(|p| p.ends_with(m)).unwrap_or_else(|| panic!("{m} missing from {order:?}"));
+        assert!(pos("/failover.ko") < pos("net_failover.ko"), "{order:?}");
+        assert!(pos("net_failover.ko") < pos("virtio_net.ko"), "{order:?}");
+        assert!(pos("virtio_ring.ko") < pos("virtio_net.ko"), "{order:?}");
+        assert_eq!(order.len(), 5);
+        let err = module_load_order(dir.path(), "6.1.0", &["nope".into()], "k").unwrap_err();
+        assert!(err.to_string().contains("`nope`"), "{err}");
+    }
+}

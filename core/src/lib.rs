@@ -1,0 +1,30 @@
+//! kiln-core: the types that the kiln agent, the server and the builder share.
+//!
+//! Everything here is plain data with serde derives and small pure functions
+//! (MAC spelling, kernel command-line parsing, image digests). No I/O: a crate
+//! that needs to read a file or open a socket does so itself and hands the
+//! bytes here. To add a wire type, add it to the module whose endpoint uses it
+//! and keep field names in snake case, as the JSON API spells them.
+
+pub mod cmdline;
+pub mod mac;
+pub mod manifest;
+pub mod node;
+
+pub use cmdline::KernelCmdline;
+pub use mac::Mac;
+pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
+pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse};
+
+/// Kernel command-line key carrying the control plane's base URL.
+pub const CMDLINE_SERVER: &str = "kiln.server";
+/// Kernel command-line key carrying the bootstrap token.
+pub const CMDLINE_TOKEN: &str = "kiln.token";
+/// Kernel command-line key carrying the digest of the image the node booted.
+pub const CMDLINE_IMAGE_DIGEST: &str = "kiln.image_digest";
+
+/// Hex sha256 of `bytes`, prefixed `sha256:` as OCI and kiln spell digests.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}

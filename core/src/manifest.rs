@@ -1,0 +1,172 @@
+//! The image manifest: what `kiln build` writes as `DIR/<name>/manifest.json`
+//! and what `kiln serve` reads to know what it serves.
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the manifest inside an image directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// One built image: its artifacts, its own digest, and the digests of the
+/// inputs it was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Image name, from the spec; also the directory name.
+    pub name: String,
+    /// `sha256:` over the artifact list (see [`Manifest::compute_digest`]).
+    pub digest: String,
+    /// Every file of the image, sorted by name.
+    pub artifacts: Vec<Artifact>,
+    /// How to boot it over the network.
+    pub boot: BootSpec,
+    /// What the image was made from.
+    pub inputs: InputDigests,
+}
+
+/// One file of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// File name inside the image directory (no slashes).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Hex sha256 of the file's bytes.
+    pub sha256: String,
+}
+
+/// Which artifacts a network boot loads, and the kernel arguments it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSpec {
+    /// Artifact name of the kernel.
+    pub kernel: String,
+    /// Artifact name of the initrd.
+    pub initrd: String,
+    /// Kernel arguments the image needs (console, ...), before kiln's own.
+    pub cmdline: Vec<String>,
+}
+
+/// Digests of the inputs of a build: equal inputs give an equal image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputDigests {
+    /// `sha256:` of the spec file's bytes.
+    pub spec: String,
+    /// `sha256:` of the kiln-agent binary baked in.
+    pub agent: String,
+    /// The Debian kernel package, as apt resolved it.
+    pub kernel_package: PackageRef,
+    /// Other Debian packages taken into the image.
+    pub packages: Vec<PackageRef>,
+    /// `sha256:` over everything above and the builder's version: the cache key.
+    pub key: String,
+}
+
+/// A Debian package as the archive's index names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageRef {
+    /// Package name.
+    pub name: String,
+    /// Exact version.
+    pub version: String,
+    /// Hex sha256 of the `.deb`, as the archive's `Packages` index gives it.
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// The image digest: sha256 over `name size sha256\n` of each artifact,
+    /// sorted by name. It changes exactly when some artifact's bytes change.
+    pub fn compute_digest(artifacts: &[Artifact]) -> String {
+        let mut sorted: Vec<&Artifact> = artifacts.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut text = String::new();
+        for a in sorted {
+            text.push_str(&format!("{} {} {}\n", a.name, a.size, a.sha256));
+        }
+        crate::sha256_digest(text.as_bytes())
+    }
+
+    /// The artifact called `name`, if the image has one.
+    pub fn artifact(&self, name: &str) -> Option<&Artifact> {
+        self.artifacts.iter().find(|a| a.name == name)
+    }
+
+    /// Checks the manifest is self-consistent: its digest matches its
+    /// artifacts, artifact names are plain file names, and the boot entries
+    /// name artifacts that exist. Returns what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.contains('/') || self.name.starts_with('.') {
+            return Err(format!("image name {:?} is not a plain directory name", self.name));
+        }
+        for a in &self.artifacts {
+            if a.name.is_empty() || a.name.contains('/') || a.name.starts_with('.') {
+                return Err(format!("artifact name {:?} is not a plain file name", a.name));
+            }
+            if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("artifact {:?} has a malformed sha256", a.name));
+            }
+        }
+        for (role, name) in [("boot.kernel", &self.boot.kernel), ("boot.initrd", &self.boot.initrd)] {
+            if self.artifact(name).is_none() {
+                return Err(format!("{role} names {name:?}, which is not among the artifacts"));
+            }
+        }
+        let want = Self::compute_digest(&self.artifacts);
+        if want != self.digest {
+            return Err(format!("digest {} does not match the artifacts ({want})", self.digest));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn artifact(name: &str, sha: char) -> Artifact {
+        Artifact { name: name.into(), size: 3, sha256: sha.to_string().repeat(64) }
+    }
+
+    fn manifest() -> Manifest {
+        let artifacts = vec![artifact("initrd.img", 'a'), artifact("vmlinuz", 'b')];
+        Manifest {
+            name: "tiny".into(),
+            digest: Manifest::compute_digest(&artifacts),
+            artifacts,
+            boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec![] },
+            inputs: InputDigests {
+                spec: "sha256:0".into(),
+                agent: "sha256:1".into(),
+                kernel_package: PackageRef { name: "k".into(), version: "1".into(), sha256: "2".into() },
+                packages: vec![],
+                key: "sha256:3".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn digest_ignores_order_and_follows_content() {
+        let a = vec![artifact("x", 'a'), artifact("y", 'b')];
+        let b = vec![artifact("y", 'b'), artifact("x", 'a')];
+        assert_eq!(Manifest::compute_digest(&a), Manifest::compute_digest(&b));
+        let c = vec![artifact("x", 'a'), artifact("y", 'c')];
+        assert_ne!(Manifest::compute_digest(&a), Manifest::compute_digest(&c));
+    }
+
+    #[test]
+    fn check_cases() {
+        assert_eq!(manifest().check(), Ok(()));
+        let mut m = manifest();
+        m.digest = "sha256:00".into();
+        assert!(m.check().unwrap_err().contains("does not match"), "wrong digest");
+        let mut m = manifest();
+        m.boot.initrd = "nope".into();
+        assert!(m.check().unwrap_err().contains("boot.initrd"), "missing initrd");
+        let mut m = manifest();
+        m.artifacts[0].name = "../etc/passwd".into();
+        m.digest = Manifest::compute_digest(&m.artifacts);
+        assert!(m.check().unwrap_err().contains("plain file name"), "escaping name");
+    }
+}

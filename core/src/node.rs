@@ -1,0 +1,151 @@
+//! Registration and the node registry's wire types (`/api/v1/register`,
+//! `/api/v1/heartbeat`, `/api/v1/nodes`).
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::Mac;
+
+/// What an agent sends to `POST /api/v1/register`, with the bootstrap token
+/// as `Authorization: Bearer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// `/etc/machine-id` (32 lowercase hex digits): the node's identity.
+    pub machine_id: String,
+    /// The node's hostname.
+    pub hostname: String,
+    /// MACs of its physical and virtual NICs (not loopback).
+    pub macs: Vec<Mac>,
+    /// Its IP addresses, without prefix length; loopback and link-local left out.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// `MemTotal` in bytes.
+    pub memory_bytes: u64,
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    /// kiln-agent's version.
+    pub agent_version: String,
+    /// Digest of the image the node booted (empty when unknown).
+    pub image_digest: String,
+}
+
+/// The answer to a registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// The node's name in the cluster.
+    pub name: String,
+    /// The node's own token, for heartbeats and leaving. Shown once.
+    pub token: String,
+    /// Seconds between heartbeats the server expects.
+    pub heartbeat_interval_secs: u64,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The node's name.
+    pub name: String,
+    /// Seconds until the next heartbeat is expected.
+    pub heartbeat_interval_secs: u64,
+}
+
+/// A registered node, as `GET /api/v1/nodes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Name in the cluster, unique.
+    pub name: String,
+    /// `/etc/machine-id`.
+    pub machine_id: String,
+    /// Hostname the node reported.
+    pub hostname: String,
+    /// MACs, lowercase with colons.
+    pub macs: Vec<Mac>,
+    /// IP addresses.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// Kernel release.
+    pub kernel: String,
+    /// kiln-agent version.
+    pub agent_version: String,
+    /// Digest of the image it booted.
+    pub image_digest: String,
+    /// First registration.
+    #[serde(with = "time::serde::rfc3339")]
+    pub registered_at: OffsetDateTime,
+    /// Last registration or heartbeat.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
+/// Why a registration body is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegisterError {
+    /// `machine_id` is not 32 hex digits.
+    #[error("machine_id must be 32 hex digits, got {0:?}")]
+    MachineId(String),
+    /// `hostname` is empty or not a DNS label sequence.
+    #[error("hostname {0:?} is not a valid host name")]
+    Hostname(String),
+}
+
+impl RegisterRequest {
+    /// Validates the fields the registry keys on.
+    pub fn validate(&self) -> Result<(), RegisterError> {
+        let id = &self.machine_id;
+        if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RegisterError::MachineId(id.clone()));
+        }
+        let h = &self.hostname;
+        let label_ok = |l: &str| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-')
+        };
+        if h.is_empty() || h.len() > 253 || !h.split('.').all(label_ok) {
+            return Err(RegisterError::Hostname(h.clone()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> RegisterRequest {
+        RegisterRequest {
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            hostname: "tiny-abcdef".into(),
+            macs: vec!["52:54:00:ab:cd:ef".parse().unwrap()],
+            addresses: vec!["10.0.2.15".parse().unwrap()],
+            cpus: 2,
+            memory_bytes: 1 << 29,
+            kernel: "6.1.0-28-cloud-amd64".into(),
+            agent_version: "0.1.0".into(),
+            image_digest: "sha256:00".into(),
+        }
+    }
+
+    #[test]
+    fn validate_cases() {
+        assert_eq!(request().validate(), Ok(()));
+        for (field, bad) in [("machine_id", "xyz"), ("hostname", ""), ("hostname", "a b"), ("hostname", "-x")] {
+            let mut r = request();
+            match field {
+                "machine_id" => r.machine_id = bad.into(),
+                _ => r.hostname = bad.into(),
+            }
+            assert!(r.validate().is_err(), "{field}={bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_refused() {
+        let mut v = serde_json::to_value(request()).unwrap();
+        v["surprise"] = 1.into();
+        assert!(serde_json::from_value::<RegisterRequest>(v).is_err());
+    }
+}
