@@ -1,1 +1,19 @@
-//! placeholder
+//! kiln-pxe: what a machine needs to boot over the network.
+//!
+//! - [`ImageStore`] loads every built image under a directory (each a
+//!   `<name>/manifest.json` with its artifacts) and refuses a directory that
+//!   holds no valid image, naming what is wrong.
+//! - [`artifacts::routes`] serves `GET`/`HEAD /images/<name>/<file>`,
+//!   streaming from disk with the artifact's sha256 as its `ETag`. Only files
+//!   a manifest lists are served, so no path can escape the image directory.
+//! - [`ipxe`] renders the iPXE script that loads an image's kernel and initrd
+//!   and passes the node what it needs to join (`kiln.server`, `kiln.token`,
+//!   `kiln.image_digest`).
+//!
+//! TFTP, proxyDHCP and profile matching join this crate as modules of their own.
+
+pub mod artifacts;
+pub mod ipxe;
+pub mod store;
+
+pub use store::{Error, ImageStore};

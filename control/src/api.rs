@@ -1,0 +1,255 @@
+//! The HTTP API and the iPXE entry point.
+//!
+//! | route | auth | answer |
+//! |---|---|---|
+//! | `POST /api/v1/register` | bootstrap token | [`RegisterResponse`] |
+//! | `POST /api/v1/heartbeat` | node token | [`HeartbeatResponse`] |
+//! | `GET /api/v1/nodes` | — | `[Node]` |
+//! | `GET /boot.ipxe` | — | iPXE script booting the default image |
+//!
+//! Errors are JSON `{"error": "..."}`: 400 for a body that does not parse
+//! (with serde's reason), 401 for a missing or wrong token.
+
+use std::sync::Arc;
+
+use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse};
+use kiln_pxe::ImageStore;
+use kiln_pxe::artifacts::error;
+use kiln_pxe::ipxe::{BootParams, boot_script};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::registry::{HEARTBEAT_INTERVAL_SECS, Registry};
+use crate::token;
+
+/// Largest registration body accepted.
+const MAX_BODY: u64 = 64 * 1024;
+
+/// What the API handlers share.
+pub struct Api {
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// The images served.
+    pub images: Arc<ImageStore>,
+    /// The bootstrap token (given to booting nodes on their command line).
+    pub bootstrap_token: String,
+    /// Base URL nodes should use; `None` means the request's `Host`.
+    pub advertise: Option<String>,
+}
+
+/// All API routes.
+pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let with = move || {
+        let api = api.clone();
+        warp::any().map(move || api.clone())
+    };
+    let auth = warp::header::optional::<String>("authorization");
+    let register = warp::path!("api" / "v1" / "register")
+        .and(warp::post())
+        .and(with())
+        .and(auth)
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .map(|api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| register(&api, auth.as_deref(), &body));
+    let heartbeat = warp::path!("api" / "v1" / "heartbeat")
+        .and(warp::post())
+        .and(with())
+        .and(auth)
+        .map(|api: Arc<Api>, auth: Option<String>| heartbeat(&api, auth.as_deref()));
+    let nodes = warp::path!("api" / "v1" / "nodes")
+        .and(warp::get())
+        .and(with())
+        .map(|api: Arc<Api>| warp::reply::json(&api.registry.nodes()).into_response());
+    let boot = warp::path!("boot.ipxe")
+        .and(warp::get())
+        .and(with())
+        .and(warp::header::optional::<String>("host"))
+        .map(|api: Arc<Api>, host: Option<String>| boot(&api, host.as_deref()));
+    register.or(heartbeat).unify().or(nodes).unify().or(boot).unify()
+}
+
+fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
+    let Some(presented) = token::bearer(auth) else {
+        return error(StatusCode::UNAUTHORIZED, "registration needs the bootstrap token as `Authorization: Bearer`");
+    };
+    if token::hash(presented) != token::hash(&api.bootstrap_token) {
+        tracing::warn!("registration refused: wrong bootstrap token");
+        return error(StatusCode::UNAUTHORIZED, "wrong bootstrap token");
+    }
+    let req: RegisterRequest = match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("registration body: field `{}`: {}", e.path(), e.inner())),
+    };
+    if let Err(e) = req.validate() {
+        return error(StatusCode::BAD_REQUEST, &format!("registration body: {e}"));
+    }
+    match api.registry.register(&req) {
+        Ok((node, token)) => {
+            tracing::info!(
+                node = %node.name,
+                machine_id = %node.machine_id,
+                macs = %node.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                image = %node.image_digest,
+                "node registered"
+            );
+            warp::reply::json(&RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response()
+        }
+        Err(e) => {
+            tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
+            error(StatusCode::SERVICE_UNAVAILABLE, "the registry could not record the node; retry")
+        }
+    }
+}
+
+fn heartbeat(api: &Api, auth: Option<&str>) -> Response {
+    let Some(presented) = token::bearer(auth) else {
+        return error(StatusCode::UNAUTHORIZED, "heartbeat needs the node token as `Authorization: Bearer`");
+    };
+    match api.registry.heartbeat(presented) {
+        Ok(Some(node)) => warp::reply::json(&HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response(),
+        Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node token; register again"),
+        Err(e) => {
+            tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
+            error(StatusCode::SERVICE_UNAVAILABLE, "the registry could not record the heartbeat; retry")
+        }
+    }
+}
+
+fn boot(api: &Api, host: Option<&str>) -> Response {
+    let base = match (&api.advertise, host) {
+        (Some(url), _) => url.clone(),
+        (None, Some(host)) => format!("http://{host}"),
+        (None, None) => return error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL"),
+    };
+    let image = api.images.default_image();
+    let script = boot_script(image, &BootParams { base_url: &base, token: &api.bootstrap_token });
+    warp::reply::with_header(script, "content-type", "text/plain; charset=utf-8").into_response()
+}
+
+/// Turns warp's rejections into JSON errors with the right status.
+pub async fn recover(rejection: Rejection) -> Result<Response, std::convert::Infallible> {
+    let (status, message) = if rejection.is_not_found() {
+        (StatusCode::NOT_FOUND, "no such route".to_string())
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {MAX_BODY} bytes"))
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (StatusCode::METHOD_NOT_ALLOWED, "method not allowed".to_string())
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
+        (StatusCode::BAD_REQUEST, e.to_string())
+    } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
+        (StatusCode::BAD_REQUEST, e.to_string())
+    } else {
+        (StatusCode::BAD_REQUEST, format!("{rejection:?}"))
+    };
+    Ok(error(status, &message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FileStore;
+    use kiln_core::Node;
+
+    fn api(dir: &std::path::Path) -> Arc<Api> {
+        let images = dir.join("images");
+        let image = images.join("tiny");
+        std::fs::create_dir_all(&image).unwrap();
+        let mut artifacts = Vec::new();
+        for f in ["initrd.img", "vmlinuz"] {
+            std::fs::write(image.join(f), f).unwrap();
+            let sha = kiln_core::sha256_digest(f.as_bytes()).trim_start_matches("sha256:").to_string();
+            artifacts.push(kiln_core::Artifact { name: f.into(), size: f.len() as u64, sha256: sha });
+        }
+        let manifest = kiln_core::Manifest {
+            name: "tiny".into(),
+            digest: kiln_core::Manifest::compute_digest(&artifacts),
+            artifacts,
+            boot: kiln_core::BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec![] },
+            inputs: kiln_core::InputDigests {
+                spec: "s".into(),
+                agent: "a".into(),
+                kernel_package: kiln_core::PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
+                packages: vec![],
+                key: "k".into(),
+            },
+        };
+        std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+        let store = FileStore::open(&dir.join("nodes.json")).unwrap();
+        Arc::new(Api {
+            registry: Arc::new(Registry::open(Arc::new(store)).unwrap()),
+            images: Arc::new(ImageStore::load(&images).unwrap()),
+            bootstrap_token: "boot".into(),
+            advertise: None,
+        })
+    }
+
+    fn body() -> serde_json::Value {
+        serde_json::json!({
+            "machine_id": "0123456789abcdef0123456789abcdef", "hostname": "tiny-abcdef",
+            "macs": ["52-54-00-AB-CD-EF"], "addresses": ["10.0.2.15"], "cpus": 2, "memory_bytes": 1000,
+            "kernel": "6.1", "agent_version": "0.1.0", "image_digest": "sha256:d"
+        })
+    }
+
+    #[tokio::test]
+    async fn register_auth_and_bad_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api(dir.path());
+        let routes = routes(api.clone()).recover(recover);
+        let post = |auth: Option<&str>, body: Vec<u8>| {
+            let mut r = warp::test::request().method("POST").path("/api/v1/register").body(body);
+            if let Some(a) = auth {
+                r = r.header("authorization", a);
+            }
+            r
+        };
+        let good = serde_json::to_vec(&body()).unwrap();
+        let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+            ("missing token", None, good.clone(), 401, "bootstrap token"),
+            ("wrong token", Some("Bearer nope"), good.clone(), 401, "wrong bootstrap token"),
+            ("malformed json", Some("Bearer boot"), b"{\"machine_id\":".to_vec(), 400, "EOF"),
+            ("wrong type", Some("Bearer boot"), br#"{"machine_id": 3}"#.to_vec(), 400, "machine_id"),
+            ("bad machine id", Some("Bearer boot"), serde_json::to_vec(&{ let mut b = body(); b["machine_id"] = "x".into(); b }).unwrap(), 400, "machine_id"),
+        ];
+        for (case, auth, body, status, text) in cases {
+            let resp = post(auth, body).reply(&routes).await;
+            let got = String::from_utf8_lossy(resp.body()).into_owned();
+            assert_eq!(resp.status().as_u16(), status, "case {case}: {got}");
+            assert!(got.contains(text), "case {case}: {got:?} should mention {text:?}");
+        }
+        assert!(api.registry.nodes().is_empty(), "refused registrations are not listed");
+
+        let resp = post(Some("Bearer boot"), good).reply(&routes).await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.body());
+        let answer: RegisterResponse = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(answer.name, "tiny-abcdef");
+
+        let resp = warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", format!("Bearer {}", answer.token)).reply(&routes).await;
+        assert_eq!(resp.status(), 200);
+        let resp = warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", "Bearer boot").reply(&routes).await;
+        assert_eq!(resp.status(), 401, "the bootstrap token is not a node token");
+
+        let resp = warp::test::request().path("/api/v1/nodes").reply(&routes).await;
+        let nodes: Vec<Node> = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].macs[0].to_string(), "52:54:00:ab:cd:ef");
+        let raw: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        for field in ["name", "machine_id", "hostname", "macs", "addresses", "image_digest", "registered_at", "last_seen"] {
+            assert!(raw[0].get(field).is_some(), "node JSON has {field}: {raw}");
+        }
+    }
+
+    #[tokio::test]
+    async fn boot_script_uses_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = routes(api(dir.path())).recover(recover);
+        let resp = warp::test::request().path("/boot.ipxe").header("host", "10.0.2.2:8080").reply(&routes).await;
+        assert_eq!(resp.status(), 200);
+        let text = String::from_utf8_lossy(resp.body());
+        assert!(text.contains("kernel http://10.0.2.2:8080/images/tiny/vmlinuz"), "{text}");
+        assert!(text.contains("kiln.token=boot"), "{text}");
+        let resp = warp::test::request().path("/nope").reply(&routes).await;
+        assert_eq!(resp.status(), 404);
+    }
+}

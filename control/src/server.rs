@@ -1,0 +1,120 @@
+//! The composed server that `kiln serve` and `kiln up` run: boot assets
+//! (kiln-pxe) and the control-plane API over one listener, with the state
+//! directory holding the bootstrap token and the registry.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_pxe::ImageStore;
+use warp::Filter;
+
+use crate::api::{self, Api};
+use crate::registry::Registry;
+use crate::store::FileStore;
+use crate::token;
+
+/// What the server serves and where it keeps its state.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Directory of built images (`kiln build --out`).
+    pub images: PathBuf,
+    /// State directory: `bootstrap-token`, `nodes.json`.
+    pub state: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Base URL that booting nodes use to reach this server (default: the
+    /// `Host` of each iPXE request).
+    pub advertise: Option<String>,
+}
+
+/// Starting the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image directory holds no valid image.
+    #[error("loading images")]
+    Images(#[from] kiln_pxe::Error),
+    /// The state directory could not be used.
+    #[error("state directory {path}")]
+    State {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry could not be opened.
+    #[error("opening the registry")]
+    Store(#[from] crate::store::Error),
+    /// The listen address could not be bound.
+    #[error("listening on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running server. Dropping it does not stop it: call [`Server::shutdown`].
+pub struct Server {
+    /// The address it listens on (the real port when asked for port 0).
+    pub addr: SocketAddr,
+    /// The bootstrap token.
+    pub bootstrap_token: String,
+    /// The images it serves.
+    pub images: Arc<ImageStore>,
+    /// The registry.
+    pub registry: Arc<Registry>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Loads images and state, binds, and starts serving in a task.
+    pub async fn start(config: ServerConfig) -> Result<Server, Error> {
+        let images = Arc::new(ImageStore::load(&config.images)?);
+        std::fs::create_dir_all(&config.state).map_err(|source| Error::State { path: config.state.clone(), source })?;
+        let token_path = config.state.join("bootstrap-token");
+        let bootstrap_token = token::load_or_create_bootstrap(&token_path).map_err(|source| Error::State { path: token_path, source })?;
+        let store = FileStore::open(&config.state.join("nodes.json"))?;
+        let registry = Arc::new(Registry::open(Arc::new(store))?);
+        let api = Arc::new(Api {
+            registry: registry.clone(),
+            images: images.clone(),
+            bootstrap_token: bootstrap_token.clone(),
+            advertise: config.advertise.clone(),
+        });
+        let routes = api::routes(api)
+            .or(kiln_pxe::artifacts::routes(images.clone()))
+            .unify()
+            .recover(api::recover)
+            .with(warp::log::custom(|info| {
+                tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), "request");
+            }));
+        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            warp::serve(routes)
+                .incoming(listener)
+                .graceful(async move {
+                    let _ = stopped.await;
+                })
+                .run()
+                .await;
+        });
+        for image in images.images() {
+            tracing::info!(image = %image.name, digest = %image.digest, "serving image");
+        }
+        tracing::info!("http: listening on {addr}");
+        Ok(Server { addr, bootstrap_token, images, registry, stop, task })
+    }
+
+    /// Stops accepting, lets requests in flight finish, and returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
