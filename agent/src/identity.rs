@@ -95,7 +95,8 @@ pub fn memory_bytes(proc: &Path) -> Result<u64, Error> {
 pub fn cpus(sys: &Path) -> Result<u32, Error> {
     let path = sys.join("devices/system/cpu/online");
     let text = read(&path)?;
-    parse_cpu_list(text.trim()).ok_or_else(|| Error::Parse { path: path.display().to_string(), reason: format!("not a CPU list: {:?}", text.trim()) })
+    parse_cpu_list(text.trim())
+        .ok_or_else(|| Error::Parse { path: path.display().to_string(), reason: format!("not a CPU list: {:?}", text.trim()) })
 }
 
 fn parse_cpu_list(list: &str) -> Option<u32> {
@@ -118,11 +119,7 @@ pub fn addresses() -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = ifaddrs
         .filter_map(|i| i.address)
         .filter_map(|a| {
-            if let Some(v4) = a.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
+            if let Some(v4) = a.as_sockaddr_in() { Some(IpAddr::V4(v4.ip())) } else { a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())) }
         })
         .filter(|ip| match ip {
             IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),

@@ -31,11 +31,6 @@ pub struct Roots {
 
 impl Default for Roots {
     fn default() -> Self {
-        Roots {
-            proc: "/proc".into(),
-            sys: "/sys".into(),
-            machine_id: "/etc/machine-id".into(),
-            cmdline: "/proc/cmdline".into(),
-        }
+        Roots { proc: "/proc".into(), sys: "/sys".into(), machine_id: "/etc/machine-id".into(), cmdline: "/proc/cmdline".into() }
     }
 }

@@ -30,6 +30,9 @@ struct Args {
     /// The machine-id file.
     #[arg(long, default_value = "/etc/machine-id")]
     machine_id: PathBuf,
+    /// CA certificate(s) (PEM) of an https:// control plane; read if it exists.
+    #[arg(long, default_value = "/etc/kiln/ca.pem")]
+    ca: PathBuf,
 }
 
 fn init_logging() {
@@ -43,6 +46,7 @@ fn init_logging() {
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
+        .write_style(env_logger::WriteStyle::Never)
         .init();
 }
 
@@ -72,15 +76,24 @@ fn main() -> ExitCode {
     log::info!("kiln-agent {} starting; control plane {server}", env!("CARGO_PKG_VERSION"));
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
+    let ca = std::fs::read(&args.ca).ok();
+    let client = match register::Client::new(&server, &token, ca.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("HTTP client for {server} (CA {}): {}", args.ca.display(), register::chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     runtime.block_on(async {
-        let client = register::Client::new(&server, &token);
         client
-            .run(|| loop {
-                match identity::gather(&roots, &image_digest) {
-                    Ok(req) => return req,
-                    Err(e) => {
-                        log::error!("reading this node's identity: {}", register::chain(&e));
-                        std::thread::sleep(std::time::Duration::from_secs(2));
+            .run(|| {
+                loop {
+                    match identity::gather(&roots, &image_digest) {
+                        Ok(req) => return req,
+                        Err(e) => {
+                            log::error!("reading this node's identity: {}", register::chain(&e));
+                            std::thread::sleep(std::time::Duration::from_secs(2));
+                        }
                     }
                 }
             })

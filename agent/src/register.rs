@@ -43,15 +43,21 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the control plane at `server` (base URL) with `bootstrap_token`.
-    pub fn new(server: &str, bootstrap_token: &str) -> Self {
+    /// A client of the control plane at `server` (base URL) with
+    /// `bootstrap_token`. For an `https://` server, `ca_pem` holds the only
+    /// certificates trusted: the control plane's own CA, not the web's.
+    pub fn new(server: &str, bootstrap_token: &str, ca_pem: Option<&[u8]>) -> Result<Self, reqwest::Error> {
+        let roots = match ca_pem {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem)?,
+            None => Vec::new(),
+        };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
             .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("the HTTP client builds with static settings");
-        Client { http, server: server.trim_end_matches('/').to_string(), bootstrap_token: bootstrap_token.to_string() }
+            .tls_certs_only(roots)
+            .build()?;
+        Ok(Client { http, server: server.trim_end_matches('/').to_string(), bootstrap_token: bootstrap_token.to_string() })
     }
 
     /// One registration attempt.

@@ -70,10 +70,7 @@ impl Archive {
         let text = String::from_utf8_lossy(&out.stdout);
         match parse_stanza(&text) {
             Some(stanza) if out.status.success() => Ok(stanza),
-            _ => Err(Error::UnknownPackage {
-                package: name.to_string(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            }),
+            _ => Err(Error::UnknownPackage { package: name.to_string(), detail: String::from_utf8_lossy(&out.stderr).trim().to_string() }),
         }
     }
 
@@ -82,12 +79,7 @@ impl Archive {
     /// package it depends on, pinned to the exact version.
     pub fn resolve_kernel(&self, name: &str) -> Result<PackageRef, Error> {
         let stanza = self.resolve(name)?;
-        let image_dep = stanza
-            .depends
-            .split(',')
-            .map(str::trim)
-            .find(|d| d.starts_with("linux-image-"))
-            .map(str::to_string);
+        let image_dep = stanza.depends.split(',').map(str::trim).find(|d| d.starts_with("linux-image-")).map(str::to_string);
         match image_dep {
             // `linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)`
             Some(dep) => {

@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/busybox sh
 # kiln tiny image: PID 1. Mounts the kernel filesystems, loads the NIC
 # drivers, configures every NIC by DHCP, and keeps kiln-agent running.
 /bin/busybox --install -s

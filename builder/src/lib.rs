@@ -257,10 +257,7 @@ impl Builder {
         if !agent.starts_with(b"\x7fELF") {
             return Err(Error::Agent { path: self.agent.clone(), reason: "not an ELF executable".into() });
         }
-        let libs = linked_libraries(&self.agent)?
-            .into_iter()
-            .map(|p| read(&p).map(|b| (p, b)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let libs = linked_libraries(&self.agent)?.into_iter().map(|p| read(&p).map(|b| (p, b))).collect::<Result<Vec<_>, _>>()?;
         let archive = Archive::new(&self.cache);
         let kernel = archive.resolve_kernel(&spec.kernel.package)?;
         let busybox = archive.resolve(&spec.initramfs.busybox_package)?.package;
@@ -288,6 +285,7 @@ impl Builder {
         let busybox = read(&busybox_tree.join("bin/busybox"))
             .map_err(|_| Error::MissingFile { package: inputs.busybox.name.clone(), what: "bin/busybox".into() })?;
         entries.put("bin/busybox", 0o755, cpio::Entry::File(busybox));
+        entries.put("bin/sh", 0o777, cpio::Entry::Symlink("busybox".into()));
         entries.put("usr/bin/kiln-agent", 0o755, cpio::Entry::File(inputs.agent.clone()));
         for (path, bytes) in &inputs.libs {
             let rel = path.to_string_lossy().trim_start_matches('/').to_string();
@@ -351,7 +349,10 @@ fn up_to_date(dir: &Path, key: &str) -> Option<Manifest> {
 /// rename when there was none), and removes the old one.
 fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])]) -> Result<(), Error> {
     apt::create_dir(out)?;
-    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.tmp-")).tempdir_in(out).map_err(|source| Error::Io { path: out.into(), source })?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(out)
+        .map_err(|source| Error::Io { path: out.into(), source })?;
     for (file, bytes) in files {
         let path = tmp.path().join(file);
         let mut f = std::fs::File::create(&path).map_err(|source| Error::Io { path: path.clone(), source })?;

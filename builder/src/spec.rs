@@ -57,21 +57,17 @@ impl ImageSpec {
 
     fn validate(&self, path: &Path) -> Result<(), Error> {
         let invalid = |key: &str, message: String| Error::SpecInvalid { file: path.to_path_buf(), key: key.to_string(), message };
-        let name_ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-');
+        let name_ok =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-');
         if !name_ok(&self.name) {
             return Err(invalid("name", format!("{:?} must be lowercase letters, digits and '-'", self.name)));
         }
-        let package_ok = |s: &str| {
-            s.len() >= 2 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
-        };
+        let package_ok = |s: &str| s.len() >= 2 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
         if !package_ok(&self.kernel.package) {
             return Err(invalid("kernel.package", format!("{:?} is not a Debian package name", self.kernel.package)));
         }
         if !package_ok(&self.initramfs.busybox_package) {
-            return Err(invalid(
-                "initramfs.busybox-package",
-                format!("{:?} is not a Debian package name", self.initramfs.busybox_package),
-            ));
+            return Err(invalid("initramfs.busybox-package", format!("{:?} is not a Debian package name", self.initramfs.busybox_package)));
         }
         for (i, m) in self.kernel.modules.iter().enumerate() {
             if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
@@ -92,7 +88,11 @@ impl ImageSpec {
 
 fn parse(text: &str, path: &Path) -> Result<ImageSpec, Error> {
     let file = PathBuf::from(path);
-    let de = toml::Deserializer::parse(text).map_err(|e| Error::SpecParse { file: file.clone(), key: String::new(), message: e.message().to_string() })?;
+    let de = toml::Deserializer::parse(text).map_err(|e| Error::SpecParse {
+        file: file.clone(),
+        key: String::new(),
+        message: e.message().to_string(),
+    })?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let message = e.inner().message().to_string();
@@ -142,8 +142,16 @@ mod tests {
             ("missing nested field", "name = \"x\"\n[kernel]\n[initramfs]\nbusybox-package = \"busybox-static\"\n", "kernel.package"),
             ("wrong type", "name = 3\n", "name"),
             ("wrong nested type", "name = \"x\"\n[kernel]\npackage = \"k\"\nmodules = \"virtio_net\"\n", "kernel.modules"),
-            ("bad name", "name = \"Bad Name\"\n[kernel]\npackage = \"linux-image-cloud-amd64\"\n[initramfs]\nbusybox-package = \"busybox-static\"\n", "name"),
-            ("kiln arg", "name = \"x\"\n[kernel]\npackage = \"linux-image-cloud-amd64\"\ncmdline = [\"kiln.token=1\"]\n[initramfs]\nbusybox-package = \"busybox-static\"\n", "kernel.cmdline[0]"),
+            (
+                "bad name",
+                "name = \"Bad Name\"\n[kernel]\npackage = \"linux-image-cloud-amd64\"\n[initramfs]\nbusybox-package = \"busybox-static\"\n",
+                "name",
+            ),
+            (
+                "kiln arg",
+                "name = \"x\"\n[kernel]\npackage = \"linux-image-cloud-amd64\"\ncmdline = [\"kiln.token=1\"]\n[initramfs]\nbusybox-package = \"busybox-static\"\n",
+                "kernel.cmdline[0]",
+            ),
         ];
         for (case, text, want_key) in cases {
             let (key, message) = err(text);

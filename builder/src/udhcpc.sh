@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/busybox sh
 # kiln tiny image: udhcpc's event script. Applies a lease with iproute2.
 case "$1" in
   deconfig)

@@ -1,1 +1,148 @@
-fn main() {}
+//! kiln: bake golden worker images, serve them, boot them, and watch them join.
+//!
+//! This binary parses flags and prints; the work is in the library crates:
+//! `kiln build` → kiln-builder, `kiln serve` → kiln-control's server,
+//! `kiln nodes` → the API, `kiln up` → all of them plus a QEMU guest.
+
+mod output;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// kiln: golden worker images for bare-metal clusters: build, serve, boot, join.
+#[derive(Parser, Debug)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build the image a spec describes into OUT/<name>/ (cached).
+    Build {
+        /// The image spec (images/*.toml).
+        spec: PathBuf,
+        /// Output directory; the image goes to OUT/<name>/.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        inputs: BuildInputs,
+        /// One JSON event per line instead of a progress display.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve images (HTTP, iPXE) and the control-plane API.
+    Serve {
+        /// Directory of built images (`kiln build --out`).
+        #[arg(long)]
+        images: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// State directory (bootstrap token, registry).
+        #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
+        state: PathBuf,
+        /// Base URL booting nodes use to reach this server (default: each
+        /// request's Host header).
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// List registered nodes.
+    Nodes {
+        /// The server's base URL.
+        #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build the tiny image, serve it on loopback, PXE-boot a QEMU guest from
+    /// it, and show the node once it has registered. Ctrl-C stops it all.
+    Up(up::UpArgs),
+}
+
+/// Where a build finds its inputs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BuildInputs {
+    /// Cache directory for downloaded packages.
+    #[arg(long, env = "KILN_CACHE", default_value_os_t = output::default_cache_dir())]
+    cache: PathBuf,
+    /// The kiln-agent binary to bake in (default: beside this kiln binary).
+    #[arg(long, env = "KILN_AGENT")]
+    agent: Option<PathBuf>,
+}
+
+impl BuildInputs {
+    fn builder(&self) -> Result<kiln_builder::Builder> {
+        let agent = match &self.agent {
+            Some(p) => p.clone(),
+            None => {
+                let exe = std::env::current_exe().context("locating the kiln binary")?;
+                let agent = exe.with_file_name("kiln-agent");
+                if !agent.exists() {
+                    anyhow::bail!(
+                        "no kiln-agent beside {} : build it (`cargo build --release -p kiln-agent`) or pass --agent",
+                        exe.display()
+                    );
+                }
+                agent
+            }
+        };
+        let source_date_epoch = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok(kiln_builder::Builder { cache: self.cache.clone(), agent, source_date_epoch })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(&cli.command, Command::Up(_) | Command::Build { .. } | Command::Nodes { .. });
+    output::init_tracing(if quiet { "warn" } else { "info" });
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: error: {}", output::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Build { spec, out, inputs, json } => {
+            let builder = inputs.builder()?;
+            let progress = output::BuildProgress::new(json);
+            let outcome = builder.build(&spec, &out, &|e| progress.event(e)).with_context(|| format!("building {}", spec.display()))?;
+            progress.finish(&outcome);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { images, listen, state, advertise } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let config = kiln_control::ServerConfig { images: images.clone(), state, listen, advertise };
+                let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
+                println!("kiln: serving on http://{} (Ctrl-C stops)", server.addr);
+                output::shutdown_signal().await;
+                tracing::info!("shutting down");
+                server.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Nodes { server, json } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let nodes = runtime.block_on(output::fetch_nodes(&server))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print!("{}", output::node_table(&nodes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up(args) => up::run(args),
+    }
+}

@@ -93,7 +93,8 @@ fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
                 image = %node.image_digest,
                 "node registered"
             );
-            warp::reply::json(&RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response()
+            warp::reply::json(&RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS })
+                .into_response()
         }
         Err(e) => {
             tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
@@ -107,7 +108,9 @@ fn heartbeat(api: &Api, auth: Option<&str>) -> Response {
         return error(StatusCode::UNAUTHORIZED, "heartbeat needs the node token as `Authorization: Bearer`");
     };
     match api.registry.heartbeat(presented) {
-        Ok(Some(node)) => warp::reply::json(&HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response(),
+        Ok(Some(node)) => {
+            warp::reply::json(&HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response()
+        }
         Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node token; register again"),
         Err(e) => {
             tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
@@ -210,7 +213,18 @@ mod tests {
             ("wrong token", Some("Bearer nope"), good.clone(), 401, "wrong bootstrap token"),
             ("malformed json", Some("Bearer boot"), b"{\"machine_id\":".to_vec(), 400, "EOF"),
             ("wrong type", Some("Bearer boot"), br#"{"machine_id": 3}"#.to_vec(), 400, "machine_id"),
-            ("bad machine id", Some("Bearer boot"), serde_json::to_vec(&{ let mut b = body(); b["machine_id"] = "x".into(); b }).unwrap(), 400, "machine_id"),
+            (
+                "bad machine id",
+                Some("Bearer boot"),
+                serde_json::to_vec(&{
+                    let mut b = body();
+                    b["machine_id"] = "x".into();
+                    b
+                })
+                .unwrap(),
+                400,
+                "machine_id",
+            ),
         ];
         for (case, auth, body, status, text) in cases {
             let resp = post(auth, body).reply(&routes).await;
@@ -225,9 +239,15 @@ mod tests {
         let answer: RegisterResponse = serde_json::from_slice(resp.body()).unwrap();
         assert_eq!(answer.name, "tiny-abcdef");
 
-        let resp = warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", format!("Bearer {}", answer.token)).reply(&routes).await;
+        let resp = warp::test::request()
+            .method("POST")
+            .path("/api/v1/heartbeat")
+            .header("authorization", format!("Bearer {}", answer.token))
+            .reply(&routes)
+            .await;
         assert_eq!(resp.status(), 200);
-        let resp = warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", "Bearer boot").reply(&routes).await;
+        let resp =
+            warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", "Bearer boot").reply(&routes).await;
         assert_eq!(resp.status(), 401, "the bootstrap token is not a node token");
 
         let resp = warp::test::request().path("/api/v1/nodes").reply(&routes).await;

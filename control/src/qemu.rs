@@ -209,11 +209,8 @@ pub fn probe_kvm(kvm_device: &Path, kernel: &Path, timeout: Duration, cache: Opt
             }
         }
     }
-    let accel = if std::fs::OpenOptions::new().read(true).write(true).open(kvm_device).is_err() {
-        Accel::Tcg
-    } else {
-        run_probe(kernel, timeout)
-    };
+    let accel =
+        if std::fs::OpenOptions::new().read(true).write(true).open(kvm_device).is_err() { Accel::Tcg } else { run_probe(kernel, timeout) };
     if let Some(c) = cache {
         let _ = std::fs::write(&c.path, format!("{} {}\n", c.boot_id, accel.as_str()));
     }

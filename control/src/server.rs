@@ -86,13 +86,11 @@ impl Server {
             bootstrap_token: bootstrap_token.clone(),
             advertise: config.advertise.clone(),
         });
-        let routes = api::routes(api)
-            .or(kiln_pxe::artifacts::routes(images.clone()))
-            .unify()
-            .recover(api::recover)
-            .with(warp::log::custom(|info| {
+        let routes = api::routes(api).or(kiln_pxe::artifacts::routes(images.clone())).unify().recover(api::recover).with(
+            warp::log::custom(|info| {
                 tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), "request");
-            }));
+            }),
+        );
         let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

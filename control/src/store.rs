@@ -69,7 +69,8 @@ impl FileStore {
     pub fn open(path: &Path) -> Result<Self, Error> {
         let records = match std::fs::read(path) {
             Ok(bytes) => {
-                let f: FileFormat = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: path.into(), reason: e.to_string() })?;
+                let f: FileFormat =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: path.into(), reason: e.to_string() })?;
                 f.nodes
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),

@@ -32,7 +32,10 @@ pub fn load_or_create_bootstrap(path: &Path) -> std::io::Result<String> {
     }
     let token = generate();
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".bootstrap-token.").permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".bootstrap-token.")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)?;
     writeln!(tmp, "{token}")?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;

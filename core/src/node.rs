@@ -101,9 +101,8 @@ impl RegisterRequest {
             return Err(RegisterError::MachineId(id.clone()));
         }
         let h = &self.hostname;
-        let label_ok = |l: &str| {
-            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-')
-        };
+        let label_ok =
+            |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-');
         if h.is_empty() || h.len() > 253 || !h.split('.').all(label_ok) {
             return Err(RegisterError::Hostname(h.clone()));
         }

@@ -1,1 +1,199 @@
-//! placeholder
+//! The lab harness for kiln's end-to-end tests.
+//!
+//! Tests drive the real `kiln` and `kiln-agent` binaries (release builds, as
+//! users run them; [`binaries`] builds them once per test run), real QEMU
+//! guests and real servers, on loopback only. Everything a test starts is
+//! held by a guard ([`Process`], `kiln_control::qemu::Guest`) that stops it
+//! when dropped, so a failing assertion still cleans up.
+//!
+//! `KILN_SKIP_E2E=1` skips the tests that boot guests, for a quick local
+//! run; CI (`CI=true`) ignores it and runs everything.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+/// A cache shared by every test run (downloaded `.deb`s), under target/.
+pub fn cache_dir() -> PathBuf {
+    target_dir().join("kiln-test-cache")
+}
+
+/// The release `kiln` and `kiln-agent`, built once per test process.
+pub struct Binaries {
+    /// `kiln`
+    pub kiln: PathBuf,
+    /// `kiln-agent`
+    pub agent: PathBuf,
+}
+
+/// Builds (or finds up to date) the release binaries.
+pub fn binaries() -> &'static Binaries {
+    static BINS: OnceLock<Binaries> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "-p", "kiln", "-p", "kiln-agent"])
+            .current_dir(root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build --release failed");
+        let dir = target_dir().join("release");
+        Binaries { kiln: dir.join("kiln"), agent: dir.join("kiln-agent") }
+    })
+}
+
+/// True when the guest-booting tests should be skipped (local runs only).
+pub fn skip_e2e() -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+    let skip = std::env::var("KILN_SKIP_E2E").is_ok_and(|v| v == "1");
+    if skip && !ci {
+        eprintln!("KILN_SKIP_E2E=1: not booting guests");
+        return true;
+    }
+    false
+}
+
+/// One guest at a time: two TCG guests on two cores only slow each other.
+pub fn vm_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Process {
+    /// The child.
+    pub child: Child,
+    /// What it is, for messages.
+    pub what: String,
+}
+
+impl Process {
+    /// Starts `cmd` with stdout piped.
+    pub fn spawn(mut cmd: Command, what: &str) -> Process {
+        let child = cmd.stdout(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        Process { child, what: what.to_string() }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends `signal` and waits up to `grace` for the exit status.
+    pub fn signal_and_wait(&mut self, signal: Signal, grace: Duration) -> Option<std::process::ExitStatus> {
+        let _ = kill(self.pid(), signal);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if self.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A `kiln serve` on loopback, any free port.
+pub struct KilnServer {
+    /// The process.
+    pub process: Process,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    /// Its state directory.
+    pub state: PathBuf,
+}
+
+impl KilnServer {
+    /// Starts `kiln serve --images images --state state --listen 127.0.0.1:0`
+    /// and waits for it to say where it listens.
+    pub fn start(images: &Path, state: &Path) -> KilnServer {
+        let mut cmd = Command::new(&binaries().kiln);
+        cmd.arg("serve").arg("--images").arg(images).arg("--state").arg(state).args(["--listen", "127.0.0.1:0"]);
+        let mut process = Process::spawn(cmd, "kiln serve");
+        let stdout = process.child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("kiln serve prints its address");
+        let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no URL in {line:?}")).to_string();
+        KilnServer { process, url, state: state.to_path_buf() }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("URL has a port")
+    }
+
+    /// `GET /api/v1/nodes`.
+    pub fn nodes(&self) -> Vec<kiln_core::Node> {
+        let resp = reqwest::blocking::get(format!("{}/api/v1/nodes", self.url)).expect("GET /api/v1/nodes");
+        assert!(resp.status().is_success(), "GET /api/v1/nodes: {}", resp.status());
+        resp.json().expect("a JSON array of nodes")
+    }
+}
+
+/// Runs `kiln build SPEC --out OUT --json` with the shared cache; returns
+/// the exit status, stdout and stderr.
+pub fn kiln_build(spec: &Path, out: &Path) -> (std::process::ExitStatus, String, String) {
+    let o = Command::new(&binaries().kiln)
+        .arg("build")
+        .arg(spec)
+        .arg("--out")
+        .arg(out)
+        .arg("--cache")
+        .arg(cache_dir())
+        .arg("--json")
+        .output()
+        .expect("kiln build runs");
+    (o.status, String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

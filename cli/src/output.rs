@@ -1,0 +1,139 @@
+//! Printing: progress displays, tables, JSON lines, error chains; and the
+//! defaults for per-user directories.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_builder::{Event, Outcome};
+use kiln_core::Node;
+
+/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn default_cache_dir() -> PathBuf {
+    xdg("XDG_CACHE_HOME", ".cache").join("kiln")
+}
+
+/// `$XDG_STATE_HOME/kiln`, else `~/.local/state/kiln`.
+pub fn default_state_dir() -> PathBuf {
+    xdg("XDG_STATE_HOME", ".local/state").join("kiln")
+}
+
+fn xdg(var: &str, fallback: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(fallback),
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides `default`.
+pub fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// An error and its causes, `a: b: c`.
+pub fn chain(e: &anyhow::Error) -> String {
+    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Build progress: a spinner per phase on a terminal, JSON lines with `--json`.
+pub struct BuildProgress {
+    json: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl BuildProgress {
+    /// A display for a terminal, or JSON lines.
+    pub fn new(json: bool) -> Self {
+        let bar = (!json).then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(ProgressStyle::with_template("{spinner} {prefix:>9} {msg} [{elapsed}]").expect("a valid template"));
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        BuildProgress { json, bar }
+    }
+
+    /// Shows one event.
+    pub fn event(&self, event: Event) {
+        if self.json {
+            println!("{}", serde_json::to_string(&event).expect("events serialise"));
+            return;
+        }
+        let Some(bar) = &self.bar else { return };
+        if let Event::Phase { phase, detail } = &event {
+            if !bar.prefix().is_empty() {
+                bar.println(format!("  ✓ {:>9} {}", bar.prefix(), bar.message()));
+            }
+            bar.set_prefix(phase.clone());
+            bar.set_message(detail.clone());
+        }
+    }
+
+    /// Prints the result.
+    pub fn finish(&self, outcome: &Outcome) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+            let how = if outcome.cached { "up to date" } else { "built" };
+            let bytes: u64 = outcome.manifest.artifacts.iter().map(|a| a.size).sum();
+            println!(
+                "{} {how}: {} ({:.1} MiB) in {}",
+                outcome.manifest.name,
+                outcome.manifest.digest,
+                bytes as f64 / 1048576.0,
+                outcome.dir.display()
+            );
+        }
+    }
+}
+
+/// `GET {server}/api/v1/nodes`.
+pub async fn fetch_nodes(server: &str) -> anyhow::Result<Vec<Node>> {
+    let url = format!("{}/api/v1/nodes", server.trim_end_matches('/'));
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let resp = client.get(&url).send().await.map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        anyhow::bail!("{url}: {status}: {}", resp.text().await.unwrap_or_default());
+    }
+    Ok(resp.json().await?)
+}
+
+/// Nodes as an aligned table.
+pub fn node_table(nodes: &[Node]) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let mut rows = vec![["NAME", "MAC", "ADDRESS", "IMAGE", "REGISTERED", "LAST SEEN"].map(String::from).to_vec()];
+    for n in nodes {
+        let ago = |t: time::OffsetDateTime| format!("{}s ago", (now - t).whole_seconds().max(0));
+        rows.push(vec![
+            n.name.clone(),
+            n.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            short_digest(&n.image_digest),
+            ago(n.registered_at),
+            ago(n.last_seen),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `sha256:0123456789ab…` → `sha256:0123456789ab`.
+pub fn short_digest(d: &str) -> String {
+    d.chars().take(19).collect()
+}

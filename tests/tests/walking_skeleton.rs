@@ -1,0 +1,272 @@
+//! The walking skeleton, end to end: `kiln build` the tiny image, `kiln
+//! serve` it on loopback, PXE-boot a QEMU guest through its NIC's iPXE ROM,
+//! and see its agent register with the MAC we gave the guest and the image
+//! digest from the manifest. Then `kiln up`, as the README's first command
+//! runs it, to registered and back down on SIGINT.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_control::qemu::{self, Boot, Guest, GuestSpec};
+use kiln_core::{Mac, Manifest};
+use kiln_tests::{KilnServer, Process, binaries, cache_dir, kiln_build, root, skip_e2e, tail, vm_lock, wait_for};
+use nix::sys::signal::Signal;
+
+fn tiny_spec() -> std::path::PathBuf {
+    root().join("images/tiny.toml")
+}
+
+fn read_manifest(dir: &Path) -> Manifest {
+    let text = std::fs::read(dir.join("tiny/manifest.json")).expect("manifest.json written");
+    serde_json::from_slice(&text).expect("manifest.json parses")
+}
+
+#[test]
+fn build_serve_pxe_boot_register() {
+    if skip_e2e() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+
+    let (status, stdout, stderr) = kiln_build(&tiny_spec(), &images);
+    assert!(status.success(), "kiln build failed:\n{stderr}");
+    let manifest = read_manifest(&images);
+    assert_eq!(manifest.name, "tiny");
+    let names: Vec<&str> = manifest.artifacts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["initrd.img", "vmlinuz"]);
+    assert!(
+        manifest.inputs.kernel_package.name.starts_with("linux-image-") && manifest.inputs.kernel_package.name.ends_with("-cloud-amd64")
+    );
+    assert_eq!(manifest.check(), Ok(()));
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("events")).unwrap();
+    assert_eq!(last["digest"], manifest.digest.as_str(), "the build reports the manifest's digest");
+
+    let server = KilnServer::start(&images, &tmp.path().join("state"));
+    let token = std::fs::read_to_string(tmp.path().join("state/bootstrap-token")).unwrap();
+    let token = token.trim();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(tmp.path().join("state/bootstrap-token")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "bootstrap-token is private");
+
+    // What iPXE will fetch: the script, then the artifacts it names.
+    let client = reqwest::blocking::Client::new();
+    let script = client
+        .get(format!("{}/boot.ipxe", server.url))
+        .header("host", format!("10.0.2.2:{}", server.port()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(script.contains(&format!("kiln.token={token}")), "{script}");
+    assert!(script.contains(&format!("kiln.image_digest={}", manifest.digest)), "{script}");
+    assert!(script.contains(&format!("kiln.server=http://10.0.2.2:{}", server.port())), "{script}");
+    let kernel = client.get(format!("{}/images/tiny/vmlinuz", server.url)).send().unwrap();
+    assert_eq!(kernel.status(), 200);
+    let bytes = kernel.bytes().unwrap();
+    assert_eq!(kiln_core::sha256_digest(&bytes), format!("sha256:{}", manifest.artifact("vmlinuz").unwrap().sha256));
+
+    // Bad registrations against the real server.
+    let register = |auth: Option<&str>, body: &str| {
+        let mut r = client.post(format!("{}/api/v1/register", server.url)).body(body.to_string());
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send().unwrap()
+    };
+    let body = r#"{"machine_id":"0123456789abcdef0123456789abcdef","hostname":"intruder","macs":[],"addresses":[],"cpus":1,"memory_bytes":1,"kernel":"k","agent_version":"v","image_digest":""}"#;
+    assert_eq!(register(None, body).status(), 401, "no token");
+    assert_eq!(register(Some("Bearer wrong"), body).status(), 401, "wrong token");
+    let resp = register(Some(&format!("Bearer {token}")), "{not json");
+    assert_eq!(resp.status(), 400, "malformed JSON");
+    assert!(resp.text().unwrap().contains("registration body"), "400 says why");
+    assert!(server.nodes().is_empty(), "refused registrations are not listed");
+
+    // Boot a guest over the network, with a MAC of our choosing.
+    let _vm = vm_lock();
+    let mac: Mac = "52:54:00:4b:00:01".parse().unwrap();
+    let accel = qemu::probe_kvm(Path::new("/dev/kvm"), &images.join("tiny/vmlinuz"), Duration::from_secs(5), None);
+    let spec = GuestSpec {
+        name: "kiln-e2e-skeleton".into(),
+        mac,
+        memory_mib: 512,
+        cpus: 2,
+        accel,
+        boot: Boot::Network { bootfile: format!("http://10.0.2.2:{}/boot.ipxe", server.port()) },
+        serial_log: tmp.path().join("serial.log"),
+    };
+    let started = Instant::now();
+    let mut guest = Guest::spawn(&spec).expect("QEMU starts");
+    let node = wait_for(Duration::from_secs(150), || {
+        assert!(guest.exited().is_none(), "QEMU exited; serial:\n{}", tail(&guest.serial(), 30));
+        server.nodes().into_iter().find(|n| n.macs.contains(&mac))
+    })
+    .unwrap_or_else(|| panic!("the guest did not register; serial console:\n{}", tail(&guest.serial(), 40)));
+    eprintln!("registered after {:.1} s under {}", started.elapsed().as_secs_f64(), accel.as_str());
+
+    assert_eq!(node.image_digest, manifest.digest, "the node booted the image we built");
+    assert_eq!(node.macs, vec![mac]);
+    assert!(node.addresses.iter().any(|a| a.to_string() == "10.0.2.15"), "QEMU's user network gave it 10.0.2.15: {:?}", node.addresses);
+    assert_eq!(node.machine_id.len(), 32);
+    assert_eq!(node.hostname, "tiny-4b0001");
+    assert_eq!(node.cpus, 2);
+    assert!(node.memory_bytes > 256 << 20 && node.memory_bytes <= 512 << 20, "memory {}", node.memory_bytes);
+    let serial = guest.serial();
+    assert!(
+        serial.contains(&format!("registered with http://10.0.2.2:{} as node {}", server.port(), node.name)),
+        "the agent logs its registration:\n{}",
+        tail(&serial, 30)
+    );
+
+    // `kiln nodes` shows it, as a table and as JSON.
+    let out = Command::new(&binaries().kiln).args(["nodes", "--server", &server.url]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && table.contains(&node.name) && table.contains("52:54:00:4b:00:01"), "{table}");
+    let out = Command::new(&binaries().kiln).args(["nodes", "--json", "--server", &server.url]).output().unwrap();
+    let listed: Vec<kiln_core::Node> = serde_json::from_slice(&out.stdout).expect("kiln nodes --json prints nodes");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].name, node.name);
+
+    // Heartbeats move last_seen (the agent heartbeats every 10 s).
+    let seen = wait_for(Duration::from_secs(25), || server.nodes().into_iter().find(|n| n.last_seen > node.last_seen));
+    assert!(seen.is_some(), "no heartbeat within 25 s; serial:\n{}", tail(&guest.serial(), 20));
+
+    // A server restart keeps the registry; the node is still listed.
+    drop(guest);
+    let state = server.state.clone();
+    drop(server);
+    let server = KilnServer::start(&images, &state);
+    let names: Vec<String> = server.nodes().into_iter().map(|n| n.name).collect();
+    assert_eq!(names, vec![node.name.clone()], "the registry survives a restart");
+}
+
+#[test]
+fn cached_rebuild_is_a_hit_and_builds_are_reproducible() {
+    if skip_e2e() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (status, _, stderr) = kiln_build(&tiny_spec(), &a);
+    assert!(status.success(), "{stderr}");
+    let first = read_manifest(&a);
+
+    let started = Instant::now();
+    let (status, stdout, stderr) = kiln_build(&tiny_spec(), &a);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("\"event\":\"cached\""), "a second build with the same inputs hits the cache:\n{stdout}");
+    assert!(started.elapsed() < Duration::from_secs(10), "cached build took {:?}", started.elapsed());
+    assert_eq!(read_manifest(&a), first);
+
+    // The same inputs into another directory: built again, byte for byte the same.
+    let (status, stdout, stderr) = kiln_build(&tiny_spec(), &b);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("\"event\":\"built\""), "{stdout}");
+    assert_eq!(read_manifest(&b).digest, first.digest, "two builds from the same inputs give the same image");
+
+    // A damaged artifact is not a cache hit: the build repairs it.
+    std::fs::write(a.join("tiny/initrd.img"), b"damaged").unwrap();
+    let (status, stdout, _) = kiln_build(&tiny_spec(), &a);
+    assert!(status.success() && stdout.contains("\"event\":\"built\""), "{stdout}");
+    assert_eq!(read_manifest(&a).digest, first.digest);
+    let leftovers: Vec<_> = std::fs::read_dir(&a).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("tiny")], "no temporary directory is left behind");
+}
+
+#[test]
+fn bad_spec_names_file_and_key_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "unknown key",
+            "name = \"x\"\ncolour = \"red\"\n[kernel]\npackage = \"linux-image-cloud-amd64\"\n[initramfs]\nbusybox-package = \"busybox-static\"\n",
+            "colour",
+        ),
+        ("missing field", "name = \"x\"\n[initramfs]\nbusybox-package = \"busybox-static\"\n", "kernel"),
+        ("wrong type", "name = \"x\"\n[kernel]\npackage = 7\n[initramfs]\nbusybox-package = \"busybox-static\"\n", "kernel.package"),
+        (
+            "unknown package",
+            "name = \"x\"\n[kernel]\npackage = \"linux-image-does-not-exist\"\n[initramfs]\nbusybox-package = \"busybox-static\"\n",
+            "linux-image-does-not-exist",
+        ),
+    ];
+    for (case, text, key) in cases {
+        let spec = tmp.path().join("bad.toml");
+        std::fs::write(&spec, text).unwrap();
+        let out = tmp.path().join("out");
+        let (status, _, stderr) = kiln_build(&spec, &out);
+        assert!(!status.success(), "case {case}: the build must fail");
+        assert!(
+            stderr.contains(&spec.display().to_string()) && stderr.contains(key),
+            "case {case}: stderr names the file and {key:?}:\n{stderr}"
+        );
+        assert!(!out.exists(), "case {case}: nothing written to --out");
+    }
+}
+
+#[test]
+fn serve_refuses_a_directory_without_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = Command::new(&binaries().kiln)
+        .arg("serve")
+        .arg("--images")
+        .arg(&empty)
+        .arg("--state")
+        .arg(tmp.path().join("state"))
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kiln serve must refuse");
+    assert!(stderr.contains(&empty.display().to_string()) && stderr.contains("no image"), "{stderr}");
+}
+
+#[test]
+fn kiln_up_boots_registers_and_stops_on_ctrl_c() {
+    if skip_e2e() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let _vm = vm_lock();
+    let mut cmd = Command::new(&binaries().kiln);
+    cmd.args(["up", "--json", "--mac", "52:54:00:4b:00:02", "--cache"]).arg(cache_dir()).arg("--state").arg(tmp.path().join("state"));
+    let mut up = Process::spawn(cmd, "kiln up");
+    let stdout = up.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut qemu_pid = None;
+    let node = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = rx.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "kiln up did not report a registered node; serial:\n{}",
+                tail(&std::fs::read_to_string(tmp.path().join("state/serial.log")).unwrap_or_default(), 30)
+            )
+        });
+        if event["event"] == "booting" {
+            qemu_pid = event["pid"].as_u64();
+        }
+        if event["event"] == "registered" {
+            break event["node"].clone();
+        }
+    };
+    assert_eq!(node["macs"][0], "52:54:00:4b:00:02");
+    assert!(node["image_digest"].as_str().unwrap().starts_with("sha256:"));
+    let qemu_pid = qemu_pid.expect("kiln up reports the guest's pid");
+    assert!(Path::new(&format!("/proc/{qemu_pid}")).exists(), "the guest runs while kiln up does");
+
+    let status = up.signal_and_wait(Signal::SIGINT, Duration::from_secs(20)).expect("kiln up exits on Ctrl-C");
+    assert!(status.success(), "kiln up exits cleanly: {status}");
+    let gone = wait_for(Duration::from_secs(5), || (!Path::new(&format!("/proc/{qemu_pid}")).exists()).then_some(()));
+    assert!(gone.is_some(), "the guest is stopped with kiln up");
+}
