@@ -36,13 +36,12 @@ struct Args {
 }
 
 fn init_logging() {
-    if systemd_journal_logger::connected_to_journal() {
-        if let Ok(logger) = systemd_journal_logger::JournalLog::new() {
-            if logger.install().is_ok() {
-                log::set_max_level(log::LevelFilter::Info);
-                return;
-            }
-        }
+    if systemd_journal_logger::connected_to_journal()
+        && let Ok(logger) = systemd_journal_logger::JournalLog::new()
+        && logger.install().is_ok()
+    {
+        log::set_max_level(log::LevelFilter::Info);
+        return;
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)

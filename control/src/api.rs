@@ -208,7 +208,9 @@ mod tests {
             r
         };
         let good = serde_json::to_vec(&body()).unwrap();
-        let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        // (case, Authorization header, body, status, text the answer must contain)
+        type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+        let cases: Vec<Case> = vec![
             ("missing token", None, good.clone(), 401, "bootstrap token"),
             ("wrong token", Some("Bearer nope"), good.clone(), 401, "wrong bootstrap token"),
             ("malformed json", Some("Bearer boot"), b"{\"machine_id\":".to_vec(), 400, "EOF"),

@@ -200,13 +200,13 @@ pub struct ProbeCache {
 /// (`-no-reboot`). Under working KVM that takes about a second; a guest that
 /// has not reached the panic within `timeout` is taken as hung.
 pub fn probe_kvm(kvm_device: &Path, kernel: &Path, timeout: Duration, cache: Option<&ProbeCache>) -> Accel {
-    if let Some(c) = cache {
-        if let Ok(text) = std::fs::read_to_string(&c.path) {
-            match text.split_whitespace().collect::<Vec<_>>()[..] {
-                [id, "kvm"] if id == c.boot_id => return Accel::Kvm,
-                [id, "tcg"] if id == c.boot_id => return Accel::Tcg,
-                _ => {}
-            }
+    if let Some(c) = cache
+        && let Ok(text) = std::fs::read_to_string(&c.path)
+    {
+        match text.split_whitespace().collect::<Vec<_>>()[..] {
+            [id, "kvm"] if id == c.boot_id => return Accel::Kvm,
+            [id, "tcg"] if id == c.boot_id => return Accel::Tcg,
+            _ => {}
         }
     }
     let accel =

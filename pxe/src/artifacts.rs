@@ -32,13 +32,14 @@ async fn serve(store: &ImageStore, name: &str, file: &str, method: &Method, if_n
         return error(StatusCode::NOT_FOUND, &format!("no artifact {file:?} in image {name:?}"));
     };
     let etag = sha256.map(|s| format!("\"{s}\""));
-    if let (Some(etag), Some(inm)) = (&etag, if_none_match) {
-        if inm.split(',').any(|t| t.trim() == etag || t.trim() == "*") {
-            let mut resp = StatusCode::NOT_MODIFIED.into_response();
-            resp.headers_mut().insert(header::ETAG, HeaderValue::from_str(etag).expect("hex is a valid header"));
-            return resp;
-        }
+    if let (Some(etag), Some(inm)) = (&etag, if_none_match)
+        && inm.split(',').any(|t| t.trim() == etag || t.trim() == "*")
+    {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        resp.headers_mut().insert(header::ETAG, HeaderValue::from_str(etag).expect("hex is a valid header"));
+        return resp;
     }
+
     let file_handle = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) => {
