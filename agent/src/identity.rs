@@ -149,6 +149,7 @@ pub fn gather(roots: &Roots, image_digest: &str) -> Result<RegisterRequest, Erro
         kernel: uname.release().to_string_lossy().into_owned(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         image_digest: image_digest.to_string(),
+        metrics: None,
     })
 }
 

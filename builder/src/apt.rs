@@ -143,9 +143,16 @@ impl Archive {
         let tmp = tempfile::Builder::new().prefix(".unpack-").tempdir_in(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(tmp.path()))?;
         after(tmp.path())?;
-        let kept = tmp.keep();
-        std::fs::rename(&kept, &tree).map_err(|source| Error::Io { path: tree.clone(), source })?;
-        Ok(tree)
+        match std::fs::rename(tmp.path(), &tree) {
+            Ok(()) => {
+                let _ = tmp.keep();
+                Ok(tree)
+            }
+            // Another build sharing the cache unpacked the same package first:
+            // its tree is as good as ours, which `tmp` removes on drop.
+            Err(_) if tree.is_dir() => Ok(tree),
+            Err(source) => Err(Error::Io { path: tree.clone(), source }),
+        }
     }
 }
 

@@ -96,20 +96,19 @@ fn parse(text: &str, path: &Path) -> Result<ImageSpec, Error> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let message = e.inner().message().to_string();
-        // serde_path_to_error reports an unknown or missing key at its parent; name the key itself.
-        let key = field_in_message(&message).map(|f| if key == "." { f.clone() } else { format!("{key}.{f}") }).unwrap_or(key);
+        // serde_path_to_error reports a missing key at its parent; name the key itself.
+        let key = match missing_field(&message) {
+            Some(f) if key == "." => f,
+            Some(f) => format!("{key}.{f}"),
+            None => key,
+        };
         Error::SpecParse { file, key, message }
     })
 }
 
-/// The field named in serde's "unknown field `x`" and "missing field `x`".
-fn field_in_message(message: &str) -> Option<String> {
-    for prefix in ["unknown field `", "missing field `"] {
-        if let Some(rest) = message.strip_prefix(prefix) {
-            return rest.split('`').next().map(str::to_string);
-        }
-    }
-    None
+/// The field named in serde's "missing field `x`".
+fn missing_field(message: &str) -> Option<String> {
+    message.strip_prefix("missing field `")?.split('`').next().map(str::to_string)
 }
 
 #[cfg(test)]

@@ -24,11 +24,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Build the image a spec describes into OUT/<name>/ (cached).
+    /// Build the image a spec describes into OUT/NAME/ (cached).
     Build {
         /// The image spec (images/*.toml).
         spec: PathBuf,
-        /// Output directory; the image goes to OUT/<name>/.
+        /// Output directory; the image goes to OUT/NAME/.
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]

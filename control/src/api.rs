@@ -5,6 +5,7 @@
 //! | `POST /api/v1/register` | bootstrap token | [`RegisterResponse`] |
 //! | `POST /api/v1/heartbeat` | node token | [`HeartbeatResponse`] |
 //! | `GET /api/v1/nodes` | — | `[Node]` |
+//! | `GET /api/v1/sd` | — | Prometheus HTTP service discovery: one target group per node |
 //! | `GET /boot.ipxe` | — | iPXE script booting the default image |
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a body that does not parse
@@ -12,7 +13,7 @@
 
 use std::sync::Arc;
 
-use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse};
+use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, SdTargetGroup};
 use kiln_pxe::ImageStore;
 use kiln_pxe::artifacts::error;
 use kiln_pxe::ipxe::{BootParams, boot_script};
@@ -61,12 +62,24 @@ pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejec
         .and(warp::get())
         .and(with())
         .map(|api: Arc<Api>| warp::reply::json(&api.registry.nodes()).into_response());
+    let sd = warp::path!("api" / "v1" / "sd").and(warp::get()).and(with()).map(|api: Arc<Api>| {
+        let groups: Vec<SdTargetGroup> = api.registry.nodes().iter().filter_map(sd_group).collect();
+        warp::reply::json(&groups).into_response()
+    });
     let boot = warp::path!("boot.ipxe")
         .and(warp::get())
         .and(with())
         .and(warp::header::optional::<String>("host"))
         .map(|api: Arc<Api>, host: Option<String>| boot(&api, host.as_deref()));
-    register.or(heartbeat).unify().or(nodes).unify().or(boot).unify()
+    register.or(heartbeat).unify().or(nodes).unify().or(sd).unify().or(boot).unify()
+}
+
+/// A node's service-discovery group: its metrics target, labelled with its
+/// name, pool and image digest.
+fn sd_group(node: &kiln_core::Node) -> Option<SdTargetGroup> {
+    let target = node.metrics_target()?;
+    let labels = [("node", node.name.as_str()), ("pool", node.pool.as_str()), ("image", node.image_digest.as_str())];
+    Some(SdTargetGroup { targets: vec![target], labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() })
 }
 
 fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
@@ -251,6 +264,14 @@ mod tests {
         let resp =
             warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", "Bearer boot").reply(&routes).await;
         assert_eq!(resp.status(), 401, "the bootstrap token is not a node token");
+
+        let resp = warp::test::request().path("/api/v1/sd").reply(&routes).await;
+        let sd: Vec<SdTargetGroup> = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(sd.len(), 1);
+        assert_eq!(sd[0].targets, ["10.0.2.15:9100"], "first address on node_exporter's port");
+        assert_eq!(sd[0].labels["node"], "tiny-abcdef");
+        assert_eq!(sd[0].labels["image"], "sha256:d");
+        assert!(sd[0].labels.contains_key("pool"));
 
         let resp = warp::test::request().path("/api/v1/nodes").reply(&routes).await;
         let nodes: Vec<Node> = serde_json::from_slice(resp.body()).unwrap();

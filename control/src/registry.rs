@@ -51,6 +51,8 @@ impl Registry {
                 kernel: req.kernel.clone(),
                 agent_version: req.agent_version.clone(),
                 image_digest: req.image_digest.clone(),
+                metrics: req.metrics.clone(),
+                pool: String::new(),
                 registered_at,
                 last_seen: now,
             },
@@ -111,6 +113,7 @@ mod tests {
             kernel: "k".into(),
             agent_version: "v".into(),
             image_digest: "sha256:d".into(),
+            metrics: None,
         }
     }
 

@@ -14,7 +14,7 @@ pub mod node;
 pub use cmdline::KernelCmdline;
 pub use mac::Mac;
 pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
-pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse};
+pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse, SdTargetGroup};
 
 /// Kernel command-line key carrying the control plane's base URL.
 pub const CMDLINE_SERVER: &str = "kiln.server";

@@ -31,21 +31,26 @@ impl FromStr for Mac {
     type Err = MacParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let digits: String = s.trim().chars().filter(|c| *c != ':' && *c != '-' && *c != '.').collect();
+        let t = s.trim();
         let err = || MacParseError(s.to_string());
-        if digits.len() != 12 {
-            return Err(err());
-        }
-        // A spelling must be one of: bare hex, or pairs separated by one kind
-        // of separator (Cisco's dotted quads of four are accepted too).
-        let sep_ok = {
-            let t = s.trim();
-            let colons = t.matches(':').count();
-            let hyphens = t.matches('-').count();
-            let dots = t.matches('.').count();
-            matches!((colons, hyphens, dots), (0, 0, 0) | (5, 0, 0) | (0, 5, 0) | (0, 0, 2))
+        // Bare hex, six pairs split by ':' or '-', or Cisco's three dotted quads.
+        let groups: Vec<&str> = if t.contains(':') {
+            t.split(':').collect()
+        } else if t.contains('-') {
+            t.split('-').collect()
+        } else if t.contains('.') {
+            t.split('.').collect()
+        } else {
+            vec![t]
         };
-        if !sep_ok {
+        let shape_ok = match groups.len() {
+            1 => groups[0].len() == 12,
+            3 => groups.iter().all(|g| g.len() == 4) && t.contains('.'),
+            6 => groups.iter().all(|g| g.len() == 2),
+            _ => false,
+        };
+        let digits: String = groups.concat();
+        if !shape_ok || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(err());
         }
         let mut out = [0u8; 6];

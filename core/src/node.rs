@@ -29,6 +29,10 @@ pub struct RegisterRequest {
     pub agent_version: String,
     /// Digest of the image the node booted (empty when unknown).
     pub image_digest: String,
+    /// `host:port` where the node serves `/metrics`, if not its first
+    /// address on port 9100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// The answer to a registration.
@@ -74,6 +78,12 @@ pub struct Node {
     pub agent_version: String,
     /// Digest of the image it booted.
     pub image_digest: String,
+    /// `host:port` of its `/metrics`, when it said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+    /// Pool the node belongs to (empty when booted by hand).
+    #[serde(default)]
+    pub pool: String,
     /// First registration.
     #[serde(with = "time::serde::rfc3339")]
     pub registered_at: OffsetDateTime,
@@ -91,6 +101,31 @@ pub enum RegisterError {
     /// `hostname` is empty or not a DNS label sequence.
     #[error("hostname {0:?} is not a valid host name")]
     Hostname(String),
+}
+
+/// Port node_exporter (and kiln-agent) serve metrics on by default.
+pub const METRICS_PORT: u16 = 9100;
+
+impl Node {
+    /// Where Prometheus scrapes this node: what it said, else its first IPv4
+    /// address (else first address) on [`METRICS_PORT`].
+    pub fn metrics_target(&self) -> Option<String> {
+        if let Some(m) = &self.metrics {
+            return Some(m.clone());
+        }
+        let ip = self.addresses.iter().find(|a| a.is_ipv4()).or(self.addresses.first())?;
+        Some(std::net::SocketAddr::new(*ip, METRICS_PORT).to_string())
+    }
+}
+
+/// One target group of Prometheus's HTTP service discovery
+/// (`http_sd_configs`): targets and the labels they share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SdTargetGroup {
+    /// `host:port` of each target.
+    pub targets: Vec<String>,
+    /// Labels attached to every target of the group.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl RegisterRequest {
@@ -125,6 +160,7 @@ mod tests {
             kernel: "6.1.0-28-cloud-amd64".into(),
             agent_version: "0.1.0".into(),
             image_digest: "sha256:00".into(),
+            metrics: None,
         }
     }
 
