@@ -112,12 +112,10 @@ fn build_serve_pxe_boot_register() {
     assert_eq!(node.hostname, "tiny-4b0001");
     assert_eq!(node.cpus, 2);
     assert!(node.memory_bytes > 256 << 20 && node.memory_bytes <= 512 << 20, "memory {}", node.memory_bytes);
-    let serial = guest.serial();
-    assert!(
-        serial.contains(&format!("registered with http://10.0.2.2:{} as node {}", server.port(), node.name)),
-        "the agent logs its registration:\n{}",
-        tail(&serial, 30)
-    );
+    // The agent logs the registration just after the server records it.
+    let wanted = format!("registered with http://10.0.2.2:{} as node {}", server.port(), node.name);
+    let logged = wait_for(Duration::from_secs(10), || guest.serial().contains(&wanted).then_some(()));
+    assert!(logged.is_some(), "the agent logs its registration:\n{}", tail(&guest.serial(), 30));
 
     // `kiln nodes` shows it, as a table and as JSON.
     let out = Command::new(&binaries().kiln).args(["nodes", "--server", &server.url]).output().unwrap();
