@@ -197,7 +197,9 @@ mod tests {
         assert_eq!(got.digest, m.digest);
 
         // kernel-bytes: 12 bytes.
-        let cases: &[(&str, Option<&str>, u16, &[u8], Option<&str>)] = &[
+        // (case, Range, status, body, Content-Range)
+        type Case<'a> = (&'a str, Option<&'a str>, u16, &'a [u8], Option<&'a str>);
+        let cases: &[Case] = &[
             ("first bytes", Some("bytes=0-5"), 206, b"kernel", Some("bytes 0-5/12")),
             ("open end", Some("bytes=7-"), 206, b"bytes", Some("bytes 7-11/12")),
             ("suffix", Some("bytes=-5"), 206, b"bytes", Some("bytes 7-11/12")),
