@@ -1,5 +1,321 @@
 //! kiln-cloud-init: typed cloud-init NoCloud seeds.
 //!
-//! The walking skeleton boots the tiny image, which has no cloud-init; the
-//! seed types (meta-data, user-data, network-config v2, vendor-data) and the
-//! cidata ISO writer land here with the golden image and the boot server.
+//! A [`Seed`] is what a NoCloud datasource reads: `meta-data`
+//! ([`MetaData`]: instance id, hostname), `user-data` (a `#cloud-config`
+//! document, [`CloudConfig`], or any text a profile rendered), an optional
+//! `network-config` ([`NetworkConfig`], version 2) and optional `vendor-data`.
+//! The same seed is served over HTTP (`ds=nocloud;s=http://HOST/cloud-init/MAC/`)
+//! or written as a cidata ISO ([`Seed::write_iso`]) for disk boots.
+//!
+//! Every file is written as JSON, which YAML 1.2 includes and cloud-init
+//! reads: the output is exact, with no YAML quoting pitfalls. `user-data`
+//! starts with the `#cloud-config` line cloud-init needs to recognise it.
+//!
+//! To support another cloud-config module, add a field to [`CloudConfig`]
+//! with its cloud-init name; `skip_serializing_if` keeps unset ones out.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use kiln_core::Mac;
+use serde::{Deserialize, Serialize};
+
+/// Writing a seed failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be written.
+    #[error("{path}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The ISO tool failed.
+    #[error("xorriso (making {path}): {stderr}")]
+    Iso {
+        /// The ISO being made.
+        path: String,
+        /// What it said.
+        stderr: String,
+    },
+}
+
+/// `meta-data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MetaData {
+    /// Changing it makes cloud-init run its per-instance modules again.
+    pub instance_id: String,
+    /// The hostname cloud-init sets.
+    pub local_hostname: String,
+}
+
+/// A user in `users:`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// Supplementary groups, comma-separated as cloud-init takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<String>,
+    /// Login shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// sudoers rule, e.g. `ALL=(ALL) NOPASSWD:ALL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sudo: Option<String>,
+    /// Public keys for `~/.ssh/authorized_keys`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// Whether the password is locked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_passwd: Option<bool>,
+}
+
+/// A file in `write_files:`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteFile {
+    /// Absolute path.
+    pub path: String,
+    /// Contents.
+    pub content: String,
+    /// Octal mode as a string, e.g. `"0644"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
+    /// `user:group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// A `runcmd:` entry: a shell line, or an argument vector run without a shell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RunCmd {
+    /// Run by `sh -c`.
+    Shell(String),
+    /// Run as is.
+    Argv(Vec<String>),
+}
+
+/// A `#cloud-config` document: the modules kiln's profiles use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudConfig {
+    /// Hostname to set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Users to create; `"default"` keeps the distribution's default user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<User>,
+    /// Keys for the default user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// Files to write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub write_files: Vec<WriteFile>,
+    /// Commands run once, late in the first boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runcmd: Vec<RunCmd>,
+    /// Packages to install.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    /// Where cloud-init's own output goes, e.g. `{"all": "| tee -a /dev/console"}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub output: BTreeMap<String, String>,
+}
+
+impl CloudConfig {
+    /// The `user-data` text: `#cloud-config` and the document.
+    pub fn to_user_data(&self) -> String {
+        format!("#cloud-config\n{}\n", serde_json::to_string_pretty(self).expect("a cloud-config serialises"))
+    }
+}
+
+/// `network-config`, version 2 (netplan's schema).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// Always 2.
+    pub version: u32,
+    /// Ethernet devices by id.
+    pub ethernets: BTreeMap<String, Ethernet>,
+}
+
+/// One ethernet device of a [`NetworkConfig`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ethernet {
+    /// Which NIC this is.
+    #[serde(rename = "match", default, skip_serializing_if = "Option::is_none")]
+    pub match_: Option<Match>,
+    /// Name to give the NIC.
+    #[serde(rename = "set-name", default, skip_serializing_if = "Option::is_none")]
+    pub set_name: Option<String>,
+    /// DHCPv4 on this NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp4: Option<bool>,
+    /// Static addresses, `10.0.0.5/24`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// Routes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    /// DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nameservers: Option<Nameservers>,
+    /// MTU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+/// `match:` of a [`NetworkConfig`] device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Match {
+    /// The NIC's MAC.
+    pub macaddress: Mac,
+}
+
+/// A static route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// Destination, `0.0.0.0/0` for the default route.
+    pub to: String,
+    /// Gateway.
+    pub via: String,
+}
+
+/// DNS servers and search domains.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nameservers {
+    /// Server addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// Search domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+}
+
+impl NetworkConfig {
+    /// DHCPv4 on the NIC with `mac`, the usual worker setup.
+    pub fn dhcp(mac: Mac) -> Self {
+        let eth = Ethernet { match_: Some(Match { macaddress: mac }), dhcp4: Some(true), ..Default::default() };
+        NetworkConfig { version: 2, ethernets: BTreeMap::from([("primary".to_string(), eth)]) }
+    }
+
+    /// The `network-config` text.
+    pub fn to_text(&self) -> String {
+        format!("{}\n", serde_json::to_string_pretty(self).expect("a network config serialises"))
+    }
+}
+
+/// A NoCloud seed: the files of a cidata volume or a `ds=nocloud;s=` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    /// `meta-data`.
+    pub meta_data: MetaData,
+    /// `user-data` text.
+    pub user_data: String,
+    /// `network-config` text, if any.
+    pub network_config: Option<String>,
+    /// `vendor-data` text, if any.
+    pub vendor_data: Option<String>,
+}
+
+impl Seed {
+    /// The seed's files, by NoCloud name. `meta-data` and `user-data` are
+    /// always there (cloud-init needs both); the others when set.
+    pub fn files(&self) -> Vec<(&'static str, String)> {
+        let mut files = vec![
+            ("meta-data", format!("{}\n", serde_json::to_string_pretty(&self.meta_data).expect("meta-data serialises"))),
+            ("user-data", self.user_data.clone()),
+        ];
+        if let Some(n) = &self.network_config {
+            files.push(("network-config", n.clone()));
+        }
+        files.push(("vendor-data", self.vendor_data.clone().unwrap_or_default()));
+        files
+    }
+
+    /// One file by name (`meta-data`, `user-data`, `network-config`, `vendor-data`).
+    pub fn file(&self, name: &str) -> Option<String> {
+        self.files().into_iter().find(|(n, _)| *n == name).map(|(_, t)| t)
+    }
+
+    /// Writes the seed as an ISO 9660 volume labelled `cidata` (Joliet and
+    /// Rock Ridge names, so cloud-init finds `meta-data` and `user-data`),
+    /// to a temporary name beside `path` and renamed. File dates are fixed,
+    /// so the same seed gives the same bytes.
+    pub fn write_iso(&self, path: &Path) -> Result<(), Error> {
+        let io = |source| Error::Io { path: path.display().to_string(), source };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let staging = tempfile::Builder::new().prefix(".cidata-").tempdir_in(dir).map_err(io)?;
+        for (name, text) in self.files() {
+            std::fs::write(staging.path().join(name), text).map_err(io)?;
+        }
+        let tmp = tempfile::Builder::new().prefix(".cidata-").suffix(".iso").tempfile_in(dir).map_err(io)?;
+        let out = Command::new("xorriso")
+            .env("SOURCE_DATE_EPOCH", "0")
+            .args(["-as", "mkisofs", "-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
+            .arg(tmp.path())
+            .arg(staging.path())
+            .output()
+            .map_err(io)?;
+        if !out.status.success() {
+            return Err(Error::Iso { path: path.display().to_string(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        }
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn seed() -> Seed {
+        let mac: Mac = "52:54:00:12:34:56".parse().unwrap();
+        let config = CloudConfig {
+            hostname: Some("worker-1".into()),
+            users: vec![User {
+                name: "kiln".into(),
+                groups: Some("sudo".into()),
+                shell: Some("/bin/bash".into()),
+                sudo: Some("ALL=(ALL) NOPASSWD:ALL".into()),
+                ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKiln kiln@test".into()],
+                lock_passwd: Some(true),
+            }],
+            write_files: vec![WriteFile {
+                path: "/etc/kiln/agent.env".into(),
+                content: "KILN_SERVER=http://10.0.2.2:8080\n".into(),
+                permissions: Some("0600".into()),
+                owner: None,
+            }],
+            runcmd: vec![RunCmd::Shell("journalctl -u kiln-agent > /dev/ttyS0".into()), RunCmd::Argv(vec!["true".into()])],
+            output: BTreeMap::from([("all".into(), "| tee -a /dev/console".into())]),
+            ..Default::default()
+        };
+        Seed {
+            meta_data: MetaData { instance_id: "kiln-525400123456".into(), local_hostname: "worker-1".into() },
+            user_data: config.to_user_data(),
+            network_config: Some(NetworkConfig::dhcp(mac).to_text()),
+            vendor_data: None,
+        }
+    }
+
+    #[test]
+    fn files_are_named_and_shaped_as_nocloud_expects() {
+        let s = seed();
+        let names: Vec<&str> = s.files().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["meta-data", "user-data", "network-config", "vendor-data"]);
+        assert!(s.user_data.starts_with("#cloud-config\n"));
+        let meta: serde_json::Value = serde_json::from_str(&s.file("meta-data").unwrap()).unwrap();
+        assert_eq!(meta["instance-id"], "kiln-525400123456");
+        assert_eq!(meta["local-hostname"], "worker-1");
+        let net: serde_json::Value = serde_json::from_str(&s.file("network-config").unwrap()).unwrap();
+        assert_eq!(net["version"], 2);
+        assert_eq!(net["ethernets"]["primary"]["match"]["macaddress"], "52:54:00:12:34:56");
+        let user: serde_json::Value = serde_json::from_str(s.user_data.trim_start_matches("#cloud-config\n")).unwrap();
+        assert!(user.get("packages").is_none(), "unset modules are left out");
+        assert_eq!(user["runcmd"][1][0], "true");
+    }
+}
