@@ -52,6 +52,10 @@ enum Command {
         /// request's Host header).
         #[arg(long)]
         advertise: Option<String>,
+        /// Directory of profiles (profiles/*.toml) and groups (groups/*.toml);
+        /// default: every machine boots the first image.
+        #[arg(long)]
+        profiles: Option<PathBuf>,
     },
     /// List registered nodes.
     Nodes {
@@ -121,10 +125,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             progress.finish(&outcome);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { images, listen, state, advertise } => {
+        Command::Serve { images, listen, state, advertise, profiles } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
-                let config = kiln_control::ServerConfig { images: images.clone(), state, listen, advertise };
+                let config = kiln_control::ServerConfig { images: images.clone(), state, listen, advertise, profiles };
                 let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
                 println!("kiln: serving on http://{} (Ctrl-C stops)", server.addr);
                 output::shutdown_signal().await;

@@ -73,7 +73,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let config = kiln_control::ServerConfig { images, state: args.state.clone(), listen: args.listen, advertise: None };
+        let config = kiln_control::ServerConfig { images, state: args.state.clone(), listen: args.listen, advertise: None, profiles: None };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         let port = server.addr.port();
         event(args.json, serde_json::json!({"event": "serving", "url": format!("http://{}", server.addr)}), || {

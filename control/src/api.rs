@@ -6,17 +6,22 @@
 //! | `POST /api/v1/heartbeat` | node token | [`HeartbeatResponse`] |
 //! | `GET /api/v1/nodes` | — | `[Node]` |
 //! | `GET /api/v1/sd` | — | Prometheus HTTP service discovery: one target group per node |
-//! | `GET /boot.ipxe` | — | iPXE script booting the default image |
+//! | `GET /api/v1/profiles`, `/api/v1/groups` | — | the loaded profiles and groups |
+//! | `GET /boot.ipxe` | — | iPXE bootstrap: chains to `/ipxe` with the machine's attributes |
+//! | `GET /ipxe?mac=..&uuid=..&arch=..` | — | the machine's profile as an iPXE script |
+//! | `GET /cloud-init/<mac>/<file>` | — | the machine's NoCloud seed (`meta-data`, `user-data`, `network-config`, `vendor-data`) |
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a body that does not parse
 //! (with serde's reason), 401 for a missing or wrong token.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, SdTargetGroup};
 use kiln_pxe::ImageStore;
 use kiln_pxe::artifacts::error;
-use kiln_pxe::ipxe::{BootParams, boot_script};
+use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
+use kiln_pxe::profile::{Catalog, Machine, ServerParams};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -33,6 +38,8 @@ pub struct Api {
     pub registry: Arc<Registry>,
     /// The images served.
     pub images: Arc<ImageStore>,
+    /// Profiles and groups.
+    pub catalog: Arc<Catalog>,
     /// The bootstrap token (given to booting nodes on their command line).
     pub bootstrap_token: String,
     /// Base URL nodes should use; `None` means the request's `Host`.
@@ -66,12 +73,50 @@ pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejec
         let groups: Vec<SdTargetGroup> = api.registry.nodes().iter().filter_map(sd_group).collect();
         warp::reply::json(&groups).into_response()
     });
-    let boot = warp::path!("boot.ipxe")
+    let host = || warp::header::optional::<String>("host");
+    let boot =
+        warp::path!("boot.ipxe").and(warp::get()).and(with()).and(host()).map(|api: Arc<Api>, host: Option<String>| {
+            match base_url(&api, host.as_deref()) {
+                Ok(base) => ipxe_reply(bootstrap_script(&base)),
+                Err(resp) => resp,
+            }
+        });
+    let ipxe = warp::path!("ipxe")
         .and(warp::get())
         .and(with())
-        .and(warp::header::optional::<String>("host"))
-        .map(|api: Arc<Api>, host: Option<String>| boot(&api, host.as_deref()));
-    register.or(heartbeat).unify().or(nodes).unify().or(sd).unify().or(boot).unify()
+        .and(host())
+        .and(warp::query::<BTreeMap<String, String>>())
+        .map(|api: Arc<Api>, host: Option<String>, query: BTreeMap<String, String>| machine_script(&api, host.as_deref(), &query));
+    let seed = warp::path!("cloud-init" / String / String)
+        .and(warp::get())
+        .and(with())
+        .and(host())
+        .map(|mac: String, file: String, api: Arc<Api>, host: Option<String>| seed_file(&api, host.as_deref(), &mac, &file));
+    let profiles = warp::path!("api" / "v1" / "profiles")
+        .and(warp::get())
+        .and(with())
+        .map(|api: Arc<Api>| warp::reply::json(&api.catalog.profiles().collect::<Vec<_>>()).into_response());
+    let groups = warp::path!("api" / "v1" / "groups")
+        .and(warp::get())
+        .and(with())
+        .map(|api: Arc<Api>| warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response());
+    register
+        .or(heartbeat)
+        .unify()
+        .or(nodes)
+        .unify()
+        .or(sd)
+        .unify()
+        .or(profiles)
+        .unify()
+        .or(groups)
+        .unify()
+        .or(boot)
+        .unify()
+        .or(ipxe)
+        .unify()
+        .or(seed)
+        .unify()
 }
 
 /// A node's service-discovery group: its metrics target, labelled with its
@@ -132,15 +177,73 @@ fn heartbeat(api: &Api, auth: Option<&str>) -> Response {
     }
 }
 
-fn boot(api: &Api, host: Option<&str>) -> Response {
-    let base = match (&api.advertise, host) {
-        (Some(url), _) => url.clone(),
-        (None, Some(host)) => format!("http://{host}"),
-        (None, None) => return error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL"),
-    };
-    let image = api.images.default_image();
-    let script = boot_script(image, &BootParams { base_url: &base, token: &api.bootstrap_token });
+/// The server's base URL as the machine reaches it: `--advertise`, else the
+/// request's `Host`.
+fn base_url(api: &Api, host: Option<&str>) -> Result<String, Response> {
+    match (&api.advertise, host) {
+        (Some(url), _) => Ok(url.trim_end_matches('/').to_string()),
+        (None, Some(host)) => Ok(format!("http://{host}")),
+        (None, None) => Err(error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL")),
+    }
+}
+
+fn ipxe_reply(script: String) -> Response {
     warp::reply::with_header(script, "content-type", "text/plain; charset=utf-8").into_response()
+}
+
+fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String>) -> Response {
+    let base = match base_url(api, host) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let machine = match Machine::from_query(query) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let (group, profile) = match api.catalog.select(&machine) {
+        Ok(found) => found,
+        Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
+    };
+    let Some(image) = api.images.get(&profile.image) else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image),
+        );
+    };
+    tracing::info!(mac = ?machine.mac.map(|m| m.to_string()), group = %group.id, profile = %profile.id, image = %image.name, "boot script");
+    ipxe_reply(boot_script(image, &profile.kernel_args, machine.mac, &BootParams { base_url: &base, token: &api.bootstrap_token }))
+}
+
+fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
+    let base = match base_url(api, host) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let machine = match Machine::from_query(&BTreeMap::from([("mac".to_string(), mac.to_string())])) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let (_, profile) = match api.catalog.select(&machine) {
+        Ok(found) => found,
+        Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
+    };
+    let Some(image) = api.images.get(&profile.image) else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image),
+        );
+    };
+    let seed = match api.catalog.seed(profile, image, &machine, &ServerParams { base_url: &base, token: &api.bootstrap_token }) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+        }
+    };
+    match seed.file(file) {
+        Some(text) => warp::reply::with_header(text, "content-type", "text/plain; charset=utf-8").into_response(),
+        None => error(StatusCode::NOT_FOUND, &format!("no NoCloud file {file:?}: meta-data, user-data, network-config or vendor-data")),
+    }
 }
 
 /// Turns warp's rejections into JSON errors with the right status.
@@ -192,9 +295,11 @@ mod tests {
         };
         std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
         let store = FileStore::open(&dir.join("nodes.json")).unwrap();
+        let images = Arc::new(ImageStore::load(&images).unwrap());
         Arc::new(Api {
             registry: Arc::new(Registry::open(Arc::new(store)).unwrap()),
-            images: Arc::new(ImageStore::load(&images).unwrap()),
+            catalog: Arc::new(Catalog::builtin(&images)),
+            images,
             bootstrap_token: "boot".into(),
             advertise: None,
         })
@@ -284,15 +389,67 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn boot_script_uses_host() {
+    async fn boot_chain_and_seeds() {
         let dir = tempfile::tempdir().unwrap();
         let routes = routes(api(dir.path())).recover(recover);
-        let resp = warp::test::request().path("/boot.ipxe").header("host", "10.0.2.2:8080").reply(&routes).await;
+        let get = |path: &str| warp::test::request().path(path).header("host", "10.0.2.2:8080");
+        let resp = get("/boot.ipxe").reply(&routes).await;
+        assert_eq!(resp.status(), 200);
+        let text = String::from_utf8_lossy(resp.body());
+        assert!(text.contains("chain --autofree http://10.0.2.2:8080/ipxe?mac=${mac:hexhyp}"), "{text}");
+
+        let resp = get("/ipxe?mac=52-54-00-ab-cd-ef&uuid=&arch=x86_64").reply(&routes).await;
         assert_eq!(resp.status(), 200);
         let text = String::from_utf8_lossy(resp.body());
         assert!(text.contains("kernel http://10.0.2.2:8080/images/tiny/vmlinuz"), "{text}");
         assert!(text.contains("kiln.token=boot"), "{text}");
+        assert!(text.contains("ds=nocloud;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/"), "{text}");
+
+        let resp = get("/ipxe?mac=nonsense").reply(&routes).await;
+        assert_eq!(resp.status(), 400, "a bad MAC is the client's fault");
+
+        for (file, want) in [("meta-data", "local-hostname"), ("user-data", "#cloud-config"), ("vendor-data", "")] {
+            let resp = get(&format!("/cloud-init/52:54:00:AB:CD:EF/{file}")).reply(&routes).await;
+            assert_eq!(resp.status(), 200, "{file}");
+            assert!(String::from_utf8_lossy(resp.body()).contains(want), "{file}");
+        }
+        let resp = get("/cloud-init/52-54-00-ab-cd-ef/passwords").reply(&routes).await;
+        assert_eq!(resp.status(), 404);
+
+        let resp = get("/api/v1/profiles").reply(&routes).await;
+        let profiles: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(profiles[0]["id"], "default");
+        assert_eq!(profiles[0]["image"], "tiny");
+
         let resp = warp::test::request().path("/nope").reply(&routes).await;
         assert_eq!(resp.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn unknown_machine_without_default_group_is_404_with_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = api(dir.path());
+        let cat = dir.path().join("cat");
+        std::fs::create_dir_all(cat.join("profiles")).unwrap();
+        std::fs::create_dir_all(cat.join("groups")).unwrap();
+        std::fs::write(cat.join("profiles/p.toml"), "image = \"tiny\"\nuser-data = \"{{ labels.missing }}\"\n").unwrap();
+        std::fs::write(cat.join("groups/one.toml"), "profile = \"p\"\n[selector]\nmac = \"52:54:00:00:00:01\"\n").unwrap();
+        let api = Arc::new(Api {
+            registry: base.registry.clone(),
+            images: base.images.clone(),
+            catalog: Arc::new(Catalog::load(&cat, &base.images).unwrap()),
+            bootstrap_token: "boot".into(),
+            advertise: Some("http://kiln.example:8080".into()),
+        });
+        let routes = routes(api).recover(recover);
+        let resp = warp::test::request().path("/ipxe?mac=52-54-00-00-00-02").reply(&routes).await;
+        assert_eq!(resp.status(), 404);
+        let text = String::from_utf8_lossy(resp.body());
+        assert!(text.contains("no group matches") && text.contains("52:54:00:00:00:02"), "{text}");
+        let resp = warp::test::request().path("/ipxe?mac=52-54-00-00-00-01").reply(&routes).await;
+        assert!(String::from_utf8_lossy(resp.body()).contains("kiln.server=http://kiln.example:8080 "), "--advertise wins over Host");
+        let resp = warp::test::request().path("/cloud-init/52-54-00-00-00-01/user-data").reply(&routes).await;
+        assert_eq!(resp.status(), 500, "a template error is the server's");
+        assert!(String::from_utf8_lossy(resp.body()).contains("profile `p`"), "names the profile");
     }
 }

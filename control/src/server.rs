@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_pxe::ImageStore;
+use kiln_pxe::profile::Catalog;
 use warp::Filter;
 
 use crate::api::{self, Api};
@@ -26,6 +27,9 @@ pub struct ServerConfig {
     /// Base URL that booting nodes use to reach this server (default: the
     /// `Host` of each iPXE request).
     pub advertise: Option<String>,
+    /// Directory of profiles and groups (default: one profile booting the
+    /// first image, for every machine).
+    pub profiles: Option<PathBuf>,
 }
 
 /// Starting the server failed.
@@ -43,6 +47,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The profiles and groups are not valid.
+    #[error("loading profiles")]
+    Profiles(#[from] kiln_pxe::profile::Error),
     /// The registry could not be opened.
     #[error("opening the registry")]
     Store(#[from] crate::store::Error),
@@ -75,6 +82,10 @@ impl Server {
     /// Loads images and state, binds, and starts serving in a task.
     pub async fn start(config: ServerConfig) -> Result<Server, Error> {
         let images = Arc::new(ImageStore::load(&config.images)?);
+        let catalog = Arc::new(match &config.profiles {
+            Some(dir) => Catalog::load(dir, &images)?,
+            None => Catalog::builtin(&images),
+        });
         std::fs::create_dir_all(&config.state).map_err(|source| Error::State { path: config.state.clone(), source })?;
         let token_path = config.state.join("bootstrap-token");
         let bootstrap_token = token::load_or_create_bootstrap(&token_path).map_err(|source| Error::State { path: token_path, source })?;
@@ -83,6 +94,7 @@ impl Server {
         let api = Arc::new(Api {
             registry: registry.clone(),
             images: images.clone(),
+            catalog: catalog.clone(),
             bootstrap_token: bootstrap_token.clone(),
             advertise: config.advertise.clone(),
         });
@@ -106,6 +118,7 @@ impl Server {
         for image in images.images() {
             tracing::info!(image = %image.name, digest = %image.digest, "serving image");
         }
+        tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
         Ok(Server { addr, bootstrap_token, images, registry, stop, task })
     }

@@ -222,9 +222,11 @@ mod tests {
             }
             assert_eq!(resp.headers().get("content-range").map(|v| v.to_str().unwrap()), *content_range, "case {case}");
         }
-        let resp = warp::test::request().path("/images/tiny/vmlinuz").header("range", "bytes=0-5").header("if-range", &etag).reply(&api).await;
+        let resp =
+            warp::test::request().path("/images/tiny/vmlinuz").header("range", "bytes=0-5").header("if-range", &etag).reply(&api).await;
         assert_eq!(resp.status(), 206, "If-Range with the current ETag keeps the range");
-        let resp = warp::test::request().path("/images/tiny/vmlinuz").header("range", "bytes=0-5").header("if-range", "\"old\"").reply(&api).await;
+        let resp =
+            warp::test::request().path("/images/tiny/vmlinuz").header("range", "bytes=0-5").header("if-range", "\"old\"").reply(&api).await;
         assert_eq!(resp.status(), 200, "If-Range with another ETag sends the whole file");
         assert_eq!(resp.body().as_ref(), b"kernel-bytes");
 

@@ -1,6 +1,17 @@
 //! iPXE scripts.
+//!
+//! `/boot.ipxe` is a bootstrap every machine can fetch: it chains to
+//! `/ipxe?mac=${mac:hexhyp}&uuid=${uuid}&arch=${buildarch}&...`, filled in
+//! by iPXE itself, so the server can pick the machine's profile. The
+//! profile's script loads the image's kernel and initrd with the kernel
+//! arguments the node needs to join. Each download is retried after a pause
+//! when it fails, as iPXE users expect, instead of falling out to the next
+//! boot device.
 
-use kiln_core::Manifest;
+use kiln_core::{Mac, Manifest};
+
+/// Seconds iPXE waits before retrying a failed download.
+pub const RETRY_SECS: u32 = 3;
 
 /// What a booting node is told on its kernel command line.
 #[derive(Debug, Clone)]
@@ -11,23 +22,58 @@ pub struct BootParams<'a> {
     pub token: &'a str,
 }
 
-/// The script that boots `image`: its kernel with the image's own arguments
-/// plus `kiln.server`, `kiln.token` and `kiln.image_digest`, and its initrd.
-/// `initrd=` names the initrd for kernels started by UEFI's EFI stub.
-pub fn boot_script(image: &Manifest, params: &BootParams<'_>) -> String {
+/// The bootstrap script served at `/boot.ipxe` (BIOS and UEFI alike): it
+/// asks `/ipxe` for this machine's script, with iPXE's own settings.
+pub fn bootstrap_script(base_url: &str) -> String {
+    let base = base_url.trim_end_matches('/');
+    format!(
+        "#!ipxe\n\
+         :retry\n\
+         chain --autofree {base}/ipxe?mac=${{mac:hexhyp}}&uuid=${{uuid}}&arch=${{buildarch}}&platform=${{platform}}&serial=${{serial}}&hostname=${{hostname}} || goto failed\n\
+         :failed\n\
+         echo kiln: could not fetch this machine's boot script, retrying in {RETRY_SECS} s\n\
+         sleep {RETRY_SECS}\n\
+         goto retry\n"
+    )
+}
+
+/// The script that boots `image`: its kernel with the image's own
+/// arguments, `extra_args` (the profile's), and `kiln.server`, `kiln.token`,
+/// `kiln.image_digest`; with `mac`, also the NoCloud seed URL
+/// `ds=nocloud;s=BASE/cloud-init/MAC/`. `initrd=` names the initrd for
+/// kernels started by UEFI's EFI stub.
+pub fn boot_script(image: &Manifest, extra_args: &[String], mac: Option<Mac>, params: &BootParams<'_>) -> String {
     let base = params.base_url.trim_end_matches('/');
     let url = |file: &str| format!("{base}/images/{}/{file}", image.name);
     let mut args = vec![format!("initrd={}", image.boot.initrd)];
     args.extend(image.boot.cmdline.iter().cloned());
+    args.extend(extra_args.iter().cloned());
     args.push(format!("{}={base}", kiln_core::CMDLINE_SERVER));
     args.push(format!("{}={}", kiln_core::CMDLINE_TOKEN, params.token));
     args.push(format!("{}={}", kiln_core::CMDLINE_IMAGE_DIGEST, image.digest));
+    if let Some(mac) = mac {
+        args.push(format!("ds=nocloud;s={base}/cloud-init/{}/", mac.hyphenated()));
+    }
     format!(
         "#!ipxe\n\
          echo kiln: booting {name} {digest}\n\
-         kernel {kernel} {args}\n\
-         initrd {initrd}\n\
-         boot\n",
+         :kernel\n\
+         kernel {kernel} {args} || goto kernel_failed\n\
+         :initrd\n\
+         initrd {initrd} || goto initrd_failed\n\
+         boot || goto boot_failed\n\
+         :kernel_failed\n\
+         echo kiln: kernel download failed, retrying in {RETRY_SECS} s\n\
+         sleep {RETRY_SECS}\n\
+         goto kernel\n\
+         :initrd_failed\n\
+         echo kiln: initrd download failed, retrying in {RETRY_SECS} s\n\
+         sleep {RETRY_SECS}\n\
+         goto initrd\n\
+         :boot_failed\n\
+         echo kiln: boot failed, starting over in {RETRY_SECS} s\n\
+         sleep {RETRY_SECS}\n\
+         goto kernel\n",
         name = image.name,
         digest = image.digest,
         kernel = url(&image.boot.kernel),
@@ -41,16 +87,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bootstrap_chains_with_ipxe_settings_and_retries() {
+        let s = bootstrap_script("http://10.0.2.2:8080/");
+        assert!(s.starts_with("#!ipxe\n"));
+        assert!(s.contains("chain --autofree http://10.0.2.2:8080/ipxe?mac=${mac:hexhyp}&uuid=${uuid}&arch=${buildarch}&"), "{s}");
+        assert!(s.contains("|| goto failed") && s.contains("sleep 3\ngoto retry\n"), "{s}");
+    }
+
+    #[test]
     fn script_carries_what_the_agent_needs() {
         let dir = tempfile::tempdir().unwrap();
         let m = crate::store::tests::write_image(dir.path(), "tiny");
-        let s = boot_script(&m, &BootParams { base_url: "http://10.0.2.2:8080/", token: "tok" });
+        let mac = "52:54:00:ab:cd:ef".parse().ok();
+        let s = boot_script(&m, &["quiet".into()], mac, &BootParams { base_url: "http://10.0.2.2:8080/", token: "tok" });
         assert!(s.starts_with("#!ipxe\n"));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
-        assert!(kernel.starts_with("kernel http://10.0.2.2:8080/images/tiny/vmlinuz initrd=initrd.img console=ttyS0 "), "{kernel}");
-        assert!(kernel.contains(" kiln.server=http://10.0.2.2:8080 "), "{kernel}");
-        assert!(kernel.contains(" kiln.token=tok "), "{kernel}");
-        assert!(kernel.ends_with(&format!(" kiln.image_digest={}", m.digest)), "{kernel}");
-        assert!(s.contains("\ninitrd http://10.0.2.2:8080/images/tiny/initrd.img\nboot\n"), "{s}");
+        assert!(kernel.starts_with("kernel http://10.0.2.2:8080/images/tiny/vmlinuz initrd=initrd.img console=ttyS0 quiet "), "{kernel}");
+        for want in [
+            " kiln.server=http://10.0.2.2:8080 ",
+            " kiln.token=tok ",
+            &format!(" kiln.image_digest={} ", m.digest),
+            " ds=nocloud;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/ ",
+        ] {
+            assert!(kernel.contains(want), "{kernel} lacks {want:?}");
+        }
+        assert!(kernel.ends_with(" || goto kernel_failed"), "{kernel}");
+        assert!(
+            s.contains("\ninitrd http://10.0.2.2:8080/images/tiny/initrd.img || goto initrd_failed\nboot || goto boot_failed\n"),
+            "{s}"
+        );
+        assert!(s.contains(":kernel_failed\necho kiln: kernel download failed, retrying in 3 s\nsleep 3\ngoto kernel\n"), "{s}");
     }
 }

@@ -9,11 +9,18 @@
 //! - [`ipxe`] renders the iPXE script that loads an image's kernel and initrd
 //!   and passes the node what it needs to join (`kiln.server`, `kiln.token`,
 //!   `kiln.image_digest`).
+//! - [`tftp`] serves a directory read-only over TFTP (blksize, tsize,
+//!   timeout, windowsize), for the iPXE binaries a PXE ROM loads first.
+//! - [`dhcp`] answers PXE clients as a proxyDHCP server beside the
+//!   network's own DHCP server: boot file by architecture, never an address.
 //!
 //! TFTP, proxyDHCP and profile matching join this crate as modules of their own.
 
 pub mod artifacts;
+pub mod dhcp;
 pub mod ipxe;
+pub mod profile;
 pub mod store;
+pub mod tftp;
 
 pub use store::{Error, ImageStore};

@@ -52,13 +52,11 @@ fn build_serve_pxe_boot_register() {
 
     // What iPXE will fetch: the script, then the artifacts it names.
     let client = reqwest::blocking::Client::new();
-    let script = client
-        .get(format!("{}/boot.ipxe", server.url))
-        .header("host", format!("10.0.2.2:{}", server.port()))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let host = format!("10.0.2.2:{}", server.port());
+    let fetch = |path: &str| client.get(format!("{}{path}", server.url)).header("host", &host).send().unwrap().text().unwrap();
+    let bootstrap = fetch("/boot.ipxe");
+    assert!(bootstrap.contains(&format!("chain --autofree http://{host}/ipxe?mac=${{mac:hexhyp}}")), "{bootstrap}");
+    let script = fetch("/ipxe?mac=52-54-00-4b-00-01&arch=x86_64");
     assert!(script.contains(&format!("kiln.token={token}")), "{script}");
     assert!(script.contains(&format!("kiln.image_digest={}", manifest.digest)), "{script}");
     assert!(script.contains(&format!("kiln.server=http://10.0.2.2:{}", server.port())), "{script}");
