@@ -131,6 +131,21 @@ pub fn addresses() -> Vec<IpAddr> {
     out
 }
 
+/// Where Prometheus should scrape this node, given where metrics listen:
+/// that address when it is a specific one; else the node's first IPv4
+/// address with the port, or `None` when that is what the control plane
+/// assumes anyway (first address, port 9100).
+pub fn metrics_endpoint(listen: std::net::SocketAddr, addresses: &[IpAddr]) -> Option<String> {
+    if !listen.ip().is_unspecified() {
+        return Some(listen.to_string());
+    }
+    if listen.port() == kiln_core::node::METRICS_PORT {
+        return None;
+    }
+    let ip = addresses.iter().find(|a| a.is_ipv4()).or(addresses.first())?;
+    Some(std::net::SocketAddr::new(*ip, listen.port()).to_string())
+}
+
 /// Everything the agent registers with. `image_digest` comes from the
 /// kernel command line (the server that booted the node put it there).
 pub fn gather(roots: &Roots, image_digest: &str) -> Result<RegisterRequest, Error> {
@@ -201,6 +216,19 @@ mod tests {
         let random = machine_id(&roots).unwrap();
         assert!(is_machine_id(&random));
         assert_eq!(machine_id(&roots).unwrap(), random, "a generated id is kept");
+    }
+
+    #[test]
+    fn metrics_endpoints() {
+        let addrs: Vec<IpAddr> = vec!["fe80::1".parse().unwrap(), "10.0.2.15".parse().unwrap()];
+        for (listen, want) in [
+            ("127.0.0.1:9200", Some("127.0.0.1:9200")),
+            ("0.0.0.0:9100", None),
+            ("0.0.0.0:9200", Some("10.0.2.15:9200")),
+            ("[::]:9200", Some("10.0.2.15:9200")),
+        ] {
+            assert_eq!(metrics_endpoint(listen.parse().unwrap(), &addrs).as_deref(), want, "listen {listen}");
+        }
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! them at fixtures.
 //!
 //! Modules: [`identity`] reads the node's facts; [`register`] talks to the
-//! control plane. A new duty (flannel, metrics) is a module with its own loop,
-//! started from `main.rs`.
+//! control plane; [`metrics`] exports node_exporter-compatible metrics on
+//! `/metrics` (`:9100` by default, or alone with `kiln-agent metrics`). A new
+//! duty (flannel) is a module with its own loop, started from `main.rs`.
 
 pub mod identity;
+pub mod metrics;
 pub mod register;
 
 use std::path::PathBuf;

@@ -1,17 +1,36 @@
-//! kiln-agent: registers this node with the kiln control plane and heartbeats.
+//! kiln-agent: registers this node with the kiln control plane, heartbeats,
+//! and serves node metrics; `kiln-agent metrics` serves only the metrics.
 //! See the library's docs for what it does; this file parses flags and starts it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::Parser;
-use kiln_agent::{Roots, identity, register};
+use clap::{Args, Parser, Subcommand};
+use kiln_agent::{Roots, identity, metrics, register};
 use kiln_core::KernelCmdline;
 
-/// Registers this node with the kiln control plane and keeps it registered.
+/// Registers this node with the kiln control plane, keeps it registered and
+/// serves its metrics (node_exporter's names) on `--metrics-listen`.
 #[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve only `/metrics` (no registration): node_exporter's metrics for this host.
+    Metrics(MetricsArgs),
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
     /// Control plane base URL (default: `kiln.server=` on the kernel command line).
     #[arg(long)]
     server: Option<String>,
@@ -21,18 +40,70 @@ struct Args {
     /// The kernel command line to read.
     #[arg(long, default_value = "/proc/cmdline")]
     cmdline: PathBuf,
-    /// Root of procfs.
-    #[arg(long, default_value = "/proc")]
-    proc: PathBuf,
-    /// Root of sysfs.
-    #[arg(long, default_value = "/sys")]
-    sys: PathBuf,
     /// The machine-id file.
     #[arg(long, default_value = "/etc/machine-id")]
     machine_id: PathBuf,
     /// CA certificate(s) (PEM) of an https:// control plane; read if it exists.
     #[arg(long, default_value = "/etc/kiln/ca.pem")]
     ca: PathBuf,
+    /// Where to serve `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:9100")]
+    metrics_listen: SocketAddr,
+    /// Do not serve metrics.
+    #[arg(long)]
+    no_metrics: bool,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(Args, Debug)]
+struct MetricsArgs {
+    /// Where to serve `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:9100")]
+    listen: SocketAddr,
+    /// Collectors to run, comma-separated (default: all of them).
+    #[arg(long, value_delimiter = ',')]
+    collectors: Option<Vec<String>>,
+    /// Time limit of one collector, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    collector_timeout: f64,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(Args, Debug)]
+struct HostArgs {
+    /// Root of procfs.
+    #[arg(long, default_value = "/proc")]
+    proc: PathBuf,
+    /// Root of sysfs.
+    #[arg(long, default_value = "/sys")]
+    sys: PathBuf,
+    /// The host's root filesystem (mount points are statted below it; os-release, localtime read from it).
+    #[arg(long, default_value = "/")]
+    rootfs: PathBuf,
+    /// The mount table (default: PROC/1/mounts, else PROC/mounts).
+    #[arg(long)]
+    mounts: Option<PathBuf>,
+    /// udev's database, for disk labels.
+    #[arg(long, default_value = "/run/udev/data")]
+    udev_data: PathBuf,
+    /// Directory of `*.prom` files for the textfile collector.
+    #[arg(long, default_value = "/var/lib/prometheus/node-exporter")]
+    textfile_dir: PathBuf,
+}
+
+impl HostArgs {
+    fn metrics_roots(&self) -> metrics::Roots {
+        metrics::Roots {
+            proc: self.proc.clone(),
+            sys: self.sys.clone(),
+            rootfs: self.rootfs.clone(),
+            mounts: self.mounts.clone(),
+            udev_data: self.udev_data.clone(),
+            textfile_dir: Some(self.textfile_dir.clone()),
+        }
+    }
 }
 
 fn init_logging() {
@@ -50,9 +121,42 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
     init_logging();
-    let roots = Roots { proc: args.proc, sys: args.sys, machine_id: args.machine_id, cmdline: args.cmdline };
+    match cli.command {
+        Some(Command::Metrics(args)) => metrics_only(args),
+        None => agent(cli.agent),
+    }
+}
+
+fn metrics_only(args: MetricsArgs) -> ExitCode {
+    let collectors = match metrics::collectors(args.collectors.as_deref()) {
+        Ok(c) => c,
+        Err(unknown) => {
+            log::error!("unknown collector {unknown:?}; known: {}", metrics::NAMES.join(","));
+            return ExitCode::FAILURE;
+        }
+    };
+    let limits = metrics::Limits { collector: Duration::from_secs_f64(args.collector_timeout.max(0.001)), ..Default::default() };
+    let exporter = Arc::new(metrics::Exporter::new(args.host.metrics_roots(), collectors, limits));
+    let runtime = metrics::serve::runtime().expect("a tokio runtime starts");
+    runtime.block_on(async {
+        let listener = match metrics::serve::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("{}", register::chain(&e));
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+        log::info!("metrics: listening on {addr}");
+        metrics::serve::serve(listener, exporter).await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn agent(args: AgentArgs) -> ExitCode {
+    let roots = Roots { proc: args.host.proc.clone(), sys: args.host.sys.clone(), machine_id: args.machine_id, cmdline: args.cmdline };
     let cmdline = match std::fs::read_to_string(&roots.cmdline) {
         Ok(text) => KernelCmdline::parse(&text),
         Err(e) => {
@@ -74,6 +178,19 @@ fn main() -> ExitCode {
     let image_digest = cmdline.get(kiln_core::CMDLINE_IMAGE_DIGEST).unwrap_or_default().to_string();
     log::info!("kiln-agent {} starting; control plane {server}", env!("CARGO_PKG_VERSION"));
 
+    let mut metrics_addr = None;
+    if !args.no_metrics {
+        let exporter = Arc::new(metrics::Exporter::new(args.host.metrics_roots(), metrics::all(), metrics::Limits::default()));
+        // Metrics are a side duty: a taken port is logged, registration goes on.
+        match metrics::serve::spawn(args.metrics_listen, exporter) {
+            Ok(addr) => {
+                log::info!("metrics: listening on {addr}");
+                metrics_addr = Some(addr);
+            }
+            Err(e) => log::error!("metrics: {}", register::chain(&e)),
+        }
+    }
+
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
     let ca = std::fs::read(&args.ca).ok();
     let client = match register::Client::new(&server, &token, ca.as_deref()) {
@@ -88,7 +205,10 @@ fn main() -> ExitCode {
             .run(|| {
                 loop {
                     match identity::gather(&roots, &image_digest) {
-                        Ok(req) => return req,
+                        Ok(mut req) => {
+                            req.metrics = metrics_addr.and_then(|a| identity::metrics_endpoint(a, &req.addresses));
+                            return req;
+                        }
                         Err(e) => {
                             log::error!("reading this node's identity: {}", register::chain(&e));
                             std::thread::sleep(std::time::Duration::from_secs(2));

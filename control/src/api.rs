@@ -77,8 +77,8 @@ pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejec
     let boot =
         warp::path!("boot.ipxe").and(warp::get()).and(with()).and(host()).map(|api: Arc<Api>, host: Option<String>| {
             match base_url(&api, host.as_deref()) {
-                Ok(base) => ipxe_reply(bootstrap_script(&base)),
-                Err(resp) => resp,
+                Some(base) => ipxe_reply(bootstrap_script(&base)),
+                None => no_base_url(),
             }
         });
     let ipxe = warp::path!("ipxe")
@@ -178,13 +178,17 @@ fn heartbeat(api: &Api, auth: Option<&str>) -> Response {
 }
 
 /// The server's base URL as the machine reaches it: `--advertise`, else the
-/// request's `Host`.
-fn base_url(api: &Api, host: Option<&str>) -> Result<String, Response> {
+/// request's `Host`; `None` when neither is known.
+fn base_url(api: &Api, host: Option<&str>) -> Option<String> {
     match (&api.advertise, host) {
-        (Some(url), _) => Ok(url.trim_end_matches('/').to_string()),
-        (None, Some(host)) => Ok(format!("http://{host}")),
-        (None, None) => Err(error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL")),
+        (Some(url), _) => Some(url.trim_end_matches('/').to_string()),
+        (None, Some(host)) => Some(format!("http://{host}")),
+        (None, None) => None,
     }
+}
+
+fn no_base_url() -> Response {
+    error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL")
 }
 
 fn ipxe_reply(script: String) -> Response {
@@ -192,10 +196,7 @@ fn ipxe_reply(script: String) -> Response {
 }
 
 fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String>) -> Response {
-    let base = match base_url(api, host) {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
+    let Some(base) = base_url(api, host) else { return no_base_url() };
     let machine = match Machine::from_query(query) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
@@ -215,10 +216,7 @@ fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String
 }
 
 fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
-    let base = match base_url(api, host) {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
+    let Some(base) = base_url(api, host) else { return no_base_url() };
     let machine = match Machine::from_query(&BTreeMap::from([("mac".to_string(), mac.to_string())])) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),

@@ -424,6 +424,11 @@ mod tests {
         m
     }
 
+    /// Name, request, and the reply's message type and boot file (`None`: ignored).
+    type RespondCase = (&'static str, Message, Option<(MessageType, &'static str)>);
+    /// Name, packet, source, whether it came to port 4011, where the reply goes.
+    type HandleCase<'a> = (&'static str, &'a [u8], SocketAddr, bool, Option<SocketAddr>);
+
     const PXE_BIOS: &[u8] = b"PXEClient:Arch:00000:UNDI:002001";
     const PXE_EFI: &[u8] = b"PXEClient:Arch:00007:UNDI:003016";
 
@@ -431,7 +436,7 @@ mod tests {
     fn answers_pxe_clients_by_architecture() {
         use MessageType::*;
         let url = "http://192.0.2.1:8080/boot.ipxe";
-        let cases: Vec<(&str, Message, Option<(MessageType, &str)>)> = vec![
+        let cases: Vec<RespondCase> = vec![
             ("BIOS discover", client(Discover, Some(PXE_BIOS), Some(0), None), Some((Offer, "undionly.kpxe"))),
             ("no option 93 is BIOS", client(Discover, Some(b"PXEClient"), None, None), Some((Offer, "undionly.kpxe"))),
             ("EFI BC (7)", client(Discover, Some(PXE_EFI), Some(7), None), Some((Offer, "ipxe.efi"))),
@@ -530,7 +535,7 @@ mod tests {
         let truncated = discover[..100].to_vec();
         let mut long_hlen = discover.clone();
         long_hlen[2] = 17;
-        let cases: Vec<(&str, &[u8], SocketAddr, bool, Option<SocketAddr>)> = vec![
+        let cases: Vec<HandleCase> = vec![
             ("discover on 67 is broadcast", &discover, from_client, false, Some("255.255.255.255:68".parse().unwrap())),
             ("relayed discover goes to the relay", &relayed, from_client, false, Some("192.0.2.254:67".parse().unwrap())),
             ("request on 4011 is unicast back", &request, from_leased, true, Some(from_leased)),

@@ -477,7 +477,9 @@ mod tests {
     fn most_selectors_win_ties_by_name_default_last() {
         let (dir, images) = setup();
         let cat = Catalog::load(&dir.path().join("cat"), &images).unwrap();
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        // (case, query, group chosen)
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             ("nothing known: default", &[], "default"),
             ("one label", &[("rack", "a1")], "rack-a1"),
             ("label and MAC in another spelling", &[("rack", "a1"), ("mac", "52:54:00:aa:00:01")], "a1-node"),
@@ -502,7 +504,9 @@ mod tests {
 
     #[test]
     fn load_refuses_bad_catalogs_naming_what_is_wrong() {
-        let cases: &[(&str, &str, &str, &[&str])] = &[
+        // (case, file, contents, what the error must mention)
+        type Case<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
+        let cases: &[Case] = &[
             ("missing image", "cat/profiles/ghost.toml", "image = \"ghost\"\n", &["ghost", "tiny, worker"]),
             ("missing profile", "cat/groups/g.toml", "profile = \"nope\"\n", &["group `g`", "`nope`"]),
             ("unknown key", "cat/profiles/p.toml", "image = \"tiny\"\nkernel_args = []\n", &["p.toml", "kernel_args"]),

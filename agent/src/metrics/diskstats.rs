@@ -1,0 +1,158 @@
+//! The `diskstats` collector: `proc/diskstats` per block device (minus
+//! node_exporter's default device exclude), and `node_disk_info` with the
+//! labels udev's database knows.
+
+use std::collections::HashMap;
+
+use regex::Regex;
+
+use super::{Collector, Error, Kind, MetricSet, Roots, read};
+
+/// node_exporter 1.5.0's default `--collector.diskstats.device-exclude`.
+pub const DISKSTATS_DEVICE_EXCLUDE: &str = r"^(ram|loop|fd|(h|s|v|xv)d[a-z]|nvme\d+n\d+p)\d+$";
+
+const SECONDS_PER_TICK: f64 = 1.0 / 1000.0;
+const SECTOR: f64 = 512.0;
+
+/// (name, HELP, type, scale) of each `proc/diskstats` column after the device name.
+const COLUMNS: [(&str, &str, Kind, f64); 17] = [
+    ("reads_completed_total", "The total number of reads completed successfully.", Kind::Counter, 1.0),
+    ("reads_merged_total", "The total number of reads merged.", Kind::Counter, 1.0),
+    ("read_bytes_total", "The total number of bytes read successfully.", Kind::Counter, SECTOR),
+    ("read_time_seconds_total", "The total number of seconds spent by all reads.", Kind::Counter, SECONDS_PER_TICK),
+    ("writes_completed_total", "The total number of writes completed successfully.", Kind::Counter, 1.0),
+    ("writes_merged_total", "The number of writes merged.", Kind::Counter, 1.0),
+    ("written_bytes_total", "The total number of bytes written successfully.", Kind::Counter, SECTOR),
+    ("write_time_seconds_total", "This is the total number of seconds spent by all writes.", Kind::Counter, SECONDS_PER_TICK),
+    ("io_now", "The number of I/Os currently in progress.", Kind::Gauge, 1.0),
+    ("io_time_seconds_total", "Total seconds spent doing I/Os.", Kind::Counter, SECONDS_PER_TICK),
+    ("io_time_weighted_seconds_total", "The weighted # of seconds spent doing I/Os.", Kind::Counter, SECONDS_PER_TICK),
+    ("discards_completed_total", "The total number of discards completed successfully.", Kind::Counter, 1.0),
+    ("discards_merged_total", "The total number of discards merged.", Kind::Counter, 1.0),
+    ("discarded_sectors_total", "The total number of sectors discarded successfully.", Kind::Counter, 1.0),
+    ("discard_time_seconds_total", "This is the total number of seconds spent by all discards.", Kind::Counter, SECONDS_PER_TICK),
+    ("flush_requests_total", "The total number of flush requests completed successfully", Kind::Counter, 1.0),
+    (
+        "flush_requests_time_seconds_total",
+        "This is the total number of seconds spent by all flush requests.",
+        Kind::Counter,
+        SECONDS_PER_TICK,
+    ),
+];
+
+/// `node_disk_*{device}`.
+pub struct Diskstats {
+    exclude: Regex,
+}
+
+impl Default for Diskstats {
+    fn default() -> Self {
+        Diskstats { exclude: Regex::new(DISKSTATS_DEVICE_EXCLUDE).expect("a valid pattern") }
+    }
+}
+
+/// `E:KEY=value` lines of udev's record for a block device.
+fn udev(roots: &Roots, major: &str, minor: &str) -> HashMap<String, String> {
+    let Ok(text) = read(&roots.udev_data.join(format!("b{major}:{minor}"))) else { return HashMap::new() };
+    text.lines()
+        .filter_map(|l| l.strip_prefix("E:"))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Collector for Diskstats {
+    fn name(&self) -> &'static str {
+        "diskstats"
+    }
+
+    fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
+        let path = roots.proc.join("diskstats");
+        let text = read(&path)?;
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.is_empty() {
+                continue;
+            }
+            if f.len() < 14 {
+                return Err(Error::parse(&path, format!("{} fields in {line:?}, want at least 14", f.len())));
+            }
+            let (major, minor, dev) = (f[0], f[1], f[2]);
+            let values: Vec<u64> = f[3..]
+                .iter()
+                .map(|v| v.parse::<u64>().map_err(|_| Error::parse(&path, format!("{dev}: not a counter: {v:?}"))))
+                .collect::<Result<_, _>>()?;
+            if major.parse::<u32>().is_err() || minor.parse::<u32>().is_err() {
+                return Err(Error::parse(&path, format!("bad device numbers in {line:?}")));
+            }
+            if self.exclude.is_match(dev) {
+                continue;
+            }
+            let info = udev(roots, major, minor);
+            let get = |k: &str| info.get(k).map(String::as_str).unwrap_or("");
+            let serial = if get("ID_SERIAL_SHORT").is_empty() { get("SCSI_IDENT_SERIAL") } else { get("ID_SERIAL_SHORT") };
+            out.add(
+                "node_disk_info",
+                "Info of /sys/block/<block_device>.",
+                Kind::Gauge,
+                &[
+                    ("device", dev),
+                    ("major", major),
+                    ("minor", minor),
+                    ("path", get("ID_PATH")),
+                    ("wwn", get("ID_WWN")),
+                    ("model", get("ID_MODEL")),
+                    ("serial", serial),
+                    ("revision", get("ID_REVISION")),
+                ],
+                1.0,
+            );
+            for ((name, help, kind, scale), v) in COLUMNS.iter().zip(&values) {
+                out.add(&format!("node_disk_{name}"), help, *kind, &[("device", dev)], *v as f64 * scale);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases() {
+        let real = " 254       0 vda 163738 12380 11308610 388498 23987 45069 10269784 28845 0 24016 418957 10129 54 1008792 1435 2955 178\n 254       1 vda1 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17\n   7       0 loop0 0 0 0 0 0 0 0 0 0 0 0\n";
+        for (case, text, ok) in [
+            ("real layout", real, true),
+            ("short line", " 254 0 vda 1 2 3\n", false),
+            ("garbage counter", " 254 0 vda 1 2 3 4 5 6 7 8 9 10 zz\n", false),
+            ("garbage device numbers", " x y vda 1 2 3 4 5 6 7 8 9 10 11\n", false),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("diskstats"), text).unwrap();
+            let udev_data = dir.path().join("udev");
+            std::fs::create_dir_all(&udev_data).unwrap();
+            std::fs::write(udev_data.join("b254:0"), "S:disk/by-path/x\nE:ID_PATH=pci-0000:00:05.0\nE:ID_SERIAL_SHORT=abc\n").unwrap();
+            let roots = Roots { proc: dir.path().into(), udev_data, ..Roots::default() };
+            let mut set = MetricSet::default();
+            assert_eq!(Diskstats::default().collect(&roots, &mut set).is_ok(), ok, "{case}");
+            if ok {
+                assert_eq!(set.value("node_disk_io_time_seconds_total", &[("device", "vda")]), Some(24.016000000000002), "{case}");
+                assert_eq!(set.value("node_disk_read_bytes_total", &[("device", "vda")]), Some(11308610.0 * 512.0), "{case}");
+                assert_eq!(set.value("node_disk_reads_completed_total", &[("device", "vda1")]), None, "{case}: partition excluded");
+                assert_eq!(set.value("node_disk_reads_completed_total", &[("device", "loop0")]), None, "{case}: loop excluded");
+                let info = [
+                    ("device", "vda"),
+                    ("major", "254"),
+                    ("minor", "0"),
+                    ("path", "pci-0000:00:05.0"),
+                    ("wwn", ""),
+                    ("model", ""),
+                    ("serial", "abc"),
+                    ("revision", ""),
+                ];
+                assert_eq!(set.value("node_disk_info", &info), Some(1.0), "{case}: udev labels");
+            }
+        }
+    }
+}

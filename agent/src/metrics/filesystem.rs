@@ -1,0 +1,225 @@
+//! The `filesystem` collector: `statfs(2)` of every mount in the mount table
+//! that node_exporter's default mount-point and fs-type excludes let through.
+//!
+//! Each `statfs` runs on its own thread with a time limit: a hung mount (a
+//! dead NFS server) reports `node_filesystem_device_error 1` and fails the
+//! collector, and is not statted again until the hung call returns, so a
+//! scrape never waits on it twice and threads never pile up.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use regex::Regex;
+
+use super::{Collector, Error, Kind, MetricSet, Roots, read};
+
+/// node_exporter 1.5.0's (Debian) default `--collector.filesystem.mount-points-exclude`.
+pub const MOUNT_POINTS_EXCLUDE: &str = "^/(dev|proc|run|sys|mnt|media|var/lib/docker/.+|var/lib/containers/storage/.+)($|/)";
+/// node_exporter 1.5.0's default `--collector.filesystem.fs-types-exclude`.
+pub const FS_TYPES_EXCLUDE: &str = "^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs|iso9660|mqueue|nsfs|overlay|proc|procfs|pstore|rpc_pipefs|securityfs|selinuxfs|squashfs|sysfs|tracefs)$";
+
+/// `node_filesystem_*{device,fstype,mountpoint}`.
+pub struct Filesystem {
+    mount_points_exclude: Regex,
+    fs_types_exclude: Regex,
+    /// How long one `statfs` may take.
+    pub stat_timeout: Duration,
+    stuck: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl Default for Filesystem {
+    fn default() -> Self {
+        Filesystem {
+            mount_points_exclude: Regex::new(MOUNT_POINTS_EXCLUDE).expect("a valid pattern"),
+            fs_types_exclude: Regex::new(FS_TYPES_EXCLUDE).expect("a valid pattern"),
+            stat_timeout: Duration::from_secs(2),
+            stuck: Arc::default(),
+        }
+    }
+}
+
+/// One line of the mount table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Mount {
+    /// Source device.
+    pub device: String,
+    /// Mount point, `\040` and `\011` decoded.
+    pub mount_point: String,
+    /// Filesystem type.
+    pub fs_type: String,
+    /// Mount options.
+    pub options: String,
+}
+
+/// Parses a mount table (`/proc/1/mounts` format).
+pub fn parse_mounts(path: &Path, text: &str) -> Result<Vec<Mount>, Error> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() < 4 {
+                return Err(Error::parse(path, format!("malformed mount point information: {line:?}")));
+            }
+            Ok(Mount {
+                device: f[0].to_string(),
+                mount_point: f[1].replace("\\040", " ").replace("\\011", "\t"),
+                fs_type: f[2].to_string(),
+                options: f[3].to_string(),
+            })
+        })
+        .collect()
+}
+
+struct Usage {
+    size: f64,
+    free: f64,
+    avail: f64,
+    files: f64,
+    files_free: f64,
+}
+
+enum Stat {
+    Usage(Usage),
+    Failed,
+    /// No answer in time, now or in an earlier scrape.
+    Hung,
+}
+
+impl Filesystem {
+    /// `statfs` on a thread of its own, waiting at most `stat_timeout`.
+    fn statfs(&self, path: PathBuf) -> Stat {
+        if !self.stuck.lock().map(|mut s| s.insert(path.clone())).unwrap_or(false) {
+            return Stat::Hung; // an earlier call on this mount has not returned
+        }
+        let (tx, rx) = mpsc::channel();
+        let stuck = Arc::clone(&self.stuck);
+        let spawned = std::thread::Builder::new().name("statfs".into()).stack_size(64 * 1024).spawn(move || {
+            let r = nix::sys::statfs::statfs(&path).map(|s| {
+                let bsize = s.block_size() as f64;
+                Usage {
+                    size: s.blocks() as f64 * bsize,
+                    free: s.blocks_free() as f64 * bsize,
+                    avail: s.blocks_available() as f64 * bsize,
+                    files: s.files() as f64,
+                    files_free: s.files_free() as f64,
+                }
+            });
+            if let Ok(mut s) = stuck.lock() {
+                s.remove(&path);
+            }
+            let _ = tx.send(r.ok());
+        });
+        if spawned.is_err() {
+            return Stat::Failed;
+        }
+        match rx.recv_timeout(self.stat_timeout) {
+            Ok(Some(u)) => Stat::Usage(u),
+            Ok(None) => Stat::Failed,
+            Err(_) => Stat::Hung,
+        }
+    }
+}
+
+impl Collector for Filesystem {
+    fn name(&self) -> &'static str {
+        "filesystem"
+    }
+
+    fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
+        let (path, text) = match &roots.mounts {
+            Some(p) => (p.clone(), read(p)?),
+            None => {
+                let first = roots.proc.join("1/mounts");
+                match read(&first) {
+                    Ok(t) => (first, t),
+                    Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                        let p = roots.proc.join("mounts");
+                        let t = read(&p)?;
+                        (p, t)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let mounts = parse_mounts(&path, &text)?;
+        let mut seen = HashSet::new();
+        let mut timed_out = Vec::new();
+        for m in &mounts {
+            if self.mount_points_exclude.is_match(&m.mount_point) || self.fs_types_exclude.is_match(&m.fs_type) {
+                continue;
+            }
+            if !seen.insert((&m.device, &m.mount_point, &m.fs_type)) {
+                continue;
+            }
+            let labels = [("device", m.device.as_str()), ("fstype", m.fs_type.as_str()), ("mountpoint", m.mount_point.as_str())];
+            let target = roots.rootfs.join(m.mount_point.trim_start_matches('/'));
+            let usage = match self.statfs(target) {
+                Stat::Usage(u) => Some(u),
+                Stat::Failed => None,
+                Stat::Hung => {
+                    timed_out.push(m.mount_point.clone());
+                    None
+                }
+            };
+            out.add(
+                "node_filesystem_device_error",
+                "Whether an error occurred while getting statistics for the given device.",
+                Kind::Gauge,
+                &labels,
+                if usage.is_some() { 0.0 } else { 1.0 },
+            );
+            let Some(u) = usage else { continue };
+            let ro = if m.options.split(',').any(|o| o == "ro") { 1.0 } else { 0.0 };
+            for (name, help, v) in [
+                ("node_filesystem_size_bytes", "Filesystem size in bytes.", u.size),
+                ("node_filesystem_free_bytes", "Filesystem free space in bytes.", u.free),
+                ("node_filesystem_avail_bytes", "Filesystem space available to non-root users in bytes.", u.avail),
+                ("node_filesystem_files", "Filesystem total file nodes.", u.files),
+                ("node_filesystem_files_free", "Filesystem total free file nodes.", u.files_free),
+                ("node_filesystem_readonly", "Filesystem read-only status.", ro),
+            ] {
+                out.add(name, help, Kind::Gauge, &labels, v);
+            }
+        }
+        if !timed_out.is_empty() {
+            return Err(Error::parse(&path, format!("statfs did not answer within {:?} for {}", self.stat_timeout, timed_out.join(", "))));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excludes_and_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data dir")).unwrap();
+        let mounts = "/dev/vda / ext4 rw,relatime 0 0\nproc /proc proc rw 0 0\ntmpfs /run tmpfs rw 0 0\n/dev/vdb /data\\040dir ext4 ro 0 0\n\
+                      /dev/vdb /data\\040dir ext4 ro 0 0\noverlay /srv overlay rw 0 0\n/dev/vdc /gone xfs rw 0 0\n";
+        std::fs::write(dir.path().join("mounts"), mounts).unwrap();
+        let roots = Roots { rootfs: dir.path().into(), mounts: Some(dir.path().join("mounts")), ..Roots::default() };
+        let mut set = MetricSet::default();
+        Filesystem::default().collect(&roots, &mut set).unwrap();
+        let data = [("device", "/dev/vdb"), ("fstype", "ext4"), ("mountpoint", "/data dir")];
+        assert_eq!(set.value("node_filesystem_readonly", &data), Some(1.0), "ro option, escaped mount point");
+        assert!(set.value("node_filesystem_size_bytes", &data).unwrap() > 0.0, "statted below rootfs");
+        let gone = [("device", "/dev/vdc"), ("fstype", "xfs"), ("mountpoint", "/gone")];
+        assert_eq!(set.value("node_filesystem_device_error", &gone), Some(1.0), "missing mount point");
+        assert_eq!(set.value("node_filesystem_size_bytes", &gone), None, "no usage for a failed mount");
+        let fam = set.families().iter().find(|f| f.name == "node_filesystem_device_error").unwrap();
+        let points: Vec<&str> = fam.samples.iter().map(|s| s.labels[2].1.as_str()).collect();
+        assert_eq!(points, ["/", "/data dir", "/gone"], "excluded /proc, /run, overlay; duplicate once");
+    }
+
+    #[test]
+    fn malformed_table() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mounts"), "/dev/vda /\n").unwrap();
+        let roots = Roots { mounts: Some(dir.path().join("mounts")), ..Roots::default() };
+        assert!(Filesystem::default().collect(&roots, &mut MetricSet::default()).is_err(), "short mount line");
+    }
+}

@@ -1,0 +1,122 @@
+//! `proc/meminfo` (the `meminfo` collector: `node_memory_*`) and `proc/vmstat`
+//! (the `vmstat` collector: `node_vmstat_*`, the fields node_exporter keeps by default).
+
+use regex::Regex;
+
+use super::{Collector, Error, Kind, MetricSet, Roots, float, read};
+
+/// `node_memory_<Field>[_bytes]`: every line of `proc/meminfo`; fields in kB
+/// become bytes with a `_bytes` suffix, `(x)` becomes `_x`.
+pub struct Meminfo;
+
+impl Collector for Meminfo {
+    fn name(&self) -> &'static str {
+        "meminfo"
+    }
+
+    fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
+        let path = roots.proc.join("meminfo");
+        let text = read(&path)?;
+        let mut any = false;
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if parts.is_empty() {
+                continue;
+            }
+            let Some(key) = parts[0].strip_suffix(':') else {
+                return Err(Error::parse(&path, format!("no ':' after the field in {line:?}")));
+            };
+            let value = float(&path, key, parts.get(1).copied().unwrap_or(""))?;
+            let key = key.replace('(', "_").replace(')', "");
+            let (name, value) = match parts.len() {
+                2 => (format!("node_memory_{key}"), value),
+                3 => (format!("node_memory_{key}_bytes"), value * 1024.0),
+                _ => return Err(Error::parse(&path, format!("invalid line {line:?}"))),
+            };
+            let field = &name["node_memory_".len()..];
+            out.add(&name, &format!("Memory information field {field}."), Kind::Gauge, &[], value);
+            any = true;
+        }
+        if !any {
+            return Err(Error::parse(&path, "no fields"));
+        }
+        Ok(())
+    }
+}
+
+/// `node_vmstat_<field>` for the fields matching node_exporter's default
+/// `--collector.vmstat.fields`.
+pub struct Vmstat {
+    fields: Regex,
+}
+
+/// node_exporter 1.5.0's default `--collector.vmstat.fields`.
+pub const VMSTAT_FIELDS: &str = "^(oom_kill|pgpg|pswp|pg.*fault).*";
+
+impl Default for Vmstat {
+    fn default() -> Self {
+        Vmstat { fields: Regex::new(VMSTAT_FIELDS).expect("a valid pattern") }
+    }
+}
+
+impl Collector for Vmstat {
+    fn name(&self) -> &'static str {
+        "vmstat"
+    }
+
+    fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
+        let path = roots.proc.join("vmstat");
+        let text = read(&path)?;
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if parts.is_empty() {
+                continue;
+            }
+            if parts.len() != 2 {
+                return Err(Error::parse(&path, format!("invalid line {line:?}")));
+            }
+            let value = float(&path, parts[0], parts[1])?;
+            if !self.fields.is_match(parts[0]) {
+                continue;
+            }
+            out.add(
+                &format!("node_vmstat_{}", parts[0]),
+                &format!("/proc/vmstat information field {}.", parts[0]),
+                Kind::Untyped,
+                &[],
+                value,
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases() {
+        for (case, meminfo, vmstat, ok) in [
+            ("real layout", "MemTotal:  10 kB\nHugePages_Total: 0\nActive(anon): 1 kB\n", "pgfault 5\nnr_free_pages 3\n", true),
+            ("garbage", "\u{0}\u{7f}", "zz", false),
+            ("value missing", "MemTotal:\n", "pgfault\n", false),
+            ("value not a number", "MemTotal: x kB\n", "pgfault x\n", false),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("meminfo"), meminfo).unwrap();
+            std::fs::write(dir.path().join("vmstat"), vmstat).unwrap();
+            let roots = Roots { proc: dir.path().into(), ..Roots::default() };
+            let mut set = MetricSet::default();
+            assert_eq!(Meminfo.collect(&roots, &mut set).is_ok(), ok, "meminfo: {case}");
+            assert_eq!(Vmstat::default().collect(&roots, &mut set).is_ok(), ok, "vmstat: {case}");
+            if ok {
+                assert_eq!(set.value("node_memory_MemTotal_bytes", &[]), Some(10240.0), "{case}");
+                assert_eq!(set.value("node_memory_HugePages_Total", &[]), Some(0.0), "{case}");
+                assert_eq!(set.value("node_memory_Active_anon_bytes", &[]), Some(1024.0), "{case}");
+                assert_eq!(set.value("node_vmstat_pgfault", &[]), Some(5.0), "{case}");
+                assert!(!set.contains("node_vmstat_nr_free_pages"), "{case}: field outside the default pattern");
+            }
+        }
+    }
+}
