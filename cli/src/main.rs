@@ -56,6 +56,16 @@ enum Command {
         /// default: every machine boots the first image.
         #[arg(long)]
         profiles: Option<PathBuf>,
+        /// Serve TFTP (iPXE binaries for PXE ROMs) on this address, e.g. 0.0.0.0:69.
+        #[arg(long)]
+        tftp: Option<SocketAddr>,
+        /// Root directory of the TFTP server.
+        #[arg(long, default_value = kiln_control::server::IPXE_DIR)]
+        tftp_root: PathBuf,
+        /// Answer PXE clients as proxyDHCP on this network interface, beside
+        /// the network's own DHCP server (UDP 67 and 4011; needs root).
+        #[arg(long, value_name = "INTERFACE")]
+        proxy_dhcp: Option<String>,
     },
     /// List registered nodes.
     Nodes {
@@ -125,10 +135,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             progress.finish(&outcome);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { images, listen, state, advertise, profiles } => {
+        Command::Serve { images, listen, state, advertise, profiles, tftp, tftp_root, proxy_dhcp } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
-                let config = kiln_control::ServerConfig { images: images.clone(), state, listen, advertise, profiles };
+                let config =
+                    kiln_control::ServerConfig { images: images.clone(), state, listen, advertise, profiles, tftp, tftp_root, proxy_dhcp };
                 let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
                 println!("kiln: serving on http://{} (Ctrl-C stops)", server.addr);
                 output::shutdown_signal().await;

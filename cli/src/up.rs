@@ -73,7 +73,13 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let config = kiln_control::ServerConfig { images, state: args.state.clone(), listen: args.listen, advertise: None, profiles: None };
+        let config = kiln_control::ServerConfig { images, state: args.state.clone(), listen: args.listen,
+            advertise: None,
+            profiles: None,
+            tftp: None,
+            tftp_root: kiln_control::server::IPXE_DIR.into(),
+            proxy_dhcp: None,
+        };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         let port = server.addr.port();
         event(args.json, serde_json::json!({"event": "serving", "url": format!("http://{}", server.addr)}), || {
@@ -93,6 +99,8 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             accel,
             boot: Boot::Network { bootfile: format!("http://10.0.2.2:{port}/boot.ipxe") },
             serial_log: args.state.join("serial.log"),
+            firmware: qemu::Firmware::Bios,
+            netns: None,
         };
         let _ = std::fs::remove_file(&spec.serial_log);
         let mut guest = Guest::spawn(&spec).context("booting the guest")?;

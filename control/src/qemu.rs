@@ -49,6 +49,22 @@ pub enum Boot {
         /// URL of the iPXE script, e.g. `http://10.0.2.2:8080/boot.ipxe`.
         bootfile: String,
     },
+    /// PXE through the NIC's iPXE ROM on a tap device: the network's own
+    /// DHCP (and kiln's proxyDHCP) decide what it boots.
+    Tap {
+        /// The tap interface, which must exist.
+        ifname: String,
+    },
+}
+
+/// The guest's firmware.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// QEMU's default, SeaBIOS.
+    #[default]
+    Bios,
+    /// UEFI from this OVMF image (`/usr/share/ovmf/OVMF.fd`), as `-bios`.
+    Uefi(PathBuf),
 }
 
 /// A guest to start.
@@ -68,6 +84,10 @@ pub struct GuestSpec {
     pub boot: Boot,
     /// File the serial console is written to.
     pub serial_log: PathBuf,
+    /// Firmware.
+    pub firmware: Firmware,
+    /// Run QEMU inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 impl GuestSpec {
@@ -78,16 +98,31 @@ impl GuestSpec {
         format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
     }
 
-    /// The QEMU command line for this guest.
+    /// The QEMU command line for this guest (inside its namespace, if any).
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(QEMU);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                // `ip netns exec` execs QEMU in place: the pid stays QEMU's.
+                c.args(["netns", "exec", ns, QEMU]);
+                c
+            }
+            None => Command::new(QEMU),
+        };
         cmd.args(["-name", &self.name, "-accel", self.accel.as_str()]);
         cmd.args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()]);
         cmd.args(["-uuid", &self.uuid(), "-nodefaults", "-display", "none", "-no-user-config", "-monitor", "none"]);
         cmd.arg("-serial").arg(format!("file:{}", self.serial_log.display()));
+        if let Firmware::Uefi(code) = &self.firmware {
+            cmd.arg("-bios").arg(code);
+        }
         match &self.boot {
             Boot::Network { bootfile } => {
                 cmd.args(["-netdev", &format!("user,id=net0,bootfile={bootfile}")]);
+                cmd.args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},bootindex=1", self.mac)]);
+            }
+            Boot::Tap { ifname } => {
+                cmd.args(["-netdev", &format!("tap,id=net0,ifname={ifname},script=no,downscript=no")]);
                 cmd.args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},bootindex=1", self.mac)]);
             }
         }
@@ -257,6 +292,8 @@ mod tests {
             accel: Accel::Tcg,
             boot: Boot::Network { bootfile: "http://10.0.2.2:8080/boot.ipxe".into() },
             serial_log: "/tmp/x.log".into(),
+            firmware: Firmware::Bios,
+            netns: None,
         }
     }
 
@@ -269,6 +306,18 @@ mod tests {
         assert!(joined.contains("-netdev user,id=net0,bootfile=http://10.0.2.2:8080/boot.ipxe"), "{joined}");
         assert!(joined.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,bootindex=1"), "{joined}");
         assert!(joined.contains("-serial file:/tmp/x.log"), "{joined}");
+        assert!(!joined.contains("-bios"), "SeaBIOS is QEMU's default");
+
+        let mut uefi = spec();
+        uefi.firmware = Firmware::Uefi("/usr/share/ovmf/OVMF.fd".into());
+        uefi.netns = Some("lab".into());
+        uefi.boot = Boot::Tap { ifname: "tap0".into() };
+        let cmd = uefi.command();
+        assert_eq!(cmd.get_program(), "ip");
+        let joined = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(joined.starts_with("netns exec lab qemu-system-x86_64 "), "{joined}");
+        assert!(joined.contains("-bios /usr/share/ovmf/OVMF.fd"), "{joined}");
+        assert!(joined.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no"), "{joined}");
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_pxe::ImageStore;
+use kiln_pxe::dhcp::{ProxyConfig, ProxyDhcp};
 use kiln_pxe::profile::Catalog;
+use kiln_pxe::tftp::TftpServer;
 use warp::Filter;
 
 use crate::api::{self, Api};
@@ -30,7 +32,17 @@ pub struct ServerConfig {
     /// Directory of profiles and groups (default: one profile booting the
     /// first image, for every machine).
     pub profiles: Option<PathBuf>,
+    /// Serve TFTP on this address (iPXE binaries for PXE ROMs).
+    pub tftp: Option<SocketAddr>,
+    /// Root of the TFTP server: Debian's `ipxe` package puts
+    /// `undionly.kpxe` and `ipxe.efi` in `/usr/lib/ipxe`.
+    pub tftp_root: PathBuf,
+    /// Answer PXE clients as proxyDHCP on this interface.
+    pub proxy_dhcp: Option<String>,
 }
+
+/// Where Debian's `ipxe` package installs its binaries.
+pub const IPXE_DIR: &str = "/usr/lib/ipxe";
 
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +65,12 @@ pub enum Error {
     /// The registry could not be opened.
     #[error("opening the registry")]
     Store(#[from] crate::store::Error),
+    /// The TFTP server could not start.
+    #[error("starting TFTP")]
+    Tftp(#[from] kiln_pxe::tftp::Error),
+    /// proxyDHCP could not start.
+    #[error("starting proxyDHCP")]
+    ProxyDhcp(#[from] kiln_pxe::dhcp::Error),
     /// The listen address could not be bound.
     #[error("listening on {addr}")]
     Bind {
@@ -74,6 +92,10 @@ pub struct Server {
     pub images: Arc<ImageStore>,
     /// The registry.
     pub registry: Arc<Registry>,
+    /// The TFTP server, when asked for.
+    pub tftp: Option<TftpServer>,
+    /// proxyDHCP, when asked for.
+    pub proxy_dhcp: Option<ProxyDhcp>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -120,11 +142,31 @@ impl Server {
         }
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
-        Ok(Server { addr, bootstrap_token, images, registry, stop, task })
+        let mut server = Server { addr, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, stop, task };
+        if let Some(tftp_addr) = config.tftp {
+            server.tftp = Some(TftpServer::start(config.tftp_root.clone(), tftp_addr).await?);
+        }
+        if let Some(interface) = &config.proxy_dhcp {
+            let ip = kiln_pxe::dhcp::interface_ipv4(interface)?;
+            // iPXE, once loaded, fetches the bootstrap over HTTP from the
+            // address PXE clients reach this server at.
+            let script = match &config.advertise {
+                Some(url) => format!("{}/boot.ipxe", url.trim_end_matches('/')),
+                None => format!("http://{ip}:{}/boot.ipxe", addr.port()),
+            };
+            server.proxy_dhcp = Some(ProxyDhcp::start(ProxyConfig::new(interface.clone(), ip, script)).await?);
+        }
+        Ok(server)
     }
 
     /// Stops accepting, lets requests in flight finish, and returns.
     pub async fn shutdown(self) {
+        if let Some(p) = self.proxy_dhcp {
+            p.shutdown().await;
+        }
+        if let Some(t) = self.tftp {
+            t.shutdown().await;
+        }
         let _ = self.stop.send(());
         let _ = self.task.await;
     }

@@ -351,11 +351,12 @@ fn handle(bytes: &[u8], from: SocketAddr, on_pxe_port: bool, config: &ProxyConfi
             SocketAddr::new(IpAddr::V4(request.giaddr()), config.dhcp_port)
         }
     };
-    tracing::debug!(
-        "proxy-dhcp: {} {:?} to {to}: {:?}",
+    let mac = request.chaddr().get(..6).and_then(|b| <[u8; 6]>::try_from(b).ok()).map(kiln_core::Mac);
+    tracing::info!(
+        "proxy-dhcp: {} to {} ({to}): boot file {:?}",
         if on_pxe_port { "ACK" } else { "OFFER" },
+        mac.map(|m| m.to_string()).unwrap_or_default(),
         reply.fname_str().and_then(Result::ok).unwrap_or(""),
-        reply.chaddr()
     );
     Some((encode(&reply), to))
 }

@@ -136,17 +136,42 @@ impl KilnServer {
     pub fn start(images: &Path, state: &Path) -> KilnServer {
         let mut cmd = Command::new(&binaries().kiln);
         cmd.arg("serve").arg("--images").arg(images).arg("--state").arg(state).args(["--listen", "127.0.0.1:0"]);
+        Self::spawn(cmd, state)
+    }
+
+    /// Runs a prepared `kiln serve` command (say, inside a namespace) and
+    /// waits for it to print the URL it serves on.
+    pub fn spawn(mut cmd: Command, state: &Path) -> KilnServer {
+        cmd.stderr(Stdio::piped());
         let mut process = Process::spawn(cmd, "kiln serve");
         let stdout = process.child.stdout.take().expect("piped stdout");
+        let stderr = process.child.stderr.take().expect("piped stderr");
+        let log = state.with_extension("log");
+        std::thread::spawn(move || {
+            // Keep the server's log for failure messages.
+            if let Ok(mut f) = std::fs::File::create(&log) {
+                let _ = std::io::copy(&mut BufReader::new(stderr), &mut f);
+            }
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("kiln serve prints its address");
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+            panic!(
+                "kiln serve did not print its address; its log:\n{}",
+                std::fs::read_to_string(state.with_extension("log")).unwrap_or_default()
+            )
+        });
         let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no URL in {line:?}")).to_string();
         KilnServer { process, url, state: state.to_path_buf() }
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
     }
 
     /// The port it listens on.
@@ -160,6 +185,51 @@ impl KilnServer {
         assert!(resp.status().is_success(), "GET /api/v1/nodes: {}", resp.status());
         resp.json().expect("a JSON array of nodes")
     }
+}
+
+/// A network namespace made by a test, deleted (with every interface in
+/// it) when dropped.
+pub struct Netns {
+    /// Its name.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `kiln-<tag>-<pid>-<n>` with its loopback up.
+    pub fn new(tag: &str) -> Netns {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("kiln-{tag}-{}-{n}", std::process::id());
+        // A namespace left by a killed earlier run of this same process id.
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace and asserts it succeeds.
+    pub fn exec(&self, args: &[&str]) {
+        run(Command::new("ip").args(["netns", "exec", &self.name]).args(args));
+    }
+
+    /// A command that will run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Runs `kiln build SPEC --out OUT --json` with the shared cache; returns
@@ -196,4 +266,29 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Process {
+    /// Starts `cmd` with stdout and stderr appended to `log` (read it back
+    /// with [`read_log`] for failure messages).
+    pub fn spawn_logged(mut cmd: Command, what: &str, log: &Path) -> Process {
+        let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let err = file.try_clone().unwrap_or_else(|e| panic!("cloning {}: {e}", log.display()));
+        let child = cmd.stdout(file).stderr(err).spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        Process { child, what: what.to_string() }
+    }
+}
+
+/// The last 40 lines of the log file at `path`, or why it cannot be read.
+pub fn read_log(path: &Path) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => tail(&text, 40),
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    listener.local_addr().expect("a bound listener has an address").port()
 }

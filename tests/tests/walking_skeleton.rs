@@ -93,6 +93,8 @@ fn build_serve_pxe_boot_register() {
         accel,
         boot: Boot::Network { bootfile: format!("http://10.0.2.2:{}/boot.ipxe", server.port()) },
         serial_log: tmp.path().join("serial.log"),
+        firmware: qemu::Firmware::Bios,
+        netns: None,
     };
     let started = Instant::now();
     let mut guest = Guest::spawn(&spec).expect("QEMU starts");

@@ -170,8 +170,15 @@ impl Format {
 
 /// `set` (sorted first) in `format`.
 pub fn encode(set: &mut MetricSet, format: Format) -> String {
-    set.sort();
     let mut out = String::with_capacity(64 * 1024);
+    encode_into(set, format, &mut out);
+    out
+}
+
+/// `set` (sorted first) in `format`, appended to `out` (which the caller
+/// sizes, e.g. from the previous scrape, so that it is not grown while writing).
+pub fn encode_into(set: &mut MetricSet, format: Format, out: &mut String) {
+    set.sort();
     for fam in set.families() {
         if fam.samples.is_empty() {
             continue;
@@ -181,10 +188,10 @@ pub fn encode(set: &mut MetricSet, format: Format) -> String {
                 out.push_str("# HELP ");
                 out.push_str(&fam.name);
                 out.push(' ');
-                escape(&mut out, &fam.help, false);
+                escape(out, &fam.help, false);
                 let _ = write!(out, "\n# TYPE {} {}\n", fam.name, fam.kind.text());
                 for s in &fam.samples {
-                    sample(&mut out, &fam.name, s, format);
+                    sample(out, &fam.name, s, format);
                 }
             }
             Format::OpenMetrics => {
@@ -194,16 +201,16 @@ pub fn encode(set: &mut MetricSet, format: Format) -> String {
                 };
                 let kind = if fam.kind == Kind::Untyped { "unknown" } else { fam.kind.text() };
                 let _ = write!(out, "# HELP {base} ");
-                escape(&mut out, &fam.help, true);
+                escape(out, &fam.help, true);
                 let _ = writeln!(out, "\n# TYPE {base} {kind}");
                 for s in &fam.samples {
                     if fam.kind == Kind::Counter {
                         let mut full = String::with_capacity(base.len() + 6);
                         full.push_str(base);
                         full.push_str("_total");
-                        sample(&mut out, &full, s, format);
+                        sample(out, &full, s, format);
                     } else {
-                        sample(&mut out, &fam.name, s, format);
+                        sample(out, &fam.name, s, format);
                     }
                 }
             }
@@ -212,7 +219,6 @@ pub fn encode(set: &mut MetricSet, format: Format) -> String {
     if format == Format::OpenMetrics {
         out.push_str("# EOF\n");
     }
-    out
 }
 
 fn sample(out: &mut String, name: &str, s: &Sample, format: Format) {

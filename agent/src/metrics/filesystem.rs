@@ -1,10 +1,13 @@
 //! The `filesystem` collector: `statfs(2)` of every mount in the mount table
 //! that node_exporter's default mount-point and fs-type excludes let through.
 //!
-//! Each `statfs` runs on its own thread with a time limit: a hung mount (a
-//! dead NFS server) reports `node_filesystem_device_error 1` and fails the
-//! collector, and is not statted again until the hung call returns, so a
-//! scrape never waits on it twice and threads never pile up.
+//! Every `statfs` runs on one long-lived worker thread, fed through a
+//! channel, with a time limit per call: a hung mount (a dead NFS server)
+//! reports `node_filesystem_device_error 1` and fails the collector. The
+//! worker stuck in that call is abandoned (it exits once the call returns)
+//! and the next call starts a fresh one; the hung mount is not statted again
+//! until its call returns, so a scrape never waits on it twice and threads
+//! never pile up.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,54 @@ pub struct Filesystem {
     /// How long one `statfs` may take.
     pub stat_timeout: Duration,
     stuck: Arc<Mutex<HashSet<PathBuf>>>,
+    worker: Mutex<Option<Worker>>,
+    /// The call the worker makes: `statfs(2)`, or a stand-in in tests.
+    stat: StatFn,
+}
+
+type StatFn = fn(&Path) -> Option<Usage>;
+
+fn statfs(path: &Path) -> Option<Usage> {
+    nix::sys::statfs::statfs(path).ok().map(|s| {
+        let bsize = s.block_size() as f64;
+        Usage {
+            size: s.blocks() as f64 * bsize,
+            free: s.blocks_free() as f64 * bsize,
+            avail: s.blocks_available() as f64 * bsize,
+            files: s.files() as f64,
+            files_free: s.files_free() as f64,
+        }
+    })
+}
+
+/// The `statfs` thread: paths in, answers out, one call at a time.
+struct Worker {
+    paths: mpsc::Sender<PathBuf>,
+    answers: mpsc::Receiver<Option<Usage>>,
+}
+
+impl Worker {
+    fn start(stuck: Arc<Mutex<HashSet<PathBuf>>>, stat: StatFn) -> Option<Worker> {
+        let (paths, jobs) = mpsc::channel::<PathBuf>();
+        let (reply, answers) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("statfs".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                // Ends when the collector drops its end (after a timeout, or with the collector).
+                for path in jobs {
+                    let usage = stat(&path);
+                    if let Ok(mut s) = stuck.lock() {
+                        s.remove(&path);
+                    }
+                    if reply.send(usage).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Worker { paths, answers })
+    }
 }
 
 impl Default for Filesystem {
@@ -36,6 +87,8 @@ impl Default for Filesystem {
             fs_types_exclude: Regex::new(FS_TYPES_EXCLUDE).expect("a valid pattern"),
             stat_timeout: Duration::from_secs(2),
             stuck: Arc::default(),
+            worker: Mutex::new(None),
+            stat: statfs,
         }
     }
 }
@@ -88,36 +141,44 @@ enum Stat {
 }
 
 impl Filesystem {
-    /// `statfs` on a thread of its own, waiting at most `stat_timeout`.
+    /// `statfs` on the worker thread, waiting at most `stat_timeout`.
     fn statfs(&self, path: PathBuf) -> Stat {
         if !self.stuck.lock().map(|mut s| s.insert(path.clone())).unwrap_or(false) {
             return Stat::Hung; // an earlier call on this mount has not returned
         }
-        let (tx, rx) = mpsc::channel();
-        let stuck = Arc::clone(&self.stuck);
-        let spawned = std::thread::Builder::new().name("statfs".into()).stack_size(64 * 1024).spawn(move || {
-            let r = nix::sys::statfs::statfs(&path).map(|s| {
-                let bsize = s.block_size() as f64;
-                Usage {
-                    size: s.blocks() as f64 * bsize,
-                    free: s.blocks_free() as f64 * bsize,
-                    avail: s.blocks_available() as f64 * bsize,
-                    files: s.files() as f64,
-                    files_free: s.files_free() as f64,
-                }
-            });
-            if let Ok(mut s) = stuck.lock() {
-                s.remove(&path);
-            }
-            let _ = tx.send(r.ok());
-        });
-        if spawned.is_err() {
+        let Ok(mut worker) = self.worker.lock() else { return Stat::Failed };
+        if worker.is_none() {
+            *worker = Worker::start(Arc::clone(&self.stuck), self.stat);
+        }
+        let Some(w) = worker.as_ref() else {
+            self.unmark(&path);
+            return Stat::Failed;
+        };
+        if w.paths.send(path.clone()).is_err() {
+            // The thread is gone (it panicked): start another next time.
+            *worker = None;
+            self.unmark(&path);
             return Stat::Failed;
         }
-        match rx.recv_timeout(self.stat_timeout) {
+        match w.answers.recv_timeout(self.stat_timeout) {
             Ok(Some(u)) => Stat::Usage(u),
             Ok(None) => Stat::Failed,
-            Err(_) => Stat::Hung,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Abandon the thread stuck in this call; the path stays marked until it returns.
+                *worker = None;
+                Stat::Hung
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                *worker = None;
+                self.unmark(&path);
+                Stat::Failed
+            }
+        }
+    }
+
+    fn unmark(&self, path: &Path) {
+        if let Ok(mut s) = self.stuck.lock() {
+            s.remove(path);
         }
     }
 }
@@ -213,6 +274,37 @@ mod tests {
         let fam = set.families().iter().find(|f| f.name == "node_filesystem_device_error").unwrap();
         let points: Vec<&str> = fam.samples.iter().map(|s| s.labels[2].1.as_str()).collect();
         assert_eq!(points, ["/", "/data dir", "/gone"], "excluded /proc, /run, overlay; duplicate once");
+    }
+
+    /// Stands in for `statfs`: paths ending in `hang` take 300 ms.
+    fn slow_stat(path: &Path) -> Option<Usage> {
+        if path.ends_with("hang") {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Some(Usage { size: 1.0, free: 1.0, avail: 1.0, files: 1.0, files_free: 1.0 })
+    }
+
+    #[test]
+    fn hung_statfs_is_not_waited_on_twice() {
+        let fs = Filesystem { stat_timeout: Duration::from_millis(50), stat: slow_stat, ..Filesystem::default() };
+        let (hang, ok) = (PathBuf::from("/hang"), PathBuf::from("/ok"));
+        for (case, path, want_usage) in [
+            ("healthy mount, first worker", &ok, true),
+            ("mount that hangs: time limit", &hang, false),
+            ("same mount while its call runs: at once", &hang, false),
+            ("healthy mount, fresh worker", &ok, true),
+        ] {
+            let begin = std::time::Instant::now();
+            let got = fs.statfs(path.clone());
+            assert_eq!(matches!(got, Stat::Usage(_)), want_usage, "{case}");
+            let limit = if case.ends_with("time limit") { Duration::from_millis(250) } else { Duration::from_millis(40) };
+            assert!(begin.elapsed() < limit, "{case}: took {:?}", begin.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(!fs.stuck.lock().unwrap().contains(&hang), "unmarked once the hung call returned");
+        let begin = std::time::Instant::now();
+        assert!(matches!(fs.statfs(hang), Stat::Hung), "tried again, and hangs again");
+        assert!(begin.elapsed() >= Duration::from_millis(50), "tried again: waited the limit, took {:?}", begin.elapsed());
     }
 
     #[test]

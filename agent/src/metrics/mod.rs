@@ -121,8 +121,22 @@ pub(crate) fn read(path: &Path) -> Result<String, Error> {
         .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    let mut bytes = Vec::with_capacity(4096);
-    file.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    // `read` until it returns 0, rather than `read_to_end`: that first asks
+    // for the size (statx, lseek), which procfs and sysfs do not know anyway.
+    let mut bytes = vec![0; 4096];
+    let mut len = 0;
+    loop {
+        if len == bytes.len() {
+            bytes.resize(len * 2, 0);
+        }
+        match file.read(&mut bytes[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    bytes.truncate(len);
     String::from_utf8(bytes).map_err(|_| Error::parse(path, "not UTF-8"))
 }
 

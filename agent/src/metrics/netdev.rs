@@ -2,8 +2,10 @@
 //! `rx_nohandler` from sysfs, as node_exporter's netlink path reports them)
 //! and the `netclass` collector (the attributes under `sys/class/net/<dev>`).
 
-use std::path::Path;
+use std::os::fd::OwnedFd;
 
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use regex::Regex;
 
 use super::{Collector, Error, Kind, MetricSet, Roots, read};
@@ -94,10 +96,15 @@ impl Default for Netclass {
     }
 }
 
-/// An attribute as procfs reads it: trimmed, or `None` when the kernel
-/// refuses it (EINVAL for `speed` on a down link, ...) or it is no regular file.
-fn attr(dir: &Path, name: &str) -> Option<String> {
-    read(&dir.join(name)).ok().map(|s| s.trim().to_string())
+/// An attribute of the device directory `dir` as node_exporter reads it:
+/// trimmed, or `None` when the kernel refuses it (EINVAL for `speed` on a
+/// down link, ...) or it is no regular file. One `openat` and one `read`
+/// into `buf` (a sysfs attribute is at most a page and comes whole in one
+/// read); opened non-blocking, so a FIFO reads as empty instead of hanging.
+fn attr<'b>(dir: &OwnedFd, name: &str, buf: &'b mut [u8]) -> Option<&'b str> {
+    let fd = nix::fcntl::openat(dir, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
+    let n = nix::unistd::read(&fd, buf).ok()?;
+    std::str::from_utf8(&buf[..n]).ok().map(str::trim)
 }
 
 /// Go's `strconv.ParseInt(s, 0, 64)`: `0x` hex, `0o`/leading `0` octal, `0b` binary.
@@ -125,21 +132,26 @@ pub(crate) fn parse_int_base0(s: &str) -> Option<i64> {
     Some(if neg { -v } else { v })
 }
 
-const NETCLASS_NUMBERS: [(&str, &str, Kind); 14] = [
-    ("addr_assign_type", "address_assign_type", Kind::Gauge),
-    ("carrier", "carrier", Kind::Gauge),
-    ("carrier_changes", "carrier_changes_total", Kind::Counter),
-    ("carrier_up_count", "carrier_up_changes_total", Kind::Counter),
-    ("carrier_down_count", "carrier_down_changes_total", Kind::Counter),
-    ("dev_id", "device_id", Kind::Gauge),
-    ("dormant", "dormant", Kind::Gauge),
-    ("flags", "flags", Kind::Gauge),
-    ("ifindex", "iface_id", Kind::Gauge),
-    ("iflink", "iface_link", Kind::Gauge),
-    ("link_mode", "iface_link_mode", Kind::Gauge),
-    ("mtu", "mtu_bytes", Kind::Gauge),
-    ("name_assign_type", "name_assign_type", Kind::Gauge),
-    ("netdev_group", "net_dev_group", Kind::Gauge),
+/// The numeric attributes: file, metric name, HELP, type. `speed` is in
+/// Mbit/s and printed in bytes/s.
+const NETCLASS_NUMBERS: [(&str, &str, &str, Kind); 17] = [
+    ("addr_assign_type", "node_network_address_assign_type", "Network device property: address_assign_type", Kind::Gauge),
+    ("carrier", "node_network_carrier", "Network device property: carrier", Kind::Gauge),
+    ("carrier_changes", "node_network_carrier_changes_total", "Network device property: carrier_changes_total", Kind::Counter),
+    ("carrier_up_count", "node_network_carrier_up_changes_total", "Network device property: carrier_up_changes_total", Kind::Counter),
+    ("carrier_down_count", "node_network_carrier_down_changes_total", "Network device property: carrier_down_changes_total", Kind::Counter),
+    ("dev_id", "node_network_device_id", "Network device property: device_id", Kind::Gauge),
+    ("dormant", "node_network_dormant", "Network device property: dormant", Kind::Gauge),
+    ("flags", "node_network_flags", "Network device property: flags", Kind::Gauge),
+    ("ifindex", "node_network_iface_id", "Network device property: iface_id", Kind::Gauge),
+    ("iflink", "node_network_iface_link", "Network device property: iface_link", Kind::Gauge),
+    ("link_mode", "node_network_iface_link_mode", "Network device property: iface_link_mode", Kind::Gauge),
+    ("mtu", "node_network_mtu_bytes", "Network device property: mtu_bytes", Kind::Gauge),
+    ("name_assign_type", "node_network_name_assign_type", "Network device property: name_assign_type", Kind::Gauge),
+    ("netdev_group", "node_network_net_dev_group", "Network device property: net_dev_group", Kind::Gauge),
+    ("speed", "node_network_speed_bytes", "Network device property: speed_bytes", Kind::Gauge),
+    ("tx_queue_len", "node_network_transmit_queue_length", "Network device property: transmit_queue_length", Kind::Gauge),
+    ("type", "node_network_protocol_type", "Network device property: protocol_type", Kind::Gauge),
 ];
 
 impl Collector for Netclass {
@@ -150,16 +162,24 @@ impl Collector for Netclass {
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let class = roots.sys.join("class/net");
         let entries = std::fs::read_dir(&class).map_err(|e| Error::io(&class, e))?;
+        let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let class_fd = nix::fcntl::open(&class, dir_flags, Mode::empty()).map_err(|e| Error::io(&class, e.into()))?;
+        let mut buf = [0u8; 4096];
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&class, e))?;
             let Ok(name) = entry.file_name().into_string() else { continue };
-            let dir = entry.path();
-            // Devices are (symlinks to) directories; `bonding_masters` is a file.
-            if !std::fs::metadata(&dir).map(|m| m.is_dir()).unwrap_or(false) || self.ignored.is_match(&name) {
+            if self.ignored.is_match(&name) {
                 continue;
             }
+            // Devices are (symlinks to) directories; `bonding_masters` is a file.
+            let Ok(dir) = nix::fcntl::openat(&class_fd, name.as_str(), dir_flags, Mode::empty()) else { continue };
             let labels = [("device", name.as_str())];
-            let operstate = attr(&dir, "operstate").unwrap_or_default();
+            let mut text = |file: &str| attr(&dir, file, &mut buf).unwrap_or_default().to_string();
+            let operstate = text("operstate");
+            let address = text("address");
+            let broadcast = text("broadcast");
+            let duplex = text("duplex");
+            let ifalias = text("ifalias");
             out.add(
                 "node_network_up",
                 "Value is 1 if operstate is 'up', 0 otherwise.",
@@ -167,10 +187,6 @@ impl Collector for Netclass {
                 &labels,
                 if operstate == "up" { 1.0 } else { 0.0 },
             );
-            let address = attr(&dir, "address").unwrap_or_default();
-            let broadcast = attr(&dir, "broadcast").unwrap_or_default();
-            let duplex = attr(&dir, "duplex").unwrap_or_default();
-            let ifalias = attr(&dir, "ifalias").unwrap_or_default();
             out.add(
                 "node_network_info",
                 "Non-numeric data from /sys/class/net/<iface>, value is always 1.",
@@ -185,23 +201,10 @@ impl Collector for Netclass {
                 ],
                 1.0,
             );
-            let mut push = |metric: &str, kind: Kind, v: i64| {
-                out.add(&format!("node_network_{metric}"), &format!("Network device property: {metric}"), kind, &labels, v as f64);
-            };
-            let number = |file: &str| attr(&dir, file).and_then(|s| parse_int_base0(&s));
-            for (file, metric, kind) in NETCLASS_NUMBERS {
-                if let Some(v) = number(file) {
-                    push(metric, kind, v);
-                }
-            }
-            if let Some(speed) = number("speed") {
-                push("speed_bytes", Kind::Gauge, speed.wrapping_mul(1000 * 1000) / 8);
-            }
-            if let Some(v) = number("tx_queue_len") {
-                push("transmit_queue_length", Kind::Gauge, v);
-            }
-            if let Some(v) = number("type") {
-                push("protocol_type", Kind::Gauge, v);
+            for (file, metric, help, kind) in NETCLASS_NUMBERS {
+                let Some(v) = attr(&dir, file, &mut buf).and_then(parse_int_base0) else { continue };
+                let v = if file == "speed" { v.wrapping_mul(1000 * 1000) / 8 } else { v };
+                out.add(metric, help, kind, &labels, v as f64);
             }
         }
         Ok(())

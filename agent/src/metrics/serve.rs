@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use warp::Filter;
 use warp::http::{Response, StatusCode, header};
@@ -27,19 +28,24 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError
 
 /// Serves `/metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, exporter: Arc<Exporter>) {
+    // The size of the last answer: the next one is written into a buffer that big, grown at most once.
+    let last_len = Arc::new(AtomicUsize::new(16 * 1024));
     let metrics = warp::path("metrics")
         .and(warp::path::end())
         .and(warp::get().or(warp::head()).unify())
         .and(warp::header::optional::<String>("accept"))
         .then(move |accept: Option<String>| {
             let exporter = Arc::clone(&exporter);
+            let last_len = Arc::clone(&last_len);
             async move {
                 let format = Format::negotiate(accept.as_deref());
                 match exporter.scrape().await {
-                    Ok(mut set) => Response::builder()
-                        .header(header::CONTENT_TYPE, format.content_type())
-                        .body(encode::encode(&mut set, format))
-                        .unwrap_or_default(),
+                    Ok(mut set) => {
+                        let mut body = String::with_capacity(last_len.load(Ordering::Relaxed) + 1024);
+                        encode::encode_into(&mut set, format, &mut body);
+                        last_len.store(body.len(), Ordering::Relaxed);
+                        Response::builder().header(header::CONTENT_TYPE, format.content_type()).body(body).unwrap_or_default()
+                    }
                     Err(busy) => Response::builder()
                         .status(StatusCode::SERVICE_UNAVAILABLE)
                         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
