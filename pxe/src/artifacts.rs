@@ -1,6 +1,6 @@
 //! `GET`/`HEAD /images/<name>/<file>`: artifacts streamed from disk.
 //!
-//! The body is read in 64 KiB chunks, so memory stays flat whatever the
+//! The body is read in 512 KiB chunks, so memory stays flat whatever the
 //! file size. `ETag` is the artifact's sha256 (strong: the bytes are what the
 //! manifest says), and `If-None-Match` answers 304. `Range` serves one range
 //! (`a-b`, `a-`, or the suffix `-n`) as 206 with `Content-Range`, or 416 when
@@ -18,7 +18,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::ImageStore;
 
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 512 * 1024;
 
 /// The artifact routes over `store`.
 pub fn routes(store: Arc<ImageStore>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
