@@ -249,9 +249,15 @@ impl Seed {
         let io = |source| Error::Io { path: path.display().to_string(), source };
         let dir = path.parent().unwrap_or(Path::new("."));
         let staging = tempfile::Builder::new().prefix(".cidata-").tempdir_in(dir).map_err(io)?;
+        // xorriso with SOURCE_DATE_EPOCH records each file's own mtime:
+        // pin them (and the root's) so equal seeds give equal bytes.
+        let epoch = std::time::SystemTime::UNIX_EPOCH;
         for (name, text) in self.files() {
-            std::fs::write(staging.path().join(name), text).map_err(io)?;
+            let file = staging.path().join(name);
+            std::fs::write(&file, text).map_err(io)?;
+            std::fs::File::options().write(true).open(&file).and_then(|f| f.set_modified(epoch)).map_err(io)?;
         }
+        std::fs::File::open(staging.path()).and_then(|d| d.set_modified(epoch)).map_err(io)?;
         let tmp = tempfile::Builder::new().prefix(".cidata-").suffix(".iso").tempfile_in(dir).map_err(io)?;
         let out = Command::new("xorriso")
             .env("SOURCE_DATE_EPOCH", "0")

@@ -77,6 +77,8 @@ fn cidata_iso_is_labelled_holds_the_files_and_is_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.iso"), dir.path().join("b.iso"));
     seed().write_iso(&a).unwrap();
+    // A second later, so any wall-clock time that leaked into the ISO shows.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     seed().write_iso(&b).unwrap();
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same seed, same bytes");
 
