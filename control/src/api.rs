@@ -17,11 +17,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use kiln_core::Manifest;
 use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, SdTargetGroup};
 use kiln_pxe::ImageStore;
 use kiln_pxe::artifacts::error;
 use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
-use kiln_pxe::profile::{Catalog, Machine, ServerParams};
+use kiln_pxe::profile::{Catalog, Group, Machine, Profile, ServerParams};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -195,21 +196,25 @@ fn ipxe_reply(script: String) -> Response {
     warp::reply::with_header(script, "content-type", "text/plain; charset=utf-8").into_response()
 }
 
+/// The profile and image for `machine`: 404 when no group matches, 500
+/// when its profile names an image that is gone.
+fn machine_profile<'a>(api: &'a Api, machine: &Machine) -> Result<(&'a Group, &'a Profile, &'a Manifest), (StatusCode, String)> {
+    let (group, profile) = api.catalog.select(machine).map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))?;
+    let image = api.images.get(&profile.image).ok_or_else(|| {
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image))
+    })?;
+    Ok((group, profile, image))
+}
+
 fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String>) -> Response {
     let Some(base) = base_url(api, host) else { return no_base_url() };
     let machine = match Machine::from_query(query) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    let (group, profile) = match api.catalog.select(&machine) {
+    let (group, profile, image) = match machine_profile(api, &machine) {
         Ok(found) => found,
-        Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
-    };
-    let Some(image) = api.images.get(&profile.image) else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image),
-        );
+        Err((status, message)) => return error(status, &message),
     };
     tracing::info!(mac = ?machine.mac.map(|m| m.to_string()), group = %group.id, profile = %profile.id, image = %image.name, "boot script");
     ipxe_reply(boot_script(image, &profile.kernel_args, machine.mac, &BootParams { base_url: &base, token: &api.bootstrap_token }))
@@ -221,15 +226,9 @@ fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    let (_, profile) = match api.catalog.select(&machine) {
+    let (_, profile, image) = match machine_profile(api, &machine) {
         Ok(found) => found,
-        Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
-    };
-    let Some(image) = api.images.get(&profile.image) else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image),
-        );
+        Err((status, message)) => return error(status, &message),
     };
     let seed = match api.catalog.seed(profile, image, &machine, &ServerParams { base_url: &base, token: &api.bootstrap_token }) {
         Ok(s) => s,
