@@ -165,6 +165,9 @@ pub fn gather(roots: &Roots, image_digest: &str) -> Result<RegisterRequest, Erro
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         image_digest: image_digest.to_string(),
         metrics: None,
+        public_ip: None,
+        vtep_mac: None,
+        uplink_mtu: None,
     })
 }
 

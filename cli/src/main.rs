@@ -66,6 +66,12 @@ enum Command {
         /// the network's own DHCP server (UDP 67 and 4011; needs root).
         #[arg(long, value_name = "INTERFACE")]
         proxy_dhcp: Option<String>,
+        /// The pod network that nodes get subnet leases from (flannel's `Network`).
+        #[arg(long, default_value = "10.244.0.0/16")]
+        pod_network: kiln_core::Ipv4Cidr,
+        /// Length of each node's pod subnet (flannel's `SubnetLen`).
+        #[arg(long, default_value_t = 24)]
+        subnet_len: u8,
     },
     /// List registered nodes.
     Nodes {
@@ -135,11 +141,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             progress.finish(&outcome);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { images, listen, state, advertise, profiles, tftp, tftp_root, proxy_dhcp } => {
+        Command::Serve { images, listen, state, advertise, profiles, tftp, tftp_root, proxy_dhcp, pod_network, subnet_len } => {
+            if subnet_len < pod_network.prefix || subnet_len > 30 {
+                anyhow::bail!("--subnet-len {subnet_len} must be between the pod network's prefix ({}) and 30", pod_network.prefix);
+            }
+            let network = kiln_control::registry::NetworkConfig { network: pod_network, subnet_len, vni: 1 };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
-                let config =
-                    kiln_control::ServerConfig { images: images.clone(), state, listen, advertise, profiles, tftp, tftp_root, proxy_dhcp };
+                let config = kiln_control::ServerConfig {
+                    images: images.clone(),
+                    state,
+                    listen,
+                    advertise,
+                    profiles,
+                    tftp,
+                    tftp_root,
+                    proxy_dhcp,
+                    network,
+                };
                 let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
                 println!("kiln: serving on http://{} (Ctrl-C stops)", server.addr);
                 output::shutdown_signal().await;

@@ -79,6 +79,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             tftp: None,
             tftp_root: kiln_control::server::IPXE_DIR.into(),
             proxy_dhcp: None,
+            network: Default::default(),
         };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         let port = server.addr.port();

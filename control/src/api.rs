@@ -4,6 +4,9 @@
 //! |---|---|---|
 //! | `POST /api/v1/register` | bootstrap token | [`RegisterResponse`] |
 //! | `POST /api/v1/heartbeat` | node token | [`HeartbeatResponse`] |
+//! | `POST /api/v1/nodes/<name>/heartbeat` | that node's token (another node's: 403) | [`HeartbeatResponse`] |
+//! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | node token (another node's: 403) | the node, gone; its lease released |
+//! | `GET /api/v1/peers?revision=N&timeout=S` | — | long poll: [`kiln_core::Peers`] once the revision passes N |
 //! | `GET /api/v1/nodes` | — | `[Node]` |
 //! | `GET /api/v1/sd` | — | Prometheus HTTP service discovery: one target group per node |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | — | the loaded profiles and groups |
@@ -27,7 +30,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::registry::{HEARTBEAT_INTERVAL_SECS, Registry};
+use crate::registry::{Error as RegistryError, HEARTBEAT_INTERVAL_SECS, Registry, TokenCheck};
 use crate::token;
 
 /// Largest registration body accepted.
@@ -61,11 +64,32 @@ pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejec
         .and(warp::body::content_length_limit(MAX_BODY))
         .and(warp::body::bytes())
         .map(|api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| register(&api, auth.as_deref(), &body));
-    let heartbeat = warp::path!("api" / "v1" / "heartbeat")
+    let heartbeat_route = warp::path!("api" / "v1" / "heartbeat")
         .and(warp::post())
         .and(with())
         .and(auth)
-        .map(|api: Arc<Api>, auth: Option<String>| heartbeat(&api, auth.as_deref()));
+        .map(|api: Arc<Api>, auth: Option<String>| heartbeat(&api, auth.as_deref(), None));
+    let named_heartbeat = warp::path!("api" / "v1" / "nodes" / String / "heartbeat")
+        .and(warp::post())
+        .and(with())
+        .and(auth)
+        .map(|name: String, api: Arc<Api>, auth: Option<String>| heartbeat(&api, auth.as_deref(), Some(&name)));
+    let leave_route = warp::path!("api" / "v1" / "leave")
+        .and(warp::post())
+        .and(with())
+        .and(auth)
+        .map(|api: Arc<Api>, auth: Option<String>| leave(&api, auth.as_deref(), None));
+    let named_leave = warp::path!("api" / "v1" / "nodes" / String / "leave")
+        .and(warp::post())
+        .and(with())
+        .and(auth)
+        .map(|name: String, api: Arc<Api>, auth: Option<String>| leave(&api, auth.as_deref(), Some(&name)));
+    let peers = warp::path!("api" / "v1" / "peers").and(warp::get()).and(with()).and(warp::query::<PeersQuery>()).then(
+        |api: Arc<Api>, q: PeersQuery| async move {
+            let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
+            warp::reply::json(&api.registry.watch_peers(q.revision.unwrap_or(0), timeout).await).into_response()
+        },
+    );
     let nodes = warp::path!("api" / "v1" / "nodes")
         .and(warp::get())
         .and(with())
@@ -102,7 +126,15 @@ pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejec
         .and(with())
         .map(|api: Arc<Api>| warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response());
     register
-        .or(heartbeat)
+        .or(heartbeat_route)
+        .unify()
+        .or(named_heartbeat)
+        .unify()
+        .or(leave_route)
+        .unify()
+        .or(named_leave)
+        .unify()
+        .or(peers)
         .unify()
         .or(nodes)
         .unify()
@@ -144,28 +176,73 @@ fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
         return error(StatusCode::BAD_REQUEST, &format!("registration body: {e}"));
     }
     match api.registry.register(&req) {
-        Ok((node, token)) => {
+        Ok((node, token, lease)) => {
             tracing::info!(
                 node = %node.name,
                 machine_id = %node.machine_id,
                 macs = %node.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(),
                 image = %node.image_digest,
                 "node registered"
             );
-            warp::reply::json(&RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS })
-                .into_response()
+            let answer = RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS, lease };
+            warp::reply::json(&answer).into_response()
         }
-        Err(e) => {
+        Err(e @ RegistryError::Exhausted { .. }) => {
+            tracing::error!(machine_id = %req.machine_id, "registration refused: {e}");
+            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
+        Err(e @ RegistryError::NoPublicIp(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(RegistryError::Store(e)) => {
             tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
             error(StatusCode::SERVICE_UNAVAILABLE, "the registry could not record the node; retry")
         }
     }
 }
 
-fn heartbeat(api: &Api, auth: Option<&str>) -> Response {
-    let Some(presented) = token::bearer(auth) else {
-        return error(StatusCode::UNAUTHORIZED, "heartbeat needs the node token as `Authorization: Bearer`");
-    };
+/// `?revision=N&timeout=S` of the peers watch.
+#[derive(Debug, serde::Deserialize)]
+struct PeersQuery {
+    revision: Option<u64>,
+    timeout: Option<u64>,
+}
+
+/// The node a bearer token belongs to, or the 401/403 answer.
+fn authorize(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Result<String, (StatusCode, String)> {
+    let presented = token::bearer(auth).ok_or((StatusCode::UNAUTHORIZED, "needs the node token as `Authorization: Bearer`".to_string()))?;
+    match api.registry.check_token(presented, claimed) {
+        TokenCheck::Ok(name) => Ok(name),
+        TokenCheck::Unknown => Err((StatusCode::UNAUTHORIZED, "unknown node token; register again".into())),
+        TokenCheck::OtherNode(owner) => {
+            tracing::warn!(owner = %owner, claimed = ?claimed, "node token used for another node");
+            Err((StatusCode::FORBIDDEN, format!("this token is not {}'s", claimed.unwrap_or_default())))
+        }
+    }
+}
+
+fn leave(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
+    if let Err((status, message)) = authorize(api, auth, claimed) {
+        return error(status, &message);
+    }
+    let presented = token::bearer(auth).unwrap_or_default();
+    match api.registry.leave(presented) {
+        Ok(Some(node)) => {
+            tracing::info!(node = %node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "node left");
+            warp::reply::json(&node).into_response()
+        }
+        Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node token"),
+        Err(e) => {
+            tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
+            error(StatusCode::SERVICE_UNAVAILABLE, "the registry could not record the leave; retry")
+        }
+    }
+}
+
+fn heartbeat(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
+    if let Err((status, message)) = authorize(api, auth, claimed) {
+        return error(status, &message);
+    }
+    let presented = token::bearer(auth).unwrap_or_default();
     match api.registry.heartbeat(presented) {
         Ok(Some(node)) => {
             warp::reply::json(&HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response()
@@ -294,7 +371,7 @@ mod tests {
         let store = FileStore::open(&dir.join("nodes.json")).unwrap();
         let images = Arc::new(ImageStore::load(&images).unwrap());
         Arc::new(Api {
-            registry: Arc::new(Registry::open(Arc::new(store)).unwrap()),
+            registry: Arc::new(Registry::open(Arc::new(store), Default::default()).unwrap()),
             catalog: Arc::new(Catalog::builtin(&images)),
             images,
             bootstrap_token: "boot".into(),
@@ -366,6 +443,10 @@ mod tests {
         let resp =
             warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", "Bearer boot").reply(&routes).await;
         assert_eq!(resp.status(), 401, "the bootstrap token is not a node token");
+
+        let resp = warp::test::request().path("/api/v1/peers?revision=0&timeout=1").reply(&routes).await;
+        let peers: kiln_core::Peers = serde_json::from_slice(resp.body()).unwrap();
+        assert!(peers.peers.is_empty(), "no VTEP MAC, no lease, no peer");
 
         let resp = warp::test::request().path("/api/v1/sd").reply(&routes).await;
         let sd: Vec<SdTargetGroup> = serde_json::from_slice(resp.body()).unwrap();

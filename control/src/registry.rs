@@ -1,10 +1,20 @@
-//! The node registry: registration (idempotent by machine id), token checks,
-//! heartbeats, listing.
+//! The node registry: registration (idempotent by machine id), subnet
+//! leases, token checks, heartbeats, leaving, and the revision that the
+//! peers watch waits on.
+//!
+//! Leases follow flannel: the pod network (default `10.244.0.0/16`) is cut
+//! into subnets of one length (default /24); a node gets the lowest free one
+//! from the second on (flannel's `SubnetMin`), keeps it while it is
+//! registered, gets the same one back when it registers again, and releases
+//! it when it leaves. A registration is written to the store whole (node,
+//! token hash and lease together) before it is answered, so a crash never
+//! leaves half a lease.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use kiln_core::{Node, RegisterRequest};
+use kiln_core::{Ipv4Cidr, Lease, Node, Peer, Peers, RegisterRequest};
 use time::OffsetDateTime;
 
 use crate::store::{self, NodeRecord, Store};
@@ -13,30 +23,101 @@ use crate::token;
 /// Seconds between heartbeats that the registry asks agents for.
 pub const HEARTBEAT_INTERVAL_SECS: u64 = 10;
 
+/// The pod network and how it is cut, as flannel's network config says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The whole pod network (`Network`).
+    pub network: Ipv4Cidr,
+    /// Length of each node's subnet (`SubnetLen`).
+    pub subnet_len: u8,
+    /// VXLAN network identifier (`Backend.VNI`).
+    pub vni: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig { network: "10.244.0.0/16".parse().expect("a valid CIDR"), subnet_len: 24, vni: 1 }
+    }
+}
+
+/// Registering failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store could not record it.
+    #[error("registry store")]
+    Store(#[from] store::Error),
+    /// Every subnet of the pod network is leased.
+    #[error("address space exhausted: all {count} /{len} subnets of {network} are leased")]
+    Exhausted {
+        /// The pod network.
+        network: Ipv4Cidr,
+        /// Subnet length.
+        len: u8,
+        /// How many subnets it has.
+        count: u64,
+    },
+    /// A node asked for a lease without an IPv4 address to carry VXLAN.
+    #[error("node {0} has no IPv4 address for VXLAN (send public_ip)")]
+    NoPublicIp(String),
+}
+
+/// What a heartbeat or leave found for a token.
+#[derive(Debug)]
+pub enum TokenCheck {
+    /// The token is this node's (its name).
+    Ok(String),
+    /// The token belongs to no node: 401.
+    Unknown,
+    /// The token belongs to another node: 403.
+    OtherNode(String),
+}
+
 /// The registry: the records in memory, written through to the store.
 pub struct Registry {
     store: Arc<dyn Store>,
+    network: NetworkConfig,
     nodes: Mutex<BTreeMap<String, NodeRecord>>,
+    revision: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
-    /// A registry over `store`, loaded from it.
-    pub fn open(store: Arc<dyn Store>) -> Result<Self, store::Error> {
+    /// A registry over `store`, loaded from it, leasing from `network`.
+    pub fn open(store: Arc<dyn Store>, network: NetworkConfig) -> Result<Self, store::Error> {
         let nodes = store.load()?.into_iter().map(|r| (r.node.name.clone(), r)).collect();
-        Ok(Registry { store, nodes: Mutex::new(nodes) })
+        let (revision, _) = tokio::sync::watch::channel(1);
+        Ok(Registry { store, network, nodes: Mutex::new(nodes), revision })
+    }
+
+    /// The pod network the registry leases from.
+    pub fn network(&self) -> NetworkConfig {
+        self.network
     }
 
     /// Registers a node, or registers it again: the same machine id keeps
-    /// its name and first registration time, its facts are updated, and it
-    /// gets a fresh token (the old one stops working). Returns the node and
-    /// the token, which is not kept anywhere but in the answer.
-    pub fn register(&self, req: &RegisterRequest) -> Result<(Node, String), store::Error> {
+    /// its name, first registration time and subnet; its facts are updated,
+    /// and it gets a fresh token (the old one stops working). A node that
+    /// sends a VTEP MAC gets a lease. Returns the node, the token (kept
+    /// nowhere but in the answer) and the lease.
+    pub fn register(&self, req: &RegisterRequest) -> Result<(Node, String, Option<Lease>), Error> {
         let now = OffsetDateTime::now_utc();
         let mut nodes = self.nodes.lock().expect("registry lock");
-        let existing = nodes.values().find(|r| r.node.machine_id == req.machine_id).map(|r| (r.node.name.clone(), r.node.registered_at));
-        let (name, registered_at) = match existing {
-            Some(found) => found,
-            None => (unique_name(&nodes, &req.hostname, &req.machine_id), now),
+        let existing = nodes.values().find(|r| r.node.machine_id == req.machine_id).map(|r| r.node.clone());
+        let name = match &existing {
+            Some(n) => n.name.clone(),
+            None => unique_name(&nodes, &req.hostname, &req.machine_id),
+        };
+        let public_ip = req.public_ip.or_else(|| req.addresses.iter().find(|a| a.is_ipv4()).copied());
+        let subnet = match req.vtep_mac {
+            None => None,
+            Some(_) => {
+                if !matches!(public_ip, Some(IpAddr::V4(_))) {
+                    return Err(Error::NoPublicIp(name));
+                }
+                match existing.as_ref().and_then(|n| n.subnet).filter(|s| self.network.network.contains(s)) {
+                    Some(kept) => Some(kept),
+                    None => Some(self.free_subnet(&nodes, &name)?),
+                }
+            }
         };
         let token = token::generate();
         let record = NodeRecord {
@@ -52,16 +133,56 @@ impl Registry {
                 agent_version: req.agent_version.clone(),
                 image_digest: req.image_digest.clone(),
                 metrics: req.metrics.clone(),
-                pool: String::new(),
-                registered_at,
+                pool: existing.as_ref().map(|n| n.pool.clone()).unwrap_or_default(),
+                subnet,
+                public_ip: subnet.and(public_ip),
+                vtep_mac: subnet.and(req.vtep_mac),
+                registered_at: existing.as_ref().map_or(now, |n| n.registered_at),
                 last_seen: now,
             },
             token_sha256: token::hash(&token),
         };
         self.store.put(&record)?;
         let node = record.node.clone();
+        let peer_changed =
+            existing.as_ref().is_none_or(|n| (n.subnet, n.public_ip, n.vtep_mac) != (node.subnet, node.public_ip, node.vtep_mac));
         nodes.insert(name, record);
-        Ok((node, token))
+        drop(nodes);
+        if peer_changed {
+            self.revision.send_modify(|r| *r += 1);
+        }
+        let lease = subnet.map(|subnet| Lease {
+            network: self.network.network,
+            subnet,
+            mtu: req.uplink_mtu.unwrap_or(1500).saturating_sub(50),
+            vni: self.network.vni,
+            backend: "vxlan".into(),
+        });
+        Ok((node, token, lease))
+    }
+
+    /// The lowest subnet, from the second on, that no node holds.
+    fn free_subnet(&self, nodes: &BTreeMap<String, NodeRecord>, _for: &str) -> Result<Ipv4Cidr, Error> {
+        let net = self.network.network;
+        let len = self.network.subnet_len;
+        let count = net.subnet_count(len);
+        let taken: std::collections::BTreeSet<Ipv4Cidr> = nodes.values().filter_map(|r| r.node.subnet).collect();
+        (1..count).filter_map(|i| net.subnet(len, i)).find(|s| !taken.contains(s)).ok_or(Error::Exhausted {
+            network: net,
+            len,
+            count: count.saturating_sub(1),
+        })
+    }
+
+    /// Checks a node token, optionally against the node it claims to be.
+    pub fn check_token(&self, node_token: &str, claimed: Option<&str>) -> TokenCheck {
+        let hash = token::hash(node_token);
+        let nodes = self.nodes.lock().expect("registry lock");
+        match nodes.values().find(|r| r.token_sha256 == hash) {
+            None => TokenCheck::Unknown,
+            Some(r) if claimed.is_some_and(|c| c != r.node.name) => TokenCheck::OtherNode(r.node.name.clone()),
+            Some(r) => TokenCheck::Ok(r.node.name.clone()),
+        }
     }
 
     /// The node whose token this is, with `last_seen` moved to now.
@@ -76,9 +197,44 @@ impl Registry {
         Ok(Some(record.node.clone()))
     }
 
+    /// Removes the node whose token this is and releases its lease.
+    pub fn leave(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
+        let hash = token::hash(node_token);
+        let mut nodes = self.nodes.lock().expect("registry lock");
+        let Some(name) = nodes.values().find(|r| r.token_sha256 == hash).map(|r| r.node.name.clone()) else { return Ok(None) };
+        self.store.remove(&name)?;
+        let record = nodes.remove(&name).expect("found above");
+        drop(nodes);
+        self.revision.send_modify(|r| *r += 1);
+        Ok(Some(record.node))
+    }
+
     /// Every node, by name.
     pub fn nodes(&self) -> Vec<Node> {
         self.nodes.lock().expect("registry lock").values().map(|r| r.node.clone()).collect()
+    }
+
+    /// Every leased node and the current revision.
+    pub fn peers(&self) -> Peers {
+        let nodes = self.nodes.lock().expect("registry lock");
+        let revision = *self.revision.borrow();
+        let peers = nodes
+            .values()
+            .filter_map(|r| {
+                let n = &r.node;
+                Some(Peer { name: n.name.clone(), subnet: n.subnet?, public_ip: n.public_ip?, vtep_mac: n.vtep_mac? })
+            })
+            .collect();
+        Peers { revision, peers }
+    }
+
+    /// Waits until the revision passes `seen` or `timeout` elapses, then
+    /// answers with the peers: a long poll, so agents learn of joins and
+    /// leaves at once without polling.
+    pub async fn watch_peers(&self, seen: u64, timeout: std::time::Duration) -> Peers {
+        let mut rx = self.revision.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > seen)).await;
+        self.peers()
     }
 }
 
@@ -107,37 +263,121 @@ mod tests {
             machine_id: machine.to_string().repeat(32),
             hostname: hostname.into(),
             macs: vec!["52:54:00:00:00:01".parse().unwrap()],
-            addresses: vec![],
+            addresses: vec!["192.0.2.10".parse().unwrap()],
             cpus: 1,
             memory_bytes: 1,
             kernel: "k".into(),
             agent_version: "v".into(),
             image_digest: "sha256:d".into(),
             metrics: None,
+            public_ip: None,
+            vtep_mac: Some("0e:00:00:00:00:01".parse().unwrap()),
+            uplink_mtu: Some(1500),
         }
+    }
+
+    fn open(path: &std::path::Path, network: &str) -> Registry {
+        let net = NetworkConfig { network: network.parse().unwrap(), subnet_len: 24, vni: 1 };
+        Registry::open(Arc::new(FileStore::open(path).unwrap()), net).unwrap()
     }
 
     #[test]
     fn register_is_idempotent_by_machine_id_and_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nodes.json");
-        let reg = Registry::open(Arc::new(FileStore::open(&path).unwrap())).unwrap();
-        let (a, token_a) = reg.register(&request('a', "worker")).unwrap();
-        let (b, _) = reg.register(&request('b', "worker")).unwrap();
+        let reg = open(&path, "10.244.0.0/16");
+        let (a, token_a, lease_a) = reg.register(&request('a', "worker")).unwrap();
+        let (b, _, lease_b) = reg.register(&request('b', "worker")).unwrap();
         assert_eq!(a.name, "worker");
         assert_eq!(b.name, "worker-bbbbbb", "a second machine with the same hostname gets a distinct name");
-        let (a2, token_a2) = reg.register(&request('a', "worker")).unwrap();
+        let lease_a = lease_a.unwrap();
+        assert_eq!(lease_a.subnet.to_string(), "10.244.1.0/24", "leases start at the second subnet, as flannel's");
+        assert_eq!(lease_b.unwrap().subnet.to_string(), "10.244.2.0/24");
+        assert_eq!((lease_a.mtu, lease_a.vni, lease_a.backend.as_str()), (1450, 1, "vxlan"));
+        let (a2, token_a2, lease_a2) = reg.register(&request('a', "worker")).unwrap();
         assert_eq!(a2.name, "worker");
         assert_eq!(a2.registered_at, a.registered_at);
+        assert_eq!(lease_a2.unwrap().subnet, lease_a.subnet, "the same node gets the same subnet back");
         assert!(reg.heartbeat(&token_a).unwrap().is_none(), "the old token stops working");
         assert_eq!(reg.heartbeat(&token_a2).unwrap().unwrap().name, "worker");
         assert!(reg.heartbeat("nope").unwrap().is_none());
+        assert!(matches!(reg.check_token(&token_a2, Some("worker-bbbbbb")), TokenCheck::OtherNode(n) if n == "worker"));
 
-        let reopened = Registry::open(Arc::new(FileStore::open(&path).unwrap())).unwrap();
+        let reopened = open(&path, "10.244.0.0/16");
         let names: Vec<String> = reopened.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names, ["worker", "worker-bbbbbb"]);
         assert_eq!(reopened.heartbeat(&token_a2).unwrap().unwrap().name, "worker", "tokens survive a restart");
+        let (_, _, lease) = reopened.register(&request('a', "worker")).unwrap();
+        assert_eq!(lease.unwrap().subnet, lease_a.subnet, "and so do leases");
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(&token_a2), "tokens are stored hashed");
+    }
+
+    #[test]
+    fn leave_releases_and_exhaustion_is_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nodes.json");
+        // A /22 holds four /24s; the first is never leased: three nodes fit.
+        let reg = open(&path, "10.9.0.0/22");
+        let mut tokens = Vec::new();
+        for m in ['a', 'b', 'c'] {
+            let (_, t, lease) = reg.register(&request(m, &format!("n{m}"))).unwrap();
+            assert!(lease.is_some());
+            tokens.push(t);
+        }
+        let before = reg.nodes().len();
+        let err = reg.register(&request('d', "nd")).unwrap_err();
+        assert!(err.to_string().contains("address space exhausted") && err.to_string().contains("10.9.0.0/22"), "{err}");
+        assert_eq!(reg.nodes().len(), before, "no half-made node or lease");
+        assert_eq!(open(&path, "10.9.0.0/22").nodes().len(), before, "nothing written either");
+
+        let rev = reg.peers().revision;
+        let left = reg.leave(&tokens[1]).unwrap().unwrap();
+        assert_eq!(left.name, "nb");
+        assert!(reg.peers().revision > rev, "leaving bumps the revision");
+        let (_, _, lease) = reg.register(&request('d', "nd")).unwrap();
+        assert_eq!(lease.unwrap().subnet.to_string(), "10.9.2.0/24", "the released subnet is leased again");
+        assert_eq!(open(&path, "10.9.0.0/22").nodes().len(), 3, "the leave is durable");
+    }
+
+    #[test]
+    fn two_hundred_concurrent_registrations_get_distinct_subnets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nodes.json");
+        let reg = Arc::new(open(&path, "10.244.0.0/16"));
+        let handles: Vec<_> = (0..200u32)
+            .map(|i| {
+                let reg = reg.clone();
+                std::thread::spawn(move || {
+                    let mut r = request('a', &format!("node-{i}"));
+                    r.machine_id = format!("{i:032x}");
+                    reg.register(&r).unwrap().2.unwrap().subnet
+                })
+            })
+            .collect();
+        let subnets: std::collections::BTreeSet<Ipv4Cidr> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(subnets.len(), 200, "200 distinct subnets");
+        let reopened = open(&path, "10.244.0.0/16");
+        let stored: std::collections::BTreeSet<Ipv4Cidr> = reopened.nodes().into_iter().filter_map(|n| n.subnet).collect();
+        assert_eq!(stored, subnets, "none lost in the store");
+    }
+
+    #[tokio::test]
+    async fn watch_returns_at_once_on_a_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(open(&dir.path().join("nodes.json"), "10.244.0.0/16"));
+        let seen = reg.peers().revision;
+        let waiter = {
+            let reg = reg.clone();
+            tokio::spawn(async move { reg.watch_peers(seen, std::time::Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        reg.register(&request('a', "worker")).unwrap();
+        let peers = waiter.await.unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "the watch answers on the join, not at its timeout");
+        assert_eq!(peers.peers.len(), 1);
+        assert_eq!(peers.peers[0].subnet.to_string(), "10.244.1.0/24");
+        assert!(peers.revision > seen);
     }
 }

@@ -13,7 +13,7 @@ use kiln_pxe::tftp::TftpServer;
 use warp::Filter;
 
 use crate::api::{self, Api};
-use crate::registry::Registry;
+use crate::registry::{NetworkConfig, Registry};
 use crate::store::FileStore;
 use crate::token;
 
@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub tftp_root: PathBuf,
     /// Answer PXE clients as proxyDHCP on this interface.
     pub proxy_dhcp: Option<String>,
+    /// The pod network nodes get subnet leases from.
+    pub network: NetworkConfig,
 }
 
 /// Where Debian's `ipxe` package installs its binaries.
@@ -112,7 +114,7 @@ impl Server {
         let token_path = config.state.join("bootstrap-token");
         let bootstrap_token = token::load_or_create_bootstrap(&token_path).map_err(|source| Error::State { path: token_path, source })?;
         let store = FileStore::open(&config.state.join("nodes.json"))?;
-        let registry = Arc::new(Registry::open(Arc::new(store))?);
+        let registry = Arc::new(Registry::open(Arc::new(store), config.network)?);
         let api = Arc::new(Api {
             registry: registry.clone(),
             images: images.clone(),

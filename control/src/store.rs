@@ -48,6 +48,8 @@ pub trait Store: Send + Sync {
     fn load(&self) -> Result<Vec<NodeRecord>, Error>;
     /// Creates or replaces the record of `record.node.name`.
     fn put(&self, record: &NodeRecord) -> Result<(), Error>;
+    /// Removes the record of `name` (no error if there is none).
+    fn remove(&self, name: &str) -> Result<(), Error>;
 }
 
 /// The embedded store: every record in one JSON file, rewritten to a
@@ -103,6 +105,14 @@ impl Store for FileStore {
             Some(r) => *r = record.clone(),
             None => next.push(record.clone()),
         }
+        self.write(&next)?;
+        *records = next;
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> Result<(), Error> {
+        let mut records = self.records.lock().expect("store lock");
+        let next: Vec<NodeRecord> = records.iter().filter(|r| r.node.name != name).cloned().collect();
         self.write(&next)?;
         *records = next;
         Ok(())

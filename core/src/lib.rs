@@ -7,11 +7,13 @@
 //! and keep field names in snake case, as the JSON API spells them.
 
 pub mod cmdline;
+pub mod lease;
 pub mod mac;
 pub mod manifest;
 pub mod node;
 
 pub use cmdline::KernelCmdline;
+pub use lease::{Ipv4Cidr, Lease, Peer, Peers};
 pub use mac::Mac;
 pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
 pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse, SdTargetGroup};

@@ -33,6 +33,16 @@ pub struct RegisterRequest {
     /// address on port 9100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// The address other nodes send VXLAN traffic to (default: the first
+    /// IPv4 address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<std::net::IpAddr>,
+    /// MAC of the node's VTEP (`flannel.<VNI>`); a node without one gets no lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<Mac>,
+    /// MTU of the uplink that carries VXLAN (default 1500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_mtu: Option<u32>,
 }
 
 /// The answer to a registration.
@@ -44,6 +54,9 @@ pub struct RegisterResponse {
     pub token: String,
     /// Seconds between heartbeats the server expects.
     pub heartbeat_interval_secs: u64,
+    /// The node's subnet lease, when it asked for one (sent a VTEP MAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<crate::Lease>,
 }
 
 /// The answer to a heartbeat.
@@ -84,6 +97,15 @@ pub struct Node {
     /// Pool the node belongs to (empty when booted by hand).
     #[serde(default)]
     pub pool: String,
+    /// Its pod subnet, when it holds a lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<crate::Ipv4Cidr>,
+    /// Its VXLAN address, when it holds a lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<std::net::IpAddr>,
+    /// Its VTEP MAC, when it holds a lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<Mac>,
     /// First registration.
     #[serde(with = "time::serde::rfc3339")]
     pub registered_at: OffsetDateTime,
@@ -161,6 +183,9 @@ mod tests {
             agent_version: "0.1.0".into(),
             image_digest: "sha256:00".into(),
             metrics: None,
+            public_ip: None,
+            vtep_mac: None,
+            uplink_mtu: None,
         }
     }
 

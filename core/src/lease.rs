@@ -1,0 +1,136 @@
+//! Subnet leases and peers: what the flannel side of the agent needs.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Mac;
+
+/// An IPv4 network in CIDR form, `10.244.0.0/16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Cidr {
+    /// The network address (host bits zero).
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0 to 32.
+    pub prefix: u8,
+}
+
+impl Ipv4Cidr {
+    /// The network `addr/prefix`, with host bits cleared.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
+        if prefix > 32 {
+            return None;
+        }
+        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+        Some(Ipv4Cidr { addr: Ipv4Addr::from(u32::from(addr) & mask), prefix })
+    }
+
+    /// How many subnets of length `len` it holds.
+    pub fn subnet_count(&self, len: u8) -> u64 {
+        if len < self.prefix || len > 32 { 0 } else { 1u64 << (len - self.prefix) }
+    }
+
+    /// The `index`-th subnet of length `len`.
+    pub fn subnet(&self, len: u8, index: u64) -> Option<Ipv4Cidr> {
+        if index >= self.subnet_count(len) {
+            return None;
+        }
+        let base = u32::from(self.addr) as u64 + (index << (32 - len as u64));
+        Ipv4Cidr::new(Ipv4Addr::from(base as u32), len)
+    }
+
+    /// Whether `other` lies inside this network.
+    pub fn contains(&self, other: &Ipv4Cidr) -> bool {
+        other.prefix >= self.prefix && Ipv4Cidr::new(other.addr, self.prefix).is_some_and(|o| o.addr == self.addr)
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/len)"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p.parse().map_err(|_| format!("{s:?}: {p:?} is not a prefix length"))?;
+        let net = Ipv4Cidr::new(addr, prefix).ok_or_else(|| format!("{s:?}: prefix longer than 32"))?;
+        if net.addr != addr {
+            return Err(format!("{s:?} has host bits set (the network is {net})"));
+        }
+        Ok(net)
+    }
+}
+
+impl Serialize for Ipv4Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A node's subnet lease, as the registration answer carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The whole pod network (`FLANNEL_NETWORK`).
+    pub network: Ipv4Cidr,
+    /// This node's pod subnet (`FLANNEL_SUBNET` is its first address).
+    pub subnet: Ipv4Cidr,
+    /// MTU for pods: the uplink's minus the 50 bytes of VXLAN encapsulation.
+    pub mtu: u32,
+    /// VXLAN network identifier (`flannel.<VNI>`).
+    pub vni: u32,
+    /// Backend: `vxlan`.
+    pub backend: String,
+}
+
+/// Another node, as the peers watch lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Node name.
+    pub name: String,
+    /// Its pod subnet.
+    pub subnet: Ipv4Cidr,
+    /// Where its VXLAN packets go.
+    pub public_ip: IpAddr,
+    /// Its VTEP's MAC.
+    pub vtep_mac: Mac,
+}
+
+/// `GET /api/v1/peers?revision=N`: answered when the registry's revision
+/// passes `N` (or at the long-poll timeout), with every leased node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peers {
+    /// The registry's revision: bumped by every join, change and leave.
+    pub revision: u64,
+    /// Every node holding a lease.
+    pub peers: Vec<Peer>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_arithmetic() {
+        let net: Ipv4Cidr = "10.244.0.0/16".parse().unwrap();
+        assert_eq!(net.subnet_count(24), 256);
+        assert_eq!(net.subnet(24, 1).unwrap().to_string(), "10.244.1.0/24");
+        assert_eq!(net.subnet(24, 255).unwrap().to_string(), "10.244.255.0/24");
+        assert_eq!(net.subnet(24, 256), None);
+        assert!(net.contains(&"10.244.7.0/24".parse().unwrap()));
+        assert!(!net.contains(&"10.245.7.0/24".parse().unwrap()));
+        for bad in ["10.244.0.1/16", "10.244.0.0", "10.244.0.0/33", "x/8"] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad} must be refused");
+        }
+    }
+}
