@@ -139,20 +139,17 @@ fn metrics_only(args: MetricsArgs) -> ExitCode {
     };
     let limits = metrics::Limits { collector: Duration::from_secs_f64(args.collector_timeout.max(0.001)), ..Default::default() };
     let exporter = Arc::new(metrics::Exporter::new(args.host.metrics_roots(), collectors, limits));
-    let runtime = metrics::serve::runtime().expect("a tokio runtime starts");
-    runtime.block_on(async {
-        let listener = match metrics::serve::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!("{}", register::chain(&e));
-                return ExitCode::FAILURE;
-            }
-        };
-        let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
-        log::info!("metrics: listening on {addr}");
-        metrics::serve::serve(listener, exporter).await;
-        ExitCode::SUCCESS
-    })
+    let listener = match metrics::serve::bind(args.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("{}", register::chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+    log::info!("metrics: listening on {addr}");
+    metrics::serve::serve(listener, exporter);
+    ExitCode::FAILURE
 }
 
 fn agent(args: AgentArgs) -> ExitCode {

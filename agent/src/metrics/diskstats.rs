@@ -4,12 +4,37 @@
 
 use std::collections::HashMap;
 
-use regex::Regex;
-
 use super::{Collector, Error, Kind, MetricSet, Roots, read};
 
 /// node_exporter 1.5.0's default `--collector.diskstats.device-exclude`.
 pub const DISKSTATS_DEVICE_EXCLUDE: &str = r"^(ram|loop|fd|(h|s|v|xv)d[a-z]|nvme\d+n\d+p)\d+$";
+
+/// Whether [`DISKSTATS_DEVICE_EXCLUDE`] matches `dev` (as Go's regexp does:
+/// `\d` is an ASCII digit). Written out rather than compiled at run time:
+/// the regex engine was a good share of the agent's resident code and heap.
+pub fn device_excluded(dev: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let b = dev.as_bytes();
+    if let Some(rest) = ["ram", "loop", "fd"].iter().find_map(|p| dev.strip_prefix(p)) {
+        return digits(rest);
+    }
+    // (h|s|v|xv)d[a-z]\d+
+    let after = if b.starts_with(b"xv") {
+        2
+    } else if matches!(b.first(), Some(b'h' | b's' | b'v')) {
+        1
+    } else {
+        0
+    };
+    if after > 0 && b.get(after) == Some(&b'd') && b.get(after + 1).is_some_and(u8::is_ascii_lowercase) {
+        return digits(&dev[after + 2..]);
+    }
+    // nvme\d+n\d+p\d+
+    let Some(rest) = dev.strip_prefix("nvme") else { return false };
+    let Some((ns, rest)) = rest.split_once('n') else { return false };
+    let Some((part, n)) = rest.split_once('p') else { return false };
+    digits(ns) && digits(part) && digits(n)
+}
 
 const SECONDS_PER_TICK: f64 = 1.0 / 1000.0;
 const SECTOR: f64 = 512.0;
@@ -41,15 +66,8 @@ const COLUMNS: [(&str, &str, Kind, f64); 17] = [
 ];
 
 /// `node_disk_*{device}`.
-pub struct Diskstats {
-    exclude: Regex,
-}
-
-impl Default for Diskstats {
-    fn default() -> Self {
-        Diskstats { exclude: Regex::new(DISKSTATS_DEVICE_EXCLUDE).expect("a valid pattern") }
-    }
-}
+#[derive(Default)]
+pub struct Diskstats;
 
 /// `E:KEY=value` lines of udev's record for a block device.
 fn udev(roots: &Roots, major: &str, minor: &str) -> HashMap<String, String> {
@@ -85,7 +103,7 @@ impl Collector for Diskstats {
             if major.parse::<u32>().is_err() || minor.parse::<u32>().is_err() {
                 return Err(Error::parse(&path, format!("bad device numbers in {line:?}")));
             }
-            if self.exclude.is_match(dev) {
+            if device_excluded(dev) {
                 continue;
             }
             let info = udev(roots, major, minor);
@@ -135,7 +153,7 @@ mod tests {
             std::fs::write(udev_data.join("b254:0"), "S:disk/by-path/x\nE:ID_PATH=pci-0000:00:05.0\nE:ID_SERIAL_SHORT=abc\n").unwrap();
             let roots = Roots { proc: dir.path().into(), udev_data, ..Roots::default() };
             let mut set = MetricSet::default();
-            assert_eq!(Diskstats::default().collect(&roots, &mut set).is_ok(), ok, "{case}");
+            assert_eq!(Diskstats.collect(&roots, &mut set).is_ok(), ok, "{case}");
             if ok {
                 assert_eq!(set.value("node_disk_io_time_seconds_total", &[("device", "vda")]), Some(24.016000000000002), "{case}");
                 assert_eq!(set.value("node_disk_read_bytes_total", &[("device", "vda")]), Some(11308610.0 * 512.0), "{case}");

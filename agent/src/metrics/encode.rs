@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// A metric family's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +64,32 @@ pub struct Family {
 #[derive(Debug, Default)]
 pub struct MetricSet {
     families: Vec<Family>,
-    index: HashMap<String, usize>,
+    index: HashMap<String, usize, BuildHasherDefault<Fnv>>,
+}
+
+/// FNV-1a: metric names are short and not attacker-chosen (the textfile
+/// collector's names come from the host's own files), and SipHash was a
+/// visible share of a scrape's CPU.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
 }
 
 impl MetricSet {
@@ -246,6 +272,10 @@ fn sample(out: &mut String, name: &str, s: &Sample, format: Format) {
 }
 
 fn escape(out: &mut String, s: &str, quote: bool) {
+    if !s.bytes().any(|b| b == b'\\' || b == b'\n' || (quote && b == b'"')) {
+        out.push_str(s);
+        return;
+    }
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),

@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use regex::Regex;
-
 use super::{Collector, Error, Kind, MetricSet, Roots, read};
 
 /// node_exporter 1.5.0's (Debian) default `--collector.filesystem.mount-points-exclude`.
@@ -23,10 +21,56 @@ pub const MOUNT_POINTS_EXCLUDE: &str = "^/(dev|proc|run|sys|mnt|media|var/lib/do
 /// node_exporter 1.5.0's default `--collector.filesystem.fs-types-exclude`.
 pub const FS_TYPES_EXCLUDE: &str = "^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs|iso9660|mqueue|nsfs|overlay|proc|procfs|pstore|rpc_pipefs|securityfs|selinuxfs|squashfs|sysfs|tracefs)$";
 
+/// Whether [`MOUNT_POINTS_EXCLUDE`] matches `path` (`.` stops at a newline;
+/// the pattern is anchored at the start only).
+pub fn mount_point_excluded(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else { return false };
+    let ends_here = |tail: &str| tail.is_empty() || tail.starts_with('/');
+    if ["dev", "proc", "run", "sys", "mnt", "media"].iter().any(|w| rest.strip_prefix(w).is_some_and(ends_here)) {
+        return true;
+    }
+    // `.+($|/)`: one or more characters of the first line, then its end (if it is the
+    // end of the text) or a '/' after at least one of them.
+    let any_then_end = |tail: &str| {
+        let line = tail.split('\n').next().unwrap_or("");
+        (!line.is_empty() && line.len() == tail.len()) || line.bytes().skip(1).any(|b| b == b'/')
+    };
+    ["var/lib/docker/", "var/lib/containers/storage/"].iter().any(|p| rest.strip_prefix(p).is_some_and(any_then_end))
+}
+
+/// Whether [`FS_TYPES_EXCLUDE`] matches `fs_type`.
+pub fn fs_type_excluded(fs_type: &str) -> bool {
+    [
+        "autofs",
+        "binfmt_misc",
+        "bpf",
+        "cgroup",
+        "cgroup2",
+        "configfs",
+        "debugfs",
+        "devpts",
+        "devtmpfs",
+        "fusectl",
+        "hugetlbfs",
+        "iso9660",
+        "mqueue",
+        "nsfs",
+        "overlay",
+        "proc",
+        "procfs",
+        "pstore",
+        "rpc_pipefs",
+        "securityfs",
+        "selinuxfs",
+        "squashfs",
+        "sysfs",
+        "tracefs",
+    ]
+    .contains(&fs_type)
+}
+
 /// `node_filesystem_*{device,fstype,mountpoint}`.
 pub struct Filesystem {
-    mount_points_exclude: Regex,
-    fs_types_exclude: Regex,
     /// How long one `statfs` may take.
     pub stat_timeout: Duration,
     stuck: Arc<Mutex<HashSet<PathBuf>>>,
@@ -82,14 +126,7 @@ impl Worker {
 
 impl Default for Filesystem {
     fn default() -> Self {
-        Filesystem {
-            mount_points_exclude: Regex::new(MOUNT_POINTS_EXCLUDE).expect("a valid pattern"),
-            fs_types_exclude: Regex::new(FS_TYPES_EXCLUDE).expect("a valid pattern"),
-            stat_timeout: Duration::from_secs(2),
-            stuck: Arc::default(),
-            worker: Mutex::new(None),
-            stat: statfs,
-        }
+        Filesystem { stat_timeout: Duration::from_secs(2), stuck: Arc::default(), worker: Mutex::new(None), stat: statfs }
     }
 }
 
@@ -208,7 +245,7 @@ impl Collector for Filesystem {
         let mut seen = HashSet::new();
         let mut timed_out = Vec::new();
         for m in &mounts {
-            if self.mount_points_exclude.is_match(&m.mount_point) || self.fs_types_exclude.is_match(&m.fs_type) {
+            if mount_point_excluded(&m.mount_point) || fs_type_excluded(&m.fs_type) {
                 continue;
             }
             if !seen.insert((&m.device, &m.mount_point, &m.fs_type)) {

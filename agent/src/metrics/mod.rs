@@ -2,8 +2,8 @@
 //! types, HELP text and units as `prometheus-node-exporter` 1.5.0 prints, for
 //! the collectors that read `/proc` and `/sys` and mean something in a VM.
 //!
-//! A scrape runs every enabled [`Collector`] on a blocking thread with its own
-//! time limit ([`Exporter::scrape`]); a collector that fails, times out or is
+//! A scrape runs the enabled [`Collector`]s on two threads at once, each
+//! collector with its own time limit ([`Exporter::scrape_blocking`]); a collector that fails, times out or is
 //! still stuck in a previous scrape reports `node_scrape_collector_success 0`
 //! and the others still answer. [`encode`] writes the result in the text
 //! format 0.0.4 or in OpenMetrics; [`serve`] answers `GET /metrics`.
@@ -30,8 +30,8 @@ pub mod textfile;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 pub use encode::{Format, Kind, MetricSet};
@@ -197,15 +197,15 @@ fn by_name(name: &str) -> Option<Arc<dyn Collector>> {
     Some(match name {
         "conntrack" => Arc::new(kernel::Conntrack),
         "cpu" => Arc::new(cpu::Cpu),
-        "diskstats" => Arc::new(diskstats::Diskstats::default()),
+        "diskstats" => Arc::new(diskstats::Diskstats),
         "entropy" => Arc::new(kernel::Entropy),
         "filefd" => Arc::new(kernel::Filefd),
         "filesystem" => Arc::new(filesystem::Filesystem::default()),
         "loadavg" => Arc::new(kernel::Loadavg),
         "meminfo" => Arc::new(memory::Meminfo),
-        "netclass" => Arc::new(netdev::Netclass::default()),
-        "netdev" => Arc::new(netdev::Netdev::default()),
-        "netstat" => Arc::new(netstat::Netstat::default()),
+        "netclass" => Arc::new(netdev::Netclass),
+        "netdev" => Arc::new(netdev::Netdev),
+        "netstat" => Arc::new(netstat::Netstat),
         "os" => Arc::new(system::Os),
         "pressure" => Arc::new(kernel::Pressure),
         "sockstat" => Arc::new(netstat::Sockstat),
@@ -213,7 +213,7 @@ fn by_name(name: &str) -> Option<Arc<dyn Collector>> {
         "textfile" => Arc::new(textfile::Textfile),
         "time" => Arc::new(system::Time),
         "uname" => Arc::new(system::Uname),
-        "vmstat" => Arc::new(memory::Vmstat::default()),
+        "vmstat" => Arc::new(memory::Vmstat),
         _ => return None,
     })
 }
@@ -240,14 +240,20 @@ struct Slot {
     /// Set while this collector runs; a hung collector holds one thread,
     /// never one per scrape.
     running: Arc<AtomicBool>,
+    /// How long it took last time, in µs: the next scrape balances its lanes by it.
+    last_micros: AtomicU64,
 }
+
+/// Scrapes run their collectors on this many threads at once.
+const LANES: usize = 2;
 
 /// Runs the collectors for each scrape, within [`Limits`].
 pub struct Exporter {
     roots: Arc<Roots>,
-    slots: Vec<Slot>,
+    slots: Arc<Vec<Slot>>,
     limits: Limits,
-    scrapes: tokio::sync::Semaphore,
+    scrapes: Gate,
+    workers: Arc<Workers>,
 }
 
 /// Too many scrapes were already running and none finished in time.
@@ -255,12 +261,149 @@ pub struct Exporter {
 #[error("{0} scrapes already running")]
 pub struct Busy(usize);
 
+/// Counts the scrapes running; a new one waits up to the queue limit for a place.
+struct Gate {
+    running: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+impl Gate {
+    fn enter(&self, within: Duration) -> Option<GatePass<'_>> {
+        let guard = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut running, _) = self.freed.wait_timeout_while(guard, within, |n| *n >= self.max).unwrap_or_else(PoisonError::into_inner);
+        if *running >= self.max {
+            return None;
+        }
+        *running += 1;
+        Some(GatePass(self))
+    }
+}
+
+struct GatePass<'g>(&'g Gate);
+
+impl Drop for GatePass<'_> {
+    fn drop(&mut self) {
+        *self.0.running.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// A lane's work; it returns the lane's end marker, dropped only after the
+/// thread is idle again, so that the next scrape finds it idle.
+type Job = Box<dyn FnOnce() -> LaneEnd + Send>;
+
+/// Threads that run collectors, kept a minute after their last job so that
+/// scrapes every 15 s reuse them; a new one starts when none is idle (also
+/// when one is stuck in a hung collector).
+struct Workers {
+    /// Idle threads: an id and where to send the next job.
+    idle: Mutex<Vec<(u64, mpsc::Sender<Job>)>>,
+    next_id: AtomicU64,
+}
+
+/// How long an idle collector thread waits for work before it ends.
+const WORKER_KEEP_ALIVE: Duration = Duration::from_secs(60);
+/// Stack of a collector thread: the collectors keep their data on the heap.
+const WORKER_STACK: usize = 256 * 1024;
+
+impl Workers {
+    fn run(self: &Arc<Self>, mut job: Job) {
+        loop {
+            let next = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let Some((_, tx)) = next else { break };
+            match tx.send(job) {
+                Ok(()) => return,
+                Err(mpsc::SendError(j)) => job = j,
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let _ = tx.send(job);
+        let workers = Arc::clone(self);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // If no thread can start the job is dropped, which ends its lane.
+        let _ = std::thread::Builder::new().name("collector".into()).stack_size(WORKER_STACK).spawn(move || {
+            loop {
+                match rx.recv_timeout(WORKER_KEEP_ALIVE) {
+                    Ok(job) => {
+                        let end = job();
+                        workers.idle.lock().unwrap_or_else(PoisonError::into_inner).push((id, tx.clone()));
+                        drop(end);
+                    }
+                    Err(_) => {
+                        let mut idle = workers.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                        // Not in the idle list: a job is on its way, take it.
+                        if let Some(at) = idle.iter().position(|(t, _)| *t == id) {
+                            idle.swap_remove(at);
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One scrape's progress, shared by the scraping thread and its lanes.
+struct Progress {
+    /// Collector index, its samples, result and duration, as they finish.
+    done: Vec<(usize, MetricSet, Result<(), Error>, Duration)>,
+    lanes: Vec<LaneState>,
+}
+
+#[derive(Default)]
+struct LaneState {
+    /// The collector running and since when.
+    current: Option<(usize, Instant)>,
+    /// The lane's thread has returned (or its job was dropped).
+    finished: bool,
+    /// The scrape gave up on this lane: it must not report anything more.
+    abandoned: bool,
+    /// The collectors it runs, in order.
+    work: Vec<usize>,
+}
+
+struct Shared {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+}
+
+/// Marks a lane finished when its job ends, also by a panic or by being dropped unrun.
+struct LaneEnd {
+    shared: Arc<Shared>,
+    slots: Arc<Vec<Slot>>,
+    lane: usize,
+}
+
+impl Drop for LaneEnd {
+    fn drop(&mut self) {
+        let mut p = self.shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut p.lanes[self.lane];
+        // A panic inside a collector: it does not run any more.
+        if let Some((i, _)) = state.current.take() {
+            self.slots[i].running.store(false, Ordering::Release);
+        }
+        state.finished = true;
+        drop(p);
+        self.shared.changed.notify_all();
+    }
+}
+
 impl Exporter {
     /// An exporter reading `roots` with `collectors`.
     pub fn new(roots: Roots, collectors: Vec<Arc<dyn Collector>>, limits: Limits) -> Self {
-        let slots = collectors.into_iter().map(|collector| Slot { collector, running: Arc::new(AtomicBool::new(false)) }).collect();
-        let scrapes = tokio::sync::Semaphore::new(limits.concurrent_scrapes.max(1));
-        Exporter { roots: Arc::new(roots), slots, limits, scrapes }
+        let slots = collectors
+            .into_iter()
+            .map(|collector| Slot { collector, running: Arc::new(AtomicBool::new(false)), last_micros: AtomicU64::new(0) })
+            .collect();
+        let scrapes = Gate { running: Mutex::new(0), freed: Condvar::new(), max: limits.concurrent_scrapes.max(1) };
+        Exporter {
+            roots: Arc::new(roots),
+            slots: Arc::new(slots),
+            limits,
+            scrapes,
+            workers: Arc::new(Workers { idle: Mutex::new(Vec::new()), next_id: AtomicU64::new(0) }),
+        }
     }
 
     /// The names of the collectors this exporter runs.
@@ -268,75 +411,114 @@ impl Exporter {
         self.slots.iter().map(|s| s.collector.name()).collect()
     }
 
-    /// One scrape. The collectors run one after another on a blocking
-    /// thread; each gets the collector time limit from when it starts. One
-    /// that overruns it reports success 0, is left to finish on that thread
-    /// (and reports success 0 at once while it has not), and the rest go on
-    /// on a fresh thread. A normal scrape costs one thread hand-off.
+    /// One scrape, as [`Exporter::scrape_blocking`]; it blocks the calling
+    /// task's thread while the collectors run.
     pub async fn scrape(&self) -> Result<MetricSet, Busy> {
-        let _permit = match tokio::time::timeout(self.limits.queue, self.scrapes.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            _ => return Err(Busy(self.limits.concurrent_scrapes)),
+        self.scrape_blocking()
+    }
+
+    /// One scrape. The collectors run on [`LANES`] threads at once, split by
+    /// how long each took last time, one after another within a lane; each
+    /// gets the collector time limit from when it starts. One that overruns
+    /// it reports success 0 and is left to finish on its thread (and reports
+    /// success 0 at once while it has not); the rest of its lane goes on on
+    /// another thread. A collector still running from an earlier scrape
+    /// reports success 0 without a second thread for it.
+    pub fn scrape_blocking(&self) -> Result<MetricSet, Busy> {
+        let Some(_pass) = self.scrapes.enter(self.limits.queue) else {
+            return Err(Busy(self.limits.concurrent_scrapes));
         };
         let n = self.slots.len();
         let mut outcomes: Vec<(Duration, Result<(), Error>)> = Vec::with_capacity(n);
         outcomes.resize_with(n, || (Duration::ZERO, Ok(())));
-        let mut set = MetricSet::default();
-        let mut pending: std::collections::VecDeque<usize> = (0..n).collect();
-        while !pending.is_empty() {
-            // Still running from an earlier scrape: no second thread for it.
-            while let Some(&i) = pending.front() {
-                if !self.slots[i].running.load(Ordering::Acquire) {
-                    break;
-                }
+        let mut reported = vec![false; n];
+
+        // Longest first onto the shorter lane.
+        let mut order: Vec<usize> = Vec::with_capacity(n);
+        for i in 0..n {
+            if self.slots[i].running.load(Ordering::Acquire) {
                 outcomes[i].1 = Err(Error::Stuck { collector: self.slots[i].collector.name() });
-                pending.pop_front();
+                reported[i] = true;
+            } else {
+                order.push(i);
             }
-            if pending.is_empty() {
+        }
+        order.sort_by_key(|&i| std::cmp::Reverse(self.slots[i].last_micros.load(Ordering::Relaxed)));
+        let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); LANES];
+        let mut load = [0u64; LANES];
+        for i in order {
+            let l = (0..LANES).min_by_key(|&l| (load[l], lanes[l].len())).unwrap_or(0);
+            load[l] += self.slots[i].last_micros.load(Ordering::Relaxed);
+            lanes[l].push(i);
+        }
+        for lane in &mut lanes {
+            lane.sort_unstable();
+        }
+        lanes.retain(|l| !l.is_empty());
+
+        let shared =
+            Arc::new(Shared { progress: Mutex::new(Progress { done: Vec::with_capacity(n), lanes: Vec::new() }), changed: Condvar::new() });
+        let jobs: Vec<Job> = {
+            let mut p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
+            lanes.into_iter().map(|work| self.lane(&shared, &mut p, work)).collect()
+        };
+        // Not under the lock: a job dropped unrun takes it to mark its lane finished.
+        for job in jobs {
+            self.workers.run(job);
+        }
+        let mut p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut set = MetricSet::default();
+        loop {
+            for (i, out, result, took) in p.done.drain(..) {
+                set.merge(out);
+                self.slots[i].last_micros.store(took.as_micros().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+                outcomes[i] = (took, result);
+                reported[i] = true;
+            }
+            let now = Instant::now();
+            let mut next_deadline: Option<Instant> = None;
+            let mut overdue = None;
+            let mut waiting = false;
+            for (l, state) in p.lanes.iter().enumerate() {
+                if state.finished || state.abandoned {
+                    continue;
+                }
+                waiting = true;
+                if let Some((i, since)) = state.current {
+                    let deadline = since + self.limits.collector;
+                    if deadline <= now {
+                        overdue = Some((l, i));
+                        break;
+                    }
+                    next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                }
+            }
+            if let Some((l, i)) = overdue {
+                let name = self.slots[i].collector.name();
+                p.lanes[l].abandoned = true;
+                outcomes[i] = (self.limits.collector, Err(Error::Timeout { collector: name, limit: self.limits.collector }));
+                reported[i] = true;
+                // The rest of that lane's work, on another thread.
+                let rest = Self::unstarted(&p, l, &reported);
+                if !rest.is_empty() {
+                    let job = self.lane(&shared, &mut p, rest);
+                    drop(p);
+                    self.workers.run(job);
+                    p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
+                }
+                continue;
+            }
+            if !waiting {
                 break;
             }
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let cancel = Arc::new(AtomicBool::new(false));
-            let work: Vec<(usize, Arc<dyn Collector>, Arc<AtomicBool>)> =
-                pending.iter().map(|&i| (i, Arc::clone(&self.slots[i].collector), Arc::clone(&self.slots[i].running))).collect();
-            let roots = Arc::clone(&self.roots);
-            let stop = Arc::clone(&cancel);
-            tokio::task::spawn_blocking(move || {
-                for (i, collector, running) in work {
-                    if stop.load(Ordering::Acquire) || running.swap(true, Ordering::AcqRel) {
-                        break;
-                    }
-                    let begin = Instant::now();
-                    let mut out = MetricSet::default();
-                    let result = collector.collect(&roots, &mut out);
-                    running.store(false, Ordering::Release);
-                    if tx.send((i, out, result, begin.elapsed())).is_err() {
-                        break;
-                    }
-                }
-            });
-            while let Some(&next) = pending.front() {
-                let name = self.slots[next].collector.name();
-                match tokio::time::timeout(self.limits.collector, rx.recv()).await {
-                    Ok(Some((i, out, result, took))) if i == next => {
-                        set.merge(out);
-                        outcomes[i] = (took, result);
-                        pending.pop_front();
-                    }
-                    Ok(_) => {
-                        // The thread ended early (a panic in `next`, or it
-                        // found `next` still running): count it failed, go on.
-                        outcomes[next].1 = Err(Error::Stuck { collector: name });
-                        pending.pop_front();
-                        break;
-                    }
-                    Err(_) => {
-                        cancel.store(true, Ordering::Release);
-                        outcomes[next] = (self.limits.collector, Err(Error::Timeout { collector: name, limit: self.limits.collector }));
-                        pending.pop_front();
-                        break;
-                    }
-                }
+            let wait = next_deadline.map_or(self.limits.collector, |d| d.saturating_duration_since(now));
+            p = shared.changed.wait_timeout(p, wait).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        drop(p);
+        // Whatever did not report: its lane ended early (a panic, or no thread for it).
+        for (i, slot) in self.slots.iter().enumerate() {
+            if !reported[i] {
+                outcomes[i].1 = Err(Error::Stuck { collector: slot.collector.name() });
             }
         }
         let outcomes: Vec<(&'static str, Duration, bool)> = self
@@ -367,5 +549,56 @@ impl Exporter {
             );
         }
         Ok(set)
+    }
+
+    /// The collectors of lane `l`'s work that it has not started: those not
+    /// reported yet, except the one it is stuck in.
+    fn unstarted(p: &Progress, l: usize, reported: &[bool]) -> Vec<usize> {
+        let current = p.lanes[l].current.map(|(i, _)| i);
+        p.lanes[l].work.iter().copied().filter(|&i| !reported[i] && Some(i) != current).collect()
+    }
+
+    /// A new lane of the scrape whose progress is `p`, and the job that runs `work` in it.
+    fn lane(&self, shared: &Arc<Shared>, p: &mut Progress, work: Vec<usize>) -> Job {
+        let lane = p.lanes.len();
+        p.lanes.push(LaneState { work: work.clone(), ..LaneState::default() });
+        let end = LaneEnd { shared: Arc::clone(shared), slots: Arc::clone(&self.slots), lane };
+        let roots = Arc::clone(&self.roots);
+        Box::new(move || {
+            end.run(&roots, work);
+            end
+        })
+    }
+}
+
+impl LaneEnd {
+    /// Runs the collectors `work` one after another, reporting each into the scrape's progress.
+    fn run(&self, roots: &Roots, work: Vec<usize>) {
+        let (end, lane) = (self, self.lane);
+        for i in work {
+            let slot = &end.slots[i];
+            {
+                let mut p = end.shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
+                if p.lanes[lane].abandoned {
+                    return;
+                }
+                if slot.running.swap(true, Ordering::AcqRel) {
+                    p.done.push((i, MetricSet::default(), Err(Error::Stuck { collector: slot.collector.name() }), Duration::ZERO));
+                    continue;
+                }
+                p.lanes[lane].current = Some((i, Instant::now()));
+            }
+            let begin = Instant::now();
+            let mut out = MetricSet::default();
+            let result = slot.collector.collect(roots, &mut out);
+            let took = begin.elapsed();
+            slot.running.store(false, Ordering::Release);
+            let mut p = end.shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
+            p.lanes[lane].current = None;
+            if p.lanes[lane].abandoned {
+                return;
+            }
+            p.done.push((i, out, result, took));
+        }
     }
 }

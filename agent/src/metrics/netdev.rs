@@ -3,10 +3,10 @@
 //! and the `netclass` collector (the attributes under `sys/class/net/<dev>`).
 
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
-use regex::Regex;
 
 use super::{Collector, Error, Kind, MetricSet, Roots, read};
 
@@ -15,19 +15,22 @@ pub const NETDEV_DEVICE_EXCLUDE: &str = "^lo$";
 /// node_exporter 1.5.0's default `--collector.netclass.ignored-devices`.
 pub const NETCLASS_IGNORED_DEVICES: &str = "^$";
 
+/// Whether [`NETDEV_DEVICE_EXCLUDE`] matches `dev`.
+pub fn netdev_excluded(dev: &str) -> bool {
+    dev == "lo"
+}
+
+/// Whether [`NETCLASS_IGNORED_DEVICES`] matches `dev`.
+pub fn netclass_ignored(dev: &str) -> bool {
+    dev.is_empty()
+}
+
 const RX: [&str; 8] = ["bytes", "packets", "errs", "drop", "fifo", "frame", "compressed", "multicast"];
 const TX: [&str; 8] = ["bytes", "packets", "errs", "drop", "fifo", "colls", "carrier", "compressed"];
 
 /// `node_network_{receive,transmit}_*_total{device}`.
-pub struct Netdev {
-    exclude: Regex,
-}
-
-impl Default for Netdev {
-    fn default() -> Self {
-        Netdev { exclude: Regex::new(NETDEV_DEVICE_EXCLUDE).expect("a valid pattern") }
-    }
-}
+#[derive(Default)]
+pub struct Netdev;
 
 impl Collector for Netdev {
     fn name(&self) -> &'static str {
@@ -56,7 +59,7 @@ impl Collector for Netdev {
             if values.len() != 16 {
                 return Err(Error::parse(&path, format!("{dev}: {} fields, want 16", values.len())));
             }
-            if self.exclude.is_match(dev) {
+            if netdev_excluded(dev) {
                 continue;
             }
             let labels = [("device", dev)];
@@ -86,15 +89,8 @@ impl Collector for Netdev {
 
 /// `node_network_info`, `node_network_up` and the numeric attributes of
 /// each device under `sys/class/net` (`node_network_mtu_bytes`, ...).
-pub struct Netclass {
-    ignored: Regex,
-}
-
-impl Default for Netclass {
-    fn default() -> Self {
-        Netclass { ignored: Regex::new(NETCLASS_IGNORED_DEVICES).expect("a valid pattern") }
-    }
-}
+#[derive(Default)]
+pub struct Netclass;
 
 /// An attribute of the device directory `dir` as node_exporter reads it:
 /// trimmed, or `None` when the kernel refuses it (EINVAL for `speed` on a
@@ -161,53 +157,279 @@ impl Collector for Netclass {
 
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let class = roots.sys.join("class/net");
-        let entries = std::fs::read_dir(&class).map_err(|e| Error::io(&class, e))?;
         let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         let class_fd = nix::fcntl::open(&class, dir_flags, Mode::empty()).map_err(|e| Error::io(&class, e.into()))?;
         let mut buf = [0u8; 4096];
+        // The live sysfs: most attributes from one netlink dump (the same
+        // kernel fields sysfs prints), the rest from sysfs. Any other root
+        // (a fixture tree, a host's sysfs mounted elsewhere): all from sysfs.
+        if roots.sys == Path::new("/sys")
+            && let Ok(links) = link::dump()
+        {
+            for l in &links {
+                if netclass_ignored(&l.name) {
+                    continue;
+                }
+                let Ok(dir) = nix::fcntl::openat(&class_fd, l.name.as_str(), dir_flags, Mode::empty()) else { continue };
+                device(out, &l.name, &dir, &mut buf, Some(l));
+            }
+            return Ok(());
+        }
+        let entries = std::fs::read_dir(&class).map_err(|e| Error::io(&class, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&class, e))?;
             let Ok(name) = entry.file_name().into_string() else { continue };
-            if self.ignored.is_match(&name) {
+            if netclass_ignored(&name) {
                 continue;
             }
             // Devices are (symlinks to) directories; `bonding_masters` is a file.
             let Ok(dir) = nix::fcntl::openat(&class_fd, name.as_str(), dir_flags, Mode::empty()) else { continue };
-            let labels = [("device", name.as_str())];
-            let mut text = |file: &str| attr(&dir, file, &mut buf).unwrap_or_default().to_string();
-            let operstate = text("operstate");
-            let address = text("address");
-            let broadcast = text("broadcast");
-            let duplex = text("duplex");
-            let ifalias = text("ifalias");
-            out.add(
-                "node_network_up",
-                "Value is 1 if operstate is 'up', 0 otherwise.",
-                Kind::Gauge,
-                &labels,
-                if operstate == "up" { 1.0 } else { 0.0 },
-            );
-            out.add(
-                "node_network_info",
-                "Non-numeric data from /sys/class/net/<iface>, value is always 1.",
-                Kind::Gauge,
-                &[
-                    ("device", &name),
-                    ("address", &address),
-                    ("broadcast", &broadcast),
-                    ("duplex", &duplex),
-                    ("operstate", &operstate),
-                    ("ifalias", &ifalias),
-                ],
-                1.0,
-            );
-            for (file, metric, help, kind) in NETCLASS_NUMBERS {
-                let Some(v) = attr(&dir, file, &mut buf).and_then(parse_int_base0) else { continue };
-                let v = if file == "speed" { v.wrapping_mul(1000 * 1000) / 8 } else { v };
-                out.add(metric, help, kind, &labels, v as f64);
-            }
+            device(out, &name, &dir, &mut buf, None);
         }
         Ok(())
+    }
+}
+
+/// One device's samples: each attribute from `link` when the dump has it, else from its sysfs directory `dir`.
+fn device(out: &mut MetricSet, name: &str, dir: &OwnedFd, buf: &mut [u8; 4096], link: Option<&link::Link>) {
+    let labels = [("device", name)];
+    let mut text = |file: &str| match link.and_then(|l| l.text(file)) {
+        Some(known) => known,
+        None => attr(dir, file, buf).unwrap_or_default().to_string(),
+    };
+    let operstate = text("operstate");
+    let address = text("address");
+    let broadcast = text("broadcast");
+    let duplex = text("duplex");
+    let ifalias = text("ifalias");
+    out.add(
+        "node_network_up",
+        "Value is 1 if operstate is 'up', 0 otherwise.",
+        Kind::Gauge,
+        &labels,
+        if operstate == "up" { 1.0 } else { 0.0 },
+    );
+    out.add(
+        "node_network_info",
+        "Non-numeric data from /sys/class/net/<iface>, value is always 1.",
+        Kind::Gauge,
+        &[
+            ("device", name),
+            ("address", &address),
+            ("broadcast", &broadcast),
+            ("duplex", &duplex),
+            ("operstate", &operstate),
+            ("ifalias", &ifalias),
+        ],
+        1.0,
+    );
+    for (file, metric, help, kind) in NETCLASS_NUMBERS {
+        let v = match link.and_then(|l| l.number(file)) {
+            Some(known) => known,
+            None => attr(dir, file, buf).and_then(parse_int_base0),
+        };
+        let Some(v) = v else { continue };
+        let v = if file == "speed" { v.wrapping_mul(1000 * 1000) / 8 } else { v };
+        out.add(metric, help, kind, &labels, v as f64);
+    }
+}
+
+/// The kernel's network devices from one rtnetlink `RTM_GETLINK` dump: the
+/// fields sysfs prints under `class/net/<dev>` (`mtu`, `operstate`, ...)
+/// without opening a file per field. sysfs alone has `flags` as the device
+/// holds them (netlink adds `IFF_RUNNING` and friends), `speed`, `duplex`,
+/// `dev_id`, `addr_assign_type` and `name_assign_type`.
+mod link {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_GETLINK: u16 = 18;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const IFF_UP: u32 = 0x1;
+    const IFF_DORMANT: u32 = 0x20000;
+    /// IFLA_EXT_MASK's RTEXT_FILTER_SKIP_STATS: no counters, which this does not read.
+    const IFLA_EXT_MASK: u16 = 29;
+    const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
+    /// The kernel's names of `IF_OPER_*`, as sysfs prints them.
+    const OPERSTATES: [&str; 7] = ["unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up"];
+
+    /// One device as the dump describes it.
+    #[derive(Debug, Default)]
+    pub(super) struct Link {
+        pub(super) name: String,
+        index: i32,
+        kind: u16,
+        flags: u32,
+        address: Option<Vec<u8>>,
+        broadcast: Option<Vec<u8>>,
+        mtu: Option<u32>,
+        link: Option<u32>,
+        txqlen: Option<u32>,
+        operstate: Option<u8>,
+        linkmode: Option<u8>,
+        ifalias: Option<String>,
+        group: Option<u32>,
+        carrier: Option<u8>,
+        carrier_changes: Option<u32>,
+        carrier_up: Option<u32>,
+        carrier_down: Option<u32>,
+    }
+
+    fn mac(bytes: &[u8]) -> String {
+        let mut s = String::with_capacity(bytes.len() * 3);
+        for (i, b) in bytes.iter().enumerate() {
+            if i > 0 {
+                s.push(':');
+            }
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        s
+    }
+
+    impl Link {
+        /// `netif_running`: sysfs refuses `carrier` and `dormant` of a device that is not.
+        fn running(&self) -> bool {
+            self.flags & IFF_UP != 0
+        }
+
+        /// The text attribute `file` as sysfs prints it (trimmed), or `None`
+        /// when the dump does not say and sysfs must be read.
+        pub(super) fn text(&self, file: &str) -> Option<String> {
+            match file {
+                // sysfs prints addr_len bytes; netlink leaves both out when that is 0.
+                "address" => Some(self.address.as_deref().map(mac).unwrap_or_default()),
+                "broadcast" => Some(self.broadcast.as_deref().map(mac).unwrap_or_default()),
+                "operstate" => self.operstate.and_then(|o| OPERSTATES.get(usize::from(o))).map(|s| s.to_string()),
+                "ifalias" => Some(self.ifalias.as_deref().unwrap_or_default().trim().to_string()),
+                _ => None,
+            }
+        }
+
+        /// The numeric attribute `file` as sysfs prints it: `Some(None)` when
+        /// sysfs would refuse it, `None` when the dump does not say.
+        pub(super) fn number(&self, file: &str) -> Option<Option<i64>> {
+            // sysfs prints these with "%d" of a C int.
+            let int = |v: Option<u32>| v.map(|v| Some(i64::from(v as i32)));
+            match file {
+                "carrier" if !self.running() => Some(None),
+                "carrier" => self.carrier.map(|c| Some(i64::from(c))),
+                "dormant" if !self.running() => Some(None),
+                "dormant" => Some(Some(i64::from(self.flags & IFF_DORMANT != 0))),
+                "carrier_changes" => int(self.carrier_changes),
+                "carrier_up_count" => int(self.carrier_up),
+                "carrier_down_count" => int(self.carrier_down),
+                "ifindex" => Some(Some(i64::from(self.index))),
+                // Left out when the device is its own link.
+                "iflink" => Some(Some(self.link.map_or(i64::from(self.index), |l| i64::from(l as i32)))),
+                "link_mode" => self.linkmode.map(|m| Some(i64::from(m))),
+                "mtu" => int(self.mtu),
+                "netdev_group" => int(self.group),
+                "tx_queue_len" => int(self.txqlen),
+                "type" => Some(Some(i64::from(self.kind))),
+                _ => None,
+            }
+        }
+    }
+
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    }
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+
+    /// Every device in this process's network namespace.
+    pub(super) fn dump() -> Result<Vec<Link>, nix::Error> {
+        let fd = socket::socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
+        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        let seq: u32 = 1;
+        // nlmsghdr, ifinfomsg (AF_UNSPEC, all devices), IFLA_EXT_MASK.
+        let mut req = Vec::with_capacity(40);
+        req.extend_from_slice(&40u32.to_ne_bytes());
+        req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+        req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        req.extend_from_slice(&seq.to_ne_bytes());
+        req.extend_from_slice(&0u32.to_ne_bytes());
+        req.extend_from_slice(&[0u8; 16]);
+        req.extend_from_slice(&8u16.to_ne_bytes());
+        req.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
+        req.extend_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
+        socket::sendto(fd.as_raw_fd(), &req, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+        let mut links = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            if n == 0 {
+                return Err(nix::Error::EIO);
+            }
+            let mut at = 0;
+            while at + 16 <= n {
+                let (Some(len), Some(kind), Some(msg_seq)) = (u32_at(&buf, at), u16_at(&buf, at + 4), u32_at(&buf, at + 8)) else {
+                    return Err(nix::Error::EIO);
+                };
+                let len = len as usize;
+                if len < 16 || at + len > n {
+                    return Err(nix::Error::EIO);
+                }
+                let msg = &buf[at + 16..at + len];
+                at += (len + 3) & !3;
+                if msg_seq != seq {
+                    continue;
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(links),
+                    NLMSG_ERROR => {
+                        let errno = u32_at(msg, 0).map_or(0, |e| e as i32);
+                        return Err(nix::Error::from_raw(-errno));
+                    }
+                    RTM_NEWLINK => links.push(parse(msg).ok_or(nix::Error::EIO)?),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// An ifinfomsg and its attributes.
+    fn parse(msg: &[u8]) -> Option<Link> {
+        let mut l = Link { kind: u16_at(msg, 2)?, index: u32_at(msg, 4)? as i32, flags: u32_at(msg, 8)?, ..Link::default() };
+        let mut at = 16;
+        while at + 4 <= msg.len() {
+            let len = usize::from(u16_at(msg, at)?);
+            let kind = u16_at(msg, at + 2)? & 0x3fff;
+            if len < 4 || at + len > msg.len() {
+                return None;
+            }
+            let data = &msg[at + 4..at + len];
+            at += (len + 3) & !3;
+            let u32v = || u32_at(data, 0);
+            let u8v = || data.first().copied();
+            let string = || String::from_utf8_lossy(data.split(|&b| b == 0).next().unwrap_or_default()).into_owned();
+            match kind {
+                1 => l.address = Some(data.to_vec()),
+                2 => l.broadcast = Some(data.to_vec()),
+                3 => l.name = string(),
+                4 => l.mtu = u32v(),
+                5 => l.link = u32v(),
+                13 => l.txqlen = u32v(),
+                16 => l.operstate = u8v(),
+                17 => l.linkmode = u8v(),
+                20 => l.ifalias = Some(string()),
+                27 => l.group = u32v(),
+                33 => l.carrier = u8v(),
+                35 => l.carrier_changes = u32v(),
+                47 => l.carrier_up = u32v(),
+                48 => l.carrier_down = u32v(),
+                _ => {}
+            }
+        }
+        (!l.name.is_empty()).then_some(l)
     }
 }
 
@@ -250,7 +472,7 @@ mod tests {
             std::fs::write(dir.path().join("net/dev"), format!("{header}{body}")).unwrap();
             let roots = Roots { proc: dir.path().into(), sys: dir.path().join("sys"), ..Roots::default() };
             let mut set = MetricSet::default();
-            assert_eq!(Netdev::default().collect(&roots, &mut set).is_ok(), ok, "{case}");
+            assert_eq!(Netdev.collect(&roots, &mut set).is_ok(), ok, "{case}");
             if ok {
                 assert_eq!(set.value("node_network_receive_bytes_total", &[("device", "eth0")]), Some(123456789012.0), "{case}");
                 assert_eq!(set.value("node_network_transmit_colls_total", &[("device", "eth0")]), Some(14.0), "{case}");
@@ -259,6 +481,6 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let roots = Roots { proc: dir.path().into(), ..Roots::default() };
-        assert!(Netdev::default().collect(&roots, &mut MetricSet::default()).is_err(), "missing file");
+        assert!(Netdev.collect(&roots, &mut MetricSet::default()).is_err(), "missing file");
     }
 }
