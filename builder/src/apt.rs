@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::Error;
 
 /// The fields of one `apt-cache show` stanza kiln uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stanza {
     /// The package as the archive names it.
     pub package: PackageRef,
@@ -50,17 +50,45 @@ pub fn parse_stanza(text: &str) -> Option<Stanza> {
 #[derive(Debug, Clone)]
 pub struct Archive {
     cache: PathBuf,
+    lists: Option<PathBuf>,
 }
 
 impl Archive {
     /// An archive whose downloads live under `cache/debs` and unpacked trees
     /// under `cache/pkgs`.
     pub fn new(cache: &Path) -> Self {
-        Archive { cache: cache.to_path_buf() }
+        Archive { cache: cache.to_path_buf(), lists: None }
+    }
+
+    /// Remembers resolutions in `cache/resolved/` for as long as apt's
+    /// package lists in `lists` (`/var/lib/apt/lists`) stay as they are:
+    /// `apt-cache` takes most of a second to load its cache, and a no-op
+    /// build would otherwise spend most of its time there.
+    pub fn with_lists(mut self, lists: Option<PathBuf>) -> Self {
+        self.lists = lists;
+        self
     }
 
     /// Resolves `spec` (`name` or `name=version`) to its candidate version.
     pub fn resolve(&self, spec: &str) -> Result<Stanza, Error> {
+        let Some(stamp) = self.lists.as_deref().and_then(lists_stamp) else { return self.resolve_with_apt(spec) };
+        let key = hex::encode(Sha256::digest(format!("{stamp}\n{spec}").as_bytes()));
+        let path = self.cache.join("resolved").join(format!("{key}.json"));
+        if let Some(stanza) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Stanza>(&b).ok()) {
+            return Ok(stanza);
+        }
+        let stanza = self.resolve_with_apt(spec)?;
+        // A lost write only costs the next build an apt-cache call.
+        if create_dir(&self.cache.join("resolved")).is_ok()
+            && let Ok(mut tmp) = tempfile::NamedTempFile::new_in(self.cache.join("resolved"))
+            && std::io::Write::write_all(&mut tmp, &serde_json::to_vec(&stanza).expect("a stanza serialises")).is_ok()
+        {
+            let _ = tmp.persist(&path);
+        }
+        Ok(stanza)
+    }
+
+    fn resolve_with_apt(&self, spec: &str) -> Result<Stanza, Error> {
         let name = spec.split('=').next().unwrap_or(spec);
         let out = Command::new("apt-cache")
             .args(["show", "--no-all-versions", spec])
@@ -154,6 +182,22 @@ impl Archive {
             Err(source) => Err(Error::Io { path: tree.clone(), source }),
         }
     }
+}
+
+/// What apt's package lists are right now: every file's name, size and
+/// modification time. `apt-get update` changes it; nothing else does.
+fn lists_stamp(lists: &Path) -> Option<String> {
+    let mut entries: Vec<String> = std::fs::read_dir(lists)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            let mtime = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+            Some(format!("{} {} {mtime}", e.file_name().to_string_lossy(), m.len()))
+        })
+        .collect();
+    entries.sort();
+    Some(hex::encode(Sha256::digest(entries.join("\n").as_bytes())))
 }
 
 /// Runs a command, turning a failure into an error carrying its stderr.

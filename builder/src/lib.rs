@@ -177,6 +177,9 @@ pub struct Builder {
     pub agent: PathBuf,
     /// Timestamp for every file in every archive (SOURCE_DATE_EPOCH).
     pub source_date_epoch: u32,
+    /// apt's package lists (`/var/lib/apt/lists`): while they are unchanged,
+    /// package resolutions are taken from the cache. `None`: always ask apt.
+    pub apt_lists: Option<PathBuf>,
 }
 
 /// Bumped when the builder's output changes for the same inputs.
@@ -208,7 +211,7 @@ impl Builder {
             return Ok(Outcome { manifest, dir, cached: true });
         }
 
-        let archive = Archive::new(&self.cache);
+        let archive = Archive::new(&self.cache).with_lists(self.apt_lists.clone());
         progress(Event::Phase { phase: "fetch".into(), detail: format!("{} {}", inputs.kernel.name, inputs.kernel.version) });
         let kernel_tree = archive.unpacked(&inputs.kernel, |tree| {
             let version = kernel_version(tree, &inputs.kernel)?;
@@ -258,7 +261,7 @@ impl Builder {
             return Err(Error::Agent { path: self.agent.clone(), reason: "not an ELF executable".into() });
         }
         let libs = linked_libraries(&self.agent)?.into_iter().map(|p| read(&p).map(|b| (p, b))).collect::<Result<Vec<_>, _>>()?;
-        let archive = Archive::new(&self.cache);
+        let archive = Archive::new(&self.cache).with_lists(self.apt_lists.clone());
         let kernel = archive.resolve_kernel(&spec.kernel.package)?;
         let busybox = archive.resolve(&spec.initramfs.busybox_package)?.package;
         let spec_digest = format!("sha256:{}", sha256_hex(&spec_bytes));

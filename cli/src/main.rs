@@ -115,7 +115,7 @@ impl BuildInputs {
             }
         };
         let source_date_epoch = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-        Ok(kiln_builder::Builder { cache: self.cache.clone(), agent, source_date_epoch })
+        Ok(kiln_builder::Builder { cache: self.cache.clone(), agent, source_date_epoch, apt_lists: Some("/var/lib/apt/lists".into()) })
     }
 }
 

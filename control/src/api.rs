@@ -26,6 +26,7 @@ use kiln_pxe::ImageStore;
 use kiln_pxe::artifacts::error;
 use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
 use kiln_pxe::profile::{Catalog, Group, Machine, Profile, ServerParams};
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -51,7 +52,7 @@ pub struct Api {
 }
 
 /// All API routes.
-pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     let with = move || {
         let api = api.clone();
         warp::any().map(move || api.clone())
@@ -125,7 +126,9 @@ pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejec
         .and(warp::get())
         .and(with())
         .map(|api: Arc<Api>| warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response());
-    register
+    // Boxed in groups: one long chain of `or`s is a type too deep for the
+    // compiler's recursion limit in release builds.
+    let nodes_api = register
         .or(heartbeat_route)
         .unify()
         .or(named_heartbeat)
@@ -136,20 +139,10 @@ pub fn routes(api: Arc<Api>) -> impl Filter<Extract = (Response,), Error = Rejec
         .unify()
         .or(peers)
         .unify()
-        .or(nodes)
-        .unify()
-        .or(sd)
-        .unify()
-        .or(profiles)
-        .unify()
-        .or(groups)
-        .unify()
-        .or(boot)
-        .unify()
-        .or(ipxe)
-        .unify()
-        .or(seed)
-        .unify()
+        .boxed();
+    let listing = nodes.or(sd).unify().or(profiles).unify().or(groups).unify().boxed();
+    let booting = boot.or(ipxe).unify().or(seed).unify().boxed();
+    nodes_api.or(listing).unify().or(booting).unify().boxed()
 }
 
 /// A node's service-discovery group: its metrics target, labelled with its
