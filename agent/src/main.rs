@@ -148,8 +148,7 @@ fn metrics_only(args: MetricsArgs) -> ExitCode {
     };
     let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
     log::info!("metrics: listening on {addr}");
-    metrics::serve::serve(listener, exporter);
-    ExitCode::FAILURE
+    metrics::serve::serve(listener, exporter)
 }
 
 fn agent(args: AgentArgs) -> ExitCode {

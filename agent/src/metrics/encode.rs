@@ -4,6 +4,7 @@
 //! writes them: families sorted by name, samples by label values, numbers in
 //! Go's shortest `%g` form.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -41,8 +42,9 @@ pub struct Sample {
     /// Appended to the family's name: empty, or `_bucket`/`_sum`/`_count` for
     /// histograms and summaries read from text files.
     pub suffix: String,
-    /// Label pairs, sorted by name.
-    pub labels: Vec<(String, String)>,
+    /// Label pairs, sorted by name. The collectors' label names are static
+    /// (no allocation per sample); the textfile collector's are owned.
+    pub labels: Vec<(Cow<'static, str>, String)>,
     /// The value.
     pub value: f64,
 }
@@ -94,8 +96,8 @@ impl Hasher for Fnv {
 
 impl MetricSet {
     /// Adds one sample, creating its family (with this HELP and type) on first use.
-    pub fn add(&mut self, name: &str, help: &str, kind: Kind, labels: &[(&str, &str)], value: f64) {
-        let mut pairs: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    pub fn add(&mut self, name: &str, help: &str, kind: Kind, labels: &[(&'static str, &str)], value: f64) {
+        let mut pairs: Vec<(Cow<'static, str>, String)> = labels.iter().map(|&(k, v)| (Cow::Borrowed(k), v.to_string())).collect();
         pairs.sort();
         self.push(name, help, kind, Sample { suffix: String::new(), labels: pairs, value });
     }
@@ -138,7 +140,11 @@ impl MetricSet {
             f.samples
                 .sort_by(|a, b| a.labels.iter().map(|(_, v)| v).cmp(b.labels.iter().map(|(_, v)| v)).then_with(|| a.suffix.cmp(&b.suffix)));
         }
-        self.index = self.families.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
+        for (i, f) in self.families.iter().enumerate() {
+            if let Some(at) = self.index.get_mut(f.name.as_str()) {
+                *at = i;
+            }
+        }
     }
 
     /// The families.

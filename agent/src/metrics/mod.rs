@@ -3,13 +3,15 @@
 //! the collectors that read `/proc` and `/sys` and mean something in a VM.
 //!
 //! A scrape runs the enabled [`Collector`]s on two threads at once, each
-//! collector with its own time limit ([`Exporter::scrape_blocking`]); a collector that fails, times out or is
-//! still stuck in a previous scrape reports `node_scrape_collector_success 0`
-//! and the others still answer. [`encode`] writes the result in the text
-//! format 0.0.4 or in OpenMetrics; [`serve`] answers `GET /metrics`.
+//! collector with its own time limit ([`Exporter::scrape_blocking`]); a
+//! collector that fails, times out or is still stuck in a previous scrape
+//! reports `node_scrape_collector_success 0` and the others still answer.
+//! [`encode`] writes the result in the text format 0.0.4 or in OpenMetrics;
+//! [`serve`] answers `GET /metrics`.
 //!
 //! Every host path comes from [`Roots`]: the library never reads `/proc` on
-//! its own, so tests point it at the fixture tree in `agent/tests/fixtures`.
+//! its own, so tests point it at the fixture tree in `agent/tests/fixtures`
+//! (netclass asks the kernel over rtnetlink only when `sys` is the live `/sys`).
 //!
 //! To add a collector: write a type implementing [`Collector`] in the module
 //! where its data lives (or a new one), emit samples with
@@ -123,8 +125,21 @@ pub(crate) fn read(path: &Path) -> Result<String, Error> {
         .map_err(|e| Error::io(path, e))?;
     // `read` until it returns 0, rather than `read_to_end`: that first asks
     // for the size (statx, lseek), which procfs and sysfs do not know anyway.
-    let mut bytes = vec![0; 4096];
+    // Into the stack first: nearly every file fits, and the answer is then
+    // one allocation of its own size (no big zeroed buffer per file).
+    let mut first = [0u8; 8192];
     let mut len = 0;
+    while len < first.len() {
+        match file.read(&mut first[len..]) {
+            Ok(0) => {
+                return std::str::from_utf8(&first[..len]).map(str::to_string).map_err(|_| Error::parse(path, "not UTF-8"));
+            }
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    let mut bytes = first.to_vec();
     loop {
         if len == bytes.len() {
             bytes.resize(len * 2, 0);
@@ -384,8 +399,12 @@ impl Drop for LaneEnd {
             self.slots[i].running.store(false, Ordering::Release);
         }
         state.finished = true;
+        // The scrape wakes for the last lane only (or at a lane's deadline): one hand-off back.
+        let last = p.lanes.iter().all(|l| l.finished || l.abandoned);
         drop(p);
-        self.shared.changed.notify_all();
+        if last {
+            self.shared.changed.notify_all();
+        }
     }
 }
 
@@ -417,7 +436,7 @@ impl Exporter {
         self.scrape_blocking()
     }
 
-    /// One scrape. The collectors run on [`LANES`] threads at once, split by
+    /// One scrape. The collectors run on two threads at once, split by
     /// how long each took last time, one after another within a lane; each
     /// gets the collector time limit from when it starts. One that overruns
     /// it reports success 0 and is left to finish on its thread (and reports

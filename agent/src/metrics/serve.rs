@@ -44,14 +44,15 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr).map_err(|source| BindError { addr, source })
 }
 
-/// Serves `/metrics` on `listener`; returns only if accepting fails for good.
-pub fn serve(listener: TcpListener, exporter: Arc<Exporter>) {
+/// Serves `/metrics` on `listener`, for good: a failed `accept` (EMFILE, ...)
+/// is logged and retried.
+pub fn serve(listener: TcpListener, exporter: Arc<Exporter>) -> ! {
     let open = Arc::new(AtomicUsize::new(0));
     // The size of the last answer: the next one is written into a buffer that big, grown at most once.
     let last_len = Arc::new(AtomicUsize::new(16 * 1024));
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) => {
                 log::debug!("metrics: accept: {e}");
                 // EMFILE and the like: give the open connections time to end.

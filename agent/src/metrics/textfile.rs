@@ -4,6 +4,7 @@
 //! `node_textfile_scrape_error` (1 when a file or the directory could not be
 //! read or parsed; such a file is skipped whole, as node_exporter does).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::UNIX_EPOCH;
@@ -61,7 +62,7 @@ fn parse_value(s: &str) -> Result<f64, String> {
 }
 
 /// `{a="b",c="d"}` at the start of `s`; returns the labels and the rest.
-type Labels = Vec<(String, String)>;
+type Labels = Vec<(Cow<'static, str>, String)>;
 
 fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
     let mut labels = Vec::new();
@@ -94,7 +95,7 @@ fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
         if labels.iter().any(|(n, _)| n == name) {
             return Err(format!("duplicate label {name:?}"));
         }
-        labels.push((name.to_string(), value));
+        labels.push((Cow::Owned(name.to_string()), value));
         rest = rest[end + 1..].trim_start();
         if let Some(r) = rest.strip_prefix(',') {
             rest = r.trim_start();
@@ -244,13 +245,13 @@ fn file(path: &Path, out: &mut MetricSet) -> Result<f64, Error> {
     }
     for f in families {
         // Every sample of a family gets every label name of the family.
-        let names: BTreeSet<&str> = f.samples.iter().flat_map(|s| s.labels.iter().map(|(k, _)| k.as_str())).collect();
+        let names: BTreeSet<&str> = f.samples.iter().flat_map(|s| s.labels.iter().map(|(k, _)| k.as_ref())).collect();
         let names: Vec<String> = names.into_iter().map(str::to_string).collect();
         let help = f.help.clone().unwrap_or_else(|| format!("Metric read from {}", path.display()));
         for mut s in f.samples {
             for n in &names {
                 if !s.labels.iter().any(|(k, _)| k == n) {
-                    s.labels.push((n.clone(), String::new()));
+                    s.labels.push((Cow::Owned(n.clone()), String::new()));
                 }
             }
             s.labels.sort();
