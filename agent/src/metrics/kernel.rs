@@ -239,17 +239,7 @@ impl Collector for Conntrack {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tree(files: &[(&str, &str)]) -> (tempfile::TempDir, Roots) {
-        let dir = tempfile::tempdir().unwrap();
-        for (p, s) in files {
-            let path = dir.path().join(p);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, s).unwrap();
-        }
-        let roots = Roots { proc: dir.path().into(), ..Roots::default() };
-        (dir, roots)
-    }
+    use crate::metrics::proc_tree as tree;
 
     #[test]
     fn cases() {

@@ -621,3 +621,17 @@ impl LaneEnd {
         }
     }
 }
+
+/// A fake procfs for collector unit tests: `files` (path relative to the
+/// proc root, contents) in a temporary directory, and roots pointing at it.
+#[cfg(test)]
+pub(crate) fn proc_tree(files: &[(&str, &str)]) -> (tempfile::TempDir, Roots) {
+    let dir = tempfile::tempdir().unwrap();
+    for (p, s) in files {
+        let path = dir.path().join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, s).unwrap();
+    }
+    let roots = Roots { proc: dir.path().into(), ..Roots::default() };
+    (dir, roots)
+}
