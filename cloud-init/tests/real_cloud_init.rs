@@ -8,8 +8,11 @@ use std::process::Command;
 use kiln_cloud_init::{CloudConfig, MetaData, NetworkConfig, RunCmd, Seed, User, WriteFile};
 
 fn seed() -> Seed {
-    let mac = "52:54:00:12:34:56".parse().unwrap();
-    let config = CloudConfig {
+    seed_of(config())
+}
+
+fn config() -> CloudConfig {
+    CloudConfig {
         hostname: Some("worker-1".into()),
         users: vec![User {
             name: "kiln".into(),
@@ -32,13 +35,34 @@ fn seed() -> Seed {
         ],
         packages: vec!["htop".into()],
         output: BTreeMap::from([("all".into(), "| tee -a /dev/console".into())]),
-    };
+    }
+}
+
+fn seed_of(config: CloudConfig) -> Seed {
+    let mac = "52:54:00:12:34:56".parse().unwrap();
     Seed {
         meta_data: MetaData { instance_id: "kiln-525400123456".into(), local_hostname: "worker-1".into() },
         user_data: config.to_user_data(),
         network_config: Some(NetworkConfig::dhcp(mac).to_text()),
         vendor_data: Some("#cloud-config\n{}\n".into()),
     }
+}
+
+#[test]
+fn files_are_named_and_shaped_as_nocloud_expects() {
+    let s = seed_of(CloudConfig { packages: vec![], ..config() });
+    let names: Vec<&str> = s.files().iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["meta-data", "user-data", "network-config", "vendor-data"]);
+    assert!(s.user_data.starts_with("#cloud-config\n"));
+    let meta: serde_json::Value = serde_json::from_str(&s.file("meta-data").unwrap()).unwrap();
+    assert_eq!(meta["instance-id"], "kiln-525400123456");
+    assert_eq!(meta["local-hostname"], "worker-1");
+    let net: serde_json::Value = serde_json::from_str(&s.file("network-config").unwrap()).unwrap();
+    assert_eq!(net["version"], 2);
+    assert_eq!(net["ethernets"]["primary"]["match"]["macaddress"], "52:54:00:12:34:56");
+    let user: serde_json::Value = serde_json::from_str(s.user_data.trim_start_matches("#cloud-config\n")).unwrap();
+    assert!(user.get("packages").is_none(), "unset modules are left out");
+    assert_eq!(user["runcmd"][1][0], "echo", "an argv runcmd entry is a list");
 }
 
 #[test]
