@@ -180,6 +180,9 @@ pub struct Builder {
     /// apt's package lists (`/var/lib/apt/lists`): while they are unchanged,
     /// package resolutions are taken from the cache. `None`: always ask apt.
     pub apt_lists: Option<PathBuf>,
+    /// The control plane's CA certificate (PEM), baked in at
+    /// `/etc/kiln/ca.pem`: the only certificates the agent trusts.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// Bumped when the builder's output changes for the same inputs.
@@ -270,6 +273,9 @@ impl Builder {
         for (path, bytes) in &libs {
             key_text.push_str(&format!("{} {}\n", path.display(), sha256_hex(bytes)));
         }
+        if let Some(ca) = &self.ca {
+            key_text.push_str(&format!("ca {}\n", sha256_hex(ca)));
+        }
         key_text.push_str(&format!("{}\n{}\n", self.source_date_epoch, INIT_SCRIPT));
         key_text.push_str(UDHCPC_SCRIPT);
         let key = format!("sha256:{}", sha256_hex(key_text.as_bytes()));
@@ -290,6 +296,9 @@ impl Builder {
         entries.put("bin/busybox", 0o755, cpio::Entry::File(busybox));
         entries.put("bin/sh", 0o777, cpio::Entry::Symlink("busybox".into()));
         entries.put("usr/bin/kiln-agent", 0o755, cpio::Entry::File(inputs.agent.clone()));
+        if let Some(ca) = &self.ca {
+            entries.put("etc/kiln/ca.pem", 0o644, cpio::Entry::File(ca.clone()));
+        }
         for (path, bytes) in &inputs.libs {
             let rel = path.to_string_lossy().trim_start_matches('/').to_string();
             entries.put(&rel, 0o755, cpio::Entry::File(bytes.clone()));

@@ -33,6 +33,11 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         inputs: BuildInputs,
+        /// Bake the CA of the control plane with this state directory into
+        /// the image (`STATE/ca.pem`, made if there is none yet), so its
+        /// agent trusts that server's TLS API.
+        #[arg(long, env = "KILN_STATE")]
+        state: Option<PathBuf>,
         /// One JSON event per line instead of a progress display.
         #[arg(long)]
         json: bool,
@@ -72,12 +77,43 @@ enum Command {
         /// Length of each node's pod subnet (flannel's `SubnetLen`).
         #[arg(long, default_value_t = 24)]
         subnet_len: u8,
+        /// Address of the API over TLS (CA: STATE/ca.pem).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        api_listen: SocketAddr,
+        /// Serve the API over plain HTTP on --listen instead of TLS: only for
+        /// loopback demos and tests.
+        #[arg(long)]
+        plain_http: bool,
+        /// The API's URL as nodes reach it (default: https:// on the host
+        /// they fetched their boot script from, at --api-listen's port).
+        #[arg(long)]
+        advertise_api: Option<String>,
+        /// Another DNS name or IP address for the API's certificate
+        /// (repeatable); localhost, the host name and local addresses are in.
+        #[arg(long = "tls-name", value_name = "NAME")]
+        tls_names: Vec<String>,
+        /// Keep the registry and leases in etcd at these client URLs
+        /// (comma-separated) instead of the embedded database.
+        #[arg(long, value_delimiter = ',', value_name = "URL")]
+        etcd: Vec<String>,
+        /// flannel's etcd prefix.
+        #[arg(long, default_value = kiln_control::store::etcd::DEFAULT_PREFIX)]
+        etcd_prefix: String,
+        /// TTL of subnet leases in etcd, in seconds (flannel's: 24 h).
+        #[arg(long, default_value_t = 86400)]
+        lease_ttl: u64,
     },
     /// List registered nodes.
     Nodes {
-        /// The server's base URL.
-        #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:8080")]
+        /// The API's base URL.
+        #[arg(long, env = "KILN_SERVER", default_value = "https://127.0.0.1:8443")]
         server: String,
+        /// The CA certificate of an https:// server (default: STATE/ca.pem).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// State directory of the server, for its CA.
+        #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
+        state: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -99,7 +135,15 @@ pub struct BuildInputs {
 }
 
 impl BuildInputs {
-    fn builder(&self) -> Result<kiln_builder::Builder> {
+    /// The builder; with `state`, baking that control plane's CA in.
+    fn builder(&self, state: Option<&std::path::Path>) -> Result<kiln_builder::Builder> {
+        let ca = match state {
+            Some(state) => {
+                let ca = kiln_control::tls::Ca::load_or_create(state).with_context(|| format!("the CA in {}", state.display()))?;
+                Some(ca.cert_pem().as_bytes().to_vec())
+            }
+            None => None,
+        };
         let agent = match &self.agent {
             Some(p) => p.clone(),
             None => {
@@ -115,7 +159,7 @@ impl BuildInputs {
             }
         };
         let source_date_epoch = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-        Ok(kiln_builder::Builder { cache: self.cache.clone(), agent, source_date_epoch, apt_lists: Some("/var/lib/apt/lists".into()) })
+        Ok(kiln_builder::Builder { cache: self.cache.clone(), agent, source_date_epoch, apt_lists: Some("/var/lib/apt/lists".into()), ca })
     }
 }
 
@@ -134,14 +178,32 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build { spec, out, inputs, json } => {
-            let builder = inputs.builder()?;
+        Command::Build { spec, out, inputs, state, json } => {
+            let builder = inputs.builder(state.as_deref())?;
             let progress = output::BuildProgress::new(json);
             let outcome = builder.build(&spec, &out, &|e| progress.event(e)).with_context(|| format!("building {}", spec.display()))?;
             progress.finish(&outcome);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { images, listen, state, advertise, profiles, tftp, tftp_root, proxy_dhcp, pod_network, subnet_len } => {
+        Command::Serve {
+            images,
+            listen,
+            state,
+            advertise,
+            profiles,
+            tftp,
+            tftp_root,
+            proxy_dhcp,
+            pod_network,
+            subnet_len,
+            api_listen,
+            plain_http,
+            advertise_api,
+            tls_names,
+            etcd,
+            etcd_prefix,
+            lease_ttl,
+        } => {
             if subnet_len < pod_network.prefix || subnet_len > 30 {
                 anyhow::bail!("--subnet-len {subnet_len} must be between the pod network's prefix ({}) and 30", pod_network.prefix);
             }
@@ -158,18 +220,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     tftp_root,
                     proxy_dhcp,
                     network,
+                    api: if plain_http {
+                        kiln_control::server::ApiListen::Plain
+                    } else {
+                        kiln_control::server::ApiListen::Tls { listen: api_listen, advertise: advertise_api, names: tls_names }
+                    },
+                    store: if etcd.is_empty() {
+                        kiln_control::server::StoreConfig::Embedded
+                    } else {
+                        kiln_control::server::StoreConfig::Etcd(kiln_control::store::etcd::EtcdConfig {
+                            endpoints: etcd,
+                            prefix: etcd_prefix,
+                            ttl: std::time::Duration::from_secs(lease_ttl.max(1)),
+                        })
+                    },
                 };
                 let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
-                println!("kiln: serving on http://{} (Ctrl-C stops)", server.addr);
+                match (server.api_addr, &server.ca) {
+                    (Some(api), Some(ca)) => println!(
+                        "kiln: serving boot assets on http://{}, the API on https://{api} (CA {}) (Ctrl-C stops)",
+                        server.addr,
+                        ca.display()
+                    ),
+                    _ => println!("kiln: serving on http://{} (API on plain HTTP) (Ctrl-C stops)", server.addr),
+                }
                 output::shutdown_signal().await;
                 tracing::info!("shutting down");
                 server.shutdown().await;
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Nodes { server, json } => {
+        Command::Nodes { server, json, ca, state } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let nodes = runtime.block_on(output::fetch_nodes(&server))?;
+            let ca = if server.starts_with("https://") {
+                let path = ca.unwrap_or_else(|| state.join(kiln_control::tls::CA_CERT));
+                Some(std::fs::read(&path).with_context(|| format!("reading the server's CA {}", path.display()))?)
+            } else {
+                None
+            };
+            let nodes = runtime.block_on(output::fetch_nodes(&server, ca.as_deref()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {

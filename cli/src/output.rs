@@ -99,9 +99,13 @@ impl BuildProgress {
 }
 
 /// `GET {server}/api/v1/nodes`.
-pub async fn fetch_nodes(server: &str) -> anyhow::Result<Vec<Node>> {
+pub async fn fetch_nodes(server: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Vec<Node>> {
     let url = format!("{}/api/v1/nodes", server.trim_end_matches('/'));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let roots = match ca_pem {
+        Some(pem) => reqwest::Certificate::from_pem_bundle(pem)?,
+        None => Vec::new(),
+    };
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).tls_certs_only(roots).build()?;
     let resp = client.get(&url).send().await.map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let status = resp.status();
     if !status.is_success() {

@@ -58,7 +58,7 @@ fn event(json: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
 
 /// Runs `kiln up` to the end (Ctrl-C or a failure).
 pub fn run(args: UpArgs) -> Result<ExitCode> {
-    let builder = args.inputs.builder()?;
+    let builder = args.inputs.builder(Some(&args.state))?;
     let spec_dir = args.inputs.cache.join("specs");
     std::fs::create_dir_all(&spec_dir).with_context(|| format!("creating {}", spec_dir.display()))?;
     let spec = spec_dir.join("tiny.toml");
@@ -80,6 +80,13 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             tftp_root: kiln_control::server::IPXE_DIR.into(),
             proxy_dhcp: None,
             network: Default::default(),
+            // The guest reaches the host at QEMU user networking's 10.0.2.2.
+            api: kiln_control::server::ApiListen::Tls {
+                listen: SocketAddr::new(args.listen.ip(), 0),
+                advertise: None,
+                names: vec!["10.0.2.2".into()],
+            },
+            store: kiln_control::server::StoreConfig::Embedded,
         };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         let port = server.addr.port();

@@ -49,42 +49,71 @@ pub struct Api {
     pub bootstrap_token: String,
     /// Base URL nodes should use; `None` means the request's `Host`.
     pub advertise: Option<String>,
+    /// How agents reach the API.
+    pub api_endpoint: ApiEndpoint,
 }
 
-/// All API routes.
+/// How agents reach the API: over TLS on its own port, or on the boot
+/// assets' plain-HTTP listener (`--plain-http`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiEndpoint {
+    /// The same base URL as the boot assets.
+    Plain,
+    /// `https://` on this port of the host nodes reach the boot assets at,
+    /// or this exact URL when given (`--advertise-api`).
+    Tls {
+        /// The API's port.
+        port: u16,
+        /// The API's URL as nodes reach it, when it cannot be derived.
+        advertise: Option<String>,
+    },
+}
+
+/// Every route, on one listener (`--plain-http`, tests).
 pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    let (api, boot) = split_routes(api);
+    api.or(boot).unify().boxed()
+}
+
+/// The API routes (`/api/...`: served over TLS) and the boot routes
+/// (`/boot.ipxe`, `/ipxe`, `/cloud-init/...`: plain HTTP, as PXE ROMs and
+/// iPXE speak no TLS).
+pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Response,)>) {
     let with = move || {
         let api = api.clone();
         warp::any().map(move || api.clone())
     };
     let auth = warp::header::optional::<String>("authorization");
-    let register = warp::path!("api" / "v1" / "register")
-        .and(warp::post())
-        .and(with())
-        .and(auth)
-        .and(warp::body::content_length_limit(MAX_BODY))
-        .and(warp::body::bytes())
-        .map(|api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| register(&api, auth.as_deref(), &body));
+    let register =
+        warp::path!("api" / "v1" / "register")
+            .and(warp::post())
+            .and(with())
+            .and(auth)
+            .and(warp::body::content_length_limit(MAX_BODY))
+            .and(warp::body::bytes())
+            .then(|api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| async move {
+                register(&api, auth.as_deref(), &body).await
+            });
     let heartbeat_route = warp::path!("api" / "v1" / "heartbeat")
         .and(warp::post())
         .and(with())
         .and(auth)
-        .map(|api: Arc<Api>, auth: Option<String>| heartbeat(&api, auth.as_deref(), None));
+        .then(|api: Arc<Api>, auth: Option<String>| async move { heartbeat(&api, auth.as_deref(), None).await });
     let named_heartbeat = warp::path!("api" / "v1" / "nodes" / String / "heartbeat")
         .and(warp::post())
         .and(with())
         .and(auth)
-        .map(|name: String, api: Arc<Api>, auth: Option<String>| heartbeat(&api, auth.as_deref(), Some(&name)));
+        .then(|name: String, api: Arc<Api>, auth: Option<String>| async move { heartbeat(&api, auth.as_deref(), Some(&name)).await });
     let leave_route = warp::path!("api" / "v1" / "leave")
         .and(warp::post())
         .and(with())
         .and(auth)
-        .map(|api: Arc<Api>, auth: Option<String>| leave(&api, auth.as_deref(), None));
+        .then(|api: Arc<Api>, auth: Option<String>| async move { leave(&api, auth.as_deref(), None).await });
     let named_leave = warp::path!("api" / "v1" / "nodes" / String / "leave")
         .and(warp::post())
         .and(with())
         .and(auth)
-        .map(|name: String, api: Arc<Api>, auth: Option<String>| leave(&api, auth.as_deref(), Some(&name)));
+        .then(|name: String, api: Arc<Api>, auth: Option<String>| async move { leave(&api, auth.as_deref(), Some(&name)).await });
     let peers = warp::path!("api" / "v1" / "peers").and(warp::get()).and(with()).and(warp::query::<PeersQuery>()).then(
         |api: Arc<Api>, q: PeersQuery| async move {
             let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
@@ -142,7 +171,7 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .boxed();
     let listing = nodes.or(sd).unify().or(profiles).unify().or(groups).unify().boxed();
     let booting = boot.or(ipxe).unify().or(seed).unify().boxed();
-    nodes_api.or(listing).unify().or(booting).unify().boxed()
+    (nodes_api.or(listing).unify().boxed(), booting)
 }
 
 /// A node's service-discovery group: its metrics target, labelled with its
@@ -153,7 +182,7 @@ fn sd_group(node: &kiln_core::Node) -> Option<SdTargetGroup> {
     Some(SdTargetGroup { targets: vec![target], labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() })
 }
 
-fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
+async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     let Some(presented) = token::bearer(auth) else {
         return error(StatusCode::UNAUTHORIZED, "registration needs the bootstrap token as `Authorization: Bearer`");
     };
@@ -168,7 +197,7 @@ fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     if let Err(e) = req.validate() {
         return error(StatusCode::BAD_REQUEST, &format!("registration body: {e}"));
     }
-    match api.registry.register(&req) {
+    match api.registry.register(&req).await {
         Ok((node, token, lease)) => {
             tracing::info!(
                 node = %node.name,
@@ -186,6 +215,7 @@ fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
         Err(e @ RegistryError::NoPublicIp(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ RegistryError::Busy(_)) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(RegistryError::Store(e)) => {
             tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
             error(StatusCode::SERVICE_UNAVAILABLE, "the registry could not record the node; retry")
@@ -213,12 +243,12 @@ fn authorize(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Result<Str
     }
 }
 
-fn leave(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
+async fn leave(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
     if let Err((status, message)) = authorize(api, auth, claimed) {
         return error(status, &message);
     }
     let presented = token::bearer(auth).unwrap_or_default();
-    match api.registry.leave(presented) {
+    match api.registry.leave(presented).await {
         Ok(Some(node)) => {
             tracing::info!(node = %node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "node left");
             warp::reply::json(&node).into_response()
@@ -231,12 +261,12 @@ fn leave(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
     }
 }
 
-fn heartbeat(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
+async fn heartbeat(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
     if let Err((status, message)) = authorize(api, auth, claimed) {
         return error(status, &message);
     }
     let presented = token::bearer(auth).unwrap_or_default();
-    match api.registry.heartbeat(presented) {
+    match api.registry.heartbeat(presented).await {
         Ok(Some(node)) => {
             warp::reply::json(&HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response()
         }
@@ -255,6 +285,24 @@ fn base_url(api: &Api, host: Option<&str>) -> Option<String> {
         (Some(url), _) => Some(url.trim_end_matches('/').to_string()),
         (None, Some(host)) => Some(format!("http://{host}")),
         (None, None) => None,
+    }
+}
+
+/// The API's URL as the machine's agent reaches it.
+fn api_url(endpoint: &ApiEndpoint, base: &str) -> String {
+    match endpoint {
+        ApiEndpoint::Plain => base.to_string(),
+        ApiEndpoint::Tls { advertise: Some(url), .. } => url.trim_end_matches('/').to_string(),
+        ApiEndpoint::Tls { port, advertise: None } => {
+            let authority = base.split_once("://").map_or(base, |(_, rest)| rest);
+            let authority = authority.split('/').next().unwrap_or(authority);
+            // `[v6]:port`, `host:port` or `host`.
+            let host = match authority.rsplit_once(':') {
+                Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => h,
+                _ => authority,
+            };
+            format!("https://{host}:{port}")
+        }
     }
 }
 
@@ -287,7 +335,13 @@ fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String
         Err((status, message)) => return error(status, &message),
     };
     tracing::info!(mac = ?machine.mac.map(|m| m.to_string()), group = %group.id, profile = %profile.id, image = %image.name, "boot script");
-    ipxe_reply(boot_script(image, &profile.kernel_args, machine.mac, &BootParams { base_url: &base, token: &api.bootstrap_token }))
+    let api_url = api_url(&api.api_endpoint, &base);
+    ipxe_reply(boot_script(
+        image,
+        &profile.kernel_args,
+        machine.mac,
+        &BootParams { base_url: &base, token: &api.bootstrap_token, api_url: &api_url },
+    ))
 }
 
 fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
@@ -300,7 +354,9 @@ fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),
     };
-    let seed = match api.catalog.seed(profile, image, &machine, &ServerParams { base_url: &base, token: &api.bootstrap_token }) {
+    let api_url = api_url(&api.api_endpoint, &base);
+    let params = ServerParams { base_url: &base, token: &api.bootstrap_token, api_url: &api_url };
+    let seed = match api.catalog.seed(profile, image, &machine, &params) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
@@ -334,10 +390,10 @@ pub async fn recover(rejection: Rejection) -> Result<Response, std::convert::Inf
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::FileStore;
+    use crate::store::embedded::DbStore;
     use kiln_core::Node;
 
-    fn api(dir: &std::path::Path) -> Arc<Api> {
+    async fn api(dir: &std::path::Path) -> Arc<Api> {
         let images = dir.join("images");
         let image = images.join("tiny");
         std::fs::create_dir_all(&image).unwrap();
@@ -361,14 +417,15 @@ mod tests {
             },
         };
         std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
-        let store = FileStore::open(&dir.join("nodes.json")).unwrap();
+        let store = DbStore::open(&dir.join("registry.redb"), None).unwrap();
         let images = Arc::new(ImageStore::load(&images).unwrap());
         Arc::new(Api {
-            registry: Arc::new(Registry::open(Arc::new(store), Default::default()).unwrap()),
+            registry: Registry::open(Arc::new(store), Default::default()).await.unwrap(),
             catalog: Arc::new(Catalog::builtin(&images)),
             images,
             bootstrap_token: "boot".into(),
             advertise: None,
+            api_endpoint: ApiEndpoint::Tls { port: 8443, advertise: None },
         })
     }
 
@@ -383,7 +440,7 @@ mod tests {
     #[tokio::test]
     async fn register_auth_and_bad_bodies() {
         let dir = tempfile::tempdir().unwrap();
-        let api = api(dir.path());
+        let api = api(dir.path()).await;
         let routes = routes(api.clone()).recover(recover);
         let post = |auth: Option<&str>, body: Vec<u8>| {
             let mut r = warp::test::request().method("POST").path("/api/v1/register").body(body);
@@ -459,10 +516,21 @@ mod tests {
         }
     }
 
+    #[test]
+    fn api_url_follows_the_boot_host() {
+        let tls = ApiEndpoint::Tls { port: 8443, advertise: None };
+        assert_eq!(api_url(&tls, "http://10.0.2.2:8080"), "https://10.0.2.2:8443");
+        assert_eq!(api_url(&tls, "http://kiln.lan"), "https://kiln.lan:8443");
+        assert_eq!(api_url(&tls, "http://[fd00::1]:8080/"), "https://[fd00::1]:8443");
+        let fixed = ApiEndpoint::Tls { port: 8443, advertise: Some("https://api.lan:9443/".into()) };
+        assert_eq!(api_url(&fixed, "http://10.0.2.2:8080"), "https://api.lan:9443");
+        assert_eq!(api_url(&ApiEndpoint::Plain, "http://10.0.2.2:8080"), "http://10.0.2.2:8080");
+    }
+
     #[tokio::test]
     async fn boot_chain_and_seeds() {
         let dir = tempfile::tempdir().unwrap();
-        let routes = routes(api(dir.path())).recover(recover);
+        let routes = routes(api(dir.path()).await).recover(recover);
         let get = |path: &str| warp::test::request().path(path).header("host", "10.0.2.2:8080");
         let resp = get("/boot.ipxe").reply(&routes).await;
         assert_eq!(resp.status(), 200);
@@ -474,6 +542,7 @@ mod tests {
         let text = String::from_utf8_lossy(resp.body());
         assert!(text.contains("kernel http://10.0.2.2:8080/images/tiny/vmlinuz"), "{text}");
         assert!(text.contains("kiln.token=boot"), "{text}");
+        assert!(text.contains(" kiln.server=https://10.0.2.2:8443 "), "the agent gets the TLS API on the boot host: {text}");
         assert!(text.contains("ds=nocloud;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/"), "{text}");
 
         let resp = get("/ipxe?mac=nonsense").reply(&routes).await;
@@ -499,7 +568,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_machine_without_default_group_is_404_with_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let base = api(dir.path());
+        let base = api(dir.path()).await;
         let cat = dir.path().join("cat");
         std::fs::create_dir_all(cat.join("profiles")).unwrap();
         std::fs::create_dir_all(cat.join("groups")).unwrap();
@@ -511,6 +580,7 @@ mod tests {
             catalog: Arc::new(Catalog::load(&cat, &base.images).unwrap()),
             bootstrap_token: "boot".into(),
             advertise: Some("http://kiln.example:8080".into()),
+            api_endpoint: ApiEndpoint::Plain,
         });
         let routes = routes(api).recover(recover);
         let resp = warp::test::request().path("/ipxe?mac=52-54-00-00-00-02").reply(&routes).await;
@@ -518,7 +588,10 @@ mod tests {
         let text = String::from_utf8_lossy(resp.body());
         assert!(text.contains("no group matches") && text.contains("52:54:00:00:00:02"), "{text}");
         let resp = warp::test::request().path("/ipxe?mac=52-54-00-00-00-01").reply(&routes).await;
-        assert!(String::from_utf8_lossy(resp.body()).contains("kiln.server=http://kiln.example:8080 "), "--advertise wins over Host");
+        assert!(
+            String::from_utf8_lossy(resp.body()).contains("kiln.server=http://kiln.example:8080 "),
+            "--advertise wins over Host; --plain-http serves the API there"
+        );
         let resp = warp::test::request().path("/cloud-init/52-54-00-00-00-01/user-data").reply(&routes).await;
         assert_eq!(resp.status(), 500, "a template error is the server's");
         assert!(String::from_utf8_lossy(resp.body()).contains("profile `p`"), "names the profile");

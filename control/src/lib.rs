@@ -1,16 +1,18 @@
 //! kiln-control: the control plane.
 //!
-//! - [`registry`]: registered nodes and their tokens, behind the [`store::Store`]
-//!   trait (the embedded default keeps one JSON file in the state directory,
-//!   replaced atomically on every change).
+//! - [`registry`]: registered nodes, their tokens and subnet leases, behind
+//!   the [`store::Store`] trait: an embedded redb database in the state
+//!   directory by default, or etcd with flannel's schema.
 //! - [`api`]: the HTTP API (`/api/v1/register`, `/api/v1/heartbeat`,
-//!   `/api/v1/nodes`) and `/boot.ipxe`.
+//!   `/api/v1/peers`, `/api/v1/nodes`, `/api/v1/sd`) and `/boot.ipxe`.
+//! - [`tls`]: the control plane's CA (`STATE/ca.pem`) and the API over TLS.
 //! - [`server`]: the composed server `kiln serve` runs: boot assets from
-//!   kiln-pxe plus the API, with its state directory and bootstrap token.
+//!   kiln-pxe on plain HTTP plus the API over TLS, with its state directory
+//!   and bootstrap token.
 //! - [`qemu`]: QEMU guests that kiln starts itself (`kiln up`, tests), and the
 //!   probe that decides between KVM and TCG.
 //!
-//! A new store (etcd) implements [`store::Store`]; a new endpoint is a filter
+//! A new store implements [`store::Store`]; a new endpoint is a filter
 //! in [`api`] that the server composes.
 
 pub mod api;
@@ -18,6 +20,7 @@ pub mod qemu;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod token;
 
 pub use registry::Registry;

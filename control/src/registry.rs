@@ -10,14 +10,14 @@
 //! token hash and lease together) before it is answered, so a crash never
 //! leaves half a lease.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use kiln_core::{Ipv4Cidr, Lease, Node, Peer, Peers, RegisterRequest};
 use time::OffsetDateTime;
 
-use crate::store::{self, NodeRecord, Store};
+use crate::store::{self, Change, NodeRecord, Renewal, Store};
 use crate::token;
 
 /// Seconds between heartbeats that the registry asks agents for.
@@ -59,6 +59,9 @@ pub enum Error {
     /// A node asked for a lease without an IPv4 address to carry VXLAN.
     #[error("node {0} has no IPv4 address for VXLAN (send public_ip)")]
     NoPublicIp(String),
+    /// The same machine is registering on another connection right now.
+    #[error("machine {0} is already registering; retry")]
+    Busy(String),
 }
 
 /// What a heartbeat or leave found for a token.
@@ -72,20 +75,89 @@ pub enum TokenCheck {
     OtherNode(String),
 }
 
+/// What the registry holds in memory.
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<String, NodeRecord>,
+    /// Token hash → node name.
+    tokens: HashMap<String, String>,
+    /// Registrations being written: name → (machine id, subnet). Their
+    /// names and subnets are taken for everyone else meanwhile.
+    pending: BTreeMap<String, (String, Option<Ipv4Cidr>)>,
+    /// Leases in the store that are not kiln's nodes (a flanneld's).
+    foreign: BTreeMap<Ipv4Cidr, Peer>,
+}
+
+impl State {
+    fn insert(&mut self, record: NodeRecord) {
+        if let Some(old) = self.nodes.get(&record.node.name) {
+            self.tokens.remove(&old.token_sha256);
+        }
+        if let Some(subnet) = record.node.subnet {
+            self.foreign.remove(&subnet);
+        }
+        self.tokens.insert(record.token_sha256.clone(), record.node.name.clone());
+        self.nodes.insert(record.node.name.clone(), record);
+    }
+
+    fn remove(&mut self, name: &str) -> Option<NodeRecord> {
+        let record = self.nodes.remove(name)?;
+        self.tokens.remove(&record.token_sha256);
+        Some(record)
+    }
+
+    fn by_token(&self, node_token: &str) -> Option<&NodeRecord> {
+        self.tokens.get(&token::hash(node_token)).and_then(|name| self.nodes.get(name))
+    }
+}
+
+/// Takes a registration's name and subnet off `pending` when it ends,
+/// also when the request is dropped half way.
+struct PendingGuard<'a> {
+    registry: &'a Registry,
+    name: String,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.registry.state.lock().expect("registry lock").pending.remove(&self.name);
+    }
+}
+
 /// The registry: the records in memory, written through to the store.
 pub struct Registry {
     store: Arc<dyn Store>,
     network: NetworkConfig,
-    nodes: Mutex<BTreeMap<String, NodeRecord>>,
+    state: Mutex<State>,
     revision: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
     /// A registry over `store`, loaded from it, leasing from `network`.
-    pub fn open(store: Arc<dyn Store>, network: NetworkConfig) -> Result<Self, store::Error> {
-        let nodes = store.load()?.into_iter().map(|r| (r.node.name.clone(), r)).collect();
+    /// A store that others write to (etcd) is watched from here on; call
+    /// from inside a tokio runtime.
+    pub async fn open(store: Arc<dyn Store>, network: NetworkConfig) -> Result<Arc<Self>, store::Error> {
+        let loaded = store.load().await?;
+        let mut state = State::default();
+        for record in loaded.records {
+            state.insert(record);
+        }
+        for peer in loaded.foreign {
+            state.foreign.insert(peer.subnet, peer);
+        }
         let (revision, _) = tokio::sync::watch::channel(1);
-        Ok(Registry { store, network, nodes: Mutex::new(nodes), revision })
+        let changes = store.watch();
+        let registry = Arc::new(Registry { store, network, state: Mutex::new(state), revision });
+        if let Some(mut changes) = changes {
+            let weak = Arc::downgrade(&registry);
+            tokio::spawn(async move {
+                while let Some(change) = changes.recv().await {
+                    let Some(registry) = weak.upgrade() else { return };
+                    registry.apply(change).await;
+                }
+            });
+        }
+        Ok(registry)
     }
 
     /// The pod network the registry leases from.
@@ -93,80 +165,162 @@ impl Registry {
         self.network
     }
 
+    /// What backs it, for logs.
+    pub fn store(&self) -> String {
+        self.store.describe()
+    }
+
+    fn bump(&self) {
+        self.revision.send_modify(|r| *r += 1);
+    }
+
+    /// A change another writer made to the store.
+    async fn apply(&self, change: Change) {
+        let mut expired = None;
+        {
+            let mut st = self.state.lock().expect("registry lock");
+            match change {
+                Change::NodePut(record) => {
+                    if st.nodes.get(&record.node.name) == Some(&record) {
+                        return;
+                    }
+                    st.insert(record);
+                }
+                Change::NodeDeleted(name) => {
+                    if st.remove(&name).is_none() {
+                        return;
+                    }
+                }
+                Change::LeasePut(peer) => {
+                    let ours = st.nodes.values().any(|r| r.node.subnet == Some(peer.subnet))
+                        || st.pending.values().any(|(_, s)| *s == Some(peer.subnet));
+                    if ours || st.foreign.get(&peer.subnet) == Some(&peer) {
+                        return;
+                    }
+                    tracing::info!(subnet = %peer.subnet, public_ip = %peer.public_ip, "foreign lease (flanneld) joined");
+                    st.foreign.insert(peer.subnet, peer);
+                }
+                Change::LeaseDeleted(subnet) => {
+                    if st.foreign.remove(&subnet).is_none() {
+                        let name = st.nodes.values().find(|r| r.node.subnet == Some(subnet)).map(|r| r.node.name.clone());
+                        let Some(name) = name else { return };
+                        expired = st.remove(&name);
+                    }
+                }
+            }
+        }
+        self.bump();
+        if let Some(record) = expired {
+            tracing::warn!(node = %record.node.name, subnet = ?record.node.subnet, "lease expired; node removed");
+            if let Err(e) = self.store.remove(record).await {
+                tracing::error!("registry store: removing an expired node: {e}");
+            }
+        }
+    }
+
     /// Registers a node, or registers it again: the same machine id keeps
     /// its name, first registration time and subnet; its facts are updated,
     /// and it gets a fresh token (the old one stops working). A node that
     /// sends a VTEP MAC gets a lease. Returns the node, the token (kept
-    /// nowhere but in the answer) and the lease.
-    pub fn register(&self, req: &RegisterRequest) -> Result<(Node, String, Option<Lease>), Error> {
-        let now = OffsetDateTime::now_utc();
-        let mut nodes = self.nodes.lock().expect("registry lock");
-        let existing = nodes.values().find(|r| r.node.machine_id == req.machine_id).map(|r| r.node.clone());
-        let name = match &existing {
-            Some(n) => n.name.clone(),
-            None => unique_name(&nodes, &req.hostname, &req.machine_id),
-        };
+    /// nowhere but in the answer) and the lease. Nothing is visible to
+    /// others until the store has it.
+    pub async fn register(&self, req: &RegisterRequest) -> Result<(Node, String, Option<Lease>), Error> {
         let public_ip = req.public_ip.or_else(|| req.addresses.iter().find(|a| a.is_ipv4()).copied());
-        let subnet = match req.vtep_mac {
-            None => None,
-            Some(_) => {
-                if !matches!(public_ip, Some(IpAddr::V4(_))) {
-                    return Err(Error::NoPublicIp(name));
+        let mut refused = std::collections::BTreeSet::new();
+        loop {
+            let now = OffsetDateTime::now_utc();
+            let token = token::generate();
+            let (record, existing, fresh, _guard) = {
+                let mut st = self.state.lock().expect("registry lock");
+                if st.pending.values().any(|(m, _)| *m == req.machine_id) {
+                    return Err(Error::Busy(req.machine_id.clone()));
                 }
-                match existing.as_ref().and_then(|n| n.subnet).filter(|s| self.network.network.contains(s)) {
-                    Some(kept) => Some(kept),
-                    None => Some(self.free_subnet(&nodes, &name)?),
+                let existing = st.nodes.values().find(|r| r.node.machine_id == req.machine_id).map(|r| r.node.clone());
+                let name = match &existing {
+                    Some(n) => n.name.clone(),
+                    None => unique_name(&st, &req.hostname, &req.machine_id),
+                };
+                let kept = existing.as_ref().and_then(|n| n.subnet).filter(|s| self.network.network.contains(s));
+                let subnet = match req.vtep_mac {
+                    None => None,
+                    Some(_) => {
+                        if !matches!(public_ip, Some(IpAddr::V4(_))) {
+                            return Err(Error::NoPublicIp(name));
+                        }
+                        match kept {
+                            Some(kept) => Some(kept),
+                            None => Some(self.free_subnet(&st, &refused)?),
+                        }
+                    }
+                };
+                st.pending.insert(name.clone(), (req.machine_id.clone(), subnet));
+                let record = NodeRecord {
+                    node: Node {
+                        name: name.clone(),
+                        machine_id: req.machine_id.clone(),
+                        hostname: req.hostname.clone(),
+                        macs: req.macs.clone(),
+                        addresses: req.addresses.clone(),
+                        cpus: req.cpus,
+                        memory_bytes: req.memory_bytes,
+                        kernel: req.kernel.clone(),
+                        agent_version: req.agent_version.clone(),
+                        image_digest: req.image_digest.clone(),
+                        metrics: req.metrics.clone(),
+                        pool: existing.as_ref().map(|n| n.pool.clone()).unwrap_or_default(),
+                        subnet,
+                        public_ip: subnet.and(public_ip),
+                        vtep_mac: subnet.and(req.vtep_mac),
+                        registered_at: existing.as_ref().map_or(now, |n| n.registered_at),
+                        last_seen: now,
+                    },
+                    token_sha256: token::hash(&token),
+                };
+                let fresh = subnet.is_some() && subnet != kept;
+                (record, existing, fresh, PendingGuard { registry: self, name })
+            };
+            match self.store.put(record.clone(), fresh).await {
+                Ok(()) => {}
+                Err(store::Error::Taken(subnet)) => {
+                    // Someone else on the same etcd took it first: choose again.
+                    tracing::info!(subnet = %subnet, "subnet taken by another writer; choosing another");
+                    refused.insert(subnet);
+                    continue;
                 }
+                Err(e) => return Err(e.into()),
             }
-        };
-        let token = token::generate();
-        let record = NodeRecord {
-            node: Node {
-                name: name.clone(),
-                machine_id: req.machine_id.clone(),
-                hostname: req.hostname.clone(),
-                macs: req.macs.clone(),
-                addresses: req.addresses.clone(),
-                cpus: req.cpus,
-                memory_bytes: req.memory_bytes,
-                kernel: req.kernel.clone(),
-                agent_version: req.agent_version.clone(),
-                image_digest: req.image_digest.clone(),
-                metrics: req.metrics.clone(),
-                pool: existing.as_ref().map(|n| n.pool.clone()).unwrap_or_default(),
+            let node = record.node.clone();
+            self.state.lock().expect("registry lock").insert(record);
+            let peer_changed =
+                existing.as_ref().is_none_or(|n| (n.subnet, n.public_ip, n.vtep_mac) != (node.subnet, node.public_ip, node.vtep_mac));
+            if peer_changed {
+                self.bump();
+            }
+            let lease = node.subnet.map(|subnet| Lease {
+                network: self.network.network,
                 subnet,
-                public_ip: subnet.and(public_ip),
-                vtep_mac: subnet.and(req.vtep_mac),
-                registered_at: existing.as_ref().map_or(now, |n| n.registered_at),
-                last_seen: now,
-            },
-            token_sha256: token::hash(&token),
-        };
-        self.store.put(&record)?;
-        let node = record.node.clone();
-        let peer_changed =
-            existing.as_ref().is_none_or(|n| (n.subnet, n.public_ip, n.vtep_mac) != (node.subnet, node.public_ip, node.vtep_mac));
-        nodes.insert(name, record);
-        drop(nodes);
-        if peer_changed {
-            self.revision.send_modify(|r| *r += 1);
+                mtu: req.uplink_mtu.unwrap_or(1500).saturating_sub(50),
+                vni: self.network.vni,
+                backend: "vxlan".into(),
+            });
+            return Ok((node, token, lease));
         }
-        let lease = subnet.map(|subnet| Lease {
-            network: self.network.network,
-            subnet,
-            mtu: req.uplink_mtu.unwrap_or(1500).saturating_sub(50),
-            vni: self.network.vni,
-            backend: "vxlan".into(),
-        });
-        Ok((node, token, lease))
     }
 
-    /// The lowest subnet, from the second on, that no node holds.
-    fn free_subnet(&self, nodes: &BTreeMap<String, NodeRecord>, _for: &str) -> Result<Ipv4Cidr, Error> {
+    /// The lowest subnet, from the second on, that no node, registration in
+    /// flight or foreign lease holds.
+    fn free_subnet(&self, st: &State, refused: &std::collections::BTreeSet<Ipv4Cidr>) -> Result<Ipv4Cidr, Error> {
         let net = self.network.network;
         let len = self.network.subnet_len;
         let count = net.subnet_count(len);
-        let taken: std::collections::BTreeSet<Ipv4Cidr> = nodes.values().filter_map(|r| r.node.subnet).collect();
+        let taken: std::collections::BTreeSet<Ipv4Cidr> = st
+            .nodes
+            .values()
+            .filter_map(|r| r.node.subnet)
+            .chain(st.pending.values().filter_map(|(_, s)| *s))
+            .chain(st.foreign.keys().copied())
+            .chain(refused.iter().copied())
+            .collect();
         (1..count).filter_map(|i| net.subnet(len, i)).find(|s| !taken.contains(s)).ok_or(Error::Exhausted {
             network: net,
             len,
@@ -176,55 +330,70 @@ impl Registry {
 
     /// Checks a node token, optionally against the node it claims to be.
     pub fn check_token(&self, node_token: &str, claimed: Option<&str>) -> TokenCheck {
-        let hash = token::hash(node_token);
-        let nodes = self.nodes.lock().expect("registry lock");
-        match nodes.values().find(|r| r.token_sha256 == hash) {
+        let st = self.state.lock().expect("registry lock");
+        match st.by_token(node_token) {
             None => TokenCheck::Unknown,
             Some(r) if claimed.is_some_and(|c| c != r.node.name) => TokenCheck::OtherNode(r.node.name.clone()),
             Some(r) => TokenCheck::Ok(r.node.name.clone()),
         }
     }
 
-    /// The node whose token this is, with `last_seen` moved to now.
-    pub fn heartbeat(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
-        let hash = token::hash(node_token);
-        let mut nodes = self.nodes.lock().expect("registry lock");
-        let Some(record) = nodes.values_mut().find(|r| r.token_sha256 == hash) else { return Ok(None) };
-        let mut updated = record.clone();
-        updated.node.last_seen = OffsetDateTime::now_utc();
-        self.store.put(&updated)?;
-        *record = updated;
-        Ok(Some(record.node.clone()))
+    /// The node whose token this is, with `last_seen` moved to now and its
+    /// lease renewed. `None` for an unknown token, and for a node whose
+    /// lease expired (it is forgotten: it must register again).
+    pub async fn heartbeat(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
+        let updated = {
+            let mut st = self.state.lock().expect("registry lock");
+            let Some(name) = st.by_token(node_token).map(|r| r.node.name.clone()) else { return Ok(None) };
+            let record = st.nodes.get_mut(&name).expect("indexed by token");
+            record.node.last_seen = OffsetDateTime::now_utc();
+            record.clone()
+        };
+        match self.store.renew(updated.clone()).await? {
+            Renewal::Live => Ok(Some(updated.node)),
+            Renewal::Expired => {
+                let removed = self.state.lock().expect("registry lock").remove(&updated.node.name);
+                if let Some(record) = removed {
+                    self.store.remove(record).await?;
+                    self.bump();
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Removes the node whose token this is and releases its lease.
-    pub fn leave(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
-        let hash = token::hash(node_token);
-        let mut nodes = self.nodes.lock().expect("registry lock");
-        let Some(name) = nodes.values().find(|r| r.token_sha256 == hash).map(|r| r.node.name.clone()) else { return Ok(None) };
-        self.store.remove(&name)?;
-        let record = nodes.remove(&name).expect("found above");
-        drop(nodes);
-        self.revision.send_modify(|r| *r += 1);
+    pub async fn leave(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
+        let Some(record) = self.state.lock().expect("registry lock").by_token(node_token).cloned() else { return Ok(None) };
+        self.store.remove(record.clone()).await?;
+        let mut st = self.state.lock().expect("registry lock");
+        // Unless it registered again meanwhile.
+        if st.nodes.get(&record.node.name).is_some_and(|r| r.token_sha256 == record.token_sha256) {
+            st.remove(&record.node.name);
+        }
+        drop(st);
+        self.bump();
         Ok(Some(record.node))
     }
 
     /// Every node, by name.
     pub fn nodes(&self) -> Vec<Node> {
-        self.nodes.lock().expect("registry lock").values().map(|r| r.node.clone()).collect()
+        self.state.lock().expect("registry lock").nodes.values().map(|r| r.node.clone()).collect()
     }
 
-    /// Every leased node and the current revision.
+    /// Every leased node (and foreign lease) and the current revision.
     pub fn peers(&self) -> Peers {
-        let nodes = self.nodes.lock().expect("registry lock");
+        let st = self.state.lock().expect("registry lock");
         let revision = *self.revision.borrow();
-        let peers = nodes
+        let mut peers: Vec<Peer> = st
+            .nodes
             .values()
             .filter_map(|r| {
                 let n = &r.node;
                 Some(Peer { name: n.name.clone(), subnet: n.subnet?, public_ip: n.public_ip?, vtep_mac: n.vtep_mac? })
             })
             .collect();
+        peers.extend(st.foreign.values().filter(|p| p.vtep_mac.0 != [0; 6]).cloned());
         Peers { revision, peers }
     }
 
@@ -239,14 +408,15 @@ impl Registry {
 }
 
 /// The hostname if no other machine has it, else `hostname-<machine id prefix>`.
-fn unique_name(nodes: &BTreeMap<String, NodeRecord>, hostname: &str, machine_id: &str) -> String {
-    if !nodes.contains_key(hostname) {
+fn unique_name(st: &State, hostname: &str, machine_id: &str) -> String {
+    let taken = |name: &str| st.nodes.contains_key(name) || st.pending.contains_key(name);
+    if !taken(hostname) {
         return hostname.to_string();
     }
     let mut len = 6;
     loop {
         let name = format!("{hostname}-{}", &machine_id[..len.min(machine_id.len())]);
-        if !nodes.contains_key(&name) || len >= machine_id.len() {
+        if !taken(&name) || len >= machine_id.len() {
             return name;
         }
         len += 2;
@@ -256,7 +426,7 @@ fn unique_name(nodes: &BTreeMap<String, NodeRecord>, hostname: &str, machine_id:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::FileStore;
+    use crate::store::embedded::DbStore;
 
     fn request(machine: char, hostname: &str) -> RegisterRequest {
         RegisterRequest {
@@ -276,88 +446,96 @@ mod tests {
         }
     }
 
-    fn open(path: &std::path::Path, network: &str) -> Registry {
+    async fn open(path: &std::path::Path, network: &str) -> Arc<Registry> {
         let net = NetworkConfig { network: network.parse().unwrap(), subnet_len: 24, vni: 1 };
-        Registry::open(Arc::new(FileStore::open(path).unwrap()), net).unwrap()
+        Registry::open(Arc::new(DbStore::open(path, None).unwrap()), net).await.unwrap()
     }
 
-    #[test]
-    fn register_is_idempotent_by_machine_id_and_survives_restart() {
+    #[tokio::test]
+    async fn register_is_idempotent_by_machine_id_and_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nodes.json");
-        let reg = open(&path, "10.244.0.0/16");
-        let (a, token_a, lease_a) = reg.register(&request('a', "worker")).unwrap();
-        let (b, _, lease_b) = reg.register(&request('b', "worker")).unwrap();
+        let path = dir.path().join("registry.redb");
+        let reg = open(&path, "10.244.0.0/16").await;
+        let (a, token_a, lease_a) = reg.register(&request('a', "worker")).await.unwrap();
+        let (b, _, lease_b) = reg.register(&request('b', "worker")).await.unwrap();
         assert_eq!(a.name, "worker");
         assert_eq!(b.name, "worker-bbbbbb", "a second machine with the same hostname gets a distinct name");
         let lease_a = lease_a.unwrap();
         assert_eq!(lease_a.subnet.to_string(), "10.244.1.0/24", "leases start at the second subnet, as flannel's");
         assert_eq!(lease_b.unwrap().subnet.to_string(), "10.244.2.0/24");
         assert_eq!((lease_a.mtu, lease_a.vni, lease_a.backend.as_str()), (1450, 1, "vxlan"));
-        let (a2, token_a2, lease_a2) = reg.register(&request('a', "worker")).unwrap();
+        let (a2, token_a2, lease_a2) = reg.register(&request('a', "worker")).await.unwrap();
         assert_eq!(a2.name, "worker");
         assert_eq!(a2.registered_at, a.registered_at);
         assert_eq!(lease_a2.unwrap().subnet, lease_a.subnet, "the same node gets the same subnet back");
-        assert!(reg.heartbeat(&token_a).unwrap().is_none(), "the old token stops working");
-        assert_eq!(reg.heartbeat(&token_a2).unwrap().unwrap().name, "worker");
-        assert!(reg.heartbeat("nope").unwrap().is_none());
+        assert!(reg.heartbeat(&token_a).await.unwrap().is_none(), "the old token stops working");
+        assert_eq!(reg.heartbeat(&token_a2).await.unwrap().unwrap().name, "worker");
+        assert!(reg.heartbeat("nope").await.unwrap().is_none());
         assert!(matches!(reg.check_token(&token_a2, Some("worker-bbbbbb")), TokenCheck::OtherNode(n) if n == "worker"));
 
-        let reopened = open(&path, "10.244.0.0/16");
+        drop(reg);
+        let reopened = open(&path, "10.244.0.0/16").await;
         let names: Vec<String> = reopened.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names, ["worker", "worker-bbbbbb"]);
-        assert_eq!(reopened.heartbeat(&token_a2).unwrap().unwrap().name, "worker", "tokens survive a restart");
-        let (_, _, lease) = reopened.register(&request('a', "worker")).unwrap();
+        assert_eq!(reopened.heartbeat(&token_a2).await.unwrap().unwrap().name, "worker", "tokens survive a restart");
+        let (_, _, lease) = reopened.register(&request('a', "worker")).await.unwrap();
         assert_eq!(lease.unwrap().subnet, lease_a.subnet, "and so do leases");
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(!text.contains(&token_a2), "tokens are stored hashed");
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!bytes.windows(token_a2.len()).any(|w| w == token_a2.as_bytes()), "tokens are stored hashed");
     }
 
-    #[test]
-    fn leave_releases_and_exhaustion_is_clean() {
+    #[tokio::test]
+    async fn leave_releases_and_exhaustion_is_clean() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nodes.json");
+        let path = dir.path().join("registry.redb");
         // A /22 holds four /24s; the first is never leased: three nodes fit.
-        let reg = open(&path, "10.9.0.0/22");
+        let reg = open(&path, "10.9.0.0/22").await;
         let mut tokens = Vec::new();
         for m in ['a', 'b', 'c'] {
-            let (_, t, lease) = reg.register(&request(m, &format!("n{m}"))).unwrap();
+            let (_, t, lease) = reg.register(&request(m, &format!("n{m}"))).await.unwrap();
             assert!(lease.is_some());
             tokens.push(t);
         }
         let before = reg.nodes().len();
-        let err = reg.register(&request('d', "nd")).unwrap_err();
+        let err = reg.register(&request('d', "nd")).await.unwrap_err();
         assert!(err.to_string().contains("address space exhausted") && err.to_string().contains("10.9.0.0/22"), "{err}");
         assert_eq!(reg.nodes().len(), before, "no half-made node or lease");
-        assert_eq!(open(&path, "10.9.0.0/22").nodes().len(), before, "nothing written either");
+        drop(reg);
+        let reg = open(&path, "10.9.0.0/22").await;
+        assert_eq!(reg.nodes().len(), before, "nothing written either");
 
         let rev = reg.peers().revision;
-        let left = reg.leave(&tokens[1]).unwrap().unwrap();
+        let left = reg.leave(&tokens[1]).await.unwrap().unwrap();
         assert_eq!(left.name, "nb");
         assert!(reg.peers().revision > rev, "leaving bumps the revision");
-        let (_, _, lease) = reg.register(&request('d', "nd")).unwrap();
+        let (_, _, lease) = reg.register(&request('d', "nd")).await.unwrap();
         assert_eq!(lease.unwrap().subnet.to_string(), "10.9.2.0/24", "the released subnet is leased again");
-        assert_eq!(open(&path, "10.9.0.0/22").nodes().len(), 3, "the leave is durable");
+        drop(reg);
+        assert_eq!(open(&path, "10.9.0.0/22").await.nodes().len(), 3, "the leave is durable");
     }
 
-    #[test]
-    fn two_hundred_concurrent_registrations_get_distinct_subnets() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_hundred_concurrent_registrations_get_distinct_subnets() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nodes.json");
-        let reg = Arc::new(open(&path, "10.244.0.0/16"));
+        let path = dir.path().join("registry.redb");
+        let reg = open(&path, "10.244.0.0/16").await;
         let handles: Vec<_> = (0..200u32)
             .map(|i| {
                 let reg = reg.clone();
-                std::thread::spawn(move || {
+                tokio::spawn(async move {
                     let mut r = request('a', &format!("node-{i}"));
                     r.machine_id = format!("{i:032x}");
-                    reg.register(&r).unwrap().2.unwrap().subnet
+                    reg.register(&r).await.unwrap().2.unwrap().subnet
                 })
             })
             .collect();
-        let subnets: std::collections::BTreeSet<Ipv4Cidr> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut subnets = std::collections::BTreeSet::new();
+        for h in handles {
+            subnets.insert(h.await.unwrap());
+        }
         assert_eq!(subnets.len(), 200, "200 distinct subnets");
-        let reopened = open(&path, "10.244.0.0/16");
+        drop(reg);
+        let reopened = open(&path, "10.244.0.0/16").await;
         let stored: std::collections::BTreeSet<Ipv4Cidr> = reopened.nodes().into_iter().filter_map(|n| n.subnet).collect();
         assert_eq!(stored, subnets, "none lost in the store");
     }
@@ -365,7 +543,7 @@ mod tests {
     #[tokio::test]
     async fn watch_returns_at_once_on_a_join() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = Arc::new(open(&dir.path().join("nodes.json"), "10.244.0.0/16"));
+        let reg = open(&dir.path().join("registry.redb"), "10.244.0.0/16").await;
         let seen = reg.peers().revision;
         let waiter = {
             let reg = reg.clone();
@@ -373,7 +551,7 @@ mod tests {
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let started = std::time::Instant::now();
-        reg.register(&request('a', "worker")).unwrap();
+        reg.register(&request('a', "worker")).await.unwrap();
         let peers = waiter.await.unwrap();
         assert!(started.elapsed() < std::time::Duration::from_secs(1), "the watch answers on the join, not at its timeout");
         assert_eq!(peers.peers.len(), 1);

@@ -1,6 +1,7 @@
 //! The composed server that `kiln serve` and `kiln up` run: boot assets
-//! (kiln-pxe) and the control-plane API over one listener, with the state
-//! directory holding the bootstrap token and the registry.
+//! (kiln-pxe) on plain HTTP, and the control-plane API over TLS on its own
+//! listener (or beside the boot assets with `--plain-http`), with the state
+//! directory holding the bootstrap token, the CA and the registry.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,10 +13,38 @@ use kiln_pxe::profile::Catalog;
 use kiln_pxe::tftp::TftpServer;
 use warp::Filter;
 
-use crate::api::{self, Api};
+use crate::api::{self, Api, ApiEndpoint};
 use crate::registry::{NetworkConfig, Registry};
-use crate::store::FileStore;
-use crate::token;
+use crate::store::Store;
+use crate::store::embedded::DbStore;
+use crate::store::etcd::{EtcdConfig, EtcdStore};
+use crate::{tls, token};
+
+/// Where the API is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiListen {
+    /// On the boot assets' plain-HTTP listener (`--plain-http`).
+    Plain,
+    /// Over TLS on this address.
+    Tls {
+        /// The address.
+        listen: SocketAddr,
+        /// The API's URL as nodes reach it, if not the boot host on that port.
+        advertise: Option<String>,
+        /// More names for the certificate (QEMU user networking's host
+        /// address `10.0.2.2`, a load balancer's name).
+        names: Vec<String>,
+    },
+}
+
+/// Which store backs the registry.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// The embedded database in the state directory.
+    Embedded,
+    /// etcd.
+    Etcd(EtcdConfig),
+}
 
 /// What the server serves and where it keeps its state.
 #[derive(Debug, Clone)]
@@ -39,8 +68,13 @@ pub struct ServerConfig {
     pub tftp_root: PathBuf,
     /// Answer PXE clients as proxyDHCP on this interface.
     pub proxy_dhcp: Option<String>,
-    /// The pod network nodes get subnet leases from.
+    /// The pod network nodes get subnet leases from (etcd's config wins
+    /// when etcd has one).
     pub network: NetworkConfig,
+    /// Where the API is served.
+    pub api: ApiListen,
+    /// What backs the registry.
+    pub store: StoreConfig,
 }
 
 /// Where Debian's `ipxe` package installs its binaries.
@@ -67,6 +101,9 @@ pub enum Error {
     /// The registry could not be opened.
     #[error("opening the registry")]
     Store(#[from] crate::store::Error),
+    /// The CA could not be made or used.
+    #[error("the control plane's CA")]
+    Tls(#[from] tls::Error),
     /// The TFTP server could not start.
     #[error("starting TFTP")]
     Tftp(#[from] kiln_pxe::tftp::Error),
@@ -84,10 +121,25 @@ pub enum Error {
     },
 }
 
+/// The host of a URL: `http://10.0.2.2:8080/` → `10.0.2.2`.
+fn url_host(url: &str) -> Option<String> {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest).split('/').next()?;
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_string())
+}
+
 /// A running server. Dropping it does not stop it: call [`Server::shutdown`].
 pub struct Server {
     /// The address it listens on (the real port when asked for port 0).
     pub addr: SocketAddr,
+    /// The TLS API's address, unless it is served on `addr` (`--plain-http`).
+    pub api_addr: Option<SocketAddr>,
+    /// The CA certificate agents trust (`STATE/ca.pem`), with TLS.
+    pub ca: Option<PathBuf>,
     /// The bootstrap token.
     pub bootstrap_token: String,
     /// The images it serves.
@@ -113,38 +165,89 @@ impl Server {
         std::fs::create_dir_all(&config.state).map_err(|source| Error::State { path: config.state.clone(), source })?;
         let token_path = config.state.join("bootstrap-token");
         let bootstrap_token = token::load_or_create_bootstrap(&token_path).map_err(|source| Error::State { path: token_path, source })?;
-        let store = FileStore::open(&config.state.join("nodes.json"))?;
-        let registry = Arc::new(Registry::open(Arc::new(store), config.network)?);
+        let (store, network): (Arc<dyn Store>, NetworkConfig) = match &config.store {
+            StoreConfig::Embedded => {
+                let store = DbStore::open(&config.state.join("registry.redb"), Some(&config.state.join("nodes.json")))?;
+                (Arc::new(store), config.network)
+            }
+            StoreConfig::Etcd(etcd) => {
+                let (store, network) = EtcdStore::connect(etcd.clone(), config.network).await?;
+                (Arc::new(store), network)
+            }
+        };
+        let registry = Registry::open(store, network).await?;
+        tracing::info!(store = %registry.store(), network = %network.network, subnet_len = network.subnet_len, nodes = registry.nodes().len(), "registry open");
+
+        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let (api_listener, api_endpoint, ca) = match &config.api {
+            ApiListen::Plain => (None, ApiEndpoint::Plain, None),
+            ApiListen::Tls { listen, advertise, names } => {
+                let ca = tls::Ca::load_or_create(&config.state)?;
+                let l = tokio::net::TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: *listen, source })?;
+                let api_addr = l.local_addr().map_err(|source| Error::Bind { addr: *listen, source })?;
+                let mut extra: Vec<String> = names.clone();
+                for url in [config.advertise.as_deref(), advertise.as_deref()].into_iter().flatten() {
+                    if let Some(host) = url_host(url) {
+                        extra.push(host);
+                    }
+                }
+                let acceptor = ca.acceptor(&tls::server_names(*listen, &extra))?;
+                (Some((l, api_addr, acceptor)), ApiEndpoint::Tls { port: api_addr.port(), advertise: advertise.clone() }, Some(ca))
+            }
+        };
         let api = Arc::new(Api {
             registry: registry.clone(),
             images: images.clone(),
             catalog: catalog.clone(),
             bootstrap_token: bootstrap_token.clone(),
             advertise: config.advertise.clone(),
+            api_endpoint,
         });
-        let routes = api::routes(api).or(kiln_pxe::artifacts::routes(images.clone())).unify().recover(api::recover).with(
+        let log = || {
             warp::log::custom(|info| {
                 tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), "request");
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
+            })
+        };
+        let artifacts = kiln_pxe::artifacts::routes(images.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop_tx, _) = tokio::sync::watch::channel(false);
+        let plain_routes = match &api_listener {
+            None => api::routes(api.clone()).or(artifacts).unify().boxed(),
+            Some(_) => api::split_routes(api.clone()).1.or(artifacts).unify().boxed(),
+        };
+        let plain_routes = plain_routes.recover(api::recover).with(log());
+        let mut api_addr = None;
+        let mut api_task = None;
+        if let Some((l, a, acceptor)) = api_listener {
+            api_addr = Some(a);
+            let routes = api::split_routes(api.clone()).0.recover(api::recover).unify().with(log()).map(warp::Reply::into_response).boxed();
+            let mut rx = stop_tx.subscribe();
+            api_task = Some(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                tls::serve(l, acceptor, routes, stop, std::time::Duration::from_secs(5)).await;
+            }));
+            tracing::info!("api: listening on https://{a} (CA {})", config.state.join(tls::CA_CERT).display());
+        }
         let task = tokio::spawn(async move {
-            warp::serve(routes)
-                .incoming(listener)
-                .graceful(async move {
-                    let _ = stopped.await;
-                })
-                .run()
-                .await;
+            let plain = warp::serve(plain_routes).incoming(listener).graceful(async move {
+                let _ = stopped.await;
+                let _ = stop_tx.send(true);
+            });
+            plain.run().await;
+            if let Some(t) = api_task {
+                let _ = t.await;
+            }
         });
         for image in images.images() {
             tracing::info!(image = %image.name, digest = %image.digest, "serving image");
         }
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
-        let mut server = Server { addr, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, stop, task };
+        let ca = ca.map(|ca| ca.cert_path);
+        let mut server = Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, stop, task };
         if let Some(tftp_addr) = config.tftp {
             server.tftp = Some(TftpServer::start(config.tftp_root.clone(), tftp_addr).await?);
         }

@@ -20,6 +20,9 @@ pub struct BootParams<'a> {
     pub base_url: &'a str,
     /// The bootstrap token.
     pub token: &'a str,
+    /// The control-plane API as the node's agent reaches it
+    /// (`https://10.0.2.2:8443`; the base URL when the API is plain HTTP).
+    pub api_url: &'a str,
 }
 
 /// The bootstrap script served at `/boot.ipxe` (BIOS and UEFI alike): it
@@ -48,7 +51,7 @@ pub fn boot_script(image: &Manifest, extra_args: &[String], mac: Option<Mac>, pa
     let mut args = vec![format!("initrd={}", image.boot.initrd)];
     args.extend(image.boot.cmdline.iter().cloned());
     args.extend(extra_args.iter().cloned());
-    args.push(format!("{}={base}", kiln_core::CMDLINE_SERVER));
+    args.push(format!("{}={}", kiln_core::CMDLINE_SERVER, params.api_url.trim_end_matches('/')));
     args.push(format!("{}={}", kiln_core::CMDLINE_TOKEN, params.token));
     args.push(format!("{}={}", kiln_core::CMDLINE_IMAGE_DIGEST, image.digest));
     if let Some(mac) = mac {
@@ -99,12 +102,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = crate::store::tests::write_image(dir.path(), "tiny");
         let mac = "52:54:00:ab:cd:ef".parse().ok();
-        let s = boot_script(&m, &["quiet".into()], mac, &BootParams { base_url: "http://10.0.2.2:8080/", token: "tok" });
+        let s = boot_script(
+            &m,
+            &["quiet".into()],
+            mac,
+            &BootParams { base_url: "http://10.0.2.2:8080/", token: "tok", api_url: "https://10.0.2.2:8443" },
+        );
         assert!(s.starts_with("#!ipxe\n"));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
         assert!(kernel.starts_with("kernel http://10.0.2.2:8080/images/tiny/vmlinuz initrd=initrd.img console=ttyS0 quiet "), "{kernel}");
         for want in [
-            " kiln.server=http://10.0.2.2:8080 ",
+            " kiln.server=https://10.0.2.2:8443 ",
             " kiln.token=tok ",
             &format!(" kiln.image_digest={} ", m.digest),
             " ds=nocloud;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/ ",

@@ -233,6 +233,8 @@ pub struct ServerParams<'a> {
     pub base_url: &'a str,
     /// The bootstrap token.
     pub token: &'a str,
+    /// The control-plane API as the node's agent reaches it.
+    pub api_url: &'a str,
 }
 
 /// Every profile and group, checked against the served images.
@@ -341,7 +343,7 @@ impl Catalog {
                     content: format!(
                         "{}={} {}={} {}={}\n",
                         kiln_core::CMDLINE_SERVER,
-                        server.base_url.trim_end_matches('/'),
+                        server.api_url.trim_end_matches('/'),
                         kiln_core::CMDLINE_TOKEN,
                         server.token,
                         kiln_core::CMDLINE_IMAGE_DIGEST,
@@ -405,6 +407,7 @@ fn context(profile: &Profile, image: &Manifest, machine: &Machine, server: &Serv
         arch => opt(&machine.arch),
         labels => machine.labels.clone(),
         server => server.base_url.trim_end_matches('/'),
+        api => server.api_url.trim_end_matches('/'),
         token => server.token,
         image => image.name.clone(),
         image_digest => image.digest.clone(),
@@ -529,7 +532,7 @@ mod tests {
         let cat = Catalog::load(&dir.path().join("cat"), &images).unwrap();
         let m = machine(&[("rack", "a1"), ("mac", "52-54-00-00-00-07")]);
         let (_, profile) = cat.select(&m).unwrap();
-        let server = ServerParams { base_url: "http://10.0.2.2:8080/", token: "tok" };
+        let server = ServerParams { base_url: "http://10.0.2.2:8080/", token: "tok", api_url: "http://10.0.2.2:8080" };
         let seed = cat.seed(profile, images.get(&profile.image).unwrap(), &m, &server).unwrap();
         assert_eq!(seed.user_data, "#cloud-config\nhostname: node-000007\nruncmd: [\"echo a1 52:54:00:00:00:07\"]\n");
         assert!(seed.meta_data.instance_id.starts_with("kiln-525400000007-"));

@@ -1,0 +1,530 @@
+//! The etcd store, with flannel's schema for the pod network.
+//!
+//! | key | value |
+//! |---|---|
+//! | `PREFIX/config` | flannel's network config: `{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan", "VNI": 1}}` |
+//! | `PREFIX/subnets/10.244.1.0-24` | flannel's lease: `{"PublicIP": "192.0.2.10", "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": "0e:..."}}`, on an etcd lease with flannel's TTL (24 h) |
+//! | `/kiln/nodes/<name>` | kiln's node record (facts and token hash) |
+//!
+//! `PREFIX` is flannel's default `/coreos.com/network`. A stock flanneld
+//! pointed at the same etcd and prefix sees kiln's nodes as its peers, and
+//! kiln lists flanneld's leases among its peers. A new subnet is written in a
+//! transaction that fails if anyone holds the key already, so two control
+//! planes (or kiln and flanneld) never lease the same subnet.
+//!
+//! Heartbeats renew the etcd lease when a renewal is due (every
+//! [`RENEW_EVERY`] at most), not on each heartbeat. A node that stops
+//! heartbeating loses its lease after the TTL, as with flannel; the watch
+//! reports it and the registry forgets the node.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
+use kiln_core::{Ipv4Cidr, Mac, Peer};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{Change, Error, Loaded, NodeRecord, Renewal, Store, StoreFuture};
+use crate::registry::NetworkConfig;
+
+/// flannel's default etcd prefix.
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+/// Where kiln keeps its node records.
+pub const NODES_PREFIX: &str = "/kiln/nodes/";
+/// flannel's lease TTL.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// A heartbeat renews the lease when the last renewal is this old (or a
+/// quarter of the TTL, if that is shorter).
+pub const RENEW_EVERY: Duration = Duration::from_secs(60);
+
+/// flannel's network config (`PREFIX/config`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct FlannelConfig {
+    network: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subnet_len: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subnet_min: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subnet_max: Option<String>,
+    #[serde(default)]
+    backend: FlannelBackend,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct FlannelBackend {
+    #[serde(rename = "Type", default)]
+    kind: String,
+    #[serde(rename = "VNI", default, skip_serializing_if = "Option::is_none")]
+    vni: Option<u32>,
+}
+
+/// flannel's lease value (`PREFIX/subnets/<ip>-<len>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct FlannelLease {
+    #[serde(rename = "PublicIP")]
+    public_ip: Ipv4Addr,
+    #[serde(default)]
+    backend_type: String,
+    #[serde(default)]
+    backend_data: Option<VxlanData>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VxlanData {
+    #[serde(rename = "VNI", default)]
+    vni: u32,
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: Mac,
+}
+
+/// Where and how to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs, `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// flannel's prefix (`/coreos.com/network`).
+    pub prefix: String,
+    /// TTL of subnet leases.
+    pub ttl: Duration,
+}
+
+impl EtcdConfig {
+    /// flannel's defaults at `endpoints`.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        EtcdConfig { endpoints, prefix: DEFAULT_PREFIX.into(), ttl: DEFAULT_TTL }
+    }
+}
+
+/// The etcd store. See the module docs.
+pub struct EtcdStore {
+    config: EtcdConfig,
+    client: Client,
+    vni: u32,
+    /// etcd lease of each node's subnet key, and when it was last renewed.
+    leases: Mutex<HashMap<String, (i64, Instant)>>,
+    /// The watch, started by `load`, taken by the registry.
+    changes: Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
+    /// The revision of this store's last write of each key: the watch
+    /// skips events at or below it (this process's own writes, or older).
+    written: std::sync::Arc<Mutex<HashMap<String, i64>>>,
+}
+
+impl EtcdStore {
+    /// Connects, and reads flannel's network config, writing `wanted` there
+    /// if there is none yet. Returns the store and the network config in
+    /// force (etcd's, when one was there).
+    pub async fn connect(config: EtcdConfig, wanted: NetworkConfig) -> Result<(Self, NetworkConfig), Error> {
+        let endpoints = config.endpoints.join(",");
+        let etcd = |e: etcd_client::Error| Error::Etcd { endpoints: endpoints.clone(), reason: e.to_string() };
+        let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(10));
+        let mut client = Client::connect(&config.endpoints, Some(options)).await.map_err(etcd)?;
+        let key = format!("{}/config", config.prefix);
+        let ours = FlannelConfig {
+            network: wanted.network.to_string(),
+            subnet_len: Some(wanted.subnet_len),
+            subnet_min: None,
+            subnet_max: None,
+            backend: FlannelBackend { kind: "vxlan".into(), vni: Some(wanted.vni) },
+        };
+        let body = serde_json::to_string(&ours).expect("config serialises");
+        // Create it unless it exists; either way read what is there.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), body, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = client.txn(txn).await.map_err(etcd)?;
+        let network = if resp.succeeded() {
+            tracing::info!(key = %key, network = %wanted.network, "etcd: wrote flannel network config");
+            wanted
+        } else {
+            let got = client.get(key.as_str(), None).await.map_err(etcd)?;
+            let kv = got.kvs().first().ok_or_else(|| Error::NetworkConfig { key: key.clone(), reason: "vanished".into() })?;
+            let found = parse_config(&key, kv.value())?;
+            if found != wanted {
+                tracing::warn!(
+                    key = %key,
+                    network = %found.network,
+                    subnet_len = found.subnet_len,
+                    vni = found.vni,
+                    "etcd already holds a network config; using it instead of the flags"
+                );
+            }
+            found
+        };
+        let store = EtcdStore {
+            config,
+            client,
+            vni: network.vni,
+            leases: Mutex::new(HashMap::new()),
+            changes: Mutex::new(None),
+            written: Default::default(),
+        };
+        Ok((store, network))
+    }
+
+    fn endpoints(&self) -> String {
+        self.config.endpoints.join(",")
+    }
+
+    fn err(&self, e: etcd_client::Error) -> Error {
+        Error::Etcd { endpoints: self.endpoints(), reason: e.to_string() }
+    }
+
+    fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.config.prefix)
+    }
+
+    fn subnet_key(&self, subnet: Ipv4Cidr) -> String {
+        format!("{}{}-{}", self.subnets_prefix(), subnet.addr, subnet.prefix)
+    }
+
+    fn lease_value(&self, record: &NodeRecord) -> Option<String> {
+        let node = &record.node;
+        let (Some(IpAddr::V4(public_ip)), Some(vtep_mac)) = (node.public_ip, node.vtep_mac) else { return None };
+        let lease = FlannelLease { public_ip, backend_type: "vxlan".into(), backend_data: Some(VxlanData { vni: self.vni, vtep_mac }) };
+        Some(serde_json::to_string(&lease).expect("lease serialises"))
+    }
+
+    /// Remembers that this process wrote `keys` at `revision`.
+    fn wrote(&self, revision: Option<i64>, keys: impl IntoIterator<Item = String>) {
+        let Some(revision) = revision else { return };
+        let mut written = self.written.lock().expect("written lock");
+        for key in keys {
+            let at = written.entry(key).or_default();
+            *at = (*at).max(revision);
+        }
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        self.config.ttl.as_secs().max(1) as i64
+    }
+
+    fn renew_every(&self) -> Duration {
+        RENEW_EVERY.min(self.config.ttl / 4)
+    }
+
+    async fn write(&self, record: &NodeRecord, fresh_subnet: bool) -> Result<(), Error> {
+        let mut client = self.client.clone();
+        let name = record.node.name.clone();
+        let node_key = format!("{NODES_PREFIX}{name}");
+        let node_value = serde_json::to_string(record).expect("records serialise");
+        let mut ops = vec![TxnOp::put(node_key.as_str(), node_value, None)];
+        let mut keys = vec![node_key.clone()];
+        let mut compares = Vec::new();
+        let mut granted = None;
+        if let (Some(subnet), Some(value)) = (record.node.subnet, self.lease_value(record)) {
+            let known = self.leases.lock().expect("leases lock").get(&name).map(|(id, _)| *id);
+            let lease = match known {
+                Some(id) if !fresh_subnet => id,
+                _ => {
+                    let id = client.lease_grant(self.ttl_secs(), None).await.map_err(|e| self.err(e))?.id();
+                    granted = Some(id);
+                    id
+                }
+            };
+            let key = self.subnet_key(subnet);
+            if fresh_subnet {
+                compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+            }
+            ops.push(TxnOp::put(key.as_str(), value, Some(PutOptions::new().with_lease(lease))));
+            keys.push(key);
+        }
+        let resp = client.txn(Txn::new().when(compares).and_then(ops)).await;
+        let resp = match resp {
+            // The kept etcd lease expired meanwhile: take a new one.
+            Err(e) if granted.is_none() && e.to_string().contains("lease not found") => {
+                self.leases.lock().expect("leases lock").remove(&name);
+                return Box::pin(self.write(record, true)).await;
+            }
+            other => other.map_err(|e| self.err(e))?,
+        };
+        if !resp.succeeded() {
+            if let Some(id) = granted {
+                let _ = client.lease_revoke(id).await;
+            }
+            return Err(Error::Taken(record.node.subnet.expect("only a subnet write can fail its compare")));
+        }
+        self.wrote(resp.header().map(|h| h.revision()), keys);
+        if let Some(id) = granted {
+            self.leases.lock().expect("leases lock").insert(name, (id, Instant::now()));
+        }
+        Ok(())
+    }
+
+    async fn keep_alive(&self, record: &NodeRecord) -> Result<Renewal, Error> {
+        let name = &record.node.name;
+        let due = {
+            let leases = self.leases.lock().expect("leases lock");
+            match leases.get(name) {
+                Some((id, at)) if at.elapsed() >= self.renew_every() => Some(*id),
+                Some(_) => None,
+                None if record.node.subnet.is_some() => return Ok(Renewal::Expired),
+                None => None,
+            }
+        };
+        let Some(id) = due else { return Ok(Renewal::Live) };
+        let mut client = self.client.clone();
+        let (mut keeper, mut stream) = client.lease_keep_alive(id).await.map_err(|e| self.err(e))?;
+        keeper.keep_alive().await.map_err(|e| self.err(e))?;
+        let answer = stream.message().await.map_err(|e| self.err(e))?;
+        if answer.is_none_or(|a| a.ttl() <= 0) {
+            self.leases.lock().expect("leases lock").remove(name);
+            return Ok(Renewal::Expired);
+        }
+        self.leases.lock().expect("leases lock").insert(name.clone(), (id, Instant::now()));
+        // The node record's last_seen is written with each renewal.
+        let node_value = serde_json::to_string(record).expect("records serialise");
+        let key = format!("{NODES_PREFIX}{name}");
+        let resp = client.put(key.as_str(), node_value, None).await.map_err(|e| self.err(e))?;
+        self.wrote(resp.header().map(|h| h.revision()), [key]);
+        Ok(Renewal::Live)
+    }
+
+    async fn delete(&self, record: &NodeRecord) -> Result<(), Error> {
+        let mut client = self.client.clone();
+        let name = &record.node.name;
+        let mut keys = vec![format!("{NODES_PREFIX}{name}")];
+        if let Some(subnet) = record.node.subnet {
+            keys.push(self.subnet_key(subnet));
+        }
+        let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
+        let resp = client.txn(Txn::new().and_then(ops)).await.map_err(|e| self.err(e))?;
+        self.wrote(resp.header().map(|h| h.revision()), keys);
+        let lease = self.leases.lock().expect("leases lock").remove(name);
+        if let Some((id, _)) = lease {
+            let _ = client.lease_revoke(id).await;
+        }
+        Ok(())
+    }
+
+    async fn read_all(&self) -> Result<Loaded, Error> {
+        let mut client = self.client.clone();
+        let nodes = client.get(NODES_PREFIX, Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
+        let mut records = Vec::new();
+        for kv in nodes.kvs() {
+            let record: NodeRecord = serde_json::from_slice(kv.value()).map_err(|e| Error::Etcd {
+                endpoints: self.endpoints(),
+                reason: format!("{}: not a kiln node record: {e}", String::from_utf8_lossy(kv.key())),
+            })?;
+            records.push(record);
+        }
+        // Subnets read at the same revision as the nodes, so the watch
+        // below misses nothing between the two.
+        let revision = nodes.header().map_or(0, |h| h.revision());
+        let subnets = client
+            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix().with_revision(revision)))
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut foreign = Vec::new();
+        let mut leases = self.leases.lock().expect("leases lock");
+        for kv in subnets.kvs() {
+            let Some(peer) = self.parse_lease(kv) else { continue };
+            match records.iter().find(|r| r.node.subnet == Some(peer.subnet)) {
+                Some(r) => {
+                    // Renewed at the first heartbeat.
+                    leases.insert(r.node.name.clone(), (kv.lease(), Instant::now() - self.renew_every()));
+                }
+                None => foreign.push(peer),
+            }
+        }
+        drop(leases);
+        self.start_watch(revision + 1);
+        Ok(Loaded { records, foreign })
+    }
+
+    fn parse_lease(&self, kv: &KeyValue) -> Option<Peer> {
+        let key = String::from_utf8_lossy(kv.key());
+        let subnet = parse_subnet_key(key.strip_prefix(&self.subnets_prefix())?)?;
+        match serde_json::from_slice::<FlannelLease>(kv.value()) {
+            Ok(FlannelLease { public_ip, backend_type, backend_data: Some(data) }) if backend_type == "vxlan" => Some(Peer {
+                name: key.rsplit('/').next().unwrap_or_default().to_string(),
+                subnet,
+                public_ip: public_ip.into(),
+                vtep_mac: data.vtep_mac,
+            }),
+            Ok(other) => {
+                tracing::warn!(key = %key, backend = %other.backend_type, "etcd: a lease kiln cannot route to (not vxlan); its subnet stays reserved");
+                // Reserved all the same: a zero MAC marks it unroutable.
+                Some(Peer { name: key.to_string(), subnet, public_ip: other.public_ip.into(), vtep_mac: Mac([0; 6]) })
+            }
+            Err(e) => {
+                tracing::warn!(key = %key, "etcd: unreadable lease, subnet reserved: {e}");
+                Some(Peer { name: key.to_string(), subnet, public_ip: Ipv4Addr::UNSPECIFIED.into(), vtep_mac: Mac([0; 6]) })
+            }
+        }
+    }
+
+    /// Watches kiln's node records and flannel's subnets from `revision`
+    /// on, reconnecting from the last revision seen when the stream breaks.
+    fn start_watch(&self, revision: i64) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.changes.lock().expect("changes lock") = Some(rx);
+        for prefix in [NODES_PREFIX.to_string(), self.subnets_prefix()] {
+            let client = self.client.clone();
+            let tx = tx.clone();
+            let subnets_prefix = self.subnets_prefix();
+            let lessor = LeaseParser { subnets_prefix: subnets_prefix.clone() };
+            let written = self.written.clone();
+            tokio::spawn(async move {
+                let mut next = revision;
+                loop {
+                    let mut client = client.clone();
+                    let options = WatchOptions::new().with_prefix().with_start_revision(next);
+                    let (_watcher, mut stream) = match client.watch(prefix.as_str(), Some(options)).await {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::warn!(prefix = %prefix, "etcd watch: {e}; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(resp)) => {
+                                if resp.canceled() {
+                                    tracing::warn!(prefix = %prefix, reason = resp.cancel_reason(), "etcd watch cancelled; restarting");
+                                    break;
+                                }
+                                for event in resp.events() {
+                                    let Some(kv) = event.kv() else { continue };
+                                    next = next.max(kv.mod_revision() + 1);
+                                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                                    if written.lock().expect("written lock").get(&key).is_some_and(|&at| at >= kv.mod_revision()) {
+                                        continue;
+                                    }
+                                    let change = if prefix == subnets_prefix {
+                                        lessor.change(event.event_type(), kv)
+                                    } else {
+                                        node_change(event.event_type(), kv)
+                                    };
+                                    if let Some(change) = change
+                                        && tx.send(change).is_err()
+                                    {
+                                        return;
+                                    }
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(prefix = %prefix, "etcd watch: {e}; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+        }
+    }
+}
+
+/// Lease keys to changes, for the watch task (which cannot borrow the store).
+struct LeaseParser {
+    subnets_prefix: String,
+}
+
+impl LeaseParser {
+    fn change(&self, kind: EventType, kv: &KeyValue) -> Option<Change> {
+        let key = String::from_utf8_lossy(kv.key());
+        let subnet = parse_subnet_key(key.strip_prefix(&self.subnets_prefix)?)?;
+        match kind {
+            EventType::Delete => Some(Change::LeaseDeleted(subnet)),
+            EventType::Put => {
+                let lease: FlannelLease = serde_json::from_slice(kv.value()).ok()?;
+                let vtep_mac = lease.backend_data.map_or(Mac([0; 6]), |d| d.vtep_mac);
+                let name = key.rsplit('/').next().unwrap_or_default().to_string();
+                Some(Change::LeasePut(Peer { name, subnet, public_ip: lease.public_ip.into(), vtep_mac }))
+            }
+        }
+    }
+}
+
+fn node_change(kind: EventType, kv: &KeyValue) -> Option<Change> {
+    let key = String::from_utf8_lossy(kv.key());
+    let name = key.strip_prefix(NODES_PREFIX)?.to_string();
+    match kind {
+        EventType::Delete => Some(Change::NodeDeleted(name)),
+        EventType::Put => serde_json::from_slice(kv.value()).ok().map(Change::NodePut),
+    }
+}
+
+/// `10.244.1.0-24` → `10.244.1.0/24`.
+fn parse_subnet_key(s: &str) -> Option<Ipv4Cidr> {
+    let (ip, len) = s.split_once('-')?;
+    Ipv4Cidr::new(ip.parse().ok()?, len.parse().ok()?)
+}
+
+fn parse_config(key: &str, value: &[u8]) -> Result<NetworkConfig, Error> {
+    let bad = |reason: String| Error::NetworkConfig { key: key.into(), reason };
+    let c: FlannelConfig = serde_json::from_slice(value).map_err(|e| bad(format!("not flannel's network config JSON: {e}")))?;
+    let network: Ipv4Cidr = c.network.parse().map_err(|e| bad(format!("`Network`: {e}")))?;
+    if !c.backend.kind.is_empty() && c.backend.kind != "vxlan" {
+        return Err(bad(format!("`Backend.Type` is {:?}; kiln's agents speak only \"vxlan\"", c.backend.kind)));
+    }
+    let subnet_len = c.subnet_len.unwrap_or(24);
+    if subnet_len <= network.prefix || subnet_len > 30 {
+        return Err(bad(format!("`SubnetLen` {subnet_len} does not cut `Network` {network} into subnets")));
+    }
+    if c.subnet_min.is_some() || c.subnet_max.is_some() {
+        tracing::warn!(key = %key, "`SubnetMin`/`SubnetMax` are not honoured: kiln leases from the second subnet to the last");
+    }
+    Ok(NetworkConfig { network, subnet_len, vni: c.backend.vni.unwrap_or(1) })
+}
+
+impl Store for EtcdStore {
+    fn load(&self) -> StoreFuture<'_, Loaded> {
+        Box::pin(self.read_all())
+    }
+
+    fn put(&self, record: NodeRecord, fresh_subnet: bool) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.write(&record, fresh_subnet).await })
+    }
+
+    fn renew(&self, record: NodeRecord) -> StoreFuture<'_, Renewal> {
+        Box::pin(async move { self.keep_alive(&record).await })
+    }
+
+    fn remove(&self, record: NodeRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.delete(&record).await })
+    }
+
+    fn watch(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
+        self.changes.lock().expect("changes lock").take()
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd {} (prefix {})", self.endpoints(), self.config.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flannel_formats() {
+        assert_eq!(parse_subnet_key("10.244.1.0-24"), "10.244.1.0/24".parse().ok());
+        assert_eq!(parse_subnet_key("10.244.1.0/24"), None);
+        let lease: FlannelLease = serde_json::from_str(
+            r#"{"PublicIP":"192.0.2.10","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:11:22:33:44:55"}}"#,
+        )
+        .unwrap();
+        assert_eq!(lease.public_ip, Ipv4Addr::new(192, 0, 2, 10));
+        assert_eq!(lease.backend_data.unwrap().vtep_mac.to_string(), "0e:11:22:33:44:55");
+        let c = parse_config("k", br#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!((c.network.to_string(), c.subnet_len, c.vni), ("10.5.0.0/16".into(), 24, 1));
+        let err = parse_config("/coreos.com/network/config", br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap_err();
+        assert!(err.to_string().contains("/coreos.com/network/config") && err.to_string().contains("host-gw"), "{err}");
+        assert!(parse_config("k", br#"{"Network":"10.5.0.0/16","SubnetLen":8}"#).is_err());
+        assert!(parse_config("k", b"nope").is_err());
+    }
+}

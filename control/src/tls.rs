@@ -1,0 +1,249 @@
+//! The control plane's own CA and the API served over TLS.
+//!
+//! `STATE/ca.pem` and `STATE/ca-key.pem` (mode 0600) are made once, on
+//! first start (or first `kiln build --state`), and kept: the builder bakes
+//! `ca.pem` into images at `/etc/kiln/ca.pem`, and agents trust nothing else.
+//! The server certificate is issued afresh at every start for the names and
+//! addresses the server is reached at (localhost, the host name, every local
+//! address, the advertised host), so it never goes stale when addresses
+//! change.
+//!
+//! The API's filters are served by hyper over tokio-rustls (warp 0.4 serves
+//! plain TCP only), HTTP/1.1, with a handshake time limit so a client that
+//! opens a connection and says nothing holds no task for long.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use tokio_rustls::TlsAcceptor;
+
+/// File name of the CA certificate in the state directory.
+pub const CA_CERT: &str = "ca.pem";
+/// File name of the CA key in the state directory.
+pub const CA_KEY: &str = "ca-key.pem";
+
+/// The CA could not be made, read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file.
+    #[error("{path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate or key could not be made or parsed.
+    #[error("{what}: {reason}")]
+    Cert {
+        /// Which one.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn cert_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Cert { what, reason: e.to_string() }
+}
+
+/// The control plane's CA, loaded from (or made in) the state directory.
+pub struct Ca {
+    /// Where the certificate is.
+    pub cert_path: PathBuf,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Ca {
+    /// Loads `STATE/ca.pem` and `STATE/ca-key.pem`, making both first if
+    /// neither exists. One without the other is an error naming the
+    /// missing file: kiln never replaces a CA that images trust.
+    pub fn load_or_create(state: &Path) -> Result<Ca, Error> {
+        let cert_path = state.join(CA_CERT);
+        let key_path = state.join(CA_KEY);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => {
+                let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+                let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+                let ca = Ca { cert_path, cert_pem, key_pem };
+                ca.issuer()?;
+                Ok(ca)
+            }
+            (false, false) => {
+                std::fs::create_dir_all(state).map_err(io(state))?;
+                let key = KeyPair::generate().map_err(cert_err("CA key"))?;
+                let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA"))?;
+                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+                params.distinguished_name.push(DnType::CommonName, "kiln control plane CA");
+                params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+                let now = time::OffsetDateTime::now_utc();
+                params.not_before = now - time::Duration::hours(1);
+                params.not_after = now + time::Duration::days(3650);
+                let cert = params.self_signed(&key).map_err(cert_err("CA"))?;
+                let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+                // The key first: a crash in between leaves a key without a
+                // certificate, reported, never a certificate without its key.
+                write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
+                write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
+                tracing::info!(ca = %cert_path.display(), "made the control plane's CA");
+                Ok(Ca { cert_path, cert_pem, key_pem })
+            }
+            (true, false) => {
+                Err(Error::Io { path: key_path, source: std::io::Error::new(std::io::ErrorKind::NotFound, "the CA key is missing") })
+            }
+            (false, true) => Err(Error::Io {
+                path: cert_path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "the CA certificate is missing"),
+            }),
+        }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, Error> {
+        let key = KeyPair::from_pem(&self.key_pem).map_err(cert_err(format!("{}", self.cert_path.with_file_name(CA_KEY).display())))?;
+        Issuer::from_ca_cert_pem(&self.cert_pem, key).map_err(cert_err(format!("{}", self.cert_path.display())))
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses),
+    /// issued now, and its key: PEM.
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String), Error> {
+        let issuer = self.issuer()?;
+        let key = KeyPair::generate().map_err(cert_err("server key"))?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(cert_err("server certificate names"))?;
+        params.distinguished_name.push(DnType::CommonName, "kiln control plane");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
+        let cert = params.signed_by(&key, &issuer).map_err(cert_err("server certificate"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A rustls acceptor presenting a fresh server certificate for `names`.
+    pub fn acceptor(&self, names: &[String]) -> Result<TlsAcceptor, Error> {
+        use rustls::pki_types::pem::PemObject;
+        let (cert_pem, key_pem) = self.issue_server(names)?;
+        let bad = |what: &str, e: &dyn std::fmt::Display| Error::Cert { what: what.into(), reason: e.to_string() };
+        let chain = vec![
+            rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| bad("server certificate", &e))?,
+            rustls::pki_types::CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| bad("CA certificate", &e))?,
+        ];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad("server key", &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("TLS versions", &e))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| bad("server certificate", &e))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// Writes `bytes` to a temporary name beside `path`, syncs, sets `mode`,
+/// renames.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| Error::Io { path: path.into(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".kiln-").tempfile_in(dir).map_err(io)?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// The names a server listening on `listen` is reached at: `localhost`,
+/// the host name, loopback, every local address (or only the one it is
+/// bound to), and `extra` (the advertised host).
+pub fn server_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if let Ok(host) = nix::unistd::gethostname() {
+        names.push(host.to_string_lossy().into_owned());
+    }
+    if listen.ip().is_unspecified() {
+        if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+            for a in addrs {
+                let Some(addr) = a.address else { continue };
+                if let Some(v4) = addr.as_sockaddr_in() {
+                    names.push(IpAddr::V4(v4.ip()).to_string());
+                } else if let Some(v6) = addr.as_sockaddr_in6() {
+                    names.push(IpAddr::V6(v6.ip()).to_string());
+                }
+            }
+        }
+    } else {
+        names.push(listen.ip().to_string());
+    }
+    names.extend(extra.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Serves `routes` over TLS on `listener` until `stop` resolves; then
+/// lets requests in flight finish (at most `grace`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+    routes: warp::filters::BoxedFilter<(warp::reply::Response,)>,
+    stop: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service = warp::service(routes);
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("api: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(service.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "api: TLS handshake: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "api: TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, "api: connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+}
