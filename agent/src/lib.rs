@@ -8,10 +8,13 @@
 //! them at fixtures.
 //!
 //! Modules: [`identity`] reads the node's facts; [`register`] talks to the
-//! control plane; [`metrics`] exports node_exporter-compatible metrics on
-//! `/metrics` (`:9100` by default, or alone with `kiln-agent metrics`). A new
-//! duty (flannel) is a module with its own loop, started from `main.rs`.
+//! control plane; [`flannel`] sets up the node's part of the pod network
+//! (VXLAN device, peers, `subnet.env`, CNI conflist) from its lease;
+//! [`metrics`] exports node_exporter-compatible metrics on `/metrics`
+//! (`:9100` by default, or alone with `kiln-agent metrics`). A new duty is a
+//! module with its own loop, started from `main.rs`.
 
+pub mod flannel;
 pub mod identity;
 pub mod metrics;
 pub mod register;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_agent::{Roots, identity, metrics, register};
+use kiln_agent::{Roots, flannel, identity, metrics, register};
 use kiln_core::KernelCmdline;
 
 /// Registers this node with the kiln control plane, keeps it registered and
@@ -53,7 +53,32 @@ struct AgentArgs {
     #[arg(long)]
     no_metrics: bool,
     #[command(flatten)]
+    overlay: OverlayArgs,
+    #[command(flatten)]
     host: HostArgs,
+}
+
+/// The flannel overlay (see docs/flannel.md).
+#[derive(Args, Debug)]
+struct OverlayArgs {
+    /// Do not set up the pod network (no lease is asked for).
+    #[arg(long)]
+    no_flannel: bool,
+    /// Interface VXLAN traffic leaves by (default: the one towards the control plane).
+    #[arg(long)]
+    iface: Option<String>,
+    /// The node's public IP, the VTEP's local address (default: --iface's address, or the source address towards the control plane).
+    #[arg(long)]
+    public_ip: Option<std::net::Ipv4Addr>,
+    /// Where `subnet.env` is written.
+    #[arg(long, default_value = "/run/flannel")]
+    flannel_run_dir: PathBuf,
+    /// Where the CNI conflist (`10-flannel.conflist`) is written.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// host-local's `dataDir` in the conflist: where pod address reservations are kept.
+    #[arg(long, default_value = "/var/lib/cni/networks")]
+    cni_ipam_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -187,31 +212,88 @@ fn agent(args: AgentArgs) -> ExitCode {
         }
     }
 
+    let overlay = if args.overlay.no_flannel {
+        None
+    } else {
+        let config = flannel::Config {
+            run_dir: args.overlay.flannel_run_dir,
+            cni_conf_dir: args.overlay.cni_conf_dir,
+            cni_ipam_dir: args.overlay.cni_ipam_dir,
+            iface: args.overlay.iface,
+            public_ip: args.overlay.public_ip,
+            sys: roots.sys.clone(),
+        };
+        match flannel::Overlay::new(config, &server) {
+            Ok(o) => Some(Arc::new(o)),
+            Err(e) => {
+                log::error!("flannel: {}", register::chain(&e));
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
     let ca = std::fs::read(&args.ca).ok();
     let client = match register::Client::new(&server, &token, ca.as_deref()) {
-        Ok(c) => c,
+        Ok(c) => Arc::new(c),
         Err(e) => {
             log::error!("HTTP client for {server} (CA {}): {}", args.ca.display(), register::chain(&e));
             return ExitCode::FAILURE;
         }
     };
+    let gather = || loop {
+        let mut req = match identity::gather(&roots, &image_digest) {
+            Ok(req) => req,
+            Err(e) => {
+                log::error!("reading this node's identity: {}", register::chain(&e));
+                std::thread::sleep(Duration::from_secs(2));
+                continue;
+            }
+        };
+        req.metrics = metrics_addr.and_then(|a| identity::metrics_endpoint(a, &req.addresses));
+        if let Some(overlay) = &overlay
+            && let Err(e) = overlay.prepare(&mut req)
+        {
+            log::error!("flannel: {} (retrying in 2s)", register::chain(&e));
+            std::thread::sleep(Duration::from_secs(2));
+            continue;
+        }
+        return req;
+    };
     runtime.block_on(async {
-        client
-            .run(|| {
-                loop {
-                    match identity::gather(&roots, &image_digest) {
-                        Ok(mut req) => {
-                            req.metrics = metrics_addr.and_then(|a| identity::metrics_endpoint(a, &req.addresses));
-                            return req;
-                        }
-                        Err(e) => {
-                            log::error!("reading this node's identity: {}", register::chain(&e));
-                            std::thread::sleep(std::time::Duration::from_secs(2));
-                        }
-                    }
-                }
-            })
-            .await
+        let (publish, registered) = tokio::sync::watch::channel(None);
+        let overlay_task = overlay.clone().map(|o| tokio::spawn(o.run(client.clone(), registered)));
+        tokio::select! {
+            never = client.run(gather, &publish) => match never {},
+            signal = shutdown_signal() => log::info!("{signal}: leaving the cluster"),
+        }
+        if let Some(task) = overlay_task {
+            task.abort();
+            let _ = task.await;
+        }
+        let last = publish.borrow().clone();
+        if let Some(reg) = &last {
+            match client.leave(&reg.token).await {
+                Ok(()) => log::info!("left the cluster as node {}", reg.name),
+                Err(e) => log::warn!("leaving: {}", register::chain(&e)),
+            }
+        }
+        if let Some(overlay) = &overlay {
+            overlay.teardown(last.as_ref().and_then(|r| r.lease.as_ref())).await;
+        }
+        ExitCode::SUCCESS
     })
+}
+
+/// Waits for SIGTERM or SIGINT; names the one that came.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        log::warn!("cannot listen for SIGTERM/SIGINT; stopping only when killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }

@@ -5,11 +5,28 @@
 //! then `POST {server}/api/v1/heartbeat` with the node token at the interval
 //! the server asks for. A heartbeat answered 401 means the server no longer
 //! knows the token (its state was reset): the agent registers again.
+//!
+//! Every registration is published on a `watch` channel as [`Registered`]
+//! (name, node token, lease), which the flannel loop follows; the peers
+//! watch (`GET /api/v1/peers`) and leaving (`POST /api/v1/leave`) are
+//! calls of the same [`Client`].
 
 use std::time::Duration;
 
-use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse};
+use kiln_core::{HeartbeatResponse, Lease, Peers, RegisterRequest, RegisterResponse};
 use log::{info, warn};
+use tokio::sync::watch;
+
+/// The node as the control plane last registered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The node's name.
+    pub name: String,
+    /// Its node token (heartbeats, peers, leaving).
+    pub token: String,
+    /// Its subnet lease; `None` when the server gave none.
+    pub lease: Option<Lease>,
+}
 
 /// Talking to the control plane failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +91,29 @@ impl Client {
         json(url, resp).await
     }
 
+    /// Leaves the cluster: the server removes the node and releases its lease.
+    pub async fn leave(&self, token: &str) -> Result<(), Error> {
+        let url = format!("{}/api/v1/leave", self.server);
+        let resp = self.http.post(&url).bearer_auth(token).timeout(Duration::from_secs(3)).send().await;
+        json::<serde_json::Value>(url, resp).await.map(drop)
+    }
+
+    /// The peers watch: answers once the registry's revision passes
+    /// `revision`, or after `wait` with the peers as they are.
+    pub async fn peers(&self, revision: u64, wait: Duration, token: &str) -> Result<Peers, Error> {
+        let url = format!("{}/api/v1/peers?revision={revision}&timeout={}", self.server, wait.as_secs());
+        let resp = self.http.get(&url).bearer_auth(token).timeout(wait + Duration::from_secs(10)).send().await;
+        json(url, resp).await
+    }
+
     /// Registers, retrying with backoff until the server accepts; then
-    /// heartbeats forever, registering again when the server forgets the node.
-    pub async fn run(&self, gather: impl Fn() -> RegisterRequest) -> ! {
+    /// heartbeats forever, registering again when the server forgets the
+    /// node. Every registration is sent on `publish`.
+    pub async fn run(&self, gather: impl Fn() -> RegisterRequest, publish: &watch::Sender<Option<Registered>>) -> ! {
         loop {
             let registered = self.register_with_backoff(&gather).await;
             let token = registered.token;
+            publish.send_replace(Some(Registered { name: registered.name.clone(), token: token.clone(), lease: registered.lease.clone() }));
             let mut interval = Duration::from_secs(registered.heartbeat_interval_secs.max(1));
             loop {
                 tokio::time::sleep(interval).await;
@@ -103,12 +137,13 @@ impl Client {
             match self.register(&req).await {
                 Ok(resp) => {
                     info!(
-                        "registered with {} as node {} (machine-id {}, macs {}, image {})",
+                        "registered with {} as node {} (machine-id {}, macs {}, image {}, lease {})",
                         self.server,
                         resp.name,
                         req.machine_id,
                         req.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                         if req.image_digest.is_empty() { "unknown" } else { &req.image_digest },
+                        resp.lease.as_ref().map_or_else(|| "none".to_string(), |l| format!("{} vni {}", l.subnet, l.vni)),
                     );
                     return resp;
                 }

@@ -43,66 +43,7 @@ enum Command {
         json: bool,
     },
     /// Serve images (HTTP, iPXE) and the control-plane API.
-    Serve {
-        /// Directory of built images (`kiln build --out`).
-        #[arg(long)]
-        images: PathBuf,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// State directory (bootstrap token, registry).
-        #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
-        state: PathBuf,
-        /// Base URL booting nodes use to reach this server (default: each
-        /// request's Host header).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// Directory of profiles (profiles/*.toml) and groups (groups/*.toml);
-        /// default: every machine boots the first image.
-        #[arg(long)]
-        profiles: Option<PathBuf>,
-        /// Serve TFTP (iPXE binaries for PXE ROMs) on this address, e.g. 0.0.0.0:69.
-        #[arg(long)]
-        tftp: Option<SocketAddr>,
-        /// Root directory of the TFTP server.
-        #[arg(long, default_value = kiln_control::server::IPXE_DIR)]
-        tftp_root: PathBuf,
-        /// Answer PXE clients as proxyDHCP on this network interface, beside
-        /// the network's own DHCP server (UDP 67 and 4011; needs root).
-        #[arg(long, value_name = "INTERFACE")]
-        proxy_dhcp: Option<String>,
-        /// The pod network that nodes get subnet leases from (flannel's `Network`).
-        #[arg(long, default_value = "10.244.0.0/16")]
-        pod_network: kiln_core::Ipv4Cidr,
-        /// Length of each node's pod subnet (flannel's `SubnetLen`).
-        #[arg(long, default_value_t = 24)]
-        subnet_len: u8,
-        /// Address of the API over TLS (CA: STATE/ca.pem).
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        api_listen: SocketAddr,
-        /// Serve the API over plain HTTP on --listen instead of TLS: only for
-        /// loopback demos and tests.
-        #[arg(long)]
-        plain_http: bool,
-        /// The API's URL as nodes reach it (default: https:// on the host
-        /// they fetched their boot script from, at --api-listen's port).
-        #[arg(long)]
-        advertise_api: Option<String>,
-        /// Another DNS name or IP address for the API's certificate
-        /// (repeatable); localhost, the host name and local addresses are in.
-        #[arg(long = "tls-name", value_name = "NAME")]
-        tls_names: Vec<String>,
-        /// Keep the registry and leases in etcd at these client URLs
-        /// (comma-separated) instead of the embedded database.
-        #[arg(long, value_delimiter = ',', value_name = "URL")]
-        etcd: Vec<String>,
-        /// flannel's etcd prefix.
-        #[arg(long, default_value = kiln_control::store::etcd::DEFAULT_PREFIX)]
-        etcd_prefix: String,
-        /// TTL of subnet leases in etcd, in seconds (flannel's: 24 h).
-        #[arg(long, default_value_t = 86400)]
-        lease_ttl: u64,
-    },
+    Serve(Box<ServeArgs>),
     /// List registered nodes.
     Nodes {
         /// The API's base URL.
@@ -121,6 +62,69 @@ enum Command {
     /// Build the tiny image, serve it on loopback, PXE-boot a QEMU guest from
     /// it, and show the node once it has registered. Ctrl-C stops it all.
     Up(up::UpArgs),
+}
+
+/// Flags of `kiln serve`.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Directory of built images (`kiln build --out`).
+    #[arg(long)]
+    images: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// State directory (bootstrap token, registry).
+    #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
+    state: PathBuf,
+    /// Base URL booting nodes use to reach this server (default: each
+    /// request's Host header).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory of profiles (profiles/*.toml) and groups (groups/*.toml);
+    /// default: every machine boots the first image.
+    #[arg(long)]
+    profiles: Option<PathBuf>,
+    /// Serve TFTP (iPXE binaries for PXE ROMs) on this address, e.g. 0.0.0.0:69.
+    #[arg(long)]
+    tftp: Option<SocketAddr>,
+    /// Root directory of the TFTP server.
+    #[arg(long, default_value = kiln_control::server::IPXE_DIR)]
+    tftp_root: PathBuf,
+    /// Answer PXE clients as proxyDHCP on this network interface, beside
+    /// the network's own DHCP server (UDP 67 and 4011; needs root).
+    #[arg(long, value_name = "INTERFACE")]
+    proxy_dhcp: Option<String>,
+    /// The pod network that nodes get subnet leases from (flannel's `Network`).
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pod_network: kiln_core::Ipv4Cidr,
+    /// Length of each node's pod subnet (flannel's `SubnetLen`).
+    #[arg(long, default_value_t = 24)]
+    subnet_len: u8,
+    /// Address of the API over TLS (CA: STATE/ca.pem).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    api_listen: SocketAddr,
+    /// Serve the API over plain HTTP on --listen instead of TLS: only for
+    /// loopback demos and tests.
+    #[arg(long)]
+    plain_http: bool,
+    /// The API's URL as nodes reach it (default: https:// on the host
+    /// they fetched their boot script from, at --api-listen's port).
+    #[arg(long)]
+    advertise_api: Option<String>,
+    /// Another DNS name or IP address for the API's certificate
+    /// (repeatable); localhost, the host name and local addresses are in.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    tls_names: Vec<String>,
+    /// Keep the registry and leases in etcd at these client URLs
+    /// (comma-separated) instead of the embedded database.
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    etcd: Vec<String>,
+    /// flannel's etcd prefix.
+    #[arg(long, default_value = kiln_control::store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// TTL of subnet leases in etcd, in seconds (flannel's: 24 h).
+    #[arg(long, default_value_t = 86400)]
+    lease_ttl: u64,
 }
 
 /// Where a build finds its inputs.
@@ -185,25 +189,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             progress.finish(&outcome);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve {
-            images,
-            listen,
-            state,
-            advertise,
-            profiles,
-            tftp,
-            tftp_root,
-            proxy_dhcp,
-            pod_network,
-            subnet_len,
-            api_listen,
-            plain_http,
-            advertise_api,
-            tls_names,
-            etcd,
-            etcd_prefix,
-            lease_ttl,
-        } => {
+        Command::Serve(args) => {
+            let ServeArgs {
+                images,
+                listen,
+                state,
+                advertise,
+                profiles,
+                tftp,
+                tftp_root,
+                proxy_dhcp,
+                pod_network,
+                subnet_len,
+                api_listen,
+                plain_http,
+                advertise_api,
+                tls_names,
+                etcd,
+                etcd_prefix,
+                lease_ttl,
+            } = *args;
             if subnet_len < pod_network.prefix || subnet_len > 30 {
                 anyhow::bail!("--subnet-len {subnet_len} must be between the pod network's prefix ({}) and 30", pod_network.prefix);
             }

@@ -6,7 +6,7 @@
 //! | `POST /api/v1/heartbeat` | node token | [`HeartbeatResponse`] |
 //! | `POST /api/v1/nodes/<name>/heartbeat` | that node's token (another node's: 403) | [`HeartbeatResponse`] |
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | node token (another node's: 403) | the node, gone; its lease released |
-//! | `GET /api/v1/peers?revision=N&timeout=S` | — | long poll: [`kiln_core::Peers`] once the revision passes N |
+//! | `GET /api/v1/peers?revision=N&timeout=S` | node token | long poll: [`kiln_core::Peers`] once the revision passes N |
 //! | `GET /api/v1/nodes` | — | `[Node]` |
 //! | `GET /api/v1/sd` | — | Prometheus HTTP service discovery: one target group per node |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | — | the loaded profiles and groups |
@@ -114,8 +114,12 @@ pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Re
         .and(with())
         .and(auth)
         .then(|name: String, api: Arc<Api>, auth: Option<String>| async move { leave(&api, auth.as_deref(), Some(&name)).await });
-    let peers = warp::path!("api" / "v1" / "peers").and(warp::get()).and(with()).and(warp::query::<PeersQuery>()).then(
-        |api: Arc<Api>, q: PeersQuery| async move {
+    let peers = warp::path!("api" / "v1" / "peers").and(warp::get()).and(with()).and(auth).and(warp::query::<PeersQuery>()).then(
+        |api: Arc<Api>, auth: Option<String>, q: PeersQuery| async move {
+            // Peers are the cluster's addresses: for its nodes only.
+            if let Err((status, message)) = authorize(&api, auth.as_deref(), None) {
+                return error(status, &message);
+            }
             let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
             warp::reply::json(&api.registry.watch_peers(q.revision.unwrap_or(0), timeout).await).into_response()
         },
@@ -495,6 +499,12 @@ mod tests {
         assert_eq!(resp.status(), 401, "the bootstrap token is not a node token");
 
         let resp = warp::test::request().path("/api/v1/peers?revision=0&timeout=1").reply(&routes).await;
+        assert_eq!(resp.status(), 401, "peers are for nodes only");
+        let resp = warp::test::request()
+            .path("/api/v1/peers?revision=0&timeout=1")
+            .header("authorization", format!("Bearer {}", answer.token))
+            .reply(&routes)
+            .await;
         let peers: kiln_core::Peers = serde_json::from_slice(resp.body()).unwrap();
         assert!(peers.peers.is_empty(), "no VTEP MAC, no lease, no peer");
 

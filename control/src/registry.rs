@@ -181,10 +181,10 @@ impl Registry {
             let mut st = self.state.lock().expect("registry lock");
             match change {
                 Change::NodePut(record) => {
-                    if st.nodes.get(&record.node.name) == Some(&record) {
+                    if st.nodes.get(&record.node.name) == Some(&*record) {
                         return;
                     }
-                    st.insert(record);
+                    st.insert(*record);
                 }
                 Change::NodeDeleted(name) => {
                     if st.remove(&name).is_none() {
@@ -400,9 +400,14 @@ impl Registry {
     /// Waits until the revision passes `seen` or `timeout` elapses, then
     /// answers with the peers: a long poll, so agents learn of joins and
     /// leaves at once without polling.
+    ///
+    /// A `seen` above the current revision (the agent watched a server that
+    /// has since restarted and counts from 1 again) is answered at once.
     pub async fn watch_peers(&self, seen: u64, timeout: std::time::Duration) -> Peers {
         let mut rx = self.revision.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > seen)).await;
+        if seen <= *rx.borrow() {
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > seen)).await;
+        }
         self.peers()
     }
 }

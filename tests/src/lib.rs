@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+pub mod etcd;
+pub mod overlay;
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
@@ -124,18 +127,29 @@ impl Drop for Process {
 pub struct KilnServer {
     /// The process.
     pub process: Process,
-    /// `http://127.0.0.1:PORT`
+    /// Boot assets: `http://127.0.0.1:PORT`
     pub url: String,
+    /// The API: `https://127.0.0.1:PORT`, or `url` with `--plain-http`.
+    pub api: String,
+    /// The CA the API's certificate is issued by (`STATE/ca.pem`), with TLS.
+    pub ca: Option<PathBuf>,
     /// Its state directory.
     pub state: PathBuf,
 }
 
 impl KilnServer {
-    /// Starts `kiln serve --images images --state state --listen 127.0.0.1:0`
-    /// and waits for it to say where it listens.
+    /// Starts `kiln serve --images images --state state --listen 127.0.0.1:0
+    /// --api-listen 127.0.0.1:0` (the API over TLS, its certificate also
+    /// naming QEMU user networking's 10.0.2.2) and waits for it to say where
+    /// it listens.
     pub fn start(images: &Path, state: &Path) -> KilnServer {
+        Self::start_with(images, state, &["--api-listen", "127.0.0.1:0", "--tls-name", "10.0.2.2"])
+    }
+
+    /// As [`KilnServer::start`], with `args` after the images, state and listen flags.
+    pub fn start_with(images: &Path, state: &Path, args: &[&str]) -> KilnServer {
         let mut cmd = Command::new(&binaries().kiln);
-        cmd.arg("serve").arg("--images").arg(images).arg("--state").arg(state).args(["--listen", "127.0.0.1:0"]);
+        cmd.arg("serve").arg("--images").arg(images).arg("--state").arg(state).args(["--listen", "127.0.0.1:0"]).args(args);
         Self::spawn(cmd, state)
     }
 
@@ -165,8 +179,28 @@ impl KilnServer {
                 std::fs::read_to_string(state.with_extension("log")).unwrap_or_default()
             )
         });
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no URL in {line:?}")).to_string();
-        KilnServer { process, url, state: state.to_path_buf() }
+        let word =
+            |prefix: &str| line.split_whitespace().find(|w| w.starts_with(prefix)).map(|w| w.trim_end_matches([',', ')']).to_string());
+        let url = word("http://").unwrap_or_else(|| panic!("no URL in {line:?}"));
+        let api = word("https://").unwrap_or_else(|| url.clone());
+        let ca = api.starts_with("https://").then(|| state.join("ca.pem"));
+        KilnServer { process, url, api, ca, state: state.to_path_buf() }
+    }
+
+    /// The port of the API (the TLS one, or the only one).
+    pub fn api_port(&self) -> u16 {
+        self.api.rsplit(':').next().and_then(|p| p.parse().ok()).expect("URL has a port")
+    }
+
+    /// An HTTP client that trusts exactly the server's CA (none with
+    /// `--plain-http`).
+    pub fn client(&self) -> reqwest::blocking::Client {
+        let mut b = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(60));
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca).expect("the server wrote its CA");
+            b = b.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM CA"));
+        }
+        b.build().expect("an HTTP client")
     }
 
     /// What the server logged so far.
@@ -181,7 +215,7 @@ impl KilnServer {
 
     /// `GET /api/v1/nodes`.
     pub fn nodes(&self) -> Vec<kiln_core::Node> {
-        let resp = reqwest::blocking::get(format!("{}/api/v1/nodes", self.url)).expect("GET /api/v1/nodes");
+        let resp = self.client().get(format!("{}/api/v1/nodes", self.api)).send().expect("GET /api/v1/nodes");
         assert!(resp.status().is_success(), "GET /api/v1/nodes: {}", resp.status());
         resp.json().expect("a JSON array of nodes")
     }
@@ -235,16 +269,18 @@ fn run(cmd: &mut Command) {
 /// Runs `kiln build SPEC --out OUT --json` with the shared cache; returns
 /// the exit status, stdout and stderr.
 pub fn kiln_build(spec: &Path, out: &Path) -> (std::process::ExitStatus, String, String) {
-    let o = Command::new(&binaries().kiln)
-        .arg("build")
-        .arg(spec)
-        .arg("--out")
-        .arg(out)
-        .arg("--cache")
-        .arg(cache_dir())
-        .arg("--json")
-        .output()
-        .expect("kiln build runs");
+    kiln_build_for(spec, out, None)
+}
+
+/// [`kiln_build`], baking in the CA of the server with state directory
+/// `state` (`--state`), so the image's agent trusts its TLS API.
+pub fn kiln_build_for(spec: &Path, out: &Path, state: Option<&Path>) -> (std::process::ExitStatus, String, String) {
+    let mut cmd = Command::new(&binaries().kiln);
+    cmd.arg("build").arg(spec).arg("--out").arg(out).arg("--cache").arg(cache_dir()).arg("--json");
+    if let Some(state) = state {
+        cmd.arg("--state").arg(state);
+    }
+    let o = cmd.output().expect("kiln build runs");
     (o.status, String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 

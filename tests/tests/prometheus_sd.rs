@@ -61,10 +61,11 @@ fn promtool_check_config(path: &Path) -> (bool, String) {
 
 /// `monitoring/prometheus.yml` with the control plane at `sd_url`, and
 /// discovery and scrapes every second.
-fn test_config(sd_url: &str) -> String {
+fn test_config(sd_url: &str, ca: &Path) -> String {
     let mut text = std::fs::read_to_string(shipped_config()).expect("monitoring/prometheus.yml exists");
     for (from, to) in [
-        ("http://127.0.0.1:8080/api/v1/sd", sd_url),
+        ("https://127.0.0.1:8443/api/v1/sd", sd_url),
+        ("/var/lib/kiln/ca.pem", &ca.display().to_string()),
         ("refresh_interval: 30s", "refresh_interval: 1s"),
         ("scrape_interval: 15s", "scrape_interval: 1s"),
     ] {
@@ -126,7 +127,7 @@ fn prometheus_scrapes_agent_found_through_sd() {
     let manifest = write_image(&images, "tiny");
     let server = KilnServer::start(&images, &tmp.path().join("state"));
     let token = std::fs::read_to_string(server.state.join("bootstrap-token")).expect("kiln serve wrote its bootstrap token");
-    let client = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build().unwrap();
+    let client = server.client();
 
     // The agent, in full mode, as it runs in a node: the command line the
     // server would have booted it with carries the image digest.
@@ -135,13 +136,14 @@ fn prometheus_scrapes_agent_found_through_sd() {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let agent_log = tmp.path().join("agent.log");
     let mut cmd = Command::new(&bins.agent);
-    cmd.args(["--server", &server.url, "--token", token.trim(), "--metrics-listen", &metrics_addr])
+    // --no-flannel: this agent runs on the host itself, whose network is not the test's.
+    cmd.args(["--server", &server.api, "--token", token.trim(), "--metrics-listen", &metrics_addr, "--no-flannel"])
         .arg("--machine-id")
         .arg(tmp.path().join("machine-id"))
         .arg("--cmdline")
         .arg(&cmdline)
         .arg("--ca")
-        .arg(tmp.path().join("no-ca.pem"))
+        .arg(server.ca.as_ref().expect("the API is TLS"))
         .arg("--textfile-dir")
         .arg(tmp.path().join("textfile"))
         .env_remove("JOURNAL_STREAM")
@@ -149,7 +151,7 @@ fn prometheus_scrapes_agent_found_through_sd() {
     let _agent = Process::spawn_logged(cmd, "kiln-agent", &agent_log);
 
     let group = wait_for(WAIT, || {
-        let groups: Vec<SdTargetGroup> = client.get(format!("{}/api/v1/sd", server.url)).send().ok()?.json().ok()?;
+        let groups: Vec<SdTargetGroup> = client.get(format!("{}/api/v1/sd", server.api)).send().ok()?.json().ok()?;
         groups.into_iter().find(|g| g.targets == [metrics_addr.clone()])
     })
     .unwrap_or_else(|| {
@@ -165,7 +167,7 @@ fn prometheus_scrapes_agent_found_through_sd() {
 
     // Prometheus, from the shipped config.
     let config = tmp.path().join("prometheus.yml");
-    std::fs::write(&config, test_config(&format!("{}/api/v1/sd", server.url))).unwrap();
+    std::fs::write(&config, test_config(&format!("{}/api/v1/sd", server.api), server.ca.as_ref().expect("the API is TLS"))).unwrap();
     let (ok, out) = promtool_check_config(&config);
     assert!(ok, "promtool check config on the test's config:\n{out}");
     let prom_port = free_port();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kiln_control::qemu::{self, Boot, Guest, GuestSpec};
 use kiln_core::{Mac, Manifest};
-use kiln_tests::{KilnServer, Process, binaries, cache_dir, kiln_build, root, skip_e2e, tail, vm_lock, wait_for};
+use kiln_tests::{KilnServer, Process, binaries, cache_dir, kiln_build, kiln_build_for, root, skip_e2e, tail, vm_lock, wait_for};
 use nix::sys::signal::Signal;
 
 fn tiny_spec() -> std::path::PathBuf {
@@ -31,7 +31,9 @@ fn build_serve_pxe_boot_register() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
 
-    let (status, stdout, stderr) = kiln_build(&tiny_spec(), &images);
+    // The image trusts this server's CA: the agent talks to the API over TLS.
+    let state = tmp.path().join("state");
+    let (status, stdout, stderr) = kiln_build_for(&tiny_spec(), &images, Some(&state));
     assert!(status.success(), "kiln build failed:\n{stderr}");
     let manifest = read_manifest(&images);
     assert_eq!(manifest.name, "tiny");
@@ -44,7 +46,8 @@ fn build_serve_pxe_boot_register() {
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("events")).unwrap();
     assert_eq!(last["digest"], manifest.digest.as_str(), "the build reports the manifest's digest");
 
-    let server = KilnServer::start(&images, &tmp.path().join("state"));
+    let server = KilnServer::start(&images, &state);
+    assert!(server.api.starts_with("https://"), "the API is served over TLS by default: {}", server.api);
     let token = std::fs::read_to_string(tmp.path().join("state/bootstrap-token")).unwrap();
     let token = token.trim();
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(tmp.path().join("state/bootstrap-token")).unwrap().permissions());
@@ -59,15 +62,23 @@ fn build_serve_pxe_boot_register() {
     let script = fetch("/ipxe?mac=52-54-00-4b-00-01&arch=x86_64");
     assert!(script.contains(&format!("kiln.token={token}")), "{script}");
     assert!(script.contains(&format!("kiln.image_digest={}", manifest.digest)), "{script}");
-    assert!(script.contains(&format!("kiln.server=http://10.0.2.2:{}", server.port())), "{script}");
+    assert!(script.contains(&format!("kiln.server=https://10.0.2.2:{}", server.api_port())), "{script}");
+    // The API is not on the boot assets' plain-HTTP port, and plain HTTP
+    // to the TLS port gets no answer.
+    assert_eq!(client.get(format!("{}/api/v1/nodes", server.url)).send().unwrap().status(), 404, "no API on plain HTTP");
+    assert!(client.get(format!("http://127.0.0.1:{}/api/v1/nodes", server.api_port())).send().is_err(), "the API port speaks only TLS");
+    // A client that does not trust kiln's CA refuses the server.
+    let untrusting = reqwest::blocking::Client::builder().tls_certs_only(Vec::new()).build().unwrap();
+    assert!(untrusting.get(format!("{}/api/v1/nodes", server.api)).send().is_err(), "the API's certificate is kiln's CA's only");
     let kernel = client.get(format!("{}/images/tiny/vmlinuz", server.url)).send().unwrap();
     assert_eq!(kernel.status(), 200);
     let bytes = kernel.bytes().unwrap();
     assert_eq!(kiln_core::sha256_digest(&bytes), format!("sha256:{}", manifest.artifact("vmlinuz").unwrap().sha256));
 
     // Bad registrations against the real server.
+    let api = server.client();
     let register = |auth: Option<&str>, body: &str| {
-        let mut r = client.post(format!("{}/api/v1/register", server.url)).body(body.to_string());
+        let mut r = api.post(format!("{}/api/v1/register", server.api)).body(body.to_string());
         if let Some(a) = auth {
             r = r.header("authorization", a);
         }
@@ -113,15 +124,16 @@ fn build_serve_pxe_boot_register() {
     assert_eq!(node.cpus, 2);
     assert!(node.memory_bytes > 256 << 20 && node.memory_bytes <= 512 << 20, "memory {}", node.memory_bytes);
     // The agent logs the registration just after the server records it.
-    let wanted = format!("registered with http://10.0.2.2:{} as node {}", server.port(), node.name);
+    let wanted = format!("registered with https://10.0.2.2:{} as node {}", server.api_port(), node.name);
     let logged = wait_for(Duration::from_secs(10), || guest.serial().contains(&wanted).then_some(()));
     assert!(logged.is_some(), "the agent logs its registration:\n{}", tail(&guest.serial(), 30));
 
     // `kiln nodes` shows it, as a table and as JSON.
-    let out = Command::new(&binaries().kiln).args(["nodes", "--server", &server.url]).output().unwrap();
+    let out = Command::new(&binaries().kiln).args(["nodes", "--server", &server.api]).arg("--state").arg(&state).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && table.contains(&node.name) && table.contains("52:54:00:4b:00:01"), "{table}");
-    let out = Command::new(&binaries().kiln).args(["nodes", "--json", "--server", &server.url]).output().unwrap();
+    let out =
+        Command::new(&binaries().kiln).args(["nodes", "--json", "--server", &server.api]).arg("--state").arg(&state).output().unwrap();
     let listed: Vec<kiln_core::Node> = serde_json::from_slice(&out.stdout).expect("kiln nodes --json prints nodes");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].name, node.name);
@@ -132,7 +144,6 @@ fn build_serve_pxe_boot_register() {
 
     // A server restart keeps the registry; the node is still listed.
     drop(guest);
-    let state = server.state.clone();
     drop(server);
     let server = KilnServer::start(&images, &state);
     let names: Vec<String> = server.nodes().into_iter().map(|n| n.name).collect();

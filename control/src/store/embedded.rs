@@ -24,7 +24,7 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const MAX_BATCH: usize = 512;
 
 enum Op {
-    Put(NodeRecord),
+    Put(Box<NodeRecord>),
     Remove(String),
 }
 
@@ -169,11 +169,11 @@ impl Store for DbStore {
     fn put(&self, record: NodeRecord, _fresh_subnet: bool) -> StoreFuture<'_, ()> {
         // One process owns the file: the registry's lock already keeps
         // subnets unique.
-        self.submit(Op::Put(record))
+        self.submit(Op::Put(Box::new(record)))
     }
 
     fn renew(&self, record: NodeRecord) -> StoreFuture<'_, Renewal> {
-        let write = self.submit(Op::Put(record));
+        let write = self.submit(Op::Put(Box::new(record)));
         Box::pin(async move { write.await.map(|()| Renewal::Live) })
     }
 

@@ -453,7 +453,7 @@ fn node_change(kind: EventType, kv: &KeyValue) -> Option<Change> {
     let name = key.strip_prefix(NODES_PREFIX)?.to_string();
     match kind {
         EventType::Delete => Some(Change::NodeDeleted(name)),
-        EventType::Put => serde_json::from_slice(kv.value()).ok().map(Change::NodePut),
+        EventType::Put => serde_json::from_slice(kv.value()).ok().map(|r| Change::NodePut(Box::new(r))),
     }
 }
 

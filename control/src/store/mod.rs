@@ -99,7 +99,7 @@ pub struct Loaded {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A node record was written (by another control plane).
-    NodePut(NodeRecord),
+    NodePut(Box<NodeRecord>),
     /// A node record was removed.
     NodeDeleted(String),
     /// A subnet lease was written; the registry tells kiln's own from

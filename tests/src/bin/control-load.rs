@@ -1,0 +1,197 @@
+//! control-load: simulated agents against a running `kiln serve`, for
+//! `bench/control` (issue 6's figures).
+//!
+//! ```text
+//! control-load --api https://127.0.0.1:8443 --ca STATE/ca.pem --token TOKEN --agents 1000 --concurrency 32
+//! ```
+//!
+//! 1. Registration: every agent registers once (with a VTEP MAC, so each
+//!    gets a lease), `--concurrency` at a time: throughput and latency.
+//! 2. Heartbeats: the registered agents heartbeat for `--seconds`,
+//!    `--concurrency` at a time: throughput and latency.
+//! 3. Convergence: every agent long-polls `/api/v1/peers`; one more node
+//!    joins; the time from sending its registration to the last agent
+//!    holding a peers list with it.
+//!
+//! Prints one JSON object.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_core::{Peers, RegisterRequest, RegisterResponse};
+
+struct Args {
+    api: String,
+    ca: Option<String>,
+    token: String,
+    agents: usize,
+    concurrency: usize,
+    seconds: u64,
+    offset: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args { api: String::new(), ca: None, token: String::new(), agents: 1000, concurrency: 32, seconds: 10, offset: 0 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--api" => a.api = value(),
+            "--ca" => a.ca = Some(value()),
+            "--token" => a.token = value(),
+            "--agents" => a.agents = value().parse().expect("--agents N"),
+            "--concurrency" => a.concurrency = value().parse().expect("--concurrency N"),
+            "--seconds" => a.seconds = value().parse().expect("--seconds N"),
+            "--offset" => a.offset = value().parse().expect("--offset N"),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    assert!(!a.api.is_empty() && !a.token.is_empty(), "--api and --token are needed");
+    a
+}
+
+fn request(i: usize) -> RegisterRequest {
+    RegisterRequest {
+        machine_id: format!("{i:032x}"),
+        hostname: format!("sim-{i}"),
+        macs: vec![format!("52:54:01:{:02x}:{:02x}:{:02x}", i >> 16 & 0xff, i >> 8 & 0xff, i & 0xff).parse().unwrap()],
+        addresses: vec![format!("10.{}.{}.{}", 100 + (i >> 16 & 0x3f), i >> 8 & 0xff, i & 0xff).parse().unwrap()],
+        cpus: 2,
+        memory_bytes: 2 << 30,
+        kernel: "6.1.0".into(),
+        agent_version: "sim".into(),
+        image_digest: "sha256:sim".into(),
+        metrics: None,
+        public_ip: None,
+        vtep_mac: Some(format!("0e:01:00:{:02x}:{:02x}:{:02x}", i >> 16 & 0xff, i >> 8 & 0xff, i & 0xff).parse().unwrap()),
+        uplink_mtu: Some(1500),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn summary(mut ms: Vec<f64>, elapsed: Duration) -> serde_json::Value {
+    ms.sort_by(f64::total_cmp);
+    serde_json::json!({
+        "count": ms.len(),
+        "per_second": ms.len() as f64 / elapsed.as_secs_f64(),
+        "p50_ms": percentile(&ms, 50.0),
+        "p99_ms": percentile(&ms, 99.0),
+        "max_ms": ms.last().copied().unwrap_or(0.0),
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120)).pool_max_idle_per_host(usize::MAX).no_proxy();
+    if let Some(ca) = &a.ca {
+        let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("{ca}: {e}"));
+        builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM CA"));
+    }
+    let client = builder.build().expect("an HTTP client");
+    let api = Arc::new(a.api.trim_end_matches('/').to_string());
+    let token = Arc::new(a.token.clone());
+
+    // 1. Registration.
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in a.offset..a.offset + a.agents {
+        let (client, api, token, semaphore) = (client.clone(), api.clone(), token.clone(), semaphore.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire().await.expect("semaphore open");
+            let t = Instant::now();
+            let resp = client.post(format!("{api}/api/v1/register")).bearer_auth(&*token).json(&request(i)).send().await.expect("register");
+            assert!(resp.status().is_success(), "register: {}", resp.status());
+            let answer: RegisterResponse = resp.json().await.expect("a registration answer");
+            (t.elapsed().as_secs_f64() * 1000.0, answer.token)
+        }));
+    }
+    let mut reg_ms = Vec::new();
+    let mut tokens = Vec::new();
+    for t in tasks {
+        let (ms, token) = t.await.expect("a register task");
+        reg_ms.push(ms);
+        tokens.push(token);
+    }
+    let registration = summary(reg_ms, started.elapsed());
+
+    // 2. Heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(a.seconds);
+    let tokens = Arc::new(tokens);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..a.concurrency {
+        let (client, api, tokens) = (client.clone(), api.clone(), tokens.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ms = Vec::new();
+            let mut n = w;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let resp =
+                    client.post(format!("{api}/api/v1/heartbeat")).bearer_auth(&tokens[n % tokens.len()]).send().await.expect("heartbeat");
+                assert!(resp.status().is_success(), "heartbeat: {}", resp.status());
+                let _ = resp.bytes().await;
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                n += a.concurrency;
+            }
+            ms
+        }));
+    }
+    let mut hb_ms = Vec::new();
+    for t in tasks {
+        hb_ms.extend(t.await.expect("a heartbeat task"));
+    }
+    let heartbeats = summary(hb_ms, started.elapsed());
+
+    // 3. Convergence: every agent watches; one more joins.
+    let peers: Peers =
+        client.get(format!("{api}/api/v1/peers")).bearer_auth(&tokens[0]).send().await.expect("peers").json().await.expect("peers JSON");
+    let revision = peers.revision;
+    let joiner = a.offset + a.agents;
+    let joiner_name = format!("sim-{joiner}");
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watchers = Vec::new();
+    for i in 0..a.agents {
+        let (client, api, name, ready, tokens) = (client.clone(), api.clone(), joiner_name.clone(), ready_tx.clone(), tokens.clone());
+        watchers.push(tokio::spawn(async move {
+            let url = format!("{api}/api/v1/peers?revision={revision}&timeout=60");
+            let request = client.get(url).bearer_auth(&tokens[i]).send();
+            let _ = ready.send(());
+            let p: Peers = request.await.expect("watch").json().await.expect("peers JSON");
+            assert!(p.peers.iter().any(|p| p.name == name), "the watch answered without the joiner");
+            Instant::now()
+        }));
+    }
+    for _ in 0..a.agents {
+        ready_rx.recv().await;
+    }
+    // Let every long poll reach the server.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let joined = Instant::now();
+    let resp = client.post(format!("{api}/api/v1/register")).bearer_auth(&*token).json(&request(joiner)).send().await.expect("join");
+    assert!(resp.status().is_success());
+    let mut last = joined;
+    for w in watchers {
+        last = last.max(w.await.expect("a watcher"));
+    }
+    let convergence_ms = last.duration_since(joined).as_secs_f64() * 1000.0;
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "agents": a.agents,
+            "concurrency": a.concurrency,
+            "registration": registration,
+            "heartbeat": heartbeats,
+            "convergence_ms": convergence_ms,
+        })
+    );
+}

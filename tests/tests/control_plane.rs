@@ -1,0 +1,271 @@
+//! The control plane under faults, against the real `kiln serve` binary over
+//! TLS: 200 nodes registering at once while the server is killed with
+//! SIGKILL and restarted (embedded store, then etcd), an etcd restart, the
+//! pod network running out, and flannel's schema in etcd (a lease written
+//! as a stock flanneld writes it is a peer, and its subnet is never leased).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use kiln_core::{Ipv4Cidr, Peers, RegisterRequest, RegisterResponse};
+use kiln_tests::etcd::Etcd;
+use kiln_tests::{KilnServer, free_port, tail, wait_for};
+use nix::sys::signal::Signal;
+
+const NODES: usize = 200;
+
+fn request(i: usize) -> RegisterRequest {
+    RegisterRequest {
+        machine_id: format!("{i:032x}"),
+        hostname: format!("node-{i}"),
+        macs: vec![format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()],
+        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap()],
+        cpus: 1,
+        memory_bytes: 1 << 30,
+        kernel: "6.1".into(),
+        agent_version: "test".into(),
+        image_digest: "sha256:test".into(),
+        metrics: None,
+        public_ip: Some(format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap()),
+        vtep_mac: Some(format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()),
+        uplink_mtu: Some(1500),
+    }
+}
+
+/// A fake image, enough for `kiln serve` to start.
+fn images(dir: &Path) -> std::path::PathBuf {
+    let images = dir.join("images");
+    let image = images.join("tiny");
+    std::fs::create_dir_all(&image).unwrap();
+    let mut artifacts = Vec::new();
+    for f in ["initrd.img", "vmlinuz"] {
+        std::fs::write(image.join(f), f).unwrap();
+        let sha = kiln_core::sha256_digest(f.as_bytes()).trim_start_matches("sha256:").to_string();
+        artifacts.push(kiln_core::Artifact { name: f.into(), size: f.len() as u64, sha256: sha });
+    }
+    let manifest = kiln_core::Manifest {
+        name: "tiny".into(),
+        digest: kiln_core::Manifest::compute_digest(&artifacts),
+        artifacts,
+        boot: kiln_core::BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec![] },
+        inputs: kiln_core::InputDigests {
+            spec: "s".into(),
+            agent: "a".into(),
+            kernel_package: kiln_core::PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
+            packages: vec![],
+            key: "k".into(),
+        },
+    };
+    std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    images
+}
+
+/// `kiln serve` on fixed free ports (so agents retrying after a restart
+/// find it again), with `extra` flags.
+struct Lab {
+    images: std::path::PathBuf,
+    state: std::path::PathBuf,
+    args: Vec<String>,
+}
+
+impl Lab {
+    fn new(dir: &Path, extra: &[&str]) -> Lab {
+        let mut args = vec!["--api-listen".to_string(), format!("127.0.0.1:{}", free_port())];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Lab { images: images(dir), state: dir.join("state"), args }
+    }
+
+    fn start(&self) -> KilnServer {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        KilnServer::start_with(&self.images, &self.state, &args)
+    }
+}
+
+/// One agent: registers, retrying (as the real agent does) until answered.
+fn register_until_answered(client: &reqwest::blocking::Client, api: &str, token: &str, req: &RegisterRequest) -> RegisterResponse {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..400 {
+        match client.post(format!("{api}/api/v1/register")).bearer_auth(token).json(req).send() {
+            Ok(r) if r.status().is_success() => return r.json().expect("a registration answer"),
+            Ok(r) if r.status().is_server_error() || r.status() == 409 => {}
+            Ok(r) => panic!("registration of {} refused: {} {}", req.hostname, r.status(), r.text().unwrap_or_default()),
+            Err(_) => {}
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+    panic!("registration of {} never answered", req.hostname);
+}
+
+/// 200 registrations at once; the server is SIGKILLed once `kill_after`
+/// were answered, and restarted. Returns the answers, by machine.
+fn register_through_a_kill(lab: &Lab, server: &mut KilnServer, kill_after: usize) -> BTreeMap<String, Ipv4Cidr> {
+    let token = std::fs::read_to_string(lab.state.join("bootstrap-token")).unwrap().trim().to_string();
+    let client = server.client();
+    let api = server.api.clone();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..NODES)
+        .map(|i| {
+            let (client, api, token, answered) = (client.clone(), api.clone(), token.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let req = request(i);
+                let resp = register_until_answered(&client, &api, &token, &req);
+                answered.fetch_add(1, Ordering::SeqCst);
+                (req.machine_id, resp.lease.expect("a lease for a node with a VTEP MAC").subnet)
+            })
+        })
+        .collect();
+    // A tight loop: the embedded store answers 200 registrations in well
+    // under a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while answered.load(Ordering::SeqCst) < kill_after {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not even {kill_after} registrations answered; server log:\n{}",
+            tail(&server.log(), 30)
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    server.process.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5)).expect("kiln serve dies on SIGKILL");
+    let at_kill = answered.load(Ordering::SeqCst);
+    eprintln!("killed the server with {at_kill} of {NODES} registrations answered");
+    assert!(at_kill < NODES, "the kill landed after every registration; nothing was tested");
+    *server = lab.start();
+    handles.into_iter().map(|h| h.join().expect("an agent thread")).collect()
+}
+
+fn assert_none_lost(server: &KilnServer, answers: &BTreeMap<String, Ipv4Cidr>) {
+    let distinct: BTreeSet<&Ipv4Cidr> = answers.values().collect();
+    assert_eq!(distinct.len(), NODES, "{NODES} distinct subnets");
+    let nodes = server.nodes();
+    assert_eq!(nodes.len(), NODES, "every node is registered once");
+    for n in &nodes {
+        assert_eq!(n.subnet.as_ref(), answers.get(&n.machine_id), "node {} keeps the subnet it was answered", n.name);
+    }
+}
+
+fn reregister_all(server: &KilnServer, answers: &BTreeMap<String, Ipv4Cidr>) {
+    let token = std::fs::read_to_string(server.state.join("bootstrap-token")).unwrap().trim().to_string();
+    let client = server.client();
+    for i in (0..NODES).step_by(7) {
+        let req = request(i);
+        let resp = register_until_answered(&client, &server.api, &token, &req);
+        assert_eq!(Some(&resp.lease.unwrap().subnet), answers.get(&req.machine_id), "{} registers again to the same subnet", req.hostname);
+    }
+}
+
+#[test]
+fn embedded_store_survives_sigkill_mid_registration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::new(tmp.path(), &[]);
+    let mut server = lab.start();
+    let answers = register_through_a_kill(&lab, &mut server, 20);
+    assert_none_lost(&server, &answers);
+    reregister_all(&server, &answers);
+    assert!(lab.state.join("registry.redb").exists());
+}
+
+#[test]
+fn etcd_store_survives_sigkill_and_etcd_restart_with_flannel_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start();
+    // A stock flanneld's lease, as flanneld writes it, before kiln starts.
+    let flannel =
+        r#"{"PublicIP":"203.0.113.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:09"}}"#;
+    etcd.ctl(&["put", "/coreos.com/network/subnets/10.244.1.0-24", flannel]).expect("etcdctl put");
+    let lab = Lab::new(tmp.path(), &["--etcd", &etcd.url]);
+    let mut server = lab.start();
+
+    // flannel's network config, written by kiln.
+    let config: serde_json::Value =
+        serde_json::from_str(&etcd.ctl(&["get", "--print-value-only", "/coreos.com/network/config"]).unwrap()).unwrap();
+    assert_eq!(config["Network"], "10.244.0.0/16");
+    assert_eq!(config["SubnetLen"], 24);
+    assert_eq!(config["Backend"]["Type"], "vxlan");
+
+    let answers = register_through_a_kill(&lab, &mut server, 60);
+    assert_none_lost(&server, &answers);
+    let flannel_subnet: Ipv4Cidr = "10.244.1.0/24".parse().unwrap();
+    assert!(!answers.values().any(|s| *s == flannel_subnet), "the flanneld's subnet is never leased to a kiln node");
+
+    // flannel's schema: one key per lease, flannel's JSON, on an etcd lease.
+    let keys = etcd.keys("/coreos.com/network/subnets/");
+    assert_eq!(keys.len(), NODES + 1, "every kiln node's lease plus the flanneld's");
+    let some = answers.values().next().unwrap();
+    let key = format!("/coreos.com/network/subnets/{}-{}", some.addr, some.prefix);
+    let got: serde_json::Value = serde_json::from_str(&etcd.ctl(&["get", "-w", "json", &key]).unwrap()).unwrap();
+    let kv = &got["kvs"][0];
+    let lease_id = kv["lease"].as_i64().expect("the subnet key is on an etcd lease");
+    assert_ne!(lease_id, 0, "the subnet key is on an etcd lease");
+    let ttl = etcd.ctl(&["lease", "timetolive", &format!("{lease_id:x}")]).unwrap();
+    assert!(ttl.contains("granted with TTL(86400s)"), "flannel's 24 h TTL: {ttl}");
+    let value: serde_json::Value = serde_json::from_str(&etcd.ctl(&["get", "--print-value-only", &key]).unwrap()).unwrap();
+    assert_eq!(value["BackendType"], "vxlan");
+    assert_eq!(value["BackendData"]["VNI"], 1);
+    assert!(value["PublicIP"].as_str().unwrap().starts_with("198.18."), "{value}");
+    assert!(value["BackendData"]["VtepMAC"].as_str().unwrap().starts_with("0e:00:00:00:"), "{value}");
+
+    // The flanneld is one of kiln's peers (peers answer node tokens only).
+    let token = std::fs::read_to_string(lab.state.join("bootstrap-token")).unwrap().trim().to_string();
+    let get_peers = |query: &str| -> Option<Peers> {
+        let me = register_until_answered(&server.client(), &server.api, &token, &request(0)).token;
+        let url = format!("{}/api/v1/peers{query}", server.api);
+        server.client().get(url).bearer_auth(me).send().ok()?.json().ok()
+    };
+    let resp = server.client().get(format!("{}/api/v1/peers", server.api)).send().unwrap();
+    assert_eq!(resp.status(), 401, "no peers without a node token");
+    let peers = get_peers("").expect("peers");
+    assert_eq!(peers.peers.len(), NODES + 1);
+    assert!(peers.peers.iter().any(|p| p.subnet == flannel_subnet && p.vtep_mac.to_string() == "aa:bb:cc:00:00:09"));
+
+    // etcd restarts (SIGKILL): kiln rides it out, nothing is lost, and
+    // nodes register again to the same subnets.
+    etcd.restart();
+    reregister_all(&server, &answers);
+    assert_none_lost(&server, &answers);
+
+    // A flanneld that joins later is seen through the watch at once, and
+    // one that leaves is gone.
+    let rev = peers.revision;
+    let late = r#"{"PublicIP":"203.0.113.10","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:0a"}}"#;
+    etcd.ctl(&["put", "/coreos.com/network/subnets/10.244.250.0-24", late]).unwrap();
+    let seen = wait_for(Duration::from_secs(5), || {
+        let p = get_peers(&format!("?revision={rev}&timeout=2"))?;
+        p.peers.iter().any(|p| p.subnet.to_string() == "10.244.250.0/24").then_some(())
+    });
+    assert!(seen.is_some(), "a flanneld's new lease shows among the peers; log:\n{}", tail(&server.log(), 20));
+    etcd.ctl(&["del", "/coreos.com/network/subnets/10.244.250.0-24"]).unwrap();
+    let gone = wait_for(Duration::from_secs(5), || {
+        let p = get_peers("")?;
+        (!p.peers.iter().any(|p| p.subnet.to_string() == "10.244.250.0/24")).then_some(())
+    });
+    assert!(gone.is_some(), "a flanneld's lease that is deleted leaves the peers");
+}
+
+#[test]
+fn exhausted_pod_network_is_a_clear_error_and_records_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A /23 of /24s: the first is never leased, so one node fits.
+    let lab = Lab::new(tmp.path(), &["--pod-network", "10.9.0.0/23"]);
+    let server = lab.start();
+    let token = std::fs::read_to_string(lab.state.join("bootstrap-token")).unwrap().trim().to_string();
+    let client = server.client();
+    let first = register_until_answered(&client, &server.api, &token, &request(1));
+    assert_eq!(first.lease.unwrap().subnet.to_string(), "10.9.1.0/24");
+    let resp = client.post(format!("{}/api/v1/register", server.api)).bearer_auth(&token).json(&request(2)).send().unwrap();
+    assert_eq!(resp.status(), 503);
+    let text = resp.text().unwrap();
+    assert!(text.contains("address space exhausted") && text.contains("10.9.0.0/23"), "the agent is told why: {text}");
+    let logged = wait_for(Duration::from_secs(5), || server.log().contains("address space exhausted").then_some(()));
+    assert!(logged.is_some(), "the server logs it:\n{}", tail(&server.log(), 10));
+    assert_eq!(server.nodes().len(), 1, "no half-made node or lease");
+
+    // Wrong bootstrap token: 401. A node token used for another node: 403.
+    let resp = client.post(format!("{}/api/v1/register", server.api)).bearer_auth("wrong").json(&request(3)).send().unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = client.post(format!("{}/api/v1/nodes/someone-else/heartbeat", server.api)).bearer_auth(&first.token).send().unwrap();
+    assert_eq!(resp.status(), 403);
+}

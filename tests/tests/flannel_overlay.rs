@@ -1,0 +1,301 @@
+//! The cluster's network model, proven on real kernels' VXLAN: every pod
+//! reaches every pod without NAT, every node reaches every pod without
+//! NAT, a joining node is reachable from all within a second, and a node
+//! that leaves takes its routes, neighbours and FDB entries with it.
+//!
+//! Inside a lab namespace this test makes: a bridge, `kiln serve` on it
+//! (with the embedded store, or etcd on the lab's loopback), three nodes as
+//! namespaces on the bridge each running a real `kiln-agent`, and two pods
+//! per node made by the real CNI `bridge`, `host-local` and `portmap`
+//! plugins from the conflist the node's agent wrote. Sources are checked
+//! with UDP datagrams received inside the pods: the address a receiver
+//! sees is the sender's own. Everything is torn down by drop guards, also
+//! when an assertion fails.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_tests::etcd::Etcd;
+use kiln_tests::overlay::{Api, CNI_PATH, Lab, Node, Pod, ping, seen_source, udp_socket_in};
+use kiln_tests::{KilnServer, skip_e2e, tail, wait_for};
+use nix::sys::signal::Signal;
+
+/// How long a node may take to come up (agent registered, device, files).
+const UP: Duration = Duration::from_secs(30);
+/// How the control plane serves its API to the agents.
+const API: Api = Api::Tls;
+/// The join-to-FDB budget the issue sets.
+const CONVERGE: Duration = Duration::from_secs(1);
+
+/// Which store the control plane keeps the registry in.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Embedded,
+    Etcd,
+}
+
+fn preflight() -> bool {
+    if skip_e2e() {
+        return false;
+    }
+    for tool in ["bridge", "host-local", "portmap"] {
+        assert!(Path::new(CNI_PATH).join(tool).exists(), "{CNI_PATH}/{tool}: containernetworking-plugins is installed by scripts/setup");
+    }
+    assert!(Command::new("ip").args(["netns", "list"]).status().unwrap().success(), "network namespaces work (root)");
+    true
+}
+
+/// The node's lease, from the `subnet.env` its agent wrote: (subnet
+/// network address, prefix) from `FLANNEL_SUBNET=a.b.c.1/len`.
+fn subnet_of(node: &Node) -> Option<(Ipv4Addr, u8)> {
+    let text = std::fs::read_to_string(node.run_dir().join("subnet.env")).ok()?;
+    let value = text.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+    let (ip, len) = value.split_once('/')?;
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some((Ipv4Addr::from(u32::from(ip) & mask), len))
+}
+
+/// Waits for the node's agent to have written both files and brought
+/// `flannel.1` up; returns its subnet.
+fn wait_up(node: &Node, server: &KilnServer) -> (Ipv4Addr, u8) {
+    wait_for(UP, || {
+        let subnet = subnet_of(node)?;
+        node.cni_conf_dir().join("10-flannel.conflist").exists().then_some(())?;
+        let link = node.ns.command("ip").args(["-o", "link", "show", "flannel.1"]).output().ok()?;
+        String::from_utf8_lossy(&link.stdout).contains(",UP").then_some(subnet)
+    })
+    .unwrap_or_else(|| {
+        panic!("node {} did not come up within {UP:?}.\nagent:\n{}\nserver:\n{}", node.index, node.log(), tail(&server.log(), 20))
+    })
+}
+
+/// Whether `node` holds the route, neighbour and FDB entry for a peer with
+/// subnet network address `addr` at public IP `public`.
+fn has_peer(node: &Node, addr: Ipv4Addr, len: u8, public: Ipv4Addr) -> bool {
+    let (routes, neigh, fdb) = node.overlay_tables();
+    routes.lines().any(|l| l.starts_with(&format!("{addr}/{len} via {addr} ")) && l.contains("onlink"))
+        && neigh.lines().any(|l| l.starts_with(&format!("{addr} lladdr ")) && l.contains("PERMANENT"))
+        && fdb.lines().any(|l| l.contains(&format!(" dst {public} ")) && l.contains("self permanent"))
+}
+
+/// Whether `node` holds none of the three for that peer.
+fn lacks_peer(node: &Node, addr: Ipv4Addr, public: Ipv4Addr) -> bool {
+    let (routes, neigh, fdb) = node.overlay_tables();
+    !routes.contains(&format!("{addr}/"))
+        && !neigh.lines().any(|l| l.starts_with(&format!("{addr} ")))
+        && !fdb.contains(&format!(" dst {public} "))
+}
+
+/// Asserts that a datagram from `from` to `to` arrives with `from`'s own
+/// address as its source.
+fn assert_no_nat(what: &str, from_ns: &kiln_tests::Netns, from_ip: Option<Ipv4Addr>, to: &Pod, expect_src: &[Ipv4Addr], port: u16) {
+    let bind = SocketAddr::new(IpAddr::V4(from_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)), 0);
+    let sender = udp_socket_in(from_ns, bind);
+    let target = SocketAddr::new(IpAddr::V4(to.ip), port);
+    let receiver = udp_socket_in(&to.ns, target);
+    let src = seen_source(&sender, &receiver, target).unwrap_or_else(|| panic!("{what}: no datagram reached {target}"));
+    let IpAddr::V4(src) = src.ip() else { panic!("{what}: IPv6 source {src}") };
+    assert!(expect_src.contains(&src), "{what}: the receiver saw {src}, not the sender's own address {expect_src:?} (NAT?)");
+}
+
+fn overlay_network_model(store: Store) {
+    if !preflight() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::new(match store {
+        Store::Embedded => "flo",
+        Store::Etcd => "floe",
+    });
+    // The one line that chooses the store.
+    let etcd = matches!(store, Store::Etcd).then(|| Etcd::start_in(Some(&lab.ns)));
+    let store_args: Vec<&str> = etcd.as_ref().map(|e| vec!["--etcd", e.url.as_str()]).unwrap_or_default();
+    let server = lab.serve(tmp.path(), API, &store_args);
+    let token = std::fs::read_to_string(server.state.join("bootstrap-token")).expect("kiln serve wrote its bootstrap token");
+    let token = token.trim();
+
+    // Three nodes, each with its agent.
+    let mut nodes: Vec<Node> = (1..=3).map(|i| lab.node(i, tmp.path())).collect();
+    for node in &mut nodes {
+        node.start_agent(&server, token);
+    }
+    let subnets: Vec<(Ipv4Addr, u8)> = nodes.iter().map(|n| wait_up(n, &server)).collect();
+    let distinct: std::collections::BTreeSet<_> = subnets.iter().collect();
+    assert_eq!(distinct.len(), 3, "three distinct subnets: {subnets:?}");
+    for (n, node) in nodes.iter().enumerate() {
+        let log = std::fs::read_to_string(node.agent_log()).unwrap_or_default();
+        assert!(log.contains(&format!("registered with {} ", server.api)), "node {} registered through {}:\n{log}", n + 1, server.api);
+        let env = std::fs::read_to_string(node.run_dir().join("subnet.env")).unwrap();
+        assert!(
+            env.contains("FLANNEL_NETWORK=10.244.0.0/16\n") && env.contains("FLANNEL_MTU=1450\n") && env.contains("FLANNEL_IPMASQ=false\n"),
+            "node {}: {env}",
+            n + 1
+        );
+        let link = node.sh(&["ip", "-d", "link", "show", "flannel.1"]);
+        let want = format!("vxlan id 1 local {} dev eth0", node.address);
+        assert!(
+            link.contains(&want) && link.contains("dstport 8472") && link.contains("nolearning") && link.contains("mtu 1450"),
+            "node {}: flannel.1 is {want}, dstport 8472, nolearning, mtu 1450:\n{link}",
+            n + 1
+        );
+    }
+    // With etcd, the leases are in flannel's own schema.
+    let lease_key = |(addr, len): (Ipv4Addr, u8)| format!("/coreos.com/network/subnets/{addr}-{len}");
+    if let Some(etcd) = &etcd {
+        let keys = etcd.keys("/coreos.com/network/subnets/");
+        for s in &subnets {
+            assert!(keys.contains(&lease_key(*s)), "etcd holds {}: {keys:?}", lease_key(*s));
+        }
+    }
+    // Each node holds every other node's entries, and none of its own.
+    for (n, node) in nodes.iter().enumerate() {
+        for (m, other) in nodes.iter().enumerate().filter(|(m, _)| *m != n) {
+            let (addr, len) = subnets[m];
+            let ok = wait_for(Duration::from_secs(10), || has_peer(node, addr, len, other.address).then_some(()));
+            assert!(
+                ok.is_some(),
+                "node {} has node {}'s route, neighbour and FDB entry:\n{:?}\nagent:\n{}",
+                n + 1,
+                m + 1,
+                node.overlay_tables(),
+                node.log()
+            );
+        }
+        assert!(lacks_peer(node, subnets[n].0, node.address), "node {} has no entries for itself: {:?}", n + 1, node.overlay_tables());
+    }
+
+    // Two pods per node, from the conflist each agent wrote.
+    let mut pods: Vec<Pod> = Vec::new();
+    for node in &nodes {
+        for name in ["a", "b"] {
+            let pod = node.add_pod(name);
+            let (addr, len) = subnets[usize::from(node.index) - 1];
+            let mask = u32::MAX << (32 - len);
+            assert_eq!(
+                u32::from(pod.ip) & mask,
+                u32::from(addr),
+                "pod {} on node {} has an address from its node's subnet",
+                pod.ip,
+                node.index
+            );
+            pods.push(pod);
+        }
+    }
+
+    // Every pod pings every pod on the other nodes.
+    for p in &pods {
+        for q in pods.iter().filter(|q| q.node != p.node) {
+            assert!(p.pings(q.ip), "pod {} (node {}) pings pod {} (node {})", p.ip, p.node, q.ip, q.node);
+        }
+    }
+    // ... and the receiver sees the sender pod's own address.
+    let mut port = 40000;
+    for p in &pods {
+        for q in pods.iter().filter(|q| q.node != p.node) {
+            port += 1;
+            assert_no_nat(&format!("pod {} → pod {}", p.ip, q.ip), &p.ns, Some(p.ip), q, &[p.ip], port);
+        }
+    }
+    // Every node reaches every pod, and is seen with one of its own addresses.
+    for node in &nodes {
+        let (addr, _) = subnets[usize::from(node.index) - 1];
+        let own = [addr, Ipv4Addr::from(u32::from(addr) + 1), node.address];
+        for q in &pods {
+            assert!(ping(&node.ns, q.ip), "node {} pings pod {} (node {})", node.index, q.ip, q.node);
+            port += 1;
+            assert_no_nat(&format!("node {} → pod {}", node.index, q.ip), &node.ns, None, q, &own, port);
+        }
+    }
+
+    // A fourth node joins: every other node holds its entries within a second
+    // of its registration.
+    let mut fourth = lab.node(4, tmp.path());
+    fourth.start_agent(&server, token);
+    let mut registered_at: Option<Instant> = None;
+    let mut converged_at: Option<Instant> = None;
+    let deadline = Instant::now() + UP;
+    while Instant::now() < deadline && converged_at.is_none() {
+        if registered_at.is_none() && std::fs::read_to_string(fourth.agent_log()).unwrap_or_default().contains("registered with") {
+            registered_at = Some(Instant::now());
+        }
+        if let Some((addr, len)) = subnet_of(&fourth)
+            && nodes.iter().all(|n| has_peer(n, addr, len, fourth.address))
+        {
+            converged_at = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (Some(t0), Some(t1)) = (registered_at, converged_at) else {
+        panic!("node 4 did not join: registered {registered_at:?}, converged {converged_at:?}\nagent:\n{}", fourth.log())
+    };
+    let took = t1.saturating_duration_since(t0);
+    eprintln!("{store:?}: node 4 registered; every other node held its route, neighbour and FDB entry {} ms later", took.as_millis());
+    assert!(took <= CONVERGE, "join to the last peer's FDB entry took {took:?} > {CONVERGE:?}");
+    let fourth_subnet = wait_up(&fourth, &server);
+    let pod4 = fourth.add_pod("a");
+    for p in &pods {
+        assert!(p.pings(pod4.ip), "pod {} (node {}) pings the new node's pod {}", p.ip, p.node, pod4.ip);
+        assert!(pod4.pings(p.ip), "the new node's pod {} pings pod {} (node {})", pod4.ip, p.ip, p.node);
+    }
+    port += 1;
+    assert_no_nat("pod on node 4 → pod on node 1", &pod4.ns, Some(pod4.ip), &pods[0], &[pod4.ip], port);
+    for node in &nodes {
+        assert!(ping(&node.ns, pod4.ip), "node {} pings the new node's pod {}", node.index, pod4.ip);
+    }
+
+    // Node 2 leaves (SIGTERM): it exits 0, removes its device and files, and
+    // the others drop its entries.
+    let leaver = &mut nodes[1];
+    let status = leaver.agent.as_mut().expect("agent running").signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "the agent exits 0 on SIGTERM: {status:?}\n{}", leaver.log());
+    assert!(leaver.log().contains("left the cluster"), "the agent left the cluster:\n{}", leaver.log());
+    let (routes, _, _) = leaver.overlay_tables();
+    assert!(routes.is_empty() && !leaver.sh(&["ip", "link"]).contains("flannel.1"), "the leaver removed flannel.1:\n{routes}");
+    assert!(!leaver.run_dir().join("subnet.env").exists(), "the leaver removed subnet.env");
+    assert!(!leaver.cni_conf_dir().join("10-flannel.conflist").exists(), "the leaver removed its conflist");
+    let (gone_addr, _) = subnets[1];
+    let gone_ip = nodes[1].address;
+    for node in nodes.iter().filter(|n| n.index != 2).chain([&fourth]) {
+        let ok = wait_for(Duration::from_secs(5), || lacks_peer(node, gone_addr, gone_ip).then_some(()));
+        assert!(ok.is_some(), "node {} dropped node 2's route, neighbour and FDB entry: {:?}", node.index, node.overlay_tables());
+        // The rest of the overlay is untouched.
+        for (m, other) in nodes.iter().enumerate().filter(|(_, o)| o.index != 2 && o.index != node.index) {
+            assert!(has_peer(node, subnets[m].0, subnets[m].1, other.address), "node {} keeps node {}'s entries", node.index, other.index);
+        }
+        if node.index != 4 {
+            assert!(has_peer(node, fourth_subnet.0, fourth_subnet.1, fourth.address), "node {} keeps node 4's entries", node.index);
+        }
+    }
+    assert!(pods[0].pings(pods[4].ip), "pods on nodes 1 and 3 still reach each other");
+    if let Some(etcd) = &etcd {
+        let keys = etcd.keys("/coreos.com/network/subnets/");
+        assert!(!keys.contains(&lease_key(subnets[1])), "node 2's lease is gone from etcd: {keys:?}");
+        assert_eq!(keys.len(), 3, "nodes 1, 3 and 4 keep theirs: {keys:?}");
+    }
+    eprintln!(
+        "{store:?}: {} pods on 4 nodes, {} pod-to-pod pings, {} datagrams with their senders' own addresses, node 2 left cleanly",
+        pods.len() + 1,
+        pods.len() * 4 + pods.len() * 2,
+        port - 40000
+    );
+    drop(pod4);
+    drop(pods);
+    drop(fourth);
+    drop(nodes);
+    drop(server);
+    drop(etcd);
+}
+
+#[test]
+fn pods_talk_across_nodes_without_nat_embedded_store() {
+    overlay_network_model(Store::Embedded);
+}
+
+#[test]
+fn pods_talk_across_nodes_without_nat_etcd_store() {
+    overlay_network_model(Store::Etcd);
+}
