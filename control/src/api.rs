@@ -121,7 +121,10 @@ pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Re
                 return error(status, &message);
             }
             let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
-            warp::reply::json(&api.registry.watch_peers(q.revision.unwrap_or(0), timeout).await).into_response()
+            let json = api.registry.watch_peers_json(q.revision.unwrap_or(0), timeout).await;
+            let mut resp = Response::new(json.into());
+            resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/json"));
+            resp
         },
     );
     let nodes = warp::path!("api" / "v1" / "nodes")

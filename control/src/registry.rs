@@ -130,6 +130,9 @@ pub struct Registry {
     network: NetworkConfig,
     state: Mutex<State>,
     revision: tokio::sync::watch::Sender<u64>,
+    /// The peers list as JSON for one revision: a join answers every
+    /// watching agent at once, and they all get the same bytes, made once.
+    peers_json: Mutex<Option<(u64, bytes::Bytes)>>,
 }
 
 impl Registry {
@@ -147,7 +150,7 @@ impl Registry {
         }
         let (revision, _) = tokio::sync::watch::channel(1);
         let changes = store.watch();
-        let registry = Arc::new(Registry { store, network, state: Mutex::new(state), revision });
+        let registry = Arc::new(Registry { store, network, state: Mutex::new(state), revision, peers_json: Mutex::new(None) });
         if let Some(mut changes) = changes {
             let weak = Arc::downgrade(&registry);
             tokio::spawn(async move {
@@ -374,6 +377,27 @@ impl Registry {
         drop(st);
         self.bump();
         Ok(Some(record.node))
+    }
+
+    /// [`Registry::watch_peers`], as JSON: serialised once per revision.
+    pub async fn watch_peers_json(&self, seen: u64, timeout: std::time::Duration) -> bytes::Bytes {
+        let mut rx = self.revision.subscribe();
+        if seen <= *rx.borrow() {
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > seen)).await;
+        }
+        let current = *rx.borrow();
+        if let Some((rev, json)) = &*self.peers_json.lock().expect("peers cache lock")
+            && *rev == current
+        {
+            return json.clone();
+        }
+        let peers = self.peers();
+        let json = bytes::Bytes::from(serde_json::to_vec(&peers).expect("peers serialise"));
+        let mut cache = self.peers_json.lock().expect("peers cache lock");
+        if cache.as_ref().is_none_or(|(rev, _)| *rev < peers.revision) {
+            *cache = Some((peers.revision, json.clone()));
+        }
+        json
     }
 
     /// Every node, by name.

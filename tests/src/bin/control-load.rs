@@ -28,10 +28,12 @@ struct Args {
     concurrency: usize,
     seconds: u64,
     offset: usize,
+    rate: f64,
 }
 
 fn args() -> Args {
-    let mut a = Args { api: String::new(), ca: None, token: String::new(), agents: 1000, concurrency: 32, seconds: 10, offset: 0 };
+    let mut a =
+        Args { api: String::new(), ca: None, token: String::new(), agents: 1000, concurrency: 32, seconds: 10, offset: 0, rate: 200.0 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -43,6 +45,7 @@ fn args() -> Args {
             "--concurrency" => a.concurrency = value().parse().expect("--concurrency N"),
             "--seconds" => a.seconds = value().parse().expect("--seconds N"),
             "--offset" => a.offset = value().parse().expect("--offset N"),
+            "--rate" => a.rate = value().parse().expect("--rate PER_SECOND"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -82,6 +85,7 @@ fn summary(mut ms: Vec<f64>, elapsed: Duration) -> serde_json::Value {
         "count": ms.len(),
         "per_second": ms.len() as f64 / elapsed.as_secs_f64(),
         "p50_ms": percentile(&ms, 50.0),
+        "p90_ms": percentile(&ms, 90.0),
         "p99_ms": percentile(&ms, 99.0),
         "max_ms": ms.last().copied().unwrap_or(0.0),
     })
@@ -90,46 +94,81 @@ fn summary(mut ms: Vec<f64>, elapsed: Duration) -> serde_json::Value {
 #[tokio::main]
 async fn main() {
     let a = args();
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120)).pool_max_idle_per_host(usize::MAX).no_proxy();
-    if let Some(ca) = &a.ca {
-        let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("{ca}: {e}"));
-        builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM CA"));
-    }
-    let client = builder.build().expect("an HTTP client");
+    let roots = match &a.ca {
+        Some(ca) => reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap_or_else(|e| panic!("{ca}: {e}"))).expect("a PEM CA"),
+        None => Vec::new(),
+    };
+    let client = |pooled: bool| {
+        let b = reqwest::Client::builder().timeout(Duration::from_secs(120)).no_proxy().tls_certs_only(roots.clone());
+        let b = if pooled { b.pool_max_idle_per_host(usize::MAX) } else { b.pool_max_idle_per_host(0) };
+        b.build().expect("an HTTP client")
+    };
+    // No idle connections kept: every registration opens its own.
+    let fresh = client(false);
+    let pooled = client(true);
     let api = Arc::new(a.api.trim_end_matches('/').to_string());
     let token = Arc::new(a.token.clone());
 
-    // 1. Registration.
+    let register = {
+        let (fresh, api, token) = (fresh.clone(), api.clone(), token.clone());
+        move |i: usize, start: Instant| {
+            let (client, api, token) = (fresh.clone(), api.clone(), token.clone());
+            async move {
+                let resp =
+                    client.post(format!("{api}/api/v1/register")).bearer_auth(&*token).json(&request(i)).send().await.expect("register");
+                assert!(resp.status().is_success(), "register: {}", resp.status());
+                let answer: RegisterResponse = resp.json().await.expect("a registration answer");
+                (start.elapsed().as_secs_f64() * 1000.0, answer.token)
+            }
+        }
+    };
+
+    // 1. Registration throughput, closed loop.
     let semaphore = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in a.offset..a.offset + a.agents {
-        let (client, api, token, semaphore) = (client.clone(), api.clone(), token.clone(), semaphore.clone());
+        let (semaphore, job) = (semaphore.clone(), register.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = semaphore.acquire().await.expect("semaphore open");
-            let t = Instant::now();
-            let resp = client.post(format!("{api}/api/v1/register")).bearer_auth(&*token).json(&request(i)).send().await.expect("register");
-            assert!(resp.status().is_success(), "register: {}", resp.status());
-            let answer: RegisterResponse = resp.json().await.expect("a registration answer");
-            (t.elapsed().as_secs_f64() * 1000.0, answer.token)
+            job(i, Instant::now()).await
         }));
     }
-    let mut reg_ms = Vec::new();
+    let mut closed_ms = Vec::new();
     let mut tokens = Vec::new();
     for t in tasks {
         let (ms, token) = t.await.expect("a register task");
-        reg_ms.push(ms);
+        closed_ms.push(ms);
         tokens.push(token);
     }
-    let registration = summary(reg_ms, started.elapsed());
+    let throughput = summary(closed_ms, started.elapsed());
 
-    // 2. Heartbeats.
+    // 2. Registration latency, open loop at --rate.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, i) in (a.offset + a.agents..a.offset + 2 * a.agents).enumerate() {
+        let at = started + Duration::from_secs_f64(n as f64 / a.rate);
+        let job = register.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            job(i, at).await
+        }));
+    }
+    let mut open_ms = Vec::new();
+    for t in tasks {
+        let (ms, token) = t.await.expect("a register task");
+        open_ms.push(ms);
+        tokens.push(token);
+    }
+    let latency = summary(open_ms, started.elapsed());
+
+    // 3. Heartbeats.
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
     let tokens = Arc::new(tokens);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..a.concurrency {
-        let (client, api, tokens) = (client.clone(), api.clone(), tokens.clone());
+        let (client, api, tokens) = (pooled.clone(), api.clone(), tokens.clone());
         tasks.push(tokio::spawn(async move {
             let mut ms = Vec::new();
             let mut n = w;
@@ -151,37 +190,40 @@ async fn main() {
     }
     let heartbeats = summary(hb_ms, started.elapsed());
 
-    // 3. Convergence: every agent watches; one more joins.
+    // 4. Convergence: --agents agents watch; one more joins.
     let peers: Peers =
-        client.get(format!("{api}/api/v1/peers")).bearer_auth(&tokens[0]).send().await.expect("peers").json().await.expect("peers JSON");
+        pooled.get(format!("{api}/api/v1/peers")).bearer_auth(&tokens[0]).send().await.expect("peers").json().await.expect("peers JSON");
     let revision = peers.revision;
-    let joiner = a.offset + a.agents;
+    let joiner = a.offset + 2 * a.agents;
     let joiner_name = format!("sim-{joiner}");
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watchers = Vec::new();
     for i in 0..a.agents {
-        let (client, api, name, ready, tokens) = (client.clone(), api.clone(), joiner_name.clone(), ready_tx.clone(), tokens.clone());
+        let (client, api, tokens) = (pooled.clone(), api.clone(), tokens.clone());
         watchers.push(tokio::spawn(async move {
             let url = format!("{api}/api/v1/peers?revision={revision}&timeout=60");
-            let request = client.get(url).bearer_auth(&tokens[i]).send();
-            let _ = ready.send(());
-            let p: Peers = request.await.expect("watch").json().await.expect("peers JSON");
-            assert!(p.peers.iter().any(|p| p.name == name), "the watch answered without the joiner");
-            Instant::now()
+            let resp = client.get(url).bearer_auth(&tokens[i]).send().await.expect("watch");
+            let body = resp.bytes().await.expect("the peers answer");
+            let arrived = Instant::now();
+            (arrived, body)
         }));
     }
-    for _ in 0..a.agents {
-        ready_rx.recv().await;
-    }
-    // Let every long poll reach the server.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let every long poll connect and reach the server.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let joined = Instant::now();
-    let resp = client.post(format!("{api}/api/v1/register")).bearer_auth(&*token).json(&request(joiner)).send().await.expect("join");
+    let resp = fresh.post(format!("{api}/api/v1/register")).bearer_auth(&*token).json(&request(joiner)).send().await.expect("join");
     assert!(resp.status().is_success());
     let mut last = joined;
+    let mut early = 0;
     for w in watchers {
-        last = last.max(w.await.expect("a watcher"));
+        let (arrived, body) = w.await.expect("a watcher");
+        let p: Peers = serde_json::from_slice(&body).expect("peers JSON");
+        if p.peers.iter().any(|p| p.name == joiner_name) {
+            last = last.max(arrived);
+        } else {
+            early += 1;
+        }
     }
+    assert_eq!(early, 0, "{early} watches answered without the joiner (before it joined)");
     let convergence_ms = last.duration_since(joined).as_secs_f64() * 1000.0;
 
     println!(
@@ -189,7 +231,9 @@ async fn main() {
         serde_json::json!({
             "agents": a.agents,
             "concurrency": a.concurrency,
-            "registration": registration,
+            "rate": a.rate,
+            "registration": throughput,
+            "registration_at_rate": latency,
             "heartbeat": heartbeats,
             "convergence_ms": convergence_ms,
         })
