@@ -29,12 +29,21 @@ impl Collector for Cpu {
             if cpu.parse::<u32>().is_err() {
                 return Err(Error::parse(&path, format!("bad CPU line {line:?}")));
             }
-            let values: Vec<f64> = f.map(|v| float(&path, "cpu time", v).map(|v| v / USER_HZ)).collect::<Result<_, _>>()?;
-            if values.len() < 4 {
+            // user nice system idle iowait irq softirq steal guest guest_nice; all must be numbers.
+            let mut values = [0.0f64; 10];
+            let mut count = 0;
+            for v in f {
+                let v = float(&path, "cpu time", v)? / USER_HZ;
+                if let Some(slot) = values.get_mut(count) {
+                    *slot = v;
+                }
+                count += 1;
+            }
+            if count < 4 {
                 return Err(Error::parse(&path, format!("short CPU line {line:?}")));
             }
             seen = true;
-            for (mode, v) in MODES.iter().zip(&values) {
+            for (mode, v) in MODES.iter().zip(&values[..count.min(MODES.len())]) {
                 out.add(
                     "node_cpu_seconds_total",
                     "Seconds the CPUs spent in each mode.",
@@ -49,7 +58,7 @@ impl Collector for Cpu {
                     "Seconds the CPUs spent in guests (VMs) for each mode.",
                     Kind::Counter,
                     &[("cpu", cpu), ("mode", mode)],
-                    values.get(i).copied().unwrap_or(0.0),
+                    if i < count { values[i] } else { 0.0 },
                 );
             }
         }
@@ -72,20 +81,25 @@ impl Collector for Stat {
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let path = roots.proc.join("stat");
         let text = read(&path)?;
-        let get = |key: &str| -> Result<f64, Error> {
-            let line = text
-                .lines()
-                .find(|l| l.split_whitespace().next() == Some(key))
-                .ok_or_else(|| Error::parse(&path, format!("no {key} line")))?;
-            let v = line.split_whitespace().nth(1).ok_or_else(|| Error::parse(&path, format!("no value on the {key} line")))?;
-            float(&path, key, v)
-        };
-        let intr = get("intr")?;
-        let ctxt = get("ctxt")?;
-        let btime = get("btime")?;
-        let forks = get("processes")?;
-        let running = get("procs_running")?;
-        let blocked = get("procs_blocked")?;
+        // The first line of each key, as node_exporter takes it: key, value, maybe more.
+        const KEYS: [&str; 6] = ["intr", "ctxt", "btime", "processes", "procs_running", "procs_blocked"];
+        let mut lines: [Option<Option<&str>>; 6] = [None; 6];
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let Some(key) = words.next() else { continue };
+            if let Some(i) = KEYS.iter().position(|k| *k == key)
+                && lines[i].is_none()
+            {
+                lines[i] = Some(words.next());
+            }
+        }
+        let mut values = [0.0; 6];
+        for ((key, line), v) in KEYS.iter().zip(lines).zip(&mut values) {
+            let line = line.ok_or_else(|| Error::parse(&path, format!("no {key} line")))?;
+            let text = line.ok_or_else(|| Error::parse(&path, format!("no value on the {key} line")))?;
+            *v = float(&path, key, text)?;
+        }
+        let [intr, ctxt, btime, forks, running, blocked] = values;
         out.add("node_intr_total", "Total number of interrupts serviced.", Kind::Counter, &[], intr);
         out.add("node_context_switches_total", "Total number of context switches.", Kind::Counter, &[], ctxt);
         out.add("node_forks_total", "Total number of forks.", Kind::Counter, &[], forks);

@@ -2,8 +2,6 @@
 //! node_exporter's default device exclude), and `node_disk_info` with the
 //! labels udev's database knows.
 
-use std::collections::HashMap;
-
 use super::{Collector, Error, Kind, MetricSet, Roots, read};
 
 /// node_exporter 1.5.0's default `--collector.diskstats.device-exclude`.
@@ -41,24 +39,24 @@ const SECTOR: f64 = 512.0;
 
 /// (name, HELP, type, scale) of each `proc/diskstats` column after the device name.
 const COLUMNS: [(&str, &str, Kind, f64); 17] = [
-    ("reads_completed_total", "The total number of reads completed successfully.", Kind::Counter, 1.0),
-    ("reads_merged_total", "The total number of reads merged.", Kind::Counter, 1.0),
-    ("read_bytes_total", "The total number of bytes read successfully.", Kind::Counter, SECTOR),
-    ("read_time_seconds_total", "The total number of seconds spent by all reads.", Kind::Counter, SECONDS_PER_TICK),
-    ("writes_completed_total", "The total number of writes completed successfully.", Kind::Counter, 1.0),
-    ("writes_merged_total", "The number of writes merged.", Kind::Counter, 1.0),
-    ("written_bytes_total", "The total number of bytes written successfully.", Kind::Counter, SECTOR),
-    ("write_time_seconds_total", "This is the total number of seconds spent by all writes.", Kind::Counter, SECONDS_PER_TICK),
-    ("io_now", "The number of I/Os currently in progress.", Kind::Gauge, 1.0),
-    ("io_time_seconds_total", "Total seconds spent doing I/Os.", Kind::Counter, SECONDS_PER_TICK),
-    ("io_time_weighted_seconds_total", "The weighted # of seconds spent doing I/Os.", Kind::Counter, SECONDS_PER_TICK),
-    ("discards_completed_total", "The total number of discards completed successfully.", Kind::Counter, 1.0),
-    ("discards_merged_total", "The total number of discards merged.", Kind::Counter, 1.0),
-    ("discarded_sectors_total", "The total number of sectors discarded successfully.", Kind::Counter, 1.0),
-    ("discard_time_seconds_total", "This is the total number of seconds spent by all discards.", Kind::Counter, SECONDS_PER_TICK),
-    ("flush_requests_total", "The total number of flush requests completed successfully", Kind::Counter, 1.0),
+    ("node_disk_reads_completed_total", "The total number of reads completed successfully.", Kind::Counter, 1.0),
+    ("node_disk_reads_merged_total", "The total number of reads merged.", Kind::Counter, 1.0),
+    ("node_disk_read_bytes_total", "The total number of bytes read successfully.", Kind::Counter, SECTOR),
+    ("node_disk_read_time_seconds_total", "The total number of seconds spent by all reads.", Kind::Counter, SECONDS_PER_TICK),
+    ("node_disk_writes_completed_total", "The total number of writes completed successfully.", Kind::Counter, 1.0),
+    ("node_disk_writes_merged_total", "The number of writes merged.", Kind::Counter, 1.0),
+    ("node_disk_written_bytes_total", "The total number of bytes written successfully.", Kind::Counter, SECTOR),
+    ("node_disk_write_time_seconds_total", "This is the total number of seconds spent by all writes.", Kind::Counter, SECONDS_PER_TICK),
+    ("node_disk_io_now", "The number of I/Os currently in progress.", Kind::Gauge, 1.0),
+    ("node_disk_io_time_seconds_total", "Total seconds spent doing I/Os.", Kind::Counter, SECONDS_PER_TICK),
+    ("node_disk_io_time_weighted_seconds_total", "The weighted # of seconds spent doing I/Os.", Kind::Counter, SECONDS_PER_TICK),
+    ("node_disk_discards_completed_total", "The total number of discards completed successfully.", Kind::Counter, 1.0),
+    ("node_disk_discards_merged_total", "The total number of discards merged.", Kind::Counter, 1.0),
+    ("node_disk_discarded_sectors_total", "The total number of sectors discarded successfully.", Kind::Counter, 1.0),
+    ("node_disk_discard_time_seconds_total", "This is the total number of seconds spent by all discards.", Kind::Counter, SECONDS_PER_TICK),
+    ("node_disk_flush_requests_total", "The total number of flush requests completed successfully", Kind::Counter, 1.0),
     (
-        "flush_requests_time_seconds_total",
+        "node_disk_flush_requests_time_seconds_total",
         "This is the total number of seconds spent by all flush requests.",
         Kind::Counter,
         SECONDS_PER_TICK,
@@ -69,14 +67,18 @@ const COLUMNS: [(&str, &str, Kind, f64); 17] = [
 #[derive(Default)]
 pub struct Diskstats;
 
-/// `E:KEY=value` lines of udev's record for a block device.
-fn udev(roots: &Roots, major: &str, minor: &str) -> HashMap<String, String> {
-    let Ok(text) = read(&roots.udev_data.join(format!("b{major}:{minor}"))) else { return HashMap::new() };
-    text.lines()
-        .filter_map(|l| l.strip_prefix("E:"))
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+/// The `E:KEY=value` properties of udev's record that `node_disk_info` shows.
+const UDEV_KEYS: [&str; 6] = ["ID_PATH", "ID_WWN", "ID_MODEL", "ID_SERIAL_SHORT", "SCSI_IDENT_SERIAL", "ID_REVISION"];
+
+/// The values of [`UDEV_KEYS`] in `text` (the last line of a key wins), empty when missing.
+fn udev_values(text: &str) -> [&str; 6] {
+    let mut values = [""; 6];
+    for (k, v) in text.lines().filter_map(|l| l.strip_prefix("E:")).filter_map(|kv| kv.split_once('=')) {
+        if let Some(i) = UDEV_KEYS.iter().position(|key| *key == k) {
+            values[i] = v;
+        }
+    }
+    values
 }
 
 impl Collector for Diskstats {
@@ -87,28 +89,39 @@ impl Collector for Diskstats {
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let path = roots.proc.join("diskstats");
         let text = read(&path)?;
+        let mut record = std::path::PathBuf::new();
         for line in text.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.is_empty() {
+            let fields = line.split_whitespace().count();
+            if fields == 0 {
                 continue;
             }
-            if f.len() < 14 {
-                return Err(Error::parse(&path, format!("{} fields in {line:?}, want at least 14", f.len())));
+            if fields < 14 {
+                return Err(Error::parse(&path, format!("{fields} fields in {line:?}, want at least 14")));
             }
-            let (major, minor, dev) = (f[0], f[1], f[2]);
-            let values: Vec<u64> = f[3..]
-                .iter()
-                .map(|v| v.parse::<u64>().map_err(|_| Error::parse(&path, format!("{dev}: not a counter: {v:?}"))))
-                .collect::<Result<_, _>>()?;
+            let mut f = line.split_whitespace();
+            let (Some(major), Some(minor), Some(dev)) = (f.next(), f.next(), f.next()) else { continue };
+            let mut values = [0u64; COLUMNS.len()];
+            for (i, v) in f.enumerate() {
+                let v = v.parse::<u64>().map_err(|_| Error::parse(&path, format!("{dev}: not a counter: {v:?}")))?;
+                if let Some(slot) = values.get_mut(i) {
+                    *slot = v;
+                }
+            }
             if major.parse::<u32>().is_err() || minor.parse::<u32>().is_err() {
                 return Err(Error::parse(&path, format!("bad device numbers in {line:?}")));
             }
             if device_excluded(dev) {
                 continue;
             }
-            let info = udev(roots, major, minor);
-            let get = |k: &str| info.get(k).map(String::as_str).unwrap_or("");
-            let serial = if get("ID_SERIAL_SHORT").is_empty() { get("SCSI_IDENT_SERIAL") } else { get("ID_SERIAL_SHORT") };
+            record.as_mut_os_string().clear();
+            record.push(&roots.udev_data);
+            record.push("b");
+            for part in [major, ":", minor] {
+                record.as_mut_os_string().push(part);
+            }
+            let udev = read(&record).ok();
+            let [id_path, wwn, model, serial_short, scsi_serial, revision] = udev_values(udev.as_deref().unwrap_or(""));
+            let serial = if serial_short.is_empty() { scsi_serial } else { serial_short };
             out.add(
                 "node_disk_info",
                 "Info of /sys/block/<block_device>.",
@@ -117,16 +130,16 @@ impl Collector for Diskstats {
                     ("device", dev),
                     ("major", major),
                     ("minor", minor),
-                    ("path", get("ID_PATH")),
-                    ("wwn", get("ID_WWN")),
-                    ("model", get("ID_MODEL")),
+                    ("path", id_path),
+                    ("wwn", wwn),
+                    ("model", model),
                     ("serial", serial),
-                    ("revision", get("ID_REVISION")),
+                    ("revision", revision),
                 ],
                 1.0,
             );
-            for ((name, help, kind, scale), v) in COLUMNS.iter().zip(&values) {
-                out.add(&format!("node_disk_{name}"), help, *kind, &[("device", dev)], *v as f64 * scale);
+            for ((name, help, kind, scale), v) in COLUMNS.iter().zip(&values[..(fields - 3).min(COLUMNS.len())]) {
+                out.add(name, help, *kind, &[("device", dev)], *v as f64 * scale);
             }
         }
         Ok(())

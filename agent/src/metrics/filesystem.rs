@@ -9,6 +9,7 @@
 //! until its call returns, so a scrape never waits on it twice and threads
 //! never pile up.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -145,21 +146,40 @@ pub struct Mount {
 
 /// Parses a mount table (`/proc/1/mounts` format).
 pub fn parse_mounts(path: &Path, text: &str) -> Result<Vec<Mount>, Error> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            if f.len() < 4 {
-                return Err(Error::parse(path, format!("malformed mount point information: {line:?}")));
-            }
-            Ok(Mount {
-                device: f[0].to_string(),
-                mount_point: f[1].replace("\\040", " ").replace("\\011", "\t"),
-                fs_type: f[2].to_string(),
-                options: f[3].to_string(),
-            })
+    Ok(mount_lines(path, text)?
+        .map(|m| Mount {
+            device: m.device.to_string(),
+            mount_point: m.mount_point.into_owned(),
+            fs_type: m.fs_type.to_string(),
+            options: m.options.to_string(),
         })
-        .collect()
+        .collect())
+}
+
+/// One line of the mount table, borrowed from its text.
+struct MountLine<'a> {
+    device: &'a str,
+    mount_point: Cow<'a, str>,
+    fs_type: &'a str,
+    options: &'a str,
+}
+
+/// The lines of a mount table, once every line is known to be well formed.
+fn mount_lines<'a>(path: &Path, text: &'a str) -> Result<impl Iterator<Item = MountLine<'a>>, Error> {
+    let lines = || text.lines().filter(|l| !l.trim().is_empty());
+    if let Some(line) = lines().find(|l| l.split(' ').nth(3).is_none()) {
+        return Err(Error::parse(path, format!("malformed mount point information: {line:?}")));
+    }
+    Ok(lines().filter_map(|line| {
+        let mut f = line.split(' ');
+        let (device, mount_point, fs_type, options) = (f.next()?, f.next()?, f.next()?, f.next()?);
+        let mount_point = if mount_point.contains('\\') {
+            Cow::Owned(mount_point.replace("\\040", " ").replace("\\011", "\t"))
+        } else {
+            Cow::Borrowed(mount_point)
+        };
+        Some(MountLine { device, mount_point, fs_type, options })
+    }))
 }
 
 struct Usage {
@@ -241,23 +261,23 @@ impl Collector for Filesystem {
                 }
             }
         };
-        let mounts = parse_mounts(&path, &text)?;
+        let mounts = mount_lines(&path, &text)?;
         let mut seen = HashSet::new();
         let mut timed_out = Vec::new();
-        for m in &mounts {
-            if mount_point_excluded(&m.mount_point) || fs_type_excluded(&m.fs_type) {
+        for m in mounts {
+            if mount_point_excluded(&m.mount_point) || fs_type_excluded(m.fs_type) {
                 continue;
             }
-            if !seen.insert((&m.device, &m.mount_point, &m.fs_type)) {
+            if !seen.insert((m.device, m.mount_point.clone(), m.fs_type)) {
                 continue;
             }
-            let labels = [("device", m.device.as_str()), ("fstype", m.fs_type.as_str()), ("mountpoint", m.mount_point.as_str())];
+            let labels = [("device", m.device), ("fstype", m.fs_type), ("mountpoint", m.mount_point.as_ref())];
             let target = roots.rootfs.join(m.mount_point.trim_start_matches('/'));
             let usage = match self.statfs(target) {
                 Stat::Usage(u) => Some(u),
                 Stat::Failed => None,
                 Stat::Hung => {
-                    timed_out.push(m.mount_point.clone());
+                    timed_out.push(m.mount_point.to_string());
                     None
                 }
             };
@@ -308,8 +328,12 @@ mod tests {
         let gone = [("device", "/dev/vdc"), ("fstype", "xfs"), ("mountpoint", "/gone")];
         assert_eq!(set.value("node_filesystem_device_error", &gone), Some(1.0), "missing mount point");
         assert_eq!(set.value("node_filesystem_size_bytes", &gone), None, "no usage for a failed mount");
-        let fam = set.families().iter().find(|f| f.name == "node_filesystem_device_error").unwrap();
-        let points: Vec<&str> = fam.samples.iter().map(|s| s.labels[2].1.as_str()).collect();
+        let text = crate::metrics::encode::encode(&mut set, crate::metrics::Format::Text);
+        let points: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("node_filesystem_device_error{"))
+            .filter_map(|l| l.split("mountpoint=\"").nth(1)?.split('"').next())
+            .collect();
         assert_eq!(points, ["/", "/data dir", "/gone"], "excluded /proc, /run, overlay; duplicate once");
     }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{Collector, Error, Kind, MetricSet, Roots, float, read};
+use super::{Collector, Error, Kind, MetricSet, Roots, float, read, read_net};
 
 fn first_number(path: &Path) -> Result<f64, Error> {
     let text = read(path)?;
@@ -22,11 +22,11 @@ impl Collector for Loadavg {
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let path = roots.proc.join("loadavg");
         let text = read(&path)?;
-        let parts: Vec<&str> = text.split_whitespace().collect();
-        if parts.len() < 3 {
+        let mut parts = text.split_whitespace();
+        let (Some(l1), Some(l5), Some(l15)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(Error::parse(&path, format!("unexpected content {:?}", text.trim())));
-        }
-        let loads = [float(&path, "load1", parts[0])?, float(&path, "load5", parts[1])?, float(&path, "load15", parts[2])?];
+        };
+        let loads = [float(&path, "load1", l1)?, float(&path, "load5", l5)?, float(&path, "load15", l15)?];
         for ((name, help), v) in
             [("node_load1", "1m load average."), ("node_load5", "5m load average."), ("node_load15", "15m load average.")]
                 .into_iter()
@@ -49,12 +49,12 @@ impl Collector for Filefd {
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let path = roots.proc.join("sys/fs/file-nr");
         let text = read(&path)?;
-        let parts: Vec<&str> = text.split_whitespace().collect();
-        if parts.len() != 3 {
+        let mut parts = text.split_whitespace();
+        let (Some(allocated), Some(_), Some(maximum), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(Error::parse(&path, format!("unexpected content {:?}", text.trim())));
-        }
-        let allocated = float(&path, "allocated", parts[0])?;
-        let maximum = float(&path, "maximum", parts[2])?;
+        };
+        let allocated = float(&path, "allocated", allocated)?;
+        let maximum = float(&path, "maximum", maximum)?;
         out.add("node_filefd_allocated", "File descriptor statistics: allocated.", Kind::Gauge, &[], allocated);
         out.add("node_filefd_maximum", "File descriptor statistics: maximum.", Kind::Gauge, &[], maximum);
         Ok(())
@@ -93,9 +93,14 @@ fn psi(path: &Path) -> Result<(Option<f64>, Option<f64>), Error> {
             Some("full") => &mut full,
             _ => continue,
         };
-        let fields: Vec<&str> = parts.collect();
         let keys = ["avg10=", "avg60=", "avg300=", "total="];
-        if fields.len() != 4 || !fields.iter().zip(keys).all(|(f, k)| f.starts_with(k)) {
+        let mut fields = [""; 4];
+        let mut count = 0;
+        for (slot, f) in fields.iter_mut().zip(parts.by_ref()) {
+            *slot = f;
+            count += 1;
+        }
+        if count != 4 || parts.next().is_some() || !fields.iter().zip(keys).all(|(f, k)| f.starts_with(k)) {
             return Err(Error::parse(path, format!("unexpected line {line:?}")));
         }
         for (f, k) in fields.iter().zip(keys).take(3) {
@@ -175,15 +180,24 @@ impl Collector for Pressure {
 /// per-CPU sums of `proc/net/stat/nf_conntrack` (`node_nf_conntrack_stat_*`).
 pub struct Conntrack;
 
-const CONNTRACK_STATS: [(&str, &str); 8] = [
-    ("found", "Number of searched entries which were successful."),
-    ("invalid", "Number of packets seen which can not be tracked."),
-    ("ignore", "Number of packets seen which are already connected to a conntrack entry."),
-    ("insert", "Number of entries inserted into the list."),
-    ("insert_failed", "Number of entries for which list insertion was attempted but failed."),
-    ("drop", "Number of packets dropped due to conntrack failure."),
-    ("early_drop", "Number of dropped conntrack entries to make room for new ones, if maximum table size was reached."),
-    ("search_restart", "Number of conntrack table lookups which had to be restarted due to hashtable resizes."),
+/// Column of `net/stat/nf_conntrack`, metric name, HELP.
+const CONNTRACK_STATS: [(&str, &str, &str); 8] = [
+    ("found", "node_nf_conntrack_stat_found", "Number of searched entries which were successful."),
+    ("invalid", "node_nf_conntrack_stat_invalid", "Number of packets seen which can not be tracked."),
+    ("ignore", "node_nf_conntrack_stat_ignore", "Number of packets seen which are already connected to a conntrack entry."),
+    ("insert", "node_nf_conntrack_stat_insert", "Number of entries inserted into the list."),
+    ("insert_failed", "node_nf_conntrack_stat_insert_failed", "Number of entries for which list insertion was attempted but failed."),
+    ("drop", "node_nf_conntrack_stat_drop", "Number of packets dropped due to conntrack failure."),
+    (
+        "early_drop",
+        "node_nf_conntrack_stat_early_drop",
+        "Number of dropped conntrack entries to make room for new ones, if maximum table size was reached.",
+    ),
+    (
+        "search_restart",
+        "node_nf_conntrack_stat_search_restart",
+        "Number of conntrack table lookups which had to be restarted due to hashtable resizes.",
+    ),
 ];
 
 impl Collector for Conntrack {
@@ -205,32 +219,33 @@ impl Collector for Conntrack {
         out.add("node_nf_conntrack_entries_limit", "Maximum size of connection tracking table.", Kind::Gauge, &[], max);
 
         let path = roots.proc.join("net/stat/nf_conntrack");
-        let text = read(&path)?;
+        let text = read_net(roots, &path, "stat/nf_conntrack")?;
         let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+        let header = lines.next().unwrap_or("");
+        let width = header.split_whitespace().count();
+        let mut columns = [0usize; CONNTRACK_STATS.len()];
+        for ((name, _, _), col) in CONNTRACK_STATS.iter().zip(&mut columns) {
+            *col = header.split_whitespace().position(|h| h == *name).ok_or_else(|| Error::parse(&path, format!("no column {name}")))?;
+        }
         let mut sums = [0u64; CONNTRACK_STATS.len()];
-        let columns: Vec<usize> = CONNTRACK_STATS
-            .iter()
-            .map(|(name, _)| header.iter().position(|h| h == name).ok_or_else(|| Error::parse(&path, format!("no column {name}"))))
-            .collect::<Result<_, _>>()?;
         for line in lines {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.is_empty() {
+            let fields = line.split_whitespace().count();
+            if fields == 0 {
                 continue;
             }
-            if fields.len() != header.len() {
-                return Err(Error::parse(&path, format!("{} fields under {} columns", fields.len(), header.len())));
+            if fields != width {
+                return Err(Error::parse(&path, format!("{fields} fields under {width} columns")));
             }
-            let values: Vec<u64> = fields
-                .iter()
-                .map(|f| u64::from_str_radix(f, 16).map_err(|_| Error::parse(&path, format!("not hex: {f:?}"))))
-                .collect::<Result<_, _>>()?;
-            for (sum, &col) in sums.iter_mut().zip(&columns) {
-                *sum = sum.wrapping_add(values[col]);
+            // One per CPU; every field must be hex.
+            for (i, f) in line.split_whitespace().enumerate() {
+                let v = u64::from_str_radix(f, 16).map_err(|_| Error::parse(&path, format!("not hex: {f:?}")))?;
+                for (sum, _) in sums.iter_mut().zip(&columns).filter(|(_, c)| **c == i) {
+                    *sum = sum.wrapping_add(v);
+                }
             }
         }
-        for ((name, help), sum) in CONNTRACK_STATS.iter().zip(sums) {
-            out.add(&format!("node_nf_conntrack_stat_{name}"), help, Kind::Gauge, &[], sum as f64);
+        for ((_, name, help), sum) in CONNTRACK_STATS.iter().zip(sums) {
+            out.add(name, help, Kind::Gauge, &[], sum as f64);
         }
         Ok(())
     }

@@ -16,23 +16,36 @@ impl Collector for Meminfo {
         let path = roots.proc.join("meminfo");
         let text = read(&path)?;
         let mut any = false;
+        // Name and HELP are built in these for each line.
+        let (mut name, mut help) = (String::with_capacity(64), String::with_capacity(64));
         for line in text.lines() {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            if parts.is_empty() {
-                continue;
-            }
-            let Some(key) = parts[0].strip_suffix(':') else {
+            let mut parts = line.split_whitespace();
+            let Some(first) = parts.next() else { continue };
+            let Some(key) = first.strip_suffix(':') else {
                 return Err(Error::parse(&path, format!("no ':' after the field in {line:?}")));
             };
-            let value = float(&path, key, parts.get(1).copied().unwrap_or(""))?;
-            let key = key.replace('(', "_").replace(')', "");
-            let (name, value) = match parts.len() {
-                2 => (format!("node_memory_{key}"), value),
-                3 => (format!("node_memory_{key}_bytes"), value * 1024.0),
+            let number = parts.next();
+            let value = float(&path, key, number.unwrap_or(""))?;
+            let (suffix, value) = match (parts.next(), parts.next()) {
+                (None, _) => ("", value),
+                (Some(_kb), None) => ("_bytes", value * 1024.0),
                 _ => return Err(Error::parse(&path, format!("invalid line {line:?}"))),
             };
-            let field = &name["node_memory_".len()..];
-            out.add(&name, &format!("Memory information field {field}."), Kind::Gauge, &[], value);
+            name.clear();
+            name.push_str("node_memory_");
+            for c in key.chars() {
+                match c {
+                    '(' => name.push('_'),
+                    ')' => {}
+                    c => name.push(c),
+                }
+            }
+            name.push_str(suffix);
+            help.clear();
+            help.push_str("Memory information field ");
+            help.push_str(&name["node_memory_".len()..]);
+            help.push('.');
+            out.add_dynamic(&name, &help, Kind::Gauge, &[], value);
             any = true;
         }
         if !any {
@@ -64,25 +77,25 @@ impl Collector for Vmstat {
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let path = roots.proc.join("vmstat");
         let text = read(&path)?;
+        let (mut name, mut help) = (String::with_capacity(64), String::with_capacity(64));
         for line in text.lines() {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            if parts.is_empty() {
-                continue;
-            }
-            if parts.len() != 2 {
+            let mut parts = line.split_whitespace();
+            let Some(field) = parts.next() else { continue };
+            let (Some(number), None) = (parts.next(), parts.next()) else {
                 return Err(Error::parse(&path, format!("invalid line {line:?}")));
-            }
-            let value = float(&path, parts[0], parts[1])?;
-            if !vmstat_field(parts[0]) {
+            };
+            let value = float(&path, field, number)?;
+            if !vmstat_field(field) {
                 continue;
             }
-            out.add(
-                &format!("node_vmstat_{}", parts[0]),
-                &format!("/proc/vmstat information field {}.", parts[0]),
-                Kind::Untyped,
-                &[],
-                value,
-            );
+            name.clear();
+            name.push_str("node_vmstat_");
+            name.push_str(field);
+            help.clear();
+            help.push_str("/proc/vmstat information field ");
+            help.push_str(field);
+            help.push('.');
+            out.add_dynamic(&name, &help, Kind::Untyped, &[], value);
         }
         Ok(())
     }

@@ -11,12 +11,19 @@
 //!
 //! Every host path comes from [`Roots`]: the library never reads `/proc` on
 //! its own, so tests point it at the fixture tree in `agent/tests/fixtures`
-//! (netclass asks the kernel over rtnetlink only when `sys` is the live `/sys`).
+//! (netclass asks the kernel over rtnetlink only when `sys` is the live `/sys`,
+//! and the files of `proc/net` are opened relative to `/proc/self/net` only
+//! when `proc` is the live `/proc`).
+//!
+//! Cost per scrape matters (the agent runs on every node): files are read
+//! into per-thread buffers that are reused (most in one `read`), and samples
+//! go into reused [`MetricSet`]s, so a scrape allocates next to nothing.
 //!
 //! To add a collector: write a type implementing [`Collector`] in the module
 //! where its data lives (or a new one), emit samples with
-//! [`MetricSet::add`] using node_exporter's exact name and HELP, and list it
-//! in [`all`] and [`NAMES`].
+//! [`MetricSet::add`] using node_exporter's exact name and HELP
+//! ([`MetricSet::add_dynamic`] for names built at run time), read files with
+//! `read`, and list it in [`all`] and [`NAMES`].
 
 pub mod cpu;
 pub mod diskstats;
@@ -114,50 +121,145 @@ impl Error {
     }
 }
 
+/// A byte buffer from this thread's pool, back into it when dropped: the
+/// collector threads read every file of every scrape (and the netlink dump)
+/// without allocating or zeroing memory again.
+pub(crate) struct Buffer(pub(crate) Vec<u8>);
+
+impl Buffer {
+    /// A buffer of at least `len` bytes (its contents are left over from earlier use).
+    pub(crate) fn take(len: usize) -> Buffer {
+        let pooled = BUFFERS.try_with(|pool| pool.try_borrow_mut().ok().and_then(|mut p| p.pop())).ok().flatten();
+        let mut buf = pooled.unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        Buffer(buf)
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if !buf.is_empty() && buf.len() <= KEEP_BUFFER {
+            let _ = BUFFERS.try_with(|pool| {
+                if let Ok(mut pool) = pool.try_borrow_mut()
+                    && pool.len() < KEEP_BUFFERS
+                {
+                    pool.push(buf);
+                }
+            });
+        }
+    }
+}
+
+/// A file's text as [`read`] read it, in a [`Buffer`].
+pub(crate) struct Text {
+    buf: Buffer,
+    len: usize,
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Checked by `read` already; checking again costs less than a copy.
+        std::str::from_utf8(&self.buf.0[..self.len]).unwrap_or_default()
+    }
+}
+
+/// A read buffer's first size (doubled while a file fills it): the largest
+/// file on a small VM, `net/netstat`, is about 4 KiB.
+pub(crate) const BUFFER: usize = 8 * 1024;
+/// Buffers kept per thread (netstat holds three files at once), and the largest kept.
+const KEEP_BUFFERS: usize = 4;
+const KEEP_BUFFER: usize = 256 * 1024;
+
+thread_local! {
+    /// Read buffers, zeroed once when made and then reused as they are.
+    static BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Reads a whole small file (procfs, sysfs). Opened non-blocking, so a FIFO
 /// put where a file should be reads as empty instead of hanging.
-pub(crate) fn read(path: &Path) -> Result<String, Error> {
+pub(crate) fn read(path: &Path) -> Result<Text, Error> {
+    read_file(open(path)?, path, false)
+}
+
+/// Reads a whole file as [`read`], but on until `read` returns nothing: for
+/// files on any filesystem (the textfile collector's), where one that serves
+/// reads short (FUSE with direct I/O) could otherwise look cut off.
+pub(crate) fn read_to_end(path: &Path) -> Result<Text, Error> {
+    read_file(open(path)?, path, true)
+}
+
+fn open(path: &Path) -> Result<std::fs::File, Error> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    // `read` until it returns 0, rather than `read_to_end`: that first asks
-    // for the size (statx, lseek), which procfs and sysfs do not know anyway.
-    // Into the stack first: nearly every file fits, and the answer is then
-    // one allocation of its own size (no big zeroed buffer per file).
-    let mut first = [0u8; 8192];
-    let mut len = 0;
-    while len < first.len() {
-        match file.read(&mut first[len..]) {
-            Ok(0) => {
-                return std::str::from_utf8(&first[..len]).map(str::to_string).map_err(|_| Error::parse(path, "not UTF-8"));
-            }
-            Ok(n) => len += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(path, e)),
-        }
+    std::fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits()).open(path).map_err(|e| Error::io(path, e))
+}
+
+/// This process's `/proc/self/net`, opened once (`None` if it cannot be).
+static PROC_NET: std::sync::OnceLock<Option<std::os::fd::OwnedFd>> = std::sync::OnceLock::new();
+
+/// Reads `path`, the file `name` of `net/` below the proc root, as [`read`].
+/// On the live `/proc` it is opened relative to `/proc/self/net` (opened
+/// once): the kernel then does not walk `/proc`, the `net` and `self` links
+/// and the process's directory again for each of these seven files a scrape.
+pub(crate) fn read_net(roots: &Roots, path: &Path, name: &str) -> Result<Text, Error> {
+    use nix::fcntl::OFlag;
+    if roots.proc == Path::new("/proc")
+        && let Some(dir) = PROC_NET
+            .get_or_init(|| {
+                nix::fcntl::open("/proc/self/net", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+                    .ok()
+            })
+            .as_ref()
+    {
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::openat(dir, name, flags, nix::sys::stat::Mode::empty()).map_err(|e| Error::io(path, e.into()))?;
+        return read_file(std::fs::File::from(fd), path, false);
     }
-    let mut bytes = first.to_vec();
+    read(path)
+}
+
+/// The whole text of `file`, opened from `path`; `to_end`: read until `read`
+/// returns nothing even after a short read.
+fn read_file(mut file: std::fs::File, path: &Path, to_end: bool) -> Result<Text, Error> {
+    let mut text = Text { buf: Buffer::take(BUFFER), len: 0 };
+    // `read` rather than `read_to_end`: that first asks for the size (statx,
+    // lseek), which procfs and sysfs do not know anyway. A read that does not
+    // fill the buffer has the whole file: procfs (seq_file, sysctl) and sysfs
+    // answer as much as is asked, regular files all up to their end; so most
+    // files take one read, not a second one that returns nothing.
     loop {
-        if len == bytes.len() {
-            bytes.resize(len * 2, 0);
+        let buf = &mut text.buf.0;
+        if text.len == buf.len() {
+            buf.resize(text.len * 2, 0);
         }
-        match file.read(&mut bytes[len..]) {
+        match file.read(&mut buf[text.len..]) {
             Ok(0) => break,
-            Ok(n) => len += n,
+            Ok(n) => {
+                text.len += n;
+                if text.len < buf.len() && !to_end {
+                    break;
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::io(path, e)),
         }
     }
-    bytes.truncate(len);
-    String::from_utf8(bytes).map_err(|_| Error::parse(path, "not UTF-8"))
+    if std::str::from_utf8(&text.buf.0[..text.len]).is_err() {
+        return Err(Error::parse(path, "not UTF-8"));
+    }
+    Ok(text)
 }
 
 /// Parses a decimal number as Go's `strconv.ParseFloat` would for the values
 /// the kernel prints.
 pub(crate) fn float(path: &Path, what: &str, text: &str) -> Result<f64, Error> {
+    // Most are counters of up to 15 digits: exact in an f64, no float parsing needed.
+    if !text.is_empty() && text.len() <= 15 && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(text.bytes().fold(0u64, |n, b| n * 10 + u64::from(b - b'0')) as f64);
+    }
     text.parse::<f64>().map_err(|_| Error::parse(path, format!("{what}: not a number: {text:?}")))
 }
 
@@ -226,7 +328,7 @@ fn by_name(name: &str) -> Option<Arc<dyn Collector>> {
         "sockstat" => Arc::new(netstat::Sockstat),
         "stat" => Arc::new(cpu::Stat),
         "textfile" => Arc::new(textfile::Textfile),
-        "time" => Arc::new(system::Time),
+        "time" => Arc::new(system::Time::default()),
         "uname" => Arc::new(system::Uname),
         "vmstat" => Arc::new(memory::Vmstat),
         _ => return None,
@@ -269,6 +371,9 @@ pub struct Exporter {
     limits: Limits,
     scrapes: Gate,
     workers: Arc<Workers>,
+    /// Sets handed back by [`Exporter::recycle`]: the next scrape fills one
+    /// without growing it again.
+    spare: Mutex<Vec<MetricSet>>,
 }
 
 /// Too many scrapes were already running and none finished in time.
@@ -361,8 +466,10 @@ impl Workers {
 
 /// One scrape's progress, shared by the scraping thread and its lanes.
 struct Progress {
-    /// Collector index, its samples, result and duration, as they finish.
-    done: Vec<(usize, MetricSet, Result<(), Error>, Duration)>,
+    /// The samples of the collectors that have finished.
+    set: MetricSet,
+    /// Collector index, result and duration, as they finish.
+    done: Vec<(usize, Result<(), Error>, Duration)>,
     lanes: Vec<LaneState>,
 }
 
@@ -422,6 +529,16 @@ impl Exporter {
             limits,
             scrapes,
             workers: Arc::new(Workers { idle: Mutex::new(Vec::new()), next_id: AtomicU64::new(0) }),
+            spare: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Takes back a scrape's set once it is encoded, for a later scrape to reuse.
+    pub fn recycle(&self, mut set: MetricSet) {
+        set.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < 2 {
+            spare.push(set);
         }
     }
 
@@ -475,8 +592,10 @@ impl Exporter {
         }
         lanes.retain(|l| !l.is_empty());
 
-        let shared =
-            Arc::new(Shared { progress: Mutex::new(Progress { done: Vec::with_capacity(n), lanes: Vec::new() }), changed: Condvar::new() });
+        let mut set = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop().unwrap_or_default();
+        set.clear();
+        let progress = Progress { set, done: Vec::with_capacity(n), lanes: Vec::with_capacity(LANES) };
+        let shared = Arc::new(Shared { progress: Mutex::new(progress), changed: Condvar::new() });
         let jobs: Vec<Job> = {
             let mut p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
             lanes.into_iter().map(|work| self.lane(&shared, &mut p, work)).collect()
@@ -486,10 +605,8 @@ impl Exporter {
             self.workers.run(job);
         }
         let mut p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut set = MetricSet::default();
         loop {
-            for (i, out, result, took) in p.done.drain(..) {
-                set.merge(out);
+            for (i, result, took) in p.done.drain(..) {
                 self.slots[i].last_micros.store(took.as_micros().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
                 outcomes[i] = (took, result);
                 reported[i] = true;
@@ -533,6 +650,8 @@ impl Exporter {
             let wait = next_deadline.map_or(self.limits.collector, |d| d.saturating_duration_since(now));
             p = shared.changed.wait_timeout(p, wait).unwrap_or_else(PoisonError::into_inner).0;
         }
+        // Every lane has finished or been abandoned: none adds to the set any more.
+        let mut set = std::mem::take(&mut p.set);
         drop(p);
         // Whatever did not report: its lane ended early (a panic, or no thread for it).
         for (i, slot) in self.slots.iter().enumerate() {
@@ -540,18 +659,12 @@ impl Exporter {
                 outcomes[i].1 = Err(Error::Stuck { collector: slot.collector.name() });
             }
         }
-        let outcomes: Vec<(&'static str, Duration, bool)> = self
-            .slots
-            .iter()
-            .zip(outcomes)
-            .map(|(slot, (took, result))| {
-                if let Err(e) = &result {
-                    log::debug!("collector {} failed: {}", slot.collector.name(), crate::register::chain(e));
-                }
-                (slot.collector.name(), took, result.is_ok())
-            })
-            .collect();
-        for (name, duration, ok) in outcomes {
+        for (slot, (duration, result)) in self.slots.iter().zip(outcomes) {
+            let name = slot.collector.name();
+            if let Err(e) = &result {
+                log::debug!("collector {name} failed: {}", crate::register::chain(e));
+            }
+            let ok = result.is_ok();
             set.add(
                 "node_scrape_collector_duration_seconds",
                 "node_exporter: Duration of a collector scrape.",
@@ -590,6 +703,11 @@ impl Exporter {
     }
 }
 
+thread_local! {
+    /// A collector thread's set: each collector adds to it, the lane copies it into the scrape's.
+    static SCRATCH: std::cell::RefCell<MetricSet> = std::cell::RefCell::new(MetricSet::default());
+}
+
 impl LaneEnd {
     /// Runs the collectors `work` one after another, reporting each into the scrape's progress.
     fn run(&self, roots: &Roots, work: Vec<usize>) {
@@ -602,13 +720,15 @@ impl LaneEnd {
                     return;
                 }
                 if slot.running.swap(true, Ordering::AcqRel) {
-                    p.done.push((i, MetricSet::default(), Err(Error::Stuck { collector: slot.collector.name() }), Duration::ZERO));
+                    p.done.push((i, Err(Error::Stuck { collector: slot.collector.name() }), Duration::ZERO));
                     continue;
                 }
                 p.lanes[lane].current = Some((i, Instant::now()));
             }
+            // This thread's set from its previous collector, emptied: no allocation once grown.
+            let mut out = SCRATCH.try_with(std::cell::RefCell::take).unwrap_or_default();
+            out.clear();
             let begin = Instant::now();
-            let mut out = MetricSet::default();
             let result = slot.collector.collect(roots, &mut out);
             let took = begin.elapsed();
             slot.running.store(false, Ordering::Release);
@@ -617,7 +737,10 @@ impl LaneEnd {
             if p.lanes[lane].abandoned {
                 return;
             }
-            p.done.push((i, out, result, took));
+            p.set.append(&out);
+            p.done.push((i, result, took));
+            drop(p);
+            let _ = SCRATCH.try_with(|s| s.replace(out));
         }
     }
 }
@@ -634,4 +757,36 @@ pub(crate) fn proc_tree(files: &[(&str, &str)]) -> (tempfile::TempDir, Roots) {
     }
     let roots = Roots { proc: dir.path().into(), ..Roots::default() };
     (dir, roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_files_through_the_directory() {
+        let live = Roots::default();
+        let path = live.proc.join("net/dev");
+        let (Ok(by_dir), Ok(by_path)) = (read_net(&live, &path, "dev"), read(&path)) else {
+            return; // no procfs here
+        };
+        assert_eq!(by_dir.lines().next(), by_path.lines().next(), "the same file both ways");
+        let missing = live.proc.join("net/no-such-file");
+        let err = read_net(&live, &missing, "no-such-file").err();
+        assert!(
+            matches!(err, Some(Error::Io { ref path, ref source }) if source.kind() == std::io::ErrorKind::NotFound && path.ends_with("net/no-such-file")),
+            "a missing file is NotFound, named by its path: {err:?}"
+        );
+    }
+
+    #[test]
+    fn files_larger_than_the_buffer() {
+        let big: String = (0..3 * BUFFER / 10).map(|i| format!("{i:09}\n")).collect();
+        let (_dir, roots) = proc_tree(&[("big", &big), ("small", "1\n")]);
+        for _ in 0..2 {
+            assert_eq!(&*read(&roots.proc.join("big")).unwrap(), big, "read whole, buffer grown");
+            assert_eq!(&*read(&roots.proc.join("small")).unwrap(), "1\n", "a reused buffer holds only this file");
+            assert_eq!(&*read_to_end(&roots.proc.join("big")).unwrap(), big, "read to the end");
+        }
+    }
 }

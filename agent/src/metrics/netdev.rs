@@ -10,7 +10,7 @@ use std::path::Path;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use super::{Collector, Error, Kind, MetricSet, Roots, read};
+use super::{Collector, Error, Kind, MetricSet, Roots, read, read_net};
 
 /// node_exporter 1.5.0's (Debian) default `--collector.netdev.device-exclude`.
 pub const NETDEV_DEVICE_EXCLUDE: &str = "^lo$";
@@ -58,7 +58,7 @@ impl Collector for Netdev {
 
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let path = roots.proc.join("net/dev");
-        let text = read(&path)?;
+        let text = read_net(roots, &path, "dev")?;
         let mut lines = text.lines();
         let (Some(h1), Some(_)) = (lines.next(), lines.next()) else {
             return Err(Error::parse(&path, "no header"));
@@ -66,17 +66,23 @@ impl Collector for Netdev {
         if !h1.contains('|') {
             return Err(Error::parse(&path, format!("unexpected header {h1:?}")));
         }
+        let mut nohandler = std::path::PathBuf::new();
         for line in lines {
             let Some((dev, rest)) = line.split_once(':') else {
                 return Err(Error::parse(&path, format!("no ':' in {line:?}")));
             };
             let dev = dev.trim();
-            let values: Vec<u64> = rest
-                .split_whitespace()
-                .map(|v| v.parse::<u64>().map_err(|_| Error::parse(&path, format!("{dev}: not a counter: {v:?}"))))
-                .collect::<Result<_, _>>()?;
-            if values.len() != 16 {
-                return Err(Error::parse(&path, format!("{dev}: {} fields, want 16", values.len())));
+            let mut values = [0u64; 16];
+            let mut count = 0;
+            for v in rest.split_whitespace() {
+                let v = v.parse::<u64>().map_err(|_| Error::parse(&path, format!("{dev}: not a counter: {v:?}")))?;
+                if let Some(slot) = values.get_mut(count) {
+                    *slot = v;
+                }
+                count += 1;
+            }
+            if count != 16 {
+                return Err(Error::parse(&path, format!("{dev}: {count} fields, want 16")));
             }
             if netdev_excluded(dev) {
                 continue;
@@ -85,7 +91,11 @@ impl Collector for Netdev {
             for ((name, help), v) in COLUMNS.iter().zip(&values) {
                 out.add(name, help, Kind::Counter, &labels, *v as f64);
             }
-            let nohandler = roots.sys.join("class/net").join(dev).join("statistics/rx_nohandler");
+            nohandler.as_mut_os_string().clear();
+            nohandler.push(&roots.sys);
+            nohandler.push("class/net");
+            nohandler.push(dev);
+            nohandler.push("statistics/rx_nohandler");
             if let Some(v) = read(&nohandler).ok().and_then(|t| t.trim().parse::<u64>().ok()) {
                 out.add(
                     "node_network_receive_nohandler_total",
@@ -173,6 +183,7 @@ impl Collector for Netclass {
         let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         let class_fd = nix::fcntl::open(&class, dir_flags, Mode::empty()).map_err(|e| Error::io(&class, e.into()))?;
         let mut buf = [0u8; 4096];
+        let mut texts: [String; 5] = Default::default();
         // The live sysfs: most attributes from one netlink dump (the same
         // kernel fields sysfs prints), the rest from sysfs. Any other root
         // (a fixture tree, a host's sysfs mounted elsewhere): all from sysfs.
@@ -184,7 +195,7 @@ impl Collector for Netclass {
                     continue;
                 }
                 let Ok(dir) = nix::fcntl::openat(&class_fd, l.name.as_str(), dir_flags, Mode::empty()) else { continue };
-                device(out, &l.name, &dir, &mut buf, Some(l));
+                device(out, &l.name, &dir, &mut buf, Some(l), &mut texts);
             }
             return Ok(());
         }
@@ -197,30 +208,29 @@ impl Collector for Netclass {
             }
             // Devices are (symlinks to) directories; `bonding_masters` is a file.
             let Ok(dir) = nix::fcntl::openat(&class_fd, name.as_str(), dir_flags, Mode::empty()) else { continue };
-            device(out, &name, &dir, &mut buf, None);
+            device(out, &name, &dir, &mut buf, None, &mut texts);
         }
         Ok(())
     }
 }
 
 /// One device's samples: each attribute from `link` when the dump has it, else from its sysfs directory `dir`.
-fn device(out: &mut MetricSet, name: &str, dir: &OwnedFd, buf: &mut [u8; 4096], link: Option<&link::Link>) {
+/// `texts` holds the text attributes while they are added, reused from device to device.
+fn device(out: &mut MetricSet, name: &str, dir: &OwnedFd, buf: &mut [u8; 4096], link: Option<&link::Link>, texts: &mut [String; 5]) {
     let labels = [("device", name)];
-    let mut text = |file: &str| match link.and_then(|l| l.text(file)) {
-        Some(known) => known,
-        None => attr(dir, file, buf).unwrap_or_default().to_string(),
-    };
-    let operstate = text("operstate");
-    let address = text("address");
-    let broadcast = text("broadcast");
-    let duplex = text("duplex");
-    let ifalias = text("ifalias");
+    for (file, text) in ["operstate", "address", "broadcast", "duplex", "ifalias"].into_iter().zip(texts.iter_mut()) {
+        text.clear();
+        if !link.is_some_and(|l| l.text(file, text)) {
+            text.push_str(attr(dir, file, buf).unwrap_or_default());
+        }
+    }
+    let [operstate, address, broadcast, duplex, ifalias] = texts;
     out.add(
         "node_network_up",
         "Value is 1 if operstate is 'up', 0 otherwise.",
         Kind::Gauge,
         &labels,
-        if operstate == "up" { 1.0 } else { 0.0 },
+        if operstate.as_str() == "up" { 1.0 } else { 0.0 },
     );
     out.add(
         "node_network_info",
@@ -228,11 +238,11 @@ fn device(out: &mut MetricSet, name: &str, dir: &OwnedFd, buf: &mut [u8; 4096], 
         Kind::Gauge,
         &[
             ("device", name),
-            ("address", &address),
-            ("broadcast", &broadcast),
-            ("duplex", &duplex),
-            ("operstate", &operstate),
-            ("ifalias", &ifalias),
+            ("address", address.as_str()),
+            ("broadcast", broadcast.as_str()),
+            ("duplex", duplex.as_str()),
+            ("operstate", operstate.as_str()),
+            ("ifalias", ifalias.as_str()),
         ],
         1.0,
     );
@@ -293,8 +303,7 @@ mod link {
         carrier_down: Option<u32>,
     }
 
-    fn mac(bytes: &[u8]) -> String {
-        let mut s = String::with_capacity(bytes.len() * 3);
+    fn mac(bytes: &[u8], s: &mut String) {
         for (i, b) in bytes.iter().enumerate() {
             if i > 0 {
                 s.push(':');
@@ -303,7 +312,6 @@ mod link {
             s.push(char::from(HEX[usize::from(b >> 4)]));
             s.push(char::from(HEX[usize::from(b & 0xf)]));
         }
-        s
     }
 
     impl Link {
@@ -312,17 +320,21 @@ mod link {
             self.flags & IFF_UP != 0
         }
 
-        /// The text attribute `file` as sysfs prints it (trimmed), or `None`
-        /// when the dump does not say and sysfs must be read.
-        pub(super) fn text(&self, file: &str) -> Option<String> {
+        /// Appends the text attribute `file` as sysfs prints it (trimmed) to
+        /// `out`; false when the dump does not say and sysfs must be read.
+        pub(super) fn text(&self, file: &str, out: &mut String) -> bool {
             match file {
                 // sysfs prints addr_len bytes; netlink leaves both out when that is 0.
-                "address" => Some(self.address.as_deref().map(mac).unwrap_or_default()),
-                "broadcast" => Some(self.broadcast.as_deref().map(mac).unwrap_or_default()),
-                "operstate" => self.operstate.and_then(|o| OPERSTATES.get(usize::from(o))).map(|s| s.to_string()),
-                "ifalias" => Some(self.ifalias.as_deref().unwrap_or_default().trim().to_string()),
-                _ => None,
+                "address" => mac(self.address.as_deref().unwrap_or_default(), out),
+                "broadcast" => mac(self.broadcast.as_deref().unwrap_or_default(), out),
+                "operstate" => match self.operstate.and_then(|o| OPERSTATES.get(usize::from(o))) {
+                    Some(state) => out.push_str(state),
+                    None => return false,
+                },
+                "ifalias" => out.push_str(self.ifalias.as_deref().unwrap_or_default().trim()),
+                _ => return false,
             }
+            true
         }
 
         /// The numeric attribute `file` as sysfs prints it: `Some(None)` when
@@ -376,15 +388,20 @@ mod link {
         req.extend_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
         socket::sendto(fd.as_raw_fd(), &req, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
         let mut links = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        // The kernel answers a dump in parts as big as the buffer read into
+        // (the first one about a page, or the largest device's message; one
+        // is about 1 KiB without statistics). A message cut short fails the
+        // dump, and sysfs is read instead.
+        let mut storage = crate::metrics::Buffer::take(crate::metrics::BUFFER);
+        let buf: &mut [u8] = &mut storage.0;
         loop {
-            let n = socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            let n = socket::recv(fd.as_raw_fd(), &mut *buf, MsgFlags::empty())?;
             if n == 0 {
                 return Err(nix::Error::EIO);
             }
             let mut at = 0;
             while at + 16 <= n {
-                let (Some(len), Some(kind), Some(msg_seq)) = (u32_at(&buf, at), u16_at(&buf, at + 4), u32_at(&buf, at + 8)) else {
+                let (Some(len), Some(kind), Some(msg_seq)) = (u32_at(buf, at), u16_at(buf, at + 4), u32_at(buf, at + 8)) else {
                     return Err(nix::Error::EIO);
                 };
                 let len = len as usize;
@@ -449,6 +466,7 @@ mod link {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::{Format, encode};
 
     #[test]
     fn netlink_and_sysfs_agree_on_this_host() {
@@ -461,9 +479,8 @@ mod tests {
         }
         Netclass.collect(&live, &mut dumped).unwrap();
         assert!(link::dump().is_ok(), "the netlink dump itself works");
-        dumped.sort();
-        read.sort();
-        assert_eq!(dumped.families(), read.families(), "netclass from netlink + sysfs vs sysfs alone");
+        let (dumped, read) = (encode::encode(&mut dumped, Format::Text), encode::encode(&mut read, Format::Text));
+        assert_eq!(dumped, read, "netclass from netlink + sysfs vs sysfs alone");
     }
 
     #[test]

@@ -2,10 +2,9 @@
 //! `proc/net/snmp`, `proc/net/snmp6`, filtered by node_exporter's default
 //! fields) and the `sockstat` collector (`proc/net/sockstat{,6}`).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{Collector, Error, Kind, MetricSet, Roots, float, read};
+use super::{Collector, Error, Kind, MetricSet, Roots, float, read_net};
 
 /// node_exporter 1.5.0's default `--collector.netstat.fields`.
 pub const NETSTAT_FIELDS: &str = "^(.*_(InErrors|InErrs)|Ip_Forwarding|Ip(6|Ext)_(InOctets|OutOctets)|Icmp6?_(InMsgs|OutMsgs)|TcpExt_(Listen.*|Syncookies.*|TCPSynRetrans|TCPTimeouts)|Tcp_(ActiveOpens|InSegs|OutSegs|OutRsts|PassiveOpens|RetransSegs|CurrEstab)|Udp6?_(InDatagrams|OutDatagrams|NoPorts|RcvbufErrors|SndbufErrors))$";
@@ -56,20 +55,35 @@ pub fn netstat_field(key: &str) -> bool {
         || key.starts_with("TcpExt_Syncookies")
 }
 
-type Stats<'a> = BTreeMap<&'a str, Vec<(&'a str, &'a str)>>;
+/// The separator of `net/netstat` and `net/snmp` fields, one space; a
+/// predicate rather than a `char` pattern, which calls `memchr` per field.
+fn is_space(c: char) -> bool {
+    c == ' '
+}
 
-/// Pairs of lines, `Proto: names...` then `Proto: values...`.
-fn pairs<'a>(path: &Path, text: &'a str, stats: &mut Stats<'a>) -> Result<(), Error> {
+/// One protocol's `Proto: names...` and `Proto: values...` lines, after the protocol.
+struct Section<'a> {
+    protocol: &'a str,
+    /// What follows the protocol and a space; `None` when nothing does.
+    names: Option<&'a str>,
+    values: Option<&'a str>,
+}
+
+/// Pairs of lines, `Proto: names...` then `Proto: values...`; a protocol
+/// seen again replaces the earlier one, as node_exporter's map does.
+fn pairs<'a>(path: &Path, text: &'a str, sections: &mut Vec<Section<'a>>) -> Result<(), Error> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     while let Some(names) = lines.next() {
         let values = lines.next().ok_or_else(|| Error::parse(path, format!("no values under {names:?}")))?;
-        let names: Vec<&str> = names.split(' ').collect();
-        let values: Vec<&str> = values.split(' ').collect();
-        let protocol = names[0].strip_suffix(':').ok_or_else(|| Error::parse(path, format!("no protocol in {:?}", names[0])))?;
-        if values[0] != names[0] || names.len() != values.len() {
+        let split = |line: &'a str| line.split_once(is_space).map_or((line, None), |(head, rest)| (head, Some(rest)));
+        let ((head, names), (value_head, values)) = (split(names), split(values));
+        let protocol = head.strip_suffix(':').ok_or_else(|| Error::parse(path, format!("no protocol in {head:?}")))?;
+        let count = |rest: Option<&str>| rest.map_or(0, |r| r.split(is_space).count());
+        if value_head != head || count(names) != count(values) {
             return Err(Error::parse(path, format!("field count mismatch for {protocol}")));
         }
-        stats.insert(protocol, names[1..].iter().copied().zip(values[1..].iter().copied()).collect());
+        sections.retain(|s| s.protocol != protocol);
+        sections.push(Section { protocol, names, values });
     }
     Ok(())
 }
@@ -83,34 +97,59 @@ impl Collector for Netstat {
         let netstat_path = roots.proc.join("net/netstat");
         let snmp_path = roots.proc.join("net/snmp");
         let snmp6_path = roots.proc.join("net/snmp6");
-        let netstat = read(&netstat_path)?;
-        let snmp = read(&snmp_path)?;
-        let snmp6 = match read(&snmp6_path) {
-            Ok(t) => t,
+        let netstat = read_net(roots, &netstat_path, "netstat")?;
+        let snmp = read_net(roots, &snmp_path, "snmp")?;
+        let snmp6 = match read_net(roots, &snmp6_path, "snmp6") {
+            Ok(t) => Some(t),
             // No IPv6 in this kernel.
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        let mut stats = Stats::new();
-        pairs(&netstat_path, &netstat, &mut stats)?;
-        pairs(&snmp_path, &snmp, &mut stats)?;
-        for line in snmp6.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 2 {
-                continue;
-            }
-            if let Some(six) = f[0].find('6') {
-                stats.entry(&f[0][..=six]).or_default().push((&f[0][six + 1..], f[1]));
-            }
-        }
-        for (protocol, fields) in &stats {
-            for (name, value) in fields {
-                let key = format!("{protocol}_{name}");
+        let snmp6: &str = snmp6.as_deref().unwrap_or("");
+        let mut sections = Vec::with_capacity(16);
+        pairs(&netstat_path, &netstat, &mut sections)?;
+        pairs(&snmp_path, &snmp, &mut sections)?;
+        // snmp6: `Ip6InReceives 123` is protocol `Ip6`, field `InReceives`;
+        // grouped by protocol, in file order within each.
+        let mut six: Vec<(&str, &str, &str)> = snmp6
+            .lines()
+            .filter_map(|line| {
+                let mut f = line.split_whitespace();
+                let (key, value) = (f.next()?, f.next()?);
+                let at = key.find('6')?;
+                Some((&key[..=at], &key[at + 1..], value))
+            })
+            .collect();
+        six.sort_by_key(|(protocol, _, _)| *protocol);
+        // Protocols in name order, each with its fields in file order (snmp6's after the others).
+        let mut protocols: Vec<&str> = sections.iter().map(|s| s.protocol).collect();
+        protocols.extend(six.iter().map(|(p, _, _)| *p));
+        protocols.sort_unstable();
+        protocols.dedup();
+        let (mut key, mut name, mut help) = (String::with_capacity(64), String::with_capacity(64), String::with_capacity(64));
+        for protocol in protocols {
+            let section = sections.iter().find(|s| s.protocol == protocol);
+            let listed = section.and_then(|s| Some(s.names?.split(is_space).zip(s.values?.split(is_space)))).into_iter().flatten();
+            let from = six.partition_point(|(p, _, _)| *p < protocol);
+            let to = six.partition_point(|(p, _, _)| *p <= protocol);
+            for (field, value) in listed.chain(six[from..to].iter().map(|(_, n, v)| (*n, *v))) {
+                key.clear();
+                key.push_str(protocol);
+                key.push('_');
+                key.push_str(field);
                 let v = float(&snmp_path, &key, value)?;
                 if !netstat_field(&key) {
                     continue;
                 }
-                out.add(&format!("node_netstat_{key}"), &format!("Statistic {protocol}{name}."), Kind::Untyped, &[], v);
+                name.clear();
+                name.push_str("node_netstat_");
+                name.push_str(&key);
+                help.clear();
+                help.push_str("Statistic ");
+                help.push_str(protocol);
+                help.push_str(field);
+                help.push('.');
+                out.add_dynamic(&name, &help, Kind::Untyped, &[], v);
             }
         }
         Ok(())
@@ -125,47 +164,45 @@ fn page_size() -> f64 {
 }
 
 fn sockstat(path: &Path, text: &str, out: &mut MetricSet) -> Result<(), Error> {
+    let (mut name, mut help) = (String::with_capacity(48), String::with_capacity(64));
     for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.is_empty() {
-            continue;
-        }
-        let protocol = f[0].strip_suffix(':').ok_or_else(|| Error::parse(path, format!("no protocol in {line:?}")))?;
-        let kv = &f[1..];
-        if !kv.len().is_multiple_of(2) {
+        let mut f = line.split_whitespace();
+        let Some(first) = f.next() else { continue };
+        let protocol = first.strip_suffix(':').ok_or_else(|| Error::parse(path, format!("no protocol in {line:?}")))?;
+        if !(line.split_whitespace().count() - 1).is_multiple_of(2) {
             return Err(Error::parse(path, format!("odd number of fields in {line:?}")));
         }
         if protocol == "sockets" {
-            for pair in kv.chunks(2) {
-                if pair[0] == "used" {
-                    let v = float(path, "used", pair[1])?;
+            while let (Some(key), Some(value)) = (f.next(), f.next()) {
+                if key == "used" {
+                    let v = float(path, "used", value)?;
                     out.add("node_sockstat_sockets_used", "Number of IPv4 sockets in use.", Kind::Gauge, &[], v);
                 }
             }
             continue;
         }
-        for pair in kv.chunks(2) {
-            let v: i64 =
-                pair[1].parse().map_err(|_| Error::parse(path, format!("{protocol} {}: not an integer: {:?}", pair[0], pair[1])))?;
-            if !["inuse", "orphan", "tw", "alloc", "mem", "memory"].contains(&pair[0]) {
+        while let (Some(state), Some(value)) = (f.next(), f.next()) {
+            let v: i64 = value.parse().map_err(|_| Error::parse(path, format!("{protocol} {state}: not an integer: {value:?}")))?;
+            if !["inuse", "orphan", "tw", "alloc", "mem", "memory"].contains(&state) {
                 continue;
             }
-            let state = pair[0];
-            out.add(
-                &format!("node_sockstat_{protocol}_{state}"),
-                &format!("Number of {protocol} sockets in state {state}."),
-                Kind::Gauge,
-                &[],
-                v as f64,
-            );
+            let mut add = |state: &str, v: f64| {
+                name.clear();
+                name.push_str("node_sockstat_");
+                name.push_str(protocol);
+                name.push('_');
+                name.push_str(state);
+                help.clear();
+                help.push_str("Number of ");
+                help.push_str(protocol);
+                help.push_str(" sockets in state ");
+                help.push_str(state);
+                help.push('.');
+                out.add_dynamic(&name, &help, Kind::Gauge, &[], v);
+            };
+            add(state, v as f64);
             if state == "mem" {
-                out.add(
-                    &format!("node_sockstat_{protocol}_mem_bytes"),
-                    &format!("Number of {protocol} sockets in state mem_bytes."),
-                    Kind::Gauge,
-                    &[],
-                    v as f64 * page_size(),
-                );
+                add("mem_bytes", v as f64 * page_size());
             }
         }
     }
@@ -178,9 +215,9 @@ impl Collector for Sockstat {
     }
 
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
-        for (file, required) in [("net/sockstat", true), ("net/sockstat6", false)] {
-            let path = roots.proc.join(file);
-            match read(&path) {
+        for (file, required) in [("sockstat", true), ("sockstat6", false)] {
+            let path = roots.proc.join("net").join(file);
+            match read_net(roots, &path, file) {
                 Ok(text) => sockstat(&path, &text, out)?,
                 Err(Error::Io { source, .. }) if !required && source.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),

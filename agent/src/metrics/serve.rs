@@ -171,7 +171,7 @@ fn connection(mut stream: TcpStream, exporter: &Exporter, last_len: &AtomicUsize
                     body.reserve(last_len.load(Ordering::Relaxed) + 1024);
                     encode::encode_into(&mut set, format, &mut body);
                     last_len.store(body.len(), Ordering::Relaxed);
-                    drop(set);
+                    exporter.recycle(set);
                     respond(&mut stream, &mut answer, "200 OK", format.content_type(), body.as_bytes(), keep_alive, head_only)
                 }
                 Err(busy) => respond(

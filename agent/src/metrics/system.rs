@@ -2,8 +2,10 @@
 //! (`uname(2)`), `os` (`etc/os-release` below the root filesystem) and
 //! `time` (clock, local zone from `etc/localtime`, clocksources in sysfs).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Collector, Error, Kind, MetricSet, Roots, read};
@@ -18,7 +20,9 @@ impl Collector for Uname {
 
     fn collect(&self, _roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let u = nix::sys::utsname::uname().map_err(|e| Error::Io { path: "uname(2)".into(), source: e.into() })?;
-        let s = |o: &std::ffi::OsStr| o.to_string_lossy().into_owned();
+        fn s(o: &std::ffi::OsStr) -> std::borrow::Cow<'_, str> {
+            o.to_string_lossy()
+        }
         out.add(
             "node_uname_info",
             "Labeled system information as provided by the uname system call.",
@@ -42,35 +46,42 @@ pub struct Os;
 
 /// Parses os-release: `KEY=value`, values optionally quoted, `\` escapes in double quotes.
 pub fn parse_os_release(text: &str) -> HashMap<String, String> {
-    let mut map = HashMap::new();
-    for line in text.lines() {
+    os_release(text).map(|(k, v)| (k.to_string(), v.into_owned())).collect()
+}
+
+/// The `KEY=value` pairs of os-release in order, values unquoted (borrowed unless unescaped).
+fn os_release(text: &str) -> impl Iterator<Item = (&str, Cow<'_, str>)> {
+    text.lines().filter_map(|line| {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
-            continue;
+            return None;
         }
-        let Some((k, v)) = line.split_once('=') else { continue };
+        let (k, v) = line.split_once('=')?;
         let v = v.trim();
         let value = if let Some(inner) = v.strip_prefix('"').and_then(|x| x.strip_suffix('"')) {
-            let mut s = String::new();
-            let mut chars = inner.chars();
-            while let Some(c) = chars.next() {
-                if c == '\\' {
-                    if let Some(n) = chars.next() {
-                        s.push(n);
+            if inner.contains('\\') {
+                let mut s = String::new();
+                let mut chars = inner.chars();
+                while let Some(c) = chars.next() {
+                    if c == '\\' {
+                        if let Some(n) = chars.next() {
+                            s.push(n);
+                        }
+                    } else {
+                        s.push(c);
                     }
-                } else {
-                    s.push(c);
                 }
+                Cow::Owned(s)
+            } else {
+                Cow::Borrowed(inner)
             }
-            s
         } else if let Some(inner) = v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')) {
-            inner.to_string()
+            Cow::Borrowed(inner)
         } else {
-            v.to_string()
+            Cow::Borrowed(v)
         };
-        map.insert(k.trim().to_string(), value);
-    }
-    map
+        Some((k.trim(), value))
+    })
 }
 
 /// The leading `major[.minor]` of `VERSION_ID`, as node_exporter's `^[0-9]+\.?[0-9]*`.
@@ -101,8 +112,6 @@ impl Collector for Os {
             }
             Err(e) => return Err(e),
         };
-        let os = parse_os_release(&text);
-        let get = |k: &str| os.get(k).map(String::as_str).unwrap_or("");
         let keys = [
             ("build_id", "BUILD_ID"),
             ("id", "ID"),
@@ -117,7 +126,18 @@ impl Collector for Os {
             ("version_codename", "VERSION_CODENAME"),
             ("version_id", "VERSION_ID"),
         ];
-        let labels: Vec<(&str, &str)> = keys.iter().map(|(l, k)| (*l, get(k))).collect();
+        // The last line of a key wins, as in a map.
+        let mut values: [Cow<'_, str>; 12] = Default::default();
+        for (k, v) in os_release(&text) {
+            if let Some(i) = keys.iter().position(|(_, key)| *key == k) {
+                values[i] = v;
+            }
+        }
+        let get = |k: &str| keys.iter().position(|(_, key)| *key == k).map_or("", |i| values[i].as_ref());
+        let mut labels = [("", ""); 12];
+        for ((label, slot), value) in keys.iter().map(|(l, _)| *l).zip(&mut labels).zip(&values) {
+            *slot = (label, value.as_ref());
+        }
         out.add(
             "node_os_info",
             "A metric with a constant '1' value labeled by build_id, id, id_like, image_id, image_version, name, pretty_name, variant, variant_id, version, version_codename, version_id.",
@@ -140,7 +160,12 @@ impl Collector for Os {
 
 /// `node_time_seconds`, `node_time_zone_offset_seconds{time_zone}`,
 /// `node_time_clocksource_{available,current}_info{clocksource,device}`.
-pub struct Time;
+#[derive(Default)]
+pub struct Time {
+    /// The local zone's TZif data (`None`: UTC) and the root it was read
+    /// below: read once, as node_exporter's Go runtime loads it once.
+    zone: Mutex<Option<(PathBuf, Option<Vec<u8>>)>>,
+}
 
 /// The zone in effect at `now` (Unix seconds) from TZif data: its abbreviation and UTC offset.
 pub fn zone_at(tzif: &[u8], now: i64) -> Option<(String, i64)> {
@@ -235,17 +260,28 @@ fn posix_std(tz: &str) -> Option<(String, i64)> {
     Some((name, sign * secs))
 }
 
-fn local_zone(rootfs: &Path, now: i64) -> (String, i64) {
-    let utc = ("UTC".to_string(), 0);
+/// The TZif data of the local zone (`TZ`, else `etc/localtime`), `None` for UTC.
+fn local_zone_data(rootfs: &Path) -> Option<Vec<u8>> {
     let path = match std::env::var("TZ") {
-        Ok(tz) if tz.is_empty() => return utc,
+        Ok(tz) if tz.is_empty() => return None,
         Ok(tz) => {
             let tz = tz.strip_prefix(':').unwrap_or(&tz).to_string();
             if let Some(abs) = tz.strip_prefix('/') { rootfs.join(abs) } else { rootfs.join("usr/share/zoneinfo").join(tz) }
         }
         Err(_) => rootfs.join("etc/localtime"),
     };
-    std::fs::read(path).ok().and_then(|b| zone_at(&b, now)).unwrap_or(utc)
+    std::fs::read(path).ok()
+}
+
+impl Time {
+    fn local_zone(&self, rootfs: &Path, now: i64) -> (String, i64) {
+        let mut zone = self.zone.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if zone.as_ref().is_none_or(|(root, _)| root != rootfs) {
+            *zone = Some((rootfs.to_path_buf(), local_zone_data(rootfs)));
+        }
+        let data = zone.as_ref().and_then(|(_, data)| data.as_deref());
+        data.and_then(|b| zone_at(b, now)).unwrap_or_else(|| ("UTC".to_string(), 0))
+    }
 }
 
 impl Collector for Time {
@@ -256,7 +292,7 @@ impl Collector for Time {
     fn collect(&self, roots: &Roots, out: &mut MetricSet) -> Result<(), Error> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         out.add("node_time_seconds", "System time in seconds since epoch (1970).", Kind::Gauge, &[], now.as_nanos() as f64 / 1e9);
-        let (zone, offset) = local_zone(&roots.rootfs, now.as_secs() as i64);
+        let (zone, offset) = self.local_zone(&roots.rootfs, now.as_secs() as i64);
         out.add(
             "node_time_zone_offset_seconds",
             "System time zone offset in seconds.",

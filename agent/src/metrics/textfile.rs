@@ -4,13 +4,12 @@
 //! `node_textfile_scrape_error` (1 when a file or the directory could not be
 //! read or parsed; such a file is skipped whole, as node_exporter does).
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::UNIX_EPOCH;
 
 use super::encode::{Kind, MetricSet, Sample};
-use super::{Collector, Error, Roots, read};
+use super::{Collector, Error, Roots, read_to_end};
 
 /// Reads `*.prom` from [`Roots::textfile_dir`].
 pub struct Textfile;
@@ -62,7 +61,7 @@ fn parse_value(s: &str) -> Result<f64, String> {
 }
 
 /// `{a="b",c="d"}` at the start of `s`; returns the labels and the rest.
-type Labels = Vec<(Cow<'static, str>, String)>;
+type Labels = Vec<(String, String)>;
 
 fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
     let mut labels = Vec::new();
@@ -95,7 +94,7 @@ fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
         if labels.iter().any(|(n, _)| n == name) {
             return Err(format!("duplicate label {name:?}"));
         }
-        labels.push((Cow::Owned(name.to_string()), value));
+        labels.push((name.to_string(), value));
         rest = rest[end + 1..].trim_start();
         if let Some(r) = rest.strip_prefix(',') {
             rest = r.trim_start();
@@ -171,9 +170,9 @@ pub fn parse(text: &str) -> Result<Vec<ParsedFamily>, String> {
             .find_map(|s| {
                 let base = name.strip_suffix(s)?;
                 let i = *index.get(base)?;
-                matches!(families[i].kind, Kind::Histogram | Kind::Summary).then_some((base.to_string(), s.to_string()))
+                matches!(families[i].kind, Kind::Histogram | Kind::Summary).then_some((base.to_string(), *s))
             })
-            .unwrap_or((name.to_string(), String::new()));
+            .unwrap_or((name.to_string(), ""));
         let i = family(&mut families, &mut index, &fam_name);
         let mut labels = labels;
         labels.sort();
@@ -236,7 +235,7 @@ impl Collector for Textfile {
 
 /// Adds one file's families to `out`; returns its mtime in whole seconds.
 fn file(path: &Path, out: &mut MetricSet) -> Result<f64, Error> {
-    let text = read(path)?;
+    let text = read_to_end(path)?;
     let families = parse(&text).map_err(|e| Error::parse(path, e))?;
     for f in &families {
         if out.contains(&f.name) {
@@ -245,17 +244,17 @@ fn file(path: &Path, out: &mut MetricSet) -> Result<f64, Error> {
     }
     for f in families {
         // Every sample of a family gets every label name of the family.
-        let names: BTreeSet<&str> = f.samples.iter().flat_map(|s| s.labels.iter().map(|(k, _)| k.as_ref())).collect();
+        let names: BTreeSet<&str> = f.samples.iter().flat_map(|s| s.labels.iter().map(|(k, _)| k.as_str())).collect();
         let names: Vec<String> = names.into_iter().map(str::to_string).collect();
         let help = f.help.clone().unwrap_or_else(|| format!("Metric read from {}", path.display()));
         for mut s in f.samples {
             for n in &names {
                 if !s.labels.iter().any(|(k, _)| k == n) {
-                    s.labels.push((Cow::Owned(n.clone()), String::new()));
+                    s.labels.push((n.clone(), String::new()));
                 }
             }
             s.labels.sort();
-            out.push(&f.name, &help, f.kind, s);
+            out.push(&f.name, &help, f.kind, &s);
         }
     }
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
