@@ -15,12 +15,22 @@
 //!    beside the output, which is then swapped in with one atomic rename: a
 //!    build killed at any point leaves the previous image and the cache whole.
 //!
-//! To add a kind of image, add a section to [`ImageSpec`] and a function that
-//! turns it into artifacts; the resolve and write phases stay as they are.
+//! A worker spec (`[base]`, e.g. `images/worker.toml`) takes the other road,
+//! [`worker`]: a cached Debian base tree ([`base`]), kiln's layers on a
+//! hard-linked copy of it ([`layer`]), then file systems, a GPT disk that
+//! boots under BIOS and UEFI, and a qcow2 ([`disk`]); no VM, no mount, no
+//! loop device.
+//!
+//! To add a kind of image, add a variant to [`spec::Spec`] and a module that
+//! turns it into artifacts; [`Builder::build`] dispatches on the spec.
 
 pub mod apt;
+pub mod base;
 pub mod cpio;
+pub mod disk;
+pub mod layer;
 pub mod spec;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -116,6 +126,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Too little room to build, found before anything is written.
+    #[error("not enough disk space on {path}: the build needs {needed_mib} MiB, {available_mib} MiB are free")]
+    NoSpace {
+        /// A directory on the file system at fault.
+        path: PathBuf,
+        /// What the build needs there, in MiB.
+        needed_mib: u64,
+        /// What is free, in MiB.
+        available_mib: u64,
+    },
     /// A program failed.
     #[error("{program} failed ({status}): {stderr}")]
     Command {
@@ -134,7 +154,8 @@ pub enum Error {
 pub enum Event {
     /// A phase started.
     Phase {
-        /// `resolve`, `fetch`, `initramfs`, `write`.
+        /// `resolve`, `fetch`, `initramfs`, `write`; for a worker image
+        /// `resolve`, `base`, `layers`, `filesystem`, `disk`, `convert`, `write`.
         phase: String,
         /// What it is working on.
         detail: String,
@@ -186,7 +207,7 @@ pub struct Builder {
 }
 
 /// Bumped when the builder's output changes for the same inputs.
-const BUILDER_FORMAT: &str = "kiln-builder/1";
+pub(crate) const BUILDER_FORMAT: &str = "kiln-builder/1";
 
 const INIT_SCRIPT: &str = include_str!("init.sh");
 const UDHCPC_SCRIPT: &str = include_str!("udhcpc.sh");
@@ -207,6 +228,10 @@ impl Builder {
     /// Builds the image that `spec_path` describes into `out/<name>/`.
     pub fn build(&self, spec_path: &Path, out: &Path, progress: &dyn Fn(Event)) -> Result<Outcome, Error> {
         progress(Event::Phase { phase: "resolve".into(), detail: spec_path.display().to_string() });
+        let spec_bytes = read(spec_path)?;
+        if let spec::Spec::Worker(worker) = spec::Spec::from_str(&String::from_utf8_lossy(&spec_bytes), spec_path)? {
+            return worker::build(self, spec_path, &spec_bytes, &worker, out, progress);
+        }
         let inputs = self.resolve(spec_path)?;
         let dir = out.join(&inputs.spec.name);
         if let Some(manifest) = up_to_date(&dir, &inputs.key) {
@@ -256,13 +281,19 @@ impl Builder {
         Ok(Outcome { manifest, dir, cached: false })
     }
 
-    fn resolve(&self, spec_path: &Path) -> Result<Inputs, Error> {
-        let spec_bytes = read(spec_path)?;
-        let spec = ImageSpec::from_str(&String::from_utf8_lossy(&spec_bytes), spec_path)?;
+    /// The kiln-agent binary's bytes, checked to be an ELF executable.
+    fn agent_bytes(&self) -> Result<Vec<u8>, Error> {
         let agent = std::fs::read(&self.agent).map_err(|e| Error::Agent { path: self.agent.clone(), reason: e.to_string() })?;
         if !agent.starts_with(b"\x7fELF") {
             return Err(Error::Agent { path: self.agent.clone(), reason: "not an ELF executable".into() });
         }
+        Ok(agent)
+    }
+
+    fn resolve(&self, spec_path: &Path) -> Result<Inputs, Error> {
+        let spec_bytes = read(spec_path)?;
+        let spec = ImageSpec::from_str(&String::from_utf8_lossy(&spec_bytes), spec_path)?;
+        let agent = self.agent_bytes()?;
         let libs = linked_libraries(&self.agent)?.into_iter().map(|p| read(&p).map(|b| (p, b))).collect::<Result<Vec<_>, _>>()?;
         let archive = Archive::new(&self.cache).with_lists(self.apt_lists.clone());
         let kernel = archive.resolve_kernel(&spec.kernel.package)?;
@@ -358,7 +389,9 @@ fn up_to_date(dir: &Path, key: &str) -> Option<Manifest> {
 
 /// Writes `files` into a fresh temporary directory under `out`, then swaps
 /// it in as `out/<name>` with one `renameat2(RENAME_EXCHANGE)` (or a plain
-/// rename when there was none), and removes the old one.
+/// rename when there was none), and removes the old one. Files are not
+/// fsynced here: a torn artifact after a crash fails its sha256 check, and
+/// the next build makes it again.
 fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])]) -> Result<(), Error> {
     apt::create_dir(out)?;
     let tmp = tempfile::Builder::new()
@@ -370,6 +403,15 @@ fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])]) -> Result<(), Er
         let mut f = std::fs::File::create(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|source| Error::Io { path: path.clone(), source })?;
     }
+    swap_in(out, name, tmp)
+}
+
+/// Swaps the staged directory `tmp` (under `out`, every file written) in as
+/// `out/<name>` with one `renameat2(RENAME_EXCHANGE)` (or a plain rename
+/// when there was none), and removes the old one. Files are not fsynced
+/// here: a torn artifact after a crash fails its sha256 check, and the next
+/// build makes it again.
+pub(crate) fn swap_in(out: &Path, name: &str, tmp: tempfile::TempDir) -> Result<(), Error> {
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .map_err(|source| Error::Io { path: tmp.path().into(), source })?;
     let dest = out.join(name);
@@ -468,7 +510,7 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }

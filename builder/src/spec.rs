@@ -1,9 +1,15 @@
 //! Image specs: `images/*.toml`, parsed with unknown keys refused, then
 //! validated, as two steps. Every error names the file and the key.
+//!
+//! Two kinds of image share the format: an [`ImageSpec`] (`[initramfs]`: the
+//! tiny busybox image) and a [`WorkerSpec`] (`[base]`: a Debian root
+//! filesystem made into a bootable disk). [`Spec::from_file`] tells them
+//! apart by the table they have; to add a kind, add a variant there.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::Error;
 
@@ -50,19 +56,16 @@ impl ImageSpec {
 
     /// Parses and validates spec text; `path` is only for error messages.
     pub fn from_str(text: &str, path: &Path) -> Result<Self, Error> {
-        let spec = parse(text, path)?;
+        let spec: ImageSpec = parse(text, path)?;
         spec.validate(path)?;
         Ok(spec)
     }
 
     fn validate(&self, path: &Path) -> Result<(), Error> {
         let invalid = |key: &str, message: String| Error::SpecInvalid { file: path.to_path_buf(), key: key.to_string(), message };
-        let name_ok =
-            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-');
         if !name_ok(&self.name) {
             return Err(invalid("name", format!("{:?} must be lowercase letters, digits and '-'", self.name)));
         }
-        let package_ok = |s: &str| s.len() >= 2 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
         if !package_ok(&self.kernel.package) {
             return Err(invalid("kernel.package", format!("{:?} is not a Debian package name", self.kernel.package)));
         }
@@ -74,19 +77,12 @@ impl ImageSpec {
                 return Err(invalid(&format!("kernel.modules[{i}]"), format!("{m:?} is not a module name")));
             }
         }
-        for (i, arg) in self.kernel.cmdline.iter().enumerate() {
-            if arg.is_empty() || arg.chars().any(char::is_whitespace) || arg.starts_with("kiln.") {
-                return Err(invalid(
-                    &format!("kernel.cmdline[{i}]"),
-                    format!("{arg:?} must be one word and not a kiln.* parameter (the server sets those)"),
-                ));
-            }
-        }
+        check_cmdline(&self.kernel.cmdline, &invalid)?;
         Ok(())
     }
 }
 
-fn parse(text: &str, path: &Path) -> Result<ImageSpec, Error> {
+fn parse<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Error> {
     let file = PathBuf::from(path);
     let de = toml::Deserializer::parse(text).map_err(|e| Error::SpecParse {
         file: file.clone(),
@@ -109,6 +105,293 @@ fn parse(text: &str, path: &Path) -> Result<ImageSpec, Error> {
 /// The field named in serde's "missing field `x`".
 fn missing_field(message: &str) -> Option<String> {
     message.strip_prefix("missing field `")?.split('`').next().map(str::to_string)
+}
+
+/// Any image spec, by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// A busybox initramfs image (`[initramfs]`).
+    Initramfs(ImageSpec),
+    /// A Debian worker image (`[base]`).
+    Worker(WorkerSpec),
+}
+
+impl Spec {
+    /// Reads, parses and validates the spec at `path`, of whichever kind it is.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        Self::from_str(&text, path)
+    }
+
+    /// Parses and validates spec text; `path` is only for error messages.
+    pub fn from_str(text: &str, path: &Path) -> Result<Self, Error> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::SpecParse {
+            file: path.to_path_buf(),
+            key: String::new(),
+            message: e.message().to_string(),
+        })?;
+        if table.contains_key("base") {
+            WorkerSpec::from_str(text, path).map(Spec::Worker)
+        } else {
+            ImageSpec::from_str(text, path).map(Spec::Initramfs)
+        }
+    }
+
+    /// The image name.
+    pub fn name(&self) -> &str {
+        match self {
+            Spec::Initramfs(s) => &s.name,
+            Spec::Worker(s) => &s.name,
+        }
+    }
+}
+
+/// A Debian worker image, as written in `images/worker.toml`: a base root
+/// filesystem from Debian's archive (cached), the layers kiln adds (agent,
+/// files, users, units), and the disk it becomes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WorkerSpec {
+    /// Image name: the output directory `DIR/<name>/` and `<name>.qcow2`.
+    pub name: String,
+    /// The base root filesystem.
+    pub base: BaseSpec,
+    /// The kernel (one of `base.packages`) and its command line.
+    pub kernel: KernelSpec,
+    /// The disk image.
+    #[serde(default)]
+    pub disk: DiskSpec,
+    /// Files added on top of the base.
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    /// Users created in the image.
+    #[serde(default)]
+    pub users: Vec<UserSpec>,
+    /// Extra systemd units.
+    #[serde(default)]
+    pub units: Vec<UnitSpec>,
+}
+
+/// `[base]`: what the cached base root filesystem is made from; together
+/// these are its cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BaseSpec {
+    /// Debian suite, e.g. `bookworm`.
+    pub suite: String,
+    /// Debian architecture, e.g. `amd64`.
+    pub arch: String,
+    /// The archive (apt's configured mirror): `SUITE` and `SUITE-updates` come from it.
+    pub mirror: String,
+    /// Where `SUITE-security` comes from; none: no security suite.
+    #[serde(default)]
+    pub security_mirror: Option<String>,
+    /// Packages installed on top of the `apt` variant (Essential + apt).
+    pub packages: Vec<String>,
+}
+
+/// `[disk]`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskSpec {
+    /// Size of the root filesystem in MiB; default: the tree's size with room to spare.
+    #[serde(default)]
+    pub root_size_mib: Option<u64>,
+}
+
+/// `[[files]]`: one file added to the image.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileSpec {
+    /// Absolute path in the image.
+    pub path: String,
+    /// File whose bytes to take, relative to the spec's directory.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The bytes as text (instead of `source`).
+    #[serde(default)]
+    pub content: Option<String>,
+    /// Octal mode, e.g. `"0644"`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+fn default_mode() -> String {
+    "0644".into()
+}
+
+/// `[[users]]`: a login made in the image (password locked; SSH keys only).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UserSpec {
+    /// Login name.
+    pub name: String,
+    /// Supplementary groups, which must exist in the base.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Login shell.
+    #[serde(default = "default_shell")]
+    pub shell: String,
+    /// Lines of `~/.ssh/authorized_keys`.
+    #[serde(default)]
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+fn default_shell() -> String {
+    "/bin/bash".into()
+}
+
+/// `[[units]]`: a systemd unit added to `/etc/systemd/system`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UnitSpec {
+    /// Unit file name, e.g. `hello.service`.
+    pub name: String,
+    /// File to take it from, relative to the spec's directory.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The unit as text (instead of `source`).
+    #[serde(default)]
+    pub content: Option<String>,
+    /// Enable it: linked into the `.wants` of each `WantedBy=` target.
+    #[serde(default = "yes")]
+    pub enable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Packages a worker's base must have: the boot loaders' files come from them.
+pub const WORKER_REQUIRED_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "grub-pc-bin", "grub-efi-amd64-bin", "cloud-init"];
+
+impl WorkerSpec {
+    /// Parses and validates spec text; `path` is only for error messages.
+    pub fn from_str(text: &str, path: &Path) -> Result<Self, Error> {
+        let spec: WorkerSpec = parse(text, path)?;
+        spec.validate(path)?;
+        Ok(spec)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), Error> {
+        let invalid = |key: &str, message: String| Error::SpecInvalid { file: path.to_path_buf(), key: key.to_string(), message };
+        if !name_ok(&self.name) {
+            return Err(invalid("name", format!("{:?} must be lowercase letters, digits and '-'", self.name)));
+        }
+        for (key, v) in [("base.suite", &self.base.suite), ("base.arch", &self.base.arch)] {
+            if !name_ok(v) {
+                return Err(invalid(key, format!("{v:?} must be lowercase letters, digits and '-'")));
+            }
+        }
+        if self.base.arch != "amd64" {
+            return Err(invalid("base.arch", format!("{:?}: only amd64 images boot (GRUB i386-pc and x86_64-efi)", self.base.arch)));
+        }
+        let mirrors = std::iter::once(("base.mirror", &self.base.mirror))
+            .chain(self.base.security_mirror.iter().map(|m| ("base.security-mirror", m)));
+        for (key, m) in mirrors {
+            if !(m.starts_with("http://") || m.starts_with("https://") || m.starts_with("file:/")) || m.chars().any(char::is_whitespace) {
+                return Err(invalid(key, format!("{m:?} is not an http(s):// or file:/ URL")));
+            }
+        }
+        for (i, p) in self.base.packages.iter().enumerate() {
+            if !package_ok(p) {
+                return Err(invalid(&format!("base.packages[{i}]"), format!("{p:?} is not a Debian package name")));
+            }
+        }
+        for need in WORKER_REQUIRED_PACKAGES.iter().chain(std::iter::once(&self.kernel.package.as_str())) {
+            if !self.base.packages.iter().any(|p| p == need) {
+                return Err(invalid("base.packages", format!("must include {need:?}")));
+            }
+        }
+        if !self.kernel.modules.is_empty() {
+            return Err(invalid("kernel.modules", "a worker boots Debian's own initramfs, which loads modules itself".into()));
+        }
+        check_cmdline(&self.kernel.cmdline, &invalid)?;
+        for (i, arg) in self.kernel.cmdline.iter().enumerate() {
+            if arg.starts_with("root=") {
+                return Err(invalid(&format!("kernel.cmdline[{i}]"), "the builder sets root= itself".into()));
+            }
+        }
+        if let Some(size) = self.disk.root_size_mib
+            && !(256..=1 << 20).contains(&size)
+        {
+            return Err(invalid("disk.root-size-mib", format!("{size} is not between 256 and 1048576")));
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            let key = |k: &str| format!("files[{i}].{k}");
+            image_path_ok(&f.path).map_err(|m| invalid(&key("path"), m))?;
+            one_source(&f.source, &f.content).map_err(|m| invalid(&key("source"), m))?;
+            parse_mode(&f.mode).map_err(|m| invalid(&key("mode"), m))?;
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            let key = |k: &str| format!("users[{i}].{k}");
+            let user_ok = !u.name.is_empty()
+                && u.name.len() <= 32
+                && u.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+                && !u.name.starts_with('-');
+            if !user_ok {
+                return Err(invalid(&key("name"), format!("{:?} is not a login name", u.name)));
+            }
+            for (j, k) in u.ssh_authorized_keys.iter().enumerate() {
+                if k.contains('\n') || k.split_whitespace().count() < 2 {
+                    return Err(invalid(&format!("users[{i}].ssh-authorized-keys[{j}]"), "must be one `TYPE KEY [COMMENT]` line".into()));
+                }
+            }
+            if !u.shell.starts_with('/') {
+                return Err(invalid(&key("shell"), format!("{:?} is not an absolute path", u.shell)));
+            }
+        }
+        for (i, u) in self.units.iter().enumerate() {
+            let key = |k: &str| format!("units[{i}].{k}");
+            let kinds = [".service", ".timer", ".socket", ".target", ".path", ".mount"];
+            if u.name.contains('/') || !kinds.iter().any(|k| u.name.ends_with(k)) {
+                return Err(invalid(&key("name"), format!("{:?} is not a unit file name ({})", u.name, kinds.join(", "))));
+            }
+            one_source(&u.source, &u.content).map_err(|m| invalid(&key("source"), m))?;
+        }
+        Ok(())
+    }
+}
+
+fn name_ok(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-')
+}
+
+fn package_ok(s: &str) -> bool {
+    s.len() >= 2 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+}
+
+fn check_cmdline(args: &[String], invalid: &dyn Fn(&str, String) -> Error) -> Result<(), Error> {
+    for (i, arg) in args.iter().enumerate() {
+        if arg.is_empty() || arg.chars().any(char::is_whitespace) || arg.starts_with("kiln.") {
+            return Err(invalid(
+                &format!("kernel.cmdline[{i}]"),
+                format!("{arg:?} must be one word and not a kiln.* parameter (the server sets those)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An absolute path with no `..`, `.` or empty parts.
+fn image_path_ok(path: &str) -> Result<(), String> {
+    let ok = path.starts_with('/') && path.len() > 1 && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok { Ok(()) } else { Err(format!("{path:?} must be an absolute path without `.`, `..` or `//`")) }
+}
+
+fn one_source(source: &Option<String>, content: &Option<String>) -> Result<(), String> {
+    match (source, content) {
+        (Some(_), None) | (None, Some(_)) => Ok(()),
+        _ => Err("give exactly one of `source` and `content`".into()),
+    }
+}
+
+/// `"0644"` → 0o644.
+pub fn parse_mode(mode: &str) -> Result<u32, String> {
+    match u32::from_str_radix(mode, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!("{mode:?} is not an octal mode such as \"0644\"")),
+    }
 }
 
 #[cfg(test)]

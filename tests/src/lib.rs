@@ -19,6 +19,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod etcd;
+pub mod golden;
 pub mod overlay;
 
 /// The workspace root.

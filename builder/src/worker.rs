@@ -1,0 +1,299 @@
+//! The worker image: a [`WorkerSpec`] to `DIR/<name>/` with `<name>.qcow2`
+//! (boots from the disk alone, BIOS or UEFI), `vmlinuz`, `initrd.img` and
+//! `root.squashfs` (network boot), and `manifest.json` whose
+//! `inputs.packages` lists every installed package (the image's SBOM).
+//!
+//! Phases, each reported as an [`Event::Phase`]:
+//! 1. **resolve**: hash the spec, the files it adds and the agent; with the
+//!    base's key and the tools' versions they make the image's cache key.
+//!    An image whose manifest has that key and whose artifacts match their
+//!    sha256 is a cache hit (no-op build).
+//! 2. **base**: the cached base tree ([`crate::base`]), made if missing.
+//! 3. **layers**: a hard-linked copy of the base, with kiln's layers ([`crate::layer`]).
+//! 4. **disk**: GRUB images, GPT disk, ESP ([`crate::disk`]); meanwhile
+//!    the squashfs is made in another thread.
+//! 5. **filesystem**: the ext4 root, made in place in the disk.
+//! 6. **convert**: qcow2.
+//! 7. **write**: artifacts and manifest staged beside the output and swapped in.
+//!
+//! Work files live in `CACHE/work/.work-*` (the same file system as the
+//! base, for hard links) and artifacts are staged in `DIR/.<name>.tmp-*`,
+//! each held by a lock while its build runs; a build removes the ones whose
+//! build is gone, so a killed build leaves nothing behind for long.
+
+use std::path::{Path, PathBuf};
+
+use kiln_core::manifest::MANIFEST_FILE;
+use kiln_core::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
+
+use crate::base::{self, BaseSource, Mmdebstrap};
+use crate::disk::{self, DiskIds, Mke2fs};
+use crate::layer::{self, LayerInputs, Tree};
+use crate::spec::WorkerSpec;
+use crate::{Archive, Builder, Error, Event, Outcome, sha256_hex};
+
+/// Bumped when a worker image made from the same inputs changes.
+const WORKER_FORMAT: &str = "kiln-worker/1";
+const MIB: u64 = 1 << 20;
+
+/// Builds the worker image `spec` (read from `spec_path`, whose bytes are
+/// `spec_bytes`) into `out/<name>/`.
+pub fn build(
+    builder: &Builder,
+    spec_path: &Path,
+    spec_bytes: &[u8],
+    spec: &WorkerSpec,
+    out: &Path,
+    progress: &dyn Fn(Event),
+) -> Result<Outcome, Error> {
+    let epoch = builder.source_date_epoch;
+    let agent = builder.agent_bytes()?;
+    let spec_dir = spec_path.parent().unwrap_or(Path::new("."));
+    let spec_digest = format!("sha256:{}", sha256_hex(spec_bytes));
+    let agent_digest = format!("sha256:{}", sha256_hex(&agent));
+    let source: &dyn BaseSource = &Mmdebstrap;
+    let base_key = base::key(&spec.base, source, epoch);
+    let archive = Archive::new(&builder.cache).with_lists(builder.apt_lists.clone());
+    let mke2fs = Mke2fs::find(&archive)?;
+
+    let mut key_text =
+        format!("{}\n{WORKER_FORMAT}\n{spec_digest}\n{agent_digest}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
+    for (i, f) in spec.files.iter().enumerate() {
+        let bytes = layer::source_bytes(spec_dir, &f.source, &f.content, spec_path, &format!("files[{i}].source"))?;
+        key_text.push_str(&format!("file {} {}\n", f.path, sha256_hex(&bytes)));
+    }
+    for (i, u) in spec.units.iter().enumerate() {
+        let bytes = layer::source_bytes(spec_dir, &u.source, &u.content, spec_path, &format!("units[{i}].source"))?;
+        key_text.push_str(&format!("unit {} {}\n", u.name, sha256_hex(&bytes)));
+    }
+    if let Some(ca) = &builder.ca {
+        key_text.push_str(&format!("ca {}\n", sha256_hex(ca)));
+    }
+    for text in [layer::AGENT_UNIT, layer::CLOUD_CFG, layer::NETWORK_FALLBACK] {
+        key_text.push_str(&sha256_hex(text.as_bytes()));
+        key_text.push('\n');
+    }
+    let key = format!("sha256:{}", sha256_hex(key_text.as_bytes()));
+    let dir = out.join(&spec.name);
+    if let Some(manifest) = crate::up_to_date(&dir, &key) {
+        progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest.clone() });
+        return Ok(Outcome { manifest, dir, cached: true });
+    }
+
+    let cached_base = base::cached(&builder.cache, &base_key);
+    check_space(&builder.cache, out, cached_base.as_ref().map(|b| b.info.bytes), spec)?;
+
+    progress(Event::Phase {
+        phase: "base".into(),
+        detail: match &cached_base {
+            Some(_) => format!("cached {}", &base_key[7..19]),
+            None => format!("{} {} {} ({} packages)", source.name(), spec.base.suite, spec.base.arch, spec.base.packages.len()),
+        },
+    });
+    let base = match cached_base {
+        Some(b) => b,
+        None => base::ensure(&builder.cache, &spec.base, source, epoch)?,
+    };
+
+    let work = Locked::new(&builder.cache.join("work"), ".work-")?;
+    let ids = DiskIds::from_key(&key);
+    progress(Event::Phase {
+        phase: "layers".into(),
+        detail: format!("agent, {} files, {} users, {} units", spec.files.len(), spec.users.len(), spec.units.len()),
+    });
+    let tree_path = work.path().join("tree");
+    layer::link_copy(&base.tree, &tree_path)?;
+    let tree = Tree::new(&tree_path);
+    let inputs =
+        LayerInputs { spec_dir, agent: &agent, root_uuid: &ids.root, kernel_release: &base.info.kernel_release, ca: builder.ca.as_deref() };
+    layer::apply(&tree, spec, &inputs, spec_path)?;
+
+    let mut staging = Locked::new(out, &format!(".{}.tmp-", spec.name))?;
+    let root_mib = spec.disk.root_size_mib.unwrap_or_else(|| default_root_mib(base.info.bytes));
+    let layout = disk::Layout::new(root_mib);
+    let raw = work.path().join("disk.raw");
+    // The squashfs (CPU-bound) is made beside the disk (mostly I/O).
+    let squashfs = staging.path().join("root.squashfs");
+    let artifact = |name: &str| -> Result<Artifact, Error> {
+        let path = staging.path().join(name);
+        let size = std::fs::metadata(&path).map_err(|source| Error::Io { path: path.clone(), source })?.len();
+        Ok(Artifact { sha256: crate::apt::file_sha256(&path)?, name: name.to_string(), size })
+    };
+    let (disk_result, squashfs_result) = std::thread::scope(|s| {
+        let sq = s.spawn(|| disk::squashfs(&tree_path, &squashfs, epoch).and_then(|()| artifact("root.squashfs")));
+        let disk = (|| {
+            progress(Event::Phase { phase: "disk".into(), detail: "GRUB (BIOS + UEFI), GPT, ESP".into() });
+            let grub = disk::grub_images(&tree_path, work.path(), &ids.root)?;
+            disk::create(&raw, &layout, &ids, &grub)?;
+            disk::esp(&raw, &layout, &grub.efi, epoch, work.path())?;
+            progress(Event::Phase { phase: "filesystem".into(), detail: format!("ext4 {root_mib} MiB in place; squashfs") });
+            mke2fs.make(&tree_path, &raw, layout.root_offset(), root_mib, &ids.root, "root", epoch)
+        })();
+        (disk, sq.join().expect("the squashfs thread does not panic"))
+    });
+    disk_result?;
+    let mut artifacts = vec![squashfs_result?];
+
+    let kver = &base.info.kernel_release;
+    for (from, to) in [(format!("boot/vmlinuz-{kver}"), "vmlinuz"), (format!("boot/initrd.img-{kver}"), "initrd.img")] {
+        let src = tree_path.join(&from);
+        let dst = staging.path().join(to);
+        std::fs::copy(&src, &dst).map_err(|source| Error::Io { path: src.clone(), source })?;
+        artifacts.push(artifact(to)?);
+    }
+    let qcow2_name = format!("{}.qcow2", spec.name);
+    progress(Event::Phase { phase: "convert".into(), detail: qcow2_name.clone() });
+    // The layered tree is done with: unlink its ~20k entries meanwhile.
+    let converted = std::thread::scope(|s| {
+        s.spawn(|| std::fs::remove_dir_all(&tree_path));
+        disk::convert(&raw, &staging.path().join(&qcow2_name)).and_then(|()| artifact(&qcow2_name))
+    });
+    artifacts.push(converted?);
+    artifacts.sort_by(|a, b| a.name.cmp(&b.name));
+    progress(Event::Phase { phase: "write".into(), detail: dir.display().to_string() });
+    let kernel_package =
+        base.info.packages.iter().find(|p| p.name == format!("linux-image-{kver}")).cloned().unwrap_or_else(|| PackageRef {
+            name: spec.kernel.package.clone(),
+            version: kver.clone(),
+            sha256: String::new(),
+        });
+    let manifest = Manifest {
+        name: spec.name.clone(),
+        digest: Manifest::compute_digest(&artifacts),
+        artifacts,
+        boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: spec.kernel.cmdline.clone() },
+        inputs: InputDigests { spec: spec_digest, agent: agent_digest, kernel_package, packages: base.info.packages.clone(), key },
+    };
+    let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+    let mpath = staging.path().join(MANIFEST_FILE);
+    std::fs::write(&mpath, json).map_err(|source| Error::Io { path: mpath, source })?;
+    crate::swap_in(out, &spec.name, staging.take()?)?;
+    drop(work);
+    let bytes = manifest.artifacts.iter().map(|a| a.size).sum();
+    progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest.clone(), bytes });
+    Ok(Outcome { manifest, dir, cached: false })
+}
+
+fn apt_create_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.into(), source })
+}
+
+/// The root file system's size when the spec gives none: the tree with a
+/// third more and 512 MiB spare, in whole 256 MiB.
+fn default_root_mib(tree_bytes: u64) -> u64 {
+    let want = tree_bytes / MIB * 4 / 3 + 512;
+    want.div_ceil(256) * 256
+}
+
+/// Fails before anything is written when the cache or the output's file
+/// system has less room than the build needs, naming the figure.
+fn check_space(cache: &Path, out: &Path, base_bytes: Option<u64>, spec: &WorkerSpec) -> Result<(), Error> {
+    apt_create_dir(cache)?;
+    apt_create_dir(out)?;
+    // Before the base is made its size is a guess: bookworm with these packages is ~550 MB.
+    let tree = base_bytes.unwrap_or(700 * MIB);
+    let root = spec.disk.root_size_mib.map_or(tree * 5 / 4, |m| (m * MIB).min(tree * 5 / 4));
+    // cache: the base (when missing, with its .debs), the ext4 image and the raw disk.
+    let need_cache = if base_bytes.is_some() { 0 } else { tree + 300 * MIB } + 2 * root + 100 * MIB;
+    // out: qcow2, squashfs (about half the tree), kernel and initrd; and the old image until the swap.
+    let need_out = root + tree / 2 + 100 * MIB;
+    let (free_cache, dev_cache) = disk::free_space(cache)?;
+    let (free_out, dev_out) = disk::free_space(out)?;
+    let checks: Vec<(&Path, u64, u64)> = if dev_cache == dev_out {
+        vec![(cache, need_cache + need_out, free_cache)]
+    } else {
+        vec![(cache, need_cache, free_cache), (out, need_out, free_out)]
+    };
+    for (path, needed, available) in checks {
+        if available < needed {
+            return Err(Error::NoSpace { path: path.into(), needed_mib: needed.div_ceil(MIB), available_mib: available / MIB });
+        }
+    }
+    Ok(())
+}
+
+/// A temporary directory of one build, holding a lock (`.lock` inside)
+/// while the build lives; made after removing those, with the same prefix,
+/// whose build is gone (killed).
+struct Locked {
+    dir: Option<tempfile::TempDir>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Locked {
+    fn new(parent: &Path, prefix: &str) -> Result<Self, Error> {
+        apt_create_dir(parent)?;
+        remove_abandoned(parent, prefix);
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(parent).map_err(|source| Error::Io { path: parent.into(), source })?;
+        let lock_path = dir.path().join(".lock");
+        let file = std::fs::File::create(&lock_path).map_err(|source| Error::Io { path: lock_path.clone(), source })?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| Error::Io { path: lock_path, source: e.into() })?;
+        Ok(Locked { dir: Some(dir), _lock: lock })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().expect("present until taken").path()
+    }
+
+    /// The directory without its lock file, to be renamed into place (the
+    /// lock stays held until `self` is dropped).
+    fn take(&mut self) -> Result<tempfile::TempDir, Error> {
+        let lock_path = self.path().join(".lock");
+        std::fs::remove_file(&lock_path).map_err(|source| Error::Io { path: lock_path, source })?;
+        Ok(self.dir.take().expect("taken once"))
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        if let Some(d) = self.dir.take() {
+            let _ = d.close();
+        }
+    }
+}
+
+/// Removes `prefix*` directories under `parent` whose lock nobody holds
+/// (their build was killed), and those killed before they had a lock, after
+/// ten minutes.
+fn remove_abandoned(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.filter_map(Result::ok) {
+        if !e.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let path: PathBuf = e.path();
+        let abandoned = match std::fs::File::open(path.join(".lock")) {
+            Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok(),
+            Err(_) => e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default().as_secs() > 600).unwrap_or(false),
+        };
+        if abandoned {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_root_size_leaves_room() {
+        assert_eq!(default_root_mib(550 * MIB), 1280);
+        assert_eq!(default_root_mib(0), 512);
+        assert!(default_root_mib(2000 * MIB) * MIB > 2000 * MIB * 4 / 3);
+    }
+
+    #[test]
+    fn abandoned_work_is_removed_and_live_work_kept() {
+        let cache = tempfile::tempdir().unwrap();
+        let parent = cache.path().join("work");
+        let live = Locked::new(&parent, ".work-").unwrap();
+        let dead = parent.join(".work-dead");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join(".lock"), "").unwrap();
+        let _other = Locked::new(&parent, ".work-").unwrap();
+        assert!(!dead.exists(), "a work dir with no lock holder is removed");
+        assert!(live.path().exists(), "a live build's work dir stays");
+    }
+}
