@@ -22,6 +22,14 @@ use kiln_tests::golden::{self, DiskGuest, Firmware};
 use kiln_tests::{KilnServer, Process, binaries, cache_dir, root, skip_e2e, tail, vm_lock, wait_for};
 use nix::sys::signal::Signal;
 
+/// The worker builds of this file share the cache (and its work
+/// directory, which the killed-build test checks is left empty): one at a time.
+static BUILDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_build_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    BUILDS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn manifest(images: &Path) -> Manifest {
     let text = std::fs::read(images.join("worker/manifest.json")).expect("manifest.json written");
     serde_json::from_slice(&text).expect("manifest.json parses")
@@ -56,6 +64,7 @@ fn worker_image_builds_reproducibly_and_boots_to_registered() {
     if skip_e2e() {
         return;
     }
+    let _builds = one_build_at_a_time();
     let _vm = vm_lock();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
@@ -133,6 +142,7 @@ fn warm_rebuild_after_an_agent_change_reuses_the_base() {
     if skip_e2e() {
         return;
     }
+    let _builds = one_build_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     build_ok(&images, None);
@@ -209,6 +219,7 @@ fn killed_build_leaves_the_cache_and_the_previous_image_usable() {
     if skip_e2e() {
         return;
     }
+    let _builds = one_build_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     build_ok(&images, None);
