@@ -329,3 +329,32 @@ pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
     listener.local_addr().expect("a bound listener has an address").port()
 }
+
+/// Writes an image directory `dir/name` with two small artifacts and a
+/// valid manifest, enough for `kiln serve` to start.
+pub fn fake_image(dir: &Path, name: &str) -> kiln_core::Manifest {
+    let image = dir.join(name);
+    std::fs::create_dir_all(&image).expect("image dir");
+    let mut artifacts = Vec::new();
+    for (file, bytes) in [("initrd.img", b"initrd-bytes".as_slice()), ("vmlinuz", b"kernel-bytes".as_slice())] {
+        std::fs::write(image.join(file), bytes).expect("artifact");
+        let sha256 = kiln_core::sha256_digest(bytes).trim_start_matches("sha256:").to_string();
+        artifacts.push(kiln_core::Artifact { name: file.into(), size: bytes.len() as u64, sha256 });
+    }
+    let manifest = kiln_core::Manifest {
+        name: name.into(),
+        digest: kiln_core::Manifest::compute_digest(&artifacts),
+        artifacts,
+        boot: kiln_core::BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec!["console=ttyS0".into()] },
+        inputs: kiln_core::InputDigests {
+            spec: "sha256:s".into(),
+            agent: "sha256:a".into(),
+            kernel_package: kiln_core::PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
+            packages: vec![],
+            key: "sha256:k".into(),
+        },
+    };
+    std::fs::write(image.join(kiln_core::manifest::MANIFEST_FILE), serde_json::to_vec(&manifest).expect("manifest JSON"))
+        .expect("manifest");
+    manifest
+}

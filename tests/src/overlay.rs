@@ -17,10 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kiln_core::manifest::MANIFEST_FILE;
-use kiln_core::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
-
-use crate::{KilnServer, Netns, Process, binaries, read_log};
+use crate::{KilnServer, Netns, Process, binaries, fake_image, read_log};
 
 /// The lab bridge's address, where `kiln serve` listens.
 pub const LAB_GATEWAY: &str = "10.78.0.1";
@@ -295,31 +292,4 @@ pub fn seen_source(from: &UdpSocket, receiver: &UdpSocket, to: SocketAddr) -> Op
         }
     }
     None
-}
-
-/// Writes an image directory `dir/name` with two small artifacts and a
-/// valid manifest, enough for `kiln serve` to start.
-pub fn fake_image(dir: &Path, name: &str) {
-    let image = dir.join(name);
-    std::fs::create_dir_all(&image).expect("image dir");
-    let mut artifacts = Vec::new();
-    for (file, bytes) in [("initrd.img", b"initrd-bytes".as_slice()), ("vmlinuz", b"kernel-bytes".as_slice())] {
-        std::fs::write(image.join(file), bytes).expect("artifact");
-        let sha256 = kiln_core::sha256_digest(bytes).trim_start_matches("sha256:").to_string();
-        artifacts.push(Artifact { name: file.into(), size: bytes.len() as u64, sha256 });
-    }
-    let manifest = Manifest {
-        name: name.into(),
-        digest: Manifest::compute_digest(&artifacts),
-        artifacts,
-        boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec!["console=ttyS0".into()] },
-        inputs: InputDigests {
-            spec: "sha256:s".into(),
-            agent: "sha256:a".into(),
-            kernel_package: PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
-            packages: vec![],
-            key: "sha256:k".into(),
-        },
-    };
-    std::fs::write(image.join(MANIFEST_FILE), serde_json::to_vec(&manifest).expect("manifest JSON")).expect("manifest");
 }

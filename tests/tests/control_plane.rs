@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kiln_core::{Ipv4Cidr, Peers, RegisterRequest, RegisterResponse};
 use kiln_tests::etcd::Etcd;
-use kiln_tests::{KilnServer, free_port, tail, wait_for};
+use kiln_tests::{KilnServer, fake_image, free_port, tail, wait_for};
 use nix::sys::signal::Signal;
 
 const NODES: usize = 200;
@@ -38,28 +38,7 @@ fn request(i: usize) -> RegisterRequest {
 /// A fake image, enough for `kiln serve` to start.
 fn images(dir: &Path) -> std::path::PathBuf {
     let images = dir.join("images");
-    let image = images.join("tiny");
-    std::fs::create_dir_all(&image).unwrap();
-    let mut artifacts = Vec::new();
-    for f in ["initrd.img", "vmlinuz"] {
-        std::fs::write(image.join(f), f).unwrap();
-        let sha = kiln_core::sha256_digest(f.as_bytes()).trim_start_matches("sha256:").to_string();
-        artifacts.push(kiln_core::Artifact { name: f.into(), size: f.len() as u64, sha256: sha });
-    }
-    let manifest = kiln_core::Manifest {
-        name: "tiny".into(),
-        digest: kiln_core::Manifest::compute_digest(&artifacts),
-        artifacts,
-        boot: kiln_core::BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec![] },
-        inputs: kiln_core::InputDigests {
-            spec: "s".into(),
-            agent: "a".into(),
-            kernel_package: kiln_core::PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
-            packages: vec![],
-            key: "k".into(),
-        },
-    };
-    std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    fake_image(&images, "tiny");
     images
 }
 

@@ -13,9 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_core::manifest::MANIFEST_FILE;
-use kiln_core::{Artifact, BootSpec, InputDigests, Manifest, PackageRef, SdTargetGroup};
-use kiln_tests::{KilnServer, Process, binaries, free_port, read_log, root, wait_for};
+use kiln_core::SdTargetGroup;
+use kiln_tests::{KilnServer, Process, binaries, fake_image, free_port, read_log, root, wait_for};
 
 /// How long any one thing may take to show up.
 const WAIT: Duration = Duration::from_secs(60);
@@ -23,34 +22,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The shipped scrape config.
 fn shipped_config() -> PathBuf {
     root().join("monitoring/prometheus.yml")
-}
-
-/// Writes an image directory `name` with two small artifacts and a valid
-/// manifest; returns the manifest.
-fn write_image(dir: &Path, name: &str) -> Manifest {
-    let image = dir.join(name);
-    std::fs::create_dir_all(&image).unwrap();
-    let mut artifacts = Vec::new();
-    for (file, bytes) in [("initrd.img", b"initrd-bytes".as_slice()), ("vmlinuz", b"kernel-bytes".as_slice())] {
-        std::fs::write(image.join(file), bytes).unwrap();
-        let sha256 = kiln_core::sha256_digest(bytes).trim_start_matches("sha256:").to_string();
-        artifacts.push(Artifact { name: file.into(), size: bytes.len() as u64, sha256 });
-    }
-    let manifest = Manifest {
-        name: name.into(),
-        digest: Manifest::compute_digest(&artifacts),
-        artifacts,
-        boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec!["console=ttyS0".into()] },
-        inputs: InputDigests {
-            spec: "sha256:s".into(),
-            agent: "sha256:a".into(),
-            kernel_package: PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
-            packages: vec![],
-            key: "sha256:k".into(),
-        },
-    };
-    std::fs::write(image.join(MANIFEST_FILE), serde_json::to_vec(&manifest).unwrap()).unwrap();
-    manifest
 }
 
 /// `promtool check config PATH`: the exit status and everything it printed.
@@ -124,7 +95,7 @@ fn prometheus_scrapes_agent_found_through_sd() {
     let bins = binaries();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    let manifest = write_image(&images, "tiny");
+    let manifest = fake_image(&images, "tiny");
     let server = KilnServer::start(&images, &tmp.path().join("state"));
     let token = std::fs::read_to_string(server.state.join("bootstrap-token")).expect("kiln serve wrote its bootstrap token");
     let client = server.client();
