@@ -94,8 +94,7 @@ fn register_through_a_kill(lab: &Lab, server: &mut KilnServer, kill_after: usize
     let killed = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..NODES)
         .map(|i| {
-            let (client, api, token, answered, killed) =
-                (client.clone(), api.clone(), token.clone(), answered.clone(), killed.clone());
+            let (client, api, token, answered, killed) = (client.clone(), api.clone(), token.clone(), answered.clone(), killed.clone());
             std::thread::spawn(move || {
                 while i >= NODES / 2 && !killed.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(1));
