@@ -23,11 +23,13 @@ use crate::spec::{WorkerSpec, parse_mode};
 /// The agent's systemd unit.
 pub const AGENT_UNIT: &str = include_str!("kiln-agent.service");
 
-/// cloud-init: read only the NoCloud seed (cidata volume or `ds=nocloud`),
-/// never wait probing other clouds; no locale to generate.
-pub const CLOUD_CFG: &str = "# kiln: NoCloud seeds only (cidata volume, or ds=nocloud;s=URL)\n\
+/// cloud-init: read only the NoCloud seed (cidata volume or
+/// `ds=nocloud-net;s=URL`), never wait probing other clouds; no locale to
+/// generate (`"false"` as a string: cloud-init's schema wants a string, and
+/// its locale module skips any false-like value).
+pub const CLOUD_CFG: &str = "# kiln: NoCloud seeds only (cidata volume, or ds=nocloud-net;s=URL)\n\
 datasource_list: [ NoCloud, None ]\n\
-locale: false\n";
+locale: \"false\"\n";
 
 /// DHCP on every ethernet NIC when no seed says otherwise.
 pub const NETWORK_FALLBACK: &str = "# kiln: DHCP on every ethernet NIC unless cloud-init configured it\n\
@@ -391,5 +393,15 @@ mod tests {
         );
         assert!(tree.read("/etc/motd").unwrap().contains("kiln worker"));
         assert!(tree.read("/etc/kiln/ca.pem").unwrap().starts_with("-----BEGIN"), "the CA is baked in");
+    }
+
+    #[test]
+    fn cloud_cfg_passes_cloud_inits_own_schema_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("90_kiln.cfg");
+        std::fs::write(&path, format!("#cloud-config\n{CLOUD_CFG}")).unwrap();
+        let out = Command::new("cloud-init").args(["schema", "-c"]).arg(&path).output().expect("cloud-init is installed (scripts/setup)");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("Valid cloud-config"), "{text}");
     }
 }

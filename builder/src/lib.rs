@@ -28,6 +28,7 @@ pub mod apt;
 pub mod base;
 pub mod cpio;
 pub mod disk;
+pub mod diskless;
 pub mod layer;
 pub mod spec;
 pub mod worker;
@@ -263,7 +264,12 @@ impl Builder {
             name: inputs.spec.name.clone(),
             digest: Manifest::compute_digest(&artifacts),
             artifacts,
-            boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: inputs.spec.kernel.cmdline.clone() },
+            boot: BootSpec {
+                kernel: "vmlinuz".into(),
+                initrd: "initrd.img".into(),
+                cmdline: inputs.spec.kernel.cmdline.clone(),
+                rootfs: None,
+            },
             inputs: InputDigests {
                 spec: inputs.spec_digest.clone(),
                 agent: inputs.agent_digest.clone(),

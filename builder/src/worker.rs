@@ -1,6 +1,6 @@
 //! The worker image: a [`WorkerSpec`] to `DIR/<name>/` with `<name>.qcow2`
 //! (boots from the disk alone, BIOS or UEFI), `vmlinuz`, `initrd.img` and
-//! `root.squashfs` (network boot), and `manifest.json` whose
+//! `root.squashfs` (network boot, diskless: [`crate::diskless`]), and `manifest.json` whose
 //! `inputs.packages` lists every installed package (the image's SBOM).
 //!
 //! Phases, each reported as an [`Event::Phase`]:
@@ -28,6 +28,7 @@ use kiln_core::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
 
 use crate::base::{self, BaseSource, Mmdebstrap};
 use crate::disk::{self, DiskIds, Mke2fs};
+use crate::diskless;
 use crate::layer::{self, LayerInputs, Tree};
 use crate::spec::WorkerSpec;
 use crate::{Archive, Builder, Error, Event, Outcome, sha256_hex};
@@ -55,6 +56,7 @@ pub fn build(
     let base_key = base::key(&spec.base, source, epoch);
     let archive = Archive::new(&builder.cache).with_lists(builder.apt_lists.clone());
     let mke2fs = Mke2fs::find(&archive)?;
+    let busybox = archive.resolve(diskless::BUSYBOX_PACKAGE)?.package;
 
     let mut key_text =
         format!("{}\n{WORKER_FORMAT}\n{spec_digest}\n{agent_digest}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
@@ -69,7 +71,8 @@ pub fn build(
     if let Some(ca) = &builder.ca {
         key_text.push_str(&format!("ca {}\n", sha256_hex(ca)));
     }
-    for text in [layer::AGENT_UNIT, layer::CLOUD_CFG, layer::NETWORK_FALLBACK] {
+    key_text.push_str(&format!("initrd {} {}\n", busybox.name, busybox.sha256));
+    for text in [layer::AGENT_UNIT, layer::CLOUD_CFG, layer::NETWORK_FALLBACK, diskless::SCRIPT] {
         key_text.push_str(&sha256_hex(text.as_bytes()));
         key_text.push('\n');
     }
@@ -135,12 +138,19 @@ pub fn build(
     let mut artifacts = vec![squashfs_result?];
 
     let kver = &base.info.kernel_release;
-    for (from, to) in [(format!("boot/vmlinuz-{kver}"), "vmlinuz"), (format!("boot/initrd.img-{kver}"), "initrd.img")] {
-        let src = tree_path.join(&from);
-        let dst = staging.path().join(to);
-        std::fs::copy(&src, &dst).map_err(|source| Error::Io { path: src.clone(), source })?;
-        artifacts.push(artifact(to)?);
-    }
+    let vmlinuz = tree_path.join(format!("boot/vmlinuz-{kver}"));
+    std::fs::copy(&vmlinuz, staging.path().join("vmlinuz")).map_err(|source| Error::Io { path: vmlinuz.clone(), source })?;
+    artifacts.push(artifact("vmlinuz")?);
+    // Debian's initramfs, with kiln's diskless boot script after it.
+    let debian_initrd = tree_path.join(format!("boot/initrd.img-{kver}"));
+    let debian_initrd = std::fs::read(&debian_initrd).map_err(|source| Error::Io { path: debian_initrd.clone(), source })?;
+    let busybox_bin = archive.unpacked(&busybox, |_| Ok(()))?.join("bin/busybox");
+    let busybox_bytes =
+        std::fs::read(&busybox_bin).map_err(|_| Error::MissingFile { package: busybox.name.clone(), what: "bin/busybox".into() })?;
+    let initrd = diskless::initrd(&debian_initrd, &tree_path, kver, &busybox_bytes, epoch)?;
+    let initrd_path = staging.path().join("initrd.img");
+    std::fs::write(&initrd_path, initrd).map_err(|source| Error::Io { path: initrd_path, source })?;
+    artifacts.push(artifact("initrd.img")?);
     let qcow2_name = format!("{}.qcow2", spec.name);
     progress(Event::Phase { phase: "convert".into(), detail: qcow2_name.clone() });
     // The layered tree is done with: unlink its ~20k entries meanwhile.
@@ -157,12 +167,23 @@ pub fn build(
             version: kver.clone(),
             sha256: String::new(),
         });
+    // The SBOM: every package in the root, and the initrd's busybox.
+    let mut packages = base.info.packages.clone();
+    if !packages.iter().any(|p| p.name == busybox.name) {
+        packages.push(busybox.clone());
+        packages.sort_by(|a, b| a.name.cmp(&b.name));
+    }
     let manifest = Manifest {
         name: spec.name.clone(),
         digest: Manifest::compute_digest(&artifacts),
         artifacts,
-        boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: spec.kernel.cmdline.clone() },
-        inputs: InputDigests { spec: spec_digest, agent: agent_digest, kernel_package, packages: base.info.packages.clone(), key },
+        boot: BootSpec {
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.img".into(),
+            cmdline: spec.kernel.cmdline.iter().cloned().chain(diskless::CMDLINE.map(String::from)).collect(),
+            rootfs: Some("root.squashfs".into()),
+        },
+        inputs: InputDigests { spec: spec_digest, agent: agent_digest, kernel_package, packages, key },
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     let mpath = staging.path().join(MANIFEST_FILE);

@@ -4,7 +4,7 @@
 //! ([`MetaData`]: instance id, hostname), `user-data` (a `#cloud-config`
 //! document, [`CloudConfig`], or any text a profile rendered), an optional
 //! `network-config` ([`NetworkConfig`], version 2) and optional `vendor-data`.
-//! The same seed is served over HTTP (`ds=nocloud;s=http://HOST/cloud-init/MAC/`)
+//! The same seed is served over HTTP (`ds=nocloud-net;s=http://HOST/cloud-init/MAC/`)
 //! or written as a cidata ISO ([`Seed::write_iso`]) for disk boots.
 //!
 //! Every file is written as JSON, which YAML 1.2 includes and cloud-init
@@ -208,7 +208,7 @@ impl NetworkConfig {
     }
 }
 
-/// A NoCloud seed: the files of a cidata volume or a `ds=nocloud;s=` URL.
+/// A NoCloud seed: the files of a cidata volume or a `ds=nocloud-net;s=` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seed {
     /// `meta-data`.

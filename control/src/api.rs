@@ -414,7 +414,7 @@ mod tests {
             name: "tiny".into(),
             digest: kiln_core::Manifest::compute_digest(&artifacts),
             artifacts,
-            boot: kiln_core::BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec![] },
+            boot: kiln_core::BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec![], rootfs: None },
             inputs: kiln_core::InputDigests {
                 spec: "s".into(),
                 agent: "a".into(),
@@ -556,7 +556,7 @@ mod tests {
         assert!(text.contains("kernel http://10.0.2.2:8080/images/tiny/vmlinuz"), "{text}");
         assert!(text.contains("kiln.token=boot"), "{text}");
         assert!(text.contains(" kiln.server=https://10.0.2.2:8443 "), "the agent gets the TLS API on the boot host: {text}");
-        assert!(text.contains("ds=nocloud;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/"), "{text}");
+        assert!(text.contains("ds=nocloud-net;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/"), "{text}");
 
         let resp = get("/ipxe?mac=nonsense").reply(&routes).await;
         assert_eq!(resp.status(), 400, "a bad MAC is the client's fault");

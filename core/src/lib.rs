@@ -24,6 +24,12 @@ pub const CMDLINE_SERVER: &str = "kiln.server";
 pub const CMDLINE_TOKEN: &str = "kiln.token";
 /// Kernel command-line key carrying the digest of the image the node booted.
 pub const CMDLINE_IMAGE_DIGEST: &str = "kiln.image_digest";
+/// Kernel command-line key carrying the URL of a diskless node's root
+/// filesystem (squashfs), which kiln's initramfs script fetches.
+pub const CMDLINE_ROOTFS: &str = "kiln.rootfs";
+/// Kernel command-line key carrying that root filesystem's hex sha256,
+/// checked before it is mounted.
+pub const CMDLINE_ROOTFS_SHA256: &str = "kiln.rootfs_sha256";
 
 /// Hex sha256 of `bytes`, prefixed `sha256:` as OCI and kiln spell digests.
 pub fn sha256_digest(bytes: &[u8]) -> String {

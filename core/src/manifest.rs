@@ -45,6 +45,12 @@ pub struct BootSpec {
     pub initrd: String,
     /// Kernel arguments the image needs (console, ...), before kiln's own.
     pub cmdline: Vec<String>,
+    /// Artifact name of the root filesystem a diskless node fetches over
+    /// HTTP (the worker's `root.squashfs`): the boot script adds its URL and
+    /// sha256 as `kiln.rootfs=` and `kiln.rootfs_sha256=`. `None` for an
+    /// image whose initrd is its whole root (the tiny image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
 }
 
 /// Digests of the inputs of a build: equal inputs give an equal image.
@@ -108,7 +114,8 @@ impl Manifest {
                 return Err(format!("artifact {:?} has a malformed sha256", a.name));
             }
         }
-        for (role, name) in [("boot.kernel", &self.boot.kernel), ("boot.initrd", &self.boot.initrd)] {
+        let rootfs = self.boot.rootfs.iter().map(|r| ("boot.rootfs", r));
+        for (role, name) in [("boot.kernel", &self.boot.kernel), ("boot.initrd", &self.boot.initrd)].into_iter().chain(rootfs) {
             if self.artifact(name).is_none() {
                 return Err(format!("{role} names {name:?}, which is not among the artifacts"));
             }
@@ -135,7 +142,7 @@ mod tests {
             name: "tiny".into(),
             digest: Manifest::compute_digest(&artifacts),
             artifacts,
-            boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec![] },
+            boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec![], rootfs: None },
             inputs: InputDigests {
                 spec: "sha256:0".into(),
                 agent: "sha256:1".into(),

@@ -43,8 +43,9 @@ pub fn bootstrap_script(base_url: &str) -> String {
 /// The script that boots `image`: its kernel with the image's own
 /// arguments, `extra_args` (the profile's), and `kiln.server`, `kiln.token`,
 /// `kiln.image_digest`; with `mac`, also the NoCloud seed URL
-/// `ds=nocloud;s=BASE/cloud-init/MAC/`. `initrd=` names the initrd for
-/// kernels started by UEFI's EFI stub.
+/// `ds=nocloud-net;s=BASE/cloud-init/MAC/`; for a diskless image, its root
+/// filesystem's URL and sha256 (`kiln.rootfs`, `kiln.rootfs_sha256`).
+/// `initrd=` names the initrd for kernels started by UEFI's EFI stub.
 pub fn boot_script(image: &Manifest, extra_args: &[String], mac: Option<Mac>, params: &BootParams<'_>) -> String {
     let base = params.base_url.trim_end_matches('/');
     let url = |file: &str| format!("{base}/images/{}/{file}", image.name);
@@ -54,8 +55,14 @@ pub fn boot_script(image: &Manifest, extra_args: &[String], mac: Option<Mac>, pa
     args.push(format!("{}={}", kiln_core::CMDLINE_SERVER, params.api_url.trim_end_matches('/')));
     args.push(format!("{}={}", kiln_core::CMDLINE_TOKEN, params.token));
     args.push(format!("{}={}", kiln_core::CMDLINE_IMAGE_DIGEST, image.digest));
+    if let Some(rootfs) = image.boot.rootfs.as_ref().and_then(|name| image.artifact(name)) {
+        args.push(format!("{}={}", kiln_core::CMDLINE_ROOTFS, url(&rootfs.name)));
+        args.push(format!("{}={}", kiln_core::CMDLINE_ROOTFS_SHA256, rootfs.sha256));
+    }
     if let Some(mac) = mac {
-        args.push(format!("ds=nocloud;s={base}/cloud-init/{}/", mac.hyphenated()));
+        // `nocloud-net`: cloud-init before 24.1 takes `ds=nocloud` for a
+        // local seed and ignores an http:// one.
+        args.push(format!("ds=nocloud-net;s={base}/cloud-init/{}/", mac.hyphenated()));
     }
     format!(
         "#!ipxe\n\
@@ -115,7 +122,7 @@ mod tests {
             " kiln.server=https://10.0.2.2:8443 ",
             " kiln.token=tok ",
             &format!(" kiln.image_digest={} ", m.digest),
-            " ds=nocloud;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/ ",
+            " ds=nocloud-net;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/ ",
         ] {
             assert!(kernel.contains(want), "{kernel} lacks {want:?}");
         }
@@ -125,5 +132,20 @@ mod tests {
             "{s}"
         );
         assert!(s.contains(":kernel_failed\necho kiln: kernel download failed, retrying in 3 s\nsleep 3\ngoto kernel\n"), "{s}");
+    }
+
+    #[test]
+    fn diskless_image_gets_its_root_filesystem_url_and_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = crate::store::tests::write_image(dir.path(), "worker");
+        let params = BootParams { base_url: "http://10.0.2.2:8080", token: "tok", api_url: "https://10.0.2.2:8443" };
+        let plain = boot_script(&m, &[], None, &params);
+        assert!(!plain.contains("kiln.rootfs"), "an image with no rootfs boots from its initrd alone: {plain}");
+        m.artifacts.push(kiln_core::Artifact { name: "root.squashfs".into(), size: 9, sha256: "ab".repeat(32) });
+        m.boot.rootfs = Some("root.squashfs".into());
+        let s = boot_script(&m, &[], None, &params);
+        let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        assert!(kernel.contains(" kiln.rootfs=http://10.0.2.2:8080/images/worker/root.squashfs "), "{kernel}");
+        assert!(kernel.contains(&format!(" kiln.rootfs_sha256={} ", "ab".repeat(32))), "{kernel}");
     }
 }

@@ -140,7 +140,7 @@ pub(crate) mod tests {
             name: name.into(),
             digest: Manifest::compute_digest(&artifacts),
             artifacts,
-            boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec!["console=ttyS0".into()] },
+            boot: BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec!["console=ttyS0".into()], rootfs: None },
             inputs: InputDigests {
                 spec: "sha256:s".into(),
                 agent: "sha256:a".into(),

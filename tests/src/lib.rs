@@ -345,7 +345,12 @@ pub fn fake_image(dir: &Path, name: &str) -> kiln_core::Manifest {
         name: name.into(),
         digest: kiln_core::Manifest::compute_digest(&artifacts),
         artifacts,
-        boot: kiln_core::BootSpec { kernel: "vmlinuz".into(), initrd: "initrd.img".into(), cmdline: vec!["console=ttyS0".into()] },
+        boot: kiln_core::BootSpec {
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.img".into(),
+            cmdline: vec!["console=ttyS0".into()],
+            rootfs: None,
+        },
         inputs: kiln_core::InputDigests {
             spec: "sha256:s".into(),
             agent: "sha256:a".into(),

@@ -8,6 +8,9 @@
 //! with `kiln serve --plain-http` over restricted QEMU user networking
 //! (see [`kiln_tests::golden`] for how it reaches the host), and the agent's
 //! journal, printed on the serial console by cloud-init's runcmd, shows it.
+//! The same image boots diskless over the network (iPXE, then the root
+//! filesystem fetched and checked by kiln's initramfs script) and registers
+//! over TLS; a tampered root filesystem is refused.
 //!
 //! The first build makes the base (mmdebstrap, about two minutes here) in
 //! the shared test cache; later runs reuse it.
@@ -17,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_core::Manifest;
+use kiln_control::qemu::{self, Boot, Guest, GuestSpec};
+use kiln_core::{Mac, Manifest};
 use kiln_tests::golden::{self, DiskGuest, Firmware};
 use kiln_tests::{KilnServer, Process, binaries, cache_dir, root, skip_e2e, tail, vm_lock, wait_for};
 use nix::sys::signal::Signal;
@@ -257,4 +261,86 @@ fn killed_build_leaves_the_cache_and_the_previous_image_usable() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(staged.is_empty(), "no staging directories left in the output: {staged:?}");
+}
+
+/// Diskless: the same image boots over the network with no disk at all.
+/// iPXE (the NIC's ROM) loads the kernel and the initrd from `kiln serve`;
+/// kiln's script in the initrd fetches `root.squashfs` over HTTP, checks
+/// its sha256 and boots from it in RAM; the agent, trusting the CA baked
+/// into the image, registers over TLS under the hostname the server's
+/// NoCloud seed gave it. Then a root filesystem that no longer matches its
+/// manifest is refused before it is mounted.
+#[test]
+fn worker_image_boots_diskless_and_refuses_a_tampered_root() {
+    if skip_e2e() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    let state = tmp.path().join("state");
+    {
+        let _builds = one_build_at_a_time();
+        let mut cmd = golden::build_command(&golden::worker_spec(), &images, None, None);
+        let out = cmd.arg("--state").arg(&state).output().expect("kiln build runs");
+        assert!(out.status.success(), "kiln build --state failed:\n{}", tail(&String::from_utf8_lossy(&out.stderr), 30));
+    }
+    let m = manifest(&images);
+    assert_eq!(m.boot.rootfs.as_deref(), Some("root.squashfs"), "the manifest names the diskless root");
+    assert!(m.boot.cmdline.iter().any(|a| a == "boot=kiln"), "{:?}", m.boot.cmdline);
+    let rootfs_sha = m.artifact("root.squashfs").unwrap().sha256.clone();
+
+    let server = KilnServer::start(&images, &state);
+    let _vm = vm_lock();
+    let boot = |name: &str, mac: &str| {
+        let spec = GuestSpec {
+            name: name.into(),
+            mac: mac.parse().unwrap(),
+            // The root filesystem lives in RAM.
+            memory_mib: 1536,
+            cpus: 2,
+            accel: qemu::probe_kvm(Path::new("/dev/kvm"), &images.join("worker/vmlinuz"), Duration::from_secs(5), None),
+            boot: Boot::Network { bootfile: format!("http://10.0.2.2:{}/boot.ipxe", server.port()) },
+            serial_log: tmp.path().join(format!("{name}.serial.log")),
+            firmware: qemu::Firmware::Bios,
+            netns: None,
+        };
+        Guest::spawn(&spec).expect("QEMU starts")
+    };
+
+    let mac: Mac = "52:54:00:d1:5c:01".parse().unwrap();
+    let start = Instant::now();
+    let mut guest = boot("kiln-e2e-diskless", &mac.to_string());
+    let node = wait_for(Duration::from_secs(300), || {
+        assert!(guest.exited().is_none(), "QEMU exited; serial:\n{}", tail(&guest.serial(), 40));
+        server.nodes().into_iter().find(|n| n.macs.contains(&mac))
+    })
+    .unwrap_or_else(|| {
+        panic!("the diskless guest did not register; serial:\n{}\nserver:\n{}", tail(&guest.serial(), 60), tail(&server.log(), 20))
+    });
+    eprintln!("diskless: boot to registered over the network: {:?}", start.elapsed());
+    let serial = guest.serial();
+    assert!(serial.contains(&format!("kiln: root filesystem sha256 {rootfs_sha} verified")), "{}", tail(&serial, 60));
+    assert_eq!(node.image_digest, m.digest, "the node booted the image we built");
+    assert_eq!(node.hostname, "node-d15c01", "the hostname from the server's NoCloud seed");
+    assert!(server.api.starts_with("https://"), "the agent registered over TLS");
+    guest.stop(Duration::from_secs(5));
+
+    // A root filesystem changed after its manifest was written is refused.
+    let path = images.join("worker/root.squashfs");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let mac: Mac = "52:54:00:d1:5c:02".parse().unwrap();
+    let mut guest = boot("kiln-e2e-diskless-tampered", &mac.to_string());
+    let refused = wait_for(Duration::from_secs(240), || {
+        assert!(guest.exited().is_none(), "QEMU exited; serial:\n{}", tail(&guest.serial(), 40));
+        guest.serial().contains("refusing to boot it").then_some(())
+    });
+    assert!(refused.is_some(), "the tampered root was not refused; serial:\n{}", tail(&guest.serial(), 40));
+    let serial = guest.serial();
+    assert!(serial.contains(&format!("not {rootfs_sha}")), "the refusal names the expected sha256:\n{}", tail(&serial, 20));
+    assert!(!serial.contains("Welcome to"), "nothing booted from the tampered root");
+    assert!(!server.nodes().iter().any(|n| n.macs.contains(&mac)), "the tampered node never registered");
+    guest.stop(Duration::from_secs(5));
 }
