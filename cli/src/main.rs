@@ -155,7 +155,7 @@ impl BuildInputs {
                 let agent = exe.with_file_name("kiln-agent");
                 if !agent.exists() {
                     anyhow::bail!(
-                        "no kiln-agent beside {} : build it (`cargo build --release -p kiln-agent`) or pass --agent",
+                        "no kiln-agent beside {} : build it (`cargo build-agent`) or pass --agent",
                         exe.display()
                     );
                 }
