@@ -1,0 +1,92 @@
+//! kiln-pool: worker pools, and how kiln makes libvirt match them.
+//!
+//! A pool is a TOML file (`pools/<name>.toml`, [`spec`]) saying which image
+//! its nodes boot, their size, disk or network boot, `min`/`max`/`replicas`,
+//! the libvirt hosts they spread across, and optionally an autoscale policy.
+//! Each node is a libvirt domain named `kiln-<pool>-<n>` ([`NodeId`]) whose
+//! XML ([`domain`]) carries kiln's metadata element; a domain without it is
+//! not kiln's and nothing here ever lists, stops or removes it. The
+//! [`Hypervisor`] trait is the boundary to libvirt ([`Libvirt`] through the
+//! `virt` crate; tests use libvirt's in-process `test:///default` driver).
+//! [`plan()`] is the reconciler's brain, a pure function: desired replicas
+//! and what the hosts have → the actions that make them match, so it is
+//! tested without any hypervisor and is idempotent by construction.
+//!
+//! Dependencies, and why each is here:
+//! - `kiln-core`: [`kiln_core::Mac`], the MAC type the rest of kiln matches nodes by.
+//! - `serde`, `toml`, `serde_path_to_error`: pool files, with the key at fault named in errors.
+//! - `thiserror`: one error enum per module.
+//! - `quick-xml`: writes domain XML with escaping, and reads the metadata element back.
+//! - `virt` 0.4: libvirt's C API (0.5 pins a libc the workspace's nix cannot share).
+//! - `tempfile` (tests only): pool directories to load.
+
+pub mod domain;
+pub mod hypervisor;
+pub mod plan;
+pub mod spec;
+
+use std::fmt;
+
+pub use domain::{BootMedia, DomainSpec, DomainType, Nic, XMLNS};
+pub use hypervisor::{HostMemory, Hypervisor, Libvirt, NodeDomain};
+pub use plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
+pub use spec::{Autoscale, Boot, Metric, Pool, PoolSpec, load_dir};
+
+use kiln_core::Mac;
+
+/// One node of a pool: the pool's name and the node's number in it.
+/// Numbers are handed out upwards and not reused while a node holds them,
+/// so a higher number is a newer node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId {
+    /// The pool.
+    pub pool: String,
+    /// The node's number in the pool.
+    pub index: u32,
+}
+
+impl NodeId {
+    /// Node `index` of `pool`.
+    pub fn new(pool: impl Into<String>, index: u32) -> Self {
+        NodeId { pool: pool.into(), index }
+    }
+
+    /// The libvirt domain name, also the node's hostname: `kiln-<pool>-<n>`.
+    pub fn domain_name(&self) -> String {
+        format!("kiln-{}-{}", self.pool, self.index)
+    }
+
+    /// A stable MAC for the node: QEMU's `52:54:00` prefix and 24 bits of
+    /// an FNV-1a hash of the domain name. Two nodes of a cluster of a few
+    /// hundred share one with a chance well under 1 in 100.
+    pub fn mac(&self) -> Mac {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self.domain_name().bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        let [_, a, b, c] = h.to_be_bytes();
+        Mac([0x52, 0x54, 0x00, a, b, c])
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.domain_name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_and_macs() {
+        let n = NodeId::new("tiny", 12);
+        assert_eq!(n.to_string(), "kiln-tiny-12");
+        assert_eq!(n.mac(), n.mac(), "stable");
+        assert_eq!(&n.mac().0[..3], &[0x52, 0x54, 0x00]);
+        assert_ne!(n.mac(), NodeId::new("tiny", 13).mac());
+        assert_ne!(n.mac(), NodeId::new("tiny1", 2).mac());
+    }
+}
