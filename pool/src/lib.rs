@@ -23,6 +23,7 @@
 pub mod domain;
 pub mod hypervisor;
 pub mod plan;
+pub mod reconcile;
 pub mod spec;
 
 use std::fmt;
@@ -30,6 +31,7 @@ use std::fmt;
 pub use domain::{BootMedia, DomainSpec, DomainType, Nic, XMLNS};
 pub use hypervisor::{HostMemory, Hypervisor, Libvirt, NodeDomain};
 pub use plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
+pub use reconcile::{Provisioner, Registry, Report, Settings, reconcile};
 pub use spec::{Autoscale, Boot, Metric, Pool, PoolSpec, load_dir};
 
 use kiln_core::Mac;

@@ -1,0 +1,353 @@
+//! The reconciler: observe every host the pools use, [`plan()`], carry the
+//! plan out, report what was done and what failed.
+//!
+//! One pass ([`reconcile`]) is what a control loop runs again and again.
+//! Nothing is remembered between passes: what exists is read from the hosts
+//! (kiln's domains, by their metadata), from the [`Provisioner`] (overlays
+//! and seeds) and from the [`Registry`] (registered nodes), so a server
+//! killed in the middle of a pass converges in the next pass after its
+//! restart, leaking nothing.
+//!
+//! A pool any of whose hosts cannot be listed is not planned in that pass:
+//! with part of its nodes unseen, a plan would make replacements for nodes
+//! that still run. Its error is in the [`Report`].
+
+use std::collections::BTreeMap;
+
+use crate::NodeId;
+use crate::domain::{BootMedia, DomainSpec, DomainType, Nic};
+use crate::hypervisor::Hypervisor;
+use crate::plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
+use crate::spec::{Boot, Pool};
+
+/// Makes and deletes what a node needs besides its domain: for a disk
+/// node, its qcow2 overlay on the pool's golden image and its cidata seed.
+pub trait Provisioner {
+    /// The nodes that have an overlay (or seed) on `host`.
+    fn overlays(&self, host: &str) -> Result<Vec<NodeId>, String>;
+    /// Makes `node`'s overlay and seed on `host` (replacing any) for a
+    /// disk-booted `pool`, and says where they are.
+    fn make(&self, host: &str, pool: &Pool, node: &NodeId) -> Result<BootMedia, String>;
+    /// Deletes `node`'s overlay and seed on `host`; succeeds when there are none.
+    fn delete(&self, host: &str, node: &NodeId) -> Result<(), String>;
+    /// The file `node`'s serial console is logged to on `host`.
+    fn console_log(&self, host: &str, node: &NodeId) -> std::path::PathBuf;
+}
+
+/// The control plane's view of the nodes.
+pub trait Registry {
+    /// Pool nodes registered now (holding a lease).
+    fn registered(&self) -> Result<Vec<NodeId>, String>;
+    /// Removes `node` and releases its lease; succeeds when it is not registered.
+    fn deregister(&self, node: &NodeId) -> Result<(), String>;
+}
+
+/// How nodes are attached and run, the same for every pool of a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// TCG where KVM does not run, KVM where it does.
+    pub domain_type: DomainType,
+    /// Where each node's NIC is plugged.
+    pub nic: Nic,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The actions carried out, in order.
+    pub done: Vec<Action>,
+    /// What failed: a host that could not be listed (`None` action), or an action.
+    pub failed: Vec<(Option<Action>, String)>,
+}
+
+impl Report {
+    /// True when nothing was done and nothing failed: the hosts match the pools.
+    pub fn converged(&self) -> bool {
+        self.done.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// One pass for `pools`, each wanting `replicas[pool]` nodes (its file's
+/// `replicas` when absent), on `hosts` (every URI the pools name, opened).
+pub fn reconcile(
+    pools: &[Pool],
+    replicas: &BTreeMap<String, u32>,
+    hosts: &BTreeMap<String, Box<dyn Hypervisor + Send>>,
+    provisioner: &dyn Provisioner,
+    registry: &dyn Registry,
+    settings: &Settings,
+) -> Report {
+    let mut report = Report::default();
+    let mut observed = Observed::default();
+    let mut unseen = Vec::new();
+    for uri in pools.iter().flat_map(|p| p.hosts.iter()).collect::<std::collections::BTreeSet<_>>() {
+        let Some(hv) = hosts.get(uri) else {
+            report.failed.push((None, format!("{uri}: not connected")));
+            unseen.push(uri.clone());
+            continue;
+        };
+        match hv.list() {
+            Ok(domains) => {
+                observed.domains.extend(domains.into_iter().map(|d| HostDomain { host: uri.clone(), node: d.node, running: d.running }))
+            }
+            Err(e) => {
+                report.failed.push((None, e.to_string()));
+                unseen.push(uri.clone());
+                continue;
+            }
+        }
+        match provisioner.overlays(uri) {
+            Ok(nodes) => observed.overlays.extend(nodes.into_iter().map(|node| Overlay { host: uri.clone(), node })),
+            Err(e) => {
+                report.failed.push((None, format!("{uri}: {e}")));
+                unseen.push(uri.clone());
+            }
+        }
+    }
+    match registry.registered() {
+        Ok(nodes) => observed.registered = nodes,
+        Err(e) => {
+            // Without the registry, leases cannot be released: plan nothing.
+            report.failed.push((None, format!("registry: {e}")));
+            return report;
+        }
+    }
+
+    let by_name: BTreeMap<&str, &Pool> = pools.iter().map(|p| (p.name.as_str(), p)).collect();
+    let desired: Vec<Desired> = pools
+        .iter()
+        .filter(|p| !p.hosts.iter().any(|h| unseen.contains(h)))
+        .map(|p| Desired { pool: p.name.clone(), replicas: replicas.get(&p.name).copied().unwrap_or(p.replicas), hosts: p.hosts.clone() })
+        .collect();
+    for action in plan(&desired, &observed) {
+        let result = carry_out(&action, &by_name, hosts, provisioner, registry, settings);
+        match result {
+            Ok(()) => report.done.push(action),
+            Err(e) => report.failed.push((Some(action), e)),
+        }
+    }
+    report
+}
+
+fn carry_out(
+    action: &Action,
+    pools: &BTreeMap<&str, &Pool>,
+    hosts: &BTreeMap<String, Box<dyn Hypervisor + Send>>,
+    provisioner: &dyn Provisioner,
+    registry: &dyn Registry,
+    settings: &Settings,
+) -> Result<(), String> {
+    let hv = |host: &str| hosts.get(host).ok_or_else(|| format!("{host}: not connected"));
+    match action {
+        Action::Deregister { node } => registry.deregister(node),
+        Action::Remove { host, node } => {
+            // The lease goes with the domain, whether or not the node is registered now.
+            registry.deregister(node)?;
+            hv(host)?.destroy_and_undefine(node).map_err(|e| e.to_string())?;
+            provisioner.delete(host, node)
+        }
+        Action::DeleteOverlay { host, node } => provisioner.delete(host, node),
+        Action::Start { host, node } => hv(host)?.start(node).map_err(|e| e.to_string()),
+        Action::Create { host, node } => {
+            let pool = pools.get(node.pool.as_str()).ok_or_else(|| format!("pool {} is not loaded", node.pool))?;
+            let boot = match pool.boot {
+                Boot::Disk => provisioner.make(host, pool, node)?,
+                Boot::Network => BootMedia::Network,
+            };
+            let spec = DomainSpec {
+                node: node.clone(),
+                domain_type: settings.domain_type,
+                vcpus: pool.vcpus,
+                memory_mib: pool.memory_mib,
+                boot,
+                nic: settings.nic.clone(),
+                mac: node.mac(),
+                console_log: provisioner.console_log(host, node),
+            };
+            hv(host)?.define_and_start(&spec).map_err(|e| e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::Libvirt;
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+    use std::path::{Path, PathBuf};
+
+    /// Overlays as files in a directory per host.
+    struct Files(PathBuf);
+
+    impl Files {
+        fn dir(&self, host: &str) -> PathBuf {
+            self.0.join(host.replace(['/', ':'], "_"))
+        }
+    }
+
+    impl Provisioner for Files {
+        fn overlays(&self, host: &str) -> Result<Vec<NodeId>, String> {
+            let Ok(entries) = std::fs::read_dir(self.dir(host)) else { return Ok(vec![]) };
+            Ok(entries
+                .filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let stem = name.strip_suffix(".qcow2")?.strip_prefix("kiln-")?;
+                    let (pool, n) = stem.rsplit_once('-')?;
+                    Some(NodeId::new(pool, n.parse().ok()?))
+                })
+                .collect())
+        }
+        fn make(&self, host: &str, _pool: &Pool, node: &NodeId) -> Result<BootMedia, String> {
+            std::fs::create_dir_all(self.dir(host)).map_err(|e| e.to_string())?;
+            let overlay = self.dir(host).join(format!("{node}.qcow2"));
+            std::fs::write(&overlay, b"overlay").map_err(|e| e.to_string())?;
+            Ok(BootMedia::Disk { overlay, seed: self.dir(host).join(format!("{node}.iso")) })
+        }
+        fn delete(&self, host: &str, node: &NodeId) -> Result<(), String> {
+            match std::fs::remove_file(self.dir(host).join(format!("{node}.qcow2"))) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        }
+        fn console_log(&self, host: &str, node: &NodeId) -> PathBuf {
+            self.dir(host).join(format!("{node}.log"))
+        }
+    }
+
+    /// Registered nodes: every running domain registers at once.
+    #[derive(Default)]
+    struct Nodes(RefCell<BTreeSet<NodeId>>, RefCell<Vec<NodeId>>);
+
+    impl Registry for Nodes {
+        fn registered(&self) -> Result<Vec<NodeId>, String> {
+            Ok(self.0.borrow().iter().cloned().collect())
+        }
+        fn deregister(&self, node: &NodeId) -> Result<(), String> {
+            if self.0.borrow_mut().remove(node) {
+                self.1.borrow_mut().push(node.clone());
+            }
+            Ok(())
+        }
+    }
+
+    fn pool(dir: &Path, text: &str) -> Pool {
+        Pool::from_str(text, &dir.join("worker.toml"), 1 << 20).unwrap()
+    }
+
+    /// Two separate test hypervisors (each `test:///FILE` is its own
+    /// in-process host, with no domains).
+    fn hosts(dir: &Path) -> BTreeMap<String, Box<dyn Hypervisor + Send>> {
+        let xml = "<node><cpu><mhz>2000</mhz><model>i686</model><active>2</active><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads></cpu><memory>8388608</memory></node>";
+        let mut out: BTreeMap<String, Box<dyn Hypervisor + Send>> = BTreeMap::new();
+        for name in ["a", "b"] {
+            let file = dir.join(format!("host-{name}.xml"));
+            std::fs::write(&file, xml).unwrap();
+            let uri = format!("test://{}", file.display());
+            out.insert(uri.clone(), Box::new(Libvirt::open(&uri).unwrap()));
+        }
+        out
+    }
+
+    fn settings() -> Settings {
+        Settings { domain_type: DomainType::Qemu, nic: Nic::User }
+    }
+
+    fn count_on(hosts: &BTreeMap<String, Box<dyn Hypervisor + Send>>) -> Vec<usize> {
+        hosts.values().map(|h| h.list().unwrap().len()).collect()
+    }
+
+    #[test]
+    fn scales_up_and_down_across_two_hosts_and_leaks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = hosts(dir.path());
+        let uris: Vec<&String> = hosts.keys().collect();
+        let p = pool(
+            dir.path(),
+            &format!(
+                "image = \"worker\"\nvcpus = 1\nmemory-mib = 256\nboot = \"disk\"\nmin = 0\nmax = 5\nreplicas = 0\nhosts = [\"{}\", \"{}\"]\n",
+                uris[0], uris[1]
+            ),
+        );
+        let files = Files(dir.path().join("overlays"));
+        let nodes = Nodes::default();
+        let pass = |n: u32| {
+            let r = reconcile(std::slice::from_ref(&p), &BTreeMap::from([("worker".into(), n)]), &hosts, &files, &nodes, &settings());
+            assert!(r.failed.is_empty(), "{:?}", r.failed);
+            r
+        };
+
+        assert!(pass(0).converged());
+        let r = pass(3);
+        assert_eq!(r.done.iter().filter(|a| matches!(a, Action::Create { .. })).count(), 3);
+        assert_eq!(count_on(&hosts), [2, 1], "spread evenly, the first host first");
+        assert_eq!(files.overlays(uris[0]).unwrap().len() + files.overlays(uris[1]).unwrap().len(), 3);
+        // The nodes register.
+        for h in hosts.values() {
+            for d in h.list().unwrap() {
+                nodes.0.borrow_mut().insert(d.node);
+            }
+        }
+        assert!(pass(3).converged(), "idempotent");
+
+        let r = pass(1);
+        assert_eq!(r.done.iter().filter(|a| matches!(a, Action::Remove { .. })).count(), 2, "{:?}", r.done);
+        assert_eq!(count_on(&hosts).iter().sum::<usize>(), 1);
+        assert_eq!(nodes.0.borrow().len(), 1, "removed nodes are deregistered");
+        assert_eq!(nodes.1.borrow().len(), 2);
+        assert!(pass(1).converged());
+
+        pass(0);
+        assert_eq!(count_on(&hosts), [0, 0]);
+        assert!(files.overlays(uris[0]).unwrap().is_empty() && files.overlays(uris[1]).unwrap().is_empty(), "no overlay left");
+        assert!(nodes.0.borrow().is_empty(), "no lease left");
+    }
+
+    #[test]
+    fn a_pass_killed_midway_is_finished_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = hosts(dir.path());
+        let uri = hosts.keys().next().unwrap().clone();
+        let p = pool(
+            dir.path(),
+            &format!(
+                "image = \"worker\"\nvcpus = 1\nmemory-mib = 256\nboot = \"disk\"\nmin = 0\nmax = 5\nreplicas = 0\nhosts = [\"{uri}\"]\n"
+            ),
+        );
+        let files = Files(dir.path().join("overlays"));
+        let nodes = Nodes::default();
+        // A crash after making node 0's overlay, before defining its domain;
+        // and a node registered whose domain is gone.
+        files.make(&uri, &p, &NodeId::new("worker", 0)).unwrap();
+        nodes.0.borrow_mut().insert(NodeId::new("worker", 7));
+
+        let r = reconcile(std::slice::from_ref(&p), &BTreeMap::from([("worker".into(), 2)]), &hosts, &files, &nodes, &settings());
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let listed: BTreeSet<u32> = hosts[&uri].list().unwrap().into_iter().map(|d| d.node.index).collect();
+        assert_eq!(listed.len(), 2);
+        assert!(!listed.contains(&0) && !listed.contains(&7), "numbers in use are not reused: {listed:?}");
+        assert!(!files.overlays(&uri).unwrap().contains(&NodeId::new("worker", 0)), "the leaked overlay is deleted");
+        assert!(!nodes.0.borrow().contains(&NodeId::new("worker", 7)), "the orphaned lease is released");
+        assert!(
+            reconcile(std::slice::from_ref(&p), &BTreeMap::from([("worker".into(), 2)]), &hosts, &files, &nodes, &settings()).converged()
+        );
+    }
+
+    #[test]
+    fn a_pool_with_an_unreachable_host_is_not_planned() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = hosts(dir.path());
+        let uri = hosts.keys().next().unwrap().clone();
+        let p = pool(
+            dir.path(),
+            &format!(
+                "image = \"worker\"\nvcpus = 1\nmemory-mib = 256\nboot = \"network\"\nmin = 0\nmax = 5\nreplicas = 2\nhosts = [\"{uri}\", \"qemu+ssh://nowhere.invalid/system\"]\n"
+            ),
+        );
+        let r = reconcile(std::slice::from_ref(&p), &BTreeMap::new(), &hosts, &Files(dir.path().join("o")), &Nodes::default(), &settings());
+        assert!(r.done.is_empty(), "{:?}", r.done);
+        assert!(r.failed.iter().any(|(a, e)| a.is_none() && e.contains("nowhere.invalid")), "{:?}", r.failed);
+        assert!(hosts[&uri].list().unwrap().is_empty());
+    }
+}
