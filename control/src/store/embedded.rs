@@ -19,6 +19,8 @@ use tokio::sync::oneshot;
 use super::{Error, Loaded, NodeRecord, Renewal, Store, StoreFuture};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+/// Desired replicas by pool.
+const POOLS: TableDefinition<&str, u32> = TableDefinition::new("pool_replicas");
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -26,6 +28,7 @@ const MAX_BATCH: usize = 512;
 enum Op {
     Put(Box<NodeRecord>),
     Remove(String),
+    Replicas(String, u32),
 }
 
 struct Pending {
@@ -65,6 +68,7 @@ impl DbStore {
         let db = Database::create(path).map_err(|e| db_error(path, e))?;
         let txn = db.begin_write().map_err(|e| db_error(path, e))?;
         {
+            txn.open_table(POOLS).map_err(|e| db_error(path, e))?;
             let mut table = txn.open_table(NODES).map_err(|e| db_error(path, e))?;
             if !existed && let Some(json) = legacy_json {
                 for record in read_legacy(json)? {
@@ -120,6 +124,7 @@ fn commit(db: &Database, path: &Path, batch: &[Pending]) -> Result<(), Error> {
     let txn = db.begin_write().map_err(|e| db_error(path, e))?;
     {
         let mut table = txn.open_table(NODES).map_err(|e| db_error(path, e))?;
+        let mut pools = txn.open_table(POOLS).map_err(|e| db_error(path, e))?;
         for p in batch {
             match &p.op {
                 Op::Put(record) => {
@@ -128,6 +133,9 @@ fn commit(db: &Database, path: &Path, batch: &[Pending]) -> Result<(), Error> {
                 }
                 Op::Remove(name) => {
                     table.remove(name.as_str()).map_err(|e| db_error(path, e))?;
+                }
+                Op::Replicas(pool, n) => {
+                    pools.insert(pool.as_str(), *n).map_err(|e| db_error(path, e))?;
                 }
             }
         }
@@ -183,5 +191,44 @@ impl Store for DbStore {
 
     fn describe(&self) -> String {
         format!("redb {}", self.path.display())
+    }
+
+    fn replicas(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u32>> {
+        let result = (|| {
+            let txn = self.db.begin_read().map_err(|e| db_error(&self.path, e))?;
+            let table = txn.open_table(POOLS).map_err(|e| db_error(&self.path, e))?;
+            let mut out = std::collections::BTreeMap::new();
+            for entry in table.iter().map_err(|e| db_error(&self.path, e))? {
+                let (k, v) = entry.map_err(|e| db_error(&self.path, e))?;
+                out.insert(k.value().to_string(), v.value());
+            }
+            Ok(out)
+        })();
+        Box::pin(async move { result })
+    }
+
+    fn set_replicas(&self, pool: &str, replicas: u32) -> StoreFuture<'_, ()> {
+        self.submit(Op::Replicas(pool.to_string(), replicas))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pool_replicas_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        {
+            let store = DbStore::open(&path, None).unwrap();
+            assert!(store.replicas().await.unwrap().is_empty());
+            store.set_replicas("tiny", 3).await.unwrap();
+            store.set_replicas("worker", 2).await.unwrap();
+            store.set_replicas("tiny", 1).await.unwrap();
+        }
+        let store = DbStore::open(&path, None).unwrap();
+        let got = store.replicas().await.unwrap();
+        assert_eq!(got, std::collections::BTreeMap::from([("tiny".to_string(), 1), ("worker".to_string(), 2)]));
     }
 }

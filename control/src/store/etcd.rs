@@ -5,6 +5,7 @@
 //! | `PREFIX/config` | flannel's network config: `{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan", "VNI": 1}}` |
 //! | `PREFIX/subnets/10.244.1.0-24` | flannel's lease: `{"PublicIP": "192.0.2.10", "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": "0e:..."}}`, on an etcd lease with flannel's TTL (24 h) |
 //! | `/kiln/nodes/<name>` | kiln's node record (facts and token hash) |
+//! | `/kiln/pools/<pool>` | the pool's desired replicas (`kiln scale`), a decimal number |
 //!
 //! `PREFIX` is flannel's default `/coreos.com/network`. A stock flanneld
 //! pointed at the same etcd and prefix sees kiln's nodes as its peers, and
@@ -34,6 +35,8 @@ use crate::registry::NetworkConfig;
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 /// Where kiln keeps its node records.
 pub const NODES_PREFIX: &str = "/kiln/nodes/";
+/// Where each pool's desired replicas are kept (a decimal number).
+pub const POOLS_PREFIX: &str = "/kiln/pools/";
 /// flannel's lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A heartbeat renews the lease when the last renewal is this old (or a
@@ -503,6 +506,32 @@ impl Store for EtcdStore {
 
     fn describe(&self) -> String {
         format!("etcd {} (prefix {})", self.endpoints(), self.config.prefix)
+    }
+
+    fn replicas(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u32>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let resp = client.get(POOLS_PREFIX, Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
+            let mut out = std::collections::BTreeMap::new();
+            for kv in resp.kvs() {
+                let key = String::from_utf8_lossy(kv.key());
+                let n = String::from_utf8_lossy(kv.value()).trim().parse().map_err(|_| Error::Etcd {
+                    endpoints: self.endpoints(),
+                    reason: format!("{key}: not a number of replicas"),
+                })?;
+                out.insert(key.trim_start_matches(POOLS_PREFIX).to_string(), n);
+            }
+            Ok(out)
+        })
+    }
+
+    fn set_replicas(&self, pool: &str, replicas: u32) -> StoreFuture<'_, ()> {
+        let key = format!("{POOLS_PREFIX}{pool}");
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            client.put(key, replicas.to_string(), None).await.map_err(|e| self.err(e))?;
+            Ok(())
+        })
     }
 }
 

@@ -141,4 +141,8 @@ pub trait Store: Send + Sync {
     }
     /// What the store is, for logs: `redb /var/lib/kiln/registry.redb`.
     fn describe(&self) -> String;
+    /// Every pool's desired replicas, as last set (`kiln scale`).
+    fn replicas(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u32>>;
+    /// Sets `pool`'s desired replicas.
+    fn set_replicas(&self, pool: &str, replicas: u32) -> StoreFuture<'_, ()>;
 }
