@@ -8,8 +8,9 @@ mod output;
 mod up;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -59,9 +60,50 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set how many nodes a pool should have (`kiln serve --pools`).
+    Scale {
+        /// The pool.
+        pool: String,
+        /// Its desired replicas, within its min and max.
+        replicas: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List pools: desired replicas and, per host, nodes defined, running and registered.
+    Pools {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build the tiny image, serve it on loopback, PXE-boot a QEMU guest from
     /// it, and show the node once it has registered. Ctrl-C stops it all.
     Up(up::UpArgs),
+}
+
+/// How a command reaches the API.
+#[derive(clap::Args, Debug)]
+struct ApiArgs {
+    /// The API's base URL.
+    #[arg(long, env = "KILN_SERVER", default_value = "https://127.0.0.1:8443")]
+    server: String,
+    /// The CA certificate of an https:// server (default: STATE/ca.pem).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// State directory of the server, for its CA and bootstrap token.
+    #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
+    state: PathBuf,
+}
+
+impl ApiArgs {
+    fn ca(&self) -> Result<Option<Vec<u8>>> {
+        if !self.server.starts_with("https://") {
+            return Ok(None);
+        }
+        let path = self.ca.clone().unwrap_or_else(|| self.state.join(kiln_control::tls::CA_CERT));
+        Ok(Some(std::fs::read(&path).with_context(|| format!("reading the server's CA {}", path.display()))?))
+    }
 }
 
 /// Flags of `kiln serve`.
@@ -125,6 +167,18 @@ struct ServeArgs {
     /// TTL of subnet leases in etcd, in seconds (flannel's: 24 h).
     #[arg(long, default_value_t = 86400)]
     lease_ttl: u64,
+    /// Directory of pool files (pools/*.toml): kiln keeps each pool's nodes
+    /// at its replicas through libvirt (`kiln scale`, `kiln pools`).
+    #[arg(long)]
+    pools: Option<PathBuf>,
+    /// The libvirt network pool nodes' NICs join (default: QEMU user
+    /// networking, where nodes reach this host's loopback at 10.0.2.2).
+    #[arg(long, value_name = "NETWORK")]
+    pool_network: Option<String>,
+    /// Pool nodes' domain type: `qemu` (TCG), `kvm`, or `auto` (KVM when a
+    /// guest runs under it here).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "qemu", "kvm"])]
+    pool_accel: String,
 }
 
 /// Where a build finds its inputs.
@@ -154,10 +208,7 @@ impl BuildInputs {
                 let exe = std::env::current_exe().context("locating the kiln binary")?;
                 let agent = exe.with_file_name("kiln-agent");
                 if !agent.exists() {
-                    anyhow::bail!(
-                        "no kiln-agent beside {} : build it (`cargo build-agent`) or pass --agent",
-                        exe.display()
-                    );
+                    anyhow::bail!("no kiln-agent beside {} : build it (`cargo build-agent`) or pass --agent", exe.display());
                 }
                 agent
             }
@@ -169,7 +220,10 @@ impl BuildInputs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(&cli.command, Command::Up(_) | Command::Build { .. } | Command::Nodes { .. });
+    let quiet = matches!(
+        &cli.command,
+        Command::Up(_) | Command::Build { .. } | Command::Nodes { .. } | Command::Scale { .. } | Command::Pools { .. }
+    );
     output::init_tracing(if quiet { "warn" } else { "info" });
     match run(cli) {
         Ok(code) => code,
@@ -208,7 +262,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 etcd,
                 etcd_prefix,
                 lease_ttl,
+                pools,
+                pool_network,
+                pool_accel,
             } = *args;
+            let pools = match pools {
+                None => None,
+                Some(dir) => {
+                    let domain_type = match pool_accel.as_str() {
+                        "kvm" => kiln_pool::DomainType::Kvm,
+                        "qemu" => kiln_pool::DomainType::Qemu,
+                        _ => {
+                            let kernel = kiln_pxe::ImageStore::load(&images)
+                                .ok()
+                                .map(|s| images.join(&s.default_image().name).join(&s.default_image().boot.kernel));
+                            match kernel.map(|k| kiln_control::qemu::probe_kvm(Path::new("/dev/kvm"), &k, Duration::from_secs(5), None)) {
+                                Some(kiln_control::qemu::Accel::Kvm) => kiln_pool::DomainType::Kvm,
+                                _ => kiln_pool::DomainType::Qemu,
+                            }
+                        }
+                    };
+                    Some(kiln_control::pools::PoolsConfig {
+                        dir,
+                        nic: pool_network.map_or(kiln_pool::Nic::User, kiln_pool::Nic::Network),
+                        domain_type,
+                        api_url: advertise_api.clone(),
+                        interval: Duration::from_secs(5),
+                    })
+                }
+            };
             if subnet_len < pod_network.prefix || subnet_len > 30 {
                 anyhow::bail!("--subnet-len {subnet_len} must be between the pod network's prefix ({}) and 30", pod_network.prefix);
             }
@@ -239,6 +321,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             ttl: std::time::Duration::from_secs(lease_ttl.max(1)),
                         })
                     },
+                    pools,
                 };
                 let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
                 match (server.api_addr, &server.ca) {
@@ -268,6 +351,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
                 print!("{}", output::node_table(&nodes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scale { pool, replicas, api } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let token_path = api.state.join("bootstrap-token");
+            let token =
+                std::fs::read_to_string(&token_path).with_context(|| format!("reading the bootstrap token {}", token_path.display()))?;
+            let path = format!("/api/v1/pools/{pool}/scale");
+            let body = serde_json::json!({ "replicas": replicas });
+            let status: Option<kiln_control::pools::PoolStatus> =
+                runtime.block_on(output::api_call(&api.server, api.ca()?.as_deref(), &path, Some((token.trim(), body))))?;
+            println!("kiln: pool {pool}: {replicas} replicas desired");
+            if let Some(s) = status {
+                print!("{}", output::pool_table(&[s]));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pools { api, json } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let pools: Vec<kiln_control::pools::PoolStatus> =
+                runtime.block_on(output::api_call(&api.server, api.ca()?.as_deref(), "/api/v1/pools", None))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&pools)?);
+            } else {
+                print!("{}", output::pool_table(&pools));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -100,13 +100,28 @@ impl BuildProgress {
 
 /// `GET {server}/api/v1/nodes`.
 pub async fn fetch_nodes(server: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Vec<Node>> {
-    let url = format!("{}/api/v1/nodes", server.trim_end_matches('/'));
+    api_call(server, ca_pem, "/api/v1/nodes", None).await
+}
+
+/// GETs `path` from the API (or POSTs `post`: bearer token and JSON body)
+/// and parses the JSON answer; a non-2xx answer is an error with its text.
+pub async fn api_call<T: serde::de::DeserializeOwned>(
+    server: &str,
+    ca_pem: Option<&[u8]>,
+    path: &str,
+    post: Option<(&str, serde_json::Value)>,
+) -> anyhow::Result<T> {
+    let url = format!("{}{path}", server.trim_end_matches('/'));
     let roots = match ca_pem {
         Some(pem) => reqwest::Certificate::from_pem_bundle(pem)?,
         None => Vec::new(),
     };
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).tls_certs_only(roots).build()?;
-    let resp = client.get(&url).send().await.map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let req = match post {
+        Some((token, body)) => client.post(&url).bearer_auth(token).json(&body),
+        None => client.get(&url),
+    };
+    let resp = req.send().await.map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let status = resp.status();
     if !status.is_success() {
         anyhow::bail!("{url}: {status}: {}", resp.text().await.unwrap_or_default());
@@ -114,14 +129,43 @@ pub async fn fetch_nodes(server: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<
     Ok(resp.json().await?)
 }
 
+/// Pools as an aligned table: one row per pool and host.
+pub fn pool_table(pools: &[kiln_control::pools::PoolStatus]) -> String {
+    let mut rows =
+        vec![["POOL", "IMAGE", "BOOT", "DESIRED", "MIN-MAX", "HOST", "DEFINED", "RUNNING", "REGISTERED"].map(String::from).to_vec()];
+    for p in pools {
+        for h in &p.hosts {
+            rows.push(vec![
+                p.name.clone(),
+                p.image.clone(),
+                p.boot.clone(),
+                p.desired.to_string(),
+                format!("{}-{}", p.min, p.max),
+                h.host.clone(),
+                h.defined.to_string(),
+                h.running.to_string(),
+                h.registered.to_string(),
+            ]);
+        }
+    }
+    let mut out = table(rows);
+    for p in pools {
+        for e in &p.errors {
+            out.push_str(&format!("{}: {e}\n", p.name));
+        }
+    }
+    out
+}
+
 /// Nodes as an aligned table.
 pub fn node_table(nodes: &[Node]) -> String {
     let now = time::OffsetDateTime::now_utc();
-    let mut rows = vec![["NAME", "MAC", "ADDRESS", "IMAGE", "REGISTERED", "LAST SEEN"].map(String::from).to_vec()];
+    let mut rows = vec![["NAME", "POOL", "MAC", "ADDRESS", "IMAGE", "REGISTERED", "LAST SEEN"].map(String::from).to_vec()];
     for n in nodes {
         let ago = |t: time::OffsetDateTime| format!("{}s ago", (now - t).whole_seconds().max(0));
         rows.push(vec![
             n.name.clone(),
+            if n.pool.is_empty() { "-".into() } else { n.pool.clone() },
             n.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             short_digest(&n.image_digest),
@@ -129,6 +173,11 @@ pub fn node_table(nodes: &[Node]) -> String {
             ago(n.last_seen),
         ]);
     }
+    table(rows)
+}
+
+/// Rows as aligned columns, two spaces apart.
+fn table(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in rows {

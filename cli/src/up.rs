@@ -87,6 +87,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
                 names: vec!["10.0.2.2".into()],
             },
             store: kiln_control::server::StoreConfig::Embedded,
+            pools: None,
         };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         let port = server.addr.port();

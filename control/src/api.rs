@@ -25,7 +25,7 @@ use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, SdTargetGr
 use kiln_pxe::ImageStore;
 use kiln_pxe::artifacts::error;
 use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
-use kiln_pxe::profile::{Catalog, Group, Machine, Profile, ServerParams};
+use kiln_pxe::profile::{Catalog, Machine, Profile, ServerParams};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -39,6 +39,8 @@ const MAX_BODY: u64 = 64 * 1024;
 
 /// What the API handlers share.
 pub struct Api {
+    /// The pools (`--pools`).
+    pub pools: Option<Arc<crate::pools::Pools>>,
     /// The registry.
     pub registry: Arc<Registry>,
     /// The images served.
@@ -162,6 +164,19 @@ pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Re
         .and(warp::get())
         .and(with())
         .map(|api: Arc<Api>| warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response());
+    let pools_status = warp::path!("api" / "v1" / "pools").and(warp::get()).and(with()).map(|api: Arc<Api>| {
+        let status = api.pools.as_ref().map(|p| p.status()).unwrap_or_default();
+        warp::reply::json(&status).into_response()
+    });
+    let scale = warp::path!("api" / "v1" / "pools" / String / "scale")
+        .and(warp::post())
+        .and(with())
+        .and(auth)
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .then(|name: String, api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| async move {
+            scale_pool(&api, &name, auth.as_deref(), &body).await
+        });
     // Boxed in groups: one long chain of `or`s is a type too deep for the
     // compiler's recursion limit in release builds.
     let nodes_api = register
@@ -176,7 +191,7 @@ pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Re
         .or(peers)
         .unify()
         .boxed();
-    let listing = nodes.or(sd).unify().or(profiles).unify().or(groups).unify().boxed();
+    let listing = nodes.or(sd).unify().or(profiles).unify().or(groups).unify().or(pools_status).unify().or(scale).unify().boxed();
     let booting = boot.or(ipxe).unify().or(seed).unify().boxed();
     (nodes_api.or(listing).unify().boxed(), booting)
 }
@@ -317,14 +332,75 @@ fn no_base_url() -> Response {
     error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL")
 }
 
+/// The body of `POST /api/v1/pools/NAME/scale`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleRequest {
+    replicas: u32,
+}
+
+/// Sets a pool's desired replicas: for holders of the bootstrap token.
+async fn scale_pool(api: &Api, name: &str, auth: Option<&str>, body: &[u8]) -> Response {
+    // Compared by hash, as registration does: no early exit on the first differing byte.
+    let presented = token::bearer(auth).unwrap_or_default();
+    if token::hash(presented) != token::hash(&api.bootstrap_token) {
+        return error(StatusCode::UNAUTHORIZED, "scaling a pool needs the bootstrap token (STATE/bootstrap-token) as a Bearer token");
+    }
+    let req: ScaleRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e} (expected {{\"replicas\": N}})")),
+    };
+    let Some(pools) = &api.pools else { return error(StatusCode::NOT_FOUND, "this server runs no pools (kiln serve --pools DIR)") };
+    match pools.scale(name, req.replicas).await {
+        Ok(()) => {
+            let status = pools.status().into_iter().find(|s| s.name == name);
+            warp::reply::json(&status).into_response()
+        }
+        Err(e @ crate::pools::ScaleError::NoPool(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ crate::pools::ScaleError::OutOfRange { .. }) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        Err(e) => {
+            tracing::error!("scaling {name}: {e}");
+            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
+    }
+}
+
 fn ipxe_reply(script: String) -> Response {
     warp::reply::with_header(script, "content-type", "text/plain; charset=utf-8").into_response()
 }
 
-/// The profile and image for `machine`: 404 when no group matches, 500
-/// when its profile names an image that is gone.
-fn machine_profile<'a>(api: &'a Api, machine: &Machine) -> Result<(&'a Group, &'a Profile, &'a Manifest), (StatusCode, String)> {
-    let (group, profile) = api.catalog.select(machine).map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))?;
+/// The profile and image for `machine` (and its group, or `pool:NAME`): a
+/// pool's node boots its pool's image under its own name; any other
+/// machine by its group. 404 when no group matches, 500 when its profile
+/// names an image that is gone.
+fn machine_profile<'a>(
+    api: &'a Api,
+    machine: &mut Machine,
+) -> Result<(String, std::borrow::Cow<'a, Profile>, &'a Manifest), (StatusCode, String)> {
+    let member = api.pools.as_ref().zip(machine.mac).and_then(|(pools, mac)| pools.member(mac));
+    let (group, profile) = match member {
+        Some((node, pool)) => {
+            machine.hostname = Some(node.domain_name());
+            let profile = match &pool.profile {
+                Some(id) => std::borrow::Cow::Borrowed(api.catalog.profiles().find(|p| &p.id == id).ok_or_else(|| {
+                    (StatusCode::INTERNAL_SERVER_ERROR, format!("pool `{}` names profile `{id}`, which is gone", pool.name))
+                })?),
+                None => std::borrow::Cow::Owned(Profile {
+                    id: format!("pool-{}", pool.name),
+                    image: pool.image.clone(),
+                    kernel_args: Vec::new(),
+                    user_data: None,
+                    network_config: None,
+                    vendor_data: None,
+                }),
+            };
+            (format!("pool:{}", pool.name), profile)
+        }
+        None => {
+            let (group, profile) = api.catalog.select(machine).map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))?;
+            (group.id.clone(), std::borrow::Cow::Borrowed(profile))
+        }
+    };
     let image = api.images.get(&profile.image).ok_or_else(|| {
         (StatusCode::INTERNAL_SERVER_ERROR, format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image))
     })?;
@@ -333,15 +409,15 @@ fn machine_profile<'a>(api: &'a Api, machine: &Machine) -> Result<(&'a Group, &'
 
 fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String>) -> Response {
     let Some(base) = base_url(api, host) else { return no_base_url() };
-    let machine = match Machine::from_query(query) {
+    let mut machine = match Machine::from_query(query) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    let (group, profile, image) = match machine_profile(api, &machine) {
+    let (group, profile, image) = match machine_profile(api, &mut machine) {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),
     };
-    tracing::info!(mac = ?machine.mac.map(|m| m.to_string()), group = %group.id, profile = %profile.id, image = %image.name, "boot script");
+    tracing::info!(mac = ?machine.mac.map(|m| m.to_string()), group = %group, profile = %profile.id, image = %image.name, "boot script");
     let api_url = api_url(&api.api_endpoint, &base);
     ipxe_reply(boot_script(
         image,
@@ -353,17 +429,17 @@ fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String
 
 fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
     let Some(base) = base_url(api, host) else { return no_base_url() };
-    let machine = match Machine::from_query(&BTreeMap::from([("mac".to_string(), mac.to_string())])) {
+    let mut machine = match Machine::from_query(&BTreeMap::from([("mac".to_string(), mac.to_string())])) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    let (_, profile, image) = match machine_profile(api, &machine) {
+    let (_, profile, image) = match machine_profile(api, &mut machine) {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),
     };
     let api_url = api_url(&api.api_endpoint, &base);
     let params = ServerParams { base_url: &base, token: &api.bootstrap_token, api_url: &api_url };
-    let seed = match api.catalog.seed(profile, image, &machine, &params) {
+    let seed = match api.catalog.seed(&profile, image, &machine, &params) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
@@ -431,6 +507,7 @@ mod tests {
             catalog: Arc::new(Catalog::builtin(&images)),
             images,
             bootstrap_token: "boot".into(),
+            pools: None,
             advertise: None,
             api_endpoint: ApiEndpoint::Tls { port: 8443, advertise: None },
         })
@@ -592,6 +669,7 @@ mod tests {
             images: base.images.clone(),
             catalog: Arc::new(Catalog::load(&cat, &base.images).unwrap()),
             bootstrap_token: "boot".into(),
+            pools: None,
             advertise: Some("http://kiln.example:8080".into()),
             api_endpoint: ApiEndpoint::Plain,
         });

@@ -16,6 +16,7 @@
 //! in [`api`] that the server composes.
 
 pub mod api;
+pub mod pools;
 pub mod qemu;
 pub mod registry;
 pub mod server;

@@ -133,7 +133,13 @@ pub struct Registry {
     /// The peers list as JSON for one revision: a join answers every
     /// watching agent at once, and they all get the same bytes, made once.
     peers_json: Mutex<Option<(u64, bytes::Bytes)>>,
+    /// Which pool a registering node belongs to, by its hostname (set by
+    /// the pools, whose nodes are named `kiln-<pool>-<n>`).
+    pool_of: std::sync::OnceLock<PoolOf>,
 }
+
+/// A node's pool from its hostname.
+pub type PoolOf = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 impl Registry {
     /// A registry over `store`, loaded from it, leasing from `network`.
@@ -150,7 +156,14 @@ impl Registry {
         }
         let (revision, _) = tokio::sync::watch::channel(1);
         let changes = store.watch();
-        let registry = Arc::new(Registry { store, network, state: Mutex::new(state), revision, peers_json: Mutex::new(None) });
+        let registry = Arc::new(Registry {
+            store,
+            network,
+            state: Mutex::new(state),
+            revision,
+            peers_json: Mutex::new(None),
+            pool_of: std::sync::OnceLock::new(),
+        });
         if let Some(mut changes) = changes {
             let weak = Arc::downgrade(&registry);
             tokio::spawn(async move {
@@ -161,6 +174,26 @@ impl Registry {
             });
         }
         Ok(registry)
+    }
+
+    /// The store, for what else the control plane keeps (pool replicas).
+    pub fn store_handle(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Sets how a registering node's pool is found from its hostname (once).
+    pub fn set_pool_of(&self, pool_of: PoolOf) {
+        let _ = self.pool_of.set(pool_of);
+    }
+
+    /// Removes the node `name` and releases its lease (a pool scaling it
+    /// away). Returns the node, or `None` when there was none.
+    pub async fn remove(&self, name: &str) -> Result<Option<Node>, store::Error> {
+        let Some(record) = self.state.lock().expect("registry lock").nodes.get(name).cloned() else { return Ok(None) };
+        self.store.remove(record.clone()).await?;
+        self.state.lock().expect("registry lock").remove(name);
+        self.bump();
+        Ok(Some(record.node))
     }
 
     /// The pod network the registry leases from.
@@ -270,7 +303,12 @@ impl Registry {
                         agent_version: req.agent_version.clone(),
                         image_digest: req.image_digest.clone(),
                         metrics: req.metrics.clone(),
-                        pool: existing.as_ref().map(|n| n.pool.clone()).unwrap_or_default(),
+                        pool: existing
+                            .as_ref()
+                            .map(|n| n.pool.clone())
+                            .filter(|p| !p.is_empty())
+                            .or_else(|| self.pool_of.get().and_then(|f| f(&req.hostname)))
+                            .unwrap_or_default(),
                         subnet,
                         public_ip: subnet.and(public_ip),
                         vtep_mac: subnet.and(req.vtep_mac),

@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub api: ApiListen,
     /// What backs the registry.
     pub store: StoreConfig,
+    /// Pools of libvirt nodes to keep at their replicas (`--pools`).
+    pub pools: Option<crate::pools::PoolsConfig>,
 }
 
 /// Where Debian's `ipxe` package installs its binaries.
@@ -110,6 +112,9 @@ pub enum Error {
     /// proxyDHCP could not start.
     #[error("starting proxyDHCP")]
     ProxyDhcp(#[from] kiln_pxe::dhcp::Error),
+    /// The pools could not be loaded.
+    #[error("loading pools")]
+    Pools(#[from] crate::pools::Error),
     /// The listen address could not be bound.
     #[error("listening on {addr}")]
     Bind {
@@ -150,6 +155,9 @@ pub struct Server {
     pub tftp: Option<TftpServer>,
     /// proxyDHCP, when asked for.
     pub proxy_dhcp: Option<ProxyDhcp>,
+    /// The pools, when asked for.
+    pub pools: Option<Arc<crate::pools::Pools>>,
+    pools_thread: Option<std::thread::JoinHandle<()>>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -196,7 +204,21 @@ impl Server {
                 (Some((l, api_addr, acceptor)), ApiEndpoint::Tls { port: api_addr.port(), advertise: advertise.clone() }, Some(ca))
             }
         };
+        let pools = match config.pools.clone() {
+            Some(mut pc) => Some({
+                if pc.api_url.is_none() {
+                    pc.api_url = Some(match &api_listener {
+                        Some((_, a, _)) => format!("https://10.0.2.2:{}", a.port()),
+                        None => format!("http://10.0.2.2:{}", addr.port()),
+                    });
+                }
+                crate::pools::Pools::load(pc, registry.clone(), images.clone(), catalog.clone(), bootstrap_token.clone(), &config.state)
+                    .await?
+            }),
+            None => None,
+        };
         let api = Arc::new(Api {
+            pools: pools.clone(),
             registry: registry.clone(),
             images: images.clone(),
             catalog: catalog.clone(),
@@ -247,7 +269,9 @@ impl Server {
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
         let ca = ca.map(|ca| ca.cert_path);
-        let mut server = Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, stop, task };
+        let pools_thread = pools.as_ref().map(|p| p.spawn());
+        let mut server =
+            Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, pools, pools_thread, stop, task };
         if let Some(tftp_addr) = config.tftp {
             server.tftp = Some(TftpServer::start(config.tftp_root.clone(), tftp_addr).await?);
         }
@@ -266,6 +290,12 @@ impl Server {
 
     /// Stops accepting, lets requests in flight finish, and returns.
     pub async fn shutdown(self) {
+        if let Some(p) = &self.pools {
+            p.stop();
+        }
+        if let Some(t) = self.pools_thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         if let Some(p) = self.proxy_dhcp {
             p.shutdown().await;
         }

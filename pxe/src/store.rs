@@ -86,6 +86,11 @@ impl ImageStore {
         Ok(ImageStore { root: dir.to_path_buf(), images })
     }
 
+    /// The directory the images are in (`DIR/<name>/<artifact>`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The image called `name`.
     pub fn get(&self, name: &str) -> Option<&Manifest> {
         self.images.get(name)

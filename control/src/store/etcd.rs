@@ -515,10 +515,10 @@ impl Store for EtcdStore {
             let mut out = std::collections::BTreeMap::new();
             for kv in resp.kvs() {
                 let key = String::from_utf8_lossy(kv.key());
-                let n = String::from_utf8_lossy(kv.value()).trim().parse().map_err(|_| Error::Etcd {
-                    endpoints: self.endpoints(),
-                    reason: format!("{key}: not a number of replicas"),
-                })?;
+                let n = String::from_utf8_lossy(kv.value())
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::Etcd { endpoints: self.endpoints(), reason: format!("{key}: not a number of replicas") })?;
                 out.insert(key.trim_start_matches(POOLS_PREFIX).to_string(), n);
             }
             Ok(out)

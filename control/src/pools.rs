@@ -1,0 +1,568 @@
+//! Pools in the server (`kiln serve --pools DIR`): the pool files, the
+//! libvirt hosts they name, the desired replicas kept in the store, and the
+//! reconcile loop that makes the hosts match ([`kiln_pool::reconcile`]).
+//!
+//! Start-up refuses, naming the pool file and field, a pool whose image is
+//! not served or whose host cannot be reached, or whose nodes are larger
+//! than a host's memory; nothing is defined before every pool checks out.
+//!
+//! Each node is named `kiln-<pool>-<n>`; that is its hostname too (the
+//! seed kiln gives it says so), which is how a registered node is tied to
+//! its pool. A disk node's qcow2 overlay (backing file: the pool image's
+//! golden qcow2) and cidata seed are made in `STATE/pools/`, on the host
+//! kiln runs on; a network node boots the pool's image by PXE, its MAC
+//! telling the server which pool it is in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use kiln_core::Mac;
+use kiln_pool::domain::{BootMedia, DomainType, Nic};
+use kiln_pool::{Action, Hypervisor, Libvirt, NodeId, Pool, Provisioner, Registry as PoolRegistry, Settings};
+use kiln_pxe::ImageStore;
+use kiln_pxe::profile::{Catalog, Machine, ServerParams};
+use serde::Serialize;
+
+use crate::registry::Registry;
+
+/// Loading the pools failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A pool file is not valid.
+    #[error(transparent)]
+    Spec(#[from] kiln_pool::spec::Error),
+    /// A pool names an image that is not served.
+    #[error("{file}: `image`: no image `{image}` is served (images: {served})")]
+    NoImage {
+        /// The pool file.
+        file: PathBuf,
+        /// The image named.
+        image: String,
+        /// The images there are.
+        served: String,
+    },
+    /// A disk pool's image has no qcow2.
+    #[error("{file}: `boot = \"disk\"`: image `{image}` has no {image}.qcow2 (disk pools need a worker image)")]
+    NoDisk {
+        /// The pool file.
+        file: PathBuf,
+        /// The image.
+        image: String,
+    },
+    /// A pool names a host that cannot be reached.
+    #[error("{file}: `hosts`: cannot reach {uri}")]
+    Host {
+        /// The pool file.
+        file: PathBuf,
+        /// The URI.
+        uri: String,
+        /// libvirt's answer.
+        #[source]
+        source: kiln_pool::hypervisor::Error,
+    },
+    /// A disk pool on a remote host: its overlay would have to be made there.
+    #[error("{file}: `hosts`: {uri} is remote; disk pools are made on the host kiln runs on (use boot = \"network\" there)")]
+    RemoteDisk {
+        /// The pool file.
+        file: PathBuf,
+        /// The URI.
+        uri: String,
+    },
+    /// Reading or writing the store.
+    #[error("pool replicas in the store")]
+    Store(#[from] crate::store::Error),
+    /// Bad directory.
+    #[error("{path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A scale request that cannot be done.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    /// No such pool.
+    #[error("no pool `{0}`")]
+    NoPool(String),
+    /// Outside `min..=max`.
+    #[error("pool `{pool}` takes {min} to {max} replicas, not {asked}")]
+    OutOfRange {
+        /// The pool.
+        pool: String,
+        /// Its min.
+        min: u32,
+        /// Its max.
+        max: u32,
+        /// What was asked.
+        asked: u32,
+    },
+    /// The store refused.
+    #[error("storing the replicas")]
+    Store(#[from] crate::store::Error),
+}
+
+/// How the server's pools run.
+#[derive(Debug, Clone)]
+pub struct PoolsConfig {
+    /// Directory of pool files (`*.toml`).
+    pub dir: PathBuf,
+    /// Where nodes' NICs are plugged.
+    pub nic: Nic,
+    /// TCG or KVM.
+    pub domain_type: DomainType,
+    /// The API's URL as disk nodes reach it (their seed's `kiln.server`);
+    /// the server fills it in when not given (`--advertise-api`): the host's
+    /// loopback as QEMU user networking shows it, `10.0.2.2`.
+    pub api_url: Option<String>,
+    /// Seconds between reconcile passes when nothing asks for one sooner.
+    pub interval: Duration,
+}
+
+/// One host's part of a pool, for `kiln pools`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct HostStatus {
+    /// The libvirt URI.
+    pub host: String,
+    /// Domains defined there.
+    pub defined: u32,
+    /// Of those, running.
+    pub running: u32,
+    /// Of those, registered with the control plane.
+    pub registered: u32,
+}
+
+/// A pool's state, for `kiln pools` and `GET /api/v1/pools`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PoolStatus {
+    /// The pool.
+    pub name: String,
+    /// Its image.
+    pub image: String,
+    /// `disk` or `network`.
+    pub boot: String,
+    /// Fewest nodes.
+    pub min: u32,
+    /// Most nodes.
+    pub max: u32,
+    /// Nodes wanted.
+    pub desired: u32,
+    /// Nodes registered.
+    pub registered: u32,
+    /// Per host.
+    pub hosts: Vec<HostStatus>,
+    /// The last pass's failures for this pool.
+    pub errors: Vec<String>,
+}
+
+/// The pools of a running server.
+pub struct Pools {
+    pools: Vec<Pool>,
+    hosts: Mutex<BTreeMap<String, Box<dyn Hypervisor + Send>>>,
+    replicas: RwLock<BTreeMap<String, u32>>,
+    /// MAC → node, for every kiln domain last seen: the seed and the boot
+    /// script of a network node come from its pool.
+    members: RwLock<BTreeMap<Mac, NodeId>>,
+    status: RwLock<Vec<PoolStatus>>,
+    registry: Arc<Registry>,
+    images: Arc<ImageStore>,
+    catalog: Arc<Catalog>,
+    config: PoolsConfig,
+    bootstrap_token: String,
+    state_dir: PathBuf,
+    wake: (Mutex<bool>, Condvar),
+    stop: Mutex<bool>,
+}
+
+impl Pools {
+    /// Loads and checks the pools, connects to their hosts and reads the
+    /// desired replicas from the store (a pool's file gives the first value).
+    pub async fn load(
+        config: PoolsConfig,
+        registry: Arc<Registry>,
+        images: Arc<ImageStore>,
+        catalog: Arc<Catalog>,
+        bootstrap_token: String,
+        state_dir: &Path,
+    ) -> Result<Arc<Pools>, Error> {
+        // First parse with no memory limit, to learn the hosts; then check
+        // each pool against its hosts' memory.
+        let unchecked = kiln_pool::load_dir(&config.dir, u64::MAX)?;
+        let mut hosts: BTreeMap<String, Box<dyn Hypervisor + Send>> = BTreeMap::new();
+        for pool in &unchecked {
+            for uri in &pool.hosts {
+                if hosts.contains_key(uri) {
+                    continue;
+                }
+                let hv = open(uri).map_err(|source| Error::Host { file: pool.file.clone(), uri: uri.clone(), source })?;
+                hosts.insert(uri.clone(), Box::new(hv));
+            }
+        }
+        let mut pools = Vec::new();
+        for pool in unchecked {
+            let mut smallest = u64::MAX;
+            for uri in &pool.hosts {
+                let mem = hosts[uri].memory().map_err(|source| Error::Host { file: pool.file.clone(), uri: uri.clone(), source })?;
+                smallest = smallest.min(mem.total_mib);
+            }
+            let pool = Pool::from_file(&pool.file, smallest)?;
+            let Some(image) = images.get(&pool.image) else {
+                let served = images.images().map(|m| m.name.clone()).collect::<Vec<_>>().join(", ");
+                return Err(Error::NoImage { file: pool.file.clone(), image: pool.image.clone(), served });
+            };
+            if pool.boot == kiln_pool::Boot::Disk {
+                if image.artifact(&format!("{}.qcow2", image.name)).is_none() {
+                    return Err(Error::NoDisk { file: pool.file.clone(), image: pool.image.clone() });
+                }
+                if let Some(uri) = pool.hosts.iter().find(|u| !is_local(u)) {
+                    return Err(Error::RemoteDisk { file: pool.file.clone(), uri: uri.clone() });
+                }
+            }
+            pools.push(pool);
+        }
+        let store = registry.store_handle();
+        let mut replicas = store.replicas().await?;
+        for pool in &pools {
+            if !replicas.contains_key(&pool.name) {
+                store.set_replicas(&pool.name, pool.replicas).await?;
+                replicas.insert(pool.name.clone(), pool.replicas);
+            }
+        }
+        let dir = state_dir.join("pools");
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+        let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
+        registry.set_pool_of(Box::new(move |hostname: &str| parse_node(hostname).filter(|n| names.contains(&n.pool)).map(|n| n.pool)));
+        for pool in &pools {
+            tracing::info!(pool = %pool.name, image = %pool.image, hosts = ?pool.hosts, desired = replicas[&pool.name], "pool loaded");
+        }
+        Ok(Arc::new(Pools {
+            pools,
+            hosts: Mutex::new(hosts),
+            replicas: RwLock::new(replicas),
+            members: RwLock::new(BTreeMap::new()),
+            status: RwLock::new(Vec::new()),
+            registry,
+            images,
+            catalog,
+            config,
+            bootstrap_token,
+            state_dir: state_dir.to_path_buf(),
+            wake: (Mutex::new(false), Condvar::new()),
+            stop: Mutex::new(false),
+        }))
+    }
+
+    /// The pools, as loaded.
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// The pool `name`.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Sets `pool`'s desired replicas (stored first) and wakes the reconciler.
+    pub async fn scale(&self, pool: &str, replicas: u32) -> Result<(), ScaleError> {
+        let p = self.pool(pool).ok_or_else(|| ScaleError::NoPool(pool.to_string()))?;
+        if replicas < p.min || replicas > p.max {
+            return Err(ScaleError::OutOfRange { pool: pool.to_string(), min: p.min, max: p.max, asked: replicas });
+        }
+        self.registry.store_handle().set_replicas(pool, replicas).await?;
+        self.replicas.write().expect("replicas lock").insert(pool.to_string(), replicas);
+        tracing::info!(pool, replicas, "scale");
+        self.wake_up();
+        Ok(())
+    }
+
+    /// Each pool's state as the last pass saw it.
+    pub fn status(&self) -> Vec<PoolStatus> {
+        let desired = self.replicas.read().expect("replicas lock").clone();
+        let mut out = self.status.read().expect("status lock").clone();
+        if out.is_empty() {
+            out = self.pools.iter().map(|p| self.empty_status(p)).collect();
+        }
+        for s in &mut out {
+            s.desired = desired.get(&s.name).copied().unwrap_or(s.desired);
+        }
+        out
+    }
+
+    fn empty_status(&self, p: &Pool) -> PoolStatus {
+        PoolStatus {
+            name: p.name.clone(),
+            image: p.image.clone(),
+            boot: boot_name(p.boot).into(),
+            min: p.min,
+            max: p.max,
+            desired: p.replicas,
+            registered: 0,
+            hosts: p.hosts.iter().map(|h| HostStatus { host: h.clone(), ..Default::default() }).collect(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// The pool node with this MAC, if kiln made it.
+    pub fn member(&self, mac: Mac) -> Option<(NodeId, &Pool)> {
+        let node = self.members.read().expect("members lock").get(&mac).cloned()?;
+        let pool = self.pool(&node.pool)?;
+        Some((node, pool))
+    }
+
+    fn wake_up(&self) {
+        let (lock, cv) = &self.wake;
+        *lock.lock().expect("wake lock") = true;
+        cv.notify_all();
+    }
+
+    /// Runs reconcile passes on a thread of its own until [`Pools::stop`].
+    pub fn spawn(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
+        let pools = self.clone();
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("kiln-pools".into())
+            .spawn(move || {
+                while !*pools.stop.lock().expect("stop lock") {
+                    pools.pass(&runtime);
+                    let (lock, cv) = &pools.wake;
+                    let woken = lock.lock().expect("wake lock");
+                    let (mut woken, _) = cv.wait_timeout_while(woken, pools.config.interval, |w| !*w).expect("wake lock");
+                    *woken = false;
+                }
+            })
+            .expect("starting the pools thread")
+    }
+
+    /// Stops the reconcile thread after its current pass.
+    pub fn stop(&self) {
+        *self.stop.lock().expect("stop lock") = true;
+        self.wake_up();
+    }
+
+    /// One reconcile pass, logged.
+    fn pass(&self, runtime: &tokio::runtime::Handle) {
+        let replicas = self.replicas.read().expect("replicas lock").clone();
+        let hosts = self.hosts.lock().expect("hosts lock");
+        let registry = Registered { registry: &self.registry, runtime, pools: &self.pools };
+        let settings = Settings { domain_type: self.config.domain_type, nic: self.config.nic.clone() };
+        let report = kiln_pool::reconcile(&self.pools, &replicas, &hosts, self, &registry, &settings);
+        for action in &report.done {
+            tracing::info!(action = %describe(action), "pools");
+        }
+        for (action, error) in &report.failed {
+            match action {
+                Some(a) => tracing::warn!(action = %describe(a), "pools: {error}"),
+                None => tracing::warn!("pools: {error}"),
+            }
+        }
+        // What the hosts have now, for the status and the members.
+        let registered: Vec<NodeId> = registry.registered().unwrap_or_default();
+        let mut members = BTreeMap::new();
+        let mut status: Vec<PoolStatus> = self.pools.iter().map(|p| self.empty_status(p)).collect();
+        for (uri, hv) in hosts.iter() {
+            let Ok(domains) = hv.list() else { continue };
+            for d in domains {
+                members.insert(d.node.mac(), d.node.clone());
+                let Some(s) = status.iter_mut().find(|s| s.name == d.node.pool) else { continue };
+                let Some(h) = s.hosts.iter_mut().find(|h| &h.host == uri) else { continue };
+                h.defined += 1;
+                h.running += u32::from(d.running);
+                if registered.contains(&d.node) {
+                    h.registered += 1;
+                    s.registered += 1;
+                }
+            }
+        }
+        for (action, error) in &report.failed {
+            let pool = action.as_ref().map(|a| action_node(a).pool.clone());
+            for s in status.iter_mut().filter(|s| pool.as_ref().is_none_or(|p| *p == s.name)) {
+                s.errors.push(error.clone());
+            }
+        }
+        *self.members.write().expect("members lock") = members;
+        *self.status.write().expect("status lock") = status;
+    }
+
+    fn node_dir(&self) -> PathBuf {
+        self.state_dir.join("pools")
+    }
+}
+
+impl Provisioner for Pools {
+    fn overlays(&self, host: &str) -> Result<Vec<NodeId>, String> {
+        if !is_local(host) {
+            return Ok(Vec::new());
+        }
+        let dir = self.node_dir();
+        let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut out: Vec<NodeId> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let stem = name.strip_suffix(".qcow2").or_else(|| name.strip_suffix(".iso"))?;
+                parse_node(stem)
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn make(&self, _host: &str, pool: &Pool, node: &NodeId) -> Result<BootMedia, String> {
+        let image = self.images.get(&pool.image).ok_or_else(|| format!("image `{}` is no longer served", pool.image))?;
+        let golden = self.images.root().join(&image.name).join(format!("{}.qcow2", image.name));
+        let dir = self.node_dir();
+        let overlay = dir.join(format!("{node}.qcow2"));
+        let seed_path = dir.join(format!("{node}.iso"));
+        // Written under temporary names and renamed: a crash leaves no half-made overlay.
+        let tmp = dir.join(format!(".{node}.qcow2.tmp"));
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&golden)
+            .arg(&tmp)
+            .output()
+            .map_err(|e| format!("qemu-img: {e}"))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("qemu-img create: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        std::fs::rename(&tmp, &overlay).map_err(|e| format!("{}: {e}", overlay.display()))?;
+        let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
+        let profile = match &pool.profile {
+            Some(id) => self.catalog.profiles().find(|p| &p.id == id).cloned().ok_or_else(|| format!("no profile `{id}`"))?,
+            None => kiln_pxe::profile::Profile {
+                id: "pool".into(),
+                image: pool.image.clone(),
+                kernel_args: Vec::new(),
+                user_data: None,
+                network_config: None,
+                vendor_data: None,
+            },
+        };
+        let api_url = self.config.api_url.as_deref().unwrap_or_default();
+        let params = ServerParams { base_url: api_url, token: &self.bootstrap_token, api_url };
+        let seed = self.catalog.seed(&profile, image, &machine, &params).map_err(|e| e.to_string())?;
+        seed.write_iso(&seed_path).map_err(|e| e.to_string())?;
+        Ok(BootMedia::Disk { overlay, seed: seed_path })
+    }
+
+    fn delete(&self, _host: &str, node: &NodeId) -> Result<(), String> {
+        for ext in ["qcow2", "iso", "log"] {
+            let path = self.node_dir().join(format!("{node}.{ext}"));
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{}: {e}", path.display())),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn console_log(&self, _host: &str, node: &NodeId) -> PathBuf {
+        self.node_dir().join(format!("{node}.log"))
+    }
+}
+
+/// The registry as the reconciler sees it: registered pool nodes, by hostname.
+struct Registered<'a> {
+    registry: &'a Registry,
+    runtime: &'a tokio::runtime::Handle,
+    pools: &'a [Pool],
+}
+
+impl PoolRegistry for Registered<'_> {
+    fn registered(&self) -> Result<Vec<NodeId>, String> {
+        Ok(self
+            .registry
+            .nodes()
+            .iter()
+            .filter_map(|n| parse_node(&n.name))
+            .filter(|id| self.pools.iter().any(|p| p.name == id.pool))
+            .collect())
+    }
+
+    fn deregister(&self, node: &NodeId) -> Result<(), String> {
+        let name = node.domain_name();
+        match self.runtime.block_on(self.registry.remove(&name)) {
+            Ok(Some(_)) => {
+                tracing::info!(node = %name, "pools: deregistered, lease released");
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(format!("deregistering {name}: {e}")),
+        }
+    }
+}
+
+/// `kiln-<pool>-<n>` → the node.
+pub fn parse_node(name: &str) -> Option<NodeId> {
+    let rest = name.strip_prefix("kiln-")?;
+    let (pool, n) = rest.rsplit_once('-')?;
+    if pool.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(NodeId::new(pool, n.parse().ok()?))
+}
+
+fn is_local(uri: &str) -> bool {
+    // qemu:///system, qemu+unix:///system?socket=..., test:///default: no host part.
+    uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'))
+}
+
+fn open(uri: &str) -> Result<Libvirt, kiln_pool::hypervisor::Error> {
+    Libvirt::open(uri)
+}
+
+fn boot_name(b: kiln_pool::Boot) -> &'static str {
+    match b {
+        kiln_pool::Boot::Disk => "disk",
+        kiln_pool::Boot::Network => "network",
+    }
+}
+
+fn action_node(a: &Action) -> &NodeId {
+    match a {
+        Action::Deregister { node }
+        | Action::Remove { node, .. }
+        | Action::DeleteOverlay { node, .. }
+        | Action::Start { node, .. }
+        | Action::Create { node, .. } => node,
+    }
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::Deregister { node } => format!("deregister {node}"),
+        Action::Remove { host, node } => format!("remove {node} from {host}"),
+        Action::DeleteOverlay { host, node } => format!("delete the leftover overlay of {node} on {host}"),
+        Action::Start { host, node } => format!("start {node} on {host}"),
+        Action::Create { host, node } => format!("create {node} on {host}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_parse_back() {
+        assert_eq!(parse_node("kiln-tiny-3"), Some(NodeId::new("tiny", 3)));
+        assert_eq!(parse_node("kiln-big-pool-12"), Some(NodeId::new("big-pool", 12)));
+        for bad in ["tiny-3", "kiln-tiny", "kiln--3", "kiln-tiny-x", "node-123456"] {
+            assert_eq!(parse_node(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn local_and_remote_uris() {
+        assert!(is_local("qemu:///system"));
+        assert!(is_local("qemu+unix:///system?socket=/tmp/x/libvirt-sock"));
+        assert!(is_local("test:///default"));
+        assert!(!is_local("qemu+ssh://host/system"));
+    }
+}
