@@ -20,6 +20,7 @@
 //! - `virt` 0.4: libvirt's C API (0.5 pins a libc the workspace's nix cannot share).
 //! - `tempfile` (tests only): pool directories to load.
 
+pub mod autoscale;
 pub mod domain;
 pub mod hypervisor;
 pub mod plan;
