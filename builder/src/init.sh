@@ -22,7 +22,9 @@ for dev in /sys/class/net/*; do
   udhcpc -i "$nic" -s /etc/kiln/udhcpc.script -n -q -t 20 -T 1 >/dev/null 2>&1 &
 done
 wait
-hostname "tiny-$(echo "$first_mac" | tr -d ':' | cut -c7-12)"
+# A pool's node is named by the server (kiln.hostname=); any other by its MAC.
+name=$(sed -n 's/.*kiln\.hostname=\([^ ]*\).*/\1/p' /proc/cmdline)
+hostname "${name:-tiny-$(echo "$first_mac" | tr -d ':' | cut -c7-12)}"
 echo "kiln-init: $(hostname) up, $(ip -4 -o addr show scope global | awk '{print $2, $4}' | tr '\n' ' ')"
 while true; do
   /usr/bin/kiln-agent

@@ -381,19 +381,22 @@ fn machine_profile<'a>(
     let (group, profile) = match member {
         Some((node, pool)) => {
             machine.hostname = Some(node.domain_name());
-            let profile = match &pool.profile {
-                Some(id) => std::borrow::Cow::Borrowed(api.catalog.profiles().find(|p| &p.id == id).ok_or_else(|| {
+            let mut profile = match &pool.profile {
+                Some(id) => api.catalog.profiles().find(|p| &p.id == id).cloned().ok_or_else(|| {
                     (StatusCode::INTERNAL_SERVER_ERROR, format!("pool `{}` names profile `{id}`, which is gone", pool.name))
-                })?),
-                None => std::borrow::Cow::Owned(Profile {
+                })?,
+                None => Profile {
                     id: format!("pool-{}", pool.name),
                     image: pool.image.clone(),
                     kernel_args: Vec::new(),
                     user_data: None,
                     network_config: None,
                     vendor_data: None,
-                }),
+                },
             };
+            // Images without cloud-init name themselves from the command line.
+            profile.kernel_args.push(format!("{}={}", kiln_core::CMDLINE_HOSTNAME, node.domain_name()));
+            let profile = std::borrow::Cow::Owned(profile);
             (format!("pool:{}", pool.name), profile)
         }
         None => {

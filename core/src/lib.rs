@@ -24,6 +24,9 @@ pub const CMDLINE_SERVER: &str = "kiln.server";
 pub const CMDLINE_TOKEN: &str = "kiln.token";
 /// Kernel command-line key carrying the digest of the image the node booted.
 pub const CMDLINE_IMAGE_DIGEST: &str = "kiln.image_digest";
+/// Kernel command-line key carrying the hostname the server gives a pool's
+/// node (its libvirt domain name); images without cloud-init take it.
+pub const CMDLINE_HOSTNAME: &str = "kiln.hostname";
 /// Kernel command-line key carrying the URL of a diskless node's root
 /// filesystem (squashfs), which kiln's initramfs script fetches.
 pub const CMDLINE_ROOTFS: &str = "kiln.rootfs";

@@ -123,6 +123,8 @@ impl DomainSpec {
                     BootMedia::Network => "network",
                 };
                 w.create_element("boot").with_attribute(("dev", dev)).write_empty()?;
+                // SeaBIOS and iPXE print on the serial console too (the console log).
+                w.create_element("bios").with_attribute(("useserial", "yes")).write_empty()?;
                 Ok(())
             })?;
             w.create_element("features").write_inner_content(|w| {
@@ -276,6 +278,7 @@ mod tests {
   <os>
     <type arch="x86_64" machine="q35">hvm</type>
     <boot dev="network"/>
+    <bios useserial="yes"/>
   </os>
   <features>
     <acpi/>

@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 
 pub mod etcd;
 pub mod golden;
+pub mod libvirt;
 pub mod overlay;
 
 /// The workspace root.

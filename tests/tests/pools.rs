@@ -147,3 +147,90 @@ fn bad_pools_are_refused_naming_the_file_and_field() {
         refused(tmp.path(), &dir, want);
     }
 }
+
+/// The real thing: a private libvirtd (in a network namespace the test
+/// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG; they
+/// PXE-boot the tiny image from `kiln serve` in that namespace and their
+/// agents register over TLS. 0 → 3 → 1 → 0: the nodes register and leave,
+/// and afterwards no kiln domain, overlay or lease is left.
+#[test]
+fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
+    if kiln_tests::skip_e2e() {
+        return;
+    }
+    let _vm = kiln_tests::vm_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    let state = tmp.path().join("state");
+    let (status, _, stderr) = kiln_tests::kiln_build_for(&kiln_tests::root().join("images/tiny.toml"), &images, Some(&state));
+    assert!(status.success(), "kiln build: {stderr}");
+
+    let lab = kiln_tests::libvirt::Lab::up(&format!("kp{}", std::process::id() % 100_000), 8080);
+    let dir = tmp.path().join("pools");
+    pool_file(&dir, "tiny", &TINY.replace("test:///default", &lab.uri));
+    let mut cmd = lab.command(&binaries().kiln);
+    cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
+    cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port)]);
+    cmd.args(["--api-listen", &format!("{}:8443", lab.bridge_ip), "--pool-network", &lab.network, "--pool-accel", "qemu"]);
+    let server = KilnServer::spawn(cmd, &state);
+    let api = format!("https://{}:8443", lab.bridge_ip);
+
+    let cli = |args: &[&str]| -> (bool, String) {
+        let out =
+            lab.command(&binaries().kiln).args(args).arg("--server").arg(&api).arg("--state").arg(&state).output().expect("kiln runs");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let nodes = || -> Vec<kiln_core::Node> {
+        let (ok, out) = cli(&["nodes", "--json"]);
+        assert!(ok, "kiln nodes: {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln nodes --json: {e}: {out}"))
+    };
+    let pool = || -> serde_json::Value {
+        let (ok, out) = cli(&["pools", "--json"]);
+        assert!(ok, "kiln pools: {out}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap().remove(0)
+    };
+    let kiln_domains = || lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with("kiln-tiny-")).count();
+    let converge = |want: usize, what: &str| {
+        let start = std::time::Instant::now();
+        let ok = wait_for(Duration::from_secs(240), || {
+            let ns = nodes();
+            let registered: Vec<&kiln_core::Node> = ns.iter().filter(|n| n.pool == "tiny").collect();
+            (registered.len() == want && kiln_domains() == want && pool()["registered"] == want as u64).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "{what}: not {want} registered nodes: nodes {:?}, pool {}, virsh {}\nserver:\n{}",
+            nodes().iter().map(|n| &n.name).collect::<Vec<_>>(),
+            pool(),
+            lab.virsh(&["list", "--all"]),
+            tail(&server.log(), 30)
+        );
+        eprintln!("{what}: converged in {:.1} s", start.elapsed().as_secs_f64());
+    };
+
+    let (ok, out) = cli(&["scale", "tiny", "3"]);
+    assert!(ok, "{out}");
+    converge(3, "0 → 3");
+    let mut names: Vec<String> = nodes().into_iter().map(|n| n.name).collect();
+    names.sort();
+    assert_eq!(names, ["kiln-tiny-0", "kiln-tiny-1", "kiln-tiny-2"], "each node registers under its domain's name");
+    let (ok, table) = cli(&["nodes"]);
+    assert!(
+        ok && table.lines().filter(|l| l.contains("kiln-tiny-") && l.contains(" tiny ")).count() == 3,
+        "kiln nodes shows the pool:\n{table}"
+    );
+
+    let (ok, out) = cli(&["scale", "tiny", "1"]);
+    assert!(ok, "{out}");
+    converge(1, "3 → 1");
+    assert_eq!(nodes()[0].name, "kiln-tiny-0", "the newest nodes go first");
+
+    let (ok, out) = cli(&["scale", "tiny", "0"]);
+    assert!(ok, "{out}");
+    converge(0, "1 → 0");
+    assert!(nodes().is_empty(), "no lease is left");
+    let left: Vec<_> = std::fs::read_dir(state.join("pools")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "no overlay, seed or console log is left: {left:?}");
+    drop(server);
+}

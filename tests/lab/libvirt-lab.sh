@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# A private libvirtd + virtlogd (system mode) inside a network namespace the
+# script makes, for kiln's end-to-end pool tests. Nothing touches the host's
+# network or a host libvirtd's state:
+#   - every daemon runs in netns $NS and in a private mount namespace where
+#     the lab's directories are bind-mounted over /run, /etc/libvirt,
+#     /var/lib/libvirt, /var/cache/libvirt and /var/log/libvirt;
+#   - the libvirt network is isolated (no <forward>), its bridge exists only
+#     inside $NS;
+#   - the host reaches libvirtd only through its unix socket:
+#       qemu+unix:///system?socket=$LAB/run/libvirt/libvirt-sock
+#
+# Usage (as root):
+#   lab.sh up      start netns, virtlogd, libvirtd, network; print the env
+#   lab.sh prove   HTTP server in the netns + a PXE-booting TCG domain; check
+#                  the marker on its serial log and the request in the HTTP log
+#   lab.sh down    stop everything by PID, delete netns and lab dir (also after
+#                  a partial or failed up)
+#   lab.sh env     print the variables a harness needs
+#
+# Knobs (environment): KILN_LAB_DIR (default /tmp/kiln-libvirt-lab),
+# KILN_LAB_NS (default kiln-lab), KILN_LAB_NET (libvirt network name,
+# default kiln-lab), KILN_LAB_SUBNET (first three octets, default 10.213.0),
+# KILN_LAB_HTTP_PORT (default 8080), KILN_LAB_CACHE (a directory kept
+# between runs for libvirt's QEMU capabilities cache; default: inside the lab,
+# deleted by down).
+set -euo pipefail
+
+LAB=${KILN_LAB_DIR:-/tmp/kiln-libvirt-lab}
+NS=${KILN_LAB_NS:-kiln-lab}
+NET=${KILN_LAB_NET:-kiln-lab}
+SUBNET=${KILN_LAB_SUBNET:-10.213.0}
+PORT=${KILN_LAB_HTTP_PORT:-8080}
+BRIDGE=kilnbr0
+BRIDGE_IP=$SUBNET.1
+ULA=${KILN_LAB_ULA:-fd6b:696c:6e00}
+SOCK=$LAB/run/libvirt/libvirt-sock
+URI="qemu+unix:///system?socket=$SOCK"
+DOMAIN=kiln-proto-0
+
+log() { printf '%s lab: %s\n' "$(date +%T.%3N)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc | xargs printf '%.2f'; }
+v() { virsh -q -c "$URI" "$@"; }
+ns_exists() { ip netns list | awk -v ns="$NS" '$1 == ns { f = 1 } END { exit !f }'; }
+
+# The lab's directory -> where the daemons see it.
+BINDS=(
+  "$LAB/run:/run"
+  "$LAB/etc:/etc/libvirt"
+  "$LAB/lib:/var/lib/libvirt"
+  "${KILN_LAB_CACHE:-$LAB/cache}:/var/cache/libvirt"
+  "$LAB/log:/var/log/libvirt"
+)
+
+write_config() {
+  mkdir -p "$LAB"/{run,etc/qemu/networks,lib,cache,log,www,console}
+  [ -z "${KILN_LAB_CACHE:-}" ] || mkdir -p "$KILN_LAB_CACHE"
+  # Only the config files libvirtd and virtlogd read; no default network,
+  # no nwfilters, no hooks from the host's /etc/libvirt.
+  cat > "$LAB/etc/libvirtd.conf" <<'EOF'
+# unix socket only (libvirtd runs without --listen), root only, no polkit
+unix_sock_group = "root"
+unix_sock_ro_perms = "0700"
+unix_sock_rw_perms = "0700"
+auth_unix_ro = "none"
+auth_unix_rw = "none"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+EOF
+  cat > "$LAB/etc/virtlogd.conf" <<'EOF'
+log_outputs = "3:file:/var/log/libvirt/virtlogd.log"
+EOF
+  cat > "$LAB/etc/qemu.conf" <<'EOF'
+# QEMU runs as root, unconfined, outside cgroups: no apparmor/selinux
+# labelling, no chown of images, no cgroup directories on the host.
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+# serial <log file=..> and the domain log go through virtlogd
+stdio_handler = "logd"
+EOF
+  cat > "$LAB/etc/network.conf" <<'EOF'
+# no nft binary on the host; iptables (nf_tables flavour) rules land in the
+# lab's netns only
+firewall_backend = "iptables"
+EOF
+  cat > "$LAB/etc/libvirt.conf" <<'EOF'
+EOF
+}
+
+start_daemons() {
+  local t0 mounts="" pair
+  t0=$(now)
+  for pair in "${BINDS[@]}"; do
+    [ -d "${pair#*:}" ] || die "${pair#*:} missing on the host (is libvirt-daemon-system installed?)"
+    mounts+="mount --bind '${pair%%:*}' '${pair#*:}'; "
+  done
+  # One mount namespace for both daemons (ip netns exec makes a new one per
+  # call, so they must start from the same shell). Propagation private: the
+  # binds never show on the host. QEMU and dnsmasq inherit both namespaces.
+  ip netns exec "$NS" unshare --mount --propagation private bash -euc "
+    $mounts
+    mkdir -p /run/libvirt
+    virtlogd -d -p /run/virtlogd.pid
+    libvirtd -d -p /run/libvirtd.pid
+  "
+  local i
+  for i in $(seq 1 300); do
+    if [ -S "$SOCK" ] && v version >/dev/null 2>&1; then
+      log "libvirtd answers after $(since "$t0") s"
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "libvirtd did not answer on $SOCK in 30 s; see $LAB/log/libvirtd.log"
+}
+
+define_network() {
+  local t0
+  t0=$(now)
+  cat > "$LAB/network.xml" <<EOF
+<network>
+  <name>$NET</name>
+  <bridge name='$BRIDGE' stp='off' delay='0'/>
+  <dns enable='no'/>
+  <ip address='$BRIDGE_IP' netmask='255.255.255.0'>
+    <dhcp>
+      <range start='$SUBNET.100' end='$SUBNET.199'/>
+      <bootp file='http://$BRIDGE_IP:$PORT/boot.ipxe'/>
+    </dhcp>
+  </ip>
+  <!-- Only so dnsmasq sends router advertisements: iPXE's "Configuring"
+       step waits for IPv6 autoconfiguration too, about 13 s under TCG
+       when no router answers. -->
+  <ip family='ipv6' address='$ULA::1' prefix='64'/>
+</network>
+EOF
+  v net-define "$LAB/network.xml" >/dev/null
+  v net-start "$NET" >/dev/null
+  log "network $NET ($BRIDGE $BRIDGE_IP/24, isolated) up after $(since "$t0") s"
+}
+
+cmd_up() {
+  [ "$(id -u)" = 0 ] || die "run as root"
+  for c in ip unshare virsh libvirtd virtlogd qemu-system-x86_64 dnsmasq iptables python3 bc; do
+    command -v "$c" >/dev/null || die "$c not found"
+  done
+  [ ! -e "$LAB" ] || die "$LAB exists: run '$0 down' first"
+  ! ns_exists || die "netns $NS exists: run '$0 down' first"
+  # a failed or interrupted up cleans after itself (EXIT, not ERR: set -e
+  # inside functions does not fire an ERR trap without set -E). fd 9 keeps
+  # the real stderr: a signal may arrive inside `v version 2>/dev/null`.
+  exec 9>&2
+  trap 'rc=$?; trap - EXIT; if [ $rc != 0 ]; then { log "up failed ($rc); cleaning up"; cmd_down; } 2>&9; fi; exit $rc' EXIT
+  trap 'exit 130' INT TERM
+  write_config
+  ip netns add "$NS"
+  ip -n "$NS" link set lo up
+  start_daemons
+  define_network
+  cmd_env
+}
+
+cmd_env() {
+  cat <<EOF
+KILN_LAB_DIR=$LAB
+KILN_LAB_NS=$NS
+KILN_LAB_URI=$URI
+KILN_LAB_NET=$NET
+KILN_LAB_BRIDGE_IP=$BRIDGE_IP
+KILN_LAB_BOOT_URL=http://$BRIDGE_IP:$PORT/boot.ipxe
+EOF
+}
+
+cmd_prove() {
+  [ -S "$SOCK" ] || die "no lab at $LAB: run '$0 up' first"
+  printf '#!ipxe\necho KILN-PROTO-OK\nsleep 2\nexit\n' > "$LAB/www/boot.ipxe"
+  # ip netns exec execs the command: $! is python's PID
+  ip netns exec "$NS" python3 -m http.server --bind "$BRIDGE_IP" --directory "$LAB/www" "$PORT" \
+    > "$LAB/http.log" 2>&1 &
+  echo $! > "$LAB/run/http.pid"
+  local i
+  for i in $(seq 1 50); do
+    ip netns exec "$NS" bash -c "exec 3<>/dev/tcp/$BRIDGE_IP/$PORT" 2>/dev/null && break
+    sleep 0.1
+  done
+  local console=$LAB/console/$DOMAIN.log
+  cat > "$LAB/domain.xml" <<EOF
+<domain type='qemu'>
+  <name>$DOMAIN</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <boot dev='network'/>
+    <bios useserial='yes'/>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <interface type='network'>
+      <source network='$NET'/>
+      <mac address='52:54:00:6b:00:01'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='pty'>
+      <log file='$console' append='on'/>
+      <target port='0'/>
+    </serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+  </devices>
+</domain>
+EOF
+  v define "$LAB/domain.xml" >/dev/null
+  local t0 t_marker="" t_http=""
+  t0=$(now)
+  v start "$DOMAIN" >/dev/null
+  log "domain $DOMAIN started in $(since "$t0") s"
+  for i in $(seq 1 600); do
+    if [ -z "$t_http" ] && grep -q 'GET /boot.ipxe' "$LAB/http.log" 2>/dev/null; then
+      t_http=$(since "$t0"); log "HTTP request for boot.ipxe after $t_http s"
+    fi
+    if grep -q KILN-PROTO-OK "$console" 2>/dev/null; then
+      t_marker=$(since "$t0"); log "marker on the serial log after $t_marker s"
+      break
+    fi
+    sleep 0.2
+  done
+  # Debian's iPXE (2019) has no poweroff command: stop the guest here.
+  v destroy "$DOMAIN" >/dev/null 2>&1 || true
+  log "DHCP lease: $(v net-dhcp-leases "$NET" | tr -s ' ' | head -1)"
+  log "HTTP log: $(grep -m1 'GET /boot.ipxe' "$LAB/http.log" || echo none)"
+  [ -n "$t_marker" ] || { tail -c 2000 "$console" >&2 || true; die "no marker on $console"; }
+  [ -n "$t_http" ] || die "no request in $LAB/http.log"
+  log "prove: ok"
+}
+
+# PID in a file, if the process lives.
+pid_of() { local p; p=$(cat "$1" 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo "$p"; }
+
+stop_pids() {
+  local p i alive
+  [ $# -gt 0 ] || return 0
+  log "stopping PIDs $*"
+  kill -TERM "$@" 2>/dev/null || true
+  for i in $(seq 1 50); do
+    alive=()
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
+    [ ${#alive[@]} -gt 0 ] || return 0
+    sleep 0.1
+  done
+  log "killing PIDs ${alive[*]}"
+  kill -KILL "${alive[@]}" 2>/dev/null || true
+}
+
+cmd_down() {
+  local t0 pids=() f p d
+  t0=$(now)
+  if [ -S "$SOCK" ] && timeout 5 virsh -q -c "$URI" version >/dev/null 2>&1; then
+    for d in $(timeout 10 virsh -q -c "$URI" list --all --name 2>/dev/null); do
+      timeout 10 virsh -q -c "$URI" destroy "$d" >/dev/null 2>&1 || true
+      timeout 10 virsh -q -c "$URI" undefine "$d" >/dev/null 2>&1 || true
+    done
+    for d in $(timeout 10 virsh -q -c "$URI" net-list --all --name 2>/dev/null); do
+      timeout 10 virsh -q -c "$URI" net-destroy "$d" >/dev/null 2>&1 || true
+      timeout 10 virsh -q -c "$URI" net-undefine "$d" >/dev/null 2>&1 || true
+    done
+  fi
+  # Children first (QEMU, dnsmasq, HTTP), then libvirtd, then virtlogd (it
+  # holds the QEMU logs until QEMU is gone).
+  for f in "$LAB"/run/http.pid "$LAB"/run/libvirt/qemu/*.pid "$LAB"/run/libvirt/network/*.pid; do
+    # driver.pid in those directories is libvirtd's own
+    [ "${f##*/}" != driver.pid ] || continue
+    p=$(pid_of "$f") && pids+=("$p")
+  done
+  stop_pids "${pids[@]}"
+  p=$(pid_of "$LAB/run/libvirtd.pid") && stop_pids "$p"
+  p=$(pid_of "$LAB/run/virtlogd.pid") && stop_pids "$p"
+  # Whatever else still runs in the netns was started by this lab (e.g. a
+  # daemon whose PID file was never written).
+  if ns_exists; then
+    mapfile -t pids < <(ip netns pids "$NS" 2>/dev/null)
+    stop_pids "${pids[@]}"
+    ip netns del "$NS"
+  fi
+  # The binds lived only in the daemons' private mount namespace, which is
+  # gone with them: $LAB holds plain directories again.
+  if [ -d "$LAB" ]; then
+    if grep -q " $LAB" /proc/self/mountinfo; then die "$LAB still has mounts on the host"; fi
+    rm -rf "$LAB"
+  fi
+  log "down in $(since "$t0") s"
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  prove) cmd_prove ;;
+  down) cmd_down ;;
+  env) cmd_env ;;
+  *) echo "usage: $0 up|prove|down|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,111 @@
+//! A private libvirtd for end-to-end pool tests: `tests/lab/libvirt-lab.sh
+//! up` starts libvirtd and virtlogd (system mode) inside a network namespace
+//! it makes, with their own state directories, and an isolated libvirt
+//! network whose DHCP (libvirt's dnsmasq) points PXE clients at
+//! `http://BRIDGE_IP:PORT/boot.ipxe`. Everything lives in that namespace:
+//! the host reaches libvirtd through its unix socket only. Dropping the
+//! [`Lab`] runs `down`, which stops every process it started by PID and
+//! deletes the namespace and directories, also after a failed test.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{root, target_dir};
+
+/// A running lab.
+pub struct Lab {
+    env: BTreeMap<String, String>,
+    /// The libvirt URI of the private libvirtd (`qemu+unix:///system?socket=...`).
+    pub uri: String,
+    /// The network namespace everything runs in.
+    pub netns: String,
+    /// The libvirt network nodes join.
+    pub network: String,
+    /// The bridge's address: where a server in the namespace listens.
+    pub bridge_ip: String,
+    /// The port the network's DHCP tells PXE clients to fetch `/boot.ipxe` from.
+    pub http_port: u16,
+}
+
+fn script() -> PathBuf {
+    root().join("tests/lab/libvirt-lab.sh")
+}
+
+impl Lab {
+    /// Starts a lab named `name` (its namespace; short: socket paths are
+    /// limited to 108 bytes) serving PXE clients from port `http_port`.
+    pub fn up(name: &str, http_port: u16) -> Lab {
+        let dir = Path::new("/tmp").join(format!("kl-{name}"));
+        let mut env = BTreeMap::from([
+            ("KILN_LAB_DIR".to_string(), dir.display().to_string()),
+            ("KILN_LAB_NS".to_string(), name.to_string()),
+            ("KILN_LAB_NET".to_string(), name.to_string()),
+            ("KILN_LAB_HTTP_PORT".to_string(), http_port.to_string()),
+            // libvirt's QEMU capabilities, probed once (8 s) and kept.
+            ("KILN_LAB_CACHE".to_string(), target_dir().join("libvirt-lab-cache").display().to_string()),
+        ]);
+        // A lab left by a killed test run goes first.
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("down")
+            .envs(&env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        // Output to a file, not a pipe: the daemons it starts keep their
+        // inherited descriptors, and a pipe would never reach its end.
+        let log = std::env::temp_dir().join(format!("kiln-lab-{name}.out"));
+        let file = std::fs::File::create(&log).expect("creating the lab's output file");
+        let status = Command::new("bash")
+            .arg(script())
+            .arg("up")
+            .envs(&env)
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("cloning a file handle"))
+            .stderr(file)
+            .status()
+            .expect("bash runs");
+        let stdout = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        assert!(status.success(), "libvirt-lab.sh up failed:\n{stdout}");
+        for line in stdout.lines() {
+            if let Some((k, v)) = line.split_once('=')
+                && k.starts_with("KILN_LAB_")
+            {
+                env.insert(k.to_string(), v.to_string());
+            }
+        }
+        let get = |k: &str| env.get(k).cloned().unwrap_or_else(|| panic!("libvirt-lab.sh up printed no {k}:\n{stdout}"));
+        Lab {
+            uri: get("KILN_LAB_URI"),
+            netns: get("KILN_LAB_NS"),
+            network: get("KILN_LAB_NET"),
+            bridge_ip: get("KILN_LAB_BRIDGE_IP"),
+            http_port,
+            env,
+        }
+    }
+
+    /// `program args...` inside the lab's network namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns]).arg(program);
+        cmd
+    }
+
+    /// `virsh -c URI args...`: stdout.
+    pub fn virsh(&self, args: &[&str]) -> String {
+        let out = Command::new("virsh").args(["-c", &self.uri]).args(args).output().expect("virsh runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let status = Command::new("bash").arg(script()).arg("down").envs(&self.env).stdout(std::process::Stdio::null()).status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("libvirt-lab.sh down failed: {status:?}");
+        }
+    }
+}
