@@ -179,6 +179,12 @@ struct ServeArgs {
     /// guest runs under it here).
     #[arg(long, default_value = "auto", value_parser = ["auto", "qemu", "kvm"])]
     pool_accel: String,
+    /// Autoscaled pools: log each decision and its reason, change nothing.
+    #[arg(long)]
+    autoscale_dry_run: bool,
+    /// Seconds between reconcile (and autoscale) passes; `kiln scale` wakes it at once.
+    #[arg(long, default_value_t = 5.0)]
+    pool_interval: f64,
 }
 
 /// Where a build finds its inputs.
@@ -265,6 +271,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pools,
                 pool_network,
                 pool_accel,
+                autoscale_dry_run,
+                pool_interval,
             } = *args;
             let pools = match pools {
                 None => None,
@@ -287,7 +295,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         nic: pool_network.map_or(kiln_pool::Nic::User, kiln_pool::Nic::Network),
                         domain_type,
                         api_url: advertise_api.clone(),
-                        interval: Duration::from_secs(5),
+                        interval: Duration::from_secs_f64(pool_interval.clamp(0.1, 3600.0)),
+                        autoscale_dry_run,
                     })
                 }
             };

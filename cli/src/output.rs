@@ -150,6 +150,9 @@ pub fn pool_table(pools: &[kiln_control::pools::PoolStatus]) -> String {
     }
     let mut out = table(rows);
     for p in pools {
+        if let Some(a) = &p.autoscale {
+            out.push_str(&format!("{}: autoscale: {a}\n", p.name));
+        }
         for e in &p.errors {
             out.push_str(&format!("{}: {e}\n", p.name));
         }

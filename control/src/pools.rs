@@ -123,6 +123,8 @@ pub struct PoolsConfig {
     pub api_url: Option<String>,
     /// Seconds between reconcile passes when nothing asks for one sooner.
     pub interval: Duration,
+    /// Autoscalers decide and log, but change nothing (`--autoscale-dry-run`).
+    pub autoscale_dry_run: bool,
 }
 
 /// One host's part of a pool, for `kiln pools`.
@@ -159,6 +161,20 @@ pub struct PoolStatus {
     pub hosts: Vec<HostStatus>,
     /// The last pass's failures for this pool.
     pub errors: Vec<String>,
+    /// The autoscaler's last decision and its reason, if the pool has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<String>,
+}
+
+/// An autoscaled pool's memory between passes.
+#[derive(Debug, Default)]
+struct AutoState {
+    /// When its replicas last changed (by the autoscaler or `kiln scale`).
+    last_change: Option<std::time::Instant>,
+    /// Each node's CPU times at the previous scrape (for `cpu_busy`).
+    cpu: BTreeMap<String, kiln_pool::autoscale::CpuTimes>,
+    /// The last decision, in words.
+    last: Option<String>,
 }
 
 /// The pools of a running server.
@@ -178,6 +194,7 @@ pub struct Pools {
     state_dir: PathBuf,
     wake: (Mutex<bool>, Condvar),
     stop: Mutex<bool>,
+    auto: Mutex<BTreeMap<String, AutoState>>,
 }
 
 impl Pools {
@@ -255,6 +272,7 @@ impl Pools {
             state_dir: state_dir.to_path_buf(),
             wake: (Mutex::new(false), Condvar::new()),
             stop: Mutex::new(false),
+            auto: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -276,6 +294,7 @@ impl Pools {
         }
         self.registry.store_handle().set_replicas(pool, replicas).await?;
         self.replicas.write().expect("replicas lock").insert(pool.to_string(), replicas);
+        self.auto.lock().expect("autoscale lock").entry(pool.to_string()).or_default().last_change = Some(std::time::Instant::now());
         tracing::info!(pool, replicas, "scale");
         self.wake_up();
         Ok(())
@@ -288,8 +307,10 @@ impl Pools {
         if out.is_empty() {
             out = self.pools.iter().map(|p| self.empty_status(p)).collect();
         }
+        let auto = self.auto.lock().expect("autoscale lock");
         for s in &mut out {
             s.desired = desired.get(&s.name).copied().unwrap_or(s.desired);
+            s.autoscale = auto.get(&s.name).and_then(|a| a.last.clone());
         }
         out
     }
@@ -305,6 +326,7 @@ impl Pools {
             registered: 0,
             hosts: p.hosts.iter().map(|h| HostStatus { host: h.clone(), ..Default::default() }).collect(),
             errors: Vec::new(),
+            autoscale: None,
         }
     }
 
@@ -345,8 +367,61 @@ impl Pools {
         self.wake_up();
     }
 
+    /// Each autoscaled pool: scrape its registered nodes, decide, and (unless
+    /// a dry run) store the new replicas. Every change is logged with its
+    /// reason; so is a dry run's would-be change.
+    fn autoscale(&self, runtime: &tokio::runtime::Handle) {
+        let nodes = self.registry.nodes();
+        for pool in &self.pools {
+            let Some(policy) = &pool.autoscale else { continue };
+            let targets: Vec<(String, String)> =
+                nodes.iter().filter(|n| n.pool == pool.name).filter_map(|n| Some((n.name.clone(), n.metrics_target()?))).collect();
+            let scrapes = runtime.block_on(scrape_all(&targets));
+            let mut auto = self.auto.lock().expect("autoscale lock");
+            let state = auto.entry(pool.name.clone()).or_default();
+            let mut samples = Vec::new();
+            for (name, text) in scrapes {
+                match policy.metric {
+                    kiln_pool::Metric::Load1 => samples.extend(kiln_pool::autoscale::load1_from_scrape(&text)),
+                    kiln_pool::Metric::CpuBusy => {
+                        if let Some(now) = kiln_pool::autoscale::CpuTimes::from_scrape(&text) {
+                            if let Some(busy) = state.cpu.get(&name).and_then(|before| now.busy_since(before)) {
+                                samples.push(busy);
+                            }
+                            state.cpu.insert(name, now);
+                        }
+                    }
+                }
+            }
+            let current = self.replicas.read().expect("replicas lock").get(&pool.name).copied().unwrap_or(pool.replicas);
+            let since = state.last_change.map(|t| t.elapsed());
+            let d = kiln_pool::autoscale::decide(policy, pool.min, pool.max, current, &samples, since);
+            let words = if d.to == d.from {
+                format!("hold at {}: {}", d.from, d.reason)
+            } else if self.config.autoscale_dry_run {
+                format!("would scale {} → {} (dry run): {}", d.from, d.to, d.reason)
+            } else {
+                format!("scale {} → {}: {}", d.from, d.to, d.reason)
+            };
+            if state.last.as_deref() != Some(words.as_str()) || d.to != d.from {
+                tracing::info!(pool = %pool.name, "autoscale: {words}");
+            }
+            state.last = Some(words);
+            if d.to != d.from && !self.config.autoscale_dry_run {
+                match runtime.block_on(self.registry.store_handle().set_replicas(&pool.name, d.to)) {
+                    Ok(()) => {
+                        self.replicas.write().expect("replicas lock").insert(pool.name.clone(), d.to);
+                        state.last_change = Some(std::time::Instant::now());
+                    }
+                    Err(e) => tracing::warn!(pool = %pool.name, "autoscale: storing {} replicas: {e}", d.to),
+                }
+            }
+        }
+    }
+
     /// One reconcile pass, logged.
     fn pass(&self, runtime: &tokio::runtime::Handle) {
+        self.autoscale(runtime);
         let replicas = self.replicas.read().expect("replicas lock").clone();
         let hosts = self.hosts.lock().expect("hosts lock");
         let registry = Registered { registry: &self.registry, runtime, pools: &self.pools };
@@ -497,6 +572,23 @@ impl PoolRegistry for Registered<'_> {
             Err(e) => Err(format!("deregistering {name}: {e}")),
         }
     }
+}
+
+/// Scrapes `/metrics` of every `(name, host:port)` at once, 2 s each; the
+/// nodes that answered, with their text.
+async fn scrape_all(targets: &[(String, String)]) -> Vec<(String, String)> {
+    let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(2)).build() else { return Vec::new() };
+    let fetches = targets.iter().map(|(name, target)| {
+        let client = client.clone();
+        async move {
+            let resp = client.get(format!("http://{target}/metrics")).send().await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            Some((name.clone(), resp.text().await.ok()?))
+        }
+    });
+    futures_util::future::join_all(fetches).await.into_iter().flatten().collect()
 }
 
 /// `kiln-<pool>-<n>` → the node.

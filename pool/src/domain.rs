@@ -49,7 +49,7 @@ impl DomainType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootMedia {
     /// A qcow2 overlay (whose backing file is the golden image) as `vda`, and
-    /// the node's cidata seed ISO as a CD-ROM.
+    /// the node's cidata seed ISO as a read-only virtio disk.
     Disk {
         /// The overlay.
         overlay: PathBuf,
@@ -142,8 +142,10 @@ impl DomainSpec {
 
     fn devices(&self, w: &mut W) -> io::Result<()> {
         if let BootMedia::Disk { overlay, seed } = &self.boot {
-            disk(w, "disk", "qcow2", &overlay.to_string_lossy(), "vda", "virtio")?;
-            disk(w, "cdrom", "raw", &seed.to_string_lossy(), "sda", "sata")?;
+            disk(w, "qcow2", &overlay.to_string_lossy(), "vda", false)?;
+            // A read-only virtio disk, not a CD-ROM: Debian's cloud kernel
+            // has no SATA driver. cloud-init finds it by its label, cidata.
+            disk(w, "raw", &seed.to_string_lossy(), "vdb", true)?;
         }
         let (kind, source) = match &self.nic {
             Nic::Network(name) => ("network", Some(name.as_str())),
@@ -180,12 +182,12 @@ fn text(w: &mut W, name: &str, value: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn disk(w: &mut W, device: &str, format: &str, file: &str, dev: &str, bus: &str) -> io::Result<()> {
-    w.create_element("disk").with_attribute(("type", "file")).with_attribute(("device", device)).write_inner_content(|w| {
+fn disk(w: &mut W, format: &str, file: &str, dev: &str, readonly: bool) -> io::Result<()> {
+    w.create_element("disk").with_attribute(("type", "file")).with_attribute(("device", "disk")).write_inner_content(|w| {
         w.create_element("driver").with_attribute(("name", "qemu")).with_attribute(("type", format)).write_empty()?;
         w.create_element("source").with_attribute(("file", file)).write_empty()?;
-        w.create_element("target").with_attribute(("dev", dev)).with_attribute(("bus", bus)).write_empty()?;
-        if device == "cdrom" {
+        w.create_element("target").with_attribute(("dev", dev)).with_attribute(("bus", "virtio")).write_empty()?;
+        if readonly {
             w.create_element("readonly").write_empty()?;
         }
         Ok(())
@@ -321,8 +323,7 @@ mod tests {
             ("overlay", r#"<source file="/var/lib/kiln/pools/w/kiln-w-0.qcow2"/>"#),
             ("overlay target", r#"<target dev="vda" bus="virtio"/>"#),
             ("seed", r#"<source file="/var/lib/kiln/pools/w/kiln-w-0.iso"/>"#),
-            ("seed is a cdrom", r#"<disk type="file" device="cdrom">"#),
-            ("seed target", r#"<target dev="sda" bus="sata"/>"#),
+            ("seed target", r#"<target dev="vdb" bus="virtio"/>"#),
             ("seed read-only", "<readonly/>"),
             ("libvirt network", r#"<interface type="network">"#),
             ("network name", r#"<source network="kiln-lab"/>"#),

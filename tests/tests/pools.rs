@@ -234,3 +234,208 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     assert!(left.is_empty(), "no overlay, seed or console log is left: {left:?}");
     drop(server);
 }
+
+/// A disk pool of the golden worker image on the same real libvirtd: each
+/// node is a qcow2 overlay of `worker.qcow2` plus a cidata seed kiln makes;
+/// 0 → 2, both register under their domain names over TLS, then 0 leaves
+/// no domain, overlay, seed or lease.
+#[test]
+fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
+    if kiln_tests::skip_e2e() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    let state = tmp.path().join("state");
+    let mut build = kiln_tests::golden::build_command(&kiln_tests::golden::worker_spec(), &images, None, None);
+    let out = build.arg("--state").arg(&state).output().expect("kiln build runs");
+    assert!(out.status.success(), "kiln build images/worker.toml: {}", tail(&String::from_utf8_lossy(&out.stderr), 20));
+    let golden = images.join("worker/worker.qcow2");
+    let golden_size = std::fs::metadata(&golden).unwrap().len();
+
+    let _vm = kiln_tests::vm_lock();
+    let lab = kiln_tests::libvirt::Lab::up(&format!("kd{}", std::process::id() % 100_000), 8080);
+    let dir = tmp.path().join("pools");
+    let text = "image = \"worker\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = 3\nreplicas = 0\n";
+    pool_file(&dir, "worker", &format!("{text}hosts = [\"{}\"]\n", lab.uri));
+    let api = format!("https://{}:8443", lab.bridge_ip);
+    let mut cmd = lab.command(&binaries().kiln);
+    cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
+    cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
+    cmd.args(["--advertise-api", &api, "--pool-network", &lab.network, "--pool-accel", "qemu"]);
+    let server = KilnServer::spawn(cmd, &state);
+    let cli = |args: &[&str]| -> String {
+        let out =
+            lab.command(&binaries().kiln).args(args).arg("--server").arg(&api).arg("--state").arg(&state).output().expect("kiln runs");
+        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let registered = || -> Vec<String> {
+        let nodes: Vec<kiln_core::Node> = serde_json::from_str(&cli(&["nodes", "--json"])).unwrap();
+        let mut names: Vec<String> = nodes.into_iter().filter(|n| n.pool == "worker").map(|n| n.name).collect();
+        names.sort();
+        names
+    };
+
+    let start = std::time::Instant::now();
+    cli(&["scale", "worker", "2"]);
+    let up = wait_for(Duration::from_secs(420), || (registered().len() == 2).then_some(()));
+    let consoles: String = (0..2)
+        .map(|n| std::fs::read_to_string(state.join(format!("pools/kiln-worker-{n}.log"))).unwrap_or_default())
+        .map(|s| tail(&s, 15))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    assert!(
+        up.is_some(),
+        "the disk nodes did not register: {:?}\nconsoles:\n{consoles}\nserver:\n{}",
+        registered(),
+        tail(&server.log(), 30)
+    );
+    eprintln!("disk pool 0 → 2: both registered after {:.1} s", start.elapsed().as_secs_f64());
+    assert_eq!(registered(), ["kiln-worker-0", "kiln-worker-1"]);
+    for n in 0..2 {
+        let overlay = state.join(format!("pools/kiln-worker-{n}.qcow2"));
+        let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(&overlay).output().unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
+        assert_eq!(info["backing-filename"], golden.display().to_string(), "the overlay's backing file is the golden image");
+        let size = std::fs::metadata(&overlay).unwrap().len();
+        eprintln!("kiln-worker-{n}: overlay {} KiB after boot (golden image {} MiB)", size >> 10, golden_size >> 20);
+    }
+
+    cli(&["scale", "worker", "0"]);
+    let down = wait_for(Duration::from_secs(60), || {
+        (registered().is_empty() && !lab.virsh(&["list", "--all", "--name"]).contains("kiln-worker")).then_some(())
+    });
+    assert!(down.is_some(), "the pool did not scale to 0: {:?} {}", registered(), lab.virsh(&["list", "--all"]));
+    let left: Vec<_> = std::fs::read_dir(state.join("pools")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "no overlay, seed or console log is left: {left:?}");
+    drop(server);
+}
+
+/// A node as the autoscaler sees it: a real `kiln-agent metrics` serving a
+/// fixture `/proc` whose `loadavg` the test writes, registered as a pool
+/// node with that metrics address.
+struct LoadedNode {
+    _agent: kiln_tests::Process,
+    proc_dir: std::path::PathBuf,
+}
+
+impl LoadedNode {
+    fn start(dir: &Path, server: &KilnServer, hostname: &str, load1: f64) -> LoadedNode {
+        let proc_dir = dir.join(format!("{hostname}-proc"));
+        std::fs::create_dir_all(&proc_dir).unwrap();
+        write_load(&proc_dir, load1);
+        let port = kiln_tests::free_port();
+        let mut cmd = Command::new(&binaries().agent);
+        cmd.args(["metrics", "--collectors", "loadavg", "--listen", &format!("127.0.0.1:{port}")]).arg("--proc").arg(&proc_dir);
+        let agent = kiln_tests::Process::spawn_logged(cmd, "kiln-agent metrics", &dir.join(format!("{hostname}-agent.log")));
+        let up = wait_for(Duration::from_secs(10), || {
+            reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics")).ok().filter(|r| r.status().is_success()).map(|_| ())
+        });
+        assert!(up.is_some(), "kiln-agent metrics did not come up");
+        let token = std::fs::read_to_string(server.state.join("bootstrap-token")).unwrap();
+        let body = serde_json::json!({
+            "machine_id": format!("{:0>32}", hostname.len() + port as usize),
+            "hostname": hostname, "macs": [], "addresses": ["127.0.0.1"], "cpus": 1, "memory_bytes": 1u64 << 30,
+            "kernel": "6.1", "agent_version": "test", "image_digest": "sha256:test", "metrics": format!("127.0.0.1:{port}"),
+        });
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{}/api/v1/register", server.api))
+            .bearer_auth(token.trim())
+            .json(&body)
+            .send()
+            .unwrap();
+        assert!(resp.status().is_success(), "registering {hostname}: {}", resp.text().unwrap_or_default());
+        LoadedNode { _agent: agent, proc_dir }
+    }
+
+    fn set_load(&self, load1: f64) {
+        write_load(&self.proc_dir, load1);
+    }
+}
+
+/// Writes a `loadavg` with this 1-minute load into the fixture `/proc`.
+fn write_load(proc_dir: &Path, load1: f64) {
+    let tmp = proc_dir.join(".loadavg");
+    std::fs::write(&tmp, format!("{load1:.2} 0.50 0.25 1/120 4242\n")).unwrap();
+    std::fs::rename(tmp, proc_dir.join("loadavg")).unwrap();
+}
+
+fn desired(server: &KilnServer, pool: &str) -> Option<u64> {
+    pools(server).into_iter().find(|p| p["name"] == pool)?["desired"].as_u64()
+}
+
+#[test]
+fn autoscaler_grows_a_loaded_pool_to_its_max_and_shrinks_it_to_its_min() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    fake_image(&images, "tiny");
+    let dir = tmp.path().join("pools");
+    let policy = "[autoscale]\nmetric = \"load1\"\nscale-up-above = 1.0\nscale-down-below = 0.3\nstep = 1\ncooldown-secs = 2\n";
+    let text = TINY.replace("min = 0", "min = 1").replace("max = 5", "max = 3").replace("replicas = 0", "replicas = 1");
+    pool_file(&dir, "auto", &format!("{text}{policy}"));
+    let state = tmp.path().join("state");
+    let server = KilnServer::start_with(
+        &images,
+        &state,
+        &["--plain-http", "--pools", dir.to_str().unwrap(), "--pool-accel", "qemu", "--pool-interval", "0.5"],
+    );
+    wait_defined(&server, "auto", 1);
+    assert_eq!(desired(&server, "auto"), Some(1));
+
+    // The first node is busy: the pool grows a step per cooldown, to its max.
+    let node = LoadedNode::start(tmp.path(), &server, "kiln-auto-0", 2.5);
+    wait_defined(&server, "auto", 3);
+    let log = server.log();
+    assert!(log.contains("autoscale: scale 1 → 2: mean load1 2.50 over 1 node > 1"), "the decision and its reason are logged:\n{log}");
+    assert!(log.contains("autoscale: scale 2 → 3: mean load1 2.50 over 1 node > 1"), "{log}");
+    let held = wait_for(Duration::from_secs(10), || {
+        let p = pools(&server).into_iter().find(|p| p["name"] == "auto")?;
+        p["autoscale"].as_str()?.contains("but the pool is at its max").then_some(())
+    });
+    assert!(held.is_some(), "at its max it holds, saying why: {:?}", pools(&server));
+    assert_eq!(desired(&server, "auto"), Some(3));
+
+    // The load goes away: back to its min, after the cooldowns.
+    node.set_load(0.05);
+    wait_defined(&server, "auto", 1);
+    let log = server.log();
+    assert!(log.contains("autoscale: scale 3 → 2: mean load1 0.05 over 1 node < 0.3"), "{log}");
+    assert!(log.contains("autoscale: scale 2 → 1: mean load1 0.05 over 1 node < 0.3"), "{log}");
+    assert_eq!(desired(&server, "auto"), Some(1));
+    let names: Vec<String> = reqwest::blocking::get(format!("{}/api/v1/nodes", server.url))
+        .unwrap()
+        .json::<Vec<kiln_core::Node>>()
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, ["kiln-auto-0"], "the oldest node stays");
+}
+
+#[test]
+fn autoscaler_dry_run_says_what_it_would_do_and_does_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    fake_image(&images, "tiny");
+    let dir = tmp.path().join("pools");
+    let policy = "[autoscale]\nmetric = \"load1\"\nscale-up-above = 1.0\nscale-down-below = 0.3\nstep = 2\ncooldown-secs = 1\n";
+    let text = TINY.replace("min = 0", "min = 1").replace("replicas = 0", "replicas = 1");
+    pool_file(&dir, "auto", &format!("{text}{policy}"));
+    let state = tmp.path().join("state");
+    let server = KilnServer::start_with(
+        &images,
+        &state,
+        &["--plain-http", "--pools", dir.to_str().unwrap(), "--pool-accel", "qemu", "--pool-interval", "0.5", "--autoscale-dry-run"],
+    );
+    wait_defined(&server, "auto", 1);
+    let _node = LoadedNode::start(tmp.path(), &server, "kiln-auto-0", 4.0);
+    let said = wait_for(Duration::from_secs(15), || {
+        let (_, table) = kiln(&server, &["pools"]);
+        table.contains("auto: autoscale: would scale 1 → 3 (dry run): mean load1 4.00 over 1 node > 1").then_some(table)
+    });
+    assert!(said.is_some(), "kiln pools shows the would-be decision: {:?}", pools(&server));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(desired(&server, "auto"), Some(1), "a dry run changes nothing");
+    wait_defined(&server, "auto", 1);
+}
