@@ -427,8 +427,8 @@ impl Pools {
         let registry = Registered { registry: &self.registry, runtime, pools: &self.pools };
         let settings = Settings { domain_type: self.config.domain_type, nic: self.config.nic.clone() };
         let report = kiln_pool::reconcile(&self.pools, &replicas, &hosts, self, &registry, &settings);
-        for action in &report.done {
-            tracing::info!(action = %describe(action), "pools");
+        for (action, took) in report.done.iter().zip(&report.took) {
+            tracing::info!(action = %describe(action), ms = took.as_millis() as u64, "pools");
         }
         for (action, error) in &report.failed {
             match action {
@@ -524,6 +524,8 @@ impl Provisioner for Pools {
         let params = ServerParams { base_url: api_url, token: &self.bootstrap_token, api_url };
         let seed = self.catalog.seed(&profile, image, &machine, &params).map_err(|e| e.to_string())?;
         seed.write_iso(&seed_path).map_err(|e| e.to_string())?;
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        tracing::info!(node = %node, overlay_bytes = size(&overlay), seed_bytes = size(&seed_path), "pools: overlay and seed made");
         Ok(BootMedia::Disk { overlay, seed: seed_path })
     }
 

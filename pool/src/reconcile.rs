@@ -56,6 +56,8 @@ pub struct Settings {
 pub struct Report {
     /// The actions carried out, in order.
     pub done: Vec<Action>,
+    /// How long each of `done` took.
+    pub took: Vec<std::time::Duration>,
     /// What failed: a host that could not be listed (`None` action), or an action.
     pub failed: Vec<(Option<Action>, String)>,
 }
@@ -120,9 +122,13 @@ pub fn reconcile(
         .map(|p| Desired { pool: p.name.clone(), replicas: replicas.get(&p.name).copied().unwrap_or(p.replicas), hosts: p.hosts.clone() })
         .collect();
     for action in plan(&desired, &observed) {
+        let start = std::time::Instant::now();
         let result = carry_out(&action, &by_name, hosts, provisioner, registry, settings);
         match result {
-            Ok(()) => report.done.push(action),
+            Ok(()) => {
+                report.done.push(action);
+                report.took.push(start.elapsed());
+            }
             Err(e) => report.failed.push((Some(action), e)),
         }
     }

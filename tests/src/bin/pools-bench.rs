@@ -1,0 +1,113 @@
+//! `bench/pools`: what provisioning a pool node costs, against a full copy
+//! of the golden image, and how long `kiln scale worker N` takes to N
+//! registered nodes under TCG, on a real libvirtd (the tests' lab: a
+//! private libvirtd in a network namespace this program makes and removes).
+//!
+//! Prints a Markdown section for BENCHMARKS.md. `NODES` (default 5).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_tests::libvirt::Lab;
+use kiln_tests::{KilnServer, binaries, golden, tail, wait_for};
+
+fn main() {
+    let nodes: usize = std::env::var("NODES").ok().and_then(|n| n.parse().ok()).unwrap_or(5);
+    let tmp = tempfile::tempdir().expect("a temp dir");
+    let images = tmp.path().join("images");
+    let state = tmp.path().join("state");
+    let out = golden::build_command(&golden::worker_spec(), &images, None, None).arg("--state").arg(&state).output().expect("kiln build");
+    assert!(out.status.success(), "kiln build: {}", String::from_utf8_lossy(&out.stderr));
+    let golden_path = images.join("worker/worker.qcow2");
+
+    // The anchor: a full copy of the golden image per node.
+    let copy = tmp.path().join("copy.qcow2");
+    let start = Instant::now();
+    let status = Command::new("cp").arg("--sparse=never").arg(&golden_path).arg(&copy).status().expect("cp");
+    assert!(status.success());
+    let _ = Command::new("sync").arg(&copy).status();
+    let copy_time = start.elapsed();
+    let copy_bytes = std::fs::metadata(&copy).expect("the copy").len();
+    std::fs::remove_file(&copy).expect("removing the copy");
+
+    let lab = Lab::up(&format!("kb{}", std::process::id() % 100_000), 8080);
+    let dir = tmp.path().join("pools");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool = format!(
+        "image = \"worker\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = {nodes}\nreplicas = 0\nhosts = [\"{}\"]\n",
+        lab.uri
+    );
+    std::fs::write(dir.join("worker.toml"), pool).unwrap();
+    let api = format!("https://{}:8443", lab.bridge_ip);
+    let mut cmd = lab.command(&binaries().kiln);
+    cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
+    cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
+    cmd.args(["--advertise-api", &api, "--pool-network", &lab.network, "--pool-accel", "qemu", "--pool-interval", "1"]);
+    let server = KilnServer::spawn(cmd, &state);
+    let cli = |args: &[&str]| -> String {
+        let out = lab.command(&binaries().kiln).args(args).arg("--server").arg(&api).arg("--state").arg(&state).output().expect("kiln");
+        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let registered = || -> usize {
+        let listed: Vec<kiln_core::Node> = serde_json::from_str(&cli(&["nodes", "--json"])).unwrap_or_default();
+        listed.iter().filter(|n| n.pool == "worker").count()
+    };
+
+    let start = Instant::now();
+    cli(&["scale", "worker", &nodes.to_string()]);
+    let done = wait_for(Duration::from_secs(900), || (registered() == nodes).then_some(()));
+    let to_registered = start.elapsed();
+    assert!(done.is_some(), "{nodes} nodes did not register: {}\n{}", registered(), tail(&server.log(), 30));
+
+    // From the server's log: each creation's time and each new overlay's and seed's size.
+    let log = server.log();
+    let field = |line: &str, key: &str| -> Option<f64> {
+        line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).and_then(|v| v.trim_matches('"').parse().ok())
+    };
+    let mut create_ms: Vec<f64> = log.lines().filter(|l| l.contains("action=create")).filter_map(|l| field(l, "ms")).collect();
+    let mut disk: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("overlay and seed made"))
+        .filter_map(|l| Some(field(l, "overlay_bytes")? + field(l, "seed_bytes")?))
+        .collect();
+    create_ms.sort_by(f64::total_cmp);
+    disk.sort_by(f64::total_cmp);
+    let median = |v: &[f64]| v.get(v.len() / 2).copied().unwrap_or(f64::NAN);
+
+    cli(&["scale", "worker", "0"]);
+    let gone = wait_for(Duration::from_secs(120), || (registered() == 0).then_some(()));
+    assert!(gone.is_some(), "the pool did not scale back to 0");
+    drop(server);
+    drop(lab);
+
+    let (c_ms, d_b) = (median(&create_ms), median(&disk));
+    println!("## Pools (issue 7)\n");
+    println!(
+        "`bench/pools`, 2 cores, TCG: a disk pool of the golden worker image ({} MiB qcow2) on a private libvirtd 11 \
+         (the tests' lab, in a network namespace), `kiln scale worker {nodes}` from 0. Control-plane time is the reconciler's \
+         time per node created (overlay + cidata seed + define + start through libvirt), from `kiln serve`'s log; disk is \
+         the overlay and seed as made, before the node boots. The anchor is a full copy of the golden image per node \
+         (`cp --sparse=never` + sync), measured in the same run.\n",
+        copy_bytes >> 20
+    );
+    println!("| | kiln (overlay + seed) | full copy | ratio | target |");
+    println!("|---|---:|---:|---:|---|");
+    println!(
+        "| control-plane time per node, median of {} | {c_ms:.0} ms | {:.0} ms | {:.3} | ≤ 200 ms |",
+        create_ms.len(),
+        copy_time.as_secs_f64() * 1000.0,
+        c_ms / (copy_time.as_secs_f64() * 1000.0)
+    );
+    println!(
+        "| disk per node, median of {} | {:.0} KiB | {:.0} KiB | {:.4} | ≤ 1 MiB |",
+        disk.len(),
+        d_b / 1024.0,
+        copy_bytes as f64 / 1024.0,
+        d_b / copy_bytes as f64
+    );
+    println!(
+        "| `kiln scale worker {nodes}` → {nodes} registered (TCG, {nodes} × 1 vCPU, 1 GiB on 2 cores) | {:.1} s | | | |",
+        to_registered.as_secs_f64()
+    );
+}
