@@ -151,8 +151,9 @@ fn bad_pools_are_refused_naming_the_file_and_field() {
 /// The real thing: a private libvirtd (in a network namespace the test
 /// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG; they
 /// PXE-boot the tiny image from `kiln serve` in that namespace and their
-/// agents register over TLS. 0 → 3 → 1 → 0: the nodes register and leave,
-/// and afterwards no kiln domain, overlay or lease is left.
+/// agents register over TLS. 0 → 3 → 1, then 1 → 3 with `kiln serve`
+/// SIGKILLed in the middle and restarted, then 0: the nodes register and
+/// leave, and afterwards no kiln domain, overlay or lease is left.
 #[test]
 fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     if kiln_tests::skip_e2e() {
@@ -168,11 +169,14 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     let lab = kiln_tests::libvirt::Lab::up(&format!("kp{}", std::process::id() % 100_000), 8080);
     let dir = tmp.path().join("pools");
     pool_file(&dir, "tiny", &TINY.replace("test:///default", &lab.uri));
-    let mut cmd = lab.command(&binaries().kiln);
-    cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
-    cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port)]);
-    cmd.args(["--api-listen", &format!("{}:8443", lab.bridge_ip), "--pool-network", &lab.network, "--pool-accel", "qemu"]);
-    let server = KilnServer::spawn(cmd, &state);
+    let serve = || {
+        let mut cmd = lab.command(&binaries().kiln);
+        cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
+        cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port)]);
+        cmd.args(["--api-listen", &format!("{}:8443", lab.bridge_ip), "--pool-network", &lab.network, "--pool-accel", "qemu"]);
+        KilnServer::spawn(cmd, &state)
+    };
+    let mut server = serve();
     let api = format!("https://{}:8443", lab.bridge_ip);
 
     let cli = |args: &[&str]| -> (bool, String) {
@@ -191,7 +195,7 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
         serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap().remove(0)
     };
     let kiln_domains = || lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with("kiln-tiny-")).count();
-    let converge = |want: usize, what: &str| {
+    let converge = |server: &KilnServer, want: usize, what: &str| {
         let start = std::time::Instant::now();
         let ok = wait_for(Duration::from_secs(240), || {
             let ns = nodes();
@@ -211,7 +215,7 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
 
     let (ok, out) = cli(&["scale", "tiny", "3"]);
     assert!(ok, "{out}");
-    converge(3, "0 → 3");
+    converge(&server, 3, "0 → 3");
     let mut names: Vec<String> = nodes().into_iter().map(|n| n.name).collect();
     names.sort();
     assert_eq!(names, ["kiln-tiny-0", "kiln-tiny-1", "kiln-tiny-2"], "each node registers under its domain's name");
@@ -223,12 +227,24 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
 
     let (ok, out) = cli(&["scale", "tiny", "1"]);
     assert!(ok, "{out}");
-    converge(1, "3 → 1");
+    converge(&server, 1, "3 → 1");
     assert_eq!(nodes()[0].name, "kiln-tiny-0", "the newest nodes go first");
+
+    // kill -9 in the middle of scaling up: the restarted server finishes
+    // the job (it keeps nothing in memory it needs), leaking nothing.
+    let creations = || server.log().matches("action=create").count();
+    let before = creations();
+    let (ok, out) = cli(&["scale", "tiny", "3"]);
+    assert!(ok, "{out}");
+    let started = wait_for(Duration::from_secs(30), || (creations() > before).then_some(()));
+    assert!(started.is_some(), "scaling up did not start:\n{}", tail(&server.log(), 20));
+    server.process.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5)).expect("kiln serve dies on SIGKILL");
+    server = serve();
+    converge(&server, 3, "1 → 3 through a SIGKILL");
 
     let (ok, out) = cli(&["scale", "tiny", "0"]);
     assert!(ok, "{out}");
-    converge(0, "1 → 0");
+    converge(&server, 0, "3 → 0");
     assert!(nodes().is_empty(), "no lease is left");
     let left: Vec<_> = std::fs::read_dir(state.join("pools")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "no overlay, seed or console log is left: {left:?}");
