@@ -1,6 +1,6 @@
 //! Pools in the server (`kiln serve --pools DIR`): the pool files, the
 //! libvirt hosts they name, the desired replicas kept in the store, and the
-//! reconcile loop that makes the hosts match ([`kiln_pool::reconcile`]).
+//! reconcile loop that makes the hosts match ([`kiln_pool::reconcile()`]).
 //!
 //! Start-up refuses, naming the pool file and field, a pool whose image is
 //! not served or whose host cannot be reached, or whose nodes are larger
@@ -185,6 +185,8 @@ pub struct Pools {
     /// MAC → node, for every kiln domain last seen: the seed and the boot
     /// script of a network node come from its pool.
     members: RwLock<BTreeMap<Mac, NodeId>>,
+    /// Node name → the host its domain is on, as last seen.
+    node_hosts: RwLock<BTreeMap<String, String>>,
     status: RwLock<Vec<PoolStatus>>,
     registry: Arc<Registry>,
     images: Arc<ImageStore>,
@@ -263,6 +265,7 @@ impl Pools {
             hosts: Mutex::new(hosts),
             replicas: RwLock::new(replicas),
             members: RwLock::new(BTreeMap::new()),
+            node_hosts: RwLock::new(BTreeMap::new()),
             status: RwLock::new(Vec::new()),
             registry,
             images,
@@ -328,6 +331,11 @@ impl Pools {
             errors: Vec::new(),
             autoscale: None,
         }
+    }
+
+    /// The host each pool node's domain was last seen on, by node name.
+    pub fn hosts_by_node(&self) -> BTreeMap<String, String> {
+        self.node_hosts.read().expect("node hosts lock").clone()
     }
 
     /// The pool node with this MAC, if kiln made it.
@@ -439,11 +447,13 @@ impl Pools {
         // What the hosts have now, for the status and the members.
         let registered: Vec<NodeId> = registry.registered().unwrap_or_default();
         let mut members = BTreeMap::new();
+        let mut node_hosts = BTreeMap::new();
         let mut status: Vec<PoolStatus> = self.pools.iter().map(|p| self.empty_status(p)).collect();
         for (uri, hv) in hosts.iter() {
             let Ok(domains) = hv.list() else { continue };
             for d in domains {
                 members.insert(d.node.mac(), d.node.clone());
+                node_hosts.insert(d.node.domain_name(), uri.clone());
                 let Some(s) = status.iter_mut().find(|s| s.name == d.node.pool) else { continue };
                 let Some(h) = s.hosts.iter_mut().find(|h| &h.host == uri) else { continue };
                 h.defined += 1;
@@ -461,6 +471,7 @@ impl Pools {
             }
         }
         *self.members.write().expect("members lock") = members;
+        *self.node_hosts.write().expect("node hosts lock") = node_hosts;
         *self.status.write().expect("status lock") = status;
     }
 
