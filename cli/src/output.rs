@@ -163,12 +163,13 @@ pub fn pool_table(pools: &[kiln_control::pools::PoolStatus]) -> String {
 /// Nodes as an aligned table.
 pub fn node_table(nodes: &[Node]) -> String {
     let now = time::OffsetDateTime::now_utc();
-    let mut rows = vec![["NAME", "POOL", "MAC", "ADDRESS", "IMAGE", "REGISTERED", "LAST SEEN"].map(String::from).to_vec()];
+    let mut rows = vec![["NAME", "POOL", "HOST", "MAC", "ADDRESS", "IMAGE", "REGISTERED", "LAST SEEN"].map(String::from).to_vec()];
     for n in nodes {
         let ago = |t: time::OffsetDateTime| format!("{}s ago", (now - t).whole_seconds().max(0));
         rows.push(vec![
             n.name.clone(),
             if n.pool.is_empty() { "-".into() } else { n.pool.clone() },
+            if n.host.is_empty() { "-".into() } else { n.host.clone() },
             n.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             short_digest(&n.image_digest),

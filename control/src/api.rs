@@ -129,10 +129,16 @@ pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Re
             resp
         },
     );
-    let nodes = warp::path!("api" / "v1" / "nodes")
-        .and(warp::get())
-        .and(with())
-        .map(|api: Arc<Api>| warp::reply::json(&api.registry.nodes()).into_response());
+    let nodes = warp::path!("api" / "v1" / "nodes").and(warp::get()).and(with()).map(|api: Arc<Api>| {
+        let mut nodes = api.registry.nodes();
+        if let Some(pools) = &api.pools {
+            let hosts = pools.hosts_by_node();
+            for n in &mut nodes {
+                n.host = hosts.get(&n.name).cloned().unwrap_or_default();
+            }
+        }
+        warp::reply::json(&nodes).into_response()
+    });
     let sd = warp::path!("api" / "v1" / "sd").and(warp::get()).and(with()).map(|api: Arc<Api>| {
         let groups: Vec<SdTargetGroup> = api.registry.nodes().iter().filter_map(sd_group).collect();
         warp::reply::json(&groups).into_response()

@@ -411,8 +411,11 @@ impl Pools {
             } else {
                 format!("scale {} → {}: {}", d.from, d.to, d.reason)
             };
-            if state.last.as_deref() != Some(words.as_str()) || d.to != d.from {
+            // Changes (and would-be changes) at info; holds, whose figures move every pass, at debug.
+            if d.to != d.from {
                 tracing::info!(pool = %pool.name, "autoscale: {words}");
+            } else {
+                tracing::debug!(pool = %pool.name, "autoscale: {words}");
             }
             state.last = Some(words);
             if d.to != d.from && !self.config.autoscale_dry_run {

@@ -309,6 +309,7 @@ impl Registry {
                             .filter(|p| !p.is_empty())
                             .or_else(|| self.pool_of.get().and_then(|f| f(&req.hostname)))
                             .unwrap_or_default(),
+                        host: String::new(),
                         subnet,
                         public_ip: subnet.and(public_ip),
                         vtep_mac: subnet.and(req.vtep_mac),

@@ -97,6 +97,10 @@ pub struct Node {
     /// Pool the node belongs to (empty when booted by hand).
     #[serde(default)]
     pub pool: String,
+    /// The libvirt host its domain runs on, for a pool's node (filled in
+    /// by the server when it lists nodes; not stored).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
     /// Its pod subnet, when it holds a lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<crate::Ipv4Cidr>,

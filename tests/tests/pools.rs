@@ -148,6 +148,18 @@ fn bad_pools_are_refused_naming_the_file_and_field() {
     }
 }
 
+/// The tiny image, built trusting a fresh state directory's CA, and a lab
+/// (a private libvirtd in a namespace) named `prefix` and this process's id.
+fn tiny_in_a_lab(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, kiln_tests::libvirt::Lab) {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    let state = tmp.path().join("state");
+    let (status, _, stderr) = kiln_tests::kiln_build_for(&kiln_tests::root().join("images/tiny.toml"), &images, Some(&state));
+    assert!(status.success(), "kiln build: {stderr}");
+    let lab = kiln_tests::libvirt::Lab::up(&format!("{prefix}{}", std::process::id() % 100_000), 8080);
+    (tmp, images, state, lab)
+}
+
 /// The real thing: a private libvirtd (in a network namespace the test
 /// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG; they
 /// PXE-boot the tiny image from `kiln serve` in that namespace and their
@@ -160,15 +172,11 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
         return;
     }
     let _vm = kiln_tests::vm_lock();
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    let state = tmp.path().join("state");
-    let (status, _, stderr) = kiln_tests::kiln_build_for(&kiln_tests::root().join("images/tiny.toml"), &images, Some(&state));
-    assert!(status.success(), "kiln build: {stderr}");
-
-    let lab = kiln_tests::libvirt::Lab::up(&format!("kp{}", std::process::id() % 100_000), 8080);
+    let (tmp, images, state, lab) = tiny_in_a_lab("kp");
     let dir = tmp.path().join("pools");
-    pool_file(&dir, "tiny", &TINY.replace("test:///default", &lab.uri));
+    // The repo's own pools/tiny.toml, on the lab's libvirtd.
+    let shipped = std::fs::read_to_string(kiln_tests::root().join("pools/tiny.toml")).expect("pools/tiny.toml");
+    pool_file(&dir, "tiny", &format!("{shipped}hosts = [\"{}\"]\n", lab.uri));
     let serve = || {
         let mut cmd = lab.command(&binaries().kiln);
         cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
@@ -221,8 +229,8 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     assert_eq!(names, ["kiln-tiny-0", "kiln-tiny-1", "kiln-tiny-2"], "each node registers under its domain's name");
     let (ok, table) = cli(&["nodes"]);
     assert!(
-        ok && table.lines().filter(|l| l.contains("kiln-tiny-") && l.contains(" tiny ")).count() == 3,
-        "kiln nodes shows the pool:\n{table}"
+        ok && table.lines().filter(|l| l.contains("kiln-tiny-") && l.contains(" tiny ") && l.contains(&lab.uri)).count() == 3,
+        "kiln nodes shows each node's pool and host:\n{table}"
     );
 
     let (ok, out) = cli(&["scale", "tiny", "1"]);
