@@ -6,7 +6,7 @@
 //! filesystem made into a bootable disk). [`Spec::from_file`] tells them
 //! apart by the table they have; to add a kind, add a variant there.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -83,28 +83,7 @@ impl ImageSpec {
 }
 
 fn parse<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Error> {
-    let file = PathBuf::from(path);
-    let de = toml::Deserializer::parse(text).map_err(|e| Error::SpecParse {
-        file: file.clone(),
-        key: String::new(),
-        message: e.message().to_string(),
-    })?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let message = e.inner().message().to_string();
-        // serde_path_to_error reports a missing key at its parent; name the key itself.
-        let key = match missing_field(&message) {
-            Some(f) if key == "." => f,
-            Some(f) => format!("{key}.{f}"),
-            None => key,
-        };
-        Error::SpecParse { file, key, message }
-    })
-}
-
-/// The field named in serde's "missing field `x`".
-fn missing_field(message: &str) -> Option<String> {
-    message.strip_prefix("missing field `")?.split('`').next().map(str::to_string)
+    kiln_core::toml_file::from_str(text).map_err(|e| Error::SpecParse { file: path.to_path_buf(), key: e.key, message: e.message })
 }
 
 /// Any image spec, by kind.

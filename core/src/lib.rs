@@ -11,6 +11,7 @@ pub mod lease;
 pub mod mac;
 pub mod manifest;
 pub mod node;
+pub mod toml_file;
 
 pub use cmdline::KernelCmdline;
 pub use lease::{Ipv4Cidr, Lease, Peer, Peers};

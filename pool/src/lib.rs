@@ -14,7 +14,7 @@
 //!
 //! Dependencies, and why each is here:
 //! - `kiln-core`: [`kiln_core::Mac`], the MAC type the rest of kiln matches nodes by.
-//! - `serde`, `toml`, `serde_path_to_error`: pool files, with the key at fault named in errors.
+//! - `serde`: pool files, read through `kiln_core::toml_file` (whose errors name the key at fault).
 //! - `thiserror`: one error enum per module.
 //! - `quick-xml`: writes domain XML with escaping, and reads the metadata element back.
 //! - `virt` 0.4: libvirt's C API (0.5 pins a libc the workspace's nix cannot share).

@@ -213,28 +213,7 @@ pub fn load_dir(dir: &Path, host_memory_mib: u64) -> Result<Vec<Pool>, Error> {
 }
 
 fn parse(text: &str, path: &Path) -> Result<PoolSpec, Error> {
-    let file = path.to_path_buf();
-    let de = toml::Deserializer::parse(text).map_err(|e| Error::SpecParse {
-        file: file.clone(),
-        key: String::new(),
-        message: e.message().to_string(),
-    })?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let message = e.inner().message().to_string();
-        // serde_path_to_error reports a missing key at its parent; name the key itself.
-        let key = match missing_field(&message) {
-            Some(f) if key == "." => f,
-            Some(f) => format!("{key}.{f}"),
-            None => key,
-        };
-        Error::SpecParse { file, key, message }
-    })
-}
-
-/// The field named in serde's "missing field `x`".
-fn missing_field(message: &str) -> Option<String> {
-    message.strip_prefix("missing field `")?.split('`').next().map(str::to_string)
+    kiln_core::toml_file::from_str(text).map_err(|e| Error::SpecParse { file: path.to_path_buf(), key: e.key, message: e.message })
 }
 
 /// Pool (and image, profile) names: lowercase letters, digits and '-', not
