@@ -447,24 +447,21 @@ impl Pools {
                 None => tracing::warn!("pools: {error}"),
             }
         }
-        // What the hosts have now, for the status and the members.
-        let registered: Vec<NodeId> = registry.registered().unwrap_or_default();
+        // What the hosts have now, from the pass itself (no second listing).
+        let after = &report.after;
         let mut members = BTreeMap::new();
         let mut node_hosts = BTreeMap::new();
         let mut status: Vec<PoolStatus> = self.pools.iter().map(|p| self.empty_status(p)).collect();
-        for (uri, hv) in hosts.iter() {
-            let Ok(domains) = hv.list() else { continue };
-            for d in domains {
-                members.insert(d.node.mac(), d.node.clone());
-                node_hosts.insert(d.node.domain_name(), uri.clone());
-                let Some(s) = status.iter_mut().find(|s| s.name == d.node.pool) else { continue };
-                let Some(h) = s.hosts.iter_mut().find(|h| &h.host == uri) else { continue };
-                h.defined += 1;
-                h.running += u32::from(d.running);
-                if registered.contains(&d.node) {
-                    h.registered += 1;
-                    s.registered += 1;
-                }
+        for d in &after.domains {
+            members.insert(d.node.mac(), d.node.clone());
+            node_hosts.insert(d.node.domain_name(), d.host.clone());
+            let Some(s) = status.iter_mut().find(|s| s.name == d.node.pool) else { continue };
+            let Some(h) = s.hosts.iter_mut().find(|h| h.host == d.host) else { continue };
+            h.defined += 1;
+            h.running += u32::from(d.running);
+            if after.registered.contains(&d.node) {
+                h.registered += 1;
+                s.registered += 1;
             }
         }
         for (action, error) in &report.failed {

@@ -60,6 +60,10 @@ pub struct Report {
     pub took: Vec<std::time::Duration>,
     /// What failed: a host that could not be listed (`None` action), or an action.
     pub failed: Vec<(Option<Action>, String)>,
+    /// What the hosts and the registry have after the pass: what was
+    /// observed, with the actions done applied ([`Observed::apply`]); hosts
+    /// that could not be listed are missing.
+    pub after: Observed,
 }
 
 impl Report {
@@ -111,6 +115,7 @@ pub fn reconcile(
         Err(e) => {
             // Without the registry, leases cannot be released: plan nothing.
             report.failed.push((None, format!("registry: {e}")));
+            report.after = observed;
             return report;
         }
     }
@@ -132,6 +137,7 @@ pub fn reconcile(
             Err(e) => report.failed.push((Some(action), e)),
         }
     }
+    report.after = observed.apply(&report.done);
     report
 }
 
@@ -288,6 +294,7 @@ mod tests {
         let r = pass(3);
         assert_eq!(r.done.iter().filter(|a| matches!(a, Action::Create { .. })).count(), 3);
         assert_eq!(count_on(&hosts), [2, 1], "spread evenly, the first host first");
+        assert_eq!(r.after.domains.len(), 3, "the state after the pass is what the hosts list");
         assert_eq!(files.overlays(uris[0]).unwrap().len() + files.overlays(uris[1]).unwrap().len(), 3);
         // The nodes register.
         for h in hosts.values() {
