@@ -12,8 +12,6 @@
 #
 # Usage (as root):
 #   lab.sh up      start netns, virtlogd, libvirtd, network; print the env
-#   lab.sh prove   HTTP server in the netns + a PXE-booting TCG domain; check
-#                  the marker on its serial log and the request in the HTTP log
 #   lab.sh down    stop everything by PID, delete netns and lab dir (also after
 #                  a partial or failed up)
 #   lab.sh env     print the variables a harness needs
@@ -36,7 +34,6 @@ BRIDGE_IP=$SUBNET.1
 ULA=${KILN_LAB_ULA:-fd6b:696c:6e00}
 SOCK=$LAB/run/libvirt/libvirt-sock
 URI="qemu+unix:///system?socket=$SOCK"
-DOMAIN=kiln-proto-0
 
 log() { printf '%s lab: %s\n' "$(date +%T.%3N)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -55,7 +52,7 @@ BINDS=(
 )
 
 write_config() {
-  mkdir -p "$LAB"/{run,etc/qemu/networks,lib,cache,log,www,console}
+  mkdir -p "$LAB"/{run,etc/qemu/networks,lib,cache,log}
   [ -z "${KILN_LAB_CACHE:-}" ] || mkdir -p "$KILN_LAB_CACHE"
   # Only the config files libvirtd and virtlogd read; no default network,
   # no nwfilters, no hooks from the host's /etc/libvirt.
@@ -176,72 +173,6 @@ KILN_LAB_BOOT_URL=http://$BRIDGE_IP:$PORT/boot.ipxe
 EOF
 }
 
-cmd_prove() {
-  [ -S "$SOCK" ] || die "no lab at $LAB: run '$0 up' first"
-  printf '#!ipxe\necho KILN-PROTO-OK\nsleep 2\nexit\n' > "$LAB/www/boot.ipxe"
-  # ip netns exec execs the command: $! is python's PID
-  ip netns exec "$NS" python3 -m http.server --bind "$BRIDGE_IP" --directory "$LAB/www" "$PORT" \
-    > "$LAB/http.log" 2>&1 &
-  echo $! > "$LAB/run/http.pid"
-  local i
-  for i in $(seq 1 50); do
-    ip netns exec "$NS" bash -c "exec 3<>/dev/tcp/$BRIDGE_IP/$PORT" 2>/dev/null && break
-    sleep 0.1
-  done
-  local console=$LAB/console/$DOMAIN.log
-  cat > "$LAB/domain.xml" <<EOF
-<domain type='qemu'>
-  <name>$DOMAIN</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <boot dev='network'/>
-    <bios useserial='yes'/>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <interface type='network'>
-      <source network='$NET'/>
-      <mac address='52:54:00:6b:00:01'/>
-      <model type='virtio'/>
-    </interface>
-    <serial type='pty'>
-      <log file='$console' append='on'/>
-      <target port='0'/>
-    </serial>
-    <console type='pty'><target type='serial' port='0'/></console>
-    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-  </devices>
-</domain>
-EOF
-  v define "$LAB/domain.xml" >/dev/null
-  local t0 t_marker="" t_http=""
-  t0=$(now)
-  v start "$DOMAIN" >/dev/null
-  log "domain $DOMAIN started in $(since "$t0") s"
-  for i in $(seq 1 600); do
-    if [ -z "$t_http" ] && grep -q 'GET /boot.ipxe' "$LAB/http.log" 2>/dev/null; then
-      t_http=$(since "$t0"); log "HTTP request for boot.ipxe after $t_http s"
-    fi
-    if grep -q KILN-PROTO-OK "$console" 2>/dev/null; then
-      t_marker=$(since "$t0"); log "marker on the serial log after $t_marker s"
-      break
-    fi
-    sleep 0.2
-  done
-  # Debian's iPXE (2019) has no poweroff command: stop the guest here.
-  v destroy "$DOMAIN" >/dev/null 2>&1 || true
-  log "DHCP lease: $(v net-dhcp-leases "$NET" | tr -s ' ' | head -1)"
-  log "HTTP log: $(grep -m1 'GET /boot.ipxe' "$LAB/http.log" || echo none)"
-  [ -n "$t_marker" ] || { tail -c 2000 "$console" >&2 || true; die "no marker on $console"; }
-  [ -n "$t_http" ] || die "no request in $LAB/http.log"
-  log "prove: ok"
-}
-
 # PID in a file, if the process lives.
 pid_of() { local p; p=$(cat "$1" 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo "$p"; }
 
@@ -249,6 +180,8 @@ stop_pids() {
   local p i alive
   [ $# -gt 0 ] || return 0
   log "stopping PIDs $*"
+  # A process may end between the caller's check and this signal: the
+  # loop below finds out which are left, so a failed kill is not an error.
   kill -TERM "$@" 2>/dev/null || true
   for i in $(seq 1 50); do
     alive=()
@@ -257,12 +190,15 @@ stop_pids() {
     sleep 0.1
   done
   log "killing PIDs ${alive[*]}"
-  kill -KILL "${alive[@]}" 2>/dev/null || true
+  kill -KILL "${alive[@]}" 2>/dev/null || true # as above: gone meanwhile is fine
 }
 
 cmd_down() {
   local t0 pids=() f p d
   t0=$(now)
+  # Best effort, as down must also finish after a partial up: a domain or
+  # network that is already stopped or gone makes virsh fail, and whatever
+  # libvirt leaves running is stopped by PID below anyway.
   if [ -S "$SOCK" ] && timeout 5 virsh -q -c "$URI" version >/dev/null 2>&1; then
     for d in $(timeout 10 virsh -q -c "$URI" list --all --name 2>/dev/null); do
       timeout 10 virsh -q -c "$URI" destroy "$d" >/dev/null 2>&1 || true
@@ -273,9 +209,9 @@ cmd_down() {
       timeout 10 virsh -q -c "$URI" net-undefine "$d" >/dev/null 2>&1 || true
     done
   fi
-  # Children first (QEMU, dnsmasq, HTTP), then libvirtd, then virtlogd (it
+  # Children first (QEMU, dnsmasq), then libvirtd, then virtlogd (it
   # holds the QEMU logs until QEMU is gone).
-  for f in "$LAB"/run/http.pid "$LAB"/run/libvirt/qemu/*.pid "$LAB"/run/libvirt/network/*.pid; do
+  for f in "$LAB"/run/libvirt/qemu/*.pid "$LAB"/run/libvirt/network/*.pid; do
     # driver.pid in those directories is libvirtd's own
     [ "${f##*/}" != driver.pid ] || continue
     p=$(pid_of "$f") && pids+=("$p")
@@ -301,8 +237,7 @@ cmd_down() {
 
 case "${1:-}" in
   up) cmd_up ;;
-  prove) cmd_prove ;;
   down) cmd_down ;;
   env) cmd_env ;;
-  *) echo "usage: $0 up|prove|down|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env" >&2; exit 2 ;;
 esac
