@@ -25,6 +25,31 @@ wait
 # A pool's node is named by the server (kiln.hostname=); any other by its MAC.
 name=$(sed -n 's/.*kiln\.hostname=\([^ ]*\).*/\1/p' /proc/cmdline)
 hostname "${name:-tiny-$(echo "$first_mac" | tr -d ':' | cut -c7-12)}"
+# kiln.load=URL (for testing autoscalers): while URL answers, keep every
+# CPU busy at the lowest priority; while it does not, idle. Polled every 2 s.
+load_url=$(sed -n 's/.*kiln\.load=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$load_url" ]; then
+  (
+    burners=
+    while true; do
+      # (busybox 1.35's wget crashes with -T: timeout bounds it instead)
+      if timeout 5 wget -q -O /dev/null "$load_url" 2>/dev/null; then
+        if [ -z "$burners" ]; then
+          echo "kiln-init: load on"
+          for _ in $(seq "$(nproc)"); do
+            sh -c 'renice -n 19 -p $$ >/dev/null; while :; do :; done' &
+            burners="$burners $!"
+          done
+        fi
+      elif [ -n "$burners" ]; then
+        echo "kiln-init: load off"
+        kill $burners
+        burners=
+      fi
+      sleep 2
+    done
+  ) &
+fi
 echo "kiln-init: $(hostname) up, $(ip -4 -o addr show scope global | awk '{print $2, $4}' | tr '\n' ' ')"
 while true; do
   /usr/bin/kiln-agent

@@ -94,6 +94,20 @@ impl Lab {
         cmd
     }
 
+    /// A TCP listener on `addr` inside the lab's namespace (a thread enters
+    /// it, binds and hands the socket back: a socket stays in the namespace
+    /// it was made in).
+    pub fn tcp_listener(&self, addr: std::net::SocketAddr) -> std::net::TcpListener {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr} in {path}: {e}"))
+        })
+        .join()
+        .expect("the namespace thread")
+    }
+
     /// `virsh -c URI args...`: stdout.
     pub fn virsh(&self, args: &[&str]) -> String {
         let out = Command::new("virsh").args(["-c", &self.uri]).args(args).output().expect("virsh runs");

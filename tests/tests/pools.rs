@@ -8,6 +8,8 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kiln_tests::{KilnServer, binaries, fake_image, tail, wait_for};
@@ -462,4 +464,162 @@ fn autoscaler_dry_run_says_what_it_would_do_and_does_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(desired(&server, "auto"), Some(1), "a dry run changes nothing");
     wait_defined(&server, "auto", 1);
+}
+
+/// The switch a loaded node polls (`kiln.load=URL` in the tiny image):
+/// while it answers 200 the node keeps its CPU busy, while it answers 404
+/// the node idles. Served from a thread on a socket in the lab's namespace.
+struct LoadSwitch {
+    on: Arc<AtomicBool>,
+    polls: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LoadSwitch {
+    fn serve(listener: std::net::TcpListener) -> LoadSwitch {
+        use std::io::{Read, Write};
+        listener.set_nonblocking(true).expect("a non-blocking listener");
+        let (on, polls, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (t_on, t_polls, t_stop) = (on.clone(), polls.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !t_stop.load(Ordering::SeqCst) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut request = Vec::new();
+                let mut buf = [0u8; 512];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                t_polls.fetch_add(1, Ordering::SeqCst);
+                let reply: &[u8] = if t_on.load(Ordering::SeqCst) {
+                    b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\non\n"
+                } else {
+                    b"HTTP/1.0 404 Not Found\r\nContent-Length: 4\r\n\r\noff\n"
+                };
+                let _ = conn.write_all(reply);
+            }
+        });
+        LoadSwitch { on, polls, stop, thread: Some(thread) }
+    }
+
+    fn set(&self, on: bool) {
+        self.on.store(on, Ordering::SeqCst);
+    }
+
+    fn polls(&self) -> usize {
+        self.polls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for LoadSwitch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Autoscaling with the load inside real VMs: a pool of the tiny image on
+/// the lab's libvirtd, min 1, max 3, scaled on `cpu_busy`. Its nodes boot
+/// with `kiln.load=URL` (from the pool's profile); when the test turns the
+/// switch on, every node burns its CPU and the pool grows a step per
+/// cooldown to its max, where it holds; when the test turns it off, the
+/// pool shrinks back to its min, keeping its oldest node.
+#[test]
+fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
+    if kiln_tests::skip_e2e() {
+        return;
+    }
+    let _vm = kiln_tests::vm_lock();
+    let (tmp, images, state, lab) = tiny_in_a_lab("ka");
+    let switch_addr: std::net::SocketAddr = format!("{}:8099", lab.bridge_ip).parse().unwrap();
+    let switch = LoadSwitch::serve(lab.tcp_listener(switch_addr));
+    let profiles = tmp.path().join("profiles");
+    std::fs::create_dir_all(profiles.join("profiles")).unwrap();
+    std::fs::write(
+        profiles.join("profiles/loaded.toml"),
+        format!("image = \"tiny\"\nkernel-args = [\"kiln.load=http://{switch_addr}/load\"]\n"),
+    )
+    .unwrap();
+    let dir = tmp.path().join("pools");
+    let shipped = std::fs::read_to_string(kiln_tests::root().join("pools/tiny.toml")).expect("pools/tiny.toml");
+    let text = shipped.replace("min = 0", "min = 1").replace("max = 5", "max = 3").replace("replicas = 0", "replicas = 1");
+    let policy = "[autoscale]\nmetric = \"cpu_busy\"\nscale-up-above = 0.6\nscale-down-below = 0.3\nstep = 1\ncooldown-secs = 15\n";
+    pool_file(&dir, "tiny", &format!("{text}profile = \"loaded\"\nhosts = [\"{}\"]\n{policy}", lab.uri));
+    let mut cmd = lab.command(&binaries().kiln);
+    cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir).arg("--profiles").arg(&profiles);
+    cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
+    cmd.args(["--pool-network", &lab.network, "--pool-accel", "qemu", "--pool-interval", "2"]);
+    let server = KilnServer::spawn(cmd, &state);
+    let api = format!("https://{}:8443", lab.bridge_ip);
+    let cli = |args: &[&str]| -> String {
+        let out =
+            lab.command(&binaries().kiln).args(args).arg("--server").arg(&api).arg("--state").arg(&state).output().expect("kiln runs");
+        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let registered = || -> Vec<String> {
+        let nodes: Vec<kiln_core::Node> = serde_json::from_str(&cli(&["nodes", "--json"])).unwrap();
+        let mut names: Vec<String> = nodes.into_iter().filter(|n| n.pool == "tiny").map(|n| n.name).collect();
+        names.sort();
+        names
+    };
+    let pool = || serde_json::from_str::<Vec<serde_json::Value>>(&cli(&["pools", "--json"])).unwrap().remove(0);
+    let kiln_domains = || lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with("kiln-tiny-")).count();
+    let console = |n: u32| std::fs::read_to_string(state.join(format!("pools/kiln-tiny-{n}.log"))).unwrap_or_default();
+    let settle = |want: &[&str], what: &str| {
+        let start = std::time::Instant::now();
+        let ok = wait_for(Duration::from_secs(300), || (registered() == want && kiln_domains() == want.len()).then_some(()));
+        assert!(
+            ok.is_some(),
+            "{what}: not {want:?} registered: {:?}, pool {}\nconsole of kiln-tiny-0:\n{}\nserver:\n{}",
+            registered(),
+            pool(),
+            tail(&console(0), 20),
+            tail(&server.log(), 30)
+        );
+        eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
+    };
+
+    // At its min, idle: the pool holds, saying why.
+    settle(&["kiln-tiny-0"], "min 1 registered");
+    let idle = wait_for(Duration::from_secs(60), || pool()["autoscale"].as_str()?.contains("but the pool is at its min").then_some(()));
+    assert!(idle.is_some(), "an idle pool at its min holds: {}", pool());
+    let polled = wait_for(Duration::from_secs(10), || (switch.polls() > 0).then_some(()));
+    assert!(polled.is_some(), "the node polls its load switch; its console:\n{}", tail(&console(0), 30));
+
+    // Load on: every node burns its CPU; the pool grows to its max and holds.
+    switch.set(true);
+    settle(&["kiln-tiny-0", "kiln-tiny-1", "kiln-tiny-2"], "load on: grown to max 3");
+    let log = server.log();
+    for (from, to) in [(1, 2), (2, 3)] {
+        let line = log.lines().find(|l| l.contains(&format!("autoscale: scale {from} → {to}: mean cpu_busy")));
+        assert!(line.is_some_and(|l| l.contains("> 0.6")), "the growth {from} → {to} is logged with its reason:\n{}", tail(&log, 40));
+    }
+    let held = wait_for(Duration::from_secs(60), || pool()["autoscale"].as_str()?.contains("but the pool is at its max").then_some(()));
+    assert!(held.is_some(), "a loaded pool at its max holds: {}", pool());
+    assert_eq!(pool()["desired"], 3);
+
+    // Load off: back to the min after the cooldowns, the oldest node kept.
+    switch.set(false);
+    settle(&["kiln-tiny-0"], "load off: shrunk to min 1");
+    let log = server.log();
+    for (from, to) in [(3, 2), (2, 1)] {
+        let line = log.lines().find(|l| l.contains(&format!("autoscale: scale {from} → {to}: mean cpu_busy")));
+        assert!(line.is_some_and(|l| l.contains("< 0.3")), "the shrink {from} → {to} is logged with its reason:\n{}", tail(&log, 40));
+    }
+    assert_eq!(pool()["desired"], 1);
+    let left: Vec<_> = std::fs::read_dir(state.join("pools")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 1, "only kiln-tiny-0's console log is left: {left:?}");
+    drop(server);
+    drop(switch);
 }
