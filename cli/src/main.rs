@@ -185,6 +185,11 @@ struct ServeArgs {
     /// Seconds between reconcile (and autoscale) passes; `kiln scale` wakes it at once.
     #[arg(long, default_value_t = 5.0)]
     pool_interval: f64,
+    /// Where kiln makes its libvirt storage pool `kiln` (overlays, seeds,
+    /// golden images, console logs) on a host that has none: a path on
+    /// each host.
+    #[arg(long, default_value = kiln_pool::volumes::DEFAULT_DIR, value_name = "DIR")]
+    pool_storage: String,
 }
 
 /// Where a build finds its inputs.
@@ -273,6 +278,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pool_accel,
                 autoscale_dry_run,
                 pool_interval,
+                pool_storage,
             } = *args;
             let pools = match pools {
                 None => None,
@@ -297,6 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         api_url: advertise_api.clone(),
                         interval: Duration::from_secs_f64(pool_interval.clamp(0.1, 3600.0)),
                         autoscale_dry_run,
+                        storage_dir: pool_storage,
                     })
                 }
             };

@@ -8,20 +8,21 @@
 //!
 //! Each node is named `kiln-<pool>-<n>`; that is its hostname too (the
 //! seed kiln gives it says so), which is how a registered node is tied to
-//! its pool. A disk node's qcow2 overlay (backing file: the pool image's
-//! golden qcow2) and cidata seed are made in `STATE/pools/`, on the host
-//! kiln runs on; a network node boots the pool's image by PXE, its MAC
-//! telling the server which pool it is in.
+//! its pool. Each host keeps kiln's files in its libvirt storage pool
+//! `kiln` ([`kiln_pool::volumes`]), made through libvirt, so remote hosts
+//! work like the local one: a disk node's qcow2 overlay, backed by the
+//! pool image's golden qcow2 (uploaded once per host and image digest),
+//! and its cidata seed; and every node's console log. A network node boots
+//! the pool's image by PXE, its MAC telling the server which pool it is in.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use kiln_core::Mac;
 use kiln_pool::domain::{BootMedia, DomainType, Nic};
-use kiln_pool::{Action, Hypervisor, Libvirt, NodeId, Pool, Provisioner, Registry as PoolRegistry, Settings};
+use kiln_pool::{Action, Hypervisor, Libvirt, NodeId, Pool, Provisioner, Registry as PoolRegistry, Settings, Volumes};
 use kiln_pxe::ImageStore;
 use kiln_pxe::profile::{Catalog, Machine, ServerParams};
 use serde::Serialize;
@@ -62,14 +63,6 @@ pub enum Error {
         /// libvirt's answer.
         #[source]
         source: kiln_pool::hypervisor::Error,
-    },
-    /// A disk pool on a remote host: its overlay would have to be made there.
-    #[error("{file}: `hosts`: {uri} is remote; disk pools are made on the host kiln runs on (use boot = \"network\" there)")]
-    RemoteDisk {
-        /// The pool file.
-        file: PathBuf,
-        /// The URI.
-        uri: String,
     },
     /// Reading or writing the store.
     #[error("pool replicas in the store")]
@@ -125,6 +118,9 @@ pub struct PoolsConfig {
     pub interval: Duration,
     /// Autoscalers decide and log, but change nothing (`--autoscale-dry-run`).
     pub autoscale_dry_run: bool,
+    /// Where kiln's storage pool is made on a host that has none
+    /// (`--pool-storage`; a path on each host).
+    pub storage_dir: String,
 }
 
 /// One host's part of a pool, for `kiln pools`.
@@ -181,6 +177,8 @@ struct AutoState {
 pub struct Pools {
     pools: Vec<Pool>,
     hosts: Mutex<BTreeMap<String, Box<dyn Hypervisor + Send>>>,
+    /// Each host's storage pool, on a connection of its own.
+    volumes: Mutex<BTreeMap<String, Volumes>>,
     replicas: RwLock<BTreeMap<String, u32>>,
     /// MAC → node, for every kiln domain last seen: the seed and the boot
     /// script of a network node come from its pool.
@@ -214,13 +212,16 @@ impl Pools {
         // each pool against its hosts' memory.
         let unchecked = kiln_pool::load_dir(&config.dir, u64::MAX)?;
         let mut hosts: BTreeMap<String, Box<dyn Hypervisor + Send>> = BTreeMap::new();
+        let mut volumes = BTreeMap::new();
         for pool in &unchecked {
             for uri in &pool.hosts {
                 if hosts.contains_key(uri) {
                     continue;
                 }
-                let hv = open(uri).map_err(|source| Error::Host { file: pool.file.clone(), uri: uri.clone(), source })?;
+                let host = |source| Error::Host { file: pool.file.clone(), uri: uri.clone(), source };
+                let hv = Libvirt::open(uri).map_err(host)?;
                 hosts.insert(uri.clone(), Box::new(hv));
+                volumes.insert(uri.clone(), Volumes::open(uri, &config.storage_dir).map_err(host)?);
             }
         }
         let mut pools = Vec::new();
@@ -235,13 +236,8 @@ impl Pools {
                 let served = images.images().map(|m| m.name.clone()).collect::<Vec<_>>().join(", ");
                 return Err(Error::NoImage { file: pool.file.clone(), image: pool.image.clone(), served });
             };
-            if pool.boot == kiln_pool::Boot::Disk {
-                if image.artifact(&format!("{}.qcow2", image.name)).is_none() {
-                    return Err(Error::NoDisk { file: pool.file.clone(), image: pool.image.clone() });
-                }
-                if let Some(uri) = pool.hosts.iter().find(|u| !is_local(u)) {
-                    return Err(Error::RemoteDisk { file: pool.file.clone(), uri: uri.clone() });
-                }
+            if pool.boot == kiln_pool::Boot::Disk && image.artifact(&format!("{}.qcow2", image.name)).is_none() {
+                return Err(Error::NoDisk { file: pool.file.clone(), image: pool.image.clone() });
             }
             pools.push(pool);
         }
@@ -255,14 +251,19 @@ impl Pools {
         }
         let dir = state_dir.join("pools");
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+        // Seeds were made here before they were uploaded to a host's storage pool.
+        for entry in std::fs::read_dir(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
         let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
-        registry.set_pool_of(Box::new(move |hostname: &str| parse_node(hostname).filter(|n| names.contains(&n.pool)).map(|n| n.pool)));
+        registry.set_pool_of(Box::new(move |hostname: &str| NodeId::parse(hostname).filter(|n| names.contains(&n.pool)).map(|n| n.pool)));
         for pool in &pools {
             tracing::info!(pool = %pool.name, image = %pool.image, hosts = ?pool.hosts, desired = replicas[&pool.name], "pool loaded");
         }
         Ok(Arc::new(Pools {
             pools,
             hosts: Mutex::new(hosts),
+            volumes: Mutex::new(volumes),
             replicas: RwLock::new(replicas),
             members: RwLock::new(BTreeMap::new()),
             node_hosts: RwLock::new(BTreeMap::new()),
@@ -480,45 +481,16 @@ impl Pools {
     }
 }
 
-impl Provisioner for Pools {
-    fn overlays(&self, host: &str) -> Result<Vec<NodeId>, String> {
-        if !is_local(host) {
-            return Ok(Vec::new());
-        }
-        let dir = self.node_dir();
-        let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut out: Vec<NodeId> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let stem = name.strip_suffix(".qcow2").or_else(|| name.strip_suffix(".iso"))?;
-                parse_node(stem)
-            })
-            .collect();
-        out.sort();
-        out.dedup();
-        Ok(out)
+impl Pools {
+    /// Runs `f` on `host`'s storage pool.
+    fn on_volumes<T>(&self, host: &str, f: impl FnOnce(&Volumes) -> Result<T, kiln_pool::hypervisor::Error>) -> Result<T, String> {
+        let volumes = self.volumes.lock().expect("volumes lock");
+        let v = volumes.get(host).ok_or_else(|| format!("{host}: not connected"))?;
+        f(v).map_err(|e| kiln_pool::hypervisor::chain(&e))
     }
 
-    fn make(&self, _host: &str, pool: &Pool, node: &NodeId) -> Result<BootMedia, String> {
-        let image = self.images.get(&pool.image).ok_or_else(|| format!("image `{}` is no longer served", pool.image))?;
-        let golden = self.images.root().join(&image.name).join(format!("{}.qcow2", image.name));
-        let dir = self.node_dir();
-        let overlay = dir.join(format!("{node}.qcow2"));
-        let seed_path = dir.join(format!("{node}.iso"));
-        // Written under temporary names and renamed: a crash leaves no half-made overlay.
-        let tmp = dir.join(format!(".{node}.qcow2.tmp"));
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&golden)
-            .arg(&tmp)
-            .output()
-            .map_err(|e| format!("qemu-img: {e}"))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(format!("qemu-img create: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        std::fs::rename(&tmp, &overlay).map_err(|e| format!("{}: {e}", overlay.display()))?;
+    /// `node`'s cidata seed, as an ISO image.
+    fn seed(&self, pool: &Pool, image: &kiln_core::Manifest, node: &NodeId) -> Result<Vec<u8>, String> {
         let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
         let profile = match &pool.profile {
             Some(id) => self.catalog.profiles().find(|p| &p.id == id).cloned().ok_or_else(|| format!("no profile `{id}`"))?,
@@ -534,25 +506,48 @@ impl Provisioner for Pools {
         let api_url = self.config.api_url.as_deref().unwrap_or_default();
         let params = ServerParams { base_url: api_url, token: &self.bootstrap_token, api_url };
         let seed = self.catalog.seed(&profile, image, &machine, &params).map_err(|e| e.to_string())?;
-        seed.write_iso(&seed_path).map_err(|e| e.to_string())?;
-        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-        tracing::info!(node = %node, overlay_bytes = size(&overlay), seed_bytes = size(&seed_path), "pools: overlay and seed made");
-        Ok(BootMedia::Disk { overlay, seed: seed_path })
+        // The ISO writer wants a file: made here, read, and removed.
+        let path = self.node_dir().join(format!(".{node}.iso.tmp"));
+        seed.write_iso(&path).map_err(|e| e.to_string())?;
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()));
+        let _ = std::fs::remove_file(&path);
+        bytes
+    }
+}
+
+impl Provisioner for Pools {
+    fn overlays(&self, host: &str) -> Result<Vec<NodeId>, String> {
+        self.on_volumes(host, Volumes::nodes)
     }
 
-    fn delete(&self, _host: &str, node: &NodeId) -> Result<(), String> {
-        for ext in ["qcow2", "iso", "log"] {
-            let path = self.node_dir().join(format!("{node}.{ext}"));
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{}: {e}", path.display())),
-                _ => {}
+    fn make(&self, host: &str, pool: &Pool, node: &NodeId) -> Result<BootMedia, String> {
+        let image = self.images.get(&pool.image).ok_or_else(|| format!("image `{}` is no longer served", pool.image))?;
+        let local = self.images.root().join(&image.name).join(format!("{}.qcow2", image.name));
+        let capacity = kiln_pool::volumes::qcow2_virtual_size(&local).map_err(|e| format!("{}: {e}", local.display()))?;
+        let seed = self.seed(pool, image, node)?;
+        let disks = self.on_volumes(host, |v| {
+            let start = std::time::Instant::now();
+            let golden = v.golden(&image.name, &image.digest, &local)?;
+            if let Some(bytes) = golden.uploaded {
+                let ms = start.elapsed().as_millis() as u64;
+                tracing::info!(host, image = %image.name, path = %golden.path, bytes, ms, "pools: golden image uploaded");
             }
-        }
-        Ok(())
+            v.make(node, &golden.path, capacity, &seed)
+        })?;
+        tracing::info!(node = %node, overlay_bytes = disks.overlay_bytes, seed_bytes = disks.seed_bytes, "pools: overlay and seed made");
+        Ok(BootMedia::Disk { overlay: disks.overlay.into(), seed: disks.seed.into() })
     }
 
-    fn console_log(&self, _host: &str, node: &NodeId) -> PathBuf {
-        self.node_dir().join(format!("{node}.log"))
+    fn delete(&self, host: &str, node: &NodeId) -> Result<(), String> {
+        self.on_volumes(host, |v| v.delete(node))
+    }
+
+    fn console_log(&self, host: &str, node: &NodeId) -> PathBuf {
+        let volumes = self.volumes.lock().expect("volumes lock");
+        match volumes.get(host) {
+            Some(v) => v.console_log(node).into(),
+            None => PathBuf::from(kiln_pool::volumes::DEFAULT_DIR).join(format!("{node}.log")),
+        }
     }
 }
 
@@ -569,7 +564,7 @@ impl PoolRegistry for Registered<'_> {
             .registry
             .nodes()
             .iter()
-            .filter_map(|n| parse_node(&n.name))
+            .filter_map(|n| NodeId::parse(&n.name))
             .filter(|id| self.pools.iter().any(|p| p.name == id.pool))
             .collect())
     }
@@ -604,25 +599,6 @@ async fn scrape_all(targets: &[(String, String)]) -> Vec<(String, String)> {
     futures_util::future::join_all(fetches).await.into_iter().flatten().collect()
 }
 
-/// `kiln-<pool>-<n>` → the node.
-pub fn parse_node(name: &str) -> Option<NodeId> {
-    let rest = name.strip_prefix("kiln-")?;
-    let (pool, n) = rest.rsplit_once('-')?;
-    if pool.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(NodeId::new(pool, n.parse().ok()?))
-}
-
-fn is_local(uri: &str) -> bool {
-    // qemu:///system, qemu+unix:///system?socket=..., test:///default: no host part.
-    uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'))
-}
-
-fn open(uri: &str) -> Result<Libvirt, kiln_pool::hypervisor::Error> {
-    Libvirt::open(uri)
-}
-
 fn boot_name(b: kiln_pool::Boot) -> &'static str {
     match b {
         kiln_pool::Boot::Disk => "disk",
@@ -647,27 +623,5 @@ fn describe(a: &Action) -> String {
         Action::DeleteOverlay { host, node } => format!("delete the leftover overlay of {node} on {host}"),
         Action::Start { host, node } => format!("start {node} on {host}"),
         Action::Create { host, node } => format!("create {node} on {host}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_names_parse_back() {
-        assert_eq!(parse_node("kiln-tiny-3"), Some(NodeId::new("tiny", 3)));
-        assert_eq!(parse_node("kiln-big-pool-12"), Some(NodeId::new("big-pool", 12)));
-        for bad in ["tiny-3", "kiln-tiny", "kiln--3", "kiln-tiny-x", "node-123456"] {
-            assert_eq!(parse_node(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn local_and_remote_uris() {
-        assert!(is_local("qemu:///system"));
-        assert!(is_local("qemu+unix:///system?socket=/tmp/x/libvirt-sock"));
-        assert!(is_local("test:///default"));
-        assert!(!is_local("qemu+ssh://host/system"));
     }
 }

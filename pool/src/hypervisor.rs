@@ -34,6 +34,15 @@ pub enum Error {
         #[source]
         source: virt::error::Error,
     },
+    /// A file on the server, to be copied to a host, could not be read.
+    #[error("{what}: {source}")]
+    Local {
+        /// What kiln was doing.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The node has no domain to start.
     #[error("{uri}: node {node} has no domain")]
     Missing {
@@ -52,6 +61,18 @@ pub enum Error {
         /// The node kiln meant.
         node: NodeId,
     },
+}
+
+/// `e` and its causes, joined by `: ` (libvirt's own message is a cause).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// A kiln domain as its host reports it.

@@ -26,6 +26,7 @@ pub mod hypervisor;
 pub mod plan;
 pub mod reconcile;
 pub mod spec;
+pub mod volumes;
 
 use std::fmt;
 
@@ -34,6 +35,7 @@ pub use hypervisor::{HostMemory, Hypervisor, Libvirt, NodeDomain};
 pub use plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
 pub use reconcile::{Provisioner, Registry, Report, Settings, reconcile};
 pub use spec::{Autoscale, Boot, Metric, Pool, PoolSpec, load_dir};
+pub use volumes::Volumes;
 
 use kiln_core::Mac;
 
@@ -57,6 +59,16 @@ impl NodeId {
     /// The libvirt domain name, also the node's hostname: `kiln-<pool>-<n>`.
     pub fn domain_name(&self) -> String {
         format!("kiln-{}-{}", self.pool, self.index)
+    }
+
+    /// The node named `kiln-<pool>-<n>` (a domain, hostname or file stem).
+    pub fn parse(name: &str) -> Option<NodeId> {
+        let rest = name.strip_prefix("kiln-")?;
+        let (pool, n) = rest.rsplit_once('-')?;
+        if pool.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(NodeId::new(pool, n.parse().ok()?))
     }
 
     /// A stable MAC for the node: QEMU's `52:54:00` prefix and 24 bits of
@@ -91,5 +103,14 @@ mod tests {
         assert_eq!(&n.mac().0[..3], &[0x52, 0x54, 0x00]);
         assert_ne!(n.mac(), NodeId::new("tiny", 13).mac());
         assert_ne!(n.mac(), NodeId::new("tiny1", 2).mac());
+    }
+
+    #[test]
+    fn node_names_parse_back() {
+        assert_eq!(NodeId::parse("kiln-tiny-3"), Some(NodeId::new("tiny", 3)));
+        assert_eq!(NodeId::parse("kiln-big-pool-12"), Some(NodeId::new("big-pool", 12)));
+        for bad in ["tiny-3", "kiln-tiny", "kiln--3", "kiln-tiny-x", "node-123456", "golden-worker-0123"] {
+            assert_eq!(NodeId::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -97,7 +97,7 @@ pub fn reconcile(
                 observed.domains.extend(domains.into_iter().map(|d| HostDomain { host: uri.clone(), node: d.node, running: d.running }))
             }
             Err(e) => {
-                report.failed.push((None, e.to_string()));
+                report.failed.push((None, crate::hypervisor::chain(&e)));
                 unseen.push(uri.clone());
                 continue;
             }
@@ -155,11 +155,11 @@ fn carry_out(
         Action::Remove { host, node } => {
             // The lease goes with the domain, whether or not the node is registered now.
             registry.deregister(node)?;
-            hv(host)?.destroy_and_undefine(node).map_err(|e| e.to_string())?;
+            hv(host)?.destroy_and_undefine(node).map_err(|e| crate::hypervisor::chain(&e))?;
             provisioner.delete(host, node)
         }
         Action::DeleteOverlay { host, node } => provisioner.delete(host, node),
-        Action::Start { host, node } => hv(host)?.start(node).map_err(|e| e.to_string()),
+        Action::Start { host, node } => hv(host)?.start(node).map_err(|e| crate::hypervisor::chain(&e)),
         Action::Create { host, node } => {
             let pool = pools.get(node.pool.as_str()).ok_or_else(|| format!("pool {} is not loaded", node.pool))?;
             let boot = match pool.boot {
@@ -176,7 +176,7 @@ fn carry_out(
                 mac: node.mac(),
                 console_log: provisioner.console_log(host, node),
             };
-            hv(host)?.define_and_start(&spec).map_err(|e| e.to_string())
+            hv(host)?.define_and_start(&spec).map_err(|e| crate::hypervisor::chain(&e))
         }
     }
 }
@@ -212,9 +212,9 @@ mod tests {
                 .collect())
         }
         fn make(&self, host: &str, _pool: &Pool, node: &NodeId) -> Result<BootMedia, String> {
-            std::fs::create_dir_all(self.dir(host)).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(self.dir(host)).map_err(|e| crate::hypervisor::chain(&e))?;
             let overlay = self.dir(host).join(format!("{node}.qcow2"));
-            std::fs::write(&overlay, b"overlay").map_err(|e| e.to_string())?;
+            std::fs::write(&overlay, b"overlay").map_err(|e| crate::hypervisor::chain(&e))?;
             Ok(BootMedia::Disk { overlay, seed: self.dir(host).join(format!("{node}.iso")) })
         }
         fn delete(&self, host: &str, node: &NodeId) -> Result<(), String> {

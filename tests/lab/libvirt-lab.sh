@@ -34,6 +34,9 @@ BRIDGE_IP=$SUBNET.1
 ULA=${KILN_LAB_ULA:-fd6b:696c:6e00}
 SOCK=$LAB/run/libvirt/libvirt-sock
 URI="qemu+unix:///system?socket=$SOCK"
+# The same libvirtd over TCP, as a remote host is reached (from inside the
+# netns only: it listens in the lab's namespace).
+TCP_URI="qemu+tcp://$BRIDGE_IP/system"
 
 log() { printf '%s lab: %s\n' "$(date +%T.%3N)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -57,8 +60,12 @@ write_config() {
   # Only the config files libvirtd and virtlogd read; no default network,
   # no nwfilters, no hooks from the host's /etc/libvirt.
   cat > "$LAB/etc/libvirtd.conf" <<'EOF'
-# unix socket only (libvirtd runs without --listen), root only, no polkit
+# root only, no polkit; TCP (libvirtd --listen) with no auth and no TLS,
+# bound inside the lab's network namespace, reachable from it only
 unix_sock_group = "root"
+listen_tls = 0
+listen_tcp = 1
+auth_tcp = "none"
 unix_sock_ro_perms = "0700"
 unix_sock_rw_perms = "0700"
 auth_unix_ro = "none"
@@ -103,7 +110,7 @@ start_daemons() {
     $mounts
     mkdir -p /run/libvirt
     virtlogd -d -p /run/virtlogd.pid
-    libvirtd -d -p /run/libvirtd.pid
+    libvirtd -d --listen -p /run/libvirtd.pid
   "
   local i
   for i in $(seq 1 300); do
@@ -167,6 +174,7 @@ cmd_env() {
 KILN_LAB_DIR=$LAB
 KILN_LAB_NS=$NS
 KILN_LAB_URI=$URI
+KILN_LAB_TCP_URI=$TCP_URI
 KILN_LAB_NET=$NET
 KILN_LAB_BRIDGE_IP=$BRIDGE_IP
 KILN_LAB_BOOT_URL=http://$BRIDGE_IP:$PORT/boot.ipxe

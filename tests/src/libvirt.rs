@@ -18,6 +18,12 @@ pub struct Lab {
     env: BTreeMap<String, String>,
     /// The libvirt URI of the private libvirtd (`qemu+unix:///system?socket=...`).
     pub uri: String,
+    /// The same libvirtd over TCP (`qemu+tcp://BRIDGE_IP/system`), reachable
+    /// from inside the namespace only: how a remote host is reached.
+    pub tcp_uri: String,
+    /// The lab's directory: where the daemons' `/var/lib/libvirt` and
+    /// `/var/log/libvirt` are, seen from the host.
+    pub dir: PathBuf,
     /// The network namespace everything runs in.
     pub netns: String,
     /// The libvirt network nodes join.
@@ -79,12 +85,25 @@ impl Lab {
         let get = |k: &str| env.get(k).cloned().unwrap_or_else(|| panic!("libvirt-lab.sh up printed no {k}:\n{stdout}"));
         Lab {
             uri: get("KILN_LAB_URI"),
+            tcp_uri: get("KILN_LAB_TCP_URI"),
+            dir: PathBuf::from(get("KILN_LAB_DIR")),
             netns: get("KILN_LAB_NS"),
             network: get("KILN_LAB_NET"),
             bridge_ip: get("KILN_LAB_BRIDGE_IP"),
             http_port,
             env,
         }
+    }
+
+    /// A path as the lab's daemons see it (under `/var/lib/libvirt` or
+    /// `/var/log/libvirt`), as the host sees it.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        for (inside, outside) in [("/var/lib/libvirt", "lib"), ("/var/log/libvirt", "log")] {
+            if let Some(rest) = path.strip_prefix(inside) {
+                return self.dir.join(outside).join(rest.trim_start_matches('/'));
+            }
+        }
+        panic!("{path} is not in a directory the lab binds");
     }
 
     /// `program args...` inside the lab's network namespace.

@@ -150,6 +150,18 @@ fn bad_pools_are_refused_naming_the_file_and_field() {
     }
 }
 
+/// The files in the lab's kiln storage pool (as the host sees its directory).
+fn storage(lab: &kiln_tests::libvirt::Lab) -> Vec<String> {
+    let dir = lab.host_path(kiln_pool::volumes::DEFAULT_DIR);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// The tiny image, built trusting a fresh state directory's CA, and a lab
 /// (a private libvirtd in a namespace) named `prefix` and this process's id.
 fn tiny_in_a_lab(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, kiln_tests::libvirt::Lab) {
@@ -256,15 +268,19 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     assert!(ok, "{out}");
     converge(&server, 0, "3 → 0");
     assert!(nodes().is_empty(), "no lease is left");
-    let left: Vec<_> = std::fs::read_dir(state.join("pools")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
-    assert!(left.is_empty(), "no overlay, seed or console log is left: {left:?}");
+    assert!(storage(&lab).is_empty(), "no console log is left in the host's storage pool: {:?}", storage(&lab));
     drop(server);
 }
 
-/// A disk pool of the golden worker image on the same real libvirtd: each
-/// node is a qcow2 overlay of `worker.qcow2` plus a cidata seed kiln makes;
-/// 0 → 2, both register under their domain names over TLS, then 0 leaves
-/// no domain, overlay, seed or lease.
+/// A disk pool of the golden worker image on the same real libvirtd,
+/// reached as a remote host is, over TCP (`qemu+tcp://`), from a `kiln
+/// serve` that does not see the daemon's filesystem (it runs outside the
+/// lab's mount namespace). Everything goes through libvirt's storage API:
+/// the golden image is uploaded into the host's `kiln` storage pool once,
+/// byte for byte; each node is a qcow2 overlay backed by it plus an
+/// uploaded cidata seed. 0 → 2, both register under their domain names
+/// over TLS; then 0 leaves no domain, overlay, seed, console log or lease,
+/// and the golden volume stays for the next node.
 #[test]
 fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     if kiln_tests::skip_e2e() {
@@ -278,12 +294,16 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     assert!(out.status.success(), "kiln build images/worker.toml: {}", tail(&String::from_utf8_lossy(&out.stderr), 20));
     let golden = images.join("worker/worker.qcow2");
     let golden_size = std::fs::metadata(&golden).unwrap().len();
+    let sha256 = |path: &Path| {
+        let out = Command::new("sha256sum").arg(path).output().expect("sha256sum runs");
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    };
 
     let _vm = kiln_tests::vm_lock();
     let lab = kiln_tests::libvirt::Lab::up(&format!("kd{}", std::process::id() % 100_000), 8080);
     let dir = tmp.path().join("pools");
     let text = "image = \"worker\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = 3\nreplicas = 0\n";
-    pool_file(&dir, "worker", &format!("{text}hosts = [\"{}\"]\n", lab.uri));
+    pool_file(&dir, "worker", &format!("{text}hosts = [\"{}\"]\n", lab.tcp_uri));
     let api = format!("https://{}:8443", lab.bridge_ip);
     let mut cmd = lab.command(&binaries().kiln);
     cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
@@ -306,8 +326,9 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     let start = std::time::Instant::now();
     cli(&["scale", "worker", "2"]);
     let up = wait_for(Duration::from_secs(420), || (registered().len() == 2).then_some(()));
+    let in_storage = |name: &str| lab.host_path(&format!("{}/{name}", kiln_pool::volumes::DEFAULT_DIR));
     let consoles: String = (0..2)
-        .map(|n| std::fs::read_to_string(state.join(format!("pools/kiln-worker-{n}.log"))).unwrap_or_default())
+        .map(|n| std::fs::read_to_string(in_storage(&format!("kiln-worker-{n}.log"))).unwrap_or_default())
         .map(|s| tail(&s, 15))
         .collect::<Vec<_>>()
         .join("\n---\n");
@@ -319,11 +340,16 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     );
     eprintln!("disk pool 0 → 2: both registered after {:.1} s", start.elapsed().as_secs_f64());
     assert_eq!(registered(), ["kiln-worker-0", "kiln-worker-1"]);
+    let goldens: Vec<String> = storage(&lab).into_iter().filter(|n| n.starts_with("golden-worker-") && n.ends_with(".qcow2")).collect();
+    assert_eq!(goldens.len(), 1, "one golden volume on the host: {:?}", storage(&lab));
+    let golden_volume = format!("{}/{}", kiln_pool::volumes::DEFAULT_DIR, goldens[0]);
+    assert_eq!(sha256(&lab.host_path(&golden_volume)), sha256(&golden), "the golden volume is the image, byte for byte");
     for n in 0..2 {
-        let overlay = state.join(format!("pools/kiln-worker-{n}.qcow2"));
+        let overlay = in_storage(&format!("kiln-worker-{n}.qcow2"));
         let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(&overlay).output().unwrap();
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
-        assert_eq!(info["backing-filename"], golden.display().to_string(), "the overlay's backing file is the golden image");
+        assert_eq!(info["backing-filename"], golden_volume, "the overlay's backing file is the golden volume: {info}");
+        assert!(in_storage(&format!("kiln-worker-{n}.seed")).exists(), "kiln-worker-{n}'s seed is in the storage pool");
         let size = std::fs::metadata(&overlay).unwrap().len();
         eprintln!("kiln-worker-{n}: overlay {} KiB after boot (golden image {} MiB)", size >> 10, golden_size >> 20);
     }
@@ -333,8 +359,28 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
         (registered().is_empty() && !lab.virsh(&["list", "--all", "--name"]).contains("kiln-worker")).then_some(())
     });
     assert!(down.is_some(), "the pool did not scale to 0: {:?} {}", registered(), lab.virsh(&["list", "--all"]));
-    let left: Vec<_> = std::fs::read_dir(state.join("pools")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
-    assert!(left.is_empty(), "no overlay, seed or console log is left: {left:?}");
+    let golden_ok = format!("{}.ok", goldens[0]);
+    assert_eq!(storage(&lab), [goldens[0].clone(), golden_ok.clone()], "no overlay, seed or console log is left; the golden volume stays");
+
+    // A golden volume whose upload never finished (no `.ok`) is uploaded
+    // again; one of an older build that no overlay uses is deleted then.
+    let uploads = || server.log().matches("pools: golden image uploaded").count();
+    assert_eq!(uploads(), 1, "one upload for two nodes");
+    std::fs::remove_file(in_storage(&golden_ok)).unwrap();
+    let stale = "golden-worker-0000000000000000.qcow2";
+    std::fs::write(in_storage(stale), b"an older build").unwrap();
+    cli(&["scale", "worker", "1"]);
+    let again = wait_for(Duration::from_secs(60), || (uploads() == 2).then_some(()));
+    assert!(again.is_some(), "the unfinished golden volume is not uploaded again:\n{}", tail(&server.log(), 20));
+    cli(&["scale", "worker", "0"]);
+    let down = wait_for(Duration::from_secs(60), || (!lab.virsh(&["list", "--all", "--name"]).contains("kiln-worker")).then_some(()));
+    assert!(down.is_some(), "the pool did not scale to 0 again: {}", lab.virsh(&["list", "--all"]));
+    let left = wait_for(Duration::from_secs(30), || {
+        let left = storage(&lab);
+        (left == [goldens[0].clone(), golden_ok.clone()]).then_some(())
+    });
+    assert!(left.is_some(), "the golden volume is whole again and the stale one is gone: {:?}", storage(&lab));
+    assert_eq!(sha256(&lab.host_path(&golden_volume)), sha256(&golden), "the golden volume is the image, byte for byte");
     drop(server);
 }
 
@@ -575,7 +621,10 @@ fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
     };
     let pool = || serde_json::from_str::<Vec<serde_json::Value>>(&cli(&["pools", "--json"])).unwrap().remove(0);
     let kiln_domains = || lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with("kiln-tiny-")).count();
-    let console = |n: u32| std::fs::read_to_string(state.join(format!("pools/kiln-tiny-{n}.log"))).unwrap_or_default();
+    let console = |n: u32| {
+        let log = lab.host_path(&format!("{}/kiln-tiny-{n}.log", kiln_pool::volumes::DEFAULT_DIR));
+        std::fs::read_to_string(log).unwrap_or_default()
+    };
     let settle = |want: &[&str], what: &str| {
         let start = std::time::Instant::now();
         let ok = wait_for(Duration::from_secs(300), || (registered() == want && kiln_domains() == want.len()).then_some(()));
@@ -618,8 +667,7 @@ fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
         assert!(line.is_some_and(|l| l.contains("< 0.3")), "the shrink {from} → {to} is logged with its reason:\n{}", tail(&log, 40));
     }
     assert_eq!(pool()["desired"], 1);
-    let left: Vec<_> = std::fs::read_dir(state.join("pools")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
-    assert_eq!(left.len(), 1, "only kiln-tiny-0's console log is left: {left:?}");
+    assert_eq!(storage(&lab), ["kiln-tiny-0.log"], "only kiln-tiny-0's console log is left");
     drop(server);
     drop(switch);
 }
