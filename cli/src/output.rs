@@ -131,8 +131,9 @@ pub async fn api_call<T: serde::de::DeserializeOwned>(
 
 /// Pools as an aligned table: one row per pool and host.
 pub fn pool_table(pools: &[kiln_control::pools::PoolStatus]) -> String {
-    let mut rows =
-        vec![["POOL", "IMAGE", "BOOT", "DESIRED", "MIN-MAX", "HOST", "DEFINED", "RUNNING", "REGISTERED"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["POOL", "IMAGE", "BOOT", "DESIRED", "MIN-MAX", "HOST", "DEFINED", "RUNNING", "BOOTING", "REGISTERED"].map(String::from).to_vec(),
+    ];
     for p in pools {
         for h in &p.hosts {
             rows.push(vec![
@@ -144,6 +145,7 @@ pub fn pool_table(pools: &[kiln_control::pools::PoolStatus]) -> String {
                 h.host.clone(),
                 h.defined.to_string(),
                 h.running.to_string(),
+                h.booting.to_string(),
                 h.registered.to_string(),
             ]);
         }

@@ -132,6 +132,9 @@ pub struct HostStatus {
     pub defined: u32,
     /// Of those, running.
     pub running: u32,
+    /// Of the running ones, not registered yet: booting (or failing to).
+    #[serde(default)]
+    pub booting: u32,
     /// Of those, registered with the control plane.
     pub registered: u32,
 }
@@ -439,8 +442,9 @@ impl Pools {
         let registry = Registered { registry: &self.registry, runtime, pools: &self.pools };
         let settings = Settings { domain_type: self.config.domain_type, nic: self.config.nic.clone() };
         let report = kiln_pool::reconcile(&self.pools, &replicas, &hosts, self, &registry, &settings);
-        for (action, took) in report.done.iter().zip(&report.took) {
-            tracing::info!(action = %describe(action), ms = took.as_millis() as u64, "pools");
+        for ((action, took), phases) in report.done.iter().zip(&report.took).zip(&report.phases) {
+            let phases: Vec<String> = phases.iter().map(|(name, d)| format!("{name}_ms={}", d.as_millis())).collect();
+            tracing::info!(action = %describe(action), ms = took.as_millis() as u64, "pools: {}", phases.join(" "));
         }
         for (action, error) in &report.failed {
             match action {
@@ -463,6 +467,8 @@ impl Pools {
             if after.registered.contains(&d.node) {
                 h.registered += 1;
                 s.registered += 1;
+            } else if d.running {
+                h.booting += 1;
             }
         }
         for (action, error) in &report.failed {
@@ -524,15 +530,19 @@ impl Provisioner for Pools {
         let image = self.images.get(&pool.image).ok_or_else(|| format!("image `{}` is no longer served", pool.image))?;
         let local = self.images.root().join(&image.name).join(format!("{}.qcow2", image.name));
         let capacity = kiln_pool::volumes::qcow2_virtual_size(&local).map_err(|e| format!("{}: {e}", local.display()))?;
-        let seed = self.seed(pool, image, node)?;
-        let disks = self.on_volumes(host, |v| {
-            let start = std::time::Instant::now();
-            let golden = v.golden(&image.name, &image.digest, &local)?;
-            if let Some(bytes) = golden.uploaded {
-                let ms = start.elapsed().as_millis() as u64;
-                tracing::info!(host, image = %image.name, path = %golden.path, bytes, ms, "pools: golden image uploaded");
-            }
-            v.make(node, &golden.path, capacity, &seed)
+        // The seed (xorriso: about 100 ms, mostly its own wait) is made
+        // while libvirt makes the overlay.
+        let disks = std::thread::scope(|scope| {
+            let seed = scope.spawn(|| self.seed(pool, image, node));
+            self.on_volumes(host, |v| {
+                let start = std::time::Instant::now();
+                let golden = v.golden(&image.name, &image.digest, &local)?;
+                if let Some(bytes) = golden.uploaded {
+                    let ms = start.elapsed().as_millis() as u64;
+                    tracing::info!(host, image = %image.name, path = %golden.path, bytes, ms, "pools: golden image uploaded");
+                }
+                v.make(node, &golden.path, capacity, || seed.join().expect("the seed thread").map_err(std::io::Error::other))
+            })
         })?;
         tracing::info!(node = %node, overlay_bytes = disks.overlay_bytes, seed_bytes = disks.seed_bytes, "pools: overlay and seed made");
         Ok(BootMedia::Disk { overlay: disks.overlay.into(), seed: disks.seed.into() })

@@ -101,10 +101,15 @@ pub trait Hypervisor {
     /// kiln's domains on the host, running or not, sorted by node.
     fn list(&self) -> Result<Vec<NodeDomain>, Error>;
 
-    /// Defines the node's domain and starts it. A domain the node already
-    /// has is kept as it is (a retry after a crash between the two steps)
-    /// and started if it is not running.
-    fn define_and_start(&self, spec: &DomainSpec) -> Result<(), Error>;
+    /// Defines the node's domain; a domain the node already has is kept as
+    /// it is (a retry after a crash between defining and starting).
+    fn define(&self, spec: &DomainSpec) -> Result<(), Error>;
+
+    /// [`Hypervisor::define`], then [`Hypervisor::start`].
+    fn define_and_start(&self, spec: &DomainSpec) -> Result<(), Error> {
+        self.define(spec)?;
+        self.start(&spec.node)
+    }
 
     /// Starts the node's defined domain (doing nothing if it runs).
     fn start(&self, node: &NodeId) -> Result<(), Error>;
@@ -222,14 +227,12 @@ impl Hypervisor for Libvirt {
         Ok(out)
     }
 
-    fn define_and_start(&self, spec: &DomainSpec) -> Result<(), Error> {
-        let name = spec.node.domain_name();
+    fn define(&self, spec: &DomainSpec) -> Result<(), Error> {
         // A foreign domain of that name is refused by lookup.
-        let dom = match self.lookup(&spec.node)? {
-            Some(dom) => dom,
-            None => Domain::define_xml(&self.conn, &spec.to_xml()).map_err(self.err(format!("defining {name}")))?,
-        };
-        self.start_domain(&dom, &name)
+        if self.lookup(&spec.node)?.is_none() {
+            Domain::define_xml(&self.conn, &spec.to_xml()).map_err(self.err(format!("defining {}", spec.node)))?;
+        }
+        Ok(())
     }
 
     fn start(&self, node: &NodeId) -> Result<(), Error> {

@@ -58,6 +58,9 @@ pub struct Report {
     pub done: Vec<Action>,
     /// How long each of `done` took.
     pub took: Vec<std::time::Duration>,
+    /// The parts of each of `done` that were timed apart: for a node
+    /// created, `storage` (its overlay and seed), `define` and `start`.
+    pub phases: Vec<Vec<(&'static str, std::time::Duration)>>,
     /// What failed: a host that could not be listed (`None` action), or an action.
     pub failed: Vec<(Option<Action>, String)>,
     /// What the hosts and the registry have after the pass: what was
@@ -130,9 +133,10 @@ pub fn reconcile(
         let start = std::time::Instant::now();
         let result = carry_out(&action, &by_name, hosts, provisioner, registry, settings);
         match result {
-            Ok(()) => {
+            Ok(phases) => {
                 report.done.push(action);
                 report.took.push(start.elapsed());
+                report.phases.push(phases);
             }
             Err(e) => report.failed.push((Some(action), e)),
         }
@@ -148,24 +152,27 @@ fn carry_out(
     provisioner: &dyn Provisioner,
     registry: &dyn Registry,
     settings: &Settings,
-) -> Result<(), String> {
+) -> Result<Vec<(&'static str, std::time::Duration)>, String> {
     let hv = |host: &str| hosts.get(host).ok_or_else(|| format!("{host}: not connected"));
+    let chain = |e: crate::hypervisor::Error| crate::hypervisor::chain(&e);
     match action {
-        Action::Deregister { node } => registry.deregister(node),
+        Action::Deregister { node } => registry.deregister(node).map(|()| Vec::new()),
         Action::Remove { host, node } => {
             // The lease goes with the domain, whether or not the node is registered now.
             registry.deregister(node)?;
-            hv(host)?.destroy_and_undefine(node).map_err(|e| crate::hypervisor::chain(&e))?;
-            provisioner.delete(host, node)
+            hv(host)?.destroy_and_undefine(node).map_err(chain)?;
+            provisioner.delete(host, node).map(|()| Vec::new())
         }
-        Action::DeleteOverlay { host, node } => provisioner.delete(host, node),
-        Action::Start { host, node } => hv(host)?.start(node).map_err(|e| crate::hypervisor::chain(&e)),
+        Action::DeleteOverlay { host, node } => provisioner.delete(host, node).map(|()| Vec::new()),
+        Action::Start { host, node } => hv(host)?.start(node).map_err(chain).map(|()| Vec::new()),
         Action::Create { host, node } => {
             let pool = pools.get(node.pool.as_str()).ok_or_else(|| format!("pool {} is not loaded", node.pool))?;
+            let t = std::time::Instant::now();
             let boot = match pool.boot {
                 Boot::Disk => provisioner.make(host, pool, node)?,
                 Boot::Network => BootMedia::Network,
             };
+            let storage = t.elapsed();
             let spec = DomainSpec {
                 node: node.clone(),
                 domain_type: settings.domain_type,
@@ -176,7 +183,13 @@ fn carry_out(
                 mac: node.mac(),
                 console_log: provisioner.console_log(host, node),
             };
-            hv(host)?.define_and_start(&spec).map_err(|e| crate::hypervisor::chain(&e))
+            let hv = hv(host)?;
+            let t = std::time::Instant::now();
+            hv.define(&spec).map_err(chain)?;
+            let define = t.elapsed();
+            let t = std::time::Instant::now();
+            hv.start(node).map_err(chain)?;
+            Ok(vec![("storage", storage), ("define", define), ("start", t.elapsed())])
         }
     }
 }
@@ -244,8 +257,13 @@ mod tests {
         }
     }
 
-    fn pool(dir: &Path, text: &str) -> Pool {
-        Pool::from_str(text, &dir.join("worker.toml"), 1 << 20).unwrap()
+    /// Pool `worker`, 0 to 5 nodes of 1 vCPU and 256 MiB, on `hosts`.
+    fn pool(dir: &Path, boot: &str, replicas: u32, hosts: &[&str]) -> Pool {
+        let hosts = hosts.iter().map(|h| format!("\"{h}\"")).collect::<Vec<_>>().join(", ");
+        let text = format!(
+            "image = \"worker\"\nvcpus = 1\nmemory-mib = 256\nboot = \"{boot}\"\nmin = 0\nmax = 5\nreplicas = {replicas}\nhosts = [{hosts}]\n"
+        );
+        Pool::from_str(&text, &dir.join("worker.toml"), 1 << 20).unwrap()
     }
 
     /// Two separate test hypervisors (each `test:///FILE` is its own
@@ -275,13 +293,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hosts = hosts(dir.path());
         let uris: Vec<&String> = hosts.keys().collect();
-        let p = pool(
-            dir.path(),
-            &format!(
-                "image = \"worker\"\nvcpus = 1\nmemory-mib = 256\nboot = \"disk\"\nmin = 0\nmax = 5\nreplicas = 0\nhosts = [\"{}\", \"{}\"]\n",
-                uris[0], uris[1]
-            ),
-        );
+        let p = pool(dir.path(), "disk", 0, &[uris[0], uris[1]]);
         let files = Files(dir.path().join("overlays"));
         let nodes = Nodes::default();
         let pass = |n: u32| {
@@ -322,12 +334,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hosts = hosts(dir.path());
         let uri = hosts.keys().next().unwrap().clone();
-        let p = pool(
-            dir.path(),
-            &format!(
-                "image = \"worker\"\nvcpus = 1\nmemory-mib = 256\nboot = \"disk\"\nmin = 0\nmax = 5\nreplicas = 0\nhosts = [\"{uri}\"]\n"
-            ),
-        );
+        let p = pool(dir.path(), "disk", 0, &[&uri]);
         let files = Files(dir.path().join("overlays"));
         let nodes = Nodes::default();
         // A crash after making node 0's overlay, before defining its domain;
@@ -352,12 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hosts = hosts(dir.path());
         let uri = hosts.keys().next().unwrap().clone();
-        let p = pool(
-            dir.path(),
-            &format!(
-                "image = \"worker\"\nvcpus = 1\nmemory-mib = 256\nboot = \"network\"\nmin = 0\nmax = 5\nreplicas = 2\nhosts = [\"{uri}\", \"qemu+ssh://nowhere.invalid/system\"]\n"
-            ),
-        );
+        let p = pool(dir.path(), "network", 2, &[&uri, "qemu+ssh://nowhere.invalid/system"]);
         let r = reconcile(std::slice::from_ref(&p), &BTreeMap::new(), &hosts, &Files(dir.path().join("o")), &Nodes::default(), &settings());
         assert!(r.done.is_empty(), "{:?}", r.done);
         assert!(r.failed.iter().any(|(a, e)| a.is_none() && e.contains("nowhere.invalid")), "{:?}", r.failed);

@@ -191,8 +191,9 @@ impl Volumes {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         let name = format!("golden-{image}-{}.qcow2", &hex[..hex.len().min(16)]);
         let ok = format!("{name}.ok");
-        let names = self.names()?;
-        if let (true, true, Some(vol)) = (names.contains(&name), names.contains(&ok), self.lookup(&name)?) {
+        // No refresh: the volumes kiln made are known to libvirt without
+        // one, and the pass that calls this has refreshed the pool once.
+        if let (Some(vol), Some(_)) = (self.lookup(&name)?, self.lookup(&ok)?) {
             return Ok(Golden { path: self.path(&vol, &name)?, uploaded: None });
         }
         // Missing, or an upload that never finished: (re)made.
@@ -246,12 +247,22 @@ impl Volumes {
     }
 
     /// Makes `node`'s overlay on `golden` (a golden volume's path, of
-    /// `capacity` virtual bytes) and uploads its `seed`, replacing any it
-    /// had. A server killed in the middle leaves volumes that
-    /// [`Volumes::nodes`] lists, for the reconciler to delete.
-    pub fn make(&self, node: &NodeId, golden: &str, capacity: u64, seed: &[u8]) -> Result<NodeDisks, Error> {
-        self.delete(node)?;
+    /// `capacity` virtual bytes) and uploads its seed, replacing any it
+    /// had. `seed` gives the seed's bytes; it is called once the overlay is
+    /// made, so a caller can make the seed meanwhile. A server killed in
+    /// the middle leaves volumes that [`Volumes::nodes`] lists, for the
+    /// reconciler to delete.
+    pub fn make(
+        &self,
+        node: &NodeId,
+        golden: &str,
+        capacity: u64,
+        seed: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) -> Result<NodeDisks, Error> {
         let overlay = format!("{node}.qcow2");
+        let seed_name = format!("{node}.seed");
+        self.delete_volume(&overlay)?;
+        self.delete_volume(&seed_name)?;
         let xml = format!(
             "<volume><name>{overlay}</name><capacity unit='bytes'>{capacity}</capacity>\
              <target><format type='qcow2'/></target>\
@@ -259,9 +270,9 @@ impl Volumes {
             xml_text(golden)
         );
         let vol = self.create(&xml, &overlay)?;
-        let seed_name = format!("{node}.seed");
+        let seed = seed().map_err(|source| Error::Local { what: format!("making {node}'s seed"), source })?;
         let seed_vol = self.create(&raw_volume(&seed_name, seed.len() as u64), &seed_name)?;
-        self.upload(&seed_vol, &seed_name, seed, seed.len() as u64)?;
+        self.upload(&seed_vol, &seed_name, seed.as_slice(), seed.len() as u64)?;
         let allocation =
             |v: &StorageVol, name: &str| v.get_info().map(|i| i.allocation).map_err(self.err(format!("reading volume {name}")));
         Ok(NodeDisks {

@@ -75,6 +75,9 @@ fn scale_a_pool_up_and_down_and_keep_the_replicas_across_a_restart() {
     }
     let (ok, table) = kiln(&server, &["pools"]);
     assert!(ok && table.lines().any(|l| l.starts_with("tiny") && l.contains("test:///default") && l.contains(" 3 ")), "{table}");
+    // test:///default runs nothing: the nodes are booting, none registered.
+    let host = &pools(&server)[0]["hosts"][0];
+    assert_eq!((&host["booting"], &host["registered"]), (&serde_json::json!(3), &serde_json::json!(0)), "{host}");
 
     let (ok, out) = kiln(&server, &["scale", "tiny", "1"]);
     assert!(ok, "{out}");
