@@ -64,6 +64,17 @@ pub enum Error {
         #[source]
         source: kiln_pool::hypervisor::Error,
     },
+    /// A host's storage pool for kiln's files cannot be found or made.
+    #[error("{file}: `hosts`: {uri}: cannot set up kiln's storage pool (see --pool-storage)")]
+    Storage {
+        /// The pool file.
+        file: PathBuf,
+        /// The URI.
+        uri: String,
+        /// libvirt's answer.
+        #[source]
+        source: kiln_pool::hypervisor::Error,
+    },
     /// Reading or writing the store.
     #[error("pool replicas in the store")]
     Store(#[from] crate::store::Error),
@@ -215,7 +226,6 @@ impl Pools {
         // each pool against its hosts' memory.
         let unchecked = kiln_pool::load_dir(&config.dir, u64::MAX)?;
         let mut hosts: BTreeMap<String, Box<dyn Hypervisor + Send>> = BTreeMap::new();
-        let mut volumes = BTreeMap::new();
         for pool in &unchecked {
             for uri in &pool.hosts {
                 if hosts.contains_key(uri) {
@@ -224,7 +234,6 @@ impl Pools {
                 let host = |source| Error::Host { file: pool.file.clone(), uri: uri.clone(), source };
                 let hv = Libvirt::open(uri).map_err(host)?;
                 hosts.insert(uri.clone(), Box::new(hv));
-                volumes.insert(uri.clone(), Volumes::open(uri, &config.storage_dir).map_err(host)?);
             }
         }
         let mut pools = Vec::new();
@@ -243,6 +252,21 @@ impl Pools {
                 return Err(Error::NoDisk { file: pool.file.clone(), image: pool.image.clone() });
             }
             pools.push(pool);
+        }
+        // Only once every pool checks out: kiln's storage pool on each host
+        // (made there if missing), so a refused start makes nothing.
+        let mut volumes = BTreeMap::new();
+        for pool in &pools {
+            for uri in &pool.hosts {
+                if !volumes.contains_key(uri) {
+                    let v = Volumes::open(uri, &config.storage_dir).map_err(|source| Error::Storage {
+                        file: pool.file.clone(),
+                        uri: uri.clone(),
+                        source,
+                    })?;
+                    volumes.insert(uri.clone(), v);
+                }
+            }
         }
         let store = registry.store_handle();
         let mut replicas = store.replicas().await?;
