@@ -278,9 +278,13 @@ impl Pools {
         }
         let dir = state_dir.join("pools");
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
-        // Seeds were made here before they were uploaded to a host's storage pool.
+        // Seeds are made here (under temporary names) before they are
+        // uploaded; a server killed meanwhile leaves them.
         for entry in std::fs::read_dir(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?.flatten() {
-            let _ = std::fs::remove_file(entry.path());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if (name.starts_with(".kiln-") && name.ends_with(".iso.tmp")) || name.starts_with(".cidata-") {
+                let _ = std::fs::remove_dir_all(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
+            }
         }
         let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
         registry.set_pool_of(Box::new(move |hostname: &str| NodeId::parse(hostname).filter(|n| names.contains(&n.pool)).map(|n| n.pool)));
