@@ -165,6 +165,13 @@ fn storage(lab: &kiln_tests::libvirt::Lab) -> Vec<String> {
     names
 }
 
+/// Waits (10 s at most) until the lab's storage pool holds exactly `want`:
+/// a node's files go right after its domain.
+fn storage_becomes(lab: &kiln_tests::libvirt::Lab, want: &[&str], what: &str) {
+    let got = wait_for(Duration::from_secs(10), || (storage(lab) == want).then_some(()));
+    assert!(got.is_some(), "{what}: the storage pool holds {:?}, not {want:?}", storage(lab));
+}
+
 /// The tiny image, built trusting a fresh state directory's CA, and a lab
 /// (a private libvirtd in a namespace) named `prefix` and this process's id.
 fn tiny_in_a_lab(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, kiln_tests::libvirt::Lab) {
@@ -271,7 +278,7 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     assert!(ok, "{out}");
     converge(&server, 0, "3 → 0");
     assert!(nodes().is_empty(), "no lease is left");
-    assert!(storage(&lab).is_empty(), "no console log is left in the host's storage pool: {:?}", storage(&lab));
+    storage_becomes(&lab, &[], "no console log is left");
     drop(server);
 }
 
@@ -363,7 +370,7 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     });
     assert!(down.is_some(), "the pool did not scale to 0: {:?} {}", registered(), lab.virsh(&["list", "--all"]));
     let golden_ok = format!("{}.ok", goldens[0]);
-    assert_eq!(storage(&lab), [goldens[0].clone(), golden_ok.clone()], "no overlay, seed or console log is left; the golden volume stays");
+    storage_becomes(&lab, &[goldens[0].as_str(), golden_ok.as_str()], "no overlay, seed or console log is left; the golden volume stays");
 
     // A golden volume whose upload never finished (no `.ok`) is uploaded
     // again; one of an older build that no overlay uses is deleted then.
@@ -670,7 +677,7 @@ fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
         assert!(line.is_some_and(|l| l.contains("< 0.3")), "the shrink {from} → {to} is logged with its reason:\n{}", tail(&log, 40));
     }
     assert_eq!(pool()["desired"], 1);
-    assert_eq!(storage(&lab), ["kiln-tiny-0.log"], "only kiln-tiny-0's console log is left");
+    storage_becomes(&lab, &["kiln-tiny-0.log"], "only kiln-tiny-0's console log is left");
     drop(server);
     drop(switch);
 }
