@@ -301,6 +301,14 @@ impl Volumes {
     }
 }
 
+impl Drop for Volumes {
+    fn drop(&mut self) {
+        // Nothing to do about a failed close but leak the connection; the
+        // pool handle, dropped after this, keeps its own reference.
+        let _ = self.conn.close();
+    }
+}
+
 /// A raw volume of `len` bytes, allocated as it is written.
 fn raw_volume(name: &str, len: u64) -> String {
     format!(
