@@ -198,7 +198,10 @@ stop_pids() {
     sleep 0.1
   done
   log "killing PIDs ${alive[*]}"
-  kill -KILL "${alive[@]}" 2>/dev/null || true # as above: gone meanwhile is fine
+  for p in "${alive[@]}"; do
+    # One that ended since the check is fine; one SIGKILL cannot reach is not.
+    kill -KILL "$p" 2>/dev/null || ! kill -0 "$p" 2>/dev/null || die "cannot kill PID $p"
+  done
 }
 
 cmd_down() {
