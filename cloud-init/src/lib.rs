@@ -5,7 +5,7 @@
 //! document, [`CloudConfig`], or any text a profile rendered), an optional
 //! `network-config` ([`NetworkConfig`], version 2) and optional `vendor-data`.
 //! The same seed is served over HTTP (`ds=nocloud-net;s=http://HOST/cloud-init/MAC/`)
-//! or written as a cidata ISO ([`Seed::write_iso`]) for disk boots.
+//! or written as a cidata ISO ([`Seed::write_iso`], [`Seed::iso`]) for disk boots.
 //!
 //! Every file is written as JSON, which YAML 1.2 includes and cloud-init
 //! reads: the output is exact, with no YAML quoting pitfalls. `user-data`
@@ -248,7 +248,27 @@ impl Seed {
     pub fn write_iso(&self, path: &Path) -> Result<(), Error> {
         let io = |source| Error::Io { path: path.display().to_string(), source };
         let dir = path.parent().unwrap_or(Path::new("."));
-        let staging = tempfile::Builder::new().prefix(".cidata-").tempdir_in(dir).map_err(io)?;
+        let tmp = tempfile::Builder::new().prefix(".cidata-").suffix(".iso").tempfile_in(dir).map_err(io)?;
+        self.make_iso(dir, tmp.path(), path)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+
+    /// The same ISO as [`Seed::write_iso`] writes, as bytes; made in a
+    /// temporary directory that is removed afterwards.
+    pub fn iso(&self) -> Result<Vec<u8>, Error> {
+        let io = |source| Error::Io { path: std::env::temp_dir().display().to_string(), source };
+        let work = tempfile::Builder::new().prefix("kiln-cidata-").tempdir().map_err(io)?;
+        let out = work.path().join("cidata.iso");
+        self.make_iso(work.path(), &out, &out)?;
+        std::fs::read(&out).map_err(|source| Error::Io { path: out.display().to_string(), source })
+    }
+
+    /// Runs xorriso on the seed's files, staged in a temporary directory
+    /// in `staging_in`, into `out`; errors name `named`.
+    fn make_iso(&self, staging_in: &Path, out: &Path, named: &Path) -> Result<(), Error> {
+        let io = |source| Error::Io { path: named.display().to_string(), source };
+        let staging = tempfile::Builder::new().prefix(".cidata-").tempdir_in(staging_in).map_err(io)?;
         // xorriso with SOURCE_DATE_EPOCH records each file's own mtime:
         // pin them (and the root's) so equal seeds give equal bytes.
         let epoch = std::time::SystemTime::UNIX_EPOCH;
@@ -258,18 +278,16 @@ impl Seed {
             std::fs::File::options().write(true).open(&file).and_then(|f| f.set_modified(epoch)).map_err(io)?;
         }
         std::fs::File::open(staging.path()).and_then(|d| d.set_modified(epoch)).map_err(io)?;
-        let tmp = tempfile::Builder::new().prefix(".cidata-").suffix(".iso").tempfile_in(dir).map_err(io)?;
-        let out = Command::new("xorriso")
+        let run = Command::new("xorriso")
             .env("SOURCE_DATE_EPOCH", "0")
             .args(["-as", "mkisofs", "-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
-            .arg(tmp.path())
+            .arg(out)
             .arg(staging.path())
             .output()
             .map_err(io)?;
-        if !out.status.success() {
-            return Err(Error::Iso { path: path.display().to_string(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        if !run.status.success() {
+            return Err(Error::Iso { path: named.display().to_string(), stderr: String::from_utf8_lossy(&run.stderr).trim().to_string() });
         }
-        tmp.persist(path).map_err(|e| io(e.error))?;
         Ok(())
     }
 }

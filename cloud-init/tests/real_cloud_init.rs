@@ -105,6 +105,7 @@ fn cidata_iso_is_labelled_holds_the_files_and_is_reproducible() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     seed().write_iso(&b).unwrap();
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same seed, same bytes");
+    assert_eq!(seed().iso().unwrap(), std::fs::read(&a).unwrap(), "the ISO as bytes is the ISO as a file");
 
     let out = Command::new("xorriso").args(["-indev"]).arg(&a).args(["-pvd_info", "-ls", "/"]).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

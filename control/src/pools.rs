@@ -16,7 +16,7 @@
 //! the pool's image by PXE, its MAC telling the server which pool it is in.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -78,15 +78,6 @@ pub enum Error {
     /// Reading or writing the store.
     #[error("pool replicas in the store")]
     Store(#[from] crate::store::Error),
-    /// Bad directory.
-    #[error("{path}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// A scale request that cannot be done.
@@ -205,7 +196,6 @@ pub struct Pools {
     catalog: Arc<Catalog>,
     config: PoolsConfig,
     bootstrap_token: String,
-    state_dir: PathBuf,
     wake: (Mutex<bool>, Condvar),
     stop: Mutex<bool>,
     auto: Mutex<BTreeMap<String, AutoState>>,
@@ -220,7 +210,6 @@ impl Pools {
         images: Arc<ImageStore>,
         catalog: Arc<Catalog>,
         bootstrap_token: String,
-        state_dir: &Path,
     ) -> Result<Arc<Pools>, Error> {
         // First parse with no memory limit, to learn the hosts; then check
         // each pool against its hosts' memory.
@@ -276,16 +265,6 @@ impl Pools {
                 replicas.insert(pool.name.clone(), pool.replicas);
             }
         }
-        let dir = state_dir.join("pools");
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
-        // Seeds are made here (under temporary names) before they are
-        // uploaded; a server killed meanwhile leaves them.
-        for entry in std::fs::read_dir(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if (name.starts_with(".kiln-") && name.ends_with(".iso.tmp")) || name.starts_with(".cidata-") {
-                let _ = std::fs::remove_dir_all(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
-            }
-        }
         let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
         registry.set_pool_of(Box::new(move |hostname: &str| NodeId::parse(hostname).filter(|n| names.contains(&n.pool)).map(|n| n.pool)));
         for pool in &pools {
@@ -304,7 +283,6 @@ impl Pools {
             catalog,
             config,
             bootstrap_token,
-            state_dir: state_dir.to_path_buf(),
             wake: (Mutex::new(false), Condvar::new()),
             stop: Mutex::new(false),
             auto: Mutex::new(BTreeMap::new()),
@@ -510,12 +488,6 @@ impl Pools {
         *self.status.write().expect("status lock") = status;
     }
 
-    fn node_dir(&self) -> PathBuf {
-        self.state_dir.join("pools")
-    }
-}
-
-impl Pools {
     /// Runs `f` on `host`'s storage pool.
     fn on_volumes<T>(&self, host: &str, f: impl FnOnce(&Volumes) -> Result<T, kiln_pool::hypervisor::Error>) -> Result<T, String> {
         let volumes = self.volumes.lock().expect("volumes lock");
@@ -540,12 +512,7 @@ impl Pools {
         let api_url = self.config.api_url.as_deref().unwrap_or_default();
         let params = ServerParams { base_url: api_url, token: &self.bootstrap_token, api_url };
         let seed = self.catalog.seed(&profile, image, &machine, &params).map_err(|e| e.to_string())?;
-        // The ISO writer wants a file: made here, read, and removed.
-        let path = self.node_dir().join(format!(".{node}.iso.tmp"));
-        seed.write_iso(&path).map_err(|e| e.to_string())?;
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()));
-        let _ = std::fs::remove_file(&path);
-        bytes
+        seed.iso().map_err(|e| e.to_string())
     }
 }
 

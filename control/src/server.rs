@@ -212,8 +212,7 @@ impl Server {
                         None => format!("http://10.0.2.2:{}", addr.port()),
                     });
                 }
-                crate::pools::Pools::load(pc, registry.clone(), images.clone(), catalog.clone(), bootstrap_token.clone(), &config.state)
-                    .await?
+                crate::pools::Pools::load(pc, registry.clone(), images.clone(), catalog.clone(), bootstrap_token.clone()).await?
             }),
             None => None,
         };
