@@ -383,23 +383,11 @@ fn machine_profile<'a>(
     api: &'a Api,
     machine: &mut Machine,
 ) -> Result<(String, std::borrow::Cow<'a, Profile>, &'a Manifest), (StatusCode, String)> {
-    let member = api.pools.as_ref().zip(machine.mac).and_then(|(pools, mac)| pools.member(mac));
+    let member = api.pools.as_ref().zip(machine.mac).and_then(|(pools, mac)| Some((pools, pools.member(mac)?)));
     let (group, profile) = match member {
-        Some((node, pool)) => {
+        Some((pools, (node, pool))) => {
             machine.hostname = Some(node.domain_name());
-            let mut profile = match &pool.profile {
-                Some(id) => api.catalog.profiles().find(|p| &p.id == id).cloned().ok_or_else(|| {
-                    (StatusCode::INTERNAL_SERVER_ERROR, format!("pool `{}` names profile `{id}`, which is gone", pool.name))
-                })?,
-                None => Profile {
-                    id: format!("pool-{}", pool.name),
-                    image: pool.image.clone(),
-                    kernel_args: Vec::new(),
-                    user_data: None,
-                    network_config: None,
-                    vendor_data: None,
-                },
-            };
+            let mut profile = pools.node_profile(pool).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
             // Images without cloud-init name themselves from the command line.
             profile.kernel_args.push(format!("{}={}", kiln_core::CMDLINE_HOSTNAME, node.domain_name()));
             let profile = std::borrow::Cow::Owned(profile);

@@ -495,20 +495,31 @@ impl Pools {
         f(v).map_err(|e| kiln_pool::hypervisor::chain(&e))
     }
 
-    /// `node`'s cidata seed, as an ISO image.
-    fn seed(&self, pool: &Pool, image: &kiln_core::Manifest, node: &NodeId) -> Result<Vec<u8>, String> {
-        let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
-        let profile = match &pool.profile {
-            Some(id) => self.catalog.profiles().find(|p| &p.id == id).cloned().ok_or_else(|| format!("no profile `{id}`"))?,
-            None => kiln_pxe::profile::Profile {
-                id: "pool".into(),
+    /// The profile `pool`'s nodes boot with: the one its file names, or a
+    /// plain one (`pool-<name>`) for its image.
+    pub fn node_profile(&self, pool: &Pool) -> Result<kiln_pxe::profile::Profile, String> {
+        match &pool.profile {
+            Some(id) => self
+                .catalog
+                .profiles()
+                .find(|p| &p.id == id)
+                .cloned()
+                .ok_or_else(|| format!("pool `{}` names profile `{id}`, which is gone", pool.name)),
+            None => Ok(kiln_pxe::profile::Profile {
+                id: format!("pool-{}", pool.name),
                 image: pool.image.clone(),
                 kernel_args: Vec::new(),
                 user_data: None,
                 network_config: None,
                 vendor_data: None,
-            },
-        };
+            }),
+        }
+    }
+
+    /// `node`'s cidata seed, as an ISO image.
+    fn seed(&self, pool: &Pool, image: &kiln_core::Manifest, node: &NodeId) -> Result<Vec<u8>, String> {
+        let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
+        let profile = self.node_profile(pool)?;
         let api_url = self.config.api_url.as_deref().unwrap_or_default();
         let params = ServerParams { base_url: api_url, token: &self.bootstrap_token, api_url };
         let seed = self.catalog.seed(&profile, image, &machine, &params).map_err(|e| e.to_string())?;
