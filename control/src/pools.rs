@@ -558,12 +558,8 @@ impl Provisioner for Pools {
         self.on_volumes(host, |v| v.delete(node))
     }
 
-    fn console_log(&self, host: &str, node: &NodeId) -> PathBuf {
-        let volumes = self.volumes.lock().expect("volumes lock");
-        match volumes.get(host) {
-            Some(v) => v.console_log(node).into(),
-            None => PathBuf::from(kiln_pool::volumes::DEFAULT_DIR).join(format!("{node}.log")),
-        }
+    fn console_log(&self, host: &str, node: &NodeId) -> Result<PathBuf, String> {
+        self.on_volumes(host, |v| Ok(v.console_log(node).into()))
     }
 }
 

@@ -31,7 +31,7 @@ pub trait Provisioner {
     /// Deletes `node`'s overlay and seed on `host`; succeeds when there are none.
     fn delete(&self, host: &str, node: &NodeId) -> Result<(), String>;
     /// The file `node`'s serial console is logged to on `host`.
-    fn console_log(&self, host: &str, node: &NodeId) -> std::path::PathBuf;
+    fn console_log(&self, host: &str, node: &NodeId) -> Result<std::path::PathBuf, String>;
 }
 
 /// The control plane's view of the nodes.
@@ -181,7 +181,7 @@ fn carry_out(
                 boot,
                 nic: settings.nic.clone(),
                 mac: node.mac(),
-                console_log: provisioner.console_log(host, node),
+                console_log: provisioner.console_log(host, node)?,
             };
             let hv = hv(host)?;
             let t = std::time::Instant::now();
@@ -236,8 +236,8 @@ mod tests {
                 _ => Ok(()),
             }
         }
-        fn console_log(&self, host: &str, node: &NodeId) -> PathBuf {
-            self.dir(host).join(format!("{node}.log"))
+        fn console_log(&self, host: &str, node: &NodeId) -> Result<PathBuf, String> {
+            Ok(self.dir(host).join(format!("{node}.log")))
         }
     }
 
