@@ -184,6 +184,73 @@ fn tiny_in_a_lab(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, std::p
     (tmp, images, state, lab)
 }
 
+/// `kiln serve --pools` in a lab's namespace (TCG, nodes on the lab's
+/// network), and the `kiln` CLI pointed at its API from there.
+struct InLab<'a> {
+    lab: &'a kiln_tests::libvirt::Lab,
+    images: std::path::PathBuf,
+    state: std::path::PathBuf,
+    api: String,
+}
+
+impl<'a> InLab<'a> {
+    fn new(lab: &'a kiln_tests::libvirt::Lab, images: &Path, state: &Path) -> Self {
+        InLab { lab, images: images.to_path_buf(), state: state.to_path_buf(), api: format!("https://{}:8443", lab.bridge_ip) }
+    }
+
+    /// Starts `kiln serve` with the pool files in `dir`, and `extra` arguments.
+    fn serve(&self, dir: &Path, extra: &[&str]) -> KilnServer {
+        let lab = self.lab;
+        let mut cmd = lab.command(&binaries().kiln);
+        cmd.arg("serve").arg("--images").arg(&self.images).arg("--state").arg(&self.state).arg("--pools").arg(dir);
+        cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
+        cmd.args(["--pool-network", &lab.network, "--pool-accel", "qemu"]).args(extra);
+        KilnServer::spawn(cmd, &self.state)
+    }
+
+    /// `kiln ARGS`: whether it succeeded, and its stdout and stderr.
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = self.run(args);
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// `kiln ARGS`, which must succeed: its stdout.
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = self.lab.command(&binaries().kiln);
+        cmd.args(args).arg("--server").arg(&self.api).arg("--state").arg(&self.state).output().expect("kiln runs")
+    }
+
+    /// Every registered node (`kiln nodes --json`).
+    fn nodes(&self) -> Vec<kiln_core::Node> {
+        let out = self.cli_ok(&["nodes", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln nodes --json: {e}: {out}"))
+    }
+
+    /// The names of `pool`'s registered nodes, sorted.
+    fn registered(&self, pool: &str) -> Vec<String> {
+        let mut names: Vec<String> = self.nodes().into_iter().filter(|n| n.pool == pool).map(|n| n.name).collect();
+        names.sort();
+        names
+    }
+
+    /// The first pool of `kiln pools --json`.
+    fn pool(&self) -> serde_json::Value {
+        serde_json::from_str::<Vec<serde_json::Value>>(&self.cli_ok(&["pools", "--json"])).unwrap().remove(0)
+    }
+
+    /// How many of `pool`'s domains the lab's libvirtd has.
+    fn domains(&self, pool: &str) -> usize {
+        let prefix = format!("kiln-{pool}-");
+        self.lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with(&prefix)).count()
+    }
+}
+
 /// The real thing: a private libvirtd (in a network namespace the test
 /// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG; they
 /// PXE-boot the tiny image from `kiln serve` in that namespace and their
@@ -201,83 +268,57 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     // The repo's own pools/tiny.toml, on the lab's libvirtd.
     let shipped = std::fs::read_to_string(kiln_tests::root().join("pools/tiny.toml")).expect("pools/tiny.toml");
     pool_file(&dir, "tiny", &format!("{shipped}hosts = [\"{}\"]\n", lab.uri));
-    let serve = || {
-        let mut cmd = lab.command(&binaries().kiln);
-        cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
-        cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port)]);
-        cmd.args(["--api-listen", &format!("{}:8443", lab.bridge_ip), "--pool-network", &lab.network, "--pool-accel", "qemu"]);
-        KilnServer::spawn(cmd, &state)
-    };
-    let mut server = serve();
-    let api = format!("https://{}:8443", lab.bridge_ip);
-
-    let cli = |args: &[&str]| -> (bool, String) {
-        let out =
-            lab.command(&binaries().kiln).args(args).arg("--server").arg(&api).arg("--state").arg(&state).output().expect("kiln runs");
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    };
-    let nodes = || -> Vec<kiln_core::Node> {
-        let (ok, out) = cli(&["nodes", "--json"]);
-        assert!(ok, "kiln nodes: {out}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln nodes --json: {e}: {out}"))
-    };
-    let pool = || -> serde_json::Value {
-        let (ok, out) = cli(&["pools", "--json"]);
-        assert!(ok, "kiln pools: {out}");
-        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap().remove(0)
-    };
-    let kiln_domains = || lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with("kiln-tiny-")).count();
+    let k = InLab::new(&lab, &images, &state);
+    let mut server = k.serve(&dir, &[]);
     let converge = |server: &KilnServer, want: usize, what: &str| {
         let start = std::time::Instant::now();
         let ok = wait_for(Duration::from_secs(240), || {
-            let ns = nodes();
-            let registered: Vec<&kiln_core::Node> = ns.iter().filter(|n| n.pool == "tiny").collect();
-            (registered.len() == want && kiln_domains() == want && pool()["registered"] == want as u64).then_some(())
+            (k.registered("tiny").len() == want && k.domains("tiny") == want && k.pool()["registered"] == want as u64).then_some(())
         });
         assert!(
             ok.is_some(),
             "{what}: not {want} registered nodes: nodes {:?}, pool {}, virsh {}\nserver:\n{}",
-            nodes().iter().map(|n| &n.name).collect::<Vec<_>>(),
-            pool(),
+            k.nodes().iter().map(|n| &n.name).collect::<Vec<_>>(),
+            k.pool(),
             lab.virsh(&["list", "--all"]),
             tail(&server.log(), 30)
         );
         eprintln!("{what}: converged in {:.1} s", start.elapsed().as_secs_f64());
     };
 
-    let (ok, out) = cli(&["scale", "tiny", "3"]);
+    let (ok, out) = k.cli(&["scale", "tiny", "3"]);
     assert!(ok, "{out}");
     converge(&server, 3, "0 → 3");
-    let mut names: Vec<String> = nodes().into_iter().map(|n| n.name).collect();
+    let mut names: Vec<String> = k.nodes().into_iter().map(|n| n.name).collect();
     names.sort();
     assert_eq!(names, ["kiln-tiny-0", "kiln-tiny-1", "kiln-tiny-2"], "each node registers under its domain's name");
-    let (ok, table) = cli(&["nodes"]);
+    let (ok, table) = k.cli(&["nodes"]);
     assert!(
         ok && table.lines().filter(|l| l.contains("kiln-tiny-") && l.contains(" tiny ") && l.contains(&lab.uri)).count() == 3,
         "kiln nodes shows each node's pool and host:\n{table}"
     );
 
-    let (ok, out) = cli(&["scale", "tiny", "1"]);
+    let (ok, out) = k.cli(&["scale", "tiny", "1"]);
     assert!(ok, "{out}");
     converge(&server, 1, "3 → 1");
-    assert_eq!(nodes()[0].name, "kiln-tiny-0", "the newest nodes go first");
+    assert_eq!(k.nodes()[0].name, "kiln-tiny-0", "the newest nodes go first");
 
     // kill -9 in the middle of scaling up: the restarted server finishes
     // the job (it keeps nothing in memory it needs), leaking nothing.
     let creations = || server.log().matches("action=create").count();
     let before = creations();
-    let (ok, out) = cli(&["scale", "tiny", "3"]);
+    let (ok, out) = k.cli(&["scale", "tiny", "3"]);
     assert!(ok, "{out}");
     let started = wait_for(Duration::from_secs(30), || (creations() > before).then_some(()));
     assert!(started.is_some(), "scaling up did not start:\n{}", tail(&server.log(), 20));
     server.process.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5)).expect("kiln serve dies on SIGKILL");
-    server = serve();
+    server = k.serve(&dir, &[]);
     converge(&server, 3, "1 → 3 through a SIGKILL");
 
-    let (ok, out) = cli(&["scale", "tiny", "0"]);
+    let (ok, out) = k.cli(&["scale", "tiny", "0"]);
     assert!(ok, "{out}");
     converge(&server, 0, "3 → 0");
-    assert!(nodes().is_empty(), "no lease is left");
+    assert!(k.nodes().is_empty(), "no lease is left");
     storage_becomes(&lab, &[], "no console log is left");
     drop(server);
 }
@@ -314,28 +355,12 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     let dir = tmp.path().join("pools");
     let text = "image = \"worker\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = 3\nreplicas = 0\n";
     pool_file(&dir, "worker", &format!("{text}hosts = [\"{}\"]\n", lab.tcp_uri));
-    let api = format!("https://{}:8443", lab.bridge_ip);
-    let mut cmd = lab.command(&binaries().kiln);
-    cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
-    cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
-    cmd.args(["--advertise-api", &api, "--pool-network", &lab.network, "--pool-accel", "qemu"]);
-    let server = KilnServer::spawn(cmd, &state);
-    let cli = |args: &[&str]| -> String {
-        let out =
-            lab.command(&binaries().kiln).args(args).arg("--server").arg(&api).arg("--state").arg(&state).output().expect("kiln runs");
-        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let registered = || -> Vec<String> {
-        let nodes: Vec<kiln_core::Node> = serde_json::from_str(&cli(&["nodes", "--json"])).unwrap();
-        let mut names: Vec<String> = nodes.into_iter().filter(|n| n.pool == "worker").map(|n| n.name).collect();
-        names.sort();
-        names
-    };
+    let k = InLab::new(&lab, &images, &state);
+    let server = k.serve(&dir, &["--advertise-api", &k.api]);
 
     let start = std::time::Instant::now();
-    cli(&["scale", "worker", "2"]);
-    let up = wait_for(Duration::from_secs(420), || (registered().len() == 2).then_some(()));
+    k.cli_ok(&["scale", "worker", "2"]);
+    let up = wait_for(Duration::from_secs(420), || (k.registered("worker").len() == 2).then_some(()));
     let in_storage = |name: &str| lab.host_path(&format!("{}/{name}", kiln_pool::volumes::DEFAULT_DIR));
     let consoles: String = (0..2)
         .map(|n| std::fs::read_to_string(in_storage(&format!("kiln-worker-{n}.log"))).unwrap_or_default())
@@ -345,11 +370,11 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     assert!(
         up.is_some(),
         "the disk nodes did not register: {:?}\nconsoles:\n{consoles}\nserver:\n{}",
-        registered(),
+        k.registered("worker"),
         tail(&server.log(), 30)
     );
     eprintln!("disk pool 0 → 2: both registered after {:.1} s", start.elapsed().as_secs_f64());
-    assert_eq!(registered(), ["kiln-worker-0", "kiln-worker-1"]);
+    assert_eq!(k.registered("worker"), ["kiln-worker-0", "kiln-worker-1"]);
     let goldens: Vec<String> = storage(&lab).into_iter().filter(|n| n.starts_with("golden-worker-") && n.ends_with(".qcow2")).collect();
     assert_eq!(goldens.len(), 1, "one golden volume on the host: {:?}", storage(&lab));
     let golden_volume = format!("{}/{}", kiln_pool::volumes::DEFAULT_DIR, goldens[0]);
@@ -364,11 +389,11 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
         eprintln!("kiln-worker-{n}: overlay {} KiB after boot (golden image {} MiB)", size >> 10, golden_size >> 20);
     }
 
-    cli(&["scale", "worker", "0"]);
+    k.cli_ok(&["scale", "worker", "0"]);
     let down = wait_for(Duration::from_secs(60), || {
-        (registered().is_empty() && !lab.virsh(&["list", "--all", "--name"]).contains("kiln-worker")).then_some(())
+        (k.registered("worker").is_empty() && !lab.virsh(&["list", "--all", "--name"]).contains("kiln-worker")).then_some(())
     });
-    assert!(down.is_some(), "the pool did not scale to 0: {:?} {}", registered(), lab.virsh(&["list", "--all"]));
+    assert!(down.is_some(), "the pool did not scale to 0: {:?} {}", k.registered("worker"), lab.virsh(&["list", "--all"]));
     let golden_ok = format!("{}.ok", goldens[0]);
     storage_becomes(&lab, &[goldens[0].as_str(), golden_ok.as_str()], "no overlay, seed or console log is left; the golden volume stays");
 
@@ -379,10 +404,10 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     std::fs::remove_file(in_storage(&golden_ok)).unwrap();
     let stale = "golden-worker-0000000000000000.qcow2";
     std::fs::write(in_storage(stale), b"an older build").unwrap();
-    cli(&["scale", "worker", "1"]);
+    k.cli_ok(&["scale", "worker", "1"]);
     let again = wait_for(Duration::from_secs(60), || (uploads() == 2).then_some(()));
     assert!(again.is_some(), "the unfinished golden volume is not uploaded again:\n{}", tail(&server.log(), 20));
-    cli(&["scale", "worker", "0"]);
+    k.cli_ok(&["scale", "worker", "0"]);
     let down = wait_for(Duration::from_secs(60), || (!lab.virsh(&["list", "--all", "--name"]).contains("kiln-worker")).then_some(()));
     assert!(down.is_some(), "the pool did not scale to 0 again: {}", lab.virsh(&["list", "--all"]));
     let left = wait_for(Duration::from_secs(30), || {
@@ -611,38 +636,20 @@ fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
     let text = shipped.replace("min = 0", "min = 1").replace("max = 5", "max = 3").replace("replicas = 0", "replicas = 1");
     let policy = "[autoscale]\nmetric = \"cpu_busy\"\nscale-up-above = 0.6\nscale-down-below = 0.3\nstep = 1\ncooldown-secs = 15\n";
     pool_file(&dir, "tiny", &format!("{text}profile = \"loaded\"\nhosts = [\"{}\"]\n{policy}", lab.uri));
-    let mut cmd = lab.command(&binaries().kiln);
-    cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir).arg("--profiles").arg(&profiles);
-    cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
-    cmd.args(["--pool-network", &lab.network, "--pool-accel", "qemu", "--pool-interval", "2"]);
-    let server = KilnServer::spawn(cmd, &state);
-    let api = format!("https://{}:8443", lab.bridge_ip);
-    let cli = |args: &[&str]| -> String {
-        let out =
-            lab.command(&binaries().kiln).args(args).arg("--server").arg(&api).arg("--state").arg(&state).output().expect("kiln runs");
-        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let registered = || -> Vec<String> {
-        let nodes: Vec<kiln_core::Node> = serde_json::from_str(&cli(&["nodes", "--json"])).unwrap();
-        let mut names: Vec<String> = nodes.into_iter().filter(|n| n.pool == "tiny").map(|n| n.name).collect();
-        names.sort();
-        names
-    };
-    let pool = || serde_json::from_str::<Vec<serde_json::Value>>(&cli(&["pools", "--json"])).unwrap().remove(0);
-    let kiln_domains = || lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with("kiln-tiny-")).count();
+    let k = InLab::new(&lab, &images, &state);
+    let server = k.serve(&dir, &["--profiles", profiles.to_str().unwrap(), "--pool-interval", "2"]);
     let console = |n: u32| {
         let log = lab.host_path(&format!("{}/kiln-tiny-{n}.log", kiln_pool::volumes::DEFAULT_DIR));
         std::fs::read_to_string(log).unwrap_or_default()
     };
     let settle = |want: &[&str], what: &str| {
         let start = std::time::Instant::now();
-        let ok = wait_for(Duration::from_secs(300), || (registered() == want && kiln_domains() == want.len()).then_some(()));
+        let ok = wait_for(Duration::from_secs(300), || (k.registered("tiny") == want && k.domains("tiny") == want.len()).then_some(()));
         assert!(
             ok.is_some(),
             "{what}: not {want:?} registered: {:?}, pool {}\nconsole of kiln-tiny-0:\n{}\nserver:\n{}",
-            registered(),
-            pool(),
+            k.registered("tiny"),
+            k.pool(),
             tail(&console(0), 20),
             tail(&server.log(), 30)
         );
@@ -651,8 +658,8 @@ fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
 
     // At its min, idle: the pool holds, saying why.
     settle(&["kiln-tiny-0"], "min 1 registered");
-    let idle = wait_for(Duration::from_secs(60), || pool()["autoscale"].as_str()?.contains("but the pool is at its min").then_some(()));
-    assert!(idle.is_some(), "an idle pool at its min holds: {}", pool());
+    let idle = wait_for(Duration::from_secs(60), || k.pool()["autoscale"].as_str()?.contains("but the pool is at its min").then_some(()));
+    assert!(idle.is_some(), "an idle pool at its min holds: {}", k.pool());
     let polled = wait_for(Duration::from_secs(10), || (switch.polls() > 0).then_some(()));
     assert!(polled.is_some(), "the node polls its load switch; its console:\n{}", tail(&console(0), 30));
 
@@ -664,9 +671,9 @@ fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
         let line = log.lines().find(|l| l.contains(&format!("autoscale: scale {from} → {to}: mean cpu_busy")));
         assert!(line.is_some_and(|l| l.contains("> 0.6")), "the growth {from} → {to} is logged with its reason:\n{}", tail(&log, 40));
     }
-    let held = wait_for(Duration::from_secs(60), || pool()["autoscale"].as_str()?.contains("but the pool is at its max").then_some(()));
-    assert!(held.is_some(), "a loaded pool at its max holds: {}", pool());
-    assert_eq!(pool()["desired"], 3);
+    let held = wait_for(Duration::from_secs(60), || k.pool()["autoscale"].as_str()?.contains("but the pool is at its max").then_some(()));
+    assert!(held.is_some(), "a loaded pool at its max holds: {}", k.pool());
+    assert_eq!(k.pool()["desired"], 3);
 
     // Load off: back to the min after the cooldowns, the oldest node kept.
     switch.set(false);
@@ -676,7 +683,7 @@ fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
         let line = log.lines().find(|l| l.contains(&format!("autoscale: scale {from} → {to}: mean cpu_busy")));
         assert!(line.is_some_and(|l| l.contains("< 0.3")), "the shrink {from} → {to} is logged with its reason:\n{}", tail(&log, 40));
     }
-    assert_eq!(pool()["desired"], 1);
+    assert_eq!(k.pool()["desired"], 1);
     storage_becomes(&lab, &["kiln-tiny-0.log"], "only kiln-tiny-0's console log is left");
     drop(server);
     drop(switch);
