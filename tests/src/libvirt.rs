@@ -142,3 +142,72 @@ impl Drop for Lab {
         }
     }
 }
+
+/// `kiln serve --pools` in a lab's namespace (TCG, nodes on the lab's
+/// network), and the `kiln` CLI pointed at its API from there.
+pub struct PoolServer<'a> {
+    lab: &'a Lab,
+    images: PathBuf,
+    state: PathBuf,
+    /// The API's URL, as the namespace reaches it.
+    pub api: String,
+}
+
+impl<'a> PoolServer<'a> {
+    /// For `kiln serve` in `lab` with these images and state directory.
+    pub fn new(lab: &'a Lab, images: &Path, state: &Path) -> Self {
+        PoolServer { lab, images: images.to_path_buf(), state: state.to_path_buf(), api: format!("https://{}:8443", lab.bridge_ip) }
+    }
+
+    /// Starts `kiln serve` with the pool files in `dir`, and `extra` arguments.
+    pub fn serve(&self, dir: &Path, extra: &[&str]) -> crate::KilnServer {
+        let lab = self.lab;
+        let mut cmd = lab.command(&crate::binaries().kiln);
+        cmd.arg("serve").arg("--images").arg(&self.images).arg("--state").arg(&self.state).arg("--pools").arg(dir);
+        cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
+        cmd.args(["--pool-network", &lab.network, "--pool-accel", "qemu"]).args(extra);
+        crate::KilnServer::spawn(cmd, &self.state)
+    }
+
+    /// `kiln ARGS`: whether it succeeded, and its stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = self.run(args);
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// `kiln ARGS`, which must succeed: its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = self.lab.command(&crate::binaries().kiln);
+        cmd.args(args).arg("--server").arg(&self.api).arg("--state").arg(&self.state).output().expect("kiln runs")
+    }
+
+    /// Every registered node (`kiln nodes --json`).
+    pub fn nodes(&self) -> Vec<kiln_core::Node> {
+        let out = self.cli_ok(&["nodes", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln nodes --json: {e}: {out}"))
+    }
+
+    /// The names of `pool`'s registered nodes, sorted.
+    pub fn registered(&self, pool: &str) -> Vec<String> {
+        let mut names: Vec<String> = self.nodes().into_iter().filter(|n| n.pool == pool).map(|n| n.name).collect();
+        names.sort();
+        names
+    }
+
+    /// The first pool of `kiln pools --json`.
+    pub fn pool(&self) -> serde_json::Value {
+        serde_json::from_str::<Vec<serde_json::Value>>(&self.cli_ok(&["pools", "--json"])).unwrap().remove(0)
+    }
+
+    /// How many of `pool`'s domains the lab's libvirtd has.
+    pub fn domains(&self, pool: &str) -> usize {
+        let prefix = format!("kiln-{pool}-");
+        self.lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with(&prefix)).count()
+    }
+}

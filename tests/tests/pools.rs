@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use kiln_tests::libvirt::PoolServer;
 use kiln_tests::{KilnServer, binaries, fake_image, tail, wait_for};
 
 fn pool_file(dir: &Path, name: &str, text: &str) {
@@ -184,73 +185,6 @@ fn tiny_in_a_lab(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, std::p
     (tmp, images, state, lab)
 }
 
-/// `kiln serve --pools` in a lab's namespace (TCG, nodes on the lab's
-/// network), and the `kiln` CLI pointed at its API from there.
-struct InLab<'a> {
-    lab: &'a kiln_tests::libvirt::Lab,
-    images: std::path::PathBuf,
-    state: std::path::PathBuf,
-    api: String,
-}
-
-impl<'a> InLab<'a> {
-    fn new(lab: &'a kiln_tests::libvirt::Lab, images: &Path, state: &Path) -> Self {
-        InLab { lab, images: images.to_path_buf(), state: state.to_path_buf(), api: format!("https://{}:8443", lab.bridge_ip) }
-    }
-
-    /// Starts `kiln serve` with the pool files in `dir`, and `extra` arguments.
-    fn serve(&self, dir: &Path, extra: &[&str]) -> KilnServer {
-        let lab = self.lab;
-        let mut cmd = lab.command(&binaries().kiln);
-        cmd.arg("serve").arg("--images").arg(&self.images).arg("--state").arg(&self.state).arg("--pools").arg(dir);
-        cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
-        cmd.args(["--pool-network", &lab.network, "--pool-accel", "qemu"]).args(extra);
-        KilnServer::spawn(cmd, &self.state)
-    }
-
-    /// `kiln ARGS`: whether it succeeded, and its stdout and stderr.
-    fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = self.run(args);
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-
-    /// `kiln ARGS`, which must succeed: its stdout.
-    fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = self.lab.command(&binaries().kiln);
-        cmd.args(args).arg("--server").arg(&self.api).arg("--state").arg(&self.state).output().expect("kiln runs")
-    }
-
-    /// Every registered node (`kiln nodes --json`).
-    fn nodes(&self) -> Vec<kiln_core::Node> {
-        let out = self.cli_ok(&["nodes", "--json"]);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln nodes --json: {e}: {out}"))
-    }
-
-    /// The names of `pool`'s registered nodes, sorted.
-    fn registered(&self, pool: &str) -> Vec<String> {
-        let mut names: Vec<String> = self.nodes().into_iter().filter(|n| n.pool == pool).map(|n| n.name).collect();
-        names.sort();
-        names
-    }
-
-    /// The first pool of `kiln pools --json`.
-    fn pool(&self) -> serde_json::Value {
-        serde_json::from_str::<Vec<serde_json::Value>>(&self.cli_ok(&["pools", "--json"])).unwrap().remove(0)
-    }
-
-    /// How many of `pool`'s domains the lab's libvirtd has.
-    fn domains(&self, pool: &str) -> usize {
-        let prefix = format!("kiln-{pool}-");
-        self.lab.virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with(&prefix)).count()
-    }
-}
-
 /// The real thing: a private libvirtd (in a network namespace the test
 /// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG; they
 /// PXE-boot the tiny image from `kiln serve` in that namespace and their
@@ -268,7 +202,7 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     // The repo's own pools/tiny.toml, on the lab's libvirtd.
     let shipped = std::fs::read_to_string(kiln_tests::root().join("pools/tiny.toml")).expect("pools/tiny.toml");
     pool_file(&dir, "tiny", &format!("{shipped}hosts = [\"{}\"]\n", lab.uri));
-    let k = InLab::new(&lab, &images, &state);
+    let k = PoolServer::new(&lab, &images, &state);
     let mut server = k.serve(&dir, &[]);
     let converge = |server: &KilnServer, want: usize, what: &str| {
         let start = std::time::Instant::now();
@@ -355,7 +289,7 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     let dir = tmp.path().join("pools");
     let text = "image = \"worker\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = 3\nreplicas = 0\n";
     pool_file(&dir, "worker", &format!("{text}hosts = [\"{}\"]\n", lab.tcp_uri));
-    let k = InLab::new(&lab, &images, &state);
+    let k = PoolServer::new(&lab, &images, &state);
     let server = k.serve(&dir, &["--advertise-api", &k.api]);
 
     let start = std::time::Instant::now();
@@ -636,7 +570,7 @@ fn autoscaler_grows_a_pool_of_loaded_vms_and_shrinks_it_when_the_load_goes() {
     let text = shipped.replace("min = 0", "min = 1").replace("max = 5", "max = 3").replace("replicas = 0", "replicas = 1");
     let policy = "[autoscale]\nmetric = \"cpu_busy\"\nscale-up-above = 0.6\nscale-down-below = 0.3\nstep = 1\ncooldown-secs = 15\n";
     pool_file(&dir, "tiny", &format!("{text}profile = \"loaded\"\nhosts = [\"{}\"]\n{policy}", lab.uri));
-    let k = InLab::new(&lab, &images, &state);
+    let k = PoolServer::new(&lab, &images, &state);
     let server = k.serve(&dir, &["--profiles", profiles.to_str().unwrap(), "--pool-interval", "2"]);
     let console = |n: u32| {
         let log = lab.host_path(&format!("{}/kiln-tiny-{n}.log", kiln_pool::volumes::DEFAULT_DIR));

@@ -8,8 +8,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_tests::libvirt::Lab;
-use kiln_tests::{KilnServer, binaries, golden, tail, wait_for};
+use kiln_tests::libvirt::{Lab, PoolServer};
+use kiln_tests::{golden, tail, wait_for};
 
 fn main() {
     let nodes: usize = std::env::var("NODES").ok().and_then(|n| n.parse().ok()).unwrap_or(5);
@@ -38,24 +38,12 @@ fn main() {
         lab.uri
     );
     std::fs::write(dir.join("worker.toml"), pool).unwrap();
-    let api = format!("https://{}:8443", lab.bridge_ip);
-    let mut cmd = lab.command(&binaries().kiln);
-    cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).arg("--pools").arg(&dir);
-    cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
-    cmd.args(["--advertise-api", &api, "--pool-network", &lab.network, "--pool-accel", "qemu", "--pool-interval", "1"]);
-    let server = KilnServer::spawn(cmd, &state);
-    let cli = |args: &[&str]| -> String {
-        let out = lab.command(&binaries().kiln).args(args).arg("--server").arg(&api).arg("--state").arg(&state).output().expect("kiln");
-        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let registered = || -> usize {
-        let listed: Vec<kiln_core::Node> = serde_json::from_str(&cli(&["nodes", "--json"])).unwrap_or_default();
-        listed.iter().filter(|n| n.pool == "worker").count()
-    };
+    let k = PoolServer::new(&lab, &images, &state);
+    let server = k.serve(&dir, &["--advertise-api", &k.api, "--pool-interval", "1"]);
+    let registered = || k.registered("worker").len();
 
     let start = Instant::now();
-    cli(&["scale", "worker", &nodes.to_string()]);
+    k.cli_ok(&["scale", "worker", &nodes.to_string()]);
     let done = wait_for(Duration::from_secs(900), || (registered() == nodes).then_some(()));
     let to_registered = start.elapsed();
     assert!(done.is_some(), "{nodes} nodes did not register: {}\n{}", registered(), tail(&server.log(), 30));
@@ -86,7 +74,7 @@ fn main() {
     disk.sort_by(f64::total_cmp);
     let median = |v: &[f64]| v.get(v.len() / 2).copied().unwrap_or(f64::NAN);
 
-    cli(&["scale", "worker", "0"]);
+    k.cli_ok(&["scale", "worker", "0"]);
     let gone = wait_for(Duration::from_secs(120), || (registered() == 0).then_some(()));
     assert!(gone.is_some(), "the pool did not scale back to 0");
     drop(server);
