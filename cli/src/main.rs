@@ -5,12 +5,11 @@
 //! `kiln nodes` → the API, `kiln up` → all of them plus a QEMU guest.
 
 mod output;
+mod serve;
 mod up;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -44,7 +43,7 @@ enum Command {
         json: bool,
     },
     /// Serve images (HTTP, iPXE) and the control-plane API.
-    Serve(Box<ServeArgs>),
+    Serve(Box<serve::ServeArgs>),
     /// List registered nodes.
     Nodes {
         /// The API's base URL.
@@ -104,92 +103,6 @@ impl ApiArgs {
         let path = self.ca.clone().unwrap_or_else(|| self.state.join(kiln_control::tls::CA_CERT));
         Ok(Some(std::fs::read(&path).with_context(|| format!("reading the server's CA {}", path.display()))?))
     }
-}
-
-/// Flags of `kiln serve`.
-#[derive(clap::Args, Debug)]
-struct ServeArgs {
-    /// Directory of built images (`kiln build --out`).
-    #[arg(long)]
-    images: PathBuf,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// State directory (bootstrap token, registry).
-    #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
-    state: PathBuf,
-    /// Base URL booting nodes use to reach this server (default: each
-    /// request's Host header).
-    #[arg(long)]
-    advertise: Option<String>,
-    /// Directory of profiles (profiles/*.toml) and groups (groups/*.toml);
-    /// default: every machine boots the first image.
-    #[arg(long)]
-    profiles: Option<PathBuf>,
-    /// Serve TFTP (iPXE binaries for PXE ROMs) on this address, e.g. 0.0.0.0:69.
-    #[arg(long)]
-    tftp: Option<SocketAddr>,
-    /// Root directory of the TFTP server.
-    #[arg(long, default_value = kiln_control::server::IPXE_DIR)]
-    tftp_root: PathBuf,
-    /// Answer PXE clients as proxyDHCP on this network interface, beside
-    /// the network's own DHCP server (UDP 67 and 4011; needs root).
-    #[arg(long, value_name = "INTERFACE")]
-    proxy_dhcp: Option<String>,
-    /// The pod network that nodes get subnet leases from (flannel's `Network`).
-    #[arg(long, default_value = "10.244.0.0/16")]
-    pod_network: kiln_core::Ipv4Cidr,
-    /// Length of each node's pod subnet (flannel's `SubnetLen`).
-    #[arg(long, default_value_t = 24)]
-    subnet_len: u8,
-    /// Address of the API over TLS (CA: STATE/ca.pem).
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    api_listen: SocketAddr,
-    /// Serve the API over plain HTTP on --listen instead of TLS: only for
-    /// loopback demos and tests.
-    #[arg(long)]
-    plain_http: bool,
-    /// The API's URL as nodes reach it (default: https:// on the host
-    /// they fetched their boot script from, at --api-listen's port).
-    #[arg(long)]
-    advertise_api: Option<String>,
-    /// Another DNS name or IP address for the API's certificate
-    /// (repeatable); localhost, the host name and local addresses are in.
-    #[arg(long = "tls-name", value_name = "NAME")]
-    tls_names: Vec<String>,
-    /// Keep the registry and leases in etcd at these client URLs
-    /// (comma-separated) instead of the embedded database.
-    #[arg(long, value_delimiter = ',', value_name = "URL")]
-    etcd: Vec<String>,
-    /// flannel's etcd prefix.
-    #[arg(long, default_value = kiln_control::store::etcd::DEFAULT_PREFIX)]
-    etcd_prefix: String,
-    /// TTL of subnet leases in etcd, in seconds (flannel's: 24 h).
-    #[arg(long, default_value_t = 86400)]
-    lease_ttl: u64,
-    /// Directory of pool files (pools/*.toml): kiln keeps each pool's nodes
-    /// at its replicas through libvirt (`kiln scale`, `kiln pools`).
-    #[arg(long)]
-    pools: Option<PathBuf>,
-    /// The libvirt network pool nodes' NICs join (default: QEMU user
-    /// networking, where nodes reach this host's loopback at 10.0.2.2).
-    #[arg(long, value_name = "NETWORK")]
-    pool_network: Option<String>,
-    /// Pool nodes' domain type: `qemu` (TCG), `kvm`, or `auto` (KVM when a
-    /// guest runs under it here).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "qemu", "kvm"])]
-    pool_accel: String,
-    /// Autoscaled pools: log each decision and its reason, change nothing.
-    #[arg(long)]
-    autoscale_dry_run: bool,
-    /// Seconds between reconcile (and autoscale) passes; `kiln scale` wakes it at once.
-    #[arg(long, default_value_t = 5.0)]
-    pool_interval: f64,
-    /// Where kiln makes its libvirt storage pool `kiln` (overlays, seeds,
-    /// golden images, console logs) on a host that has none: a path on
-    /// each host.
-    #[arg(long, default_value = kiln_pool::volumes::DEFAULT_DIR, value_name = "DIR")]
-    pool_storage: String,
 }
 
 /// Where a build finds its inputs.
@@ -254,106 +167,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             progress.finish(&outcome);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve(args) => {
-            let ServeArgs {
-                images,
-                listen,
-                state,
-                advertise,
-                profiles,
-                tftp,
-                tftp_root,
-                proxy_dhcp,
-                pod_network,
-                subnet_len,
-                api_listen,
-                plain_http,
-                advertise_api,
-                tls_names,
-                etcd,
-                etcd_prefix,
-                lease_ttl,
-                pools,
-                pool_network,
-                pool_accel,
-                autoscale_dry_run,
-                pool_interval,
-                pool_storage,
-            } = *args;
-            let pools = match pools {
-                None => None,
-                Some(dir) => {
-                    let domain_type = match pool_accel.as_str() {
-                        "kvm" => kiln_pool::DomainType::Kvm,
-                        "qemu" => kiln_pool::DomainType::Qemu,
-                        _ => {
-                            let kernel = kiln_pxe::ImageStore::load(&images)
-                                .ok()
-                                .map(|s| images.join(&s.default_image().name).join(&s.default_image().boot.kernel));
-                            match kernel.map(|k| kiln_control::qemu::probe_kvm(Path::new("/dev/kvm"), &k, Duration::from_secs(5), None)) {
-                                Some(kiln_control::qemu::Accel::Kvm) => kiln_pool::DomainType::Kvm,
-                                _ => kiln_pool::DomainType::Qemu,
-                            }
-                        }
-                    };
-                    Some(kiln_control::pools::PoolsConfig {
-                        dir,
-                        nic: pool_network.map_or(kiln_pool::Nic::User, kiln_pool::Nic::Network),
-                        domain_type,
-                        api_url: advertise_api.clone(),
-                        interval: Duration::from_secs_f64(pool_interval.clamp(0.1, 3600.0)),
-                        autoscale_dry_run,
-                        storage_dir: pool_storage,
-                    })
-                }
-            };
-            if subnet_len < pod_network.prefix || subnet_len > 30 {
-                anyhow::bail!("--subnet-len {subnet_len} must be between the pod network's prefix ({}) and 30", pod_network.prefix);
-            }
-            let network = kiln_control::registry::NetworkConfig { network: pod_network, subnet_len, vni: 1 };
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(async {
-                let config = kiln_control::ServerConfig {
-                    images: images.clone(),
-                    state,
-                    listen,
-                    advertise,
-                    profiles,
-                    tftp,
-                    tftp_root,
-                    proxy_dhcp,
-                    network,
-                    api: if plain_http {
-                        kiln_control::server::ApiListen::Plain
-                    } else {
-                        kiln_control::server::ApiListen::Tls { listen: api_listen, advertise: advertise_api, names: tls_names }
-                    },
-                    store: if etcd.is_empty() {
-                        kiln_control::server::StoreConfig::Embedded
-                    } else {
-                        kiln_control::server::StoreConfig::Etcd(kiln_control::store::etcd::EtcdConfig {
-                            endpoints: etcd,
-                            prefix: etcd_prefix,
-                            ttl: std::time::Duration::from_secs(lease_ttl.max(1)),
-                        })
-                    },
-                    pools,
-                };
-                let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
-                match (server.api_addr, &server.ca) {
-                    (Some(api), Some(ca)) => println!(
-                        "kiln: serving boot assets on http://{}, the API on https://{api} (CA {}) (Ctrl-C stops)",
-                        server.addr,
-                        ca.display()
-                    ),
-                    _ => println!("kiln: serving on http://{} (API on plain HTTP) (Ctrl-C stops)", server.addr),
-                }
-                output::shutdown_signal().await;
-                tracing::info!("shutting down");
-                server.shutdown().await;
-                Ok(ExitCode::SUCCESS)
-            })
-        }
+        Command::Serve(args) => serve::run(*args),
         Command::Nodes { server, json, ca, state } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let ca = if server.starts_with("https://") {
@@ -377,7 +191,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::fs::read_to_string(&token_path).with_context(|| format!("reading the bootstrap token {}", token_path.display()))?;
             let path = format!("/api/v1/pools/{pool}/scale");
             let body = serde_json::json!({ "replicas": replicas });
-            let status: Option<kiln_control::pools::PoolStatus> =
+            let status: Option<kiln_core::PoolStatus> =
                 runtime.block_on(output::api_call(&api.server, api.ca()?.as_deref(), &path, Some((token.trim(), body))))?;
             println!("kiln: pool {pool}: {replicas} replicas desired");
             if let Some(s) = status {
@@ -387,7 +201,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Pools { api, json } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let pools: Vec<kiln_control::pools::PoolStatus> =
+            let pools: Vec<kiln_core::PoolStatus> =
                 runtime.block_on(output::api_call(&api.server, api.ca()?.as_deref(), "/api/v1/pools", None))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&pools)?);

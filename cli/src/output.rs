@@ -130,7 +130,7 @@ pub async fn api_call<T: serde::de::DeserializeOwned>(
 }
 
 /// Pools as an aligned table: one row per pool and host.
-pub fn pool_table(pools: &[kiln_control::pools::PoolStatus]) -> String {
+pub fn pool_table(pools: &[kiln_core::PoolStatus]) -> String {
     let mut rows = vec![
         ["POOL", "IMAGE", "BOOT", "DESIRED", "MIN-MAX", "HOST", "DEFINED", "RUNNING", "BOOTING", "REGISTERED"].map(String::from).to_vec(),
     ];

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_control::qemu::{self, Boot, Guest, GuestSpec, ProbeCache};
 use kiln_core::{Mac, Node};
+use kiln_pool::qemu::{self, Boot, Guest, GuestSpec, ProbeCache};
 
 use crate::{BuildInputs, output};
 
@@ -115,8 +115,8 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
         let mut guest = Guest::spawn(&spec).context("booting the guest")?;
         event(
             args.json,
-            serde_json::json!({"event": "booting", "accel": accel.as_str(), "mac": args.mac, "pid": guest.pid(), "serial_log": spec.serial_log}),
-            || format!("booting {} under {} (serial console: {})", args.mac, accel.as_str().to_uppercase(), spec.serial_log.display()),
+            serde_json::json!({"event": "booting", "accel": accel.qemu_arg(), "mac": args.mac, "pid": guest.pid(), "serial_log": spec.serial_log}),
+            || format!("booting {} under {} (serial console: {})", args.mac, accel.qemu_arg().to_uppercase(), spec.serial_log.display()),
         );
 
         let started = Instant::now();

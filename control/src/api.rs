@@ -40,7 +40,7 @@ const MAX_BODY: u64 = 64 * 1024;
 /// What the API handlers share.
 pub struct Api {
     /// The pools (`--pools`).
-    pub pools: Option<Arc<crate::pools::Pools>>,
+    pub pools: Option<kiln_pool::PoolsHandle>,
     /// The registry.
     pub registry: Arc<Registry>,
     /// The images served.
@@ -362,10 +362,10 @@ async fn scale_pool(api: &Api, name: &str, auth: Option<&str>, body: &[u8]) -> R
             let status = pools.status().into_iter().find(|s| s.name == name);
             warp::reply::json(&status).into_response()
         }
-        Err(e @ crate::pools::ScaleError::NoPool(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
-        Err(e @ crate::pools::ScaleError::OutOfRange { .. }) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        Err(e @ kiln_pool::ScaleError::NoPool(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ kiln_pool::ScaleError::OutOfRange { .. }) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
         Err(e) => {
-            tracing::error!("scaling {name}: {e}");
+            tracing::error!("scaling {name}: {}", kiln_pool::hypervisor::chain(&e));
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
     }
@@ -383,11 +383,12 @@ fn machine_profile<'a>(
     api: &'a Api,
     machine: &mut Machine,
 ) -> Result<(String, std::borrow::Cow<'a, Profile>, &'a Manifest), (StatusCode, String)> {
-    let member = api.pools.as_ref().zip(machine.mac).and_then(|(pools, mac)| Some((pools, pools.member(mac)?)));
+    let member = api.pools.as_ref().zip(machine.mac).and_then(|(pools, mac)| pools.member(mac));
     let (group, profile) = match member {
-        Some((pools, (node, pool))) => {
+        Some((node, pool)) => {
             machine.hostname = Some(node.domain_name());
-            let mut profile = pools.node_profile(pool).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            let mut profile =
+                crate::pools::node_profile(&api.catalog, pool).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
             // Images without cloud-init name themselves from the command line.
             profile.kernel_args.push(format!("{}={}", kiln_core::CMDLINE_HOSTNAME, node.domain_name()));
             let profile = std::borrow::Cow::Owned(profile);

@@ -9,15 +9,14 @@
 //! - [`server`]: the composed server `kiln serve` runs: boot assets from
 //!   kiln-pxe on plain HTTP plus the API over TLS, with its state directory
 //!   and bootstrap token.
-//! - [`qemu`]: QEMU guests that kiln starts itself (`kiln up`, tests), and the
-//!   probe that decides between KVM and TCG.
+//! - [`pools`]: what the pool task (kiln-pool) needs of the control plane:
+//!   registered nodes, leases, stored replicas, images and seeds.
 //!
 //! A new store implements [`store::Store`]; a new endpoint is a filter
 //! in [`api`] that the server composes.
 
 pub mod api;
 pub mod pools;
-pub mod qemu;
 pub mod registry;
 pub mod server;
 pub mod store;

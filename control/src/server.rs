@@ -155,9 +155,8 @@ pub struct Server {
     pub tftp: Option<TftpServer>,
     /// proxyDHCP, when asked for.
     pub proxy_dhcp: Option<ProxyDhcp>,
-    /// The pools, when asked for.
-    pub pools: Option<Arc<crate::pools::Pools>>,
-    pools_thread: Option<std::thread::JoinHandle<()>>,
+    /// The pool task, when asked for.
+    pub pools: Option<kiln_pool::PoolsHandle>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -212,7 +211,13 @@ impl Server {
                         None => format!("http://10.0.2.2:{}", addr.port()),
                     });
                 }
-                crate::pools::Pools::load(pc, registry.clone(), images.clone(), catalog.clone(), bootstrap_token.clone()).await?
+                let parts = crate::pools::Parts {
+                    registry: registry.clone(),
+                    images: images.clone(),
+                    catalog: catalog.clone(),
+                    bootstrap_token: bootstrap_token.clone(),
+                };
+                crate::pools::start(pc, parts).await?
             }),
             None => None,
         };
@@ -268,9 +273,7 @@ impl Server {
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
         let ca = ca.map(|ca| ca.cert_path);
-        let pools_thread = pools.as_ref().map(|p| p.spawn());
-        let mut server =
-            Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, pools, pools_thread, stop, task };
+        let mut server = Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task };
         if let Some(tftp_addr) = config.tftp {
             server.tftp = Some(TftpServer::start(config.tftp_root.clone(), tftp_addr).await?);
         }
@@ -290,10 +293,7 @@ impl Server {
     /// Stops accepting, lets requests in flight finish, and returns.
     pub async fn shutdown(self) {
         if let Some(p) = &self.pools {
-            p.stop();
-        }
-        if let Some(t) = self.pools_thread {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            p.stop().await;
         }
         if let Some(p) = self.proxy_dhcp {
             p.shutdown().await;

@@ -26,21 +26,30 @@ use crate::NodeId;
 /// The namespace of kiln's domain metadata element.
 pub const XMLNS: &str = "https://kiln.dev/xmlns/node/1";
 
-/// libvirt's `<domain type=..>`: how QEMU runs the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DomainType {
+/// How QEMU runs a guest's CPU, for libvirt domains and for the QEMU
+/// guests kiln starts itself ([`crate::qemu`]) alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Accel {
     /// TCG, pure emulation: works everywhere, slowly.
-    Qemu,
+    Tcg,
     /// KVM: only where a guest has been seen to run under it.
     Kvm,
 }
 
-impl DomainType {
-    /// The `type` attribute's value.
-    pub fn as_str(self) -> &'static str {
+impl Accel {
+    /// libvirt's `<domain type=..>` value.
+    pub fn domain_type(self) -> &'static str {
         match self {
-            DomainType::Qemu => "qemu",
-            DomainType::Kvm => "kvm",
+            Accel::Tcg => "qemu",
+            Accel::Kvm => "kvm",
+        }
+    }
+
+    /// QEMU's `-accel` value.
+    pub fn qemu_arg(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
         }
     }
 }
@@ -75,7 +84,7 @@ pub struct DomainSpec {
     /// The node: its domain name and metadata.
     pub node: NodeId,
     /// TCG or KVM.
-    pub domain_type: DomainType,
+    pub accel: Accel,
     /// Virtual CPUs.
     pub vcpus: u32,
     /// Memory, MiB.
@@ -101,7 +110,7 @@ impl DomainSpec {
     }
 
     fn write(&self, w: &mut W) -> io::Result<()> {
-        w.create_element("domain").with_attribute(("type", self.domain_type.as_str())).write_inner_content(|w| {
+        w.create_element("domain").with_attribute(("type", self.accel.domain_type())).write_inner_content(|w| {
             text(w, "name", &self.node.domain_name())?;
             w.create_element("metadata").write_inner_content(|w| {
                 w.create_element("kiln:node")
@@ -256,7 +265,7 @@ mod tests {
         DomainSpec {
             mac: node.mac(),
             node,
-            domain_type: DomainType::Qemu,
+            accel: Accel::Tcg,
             vcpus: 2,
             memory_mib: 512,
             boot,
@@ -314,7 +323,7 @@ mod tests {
         let boot =
             BootMedia::Disk { overlay: "/var/lib/kiln/pools/w/kiln-w-0.qcow2".into(), seed: "/var/lib/kiln/pools/w/kiln-w-0.iso".into() };
         let mut s = spec(boot, Nic::Network("kiln-lab".into()));
-        s.domain_type = DomainType::Kvm;
+        s.accel = Accel::Kvm;
         let xml = s.to_xml();
         let cases = [
             ("kvm", r#"<domain type="kvm">"#),

@@ -283,7 +283,7 @@ impl Hypervisor for Libvirt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{BootMedia, DomainType, Nic};
+    use crate::domain::{Accel, BootMedia, Nic};
 
     // test:///default is one driver instance per process, shared by every
     // open connection: each test uses its own pool name so that tests
@@ -293,7 +293,7 @@ mod tests {
         let node = NodeId::new(pool, index);
         DomainSpec {
             mac: node.mac(),
-            domain_type: DomainType::Qemu,
+            accel: Accel::Tcg,
             vcpus: 1,
             memory_mib: 128,
             boot: BootMedia::Disk { overlay: format!("/nonexistent/{node}.qcow2").into(), seed: format!("/nonexistent/{node}.iso").into() },

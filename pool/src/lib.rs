@@ -22,18 +22,23 @@
 
 pub mod autoscale;
 pub mod domain;
+pub mod fleet;
 pub mod hypervisor;
 pub mod plan;
+pub mod qemu;
 pub mod reconcile;
+pub mod service;
 pub mod spec;
 pub mod volumes;
 
 use std::fmt;
 
-pub use domain::{BootMedia, DomainSpec, DomainType, Nic, XMLNS};
+pub use domain::{Accel, BootMedia, DomainSpec, Nic, XMLNS};
+pub use fleet::{Fleet, LoadError, NodeMedia, ServedImage};
 pub use hypervisor::{HostMemory, Hypervisor, Libvirt, NodeDomain};
 pub use plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
 pub use reconcile::{Provisioner, Registry, Report, Settings, reconcile};
+pub use service::{ControlPlane, PoolsHandle, ScaleError, Status};
 pub use spec::{Autoscale, Boot, Metric, Pool, PoolSpec, load_dir};
 pub use volumes::Volumes;
 

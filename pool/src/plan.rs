@@ -217,6 +217,31 @@ fn plan_pool(d: &Desired, observed: &Observed, actions: &mut BTreeSet<Action>) {
     }
 }
 
+impl Action {
+    /// The node the action is for.
+    pub fn node(&self) -> &NodeId {
+        match self {
+            Action::Deregister { node }
+            | Action::Remove { node, .. }
+            | Action::DeleteOverlay { node, .. }
+            | Action::Start { node, .. }
+            | Action::Create { node, .. } => node,
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Deregister { node } => write!(f, "deregister {node}"),
+            Action::Remove { host, node } => write!(f, "remove {node} from {host}"),
+            Action::DeleteOverlay { host, node } => write!(f, "delete the leftover overlay of {node} on {host}"),
+            Action::Start { host, node } => write!(f, "start {node} on {host}"),
+            Action::Create { host, node } => write!(f, "create {node} on {host}"),
+        }
+    }
+}
+
 impl Observed {
     /// The state after `actions` have all been carried out (a created node
     /// runs but has not registered yet). The plan made from it is empty.

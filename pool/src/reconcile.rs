@@ -15,38 +15,79 @@
 use std::collections::BTreeMap;
 
 use crate::NodeId;
-use crate::domain::{BootMedia, DomainSpec, DomainType, Nic};
-use crate::hypervisor::Hypervisor;
+use crate::domain::{Accel, BootMedia, DomainSpec, Nic};
+use crate::hypervisor::{Hypervisor, chain};
 use crate::plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
 use crate::spec::{Boot, Pool};
+
+/// A backend's own error, kept whole as the cause of an [`Error`].
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// One step of a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No connection to the host (it could not be opened at start).
+    #[error("{host}: not connected")]
+    NotConnected {
+        /// The host.
+        host: String,
+    },
+    /// A node of a pool the server did not load.
+    #[error("pool {pool} is not loaded")]
+    NoPool {
+        /// The pool.
+        pool: String,
+    },
+    /// A disk pool's image (with its qcow2) is no longer served.
+    #[error("image `{image}` is no longer served with a qcow2")]
+    ImageGone {
+        /// The image.
+        image: String,
+    },
+    /// libvirt refused or failed.
+    #[error(transparent)]
+    Hypervisor(#[from] crate::hypervisor::Error),
+    /// Making, listing or deleting a node's overlay, seed or console log.
+    #[error("{host}: storage")]
+    Storage {
+        /// The host.
+        host: String,
+        /// The cause.
+        #[source]
+        source: Cause,
+    },
+    /// The control plane's registry failed.
+    #[error("registry")]
+    Registry(#[source] Cause),
+}
 
 /// Makes and deletes what a node needs besides its domain: for a disk
 /// node, its qcow2 overlay on the pool's golden image and its cidata seed.
 pub trait Provisioner {
     /// The nodes that have an overlay (or seed) on `host`.
-    fn overlays(&self, host: &str) -> Result<Vec<NodeId>, String>;
+    fn overlays(&self, host: &str) -> Result<Vec<NodeId>, Error>;
     /// Makes `node`'s overlay and seed on `host` (replacing any) for a
     /// disk-booted `pool`, and says where they are.
-    fn make(&self, host: &str, pool: &Pool, node: &NodeId) -> Result<BootMedia, String>;
+    fn make(&self, host: &str, pool: &Pool, node: &NodeId) -> Result<BootMedia, Error>;
     /// Deletes `node`'s overlay and seed on `host`; succeeds when there are none.
-    fn delete(&self, host: &str, node: &NodeId) -> Result<(), String>;
+    fn delete(&self, host: &str, node: &NodeId) -> Result<(), Error>;
     /// The file `node`'s serial console is logged to on `host`.
-    fn console_log(&self, host: &str, node: &NodeId) -> Result<std::path::PathBuf, String>;
+    fn console_log(&self, host: &str, node: &NodeId) -> Result<std::path::PathBuf, Error>;
 }
 
 /// The control plane's view of the nodes.
 pub trait Registry {
     /// Pool nodes registered now (holding a lease).
-    fn registered(&self) -> Result<Vec<NodeId>, String>;
+    fn registered(&self) -> Result<Vec<NodeId>, Error>;
     /// Removes `node` and releases its lease; succeeds when it is not registered.
-    fn deregister(&self, node: &NodeId) -> Result<(), String>;
+    fn deregister(&self, node: &NodeId) -> Result<(), Error>;
 }
 
 /// How nodes are attached and run, the same for every pool of a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// TCG where KVM does not run, KVM where it does.
-    pub domain_type: DomainType,
+    pub accel: Accel,
     /// Where each node's NIC is plugged.
     pub nic: Nic,
 }
@@ -91,7 +132,7 @@ pub fn reconcile(
     let mut unseen = Vec::new();
     for uri in pools.iter().flat_map(|p| p.hosts.iter()).collect::<std::collections::BTreeSet<_>>() {
         let Some(hv) = hosts.get(uri) else {
-            report.failed.push((None, format!("{uri}: not connected")));
+            report.failed.push((None, chain(&Error::NotConnected { host: uri.clone() })));
             unseen.push(uri.clone());
             continue;
         };
@@ -100,7 +141,7 @@ pub fn reconcile(
                 observed.domains.extend(domains.into_iter().map(|d| HostDomain { host: uri.clone(), node: d.node, running: d.running }))
             }
             Err(e) => {
-                report.failed.push((None, crate::hypervisor::chain(&e)));
+                report.failed.push((None, chain(&e)));
                 unseen.push(uri.clone());
                 continue;
             }
@@ -108,7 +149,7 @@ pub fn reconcile(
         match provisioner.overlays(uri) {
             Ok(nodes) => observed.overlays.extend(nodes.into_iter().map(|node| Overlay { host: uri.clone(), node })),
             Err(e) => {
-                report.failed.push((None, format!("{uri}: {e}")));
+                report.failed.push((None, chain(&e)));
                 unseen.push(uri.clone());
             }
         }
@@ -117,7 +158,7 @@ pub fn reconcile(
         Ok(nodes) => observed.registered = nodes,
         Err(e) => {
             // Without the registry, leases cannot be released: plan nothing.
-            report.failed.push((None, format!("registry: {e}")));
+            report.failed.push((None, chain(&e)));
             report.after = observed;
             return report;
         }
@@ -138,7 +179,7 @@ pub fn reconcile(
                 report.took.push(start.elapsed());
                 report.phases.push(phases);
             }
-            Err(e) => report.failed.push((Some(action), e)),
+            Err(e) => report.failed.push((Some(action), chain(&e))),
         }
     }
     report.after = observed.apply(&report.done);
@@ -152,21 +193,20 @@ fn carry_out(
     provisioner: &dyn Provisioner,
     registry: &dyn Registry,
     settings: &Settings,
-) -> Result<Vec<(&'static str, std::time::Duration)>, String> {
-    let hv = |host: &str| hosts.get(host).ok_or_else(|| format!("{host}: not connected"));
-    let chain = |e: crate::hypervisor::Error| crate::hypervisor::chain(&e);
+) -> Result<Vec<(&'static str, std::time::Duration)>, Error> {
+    let hv = |host: &str| hosts.get(host).ok_or_else(|| Error::NotConnected { host: host.to_string() });
     match action {
         Action::Deregister { node } => registry.deregister(node).map(|()| Vec::new()),
         Action::Remove { host, node } => {
             // The lease goes with the domain, whether or not the node is registered now.
             registry.deregister(node)?;
-            hv(host)?.destroy_and_undefine(node).map_err(chain)?;
+            hv(host)?.destroy_and_undefine(node)?;
             provisioner.delete(host, node).map(|()| Vec::new())
         }
         Action::DeleteOverlay { host, node } => provisioner.delete(host, node).map(|()| Vec::new()),
-        Action::Start { host, node } => hv(host)?.start(node).map_err(chain).map(|()| Vec::new()),
+        Action::Start { host, node } => hv(host)?.start(node).map(|()| Vec::new()).map_err(Error::from),
         Action::Create { host, node } => {
-            let pool = pools.get(node.pool.as_str()).ok_or_else(|| format!("pool {} is not loaded", node.pool))?;
+            let pool = pools.get(node.pool.as_str()).ok_or_else(|| Error::NoPool { pool: node.pool.clone() })?;
             let t = std::time::Instant::now();
             let boot = match pool.boot {
                 Boot::Disk => provisioner.make(host, pool, node)?,
@@ -175,7 +215,7 @@ fn carry_out(
             let storage = t.elapsed();
             let spec = DomainSpec {
                 node: node.clone(),
-                domain_type: settings.domain_type,
+                accel: settings.accel,
                 vcpus: pool.vcpus,
                 memory_mib: pool.memory_mib,
                 boot,
@@ -185,10 +225,10 @@ fn carry_out(
             };
             let hv = hv(host)?;
             let t = std::time::Instant::now();
-            hv.define(&spec).map_err(chain)?;
+            hv.define(&spec)?;
             let define = t.elapsed();
             let t = std::time::Instant::now();
-            hv.start(node).map_err(chain)?;
+            hv.start(node)?;
             Ok(vec![("storage", storage), ("define", define), ("start", t.elapsed())])
         }
     }
@@ -212,7 +252,7 @@ mod tests {
     }
 
     impl Provisioner for Files {
-        fn overlays(&self, host: &str) -> Result<Vec<NodeId>, String> {
+        fn overlays(&self, host: &str) -> Result<Vec<NodeId>, Error> {
             let Ok(entries) = std::fs::read_dir(self.dir(host)) else { return Ok(vec![]) };
             Ok(entries
                 .filter_map(Result::ok)
@@ -224,19 +264,20 @@ mod tests {
                 })
                 .collect())
         }
-        fn make(&self, host: &str, _pool: &Pool, node: &NodeId) -> Result<BootMedia, String> {
-            std::fs::create_dir_all(self.dir(host)).map_err(|e| crate::hypervisor::chain(&e))?;
+        fn make(&self, host: &str, _pool: &Pool, node: &NodeId) -> Result<BootMedia, Error> {
+            let storage = |e: std::io::Error| Error::Storage { host: host.to_string(), source: e.into() };
+            std::fs::create_dir_all(self.dir(host)).map_err(storage)?;
             let overlay = self.dir(host).join(format!("{node}.qcow2"));
-            std::fs::write(&overlay, b"overlay").map_err(|e| crate::hypervisor::chain(&e))?;
+            std::fs::write(&overlay, b"overlay").map_err(storage)?;
             Ok(BootMedia::Disk { overlay, seed: self.dir(host).join(format!("{node}.iso")) })
         }
-        fn delete(&self, host: &str, node: &NodeId) -> Result<(), String> {
+        fn delete(&self, host: &str, node: &NodeId) -> Result<(), Error> {
             match std::fs::remove_file(self.dir(host).join(format!("{node}.qcow2"))) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Storage { host: host.to_string(), source: e.into() }),
                 _ => Ok(()),
             }
         }
-        fn console_log(&self, host: &str, node: &NodeId) -> Result<PathBuf, String> {
+        fn console_log(&self, host: &str, node: &NodeId) -> Result<PathBuf, Error> {
             Ok(self.dir(host).join(format!("{node}.log")))
         }
     }
@@ -246,10 +287,10 @@ mod tests {
     struct Nodes(RefCell<BTreeSet<NodeId>>, RefCell<Vec<NodeId>>);
 
     impl Registry for Nodes {
-        fn registered(&self) -> Result<Vec<NodeId>, String> {
+        fn registered(&self) -> Result<Vec<NodeId>, Error> {
             Ok(self.0.borrow().iter().cloned().collect())
         }
-        fn deregister(&self, node: &NodeId) -> Result<(), String> {
+        fn deregister(&self, node: &NodeId) -> Result<(), Error> {
             if self.0.borrow_mut().remove(node) {
                 self.1.borrow_mut().push(node.clone());
             }
@@ -281,7 +322,7 @@ mod tests {
     }
 
     fn settings() -> Settings {
-        Settings { domain_type: DomainType::Qemu, nic: Nic::User }
+        Settings { accel: Accel::Tcg, nic: Nic::User }
     }
 
     fn count_on(hosts: &BTreeMap<String, Box<dyn Hypervisor + Send>>) -> Vec<usize> {

@@ -3,7 +3,7 @@
 //! Tests drive the real `kiln` and `kiln-agent` binaries (release builds, as
 //! users run them; [`binaries`] builds them once per test run), real QEMU
 //! guests and real servers, on loopback only. Everything a test starts is
-//! held by a guard ([`Process`], `kiln_control::qemu::Guest`) that stops it
+//! held by a guard ([`Process`], `kiln_pool::qemu::Guest`) that stops it
 //! when dropped, so a failing assertion still cleans up.
 //!
 //! `KILN_SKIP_E2E=1` skips the tests that boot guests, for a quick local

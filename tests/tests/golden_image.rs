@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_control::qemu::{self, Boot, Guest, GuestSpec};
 use kiln_core::{Mac, Manifest};
+use kiln_pool::qemu::{self, Boot, Guest, GuestSpec};
 use kiln_tests::golden::{self, DiskGuest, Firmware};
 use kiln_tests::{KilnServer, Process, binaries, cache_dir, root, skip_e2e, tail, vm_lock, wait_for};
 use nix::sys::signal::Signal;

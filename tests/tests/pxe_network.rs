@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_control::qemu::{Boot, Firmware, Guest, GuestSpec};
 use kiln_core::Mac;
+use kiln_pool::qemu::{Boot, Firmware, Guest, GuestSpec};
 use kiln_tests::{KilnServer, Netns, Process, binaries, kiln_build, root, skip_e2e, tail, vm_lock, wait_for};
 
 const BRIDGE_IP: &str = "10.77.0.1";
@@ -80,7 +80,7 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str) {
         mac,
         memory_mib: 512,
         cpus: 2,
-        accel: kiln_control::qemu::Accel::Tcg,
+        accel: kiln_pool::Accel::Tcg,
         boot: Boot::Tap { ifname: "tap0".into() },
         serial_log: tmp.path().join("serial.log"),
         firmware,

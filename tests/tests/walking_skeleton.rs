@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_control::qemu::{self, Boot, Guest, GuestSpec};
 use kiln_core::{Mac, Manifest};
+use kiln_pool::qemu::{self, Boot, Guest, GuestSpec};
 use kiln_tests::{KilnServer, Process, binaries, cache_dir, kiln_build, kiln_build_for, root, skip_e2e, tail, vm_lock, wait_for};
 use nix::sys::signal::Signal;
 
@@ -114,7 +114,7 @@ fn build_serve_pxe_boot_register() {
         server.nodes().into_iter().find(|n| n.macs.contains(&mac))
     })
     .unwrap_or_else(|| panic!("the guest did not register; serial console:\n{}", tail(&guest.serial(), 40)));
-    eprintln!("registered after {:.1} s under {}", started.elapsed().as_secs_f64(), accel.as_str());
+    eprintln!("registered after {:.1} s under {}", started.elapsed().as_secs_f64(), accel.qemu_arg());
 
     assert_eq!(node.image_digest, manifest.digest, "the node booted the image we built");
     assert_eq!(node.macs, vec![mac]);

@@ -25,8 +25,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_control::qemu::{self, Boot, Guest, GuestSpec};
 use kiln_core::{Mac, Manifest};
+use kiln_pool::qemu::{self, Boot, Guest, GuestSpec};
 use kiln_tests::golden::{self, DiskGuest, Firmware};
 use kiln_tests::{KilnServer, tail, wait_for};
 
@@ -109,7 +109,7 @@ fn diskless(a: &Args) -> Vec<f64> {
                 // The root filesystem lives in RAM.
                 memory_mib: 1536,
                 cpus: 2,
-                accel: qemu::Accel::Tcg,
+                accel: kiln_pool::Accel::Tcg,
                 boot: Boot::Network { bootfile: format!("http://10.0.2.2:{}/boot.ipxe", server.port()) },
                 serial_log: a.work.join(format!("{name}.serial.log")),
                 firmware: qemu::Firmware::Bios,

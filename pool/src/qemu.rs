@@ -1,5 +1,6 @@
 //! QEMU guests that kiln starts itself, without libvirt: `kiln up` boots one,
-//! and the tests boot them the same way.
+//! and the tests boot them the same way. They share [`Accel`] with the
+//! libvirt domains of pools.
 //!
 //! A [`Guest`] owns its QEMU process: dropping it stops the process (SIGTERM,
 //! then SIGKILL after a grace period), so a guest never outlives the code that
@@ -15,30 +16,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_core::Mac;
+
+use crate::Accel;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 /// The QEMU binary kiln runs.
 pub const QEMU: &str = "qemu-system-x86_64";
-
-/// How the guest's CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// Hardware virtualisation.
-    Kvm,
-    /// QEMU's software emulation.
-    Tcg,
-}
-
-impl Accel {
-    /// The name QEMU and libvirt use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
 
 /// How the guest boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +93,7 @@ impl GuestSpec {
             }
             None => Command::new(QEMU),
         };
-        cmd.args(["-name", &self.name, "-accel", self.accel.as_str()]);
+        cmd.args(["-name", &self.name, "-accel", self.accel.qemu_arg()]);
         cmd.args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()]);
         cmd.args(["-uuid", &self.uuid(), "-nodefaults", "-display", "none", "-no-user-config", "-monitor", "none"]);
         cmd.arg("-serial").arg(format!("file:{}", self.serial_log.display()));
@@ -247,7 +231,7 @@ pub fn probe_kvm(kvm_device: &Path, kernel: &Path, timeout: Duration, cache: Opt
     let accel =
         if std::fs::OpenOptions::new().read(true).write(true).open(kvm_device).is_err() { Accel::Tcg } else { run_probe(kernel, timeout) };
     if let Some(c) = cache {
-        let _ = std::fs::write(&c.path, format!("{} {}\n", c.boot_id, accel.as_str()));
+        let _ = std::fs::write(&c.path, format!("{} {}\n", c.boot_id, accel.qemu_arg()));
     }
     accel
 }

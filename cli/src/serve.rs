@@ -1,0 +1,198 @@
+//! `kiln serve`: its flags, checked and turned into the server's
+//! configuration ([`ServerConfig`]), and the run until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kiln_control::ServerConfig;
+use kiln_control::server::{ApiListen, StoreConfig};
+use kiln_pool::Accel;
+
+use crate::output;
+
+/// Flags of `kiln serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Directory of built images (`kiln build --out`).
+    #[arg(long)]
+    images: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// State directory (bootstrap token, registry).
+    #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
+    state: PathBuf,
+    /// Base URL booting nodes use to reach this server (default: each
+    /// request's Host header).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory of profiles (profiles/*.toml) and groups (groups/*.toml);
+    /// default: every machine boots the first image.
+    #[arg(long)]
+    profiles: Option<PathBuf>,
+    /// Serve TFTP (iPXE binaries for PXE ROMs) on this address, e.g. 0.0.0.0:69.
+    #[arg(long)]
+    tftp: Option<SocketAddr>,
+    /// Root directory of the TFTP server.
+    #[arg(long, default_value = kiln_control::server::IPXE_DIR)]
+    tftp_root: PathBuf,
+    /// Answer PXE clients as proxyDHCP on this network interface, beside
+    /// the network's own DHCP server (UDP 67 and 4011; needs root).
+    #[arg(long, value_name = "INTERFACE")]
+    proxy_dhcp: Option<String>,
+    /// The pod network that nodes get subnet leases from (flannel's `Network`).
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pod_network: kiln_core::Ipv4Cidr,
+    /// Length of each node's pod subnet (flannel's `SubnetLen`).
+    #[arg(long, default_value_t = 24)]
+    subnet_len: u8,
+    /// Address of the API over TLS (CA: STATE/ca.pem).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    api_listen: SocketAddr,
+    /// Serve the API over plain HTTP on --listen instead of TLS: only for
+    /// loopback demos and tests.
+    #[arg(long)]
+    plain_http: bool,
+    /// The API's URL as nodes reach it (default: https:// on the host
+    /// they fetched their boot script from, at --api-listen's port).
+    #[arg(long)]
+    advertise_api: Option<String>,
+    /// Another DNS name or IP address for the API's certificate
+    /// (repeatable); localhost, the host name and local addresses are in.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    tls_names: Vec<String>,
+    /// Keep the registry and leases in etcd at these client URLs
+    /// (comma-separated) instead of the embedded database.
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    etcd: Vec<String>,
+    /// flannel's etcd prefix.
+    #[arg(long, default_value = kiln_control::store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// TTL of subnet leases in etcd, in seconds (flannel's: 24 h).
+    #[arg(long, default_value_t = 86400)]
+    lease_ttl: u64,
+    /// Directory of pool files (pools/*.toml): kiln keeps each pool's nodes
+    /// at its replicas through libvirt (`kiln scale`, `kiln pools`).
+    #[arg(long)]
+    pools: Option<PathBuf>,
+    /// The libvirt network pool nodes' NICs join (default: QEMU user
+    /// networking, where nodes reach this host's loopback at 10.0.2.2).
+    #[arg(long, value_name = "NETWORK")]
+    pool_network: Option<String>,
+    /// Pool nodes' domain type: `qemu` (TCG), `kvm`, or `auto` (KVM when a
+    /// guest runs under it here).
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pool_accel: AccelChoice,
+    /// Autoscaled pools: log each decision and its reason, change nothing.
+    #[arg(long)]
+    autoscale_dry_run: bool,
+    /// Seconds between reconcile (and autoscale) passes; `kiln scale` wakes it at once.
+    #[arg(long, default_value_t = 5.0)]
+    pool_interval: f64,
+    /// Where kiln makes its libvirt storage pool `kiln` (overlays, seeds,
+    /// golden images, console logs) on a host that has none: a path on
+    /// each host.
+    #[arg(long, default_value = kiln_pool::volumes::DEFAULT_DIR, value_name = "DIR")]
+    pool_storage: String,
+}
+
+/// `--pool-accel`: how pool nodes' CPUs run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// KVM when a guest runs under it here, else TCG.
+    Auto,
+    /// TCG (libvirt's `<domain type='qemu'>`).
+    Qemu,
+    /// KVM.
+    Kvm,
+}
+
+impl AccelChoice {
+    /// The accelerator; `auto` probes KVM by booting the first served
+    /// image's kernel under it.
+    fn resolve(self, images: &Path) -> Accel {
+        match self {
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Qemu => Accel::Tcg,
+            AccelChoice::Auto => {
+                let kernel = kiln_pxe::ImageStore::load(images)
+                    .ok()
+                    .map(|s| images.join(&s.default_image().name).join(&s.default_image().boot.kernel));
+                kernel.map_or(Accel::Tcg, |k| kiln_pool::qemu::probe_kvm(Path::new("/dev/kvm"), &k, Duration::from_secs(5), None))
+            }
+        }
+    }
+}
+
+impl TryFrom<ServeArgs> for ServerConfig {
+    type Error = anyhow::Error;
+
+    /// Checks the flags that depend on each other and builds the server's configuration.
+    fn try_from(a: ServeArgs) -> Result<ServerConfig> {
+        if a.subnet_len < a.pod_network.prefix || a.subnet_len > 30 {
+            anyhow::bail!("--subnet-len {} must be between the pod network's prefix ({}) and 30", a.subnet_len, a.pod_network.prefix);
+        }
+        let pools = a.pools.map(|dir| kiln_control::pools::PoolsConfig {
+            dir,
+            nic: a.pool_network.map_or(kiln_pool::Nic::User, kiln_pool::Nic::Network),
+            accel: a.pool_accel.resolve(&a.images),
+            api_url: a.advertise_api.clone(),
+            interval: Duration::from_secs_f64(a.pool_interval.clamp(0.1, 3600.0)),
+            autoscale_dry_run: a.autoscale_dry_run,
+            storage_dir: a.pool_storage,
+        });
+        let api = if a.plain_http {
+            ApiListen::Plain
+        } else {
+            ApiListen::Tls { listen: a.api_listen, advertise: a.advertise_api, names: a.tls_names }
+        };
+        let store = if a.etcd.is_empty() {
+            StoreConfig::Embedded
+        } else {
+            StoreConfig::Etcd(kiln_control::store::etcd::EtcdConfig {
+                endpoints: a.etcd,
+                prefix: a.etcd_prefix,
+                ttl: Duration::from_secs(a.lease_ttl.max(1)),
+            })
+        };
+        Ok(ServerConfig {
+            images: a.images,
+            state: a.state,
+            listen: a.listen,
+            advertise: a.advertise,
+            profiles: a.profiles,
+            tftp: a.tftp,
+            tftp_root: a.tftp_root,
+            proxy_dhcp: a.proxy_dhcp,
+            network: kiln_control::registry::NetworkConfig { network: a.pod_network, subnet_len: a.subnet_len, vni: 1 },
+            api,
+            store,
+            pools,
+        })
+    }
+}
+
+/// Serves until SIGINT or SIGTERM, then shuts down gracefully.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let config = ServerConfig::try_from(args)?;
+    let images = config.images.clone();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
+        match (server.api_addr, &server.ca) {
+            (Some(api), Some(ca)) => println!(
+                "kiln: serving boot assets on http://{}, the API on https://{api} (CA {}) (Ctrl-C stops)",
+                server.addr,
+                ca.display()
+            ),
+            _ => println!("kiln: serving on http://{} (API on plain HTTP) (Ctrl-C stops)", server.addr),
+        }
+        output::shutdown_signal().await;
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

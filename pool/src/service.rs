@@ -1,0 +1,512 @@
+//! The pool reconciler and autoscaler as one task behind a handle, the
+//! shape of omicron's sled-agent health monitor.
+//!
+//! [`start`] spawns the task and returns a [`PoolsHandle`]. The task owns
+//! everything that changes: the [`Fleet`] (hosts, storage pools), the
+//! desired replicas and the autoscalers' memory, so nothing is locked.
+//! The handle sends it commands over an `mpsc` channel with a `oneshot`
+//! reply ([`PoolsHandle::scale`], [`PoolsHandle::stop`]) and reads what it
+//! publishes on a `watch` channel ([`Status`]). Each pass:
+//!
+//! 1. autoscale: every autoscaled pool's registered nodes are scraped at
+//!    once, and a change of replicas is stored through the control plane;
+//! 2. reconcile: the fleet is lent to one of tokio's blocking threads, where
+//!    libvirt's calls run ([`Fleet::reconcile`]), never on a tokio worker;
+//!    commands that arrive meanwhile are answered at once;
+//! 3. the hosts' state after the pass is published.
+//!
+//! The control plane is reached through [`ControlPlane`] (registered
+//! nodes, leases, the stored replicas, a node's metrics), so this crate
+//! knows nothing of the registry or its store.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_core::{HostStatus, Mac, PoolStatus};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::NodeId;
+use crate::autoscale::{CpuTimes, decide, load1_from_scrape};
+use crate::fleet::{Fleet, NodeMedia};
+use crate::hypervisor::chain;
+use crate::reconcile::{Error as PassError, Registry, Report, Settings};
+use crate::spec::{Boot, Metric, Pool};
+
+/// A registered node of one of kiln's pools, as the control plane knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The node.
+    pub node: NodeId,
+    /// Where its agent serves `/metrics` (`IP:PORT`), if it does.
+    pub metrics: Option<String>,
+}
+
+/// What the pool task needs from the control plane.
+pub trait ControlPlane: Send + Sync + 'static {
+    /// The control plane's own error, kept as the cause of what failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Registered nodes whose names are pool nodes' (`kiln-<pool>-<n>`).
+    fn registered(&self) -> impl Future<Output = Result<Vec<Registered>, Self::Error>> + Send;
+    /// Removes `node` and releases its lease; `false` when it was not registered.
+    fn deregister(&self, node: &NodeId) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+    /// The stored desired replicas, by pool.
+    fn replicas(&self) -> impl Future<Output = Result<BTreeMap<String, u32>, Self::Error>> + Send;
+    /// Stores `pool`'s desired replicas.
+    fn set_replicas(&self, pool: &str, replicas: u32) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// The text of `http://TARGET/metrics`, within a bounded time.
+    fn scrape(&self, target: &str) -> impl Future<Output = Result<String, Self::Error>> + Send;
+}
+
+/// How the task runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How nodes are attached and run.
+    pub settings: Settings,
+    /// Time between passes when nothing asks for one sooner.
+    pub interval: Duration,
+    /// Autoscalers decide and log, but change nothing.
+    pub autoscale_dry_run: bool,
+}
+
+/// Starting the task failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The stored replicas could not be read or written.
+    #[error("pool replicas in the store")]
+    Store(#[source] crate::reconcile::Cause),
+}
+
+/// A scale request that cannot be done.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    /// No such pool.
+    #[error("no pool `{0}`")]
+    NoPool(String),
+    /// Outside `min..=max`.
+    #[error("pool `{pool}` takes {min} to {max} replicas, not {asked}")]
+    OutOfRange {
+        /// The pool.
+        pool: String,
+        /// Its min.
+        min: u32,
+        /// Its max.
+        max: u32,
+        /// What was asked.
+        asked: u32,
+    },
+    /// The store refused.
+    #[error("storing the replicas")]
+    Store(#[source] crate::reconcile::Cause),
+    /// The pool task has stopped.
+    #[error("the pool task has stopped")]
+    Stopped,
+}
+
+/// What the task publishes after each pass and each change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Each pool's state.
+    pub pools: Vec<PoolStatus>,
+    /// MAC → node, for every kiln domain last seen: the seed and the boot
+    /// script of a network node come from its pool.
+    pub members: BTreeMap<Mac, NodeId>,
+    /// Node name → the host its domain is on, as last seen.
+    pub node_hosts: BTreeMap<String, String>,
+}
+
+enum Command {
+    Scale { pool: String, replicas: u32, reply: oneshot::Sender<Result<(), ScaleError>> },
+    Stop { reply: oneshot::Sender<()> },
+}
+
+/// The running pool task, as the API and the server hold it.
+#[derive(Clone)]
+pub struct PoolsHandle {
+    pools: Arc<[Pool]>,
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<Status>,
+}
+
+impl PoolsHandle {
+    /// The pools, as loaded.
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// The pool `name`.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Sets `pool`'s desired replicas (stored first) and wakes the reconciler.
+    pub async fn scale(&self, pool: &str, replicas: u32) -> Result<(), ScaleError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Scale { pool: pool.to_string(), replicas, reply };
+        self.commands.send(command).await.map_err(|_| ScaleError::Stopped)?;
+        answer.await.map_err(|_| ScaleError::Stopped)?
+    }
+
+    /// Each pool's state, as last published.
+    pub fn status(&self) -> Vec<PoolStatus> {
+        self.status.borrow().pools.clone()
+    }
+
+    /// The host each pool node's domain was last seen on, by node name.
+    pub fn hosts_by_node(&self) -> BTreeMap<String, String> {
+        self.status.borrow().node_hosts.clone()
+    }
+
+    /// The pool node with this MAC, if kiln made it.
+    pub fn member(&self, mac: Mac) -> Option<(NodeId, &Pool)> {
+        let node = self.status.borrow().members.get(&mac).cloned()?;
+        let pool = self.pool(&node.pool)?;
+        Some((node, pool))
+    }
+
+    /// A receiver of every status the task publishes.
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Stops the task after its current pass, and waits for it.
+    pub async fn stop(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Stop { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+/// Reads (or, for a pool not stored yet, stores its file's) desired
+/// replicas and spawns the task on the current tokio runtime.
+pub async fn start<C: ControlPlane, M: NodeMedia>(fleet: Fleet<M>, control: C, config: Config) -> Result<PoolsHandle, StartError> {
+    let store = |e: C::Error| StartError::Store(Box::new(e));
+    let mut replicas = control.replicas().await.map_err(store)?;
+    for pool in &fleet.pools {
+        if !replicas.contains_key(&pool.name) {
+            control.set_replicas(&pool.name, pool.replicas).await.map_err(store)?;
+            replicas.insert(pool.name.clone(), pool.replicas);
+        }
+        tracing::info!(pool = %pool.name, image = %pool.image, hosts = ?pool.hosts, desired = replicas[&pool.name], "pool loaded");
+    }
+    let pools: Arc<[Pool]> = fleet.pools.clone().into();
+    let last: Vec<PoolStatus> = pools.iter().map(empty_status).collect();
+    let (publish, status) = watch::channel(Status::default());
+    let (commands, inbox) = mpsc::channel(16);
+    let mut task = Task {
+        pools: pools.clone(),
+        control: Arc::new(control),
+        fleet: Some(fleet),
+        config,
+        replicas,
+        auto: BTreeMap::new(),
+        last,
+        publish,
+        inbox,
+    };
+    task.publish();
+    tokio::spawn(task.run());
+    Ok(PoolsHandle { pools, commands, status })
+}
+
+/// An autoscaled pool's memory between passes.
+#[derive(Debug, Default)]
+struct AutoState {
+    /// When its replicas last changed (by the autoscaler or `kiln scale`).
+    last_change: Option<Instant>,
+    /// Each node's CPU times at the previous scrape (for `cpu_busy`).
+    cpu: BTreeMap<String, CpuTimes>,
+    /// The last decision, in words.
+    last: Option<String>,
+}
+
+struct Task<C, M> {
+    pools: Arc<[Pool]>,
+    control: Arc<C>,
+    /// Home between passes; lent to a blocking thread during one.
+    fleet: Option<Fleet<M>>,
+    config: Config,
+    replicas: BTreeMap<String, u32>,
+    auto: BTreeMap<String, AutoState>,
+    /// Each pool's counts from the last pass.
+    last: Vec<PoolStatus>,
+    publish: watch::Sender<Status>,
+    inbox: mpsc::Receiver<Command>,
+}
+
+impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
+    async fn run(mut self) {
+        loop {
+            self.autoscale().await;
+            if let Some(reply) = self.pass().await {
+                let _ = reply.send(());
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + self.config.interval;
+            loop {
+                tokio::select! {
+                    command = self.inbox.recv() => match command {
+                        None => return,
+                        Some(Command::Stop { reply }) => {
+                            let _ = reply.send(());
+                            return;
+                        }
+                        // A scale wakes the reconciler at once.
+                        Some(Command::Scale { pool, replicas, reply }) => if self.answer(&pool, replicas, reply).await { break },
+                    },
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+    }
+
+    /// Answers a scale request; true when the replicas changed.
+    async fn answer(&mut self, pool: &str, replicas: u32, reply: oneshot::Sender<Result<(), ScaleError>>) -> bool {
+        let result = self.scale(pool, replicas).await;
+        let changed = result.is_ok();
+        let _ = reply.send(result);
+        changed
+    }
+
+    async fn scale(&mut self, pool: &str, replicas: u32) -> Result<(), ScaleError> {
+        let p = self.pools.iter().find(|p| p.name == pool).ok_or_else(|| ScaleError::NoPool(pool.to_string()))?;
+        if replicas < p.min || replicas > p.max {
+            return Err(ScaleError::OutOfRange { pool: pool.to_string(), min: p.min, max: p.max, asked: replicas });
+        }
+        self.control.set_replicas(pool, replicas).await.map_err(|e| ScaleError::Store(Box::new(e)))?;
+        self.replicas.insert(pool.to_string(), replicas);
+        self.auto.entry(pool.to_string()).or_default().last_change = Some(Instant::now());
+        tracing::info!(pool, replicas, "scale");
+        self.publish();
+        Ok(())
+    }
+
+    /// One reconcile pass on a blocking thread, answering commands
+    /// meanwhile; the stop request that came during it, if one did.
+    async fn pass(&mut self) -> Option<oneshot::Sender<()>> {
+        let fleet = self.fleet.take().expect("the fleet is home between passes");
+        let replicas = self.replicas.clone();
+        let settings = self.config.settings.clone();
+        let leases = Leases { control: self.control.clone(), runtime: tokio::runtime::Handle::current(), pools: self.pools.clone() };
+        let mut job = tokio::task::spawn_blocking(move || {
+            let report = fleet.reconcile(&replicas, &leases, &settings);
+            (fleet, report)
+        });
+        let mut stop = None;
+        let (fleet, report) = loop {
+            tokio::select! {
+                done = &mut job => break done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
+                Some(command) = self.inbox.recv(), if stop.is_none() => match command {
+                    Command::Stop { reply } => stop = Some(reply),
+                    Command::Scale { pool, replicas, reply } => { self.answer(&pool, replicas, reply).await; }
+                },
+            }
+        };
+        self.fleet = Some(fleet);
+        log_report(&report);
+        self.record(&report);
+        stop
+    }
+
+    /// Counts what the hosts have after a pass, and publishes it.
+    fn record(&mut self, report: &Report) {
+        let after = &report.after;
+        let mut members = BTreeMap::new();
+        let mut node_hosts = BTreeMap::new();
+        let mut status: Vec<PoolStatus> = self.pools.iter().map(empty_status).collect();
+        for d in &after.domains {
+            members.insert(d.node.mac(), d.node.clone());
+            node_hosts.insert(d.node.domain_name(), d.host.clone());
+            let Some(s) = status.iter_mut().find(|s| s.name == d.node.pool) else { continue };
+            let Some(h) = s.hosts.iter_mut().find(|h| h.host == d.host) else { continue };
+            h.defined += 1;
+            h.running += u32::from(d.running);
+            if after.registered.contains(&d.node) {
+                h.registered += 1;
+                s.registered += 1;
+            } else if d.running {
+                h.booting += 1;
+            }
+        }
+        for (action, error) in &report.failed {
+            let pool = action.as_ref().map(|a| a.node().pool.clone());
+            for s in status.iter_mut().filter(|s| pool.as_ref().is_none_or(|p| *p == s.name)) {
+                s.errors.push(error.clone());
+            }
+        }
+        self.last = status;
+        self.publish_with(members, node_hosts);
+    }
+
+    fn publish(&mut self) {
+        let (members, node_hosts) = {
+            let now = self.publish.borrow();
+            (now.members.clone(), now.node_hosts.clone())
+        };
+        self.publish_with(members, node_hosts);
+    }
+
+    fn publish_with(&mut self, members: BTreeMap<Mac, NodeId>, node_hosts: BTreeMap<String, String>) {
+        let mut pools = self.last.clone();
+        for s in &mut pools {
+            s.desired = self.replicas.get(&s.name).copied().unwrap_or(s.desired);
+            s.autoscale = self.auto.get(&s.name).and_then(|a| a.last.clone());
+        }
+        self.publish.send_replace(Status { pools, members, node_hosts });
+    }
+
+    /// Each autoscaled pool: scrape its registered nodes, decide, and (unless
+    /// a dry run) store the new replicas. Every change is logged with its
+    /// reason; so is a dry run's would-be change.
+    async fn autoscale(&mut self) {
+        if self.pools.iter().all(|p| p.autoscale.is_none()) {
+            return;
+        }
+        let nodes = match self.control.registered().await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                tracing::warn!("autoscale: reading the registered nodes: {}", chain(&e));
+                return;
+            }
+        };
+        for pool in self.pools.clone().iter() {
+            let Some(policy) = &pool.autoscale else { continue };
+            let targets: Vec<(String, String)> = nodes
+                .iter()
+                .filter(|n| n.node.pool == pool.name)
+                .filter_map(|n| Some((n.node.domain_name(), n.metrics.clone()?)))
+                .collect();
+            let scrapes = scrape_all(&self.control, targets).await;
+            let state = self.auto.entry(pool.name.clone()).or_default();
+            let samples = samples(policy.metric, state, scrapes);
+            let current = self.replicas.get(&pool.name).copied().unwrap_or(pool.replicas);
+            let d = decide(policy, pool.min, pool.max, current, &samples, state.last_change.map(|t| t.elapsed()));
+            let words = if d.to == d.from {
+                format!("hold at {}: {}", d.from, d.reason)
+            } else if self.config.autoscale_dry_run {
+                format!("would scale {} → {} (dry run): {}", d.from, d.to, d.reason)
+            } else {
+                format!("scale {} → {}: {}", d.from, d.to, d.reason)
+            };
+            // Changes (and would-be changes) at info; holds, whose figures move every pass, at debug.
+            if d.to != d.from {
+                tracing::info!(pool = %pool.name, "autoscale: {words}");
+            } else {
+                tracing::debug!(pool = %pool.name, "autoscale: {words}");
+            }
+            state.last = Some(words);
+            if d.to != d.from && !self.config.autoscale_dry_run {
+                match self.control.set_replicas(&pool.name, d.to).await {
+                    Ok(()) => {
+                        self.replicas.insert(pool.name.clone(), d.to);
+                        self.auto.entry(pool.name.clone()).or_default().last_change = Some(Instant::now());
+                    }
+                    Err(e) => tracing::warn!(pool = %pool.name, "autoscale: storing {} replicas: {}", d.to, chain(&e)),
+                }
+            }
+        }
+        self.publish();
+    }
+}
+
+/// Scrapes every `(name, target)` at once; the nodes that answered,
+/// with their text. A node that did not answer is logged (at debug: a
+/// booting node does not answer yet) and left out of the mean.
+async fn scrape_all<C: ControlPlane>(control: &Arc<C>, targets: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut scrapes = tokio::task::JoinSet::new();
+    for (name, target) in targets {
+        let control = control.clone();
+        scrapes.spawn(async move {
+            let result = control.scrape(&target).await;
+            (name, target, result)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(done) = scrapes.join_next().await {
+        match done {
+            Ok((name, _, Ok(text))) => out.push((name, text)),
+            Ok((name, target, Err(e))) => tracing::debug!(node = %name, target = %target, "autoscale: scrape failed: {}", chain(&e)),
+            Err(e) => tracing::warn!("autoscale: a scrape task failed: {e}"),
+        }
+    }
+    out
+}
+
+/// The policy's samples from this pass's scrapes (CPU times kept for the next).
+fn samples(metric: Metric, state: &mut AutoState, scrapes: Vec<(String, String)>) -> Vec<f64> {
+    let mut samples = Vec::new();
+    for (name, text) in scrapes {
+        match metric {
+            Metric::Load1 => samples.extend(load1_from_scrape(&text)),
+            Metric::CpuBusy => {
+                if let Some(now) = CpuTimes::from_scrape(&text) {
+                    if let Some(busy) = state.cpu.get(&name).and_then(|before| now.busy_since(before)) {
+                        samples.push(busy);
+                    }
+                    state.cpu.insert(name, now);
+                }
+            }
+        }
+    }
+    samples
+}
+
+fn log_report(report: &Report) {
+    for ((action, took), phases) in report.done.iter().zip(&report.took).zip(&report.phases) {
+        let phases: Vec<String> = phases.iter().map(|(name, d)| format!("{name}_ms={}", d.as_millis())).collect();
+        tracing::info!(action = %action, ms = took.as_millis() as u64, "pools: {}", phases.join(" "));
+    }
+    for (action, error) in &report.failed {
+        match action {
+            Some(a) => tracing::warn!(action = %a, "pools: {error}"),
+            None => tracing::warn!("pools: {error}"),
+        }
+    }
+}
+
+fn empty_status(p: &Pool) -> PoolStatus {
+    PoolStatus {
+        name: p.name.clone(),
+        image: p.image.clone(),
+        boot: match p.boot {
+            Boot::Disk => "disk",
+            Boot::Network => "network",
+        }
+        .into(),
+        min: p.min,
+        max: p.max,
+        desired: p.replicas,
+        registered: 0,
+        hosts: p.hosts.iter().map(|h| HostStatus { host: h.clone(), ..Default::default() }).collect(),
+        errors: Vec::new(),
+        autoscale: None,
+    }
+}
+
+/// The control plane's leases of this server's pools' nodes, as the
+/// blocking reconcile pass sees them: each call runs on the runtime from
+/// the pass's blocking thread.
+struct Leases<C> {
+    control: Arc<C>,
+    runtime: tokio::runtime::Handle,
+    pools: Arc<[Pool]>,
+}
+
+impl<C: ControlPlane> Registry for Leases<C> {
+    fn registered(&self) -> Result<Vec<NodeId>, PassError> {
+        let nodes = self.runtime.block_on(self.control.registered()).map_err(|e| PassError::Registry(Box::new(e)))?;
+        Ok(nodes.into_iter().map(|r| r.node).filter(|n| self.pools.iter().any(|p| p.name == n.pool)).collect())
+    }
+
+    fn deregister(&self, node: &NodeId) -> Result<(), PassError> {
+        if self.runtime.block_on(self.control.deregister(node)).map_err(|e| PassError::Registry(Box::new(e)))? {
+            tracing::info!(node = %node, "pools: deregistered, lease released");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

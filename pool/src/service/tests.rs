@@ -1,0 +1,142 @@
+//! The pool task on libvirt's in-process `test:///default` driver, with an
+//! in-memory control plane.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::*;
+use crate::domain::{Accel, Nic};
+
+/// An in-memory control plane: replicas, and every running domain counts
+/// as registered once it is listed here.
+#[derive(Default)]
+struct Memory {
+    replicas: Mutex<BTreeMap<String, u32>>,
+    registered: Mutex<Vec<Registered>>,
+    deregistered: Mutex<Vec<NodeId>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the in-memory store is closed")]
+struct Closed;
+
+impl ControlPlane for Arc<Memory> {
+    type Error = Closed;
+    async fn registered(&self) -> Result<Vec<Registered>, Closed> {
+        Ok(self.registered.lock().unwrap().clone())
+    }
+    async fn deregister(&self, node: &NodeId) -> Result<bool, Closed> {
+        let mut r = self.registered.lock().unwrap();
+        let before = r.len();
+        r.retain(|n| &n.node != node);
+        self.deregistered.lock().unwrap().push(node.clone());
+        Ok(r.len() != before)
+    }
+    async fn replicas(&self) -> Result<BTreeMap<String, u32>, Closed> {
+        Ok(self.replicas.lock().unwrap().clone())
+    }
+    async fn set_replicas(&self, pool: &str, replicas: u32) -> Result<(), Closed> {
+        self.replicas.lock().unwrap().insert(pool.to_string(), replicas);
+        Ok(())
+    }
+    async fn scrape(&self, _target: &str) -> Result<String, Closed> {
+        Err(Closed)
+    }
+}
+
+/// One network image, `tiny`, with no qcow2.
+struct Tiny;
+
+impl NodeMedia for Tiny {
+    fn image(&self, name: &str) -> Option<crate::fleet::ServedImage> {
+        (name == "tiny").then(|| crate::fleet::ServedImage { name: name.into(), digest: format!("sha256:{}", "0".repeat(64)), qcow2: None })
+    }
+    fn served(&self) -> Vec<String> {
+        vec!["tiny".into()]
+    }
+    fn seed(&self, _pool: &Pool, _node: &NodeId) -> Result<Vec<u8>, crate::reconcile::Cause> {
+        Ok(Vec::new())
+    }
+}
+
+fn pool_dir(dir: &Path, name: &str, image: &str, boot: &str) {
+    let text = format!(
+        "image = \"{image}\"\nvcpus = 1\nmemory-mib = 128\nboot = \"{boot}\"\nmin = 0\nmax = 3\nreplicas = 1\nhosts = [\"test:///default\"]\n"
+    );
+    std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
+}
+
+fn config() -> Config {
+    Config { settings: Settings { accel: Accel::Tcg, nic: Nic::User }, interval: Duration::from_millis(50), autoscale_dry_run: false }
+}
+
+/// Waits until the published status satisfies `done`.
+async fn until(handle: &PoolsHandle, what: &str, done: impl Fn(&Status) -> bool) -> Status {
+    let mut rx = handle.watch();
+    let waited = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| done(s))).await;
+    match waited {
+        Ok(Ok(s)) => s.clone(),
+        _ => panic!("{what}: last status {:?}", handle.status()),
+    }
+}
+
+fn defined(s: &Status, pool: &str) -> u32 {
+    s.pools.iter().find(|p| p.name == pool).map_or(0, |p| p.hosts.iter().map(|h| h.defined).sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_scales_a_pool_through_its_handle_and_stores_the_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    pool_dir(dir.path(), "svc", "tiny", "network");
+    let storage = dir.path().join("storage");
+    let fleet = tokio::task::spawn_blocking({
+        let (d, s) = (dir.path().to_path_buf(), storage.display().to_string());
+        move || Fleet::load(&d, &s, Tiny)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let control = Arc::new(Memory::default());
+    let handle = start(fleet, control.clone(), config()).await.unwrap();
+    assert_eq!(control.replicas.lock().unwrap().get("svc"), Some(&1), "the file's replicas are stored at start");
+
+    let s = until(&handle, "one node defined", |s| defined(s, "svc") == 1).await;
+    assert_eq!(s.pools[0].desired, 1);
+    let (mac, node) = s.members.iter().next().map(|(m, n)| (*m, n.clone())).unwrap();
+    assert_eq!(handle.member(mac).map(|(n, p)| (n, p.name.clone())), Some((node.clone(), "svc".to_string())));
+    assert_eq!(handle.hosts_by_node().get(&node.domain_name()).map(String::as_str), Some("test:///default"));
+
+    // The node registers; the pool grows to 3 and shrinks to 0 on command.
+    control.registered.lock().unwrap().push(Registered { node: node.clone(), metrics: None });
+    handle.scale("svc", 3).await.unwrap();
+    assert_eq!(control.replicas.lock().unwrap().get("svc"), Some(&3), "stored before the answer");
+    assert_eq!(handle.status()[0].desired, 3, "published before the answer");
+    let s = until(&handle, "three nodes defined", |s| defined(s, "svc") == 3).await;
+    assert_eq!(s.pools[0].registered, 1, "{:?}", s.pools);
+    handle.scale("svc", 0).await.unwrap();
+    until(&handle, "no node left", |s| defined(s, "svc") == 0).await;
+    assert!(control.registered.lock().unwrap().is_empty(), "a removed node's lease is released");
+    assert!(control.deregistered.lock().unwrap().contains(&node));
+
+    assert!(matches!(handle.scale("nope", 1).await, Err(ScaleError::NoPool(_))));
+    let e = handle.scale("svc", 4).await.unwrap_err();
+    assert_eq!(e.to_string(), "pool `svc` takes 0 to 3 replicas, not 4");
+    handle.stop().await;
+    assert!(matches!(handle.scale("svc", 1).await, Err(ScaleError::Stopped)), "a stopped task answers nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_image_is_not_served_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    pool_dir(dir.path(), "big", "worker", "disk");
+    let d = dir.path().to_path_buf();
+    let e = tokio::task::spawn_blocking(move || Fleet::load(&d, "/nonexistent", Tiny).err().unwrap()).await.unwrap();
+    let text = e.to_string();
+    assert!(text.contains("big.toml") && text.contains("no image `worker` is served (images: tiny)"), "{text}");
+
+    pool_dir(dir.path(), "big", "tiny", "disk");
+    let d = dir.path().to_path_buf();
+    let e = tokio::task::spawn_blocking(move || Fleet::load(&d, "/nonexistent", Tiny).err().unwrap()).await.unwrap();
+    assert!(e.to_string().contains("has no tiny.qcow2"), "{e}");
+}
