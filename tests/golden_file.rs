@@ -11,7 +11,7 @@
 //! mod golden_file;
 //! ```
 //!
-//! Every golden test's name ends in `matches_golden_file`, so one command
+//! Every golden test has `golden_file` in its name, so one command
 //! regenerates them all after an intended change:
 //!
 //! ```sh
