@@ -6,8 +6,9 @@
 //! After an intended change, regenerate the golden file with:
 //!
 //! ```sh
-//! KILN_REGENERATE_GOLDEN=1 cargo test -p kiln-agent --test golden
+//! KILN_REGENERATE_GOLDEN=1 cargo test --workspace golden_file
 //! ```
+
 //!
 //! Left out, deterministically: the `time` and `uname` collectors (they read
 //! the clock and the running kernel, not files); values that are the test
@@ -16,6 +17,8 @@
 //! replaced by `<varies>` — their names and labels are still compared.
 
 mod common;
+#[path = "../../tests/golden_file.rs"]
+mod golden_file;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -56,22 +59,7 @@ fn render(root: &Path) -> String {
 fn fixture_tree_matches_golden_file() {
     let fixtures = common::fixtures();
     let got = render(&fixtures);
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/metrics.txt");
-    if std::env::var_os("KILN_REGENERATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
-        std::fs::write(&golden, &got).unwrap();
-    }
-    let want = std::fs::read_to_string(&golden).expect("golden file exists; create it with KILN_REGENERATE_GOLDEN=1");
-    if got != want {
-        let first = got.lines().zip(want.lines()).position(|(a, b)| a != b).unwrap_or(got.lines().count().min(want.lines().count()));
-        panic!(
-            "output differs from {} at line {}:\n  got:  {:?}\n  want: {:?}\n(regenerate with KILN_REGENERATE_GOLDEN=1 if intended)",
-            golden.display(),
-            first + 1,
-            got.lines().nth(first),
-            want.lines().nth(first)
-        );
-    }
+    golden_file::check("metrics.txt", &got);
     // What a user checks first: every collector worked on real files.
     for name in metrics::NAMES.iter().filter(|n| !["time", "uname"].contains(n)) {
         assert!(

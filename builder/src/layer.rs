@@ -178,8 +178,11 @@ pub fn apply(tree: &Tree, spec: &WorkerSpec, inputs: &LayerInputs<'_>, file: &Pa
 
     for (i, f) in spec.files.iter().enumerate() {
         let bytes = source_bytes(inputs.spec_dir, &f.source, &f.content, file, &format!("files[{i}].source"))?;
-        let mode =
-            parse_mode(&f.mode).map_err(|message| Error::SpecInvalid { file: file.into(), key: format!("files[{i}].mode"), message })?;
+        let mode = parse_mode(&f.mode).map_err(|e| Error::SpecInvalid {
+            file: file.into(),
+            key: format!("files[{i}].mode"),
+            message: e.to_string(),
+        })?;
         tree.write(&f.path, &bytes, mode)?;
     }
     for (i, u) in spec.units.iter().enumerate() {

@@ -190,6 +190,23 @@ pub struct Outcome {
     pub cached: bool,
 }
 
+impl Outcome {
+    /// The image in `dir` when it is up to date with `key` (`up_to_date`),
+    /// reported as [`Event::Cached`].
+    pub(crate) fn cached(dir: &Path, key: &str, progress: &dyn Fn(Event)) -> Option<Outcome> {
+        let manifest = up_to_date(dir, key)?;
+        progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest.clone() });
+        Some(Outcome { manifest, dir: dir.to_path_buf(), cached: true })
+    }
+
+    /// The image just written to `dir`, reported as [`Event::Built`].
+    pub(crate) fn built(manifest: Manifest, dir: PathBuf, progress: &dyn Fn(Event)) -> Outcome {
+        let bytes = manifest.artifacts.iter().map(|a| a.size).sum();
+        progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest.clone(), bytes });
+        Outcome { manifest, dir, cached: false }
+    }
+}
+
 /// Builds images. Holds the cache location and the agent binary to bake in.
 #[derive(Debug, Clone)]
 pub struct Builder {
@@ -235,9 +252,8 @@ impl Builder {
         }
         let inputs = self.resolve(spec_path)?;
         let dir = out.join(&inputs.spec.name);
-        if let Some(manifest) = up_to_date(&dir, &inputs.key) {
-            progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest.clone() });
-            return Ok(Outcome { manifest, dir, cached: true });
+        if let Some(outcome) = Outcome::cached(&dir, &inputs.key, progress) {
+            return Ok(outcome);
         }
 
         let archive = Archive::new(&self.cache).with_lists(self.apt_lists.clone());
@@ -282,9 +298,7 @@ impl Builder {
         let mut all = files;
         all.push((MANIFEST_FILE, &json));
         install_dir(out, &inputs.spec.name, &all)?;
-        let bytes = manifest.artifacts.iter().map(|a| a.size).sum();
-        progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest.clone(), bytes });
-        Ok(Outcome { manifest, dir, cached: false })
+        Ok(Outcome::built(manifest, dir, progress))
     }
 
     /// The kiln-agent binary's bytes, checked to be an ELF executable.

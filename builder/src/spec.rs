@@ -298,9 +298,9 @@ impl WorkerSpec {
         }
         for (i, f) in self.files.iter().enumerate() {
             let key = |k: &str| format!("files[{i}].{k}");
-            image_path_ok(&f.path).map_err(|m| invalid(&key("path"), m))?;
-            one_source(&f.source, &f.content).map_err(|m| invalid(&key("source"), m))?;
-            parse_mode(&f.mode).map_err(|m| invalid(&key("mode"), m))?;
+            image_path_ok(&f.path).map_err(|m| invalid(&key("path"), m.to_string()))?;
+            one_source(&f.source, &f.content).map_err(|m| invalid(&key("source"), m.to_string()))?;
+            parse_mode(&f.mode).map_err(|m| invalid(&key("mode"), m.to_string()))?;
         }
         for (i, u) in self.users.iter().enumerate() {
             let key = |k: &str| format!("users[{i}].{k}");
@@ -326,7 +326,7 @@ impl WorkerSpec {
             if u.name.contains('/') || !kinds.iter().any(|k| u.name.ends_with(k)) {
                 return Err(invalid(&key("name"), format!("{:?} is not a unit file name ({})", u.name, kinds.join(", "))));
             }
-            one_source(&u.source, &u.content).map_err(|m| invalid(&key("source"), m))?;
+            one_source(&u.source, &u.content).map_err(|m| invalid(&key("source"), m.to_string()))?;
         }
         Ok(())
     }
@@ -352,24 +352,39 @@ fn check_cmdline(args: &[String], invalid: &dyn Fn(&str, String) -> Error) -> Re
     Ok(())
 }
 
-/// An absolute path with no `..`, `.` or empty parts.
-fn image_path_ok(path: &str) -> Result<(), String> {
-    let ok = path.starts_with('/') && path.len() > 1 && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
-    if ok { Ok(()) } else { Err(format!("{path:?} must be an absolute path without `.`, `..` or `//`")) }
+/// A value in a spec that is malformed, whatever key it is under; the
+/// caller names the file and key ([`Error::SpecInvalid`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BadValue {
+    /// A path in the image is not absolute or has `.`, `..` or empty parts.
+    #[error("{0:?} must be an absolute path without `.`, `..` or `//`")]
+    ImagePath(String),
+    /// Both or neither of `source` and `content`.
+    #[error("give exactly one of `source` and `content`")]
+    Source,
+    /// A file mode is not octal, or above `7777`.
+    #[error("{0:?} is not an octal mode such as \"0644\"")]
+    Mode(String),
 }
 
-fn one_source(source: &Option<String>, content: &Option<String>) -> Result<(), String> {
+/// An absolute path with no `..`, `.` or empty parts.
+fn image_path_ok(path: &str) -> Result<(), BadValue> {
+    let ok = path.starts_with('/') && path.len() > 1 && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok { Ok(()) } else { Err(BadValue::ImagePath(path.into())) }
+}
+
+fn one_source(source: &Option<String>, content: &Option<String>) -> Result<(), BadValue> {
     match (source, content) {
         (Some(_), None) | (None, Some(_)) => Ok(()),
-        _ => Err("give exactly one of `source` and `content`".into()),
+        _ => Err(BadValue::Source),
     }
 }
 
 /// `"0644"` → 0o644.
-pub fn parse_mode(mode: &str) -> Result<u32, String> {
+pub fn parse_mode(mode: &str) -> Result<u32, BadValue> {
     match u32::from_str_radix(mode, 8) {
         Ok(m) if m <= 0o7777 => Ok(m),
-        _ => Err(format!("{mode:?} is not an octal mode such as \"0644\"")),
+        _ => Err(BadValue::Mode(mode.into())),
     }
 }
 

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use kiln_core::manifest::MANIFEST_FILE;
 use kiln_core::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
 
-use crate::base::{self, BaseSource, Mmdebstrap};
+use crate::base::{self, Base, BaseInfo, BaseSource, Mmdebstrap};
 use crate::disk::{self, DiskIds, Mke2fs};
 use crate::diskless;
 use crate::layer::{self, LayerInputs, Tree};
@@ -47,152 +47,249 @@ pub fn build(
     out: &Path,
     progress: &dyn Fn(Event),
 ) -> Result<Outcome, Error> {
-    let epoch = builder.source_date_epoch;
-    let agent = builder.agent_bytes()?;
-    let spec_dir = spec_path.parent().unwrap_or(Path::new("."));
-    let spec_digest = format!("sha256:{}", sha256_hex(spec_bytes));
-    let agent_digest = format!("sha256:{}", sha256_hex(&agent));
-    let source: &dyn BaseSource = &Mmdebstrap;
-    let base_key = base::key(&spec.base, source, epoch);
-    let archive = Archive::new(&builder.cache).with_lists(builder.apt_lists.clone());
-    let mke2fs = Mke2fs::find(&archive)?;
-    let busybox = archive.resolve(diskless::BUSYBOX_PACKAGE)?.package;
-
-    let mut key_text =
-        format!("{}\n{WORKER_FORMAT}\n{spec_digest}\n{agent_digest}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
-    for (i, f) in spec.files.iter().enumerate() {
-        let bytes = layer::source_bytes(spec_dir, &f.source, &f.content, spec_path, &format!("files[{i}].source"))?;
-        key_text.push_str(&format!("file {} {}\n", f.path, sha256_hex(&bytes)));
-    }
-    for (i, u) in spec.units.iter().enumerate() {
-        let bytes = layer::source_bytes(spec_dir, &u.source, &u.content, spec_path, &format!("units[{i}].source"))?;
-        key_text.push_str(&format!("unit {} {}\n", u.name, sha256_hex(&bytes)));
-    }
-    if let Some(ca) = &builder.ca {
-        key_text.push_str(&format!("ca {}\n", sha256_hex(ca)));
-    }
-    key_text.push_str(&format!("initrd {} {}\n", busybox.name, busybox.sha256));
-    for text in [layer::AGENT_UNIT, layer::CLOUD_CFG, layer::NETWORK_FALLBACK, diskless::SCRIPT] {
-        key_text.push_str(&sha256_hex(text.as_bytes()));
-        key_text.push('\n');
-    }
-    let key = format!("sha256:{}", sha256_hex(key_text.as_bytes()));
+    let job = Job { builder, spec_path, spec, out, progress, source: &Mmdebstrap };
+    let resolved = job.resolve(spec_bytes)?;
     let dir = out.join(&spec.name);
-    if let Some(manifest) = crate::up_to_date(&dir, &key) {
-        progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest.clone() });
-        return Ok(Outcome { manifest, dir, cached: true });
+    if let Some(outcome) = Outcome::cached(&dir, &resolved.key, progress) {
+        return Ok(outcome);
     }
-
-    let cached_base = base::cached(&builder.cache, &base_key);
-    check_space(&builder.cache, out, cached_base.as_ref().map(|b| b.info.bytes), spec)?;
-
-    progress(Event::Phase {
-        phase: "base".into(),
-        detail: match &cached_base {
-            Some(_) => format!("cached {}", &base_key[7..19]),
-            None => format!("{} {} {} ({} packages)", source.name(), spec.base.suite, spec.base.arch, spec.base.packages.len()),
-        },
-    });
-    let base = match cached_base {
-        Some(b) => b,
-        None => base::ensure(&builder.cache, &spec.base, source, epoch)?,
-    };
-
+    let base = job.base(&resolved)?;
     let work = Locked::new(&builder.cache.join("work"), ".work-")?;
-    let ids = DiskIds::from_key(&key);
-    progress(Event::Phase {
-        phase: "layers".into(),
-        detail: format!("agent, {} files, {} users, {} units", spec.files.len(), spec.users.len(), spec.units.len()),
-    });
-    let tree_path = work.path().join("tree");
-    layer::link_copy(&base.tree, &tree_path)?;
-    let tree = Tree::new(&tree_path);
-    let inputs =
-        LayerInputs { spec_dir, agent: &agent, root_uuid: &ids.root, kernel_release: &base.info.kernel_release, ca: builder.ca.as_deref() };
-    layer::apply(&tree, spec, &inputs, spec_path)?;
-
+    let ids = DiskIds::from_key(&resolved.key);
+    let tree = job.layers(&resolved, &base, &ids, work.path())?;
     let mut staging = Locked::new(out, &format!(".{}.tmp-", spec.name))?;
-    let root_mib = spec.disk.root_size_mib.unwrap_or_else(|| default_root_mib(base.info.bytes));
-    let layout = disk::Layout::new(root_mib);
-    let raw = work.path().join("disk.raw");
-    // The squashfs (CPU-bound) is made beside the disk (mostly I/O).
-    let squashfs = staging.path().join("root.squashfs");
-    let artifact = |name: &str| -> Result<Artifact, Error> {
-        let path = staging.path().join(name);
-        let size = std::fs::metadata(&path).map_err(|source| Error::Io { path: path.clone(), source })?.len();
-        Ok(Artifact { sha256: crate::apt::file_sha256(&path)?, name: name.to_string(), size })
-    };
-    let (disk_result, squashfs_result) = std::thread::scope(|s| {
-        let sq = s.spawn(|| disk::squashfs(&tree_path, &squashfs, epoch).and_then(|()| artifact("root.squashfs")));
-        let disk = (|| {
-            progress(Event::Phase { phase: "disk".into(), detail: "GRUB (BIOS + UEFI), GPT, ESP".into() });
-            let grub = disk::grub_images(&tree_path, work.path(), &ids.root)?;
-            disk::create(&raw, &layout, &ids, &grub)?;
-            disk::esp(&raw, &layout, &grub.efi, epoch, work.path())?;
-            progress(Event::Phase { phase: "filesystem".into(), detail: format!("ext4 {root_mib} MiB in place; squashfs") });
-            mke2fs.make(&tree_path, &raw, layout.root_offset(), root_mib, &ids.root, "root", epoch)
-        })();
-        (disk, sq.join().expect("the squashfs thread does not panic"))
-    });
-    disk_result?;
-    let mut artifacts = vec![squashfs_result?];
-
-    let kver = &base.info.kernel_release;
-    let vmlinuz = tree_path.join(format!("boot/vmlinuz-{kver}"));
-    std::fs::copy(&vmlinuz, staging.path().join("vmlinuz")).map_err(|source| Error::Io { path: vmlinuz.clone(), source })?;
-    artifacts.push(artifact("vmlinuz")?);
-    // Debian's initramfs, with kiln's diskless boot script after it.
-    let debian_initrd = tree_path.join(format!("boot/initrd.img-{kver}"));
-    let debian_initrd = std::fs::read(&debian_initrd).map_err(|source| Error::Io { path: debian_initrd.clone(), source })?;
-    let busybox_bin = archive.unpacked(&busybox, |_| Ok(()))?.join("bin/busybox");
-    let busybox_bytes =
-        std::fs::read(&busybox_bin).map_err(|_| Error::MissingFile { package: busybox.name.clone(), what: "bin/busybox".into() })?;
-    let initrd = diskless::initrd(&debian_initrd, &tree_path, kver, &busybox_bytes, epoch)?;
-    let initrd_path = staging.path().join("initrd.img");
-    std::fs::write(&initrd_path, initrd).map_err(|source| Error::Io { path: initrd_path, source })?;
-    artifacts.push(artifact("initrd.img")?);
-    let qcow2_name = format!("{}.qcow2", spec.name);
-    progress(Event::Phase { phase: "convert".into(), detail: qcow2_name.clone() });
-    // The layered tree is done with: unlink its ~20k entries meanwhile.
-    let converted = std::thread::scope(|s| {
-        s.spawn(|| std::fs::remove_dir_all(&tree_path));
-        disk::convert(&raw, &staging.path().join(&qcow2_name)).and_then(|()| artifact(&qcow2_name))
-    });
-    artifacts.push(converted?);
+    let paths = Paths { work: work.path(), staging: staging.path(), raw: work.path().join("disk.raw"), tree };
+    let mut artifacts = vec![job.disk_and_squashfs(&resolved, &base, &ids, &paths)?];
+    artifacts.extend(job.boot_files(&resolved, &base.info.kernel_release, &paths)?);
+    artifacts.push(job.convert(&paths)?);
     artifacts.sort_by(|a, b| a.name.cmp(&b.name));
     progress(Event::Phase { phase: "write".into(), detail: dir.display().to_string() });
-    let kernel_package =
-        base.info.packages.iter().find(|p| p.name == format!("linux-image-{kver}")).cloned().unwrap_or_else(|| PackageRef {
-            name: spec.kernel.package.clone(),
-            version: kver.clone(),
-            sha256: String::new(),
-        });
-    // The SBOM: every package in the root, and the initrd's busybox.
-    let mut packages = base.info.packages.clone();
-    if !packages.iter().any(|p| p.name == busybox.name) {
-        packages.push(busybox.clone());
-        packages.sort_by(|a, b| a.name.cmp(&b.name));
-    }
-    let manifest = Manifest {
-        name: spec.name.clone(),
-        digest: Manifest::compute_digest(&artifacts),
-        artifacts,
-        boot: BootSpec {
-            kernel: "vmlinuz".into(),
-            initrd: "initrd.img".into(),
-            cmdline: spec.kernel.cmdline.iter().cloned().chain(diskless::CMDLINE.map(String::from)).collect(),
-            rootfs: Some("root.squashfs".into()),
-        },
-        inputs: InputDigests { spec: spec_digest, agent: agent_digest, kernel_package, packages, key },
-    };
+    let manifest = job.manifest(resolved, &base.info, artifacts);
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-    let mpath = staging.path().join(MANIFEST_FILE);
+    let mpath = paths.staging.join(MANIFEST_FILE);
     std::fs::write(&mpath, json).map_err(|source| Error::Io { path: mpath, source })?;
     crate::swap_in(out, &spec.name, staging.take()?)?;
     drop(work);
-    let bytes = manifest.artifacts.iter().map(|a| a.size).sum();
-    progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest.clone(), bytes });
-    Ok(Outcome { manifest, dir, cached: false })
+    Ok(Outcome::built(manifest, dir, progress))
+}
+
+/// One worker build: what it is given, shared by its phases.
+struct Job<'a> {
+    builder: &'a Builder,
+    spec_path: &'a Path,
+    spec: &'a WorkerSpec,
+    out: &'a Path,
+    progress: &'a dyn Fn(Event),
+    /// Where the base tree comes from.
+    source: &'a dyn BaseSource,
+}
+
+/// What the **resolve** phase learns: the inputs' digests, the tools
+/// resolved, and the image's cache key.
+struct Resolved {
+    agent: Vec<u8>,
+    spec_digest: String,
+    agent_digest: String,
+    base_key: String,
+    archive: Archive,
+    mke2fs: Mke2fs,
+    busybox: PackageRef,
+    /// The image's cache key (`sha256:`).
+    key: String,
+}
+
+/// Where one build's files are.
+struct Paths<'a> {
+    /// The work directory (`CACHE/work/.work-*`).
+    work: &'a Path,
+    /// The staged image directory (`DIR/.<name>.tmp-*`).
+    staging: &'a Path,
+    /// The raw disk, in the work directory.
+    raw: PathBuf,
+    /// The layered root tree, in the work directory.
+    tree: PathBuf,
+}
+
+impl Job<'_> {
+    /// **resolve**: hashes the spec and the agent, resolves mke2fs and
+    /// busybox, and makes the image's cache key.
+    fn resolve(&self, spec_bytes: &[u8]) -> Result<Resolved, Error> {
+        let epoch = self.builder.source_date_epoch;
+        let agent = self.builder.agent_bytes()?;
+        let spec_digest = format!("sha256:{}", sha256_hex(spec_bytes));
+        let agent_digest = format!("sha256:{}", sha256_hex(&agent));
+        let base_key = base::key(&self.spec.base, self.source, epoch);
+        let archive = Archive::new(&self.builder.cache).with_lists(self.builder.apt_lists.clone());
+        let mke2fs = Mke2fs::find(&archive)?;
+        let busybox = archive.resolve(diskless::BUSYBOX_PACKAGE)?.package;
+        let head =
+            format!("{}\n{WORKER_FORMAT}\n{spec_digest}\n{agent_digest}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
+        let key = self.cache_key(head, &busybox)?;
+        Ok(Resolved { agent, spec_digest, agent_digest, base_key, archive, mke2fs, busybox, key })
+    }
+
+    /// The cache key: `key_text` (the digests above) with the files and
+    /// units the spec adds, the CA, the initrd's busybox and kiln's own
+    /// texts baked into the image.
+    fn cache_key(&self, mut key_text: String, busybox: &PackageRef) -> Result<String, Error> {
+        let spec_dir = self.spec_dir();
+        for (i, f) in self.spec.files.iter().enumerate() {
+            let bytes = layer::source_bytes(spec_dir, &f.source, &f.content, self.spec_path, &format!("files[{i}].source"))?;
+            key_text.push_str(&format!("file {} {}\n", f.path, sha256_hex(&bytes)));
+        }
+        for (i, u) in self.spec.units.iter().enumerate() {
+            let bytes = layer::source_bytes(spec_dir, &u.source, &u.content, self.spec_path, &format!("units[{i}].source"))?;
+            key_text.push_str(&format!("unit {} {}\n", u.name, sha256_hex(&bytes)));
+        }
+        if let Some(ca) = &self.builder.ca {
+            key_text.push_str(&format!("ca {}\n", sha256_hex(ca)));
+        }
+        key_text.push_str(&format!("initrd {} {}\n", busybox.name, busybox.sha256));
+        for text in [layer::AGENT_UNIT, layer::CLOUD_CFG, layer::NETWORK_FALLBACK, diskless::SCRIPT] {
+            key_text.push_str(&sha256_hex(text.as_bytes()));
+            key_text.push('\n');
+        }
+        Ok(format!("sha256:{}", sha256_hex(key_text.as_bytes())))
+    }
+
+    fn spec_dir(&self) -> &Path {
+        self.spec_path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// **base**: the cached base tree, or a new one, after checking there
+    /// is room for the build.
+    fn base(&self, resolved: &Resolved) -> Result<Base, Error> {
+        let (spec, cache) = (self.spec, &self.builder.cache);
+        let cached_base = base::cached(cache, &resolved.base_key);
+        check_space(cache, self.out, cached_base.as_ref().map(|b| b.info.bytes), spec)?;
+        (self.progress)(Event::Phase {
+            phase: "base".into(),
+            detail: match &cached_base {
+                Some(_) => format!("cached {}", &resolved.base_key[7..19]),
+                None => format!("{} {} {} ({} packages)", self.source.name(), spec.base.suite, spec.base.arch, spec.base.packages.len()),
+            },
+        });
+        match cached_base {
+            Some(b) => Ok(b),
+            None => base::ensure(cache, &spec.base, self.source, self.builder.source_date_epoch),
+        }
+    }
+
+    /// **layers**: a hard-linked copy of the base in `work`, with kiln's
+    /// layers; returns its path.
+    fn layers(&self, resolved: &Resolved, base: &Base, ids: &DiskIds, work: &Path) -> Result<PathBuf, Error> {
+        let spec = self.spec;
+        (self.progress)(Event::Phase {
+            phase: "layers".into(),
+            detail: format!("agent, {} files, {} users, {} units", spec.files.len(), spec.users.len(), spec.units.len()),
+        });
+        let tree_path = work.join("tree");
+        layer::link_copy(&base.tree, &tree_path)?;
+        let tree = Tree::new(&tree_path);
+        let inputs = LayerInputs {
+            spec_dir: self.spec_dir(),
+            agent: &resolved.agent,
+            root_uuid: &ids.root,
+            kernel_release: &base.info.kernel_release,
+            ca: self.builder.ca.as_deref(),
+        };
+        layer::apply(&tree, spec, &inputs, self.spec_path)?;
+        Ok(tree_path)
+    }
+
+    /// **disk** and **filesystem**: the raw disk (GRUB, GPT, ESP, the ext4
+    /// root made in place), while another thread makes the squashfs, whose
+    /// artifact is returned.
+    fn disk_and_squashfs(&self, resolved: &Resolved, base: &Base, ids: &DiskIds, paths: &Paths<'_>) -> Result<Artifact, Error> {
+        let epoch = self.builder.source_date_epoch;
+        let root_mib = self.spec.disk.root_size_mib.unwrap_or_else(|| default_root_mib(base.info.bytes));
+        let layout = disk::Layout::new(root_mib);
+        let (tree, raw, staging) = (&paths.tree, &paths.raw, paths.staging);
+        // The squashfs (CPU-bound) is made beside the disk (mostly I/O).
+        let squashfs = staging.join("root.squashfs");
+        let (disk_result, squashfs_result) = std::thread::scope(|s| {
+            let sq = s.spawn(|| disk::squashfs(tree, &squashfs, epoch).and_then(|()| artifact(staging, "root.squashfs")));
+            let disk = (|| {
+                (self.progress)(Event::Phase { phase: "disk".into(), detail: "GRUB (BIOS + UEFI), GPT, ESP".into() });
+                let grub = disk::grub_images(tree, paths.work, &ids.root)?;
+                disk::create(raw, &layout, ids, &grub)?;
+                disk::esp(raw, &layout, &grub.efi, epoch, paths.work)?;
+                (self.progress)(Event::Phase { phase: "filesystem".into(), detail: format!("ext4 {root_mib} MiB in place; squashfs") });
+                resolved.mke2fs.make(tree, raw, layout.root_offset(), root_mib, &ids.root, "root", epoch)
+            })();
+            (disk, sq.join().expect("the squashfs thread does not panic"))
+        });
+        disk_result?;
+        squashfs_result
+    }
+
+    /// The kernel, and Debian's initramfs with kiln's diskless boot script
+    /// after it, staged as `vmlinuz` and `initrd.img`.
+    fn boot_files(&self, resolved: &Resolved, kver: &str, paths: &Paths<'_>) -> Result<[Artifact; 2], Error> {
+        let (tree, staging, busybox) = (&paths.tree, paths.staging, &resolved.busybox);
+        let vmlinuz = tree.join(format!("boot/vmlinuz-{kver}"));
+        std::fs::copy(&vmlinuz, staging.join("vmlinuz")).map_err(|source| Error::Io { path: vmlinuz.clone(), source })?;
+        let vmlinuz = artifact(staging, "vmlinuz")?;
+        let debian_initrd = tree.join(format!("boot/initrd.img-{kver}"));
+        let debian_initrd = std::fs::read(&debian_initrd).map_err(|source| Error::Io { path: debian_initrd.clone(), source })?;
+        let busybox_bin = resolved.archive.unpacked(busybox, |_| Ok(()))?.join("bin/busybox");
+        let busybox_bytes =
+            std::fs::read(&busybox_bin).map_err(|_| Error::MissingFile { package: busybox.name.clone(), what: "bin/busybox".into() })?;
+        let initrd = diskless::initrd(&debian_initrd, tree, kver, &busybox_bytes, self.builder.source_date_epoch)?;
+        let initrd_path = staging.join("initrd.img");
+        std::fs::write(&initrd_path, initrd).map_err(|source| Error::Io { path: initrd_path, source })?;
+        Ok([vmlinuz, artifact(staging, "initrd.img")?])
+    }
+
+    /// **convert**: the raw disk to `<name>.qcow2`, while the layered tree,
+    /// done with, is removed.
+    fn convert(&self, paths: &Paths<'_>) -> Result<Artifact, Error> {
+        let qcow2_name = format!("{}.qcow2", self.spec.name);
+        (self.progress)(Event::Phase { phase: "convert".into(), detail: qcow2_name.clone() });
+        // The layered tree is done with: unlink its ~20k entries meanwhile.
+        std::thread::scope(|s| {
+            s.spawn(|| std::fs::remove_dir_all(&paths.tree));
+            disk::convert(&paths.raw, &paths.staging.join(&qcow2_name)).and_then(|()| artifact(paths.staging, &qcow2_name))
+        })
+    }
+
+    /// The manifest of `artifacts` (sorted by name), with the SBOM: every
+    /// package in the root, and the initrd's busybox.
+    fn manifest(&self, resolved: Resolved, info: &BaseInfo, artifacts: Vec<Artifact>) -> Manifest {
+        let spec = self.spec;
+        let kver = &info.kernel_release;
+        let kernel_package = info
+            .packages
+            .iter()
+            .find(|p| p.name == format!("linux-image-{kver}"))
+            .cloned()
+            .unwrap_or_else(|| PackageRef { name: spec.kernel.package.clone(), version: kver.clone(), sha256: String::new() });
+        let Resolved { spec_digest, agent_digest, busybox, key, .. } = resolved;
+        let mut packages = info.packages.clone();
+        if !packages.iter().any(|p| p.name == busybox.name) {
+            packages.push(busybox);
+            packages.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Manifest {
+            name: spec.name.clone(),
+            digest: Manifest::compute_digest(&artifacts),
+            artifacts,
+            boot: BootSpec {
+                kernel: "vmlinuz".into(),
+                initrd: "initrd.img".into(),
+                cmdline: spec.kernel.cmdline.iter().cloned().chain(diskless::CMDLINE.map(String::from)).collect(),
+                rootfs: Some("root.squashfs".into()),
+            },
+            inputs: InputDigests { spec: spec_digest, agent: agent_digest, kernel_package, packages, key },
+        }
+    }
+}
+
+/// The staged file `name`'s artifact entry: its size and sha256.
+fn artifact(staging: &Path, name: &str) -> Result<Artifact, Error> {
+    let path = staging.join(name);
+    let size = std::fs::metadata(&path).map_err(|source| Error::Io { path: path.clone(), source })?.len();
+    Ok(Artifact { sha256: crate::apt::file_sha256(&path)?, name: name.to_string(), size })
 }
 
 fn apt_create_dir(dir: &Path) -> Result<(), Error> {

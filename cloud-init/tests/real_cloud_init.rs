@@ -1,6 +1,12 @@
 //! Seeds checked by the real cloud-init (Debian's `cloud-init` package):
 //! `cloud-init schema` for user-data, cloud-init's own network-config parser
-//! for network-config, and xorriso reading back the cidata ISO.
+//! for network-config, and xorriso reading back the cidata ISO. The same
+//! seed's files are golden files (`tests/golden/seed/`), regenerated after
+//! an intended change with
+//! `KILN_REGENERATE_GOLDEN=1 cargo test --workspace golden_file`.
+
+#[path = "../../tests/golden_file.rs"]
+mod golden_file;
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -63,6 +69,13 @@ fn files_are_named_and_shaped_as_nocloud_expects() {
     let user: serde_json::Value = serde_json::from_str(s.user_data.trim_start_matches("#cloud-config\n")).unwrap();
     assert!(user.get("packages").is_none(), "unset modules are left out");
     assert_eq!(user["runcmd"][1][0], "echo", "an argv runcmd entry is a list");
+}
+
+#[test]
+fn seed_files_match_golden_file() {
+    for (name, text) in seed().files() {
+        golden_file::check(&format!("seed/{name}"), &text);
+    }
 }
 
 #[test]
