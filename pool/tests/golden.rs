@@ -11,7 +11,7 @@
 #[path = "../../tests/golden_file.rs"]
 mod golden_file;
 
-use kiln_pool::{BootMedia, DomainSpec, DomainType, Nic, NodeId};
+use kiln_pool::{Accel, BootMedia, DomainSpec, Nic, NodeId};
 
 /// Node `index` of pool `pool`, as the reconciler defines it, with its
 /// console logged under a fixed directory.
@@ -21,7 +21,7 @@ fn spec(pool: &str, index: u32, boot: BootMedia, nic: Nic) -> DomainSpec {
         mac: node.mac(),
         console_log: format!("/var/lib/libvirt/images/kiln/{}.log", node.domain_name()).into(),
         node,
-        domain_type: DomainType::Qemu,
+        accel: Accel::Tcg,
         vcpus: 2,
         memory_mib: 1024,
         boot,
