@@ -23,7 +23,6 @@ use std::sync::Arc;
 use kiln_core::Manifest;
 use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, SdTargetGroup};
 use kiln_pxe::ImageStore;
-use kiln_pxe::artifacts::error;
 use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
 use kiln_pxe::profile::{Catalog, Machine, Profile, ServerParams};
 use warp::filters::BoxedFilter;
@@ -81,16 +80,30 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
 /// (`/boot.ipxe`, `/ipxe`, `/cloud-init/...`: plain HTTP, as PXE ROMs and
 /// iPXE speak no TLS).
 pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Response,)>) {
-    let with = move || {
-        let api = api.clone();
-        warp::any().map(move || api.clone())
-    };
-    let auth = warp::header::optional::<String>("authorization");
+    let api_routes = node_routes(&api).or(listing_routes(&api)).unify().or(pool_routes(&api)).unify().boxed();
+    (api_routes, boot_routes(&api))
+}
+
+/// A filter handing every handler the shared [`Api`].
+fn with(api: &Arc<Api>) -> impl Filter<Extract = (Arc<Api>,), Error = std::convert::Infallible> + Clone + use<> {
+    let api = api.clone();
+    warp::any().map(move || api.clone())
+}
+
+/// The `Authorization` header, if any.
+fn auth() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+}
+
+/// What nodes call: register, heartbeat, leave, watch peers.
+// Boxed in groups: one long chain of `or`s is a type too deep for the
+// compiler's recursion limit in release builds.
+fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
     let register =
         warp::path!("api" / "v1" / "register")
             .and(warp::post())
-            .and(with())
-            .and(auth)
+            .and(with(api))
+            .and(auth())
             .and(warp::body::content_length_limit(MAX_BODY))
             .and(warp::body::bytes())
             .then(|api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| async move {
@@ -98,94 +111,31 @@ pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Re
             });
     let heartbeat_route = warp::path!("api" / "v1" / "heartbeat")
         .and(warp::post())
-        .and(with())
-        .and(auth)
+        .and(with(api))
+        .and(auth())
         .then(|api: Arc<Api>, auth: Option<String>| async move { heartbeat(&api, auth.as_deref(), None).await });
     let named_heartbeat = warp::path!("api" / "v1" / "nodes" / String / "heartbeat")
         .and(warp::post())
-        .and(with())
-        .and(auth)
+        .and(with(api))
+        .and(auth())
         .then(|name: String, api: Arc<Api>, auth: Option<String>| async move { heartbeat(&api, auth.as_deref(), Some(&name)).await });
     let leave_route = warp::path!("api" / "v1" / "leave")
         .and(warp::post())
-        .and(with())
-        .and(auth)
+        .and(with(api))
+        .and(auth())
         .then(|api: Arc<Api>, auth: Option<String>| async move { leave(&api, auth.as_deref(), None).await });
     let named_leave = warp::path!("api" / "v1" / "nodes" / String / "leave")
         .and(warp::post())
-        .and(with())
-        .and(auth)
+        .and(with(api))
+        .and(auth())
         .then(|name: String, api: Arc<Api>, auth: Option<String>| async move { leave(&api, auth.as_deref(), Some(&name)).await });
-    let peers = warp::path!("api" / "v1" / "peers").and(warp::get()).and(with()).and(auth).and(warp::query::<PeersQuery>()).then(
-        |api: Arc<Api>, auth: Option<String>, q: PeersQuery| async move {
-            // Peers are the cluster's addresses: for its nodes only.
-            if let Err((status, message)) = authorize(&api, auth.as_deref(), None) {
-                return error(status, &message);
-            }
-            let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
-            let json = api.registry.watch_peers_json(q.revision.unwrap_or(0), timeout).await;
-            let mut resp = Response::new(json.into());
-            resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/json"));
-            resp
-        },
-    );
-    let nodes = warp::path!("api" / "v1" / "nodes").and(warp::get()).and(with()).map(|api: Arc<Api>| {
-        let mut nodes = api.registry.nodes();
-        if let Some(pools) = &api.pools {
-            let hosts = pools.hosts_by_node();
-            for n in &mut nodes {
-                n.host = hosts.get(&n.name).cloned().unwrap_or_default();
-            }
-        }
-        warp::reply::json(&nodes).into_response()
-    });
-    let sd = warp::path!("api" / "v1" / "sd").and(warp::get()).and(with()).map(|api: Arc<Api>| {
-        let groups: Vec<SdTargetGroup> = api.registry.nodes().iter().filter_map(sd_group).collect();
-        warp::reply::json(&groups).into_response()
-    });
-    let host = || warp::header::optional::<String>("host");
-    let boot =
-        warp::path!("boot.ipxe").and(warp::get()).and(with()).and(host()).map(|api: Arc<Api>, host: Option<String>| {
-            match base_url(&api, host.as_deref()) {
-                Some(base) => ipxe_reply(bootstrap_script(&base)),
-                None => no_base_url(),
-            }
-        });
-    let ipxe = warp::path!("ipxe")
+    let peers = warp::path!("api" / "v1" / "peers")
         .and(warp::get())
-        .and(with())
-        .and(host())
-        .and(warp::query::<BTreeMap<String, String>>())
-        .map(|api: Arc<Api>, host: Option<String>, query: BTreeMap<String, String>| machine_script(&api, host.as_deref(), &query));
-    let seed = warp::path!("cloud-init" / String / String)
-        .and(warp::get())
-        .and(with())
-        .and(host())
-        .map(|mac: String, file: String, api: Arc<Api>, host: Option<String>| seed_file(&api, host.as_deref(), &mac, &file));
-    let profiles = warp::path!("api" / "v1" / "profiles")
-        .and(warp::get())
-        .and(with())
-        .map(|api: Arc<Api>| warp::reply::json(&api.catalog.profiles().collect::<Vec<_>>()).into_response());
-    let groups = warp::path!("api" / "v1" / "groups")
-        .and(warp::get())
-        .and(with())
-        .map(|api: Arc<Api>| warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response());
-    let pools_status = warp::path!("api" / "v1" / "pools").and(warp::get()).and(with()).map(|api: Arc<Api>| {
-        let status = api.pools.as_ref().map(|p| p.status()).unwrap_or_default();
-        warp::reply::json(&status).into_response()
-    });
-    let scale = warp::path!("api" / "v1" / "pools" / String / "scale")
-        .and(warp::post())
-        .and(with())
-        .and(auth)
-        .and(warp::body::content_length_limit(MAX_BODY))
-        .and(warp::body::bytes())
-        .then(|name: String, api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| async move {
-            scale_pool(&api, &name, auth.as_deref(), &body).await
-        });
-    // Boxed in groups: one long chain of `or`s is a type too deep for the
-    // compiler's recursion limit in release builds.
-    let nodes_api = register
+        .and(with(api))
+        .and(auth())
+        .and(warp::query::<PeersQuery>())
+        .then(|api: Arc<Api>, auth: Option<String>, q: PeersQuery| async move { peers(&api, auth.as_deref(), q).await });
+    register
         .or(heartbeat_route)
         .unify()
         .or(named_heartbeat)
@@ -196,10 +146,88 @@ pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Re
         .unify()
         .or(peers)
         .unify()
-        .boxed();
-    let listing = nodes.or(sd).unify().or(profiles).unify().or(groups).unify().or(pools_status).unify().or(scale).unify().boxed();
-    let booting = boot.or(ipxe).unify().or(seed).unify().boxed();
-    (nodes_api.or(listing).unify().boxed(), booting)
+        .boxed()
+}
+
+/// Long poll for the peers list: for the cluster's nodes only.
+async fn peers(api: &Api, auth: Option<&str>, q: PeersQuery) -> Response {
+    if let Err((status, message)) = authorize(api, auth, None) {
+        return error(status, &message);
+    }
+    let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
+    let json = api.registry.watch_peers_json(q.revision.unwrap_or(0), timeout).await;
+    let mut resp = Response::new(json.into());
+    resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// What the cluster has: nodes, service discovery, profiles and groups.
+fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
+    let nodes = warp::path!("api" / "v1" / "nodes").and(warp::get()).and(with(api)).map(|api: Arc<Api>| {
+        let mut nodes = api.registry.nodes();
+        if let Some(pools) = &api.pools {
+            let hosts = pools.hosts_by_node();
+            for n in &mut nodes {
+                n.host = hosts.get(&n.name).cloned().unwrap_or_default();
+            }
+        }
+        warp::reply::json(&nodes).into_response()
+    });
+    let sd = warp::path!("api" / "v1" / "sd").and(warp::get()).and(with(api)).map(|api: Arc<Api>| {
+        let groups: Vec<SdTargetGroup> = api.registry.nodes().iter().filter_map(sd_group).collect();
+        warp::reply::json(&groups).into_response()
+    });
+    let profiles = warp::path!("api" / "v1" / "profiles")
+        .and(warp::get())
+        .and(with(api))
+        .map(|api: Arc<Api>| warp::reply::json(&api.catalog.profiles().collect::<Vec<_>>()).into_response());
+    let groups = warp::path!("api" / "v1" / "groups")
+        .and(warp::get())
+        .and(with(api))
+        .map(|api: Arc<Api>| warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response());
+    nodes.or(sd).unify().or(profiles).unify().or(groups).unify().boxed()
+}
+
+/// Pools: their state, and scaling them.
+fn pool_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
+    let status = warp::path!("api" / "v1" / "pools").and(warp::get()).and(with(api)).map(|api: Arc<Api>| {
+        let status = api.pools.as_ref().map(|p| p.status()).unwrap_or_default();
+        warp::reply::json(&status).into_response()
+    });
+    let scale = warp::path!("api" / "v1" / "pools" / String / "scale")
+        .and(warp::post())
+        .and(with(api))
+        .and(auth())
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .then(|name: String, api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| async move {
+            scale_pool(&api, &name, auth.as_deref(), &body).await
+        });
+    status.or(scale).unify().boxed()
+}
+
+/// What booting machines fetch: the iPXE chain and NoCloud seeds.
+fn boot_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
+    let host = || warp::header::optional::<String>("host");
+    let boot =
+        warp::path!("boot.ipxe").and(warp::get()).and(with(api)).and(host()).map(|api: Arc<Api>, host: Option<String>| {
+            match base_url(&api, host.as_deref()) {
+                Some(base) => ipxe_reply(bootstrap_script(&base)),
+                None => no_base_url(),
+            }
+        });
+    let ipxe = warp::path!("ipxe")
+        .and(warp::get())
+        .and(with(api))
+        .and(host())
+        .and(warp::query::<BTreeMap<String, String>>())
+        .map(|api: Arc<Api>, host: Option<String>, query: BTreeMap<String, String>| machine_script(&api, host.as_deref(), &query));
+    let seed = warp::path!("cloud-init" / String / String)
+        .and(warp::get())
+        .and(with(api))
+        .and(host())
+        .map(|mac: String, file: String, api: Arc<Api>, host: Option<String>| seed_file(&api, host.as_deref(), &mac, &file));
+    boot.or(ipxe).unify().or(seed).unify().boxed()
 }
 
 /// A node's service-discovery group: its metrics target, labelled with its
@@ -365,7 +393,7 @@ async fn scale_pool(api: &Api, name: &str, auth: Option<&str>, body: &[u8]) -> R
         Err(e @ kiln_pool::ScaleError::NoPool(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e @ kiln_pool::ScaleError::OutOfRange { .. }) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
         Err(e) => {
-            tracing::error!("scaling {name}: {}", kiln_pool::hypervisor::chain(&e));
+            tracing::error!("scaling {name}: {}", kiln_core::error_chain(&e));
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
     }
@@ -409,7 +437,7 @@ fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String
     let Some(base) = base_url(api, host) else { return no_base_url() };
     let mut machine = match Machine::from_query(query) {
         Ok(m) => m,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
     };
     let (group, profile, image) = match machine_profile(api, &mut machine) {
         Ok(found) => found,
@@ -429,7 +457,7 @@ fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
     let Some(base) = base_url(api, host) else { return no_base_url() };
     let mut machine = match Machine::from_query(&BTreeMap::from([("mac".to_string(), mac.to_string())])) {
         Ok(m) => m,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
     };
     let (_, profile, image) = match machine_profile(api, &mut machine) {
         Ok(found) => found,
@@ -450,7 +478,13 @@ fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
     }
 }
 
-/// Turns warp's rejections into JSON errors with the right status.
+/// A JSON error answer: `{"error": "..."}` saying in words what was wrong.
+pub fn error(status: StatusCode, message: &str) -> Response {
+    warp::reply::with_status(warp::reply::json(&serde_json::json!({ "error": message })), status).into_response()
+}
+
+/// Turns warp's rejections into JSON errors with the right status; none
+/// names warp's internal rejection types.
 pub async fn recover(rejection: Rejection) -> Result<Response, std::convert::Infallible> {
     let (status, message) = if rejection.is_not_found() {
         (StatusCode::NOT_FOUND, "no such route".to_string())
@@ -462,8 +496,15 @@ pub async fn recover(rejection: Rejection) -> Result<Response, std::convert::Inf
         (StatusCode::BAD_REQUEST, e.to_string())
     } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
         (StatusCode::BAD_REQUEST, e.to_string())
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        (StatusCode::BAD_REQUEST, "the query string does not parse".to_string())
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        (StatusCode::LENGTH_REQUIRED, "a body needs a Content-Length".to_string())
+    } else if rejection.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported content type".to_string())
     } else {
-        (StatusCode::BAD_REQUEST, format!("{rejection:?}"))
+        tracing::debug!("unmatched rejection: {rejection:?}");
+        (StatusCode::BAD_REQUEST, "bad request".to_string())
     };
     Ok(error(status, &message))
 }

@@ -161,6 +161,102 @@ pub struct Server {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The API's TLS listener, bound, with its acceptor.
+struct TlsListener {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// Binds `addr`, naming it in the error.
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), Error> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// The bootstrap token in the state directory, made on first start.
+fn bootstrap_token(state: &std::path::Path) -> Result<String, Error> {
+    std::fs::create_dir_all(state).map_err(|source| Error::State { path: state.to_path_buf(), source })?;
+    let path = state.join("bootstrap-token");
+    token::load_or_create_bootstrap(&path).map_err(|source| Error::State { path, source })
+}
+
+/// The registry on its store, and the pod network it leases from (etcd's
+/// own config wins when it has one).
+async fn open_registry(config: &ServerConfig) -> Result<Arc<Registry>, Error> {
+    let (store, network): (Arc<dyn Store>, NetworkConfig) = match &config.store {
+        StoreConfig::Embedded => {
+            let store = DbStore::open(&config.state.join("registry.redb"), Some(&config.state.join("nodes.json")))?;
+            (Arc::new(store), config.network)
+        }
+        StoreConfig::Etcd(etcd) => {
+            let (store, network) = EtcdStore::connect(etcd.clone(), config.network).await?;
+            (Arc::new(store), network)
+        }
+    };
+    let registry = Registry::open(store, network).await?;
+    tracing::info!(store = %registry.store(), network = %network.network, subnet_len = network.subnet_len, nodes = registry.nodes().len(), "registry open");
+    Ok(registry)
+}
+
+/// The API's TLS listener (with the CA, made on first start) unless the
+/// API is served on the plain listener; how agents reach the API.
+async fn bind_api(config: &ServerConfig) -> Result<(Option<TlsListener>, ApiEndpoint, Option<tls::Ca>), Error> {
+    let ApiListen::Tls { listen, advertise, names } = &config.api else { return Ok((None, ApiEndpoint::Plain, None)) };
+    let ca = tls::Ca::load_or_create(&config.state)?;
+    let (listener, addr) = bind(*listen).await?;
+    let mut extra: Vec<String> = names.clone();
+    extra.extend([config.advertise.as_deref(), advertise.as_deref()].into_iter().flatten().filter_map(url_host));
+    let acceptor = ca.acceptor(&tls::server_names(*listen, &extra))?;
+    let endpoint = ApiEndpoint::Tls { port: addr.port(), advertise: advertise.clone() };
+    Ok((Some(TlsListener { listener, addr, acceptor }), endpoint, Some(ca)))
+}
+
+/// Serves `api` and the artifacts: everything on `listener`, or the API
+/// over TLS on `tls` and the rest on `listener`. The sender stops both.
+fn spawn_listeners(
+    api: Arc<Api>,
+    images: Arc<ImageStore>,
+    listener: tokio::net::TcpListener,
+    tls: Option<TlsListener>,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let log = || {
+        warp::log::custom(|info| {
+            tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), "request");
+        })
+    };
+    let artifacts = kiln_pxe::artifacts::routes(images);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, _) = tokio::sync::watch::channel(false);
+    let plain_routes = match &tls {
+        None => api::routes(api.clone()).or(artifacts).unify().boxed(),
+        Some(_) => api::split_routes(api.clone()).1.or(artifacts).unify().boxed(),
+    };
+    let plain_routes = plain_routes.recover(api::recover).with(log());
+    let api_task = tls.map(|TlsListener { listener, acceptor, .. }| {
+        let routes = api::split_routes(api).0.recover(api::recover).unify().with(log()).map(warp::Reply::into_response).boxed();
+        let mut rx = stop_tx.subscribe();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            tls::serve(listener, acceptor, routes, stop, std::time::Duration::from_secs(5)).await;
+        })
+    });
+    let task = tokio::spawn(async move {
+        let plain = warp::serve(plain_routes).incoming(listener).graceful(async move {
+            let _ = stopped.await;
+            let _ = stop_tx.send(true);
+        });
+        plain.run().await;
+        if let Some(t) = api_task {
+            let _ = t.await;
+        }
+    });
+    (stop, task)
+}
+
 impl Server {
     /// Loads images and state, binds, and starts serving in a task.
     pub async fn start(config: ServerConfig) -> Result<Server, Error> {
@@ -169,56 +265,25 @@ impl Server {
             Some(dir) => Catalog::load(dir, &images)?,
             None => Catalog::builtin(&images),
         });
-        std::fs::create_dir_all(&config.state).map_err(|source| Error::State { path: config.state.clone(), source })?;
-        let token_path = config.state.join("bootstrap-token");
-        let bootstrap_token = token::load_or_create_bootstrap(&token_path).map_err(|source| Error::State { path: token_path, source })?;
-        let (store, network): (Arc<dyn Store>, NetworkConfig) = match &config.store {
-            StoreConfig::Embedded => {
-                let store = DbStore::open(&config.state.join("registry.redb"), Some(&config.state.join("nodes.json")))?;
-                (Arc::new(store), config.network)
-            }
-            StoreConfig::Etcd(etcd) => {
-                let (store, network) = EtcdStore::connect(etcd.clone(), config.network).await?;
-                (Arc::new(store), network)
-            }
-        };
-        let registry = Registry::open(store, network).await?;
-        tracing::info!(store = %registry.store(), network = %network.network, subnet_len = network.subnet_len, nodes = registry.nodes().len(), "registry open");
-
-        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
-        let (api_listener, api_endpoint, ca) = match &config.api {
-            ApiListen::Plain => (None, ApiEndpoint::Plain, None),
-            ApiListen::Tls { listen, advertise, names } => {
-                let ca = tls::Ca::load_or_create(&config.state)?;
-                let l = tokio::net::TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: *listen, source })?;
-                let api_addr = l.local_addr().map_err(|source| Error::Bind { addr: *listen, source })?;
-                let mut extra: Vec<String> = names.clone();
-                for url in [config.advertise.as_deref(), advertise.as_deref()].into_iter().flatten() {
-                    if let Some(host) = url_host(url) {
-                        extra.push(host);
-                    }
-                }
-                let acceptor = ca.acceptor(&tls::server_names(*listen, &extra))?;
-                (Some((l, api_addr, acceptor)), ApiEndpoint::Tls { port: api_addr.port(), advertise: advertise.clone() }, Some(ca))
-            }
-        };
+        let bootstrap_token = bootstrap_token(&config.state)?;
+        let registry = open_registry(&config).await?;
+        let (listener, addr) = bind(config.listen).await?;
+        let (tls, api_endpoint, ca) = bind_api(&config).await?;
         let pools = match config.pools.clone() {
-            Some(mut pc) => Some({
-                if pc.api_url.is_none() {
-                    pc.api_url = Some(match &api_listener {
-                        Some((_, a, _)) => format!("https://10.0.2.2:{}", a.port()),
-                        None => format!("http://10.0.2.2:{}", addr.port()),
-                    });
-                }
+            Some(mut pc) => {
+                // Disk nodes on QEMU user networking reach this host's loopback at 10.0.2.2.
+                pc.api_url.get_or_insert_with(|| match &tls {
+                    Some(t) => format!("https://10.0.2.2:{}", t.addr.port()),
+                    None => format!("http://10.0.2.2:{}", addr.port()),
+                });
                 let parts = crate::pools::Parts {
                     registry: registry.clone(),
                     images: images.clone(),
                     catalog: catalog.clone(),
                     bootstrap_token: bootstrap_token.clone(),
                 };
-                crate::pools::start(pc, parts).await?
-            }),
+                Some(crate::pools::start(pc, parts).await?)
+            }
             None => None,
         };
         let api = Arc::new(Api {
@@ -230,43 +295,11 @@ impl Server {
             advertise: config.advertise.clone(),
             api_endpoint,
         });
-        let log = || {
-            warp::log::custom(|info| {
-                tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), "request");
-            })
-        };
-        let artifacts = kiln_pxe::artifacts::routes(images.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (stop_tx, _) = tokio::sync::watch::channel(false);
-        let plain_routes = match &api_listener {
-            None => api::routes(api.clone()).or(artifacts).unify().boxed(),
-            Some(_) => api::split_routes(api.clone()).1.or(artifacts).unify().boxed(),
-        };
-        let plain_routes = plain_routes.recover(api::recover).with(log());
-        let mut api_addr = None;
-        let mut api_task = None;
-        if let Some((l, a, acceptor)) = api_listener {
-            api_addr = Some(a);
-            let routes = api::split_routes(api.clone()).0.recover(api::recover).unify().with(log()).map(warp::Reply::into_response).boxed();
-            let mut rx = stop_tx.subscribe();
-            api_task = Some(tokio::spawn(async move {
-                let stop = async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                };
-                tls::serve(l, acceptor, routes, stop, std::time::Duration::from_secs(5)).await;
-            }));
+        let api_addr = tls.as_ref().map(|t| t.addr);
+        let (stop, task) = spawn_listeners(api, images.clone(), listener, tls);
+        if let Some(a) = api_addr {
             tracing::info!("api: listening on https://{a} (CA {})", config.state.join(tls::CA_CERT).display());
         }
-        let task = tokio::spawn(async move {
-            let plain = warp::serve(plain_routes).incoming(listener).graceful(async move {
-                let _ = stopped.await;
-                let _ = stop_tx.send(true);
-            });
-            plain.run().await;
-            if let Some(t) = api_task {
-                let _ = t.await;
-            }
-        });
         for image in images.images() {
             tracing::info!(image = %image.name, digest = %image.digest, "serving image");
         }
@@ -274,8 +307,14 @@ impl Server {
         tracing::info!("http: listening on {addr}");
         let ca = ca.map(|ca| ca.cert_path);
         let mut server = Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task };
+        server.start_pxe(&config).await?;
+        Ok(server)
+    }
+
+    /// TFTP and proxyDHCP, when asked for.
+    async fn start_pxe(&mut self, config: &ServerConfig) -> Result<(), Error> {
         if let Some(tftp_addr) = config.tftp {
-            server.tftp = Some(TftpServer::start(config.tftp_root.clone(), tftp_addr).await?);
+            self.tftp = Some(TftpServer::start(config.tftp_root.clone(), tftp_addr).await?);
         }
         if let Some(interface) = &config.proxy_dhcp {
             let ip = kiln_pxe::dhcp::interface_ipv4(interface)?;
@@ -283,11 +322,11 @@ impl Server {
             // address PXE clients reach this server at.
             let script = match &config.advertise {
                 Some(url) => format!("{}/boot.ipxe", url.trim_end_matches('/')),
-                None => format!("http://{ip}:{}/boot.ipxe", addr.port()),
+                None => format!("http://{ip}:{}/boot.ipxe", self.addr.port()),
             };
-            server.proxy_dhcp = Some(ProxyDhcp::start(ProxyConfig::new(interface.clone(), ip, script)).await?);
+            self.proxy_dhcp = Some(ProxyDhcp::start(ProxyConfig::new(interface.clone(), ip, script)).await?);
         }
-        Ok(server)
+        Ok(())
     }
 
     /// Stops accepting, lets requests in flight finish, and returns.

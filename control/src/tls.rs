@@ -38,18 +38,19 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A certificate or key could not be made or parsed.
-    #[error("{what}: {reason}")]
+    #[error("{what}")]
     Cert {
         /// Which one.
         what: String,
-        /// Why.
-        reason: String,
+        /// Why: rcgen's or rustls' error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
 fn cert_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> Error {
     let what = what.into();
-    move |e| Error::Cert { what, reason: e.to_string() }
+    move |e| Error::Cert { what, source: Box::new(e) }
 }
 
 /// The control plane's CA, loaded from (or made in) the state directory.
@@ -138,19 +139,21 @@ impl Ca {
     pub fn acceptor(&self, names: &[String]) -> Result<TlsAcceptor, Error> {
         use rustls::pki_types::pem::PemObject;
         let (cert_pem, key_pem) = self.issue_server(names)?;
-        let bad = |what: &str, e: &dyn std::fmt::Display| Error::Cert { what: what.into(), reason: e.to_string() };
+        fn bad<E: std::error::Error + Send + Sync + 'static>(what: &str, e: E) -> Error {
+            Error::Cert { what: what.into(), source: Box::new(e) }
+        }
         let chain = vec![
-            rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| bad("server certificate", &e))?,
-            rustls::pki_types::CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| bad("CA certificate", &e))?,
+            rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| bad("server certificate", e))?,
+            rustls::pki_types::CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| bad("CA certificate", e))?,
         ];
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad("server key", &e))?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad("server key", e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| bad("TLS versions", &e))?
+            .map_err(|e| bad("TLS versions", e))?
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .map_err(|e| bad("server certificate", &e))?;
+            .map_err(|e| bad("server certificate", e))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
     }

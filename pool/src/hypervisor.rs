@@ -63,18 +63,6 @@ pub enum Error {
     },
 }
 
-/// `e` and its causes, joined by `: ` (libvirt's own message is a cause).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// A kiln domain as its host reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeDomain {

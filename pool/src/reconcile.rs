@@ -16,9 +16,10 @@ use std::collections::BTreeMap;
 
 use crate::NodeId;
 use crate::domain::{Accel, BootMedia, DomainSpec, Nic};
-use crate::hypervisor::{Hypervisor, chain};
+use crate::hypervisor::Hypervisor;
 use crate::plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
 use crate::spec::{Boot, Pool};
+use kiln_core::error_chain as chain;
 
 /// A backend's own error, kept whole as the cause of an [`Error`].
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;

@@ -30,9 +30,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::NodeId;
 use crate::autoscale::{CpuTimes, decide, load1_from_scrape};
 use crate::fleet::{Fleet, NodeMedia};
-use crate::hypervisor::chain;
 use crate::reconcile::{Error as PassError, Registry, Report, Settings};
 use crate::spec::{Boot, Metric, Pool};
+use kiln_core::error_chain as chain;
 
 /// A registered node of one of kiln's pools, as the control plane knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

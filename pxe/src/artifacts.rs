@@ -162,7 +162,7 @@ async fn serve(store: &ImageStore, name: &str, file: &str, method: &Method, cond
 }
 
 /// A JSON error body `{"error": "..."}` with `status`.
-pub fn error(status: StatusCode, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     warp::reply::with_status(warp::reply::json(&serde_json::json!({ "error": message })), status).into_response()
 }
 

@@ -167,17 +167,22 @@ pub struct Machine {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A boot request's query names a machine wrongly.
+#[derive(Debug, thiserror::Error)]
+#[error("query parameter mac")]
+pub struct BadQuery(#[source] pub kiln_core::mac::MacParseError);
+
 impl Machine {
     /// From query parameters; a `mac` that is not a MAC is an error. Empty
     /// values (iPXE prints unset settings as empty) count as absent.
-    pub fn from_query(query: &BTreeMap<String, String>) -> Result<Machine, String> {
+    pub fn from_query(query: &BTreeMap<String, String>) -> Result<Machine, BadQuery> {
         let mut m = Machine::default();
         for (k, v) in query {
             if v.is_empty() {
                 continue;
             }
             match k.as_str() {
-                "mac" => m.mac = Some(v.parse().map_err(|e| format!("query parameter mac: {e}"))?),
+                "mac" => m.mac = Some(v.parse().map_err(BadQuery)?),
                 "uuid" => m.uuid = Some(v.to_ascii_lowercase()),
                 "hostname" => m.hostname = Some(v.clone()),
                 "serial" => m.serial = Some(v.clone()),

@@ -643,9 +643,9 @@ async fn transfer(shared: &Shared, local_ip: IpAddr, peer: SocketAddr, request: 
             Counters::bump(&counters.served);
             tracing::debug!("tftp: {peer}: sent {:?}", request.filename);
         }
-        Err(reason) => {
+        Err(e) => {
             Counters::bump(&counters.failed);
-            tracing::info!("tftp: {peer}: transfer of {:?} failed: {reason}", request.filename);
+            tracing::info!("tftp: {peer}: transfer of {:?} failed: {}", request.filename, kiln_core::error_chain(&e));
         }
     }
 }
@@ -749,6 +749,36 @@ enum AckWait {
     Resend,
 }
 
+/// A transfer that stopped before its last block was acknowledged.
+#[derive(Debug, thiserror::Error)]
+enum TransferError {
+    /// The file could not be read.
+    #[error("reading the file")]
+    Read(#[source] std::io::Error),
+    /// The socket could not send.
+    #[error("send")]
+    Send(#[source] std::io::Error),
+    /// The socket could not receive.
+    #[error("receive")]
+    Receive(#[source] std::io::Error),
+    /// The client stopped acknowledging.
+    #[error("no acknowledgement of block {block} after {tries} tries")]
+    NoAck {
+        /// The first block of the window.
+        block: u16,
+        /// Sends of the window.
+        tries: u32,
+    },
+    /// The client sent an error packet (its message is escaped).
+    #[error("client sent error {code}: {message:?}")]
+    Client {
+        /// The TFTP error code.
+        code: u16,
+        /// The client's message.
+        message: String,
+    },
+}
+
 /// The sending half of one transfer.
 struct Sender<'a> {
     socket: &'a UdpSocket,
@@ -760,7 +790,7 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    async fn run<R: AsyncRead + Unpin>(&mut self, n: &Negotiated, mut source: BlockSource<R>) -> Result<(), String> {
+    async fn run<R: AsyncRead + Unpin>(&mut self, n: &Negotiated, mut source: BlockSource<R>) -> Result<(), TransferError> {
         if !n.oack.is_empty() {
             let oack = Packet::OAck(n.oack.clone()).to_bytes();
             let window = VecDeque::from([oack]);
@@ -777,7 +807,7 @@ impl Sender<'_> {
                 let mut packet = vec![0u8; 4 + blksize];
                 packet[..2].copy_from_slice(&OP_DATA.to_be_bytes());
                 packet[2..4].copy_from_slice(&next.to_be_bytes());
-                let len = source.fill(&mut packet[4..]).await.map_err(|e| format!("reading the file: {e}"))?;
+                let len = source.fill(&mut packet[4..]).await.map_err(TransferError::Read)?;
                 packet.truncate(4 + len);
                 eof = len < blksize;
                 window.push_back(packet);
@@ -794,30 +824,30 @@ impl Sender<'_> {
 
     /// Sends `window` (blocks `base`, `base + 1`, ...) until the client
     /// acknowledges some of it; returns how many blocks it acknowledged.
-    async fn send_until_acked(&mut self, window: &VecDeque<Vec<u8>>, base: u16, windowsize: usize) -> Result<usize, String> {
+    async fn send_until_acked(&mut self, window: &VecDeque<Vec<u8>>, base: u16, windowsize: usize) -> Result<usize, TransferError> {
         let mut tries = 0;
         loop {
             for packet in window {
-                self.socket.send(packet).await.map_err(|e| format!("send: {e}"))?;
+                self.socket.send(packet).await.map_err(TransferError::Send)?;
             }
             match self.wait_ack(base, window.len(), windowsize).await? {
                 AckWait::Acked(k) => return Ok(k),
                 AckWait::Timeout | AckWait::Resend => {
                     tries += 1;
                     if tries > self.retries {
-                        return Err(format!("no acknowledgement of block {base} after {tries} tries"));
+                        return Err(TransferError::NoAck { block: base, tries });
                     }
                 }
             }
         }
     }
 
-    async fn wait_ack(&mut self, base: u16, len: usize, windowsize: usize) -> Result<AckWait, String> {
+    async fn wait_ack(&mut self, base: u16, len: usize, windowsize: usize) -> Result<AckWait, TransferError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             let received = match tokio::time::timeout_at(deadline, self.socket.recv(&mut self.buf)).await {
                 Err(_) => return Ok(AckWait::Timeout),
-                Ok(Err(e)) => return Err(format!("receive: {e}")),
+                Ok(Err(e)) => return Err(TransferError::Receive(e)),
                 Ok(Ok(k)) => k,
             };
             match parse_packet(&self.buf[..received]) {
@@ -833,7 +863,7 @@ impl Sender<'_> {
                         return Ok(AckWait::Resend);
                     }
                 }
-                Ok(Packet::Error { code, message }) => return Err(format!("client sent error {code}: {message}")),
+                Ok(Packet::Error { code, message }) => return Err(TransferError::Client { code, message: message.to_string() }),
                 Ok(other) => tracing::debug!("tftp: {}: unexpected {other:?}", self.peer),
                 Err(e) => {
                     Counters::bump(&self.counters.malformed);
