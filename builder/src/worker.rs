@@ -50,8 +50,8 @@ pub fn build(
     let epoch = builder.source_date_epoch;
     let agent = builder.agent_bytes()?;
     let spec_dir = spec_path.parent().unwrap_or(Path::new("."));
-    let spec_digest = format!("sha256:{}", sha256_hex(spec_bytes));
-    let agent_digest = format!("sha256:{}", sha256_hex(&agent));
+    let spec_digest = kiln_core::Digest::of(spec_bytes).to_string();
+    let agent_digest = kiln_core::Digest::of(&agent).to_string();
     let source: &dyn BaseSource = &Mmdebstrap;
     let base_key = base::key(&spec.base, source, epoch);
     let archive = Archive::new(&builder.cache).with_lists(builder.apt_lists.clone());
@@ -76,10 +76,10 @@ pub fn build(
         key_text.push_str(&sha256_hex(text.as_bytes()));
         key_text.push('\n');
     }
-    let key = format!("sha256:{}", sha256_hex(key_text.as_bytes()));
+    let key = kiln_core::Digest::of(&key_text).to_string();
     let dir = out.join(&spec.name);
     if let Some(manifest) = crate::up_to_date(&dir, &key) {
-        progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest.clone() });
+        progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest });
         return Ok(Outcome { manifest, dir, cached: true });
     }
 
@@ -89,7 +89,7 @@ pub fn build(
     progress(Event::Phase {
         phase: "base".into(),
         detail: match &cached_base {
-            Some(_) => format!("cached {}", &base_key[7..19]),
+            Some(_) => format!("cached {}", &base_key.hex()[..12]),
             None => format!("{} {} {} ({} packages)", source.name(), spec.base.suite, spec.base.arch, spec.base.packages.len()),
         },
     });
@@ -191,7 +191,7 @@ pub fn build(
     crate::swap_in(out, &spec.name, staging.take()?)?;
     drop(work);
     let bytes = manifest.artifacts.iter().map(|a| a.size).sum();
-    progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest.clone(), bytes });
+    progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest, bytes });
     Ok(Outcome { manifest, dir, cached: false })
 }
 

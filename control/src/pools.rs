@@ -24,7 +24,8 @@ use kiln_core::Mac;
 use kiln_pool::domain::{BootMedia, DomainType, Nic};
 use kiln_pool::{Action, Hypervisor, Libvirt, NodeId, Pool, Provisioner, Registry as PoolRegistry, Settings, Volumes};
 use kiln_pxe::ImageStore;
-use kiln_pxe::profile::{Catalog, Machine, ServerParams};
+use kiln_pxe::ipxe::BootParams;
+use kiln_pxe::profile::{Catalog, Machine};
 use serde::Serialize;
 
 use crate::registry::Registry;
@@ -392,8 +393,11 @@ impl Pools {
         let nodes = self.registry.nodes();
         for pool in &self.pools {
             let Some(policy) = &pool.autoscale else { continue };
-            let targets: Vec<(String, String)> =
-                nodes.iter().filter(|n| n.pool == pool.name).filter_map(|n| Some((n.name.clone(), n.metrics_target()?))).collect();
+            let targets: Vec<(String, String)> = nodes
+                .iter()
+                .filter(|n| n.pool.as_deref() == Some(pool.name.as_str()))
+                .filter_map(|n| Some((n.name.clone(), n.metrics_target()?)))
+                .collect();
             let scrapes = runtime.block_on(scrape_all(&targets));
             let mut auto = self.auto.lock().expect("autoscale lock");
             let state = auto.entry(pool.name.clone()).or_default();
@@ -521,7 +525,7 @@ impl Pools {
         let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
         let profile = self.node_profile(pool)?;
         let api_url = self.config.api_url.as_deref().unwrap_or_default();
-        let params = ServerParams { base_url: api_url, token: &self.bootstrap_token, api_url };
+        let params = BootParams { base_url: api_url, token: &self.bootstrap_token, api_url };
         let seed = self.catalog.seed(&profile, image, &machine, &params).map_err(|e| e.to_string())?;
         seed.iso().map_err(|e| e.to_string())
     }

@@ -171,11 +171,12 @@ impl Server {
             None => Catalog::builtin(&images),
         });
         std::fs::create_dir_all(&config.state).map_err(|source| Error::State { path: config.state.clone(), source })?;
-        let token_path = config.state.join("bootstrap-token");
+        let state = crate::StateDir::new(&config.state);
+        let token_path = state.bootstrap_token();
         let bootstrap_token = token::load_or_create_bootstrap(&token_path).map_err(|source| Error::State { path: token_path, source })?;
         let (store, network): (Arc<dyn Store>, NetworkConfig) = match &config.store {
             StoreConfig::Embedded => {
-                let store = DbStore::open(&config.state.join("registry.redb"), Some(&config.state.join("nodes.json")))?;
+                let store = DbStore::open(&state.registry_db(), Some(&state.legacy_nodes()))?;
                 (Arc::new(store), config.network)
             }
             StoreConfig::Etcd(etcd) => {
@@ -250,7 +251,7 @@ impl Server {
                 };
                 tls::serve(l, acceptor, routes, stop, std::time::Duration::from_secs(5)).await;
             }));
-            tracing::info!("api: listening on https://{a} (CA {})", config.state.join(tls::CA_CERT).display());
+            tracing::info!("api: listening on https://{a} (CA {})", crate::StateDir::new(&config.state).ca_cert().display());
         }
         let task = tokio::spawn(async move {
             let plain = warp::serve(plain_routes).incoming(listener).graceful(async move {

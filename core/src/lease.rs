@@ -1,4 +1,5 @@
-//! Subnet leases and peers: what the flannel side of the agent needs.
+//! Subnet leases, peers and the pod network's config: what the flannel
+//! side of the agent needs and what the registry leases from.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
@@ -89,8 +90,48 @@ pub struct Lease {
     pub mtu: u32,
     /// VXLAN network identifier (`flannel.<VNI>`).
     pub vni: u32,
-    /// Backend: `vxlan`.
-    pub backend: String,
+    /// How pod traffic between nodes is carried.
+    pub backend: Backend,
+}
+
+/// How pod traffic between nodes is carried: flannel's `Backend.Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// VXLAN: `flannel.<VNI>`, one FDB and neighbour entry per peer.
+    Vxlan,
+}
+
+impl Backend {
+    /// The name flannel gives it (`vxlan`), as the JSON spells it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The pod network and how it is cut, as flannel's network config says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The whole pod network (`Network`).
+    pub network: Ipv4Cidr,
+    /// Length of each node's subnet (`SubnetLen`).
+    pub subnet_len: u8,
+    /// VXLAN network identifier (`Backend.VNI`).
+    pub vni: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig { network: "10.244.0.0/16".parse().expect("a valid CIDR"), subnet_len: 24, vni: 1 }
+    }
 }
 
 /// Another node, as the peers watch lists it.
@@ -132,5 +173,12 @@ mod tests {
         for bad in ["10.244.0.1/16", "10.244.0.0", "10.244.0.0/33", "x/8"] {
             assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn backend_is_spelled_as_flannel_does() {
+        assert_eq!(serde_json::to_string(&Backend::Vxlan).unwrap(), "\"vxlan\"");
+        assert_eq!(serde_json::from_str::<Backend>("\"vxlan\"").unwrap(), Backend::Vxlan);
+        assert!(serde_json::from_str::<Backend>("\"udp\"").is_err(), "only vxlan");
     }
 }

@@ -1,12 +1,14 @@
 //! kiln-core: the types that the kiln agent, the server and the builder share.
 //!
 //! Everything here is plain data with serde derives and small pure functions
-//! (MAC spelling, kernel command-line parsing, image digests). No I/O: a crate
+//! (MAC spelling, kernel command-line parsing, the join parameters, digests). No I/O: a crate
 //! that needs to read a file or open a socket does so itself and hands the
 //! bytes here. To add a wire type, add it to the module whose endpoint uses it
 //! and keep field names in snake case, as the JSON API spells them.
 
 pub mod cmdline;
+pub mod digest;
+pub mod join;
 pub mod lease;
 pub mod mac;
 pub mod manifest;
@@ -14,7 +16,9 @@ pub mod node;
 pub mod toml_file;
 
 pub use cmdline::KernelCmdline;
-pub use lease::{Ipv4Cidr, Lease, Peer, Peers};
+pub use digest::{Digest, DigestError};
+pub use join::{JoinError, JoinParams, SEED_CMDLINE_PATH};
+pub use lease::{Backend, Ipv4Cidr, Lease, NetworkConfig, Peer, Peers};
 pub use mac::Mac;
 pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
 pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse, SdTargetGroup};
@@ -35,8 +39,7 @@ pub const CMDLINE_ROOTFS: &str = "kiln.rootfs";
 /// checked before it is mounted.
 pub const CMDLINE_ROOTFS_SHA256: &str = "kiln.rootfs_sha256";
 
-/// Hex sha256 of `bytes`, prefixed `sha256:` as OCI and kiln spell digests.
+/// [`Digest::of`] `bytes`, as text (`sha256:<hex>`).
 pub fn sha256_digest(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    Digest::of(bytes).to_string()
 }

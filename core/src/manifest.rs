@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Digest;
+
 /// File name of the manifest inside an image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -13,8 +15,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub struct Manifest {
     /// Image name, from the spec; also the directory name.
     pub name: String,
-    /// `sha256:` over the artifact list (see [`Manifest::compute_digest`]).
-    pub digest: String,
+    /// sha256 over the artifact list (see [`Manifest::compute_digest`]).
+    pub digest: Digest,
     /// Every file of the image, sorted by name.
     pub artifacts: Vec<Artifact>,
     /// How to boot it over the network.
@@ -31,7 +33,8 @@ pub struct Artifact {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// Hex sha256 of the file's bytes.
+    /// Hex sha256 of the file's bytes ([`Digest::hex`]: no `sha256:`
+    /// prefix, as `sha256sum` prints it and the `ETag` carries it).
     pub sha256: String,
 }
 
@@ -84,14 +87,14 @@ pub struct PackageRef {
 impl Manifest {
     /// The image digest: sha256 over `name size sha256\n` of each artifact,
     /// sorted by name. It changes exactly when some artifact's bytes change.
-    pub fn compute_digest(artifacts: &[Artifact]) -> String {
+    pub fn compute_digest(artifacts: &[Artifact]) -> Digest {
         let mut sorted: Vec<&Artifact> = artifacts.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         let mut text = String::new();
         for a in sorted {
             text.push_str(&format!("{} {} {}\n", a.name, a.size, a.sha256));
         }
-        crate::sha256_digest(text.as_bytes())
+        Digest::of(text)
     }
 
     /// The artifact called `name`, if the image has one.
@@ -110,7 +113,7 @@ impl Manifest {
             if a.name.is_empty() || a.name.contains('/') || a.name.starts_with('.') {
                 return Err(format!("artifact name {:?} is not a plain file name", a.name));
             }
-            if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if Digest::from_hex(&a.sha256).is_err() {
                 return Err(format!("artifact {:?} has a malformed sha256", a.name));
             }
         }
@@ -166,7 +169,7 @@ mod tests {
     fn check_cases() {
         assert_eq!(manifest().check(), Ok(()));
         let mut m = manifest();
-        m.digest = "sha256:00".into();
+        m.digest = Digest::of("other artifacts");
         assert!(m.check().unwrap_err().contains("does not match"), "wrong digest");
         let mut m = manifest();
         m.boot.initrd = "nope".into();

@@ -138,7 +138,7 @@ pub(crate) mod tests {
         let mut artifacts = Vec::new();
         for (file, bytes) in [("initrd.img", b"initrd-bytes".as_slice()), ("vmlinuz", b"kernel-bytes".as_slice())] {
             std::fs::write(image.join(file), bytes).unwrap();
-            let sha = kiln_core::sha256_digest(bytes).trim_start_matches("sha256:").to_string();
+            let sha = kiln_core::Digest::of(bytes).hex();
             artifacts.push(Artifact { name: file.into(), size: bytes.len() as u64, sha256: sha });
         }
         let manifest = Manifest {

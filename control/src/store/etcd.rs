@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{Change, Error, Loaded, NodeRecord, Renewal, Store, StoreFuture};
-use crate::registry::NetworkConfig;
+use kiln_core::NetworkConfig;
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -124,7 +124,7 @@ impl EtcdStore {
     /// force (etcd's, when one was there).
     pub async fn connect(config: EtcdConfig, wanted: NetworkConfig) -> Result<(Self, NetworkConfig), Error> {
         let endpoints = config.endpoints.join(",");
-        let etcd = |e: etcd_client::Error| Error::Etcd { endpoints: endpoints.clone(), reason: e.to_string() };
+        let etcd = |source: etcd_client::Error| Error::Etcd { endpoints: endpoints.clone(), source };
         let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(10));
         let mut client = Client::connect(&config.endpoints, Some(options)).await.map_err(etcd)?;
         let key = format!("{}/config", config.prefix);
@@ -175,8 +175,14 @@ impl EtcdStore {
         self.config.endpoints.join(",")
     }
 
-    fn err(&self, e: etcd_client::Error) -> Error {
-        Error::Etcd { endpoints: self.endpoints(), reason: e.to_string() }
+    fn err(&self, source: etcd_client::Error) -> Error {
+        Error::Etcd { endpoints: self.endpoints(), source }
+    }
+
+    /// The value under `key` is not `what`.
+    fn bad_value(&self, key: &[u8], what: &'static str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Error {
+        let (endpoints, key) = (self.endpoints(), String::from_utf8_lossy(key).into_owned());
+        move |source| Error::EtcdValue { endpoints, key, what, source }
     }
 
     fn subnets_prefix(&self) -> String {
@@ -241,7 +247,7 @@ impl EtcdStore {
         let resp = client.txn(Txn::new().when(compares).and_then(ops)).await;
         let resp = match resp {
             // The kept etcd lease expired meanwhile: take a new one.
-            Err(e) if granted.is_none() && e.to_string().contains("lease not found") => {
+            Err(e) if granted.is_none() && lease_not_found(&e) => {
                 self.leases.lock().expect("leases lock").remove(&name);
                 return Box::pin(self.write(record, true)).await;
             }
@@ -311,10 +317,8 @@ impl EtcdStore {
         let nodes = client.get(NODES_PREFIX, Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
         let mut records = Vec::new();
         for kv in nodes.kvs() {
-            let record: NodeRecord = serde_json::from_slice(kv.value()).map_err(|e| Error::Etcd {
-                endpoints: self.endpoints(),
-                reason: format!("{}: not a kiln node record: {e}", String::from_utf8_lossy(kv.key())),
-            })?;
+            let record: NodeRecord =
+                serde_json::from_slice(kv.value()).map_err(|e| self.bad_value(kv.key(), "a kiln node record")(e.into()))?;
             records.push(record);
         }
         // Subnets read at the same revision as the nodes, so the watch
@@ -460,6 +464,12 @@ fn node_change(kind: EventType, kv: &KeyValue) -> Option<Change> {
     }
 }
 
+/// Whether etcd refused a write because its lease is gone (expired or
+/// revoked): gRPC `NOT_FOUND`, which a put answers only for its lease.
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound)
+}
+
 /// `10.244.1.0-24` → `10.244.1.0/24`.
 fn parse_subnet_key(s: &str) -> Option<Ipv4Cidr> {
     let (ip, len) = s.split_once('-')?;
@@ -468,7 +478,7 @@ fn parse_subnet_key(s: &str) -> Option<Ipv4Cidr> {
 
 fn parse_config(key: &str, value: &[u8]) -> Result<NetworkConfig, Error> {
     let bad = |reason: String| Error::NetworkConfig { key: key.into(), reason };
-    let c: FlannelConfig = serde_json::from_slice(value).map_err(|e| bad(format!("not flannel's network config JSON: {e}")))?;
+    let c: FlannelConfig = serde_json::from_slice(value).map_err(|source| Error::NetworkConfigJson { key: key.into(), source })?;
     let network: Ipv4Cidr = c.network.parse().map_err(|e| bad(format!("`Network`: {e}")))?;
     if !c.backend.kind.is_empty() && c.backend.kind != "vxlan" {
         return Err(bad(format!("`Backend.Type` is {:?}; kiln's agents speak only \"vxlan\"", c.backend.kind)));
@@ -517,8 +527,8 @@ impl Store for EtcdStore {
                 let key = String::from_utf8_lossy(kv.key());
                 let n = String::from_utf8_lossy(kv.value())
                     .trim()
-                    .parse()
-                    .map_err(|_| Error::Etcd { endpoints: self.endpoints(), reason: format!("{key}: not a number of replicas") })?;
+                    .parse::<u32>()
+                    .map_err(|e| self.bad_value(kv.key(), "a number of replicas")(e.into()))?;
                 out.insert(key.trim_start_matches(POOLS_PREFIX).to_string(), n);
             }
             Ok(out)
@@ -555,5 +565,14 @@ mod tests {
         assert!(err.to_string().contains("/coreos.com/network/config") && err.to_string().contains("host-gw"), "{err}");
         assert!(parse_config("k", br#"{"Network":"10.5.0.0/16","SubnetLen":8}"#).is_err());
         assert!(parse_config("k", b"nope").is_err());
+    }
+
+    #[test]
+    fn only_a_not_found_status_is_a_lost_lease() {
+        let gone = etcd_client::Error::GRpcStatus(tonic::Status::not_found("etcdserver: requested lease not found"));
+        assert!(lease_not_found(&gone), "NOT_FOUND");
+        let other = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("lease not found, says the text"));
+        assert!(!lease_not_found(&other), "the status code decides, not the text");
+        assert!(!lease_not_found(&etcd_client::Error::WatchError("lease not found".into())), "not a status");
     }
 }
