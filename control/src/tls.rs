@@ -94,9 +94,10 @@ impl Ca {
                 tracing::info!(ca = %cert_path.display(), "made the control plane's CA");
                 Ok(Ca { cert_path, key_path, cert_pem, key_pem })
             }
-            (true, false) => {
-                Err(Error::Io { path: key_path.clone(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "the CA key is missing") })
-            }
+            (true, false) => Err(Error::Io {
+                path: key_path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "the CA key is missing"),
+            }),
             (false, true) => Err(Error::Io {
                 path: cert_path,
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "the CA certificate is missing"),

@@ -28,8 +28,9 @@ use kiln_core::{Ipv4Cidr, Mac, Peer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{Change, Error, Loaded, NodeRecord, Renewal, Store, StoreFuture};
 use kiln_core::NetworkConfig;
+
+use super::{Change, Error, Loaded, NodeRecord, Renewal, Store, StoreFuture};
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -574,5 +575,90 @@ mod tests {
         let other = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("lease not found, says the text"));
         assert!(!lease_not_found(&other), "the status code decides, not the text");
         assert!(!lease_not_found(&etcd_client::Error::WatchError("lease not found".into())), "not a status");
+    }
+
+    /// Debian's etcd (`etcd-server`) on loopback with a temp data
+    /// directory, killed when dropped.
+    struct LoopbackEtcd {
+        child: std::process::Child,
+        url: String,
+        _data: tempfile::TempDir,
+    }
+
+    impl LoopbackEtcd {
+        fn start() -> LoopbackEtcd {
+            let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let data = tempfile::Builder::new().prefix("kiln-etcd-").tempdir().unwrap();
+            let (url, peer) = (format!("http://127.0.0.1:{}", port()), format!("http://127.0.0.1:{}", port()));
+            let child = std::process::Command::new("/usr/bin/etcd")
+                .args(["--name", "kiln-unit", "--data-dir"])
+                .arg(data.path().join("member"))
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("kiln-unit={peer}"), "--initial-cluster-state", "new"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("/usr/bin/etcd (Debian etcd-server) runs");
+            LoopbackEtcd { child, url, _data: data }
+        }
+    }
+
+    impl Drop for LoopbackEtcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn leased_record() -> NodeRecord {
+        let now = time::OffsetDateTime::now_utc();
+        let node = kiln_core::Node {
+            name: "a".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            hostname: "a".into(),
+            macs: vec![],
+            addresses: vec![],
+            cpus: 1,
+            memory_bytes: 1,
+            kernel: "k".into(),
+            agent_version: "v".into(),
+            image_digest: String::new(),
+            metrics: None,
+            pool: None,
+            host: None,
+            subnet: "10.244.1.0/24".parse().ok(),
+            public_ip: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))),
+            vtep_mac: "0e:11:22:33:44:55".parse().ok(),
+            registered_at: now,
+            last_seen: now,
+        };
+        NodeRecord { node, token_sha256: "00".into() }
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_etcd_lease_is_gone_takes_a_new_one() {
+        let etcd = LoopbackEtcd::start();
+        let mut connected = None;
+        for _ in 0..60 {
+            match EtcdStore::connect(EtcdConfig::new(vec![etcd.url.clone()]), NetworkConfig::default()).await {
+                Ok((store, _)) => {
+                    connected = Some(store);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        let store = connected.expect("etcd on loopback answers within 30 s");
+        let record = leased_record();
+        store.write(&record, true).await.expect("the first write grants a lease");
+        let first = store.leases.lock().unwrap()["a"].0;
+        store.client.clone().lease_revoke(first).await.expect("the lease is revoked behind the store's back");
+        store.write(&record, false).await.expect("a write with the lost lease takes a new one");
+        let second = store.leases.lock().unwrap()["a"].0;
+        assert_ne!(first, second, "a new etcd lease");
+        let key = store.subnet_key("10.244.1.0/24".parse().unwrap());
+        let got = store.client.clone().get(key.as_str(), None).await.unwrap();
+        assert_eq!(got.kvs().first().map(|kv| kv.lease()), Some(second), "the subnet key is on the new lease");
     }
 }
