@@ -67,17 +67,7 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
-impl Serialize for Ipv4Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Ipv4Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_str!(Ipv4Cidr);
 
 /// A node's subnet lease, as the registration answer carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,24 @@
 //! bytes here. To add a wire type, add it to the module whose endpoint uses it
 //! and keep field names in snake case, as the JSON API spells them.
 
+/// Serde for a type as its text: `Display` to write, `FromStr` to read
+/// (whose error becomes the deserializer's message).
+macro_rules! serde_as_str {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <String as serde::Deserialize>::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 pub mod cmdline;
 pub mod digest;
 pub mod join;

@@ -223,35 +223,19 @@ mod tests {
 
     #[test]
     fn pool_and_host_none_are_written_and_read_as_before() {
-        let node = Node {
-            name: "a".into(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
-            hostname: "a".into(),
-            macs: vec![],
-            addresses: vec![],
-            cpus: 1,
-            memory_bytes: 1,
-            kernel: "k".into(),
-            agent_version: "v".into(),
-            image_digest: String::new(),
-            metrics: None,
-            pool: None,
-            host: None,
-            subnet: None,
-            public_ip: None,
-            vtep_mac: None,
-            registered_at: OffsetDateTime::UNIX_EPOCH,
-            last_seen: OffsetDateTime::UNIX_EPOCH,
-        };
-        let mut v = serde_json::to_value(&node).unwrap();
-        assert_eq!(v["pool"], "", "no pool is written as before");
-        assert!(v.get("host").is_none(), "no host is left out as before");
-        v["host"] = "".into();
-        assert_eq!(serde_json::from_value::<Node>(v.clone()).unwrap(), node, "\"\" reads as none");
-        v["pool"] = "tiny".into();
-        v["host"] = "qemu:///system".into();
-        let read: Node = serde_json::from_value(v).unwrap();
-        assert_eq!((read.pool.as_deref(), read.host.as_deref()), (Some("tiny"), Some("qemu:///system")));
+        let old = serde_json::json!({
+            "name": "a", "machine_id": "0123456789abcdef0123456789abcdef", "hostname": "a", "macs": [], "addresses": [],
+            "cpus": 1, "memory_bytes": 1, "kernel": "k", "agent_version": "v", "image_digest": "", "pool": "", "host": "",
+            "registered_at": "2026-01-01T00:00:00Z", "last_seen": "2026-01-01T00:00:00Z",
+        });
+        let node: Node = serde_json::from_value(old).unwrap();
+        assert_eq!((&node.pool, &node.host), (&None, &None), "\"\" reads as none");
+        let written = serde_json::to_value(&node).unwrap();
+        assert_eq!(written["pool"], "", "no pool is written as before");
+        assert!(written.get("host").is_none(), "no host is left out as before");
+        let pooled = Node { pool: Some("tiny".into()), host: Some("qemu:///system".into()), ..node };
+        let read: Node = serde_json::from_value(serde_json::to_value(&pooled).unwrap()).unwrap();
+        assert_eq!(read, pooled, "a pool and a host round-trip");
     }
 
     #[test]
