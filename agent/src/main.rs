@@ -44,7 +44,7 @@ struct AgentArgs {
     #[arg(long, default_value = "/etc/machine-id")]
     machine_id: PathBuf,
     /// CA certificate(s) (PEM) of an https:// control plane; read if it exists.
-    #[arg(long, default_value = "/etc/kiln/ca.pem")]
+    #[arg(long, default_value = kiln_core::IMAGE_CA_PATH)]
     ca: PathBuf,
     /// Where to serve `/metrics`.
     #[arg(long, default_value = "0.0.0.0:9100")]

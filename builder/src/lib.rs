@@ -334,7 +334,7 @@ impl Builder {
         entries.put("bin/sh", 0o777, cpio::Entry::Symlink("busybox".into()));
         entries.put("usr/bin/kiln-agent", 0o755, cpio::Entry::File(inputs.agent.clone()));
         if let Some(ca) = &self.ca {
-            entries.put("etc/kiln/ca.pem", 0o644, cpio::Entry::File(ca.clone()));
+            entries.put(kiln_core::IMAGE_CA_PATH.trim_start_matches('/'), 0o644, cpio::Entry::File(ca.clone()));
         }
         for (path, bytes) in &inputs.libs {
             let rel = path.to_string_lossy().trim_start_matches('/').to_string();

@@ -7,13 +7,18 @@
 //! [`JoinParams`] is the one place that spells them: the keys are
 //! [`CMDLINE_SERVER`], [`CMDLINE_TOKEN`] and [`CMDLINE_IMAGE_DIGEST`]. Other
 //! kernel arguments kiln adds (the hostname, a diskless node's root
-//! filesystem) are not for the agent and are not here.
+//! filesystem) are not for the agent and are not here. The CA the agent
+//! trusts is baked into the image at [`IMAGE_CA_PATH`].
 
 use crate::{CMDLINE_IMAGE_DIGEST, CMDLINE_SERVER, CMDLINE_TOKEN, Digest, DigestError, KernelCmdline};
 
 /// Where a disk-booted node's NoCloud seed writes the join parameters, and
 /// where its agent reads them (`kiln-agent --cmdline`).
 pub const SEED_CMDLINE_PATH: &str = "/etc/kiln/cmdline";
+
+/// Where an image carries the control plane's CA certificate (baked in by
+/// `kiln build --state`), the only one its agent trusts for the API.
+pub const IMAGE_CA_PATH: &str = "/etc/kiln/ca.pem";
 
 /// What a node is told to join: the control plane, the bootstrap token,
 /// and the image it booted.

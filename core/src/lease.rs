@@ -53,15 +53,37 @@ impl std::fmt::Display for Ipv4Cidr {
     }
 }
 
+/// Why a text is not an IPv4 network in CIDR form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    /// No `/`.
+    #[error("{0:?} is not a CIDR (a.b.c.d/len)")]
+    Form(String),
+    /// The part before `/` is not an IPv4 address.
+    #[error("{0:?}: the address is not an IPv4 address")]
+    Addr(String),
+    /// The part after `/` is not a number from 0 to 32.
+    #[error("{0:?}: the prefix length is not a number from 0 to 32")]
+    Prefix(String),
+    /// The address has bits set past the prefix.
+    #[error("{text:?} has host bits set (the network is {network})")]
+    HostBits {
+        /// The text.
+        text: String,
+        /// The network it would be with them cleared.
+        network: Ipv4Cidr,
+    },
+}
+
 impl FromStr for Ipv4Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/len)"))?;
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
-        let prefix: u8 = p.parse().map_err(|_| format!("{s:?}: {p:?} is not a prefix length"))?;
-        let net = Ipv4Cidr::new(addr, prefix).ok_or_else(|| format!("{s:?}: prefix longer than 32"))?;
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let (a, p) = s.split_once('/').ok_or_else(|| CidrError::Form(s.into()))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| CidrError::Addr(s.into()))?;
+        let prefix: u8 = p.parse().map_err(|_| CidrError::Prefix(s.into()))?;
+        let net = Ipv4Cidr::new(addr, prefix).ok_or_else(|| CidrError::Prefix(s.into()))?;
         if net.addr != addr {
-            return Err(format!("{s:?} has host bits set (the network is {net})"));
+            return Err(CidrError::HostBits { text: s.into(), network: net });
         }
         Ok(net)
     }

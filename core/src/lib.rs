@@ -35,10 +35,10 @@ pub mod toml_file;
 
 pub use cmdline::KernelCmdline;
 pub use digest::{Digest, DigestError};
-pub use join::{JoinError, JoinParams, SEED_CMDLINE_PATH};
-pub use lease::{Backend, Ipv4Cidr, Lease, NetworkConfig, Peer, Peers};
+pub use join::{IMAGE_CA_PATH, JoinError, JoinParams, SEED_CMDLINE_PATH};
+pub use lease::{Backend, CidrError, Ipv4Cidr, Lease, NetworkConfig, Peer, Peers};
 pub use mac::Mac;
-pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
+pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, ManifestError, PackageRef};
 pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse, SdTargetGroup};
 
 /// Kernel command-line key carrying the control plane's base URL.

@@ -122,7 +122,7 @@ fn read_manifest(path: &Path) -> Result<Manifest, Error> {
     let text = std::fs::read(path).map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
     let manifest: Manifest =
         serde_json::from_slice(&text).map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
-    manifest.check().map_err(|reason| Error::BadManifest { path: path.to_path_buf(), reason })?;
+    manifest.check().map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
     Ok(manifest)
 }
 
