@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
-use kiln_core::{Ipv4Cidr, Mac, Peer};
+use kiln_core::{Backend, Ipv4Cidr, Mac, Peer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -134,7 +134,7 @@ impl EtcdStore {
             subnet_len: Some(wanted.subnet_len),
             subnet_min: None,
             subnet_max: None,
-            backend: FlannelBackend { kind: "vxlan".into(), vni: Some(wanted.vni) },
+            backend: FlannelBackend { kind: Backend::Vxlan.to_string(), vni: Some(wanted.vni) },
         };
         let body = serde_json::to_string(&ours).expect("config serialises");
         // Create it unless it exists; either way read what is there.
@@ -197,7 +197,8 @@ impl EtcdStore {
     fn lease_value(&self, record: &NodeRecord) -> Option<String> {
         let node = &record.node;
         let (Some(IpAddr::V4(public_ip)), Some(vtep_mac)) = (node.public_ip, node.vtep_mac) else { return None };
-        let lease = FlannelLease { public_ip, backend_type: "vxlan".into(), backend_data: Some(VxlanData { vni: self.vni, vtep_mac }) };
+        let lease =
+            FlannelLease { public_ip, backend_type: Backend::Vxlan.to_string(), backend_data: Some(VxlanData { vni: self.vni, vtep_mac }) };
         Some(serde_json::to_string(&lease).expect("lease serialises"))
     }
 
@@ -350,12 +351,14 @@ impl EtcdStore {
         let key = String::from_utf8_lossy(kv.key());
         let subnet = parse_subnet_key(key.strip_prefix(&self.subnets_prefix())?)?;
         match serde_json::from_slice::<FlannelLease>(kv.value()) {
-            Ok(FlannelLease { public_ip, backend_type, backend_data: Some(data) }) if backend_type == "vxlan" => Some(Peer {
-                name: key.rsplit('/').next().unwrap_or_default().to_string(),
-                subnet,
-                public_ip: public_ip.into(),
-                vtep_mac: data.vtep_mac,
-            }),
+            Ok(FlannelLease { public_ip, backend_type, backend_data: Some(data) }) if backend_type == Backend::Vxlan.as_str() => {
+                Some(Peer {
+                    name: key.rsplit('/').next().unwrap_or_default().to_string(),
+                    subnet,
+                    public_ip: public_ip.into(),
+                    vtep_mac: data.vtep_mac,
+                })
+            }
             Ok(other) => {
                 tracing::warn!(key = %key, backend = %other.backend_type, "etcd: a lease kiln cannot route to (not vxlan); its subnet stays reserved");
                 // Reserved all the same: a zero MAC marks it unroutable.
@@ -481,7 +484,7 @@ fn parse_config(key: &str, value: &[u8]) -> Result<NetworkConfig, Error> {
     let bad = |reason: String| Error::NetworkConfig { key: key.into(), reason };
     let c: FlannelConfig = serde_json::from_slice(value).map_err(|source| Error::NetworkConfigJson { key: key.into(), source })?;
     let network: Ipv4Cidr = c.network.parse().map_err(|e| bad(format!("`Network`: {e}")))?;
-    if !c.backend.kind.is_empty() && c.backend.kind != "vxlan" {
+    if !c.backend.kind.is_empty() && c.backend.kind != Backend::Vxlan.as_str() {
         return Err(bad(format!("`Backend.Type` is {:?}; kiln's agents speak only \"vxlan\"", c.backend.kind)));
     }
     let subnet_len = c.subnet_len.unwrap_or(24);
