@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use kiln_agent::{Roots, flannel, identity, metrics, register};
-use kiln_core::KernelCmdline;
+use kiln_core::{JoinParams, KernelCmdline};
 
 /// Registers this node with the kiln control plane, keeps it registered and
 /// serves its metrics (node_exporter's names) on `--metrics-listen`.
@@ -44,7 +44,7 @@ struct AgentArgs {
     #[arg(long, default_value = "/etc/machine-id")]
     machine_id: PathBuf,
     /// CA certificate(s) (PEM) of an https:// control plane; read if it exists.
-    #[arg(long, default_value = "/etc/kiln/ca.pem")]
+    #[arg(long, default_value = kiln_core::IMAGE_CA_PATH)]
     ca: PathBuf,
     /// Where to serve `/metrics`.
     #[arg(long, default_value = "0.0.0.0:9100")]
@@ -185,18 +185,14 @@ fn agent(args: AgentArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = args.server.or_else(|| cmdline.get(kiln_core::CMDLINE_SERVER).map(str::to_string));
-    let token = args.token.or_else(|| cmdline.get(kiln_core::CMDLINE_TOKEN).map(str::to_string));
-    let (Some(server), Some(token)) = (server, token) else {
-        log::error!(
-            "no control plane: pass --server and --token, or boot with {}= and {}= on the kernel command line ({})",
-            kiln_core::CMDLINE_SERVER,
-            kiln_core::CMDLINE_TOKEN,
-            roots.cmdline.display()
-        );
-        return ExitCode::FAILURE;
+    let JoinParams { server, token, image_digest } = match JoinParams::from_cmdline(&cmdline, args.server, args.token) {
+        Ok(join) => join,
+        Err(e) => {
+            log::error!("{} ({}); or pass --server and --token", register::chain(&e), roots.cmdline.display());
+            return ExitCode::FAILURE;
+        }
     };
-    let image_digest = cmdline.get(kiln_core::CMDLINE_IMAGE_DIGEST).unwrap_or_default().to_string();
+    let image_digest = image_digest.map(|d| d.to_string()).unwrap_or_default();
     log::info!("kiln-agent {} starting; control plane {server}", env!("CARGO_PKG_VERSION"));
 
     let mut metrics_addr = None;

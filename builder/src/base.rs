@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use kiln_core::PackageRef;
+use kiln_core::{Digest, PackageRef};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -109,8 +109,8 @@ pub fn sources(spec: &BaseSpec) -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BaseInfo {
-    /// The cache key (`sha256:`).
-    pub key: String,
+    /// The cache key.
+    pub key: Digest,
     /// The kernel release in `/boot` (`6.1.0-56-cloud-amd64`).
     pub kernel_release: String,
     /// Every installed package: name, version (and architecture, as
@@ -130,7 +130,7 @@ pub struct Base {
 }
 
 /// The cache key of the base `spec` describes.
-pub fn key(spec: &BaseSpec, source: &dyn BaseSource, source_date_epoch: u32) -> String {
+pub fn key(spec: &BaseSpec, source: &dyn BaseSource, source_date_epoch: u32) -> Digest {
     let mut packages = spec.packages.clone();
     packages.sort();
     packages.dedup();
@@ -142,18 +142,18 @@ pub fn key(spec: &BaseSpec, source: &dyn BaseSource, source_date_epoch: u32) -> 
         sources(spec).join("\n"),
         packages.join(" ")
     );
-    format!("sha256:{}", crate::sha256_hex(text.as_bytes()))
+    Digest::of(text)
 }
 
 /// The base for `spec` if it is in the cache.
-pub fn cached(cache: &Path, key: &str) -> Option<Base> {
+pub fn cached(cache: &Path, key: &Digest) -> Option<Base> {
     let dir = base_dir(cache, key);
     let info: BaseInfo = serde_json::from_slice(&std::fs::read(dir.join("base.json")).ok()?).ok()?;
-    (info.key == key && dir.join("tree").is_dir()).then(|| Base { tree: dir.join("tree"), info })
+    (info.key == *key && dir.join("tree").is_dir()).then(|| Base { tree: dir.join("tree"), info })
 }
 
-fn base_dir(cache: &Path, key: &str) -> PathBuf {
-    cache.join("base").join(key.trim_start_matches("sha256:"))
+fn base_dir(cache: &Path, key: &Digest) -> PathBuf {
+    cache.join("base").join(key.hex())
 }
 
 /// The base for `spec`: from the cache, or made by `source` (checking first
@@ -248,7 +248,7 @@ pub fn check_packages(names: &[String]) -> Result<(), Error> {
 
 /// The packages installed in `tree` (from its dpkg status file), with the
 /// sha256 of the `.deb` each came from when it is in `debs`.
-fn inventory(tree: &Path, debs: &Path, arch: &str, key: &str) -> Result<BaseInfo, Error> {
+fn inventory(tree: &Path, debs: &Path, arch: &str, key: &Digest) -> Result<BaseInfo, Error> {
     let admin = tree.join("var/lib/dpkg");
     let out = Command::new("dpkg-query")
         .arg(format!("--admindir={}", admin.display()))
@@ -283,7 +283,7 @@ fn inventory(tree: &Path, debs: &Path, arch: &str, key: &str) -> Result<BaseInfo
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_string))
         .max()
         .ok_or_else(|| Error::MissingFile { package: "the kernel".into(), what: "boot/vmlinuz-* in the base".into() })?;
-    Ok(BaseInfo { key: key.to_string(), kernel_release, packages, bytes: tree_bytes(tree) })
+    Ok(BaseInfo { key: *key, kernel_release, packages, bytes: tree_bytes(tree) })
 }
 
 /// Bytes of regular files under `dir` (not following links).

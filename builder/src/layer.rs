@@ -173,7 +173,7 @@ pub fn apply(tree: &Tree, spec: &WorkerSpec, inputs: &LayerInputs<'_>, file: &Pa
     tree.enable("kiln-agent.service", AGENT_UNIT, "/usr/lib/systemd/system/kiln-agent.service")?;
     tree.mkdir("/etc/kiln")?;
     if let Some(ca) = inputs.ca {
-        tree.write("/etc/kiln/ca.pem", ca, 0o644)?;
+        tree.write(kiln_core::IMAGE_CA_PATH, ca, 0o644)?;
     }
 
     for (i, f) in spec.files.iter().enumerate() {

@@ -166,14 +166,14 @@ pub enum Event {
         /// Image name.
         image: String,
         /// Image digest.
-        digest: String,
+        digest: kiln_core::Digest,
     },
     /// The image was built.
     Built {
         /// Image name.
         image: String,
         /// Image digest.
-        digest: String,
+        digest: kiln_core::Digest,
         /// Total bytes of its artifacts.
         bytes: u64,
     },
@@ -195,14 +195,14 @@ impl Outcome {
     /// reported as [`Event::Cached`].
     pub(crate) fn cached(dir: &Path, key: &str, progress: &dyn Fn(Event)) -> Option<Outcome> {
         let manifest = up_to_date(dir, key)?;
-        progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest.clone() });
+        progress(Event::Cached { image: manifest.name.clone(), digest: manifest.digest });
         Some(Outcome { manifest, dir: dir.to_path_buf(), cached: true })
     }
 
     /// The image just written to `dir`, reported as [`Event::Built`].
     pub(crate) fn built(manifest: Manifest, dir: PathBuf, progress: &dyn Fn(Event)) -> Outcome {
         let bytes = manifest.artifacts.iter().map(|a| a.size).sum();
-        progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest.clone(), bytes });
+        progress(Event::Built { image: manifest.name.clone(), digest: manifest.digest, bytes });
         Outcome { manifest, dir, cached: false }
     }
 }
@@ -318,8 +318,8 @@ impl Builder {
         let archive = Archive::new(&self.cache).with_lists(self.apt_lists.clone());
         let kernel = archive.resolve_kernel(&spec.kernel.package)?;
         let busybox = archive.resolve(&spec.initramfs.busybox_package)?.package;
-        let spec_digest = format!("sha256:{}", sha256_hex(&spec_bytes));
-        let agent_digest = format!("sha256:{}", sha256_hex(&agent));
+        let spec_digest = kiln_core::Digest::of(&spec_bytes).to_string();
+        let agent_digest = kiln_core::Digest::of(&agent).to_string();
         let mut key_text = format!("{BUILDER_FORMAT}\n{spec_digest}\n{agent_digest}\n{}\n{}\n", kernel.sha256, busybox.sha256);
         for (path, bytes) in &libs {
             key_text.push_str(&format!("{} {}\n", path.display(), sha256_hex(bytes)));
@@ -329,7 +329,7 @@ impl Builder {
         }
         key_text.push_str(&format!("{}\n{}\n", self.source_date_epoch, INIT_SCRIPT));
         key_text.push_str(UDHCPC_SCRIPT);
-        let key = format!("sha256:{}", sha256_hex(key_text.as_bytes()));
+        let key = kiln_core::Digest::of(&key_text).to_string();
         Ok(Inputs { spec, spec_digest, agent, agent_digest, libs, kernel, busybox, key })
     }
 
@@ -348,7 +348,7 @@ impl Builder {
         entries.put("bin/sh", 0o777, cpio::Entry::Symlink("busybox".into()));
         entries.put("usr/bin/kiln-agent", 0o755, cpio::Entry::File(inputs.agent.clone()));
         if let Some(ca) = &self.ca {
-            entries.put("etc/kiln/ca.pem", 0o644, cpio::Entry::File(ca.clone()));
+            entries.put(kiln_core::IMAGE_CA_PATH.trim_start_matches('/'), 0o644, cpio::Entry::File(ca.clone()));
         }
         for (path, bytes) in &inputs.libs {
             let rel = path.to_string_lossy().trim_start_matches('/').to_string();
@@ -531,8 +531,7 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
+    kiln_core::Digest::of(bytes).hex()
 }
 
 #[cfg(test)]

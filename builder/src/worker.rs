@@ -90,7 +90,7 @@ struct Resolved {
     agent: Vec<u8>,
     spec_digest: String,
     agent_digest: String,
-    base_key: String,
+    base_key: kiln_core::Digest,
     archive: Archive,
     mke2fs: Mke2fs,
     busybox: PackageRef,
@@ -116,8 +116,8 @@ impl Job<'_> {
     fn resolve(&self, spec_bytes: &[u8]) -> Result<Resolved, Error> {
         let epoch = self.builder.source_date_epoch;
         let agent = self.builder.agent_bytes()?;
-        let spec_digest = format!("sha256:{}", sha256_hex(spec_bytes));
-        let agent_digest = format!("sha256:{}", sha256_hex(&agent));
+        let spec_digest = kiln_core::Digest::of(spec_bytes).to_string();
+        let agent_digest = kiln_core::Digest::of(&agent).to_string();
         let base_key = base::key(&self.spec.base, self.source, epoch);
         let archive = Archive::new(&self.builder.cache).with_lists(self.builder.apt_lists.clone());
         let mke2fs = Mke2fs::find(&archive)?;
@@ -149,7 +149,7 @@ impl Job<'_> {
             key_text.push_str(&sha256_hex(text.as_bytes()));
             key_text.push('\n');
         }
-        Ok(format!("sha256:{}", sha256_hex(key_text.as_bytes())))
+        Ok(kiln_core::Digest::of(&key_text).to_string())
     }
 
     fn spec_dir(&self) -> &Path {
@@ -165,7 +165,7 @@ impl Job<'_> {
         (self.progress)(Event::Phase {
             phase: "base".into(),
             detail: match &cached_base {
-                Some(_) => format!("cached {}", &resolved.base_key[7..19]),
+                Some(_) => format!("cached {}", &resolved.base_key.hex()[..12]),
                 None => format!("{} {} {} ({} packages)", self.source.name(), spec.base.suite, spec.base.arch, spec.base.packages.len()),
             },
         });

@@ -100,7 +100,7 @@ impl ApiArgs {
         if !self.server.starts_with("https://") {
             return Ok(None);
         }
-        let path = self.ca.clone().unwrap_or_else(|| self.state.join(kiln_control::tls::CA_CERT));
+        let path = self.ca.clone().unwrap_or_else(|| kiln_control::StateDir::new(&self.state).ca_cert());
         Ok(Some(std::fs::read(&path).with_context(|| format!("reading the server's CA {}", path.display()))?))
     }
 }
@@ -171,7 +171,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Nodes { server, json, ca, state } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let ca = if server.starts_with("https://") {
-                let path = ca.unwrap_or_else(|| state.join(kiln_control::tls::CA_CERT));
+                let path = ca.unwrap_or_else(|| kiln_control::StateDir::new(&state).ca_cert());
                 Some(std::fs::read(&path).with_context(|| format!("reading the server's CA {}", path.display()))?)
             } else {
                 None
@@ -186,7 +186,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Scale { pool, replicas, api } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let token_path = api.state.join("bootstrap-token");
+            let token_path = kiln_control::StateDir::new(&api.state).bootstrap_token();
             let token =
                 std::fs::read_to_string(&token_path).with_context(|| format!("reading the bootstrap token {}", token_path.display()))?;
             let path = format!("/api/v1/pools/{pool}/scale");

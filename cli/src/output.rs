@@ -170,8 +170,8 @@ pub fn node_table(nodes: &[Node]) -> String {
         let ago = |t: time::OffsetDateTime| format!("{}s ago", (now - t).whole_seconds().max(0));
         rows.push(vec![
             n.name.clone(),
-            if n.pool.is_empty() { "-".into() } else { n.pool.clone() },
-            if n.host.is_empty() { "-".into() } else { n.host.clone() },
+            n.pool.clone().unwrap_or_else(|| "-".into()),
+            n.host.clone().unwrap_or_else(|| "-".into()),
             n.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             short_digest(&n.image_digest),

@@ -69,7 +69,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
     let progress = output::BuildProgress::new(args.json);
     let outcome = builder.build(&spec, &images, &|e| progress.event(e)).context("building the tiny image")?;
     progress.finish(&outcome);
-    let digest = outcome.manifest.digest.clone();
+    let digest = outcome.manifest.digest;
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {

@@ -24,7 +24,7 @@ use kiln_core::Manifest;
 use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, SdTargetGroup};
 use kiln_pxe::ImageStore;
 use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
-use kiln_pxe::profile::{Catalog, Machine, Profile, ServerParams};
+use kiln_pxe::profile::{Catalog, Machine, Profile};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -168,7 +168,7 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         if let Some(pools) = &api.pools {
             let hosts = pools.hosts_by_node();
             for n in &mut nodes {
-                n.host = hosts.get(&n.name).cloned().unwrap_or_default();
+                n.host = hosts.get(&n.name).cloned();
             }
         }
         warp::reply::json(&nodes).into_response()
@@ -234,7 +234,7 @@ fn boot_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
 /// name, pool and image digest.
 fn sd_group(node: &kiln_core::Node) -> Option<SdTargetGroup> {
     let target = node.metrics_target()?;
-    let labels = [("node", node.name.as_str()), ("pool", node.pool.as_str()), ("image", node.image_digest.as_str())];
+    let labels = [("node", node.name.as_str()), ("pool", node.pool.as_deref().unwrap_or_default()), ("image", node.image_digest.as_str())];
     Some(SdTargetGroup { targets: vec![target], labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() })
 }
 
@@ -464,7 +464,7 @@ fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
         Err((status, message)) => return error(status, &message),
     };
     let api_url = api_url(&api.api_endpoint, &base);
-    let params = ServerParams { base_url: &base, token: &api.bootstrap_token, api_url: &api_url };
+    let params = BootParams { base_url: &base, token: &api.bootstrap_token, api_url: &api_url };
     let seed = match api.catalog.seed(&profile, image, &machine, &params) {
         Ok(s) => s,
         Err(e) => {
@@ -522,7 +522,7 @@ mod tests {
         let mut artifacts = Vec::new();
         for f in ["initrd.img", "vmlinuz"] {
             std::fs::write(image.join(f), f).unwrap();
-            let sha = kiln_core::sha256_digest(f.as_bytes()).trim_start_matches("sha256:").to_string();
+            let sha = kiln_core::Digest::of(f).hex();
             artifacts.push(kiln_core::Artifact { name: f.into(), size: f.len() as u64, sha256: sha });
         }
         let manifest = kiln_core::Manifest {
@@ -539,7 +539,7 @@ mod tests {
             },
         };
         std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
-        let store = DbStore::open(&dir.join("registry.redb"), None).unwrap();
+        let store = DbStore::open(&crate::StateDir::new(dir).registry_db(), None).unwrap();
         let images = Arc::new(ImageStore::load(&images).unwrap());
         Arc::new(Api {
             registry: Registry::open(Arc::new(store), Default::default()).await.unwrap(),

@@ -6,6 +6,7 @@
 //! - [`api`]: the HTTP API (`/api/v1/register`, `/api/v1/heartbeat`,
 //!   `/api/v1/peers`, `/api/v1/nodes`, `/api/v1/sd`) and `/boot.ipxe`.
 //! - [`tls`]: the control plane's CA (`STATE/ca.pem`) and the API over TLS.
+//! - [`state_dir`]: the files of the state directory, each named once.
 //! - [`server`]: the composed server `kiln serve` runs: boot assets from
 //!   kiln-pxe on plain HTTP plus the API over TLS, with its state directory
 //!   and bootstrap token.
@@ -19,9 +20,11 @@ pub mod api;
 pub mod pools;
 pub mod registry;
 pub mod server;
+pub mod state_dir;
 pub mod store;
 pub mod tls;
 pub mod token;
 
 pub use registry::Registry;
 pub use server::{Server, ServerConfig};
+pub use state_dir::StateDir;

@@ -22,7 +22,8 @@ use kiln_pool::reconcile::Cause;
 use kiln_pool::service::{self, ControlPlane, Registered, StartError};
 use kiln_pool::{Fleet, LoadError, NodeId, NodeMedia, Pool, PoolsHandle, ServedImage, Settings};
 use kiln_pxe::ImageStore;
-use kiln_pxe::profile::{Catalog, Machine, Profile, ServerParams};
+use kiln_pxe::ipxe::BootParams;
+use kiln_pxe::profile::{Catalog, Machine, Profile};
 
 use crate::registry::Registry;
 
@@ -137,7 +138,7 @@ impl NodeMedia for Media {
         let qcow2 = format!("{}.qcow2", image.name);
         Some(ServedImage {
             name: image.name.clone(),
-            digest: image.digest.clone(),
+            digest: image.digest,
             qcow2: image.artifact(&qcow2).map(|_| self.images.root().join(&image.name).join(&qcow2)),
         })
     }
@@ -150,7 +151,7 @@ impl NodeMedia for Media {
         let image = self.images.get(&pool.image).ok_or_else(|| kiln_pool::reconcile::Error::ImageGone { image: pool.image.clone() })?;
         let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
         let profile = node_profile(&self.catalog, pool)?;
-        let params = ServerParams { base_url: &self.api_url, token: &self.bootstrap_token, api_url: &self.api_url };
+        let params = BootParams { base_url: &self.api_url, token: &self.bootstrap_token, api_url: &self.api_url };
         let seed = self.catalog.seed(&profile, image, &machine, &params)?;
         Ok(seed.iso()?)
     }

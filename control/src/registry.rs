@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use kiln_core::{Ipv4Cidr, Lease, Node, Peer, Peers, RegisterRequest};
+pub use kiln_core::NetworkConfig;
+use kiln_core::{Backend, Ipv4Cidr, Lease, Node, Peer, Peers, RegisterRequest};
 use time::OffsetDateTime;
 
 use crate::store::{self, Change, NodeRecord, Renewal, Store};
@@ -22,23 +23,6 @@ use crate::token;
 
 /// Seconds between heartbeats that the registry asks agents for.
 pub const HEARTBEAT_INTERVAL_SECS: u64 = 10;
-
-/// The pod network and how it is cut, as flannel's network config says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetworkConfig {
-    /// The whole pod network (`Network`).
-    pub network: Ipv4Cidr,
-    /// Length of each node's subnet (`SubnetLen`).
-    pub subnet_len: u8,
-    /// VXLAN network identifier (`Backend.VNI`).
-    pub vni: u32,
-}
-
-impl Default for NetworkConfig {
-    fn default() -> Self {
-        NetworkConfig { network: "10.244.0.0/16".parse().expect("a valid CIDR"), subnet_len: 24, vni: 1 }
-    }
-}
 
 /// Registering failed.
 #[derive(Debug, thiserror::Error)]
@@ -303,13 +287,8 @@ impl Registry {
                         agent_version: req.agent_version.clone(),
                         image_digest: req.image_digest.clone(),
                         metrics: req.metrics.clone(),
-                        pool: existing
-                            .as_ref()
-                            .map(|n| n.pool.clone())
-                            .filter(|p| !p.is_empty())
-                            .or_else(|| self.pool_of.get().and_then(|f| f(&req.hostname)))
-                            .unwrap_or_default(),
-                        host: String::new(),
+                        pool: existing.as_ref().and_then(|n| n.pool.clone()).or_else(|| self.pool_of.get().and_then(|f| f(&req.hostname))),
+                        host: None,
                         subnet,
                         public_ip: subnet.and(public_ip),
                         vtep_mac: subnet.and(req.vtep_mac),
@@ -343,7 +322,7 @@ impl Registry {
                 subnet,
                 mtu: req.uplink_mtu.unwrap_or(1500).saturating_sub(50),
                 vni: self.network.vni,
-                backend: "vxlan".into(),
+                backend: Backend::Vxlan,
             });
             return Ok((node, token, lease));
         }
@@ -522,7 +501,7 @@ mod tests {
     #[tokio::test]
     async fn register_is_idempotent_by_machine_id_and_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("registry.redb");
+        let path = crate::StateDir::new(dir.path()).registry_db();
         let reg = open(&path, "10.244.0.0/16").await;
         let (a, token_a, lease_a) = reg.register(&request('a', "worker")).await.unwrap();
         let (b, _, lease_b) = reg.register(&request('b', "worker")).await.unwrap();
@@ -555,7 +534,7 @@ mod tests {
     #[tokio::test]
     async fn leave_releases_and_exhaustion_is_clean() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("registry.redb");
+        let path = crate::StateDir::new(dir.path()).registry_db();
         // A /22 holds four /24s; the first is never leased: three nodes fit.
         let reg = open(&path, "10.9.0.0/22").await;
         let mut tokens = Vec::new();
@@ -585,7 +564,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn two_hundred_concurrent_registrations_get_distinct_subnets() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("registry.redb");
+        let path = crate::StateDir::new(dir.path()).registry_db();
         let reg = open(&path, "10.244.0.0/16").await;
         let handles: Vec<_> = (0..200u32)
             .map(|i| {
@@ -611,7 +590,7 @@ mod tests {
     #[tokio::test]
     async fn watch_returns_at_once_on_a_join() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = open(&dir.path().join("registry.redb"), "10.244.0.0/16").await;
+        let reg = open(&crate::StateDir::new(dir.path()).registry_db(), "10.244.0.0/16").await;
         let seen = reg.peers().revision;
         let waiter = {
             let reg = reg.clone();

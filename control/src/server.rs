@@ -178,7 +178,7 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
 /// The bootstrap token in the state directory, made on first start.
 fn bootstrap_token(state: &std::path::Path) -> Result<String, Error> {
     std::fs::create_dir_all(state).map_err(|source| Error::State { path: state.to_path_buf(), source })?;
-    let path = state.join("bootstrap-token");
+    let path = crate::StateDir::new(state).bootstrap_token();
     token::load_or_create_bootstrap(&path).map_err(|source| Error::State { path, source })
 }
 
@@ -187,7 +187,8 @@ fn bootstrap_token(state: &std::path::Path) -> Result<String, Error> {
 async fn open_registry(config: &ServerConfig) -> Result<Arc<Registry>, Error> {
     let (store, network): (Arc<dyn Store>, NetworkConfig) = match &config.store {
         StoreConfig::Embedded => {
-            let store = DbStore::open(&config.state.join("registry.redb"), Some(&config.state.join("nodes.json")))?;
+            let state = crate::StateDir::new(&config.state);
+            let store = DbStore::open(&state.registry_db(), Some(&state.legacy_nodes()))?;
             (Arc::new(store), config.network)
         }
         StoreConfig::Etcd(etcd) => {
@@ -298,7 +299,7 @@ impl Server {
         let api_addr = tls.as_ref().map(|t| t.addr);
         let (stop, task) = spawn_listeners(api, images.clone(), listener, tls);
         if let Some(a) = api_addr {
-            tracing::info!("api: listening on https://{a} (CA {})", config.state.join(tls::CA_CERT).display());
+            tracing::info!("api: listening on https://{a} (CA {})", crate::StateDir::new(&config.state).ca_cert().display());
         }
         for image in images.images() {
             tracing::info!(image = %image.name, digest = %image.digest, "serving image");

@@ -20,11 +20,6 @@ use std::time::Duration;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use tokio_rustls::TlsAcceptor;
 
-/// File name of the CA certificate in the state directory.
-pub const CA_CERT: &str = "ca.pem";
-/// File name of the CA key in the state directory.
-pub const CA_KEY: &str = "ca-key.pem";
-
 /// The CA could not be made, read or used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,6 +52,7 @@ fn cert_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> Error {
 pub struct Ca {
     /// Where the certificate is.
     pub cert_path: PathBuf,
+    key_path: PathBuf,
     cert_pem: String,
     key_pem: String,
 }
@@ -66,8 +62,8 @@ impl Ca {
     /// neither exists. One without the other is an error naming the
     /// missing file: kiln never replaces a CA that images trust.
     pub fn load_or_create(state: &Path) -> Result<Ca, Error> {
-        let cert_path = state.join(CA_CERT);
-        let key_path = state.join(CA_KEY);
+        let dir = crate::StateDir::new(state);
+        let (cert_path, key_path) = (dir.ca_cert(), dir.ca_key());
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Io { path, source }
@@ -76,7 +72,7 @@ impl Ca {
             (true, true) => {
                 let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
                 let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-                let ca = Ca { cert_path, cert_pem, key_pem };
+                let ca = Ca { cert_path, key_path, cert_pem, key_pem };
                 ca.issuer()?;
                 Ok(ca)
             }
@@ -97,11 +93,12 @@ impl Ca {
                 write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
                 write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
                 tracing::info!(ca = %cert_path.display(), "made the control plane's CA");
-                Ok(Ca { cert_path, cert_pem, key_pem })
+                Ok(Ca { cert_path, key_path, cert_pem, key_pem })
             }
-            (true, false) => {
-                Err(Error::Io { path: key_path, source: std::io::Error::new(std::io::ErrorKind::NotFound, "the CA key is missing") })
-            }
+            (true, false) => Err(Error::Io {
+                path: key_path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "the CA key is missing"),
+            }),
             (false, true) => Err(Error::Io {
                 path: cert_path,
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "the CA certificate is missing"),
@@ -115,7 +112,7 @@ impl Ca {
     }
 
     fn issuer(&self) -> Result<Issuer<'static, KeyPair>, Error> {
-        let key = KeyPair::from_pem(&self.key_pem).map_err(cert_err(format!("{}", self.cert_path.with_file_name(CA_KEY).display())))?;
+        let key = KeyPair::from_pem(&self.key_pem).map_err(cert_err(format!("{}", self.key_path.display())))?;
         Issuer::from_ca_cert_pem(&self.cert_pem, key).map_err(cert_err(format!("{}", self.cert_path.display())))
     }
 

@@ -64,7 +64,7 @@ mod tests {
     #[test]
     fn bootstrap_token_is_kept_private_and_stable() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bootstrap-token");
+        let path = crate::StateDir::new(dir.path()).bootstrap_token();
         let a = load_or_create_bootstrap(&path).unwrap();
         assert_eq!(a.len(), 64);
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);

@@ -1,4 +1,5 @@
-//! Subnet leases and peers: what the flannel side of the agent needs.
+//! Subnet leases, peers and the pod network's config: what the flannel
+//! side of the agent needs and what the registry leases from.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
@@ -52,31 +53,43 @@ impl std::fmt::Display for Ipv4Cidr {
     }
 }
 
+/// Why a text is not an IPv4 network in CIDR form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    /// No `/`.
+    #[error("{0:?} is not a CIDR (a.b.c.d/len)")]
+    Form(String),
+    /// The part before `/` is not an IPv4 address.
+    #[error("{0:?}: the address is not an IPv4 address")]
+    Addr(String),
+    /// The part after `/` is not a number from 0 to 32.
+    #[error("{0:?}: the prefix length is not a number from 0 to 32")]
+    Prefix(String),
+    /// The address has bits set past the prefix.
+    #[error("{text:?} has host bits set (the network is {network})")]
+    HostBits {
+        /// The text.
+        text: String,
+        /// The network it would be with them cleared.
+        network: Ipv4Cidr,
+    },
+}
+
 impl FromStr for Ipv4Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/len)"))?;
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
-        let prefix: u8 = p.parse().map_err(|_| format!("{s:?}: {p:?} is not a prefix length"))?;
-        let net = Ipv4Cidr::new(addr, prefix).ok_or_else(|| format!("{s:?}: prefix longer than 32"))?;
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let (a, p) = s.split_once('/').ok_or_else(|| CidrError::Form(s.into()))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| CidrError::Addr(s.into()))?;
+        let prefix: u8 = p.parse().map_err(|_| CidrError::Prefix(s.into()))?;
+        let net = Ipv4Cidr::new(addr, prefix).ok_or_else(|| CidrError::Prefix(s.into()))?;
         if net.addr != addr {
-            return Err(format!("{s:?} has host bits set (the network is {net})"));
+            return Err(CidrError::HostBits { text: s.into(), network: net });
         }
         Ok(net)
     }
 }
 
-impl Serialize for Ipv4Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Ipv4Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_str!(Ipv4Cidr);
 
 /// A node's subnet lease, as the registration answer carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,8 +102,48 @@ pub struct Lease {
     pub mtu: u32,
     /// VXLAN network identifier (`flannel.<VNI>`).
     pub vni: u32,
-    /// Backend: `vxlan`.
-    pub backend: String,
+    /// How pod traffic between nodes is carried.
+    pub backend: Backend,
+}
+
+/// How pod traffic between nodes is carried: flannel's `Backend.Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// VXLAN: `flannel.<VNI>`, one FDB and neighbour entry per peer.
+    Vxlan,
+}
+
+impl Backend {
+    /// The name flannel gives it (`vxlan`), as the JSON spells it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The pod network and how it is cut, as flannel's network config says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The whole pod network (`Network`).
+    pub network: Ipv4Cidr,
+    /// Length of each node's subnet (`SubnetLen`).
+    pub subnet_len: u8,
+    /// VXLAN network identifier (`Backend.VNI`).
+    pub vni: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig { network: "10.244.0.0/16".parse().expect("a valid CIDR"), subnet_len: 24, vni: 1 }
+    }
 }
 
 /// Another node, as the peers watch lists it.
@@ -132,5 +185,12 @@ mod tests {
         for bad in ["10.244.0.1/16", "10.244.0.0", "10.244.0.0/33", "x/8"] {
             assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn backend_is_spelled_as_flannel_does() {
+        assert_eq!(serde_json::to_string(&Backend::Vxlan).unwrap(), "\"vxlan\"");
+        assert_eq!(serde_json::from_str::<Backend>("\"vxlan\"").unwrap(), Backend::Vxlan);
+        assert!(serde_json::from_str::<Backend>("\"udp\"").is_err(), "only vxlan");
     }
 }

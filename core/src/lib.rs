@@ -1,12 +1,32 @@
 //! kiln-core: the types that the kiln agent, the server and the builder share.
 //!
 //! Everything here is plain data with serde derives and small pure functions
-//! (MAC spelling, kernel command-line parsing, image digests). No I/O: a crate
+//! (MAC spelling, kernel command-line parsing, the join parameters, digests). No I/O: a crate
 //! that needs to read a file or open a socket does so itself and hands the
 //! bytes here. To add a wire type, add it to the module whose endpoint uses it
 //! and keep field names in snake case, as the JSON API spells them.
 
+/// Serde for a type as its text: `Display` to write, `FromStr` to read
+/// (whose error becomes the deserializer's message).
+macro_rules! serde_as_str {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <String as serde::Deserialize>::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 pub mod cmdline;
+pub mod digest;
+pub mod join;
 pub mod lease;
 pub mod mac;
 pub mod manifest;
@@ -15,9 +35,11 @@ pub mod pool;
 pub mod toml_file;
 
 pub use cmdline::KernelCmdline;
-pub use lease::{Ipv4Cidr, Lease, Peer, Peers};
+pub use digest::{Digest, DigestError};
+pub use join::{IMAGE_CA_PATH, JoinError, JoinParams, SEED_CMDLINE_PATH};
+pub use lease::{Backend, CidrError, Ipv4Cidr, Lease, NetworkConfig, Peer, Peers};
 pub use mac::Mac;
-pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
+pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, ManifestError, PackageRef};
 pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse, SdTargetGroup};
 pub use pool::{HostStatus, PoolStatus};
 
@@ -37,10 +59,9 @@ pub const CMDLINE_ROOTFS: &str = "kiln.rootfs";
 /// checked before it is mounted.
 pub const CMDLINE_ROOTFS_SHA256: &str = "kiln.rootfs_sha256";
 
-/// Hex sha256 of `bytes`, prefixed `sha256:` as OCI and kiln spell digests.
+/// [`Digest::of`] `bytes`, as text (`sha256:<hex>`).
 pub fn sha256_digest(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    Digest::of(bytes).to_string()
 }
 
 /// `e` and its causes, joined by `: `, for a log line or an error body

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Digest;
+
 /// File name of the manifest inside an image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -13,8 +15,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub struct Manifest {
     /// Image name, from the spec; also the directory name.
     pub name: String,
-    /// `sha256:` over the artifact list (see [`Manifest::compute_digest`]).
-    pub digest: String,
+    /// sha256 over the artifact list (see [`Manifest::compute_digest`]).
+    pub digest: Digest,
     /// Every file of the image, sorted by name.
     pub artifacts: Vec<Artifact>,
     /// How to boot it over the network.
@@ -31,7 +33,8 @@ pub struct Artifact {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// Hex sha256 of the file's bytes.
+    /// Hex sha256 of the file's bytes ([`Digest::hex`]: no `sha256:`
+    /// prefix, as `sha256sum` prints it and the `ETag` carries it).
     pub sha256: String,
 }
 
@@ -81,17 +84,47 @@ pub struct PackageRef {
     pub sha256: String,
 }
 
+/// What is inconsistent in a manifest (see [`Manifest::check`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// The image name is not a plain directory name.
+    #[error("image name {0:?} is not a plain directory name")]
+    ImageName(String),
+    /// An artifact's name is not a plain file name.
+    #[error("artifact name {0:?} is not a plain file name")]
+    ArtifactName(String),
+    /// An artifact's `sha256` is not 64 hex digits.
+    #[error("artifact {0:?} has a malformed sha256")]
+    ArtifactSha256(String),
+    /// A boot entry names no artifact.
+    #[error("{role} names {name:?}, which is not among the artifacts")]
+    BootEntry {
+        /// `boot.kernel`, `boot.initrd` or `boot.rootfs`.
+        role: &'static str,
+        /// The name it gives.
+        name: String,
+    },
+    /// The digest is not the artifacts'.
+    #[error("digest {found} does not match the artifacts ({want})")]
+    Digest {
+        /// The manifest's digest.
+        found: Digest,
+        /// The artifacts' digest.
+        want: Digest,
+    },
+}
+
 impl Manifest {
     /// The image digest: sha256 over `name size sha256\n` of each artifact,
     /// sorted by name. It changes exactly when some artifact's bytes change.
-    pub fn compute_digest(artifacts: &[Artifact]) -> String {
+    pub fn compute_digest(artifacts: &[Artifact]) -> Digest {
         let mut sorted: Vec<&Artifact> = artifacts.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         let mut text = String::new();
         for a in sorted {
             text.push_str(&format!("{} {} {}\n", a.name, a.size, a.sha256));
         }
-        crate::sha256_digest(text.as_bytes())
+        Digest::of(text)
     }
 
     /// The artifact called `name`, if the image has one.
@@ -102,27 +135,28 @@ impl Manifest {
     /// Checks the manifest is self-consistent: its digest matches its
     /// artifacts, artifact names are plain file names, and the boot entries
     /// name artifacts that exist. Returns what is wrong.
-    pub fn check(&self) -> Result<(), String> {
-        if self.name.is_empty() || self.name.contains('/') || self.name.starts_with('.') {
-            return Err(format!("image name {:?} is not a plain directory name", self.name));
+    pub fn check(&self) -> Result<(), ManifestError> {
+        let plain = |name: &str| !(name.is_empty() || name.contains('/') || name.starts_with('.'));
+        if !plain(&self.name) {
+            return Err(ManifestError::ImageName(self.name.clone()));
         }
         for a in &self.artifacts {
-            if a.name.is_empty() || a.name.contains('/') || a.name.starts_with('.') {
-                return Err(format!("artifact name {:?} is not a plain file name", a.name));
+            if !plain(&a.name) {
+                return Err(ManifestError::ArtifactName(a.name.clone()));
             }
-            if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!("artifact {:?} has a malformed sha256", a.name));
+            if Digest::from_hex(&a.sha256).is_err() {
+                return Err(ManifestError::ArtifactSha256(a.name.clone()));
             }
         }
         let rootfs = self.boot.rootfs.iter().map(|r| ("boot.rootfs", r));
         for (role, name) in [("boot.kernel", &self.boot.kernel), ("boot.initrd", &self.boot.initrd)].into_iter().chain(rootfs) {
             if self.artifact(name).is_none() {
-                return Err(format!("{role} names {name:?}, which is not among the artifacts"));
+                return Err(ManifestError::BootEntry { role, name: name.clone() });
             }
         }
         let want = Self::compute_digest(&self.artifacts);
         if want != self.digest {
-            return Err(format!("digest {} does not match the artifacts ({want})", self.digest));
+            return Err(ManifestError::Digest { found: self.digest, want });
         }
         Ok(())
     }
@@ -166,14 +200,14 @@ mod tests {
     fn check_cases() {
         assert_eq!(manifest().check(), Ok(()));
         let mut m = manifest();
-        m.digest = "sha256:00".into();
-        assert!(m.check().unwrap_err().contains("does not match"), "wrong digest");
+        m.digest = Digest::of("other artifacts");
+        assert!(m.check().unwrap_err().to_string().contains("does not match"), "wrong digest");
         let mut m = manifest();
         m.boot.initrd = "nope".into();
-        assert!(m.check().unwrap_err().contains("boot.initrd"), "missing initrd");
+        assert!(m.check().unwrap_err().to_string().contains("boot.initrd"), "missing initrd");
         let mut m = manifest();
         m.artifacts[0].name = "../etc/passwd".into();
         m.digest = Manifest::compute_digest(&m.artifacts);
-        assert!(m.check().unwrap_err().contains("plain file name"), "escaping name");
+        assert!(m.check().unwrap_err().to_string().contains("plain file name"), "escaping name");
     }
 }

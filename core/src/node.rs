@@ -94,13 +94,16 @@ pub struct Node {
     /// `host:port` of its `/metrics`, when it said so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
-    /// Pool the node belongs to (empty when booted by hand).
-    #[serde(default)]
-    pub pool: String,
+    /// Pool the node belongs to (`None` when booted by hand). Written
+    /// `""` for none, as before it was optional, so readers of the JSON
+    /// keep working; `""` reads back as `None`.
+    #[serde(default, serialize_with = "none_as_empty", deserialize_with = "empty_as_none")]
+    pub pool: Option<String>,
     /// The libvirt host its domain runs on, for a pool's node (filled in
-    /// by the server when it lists nodes; not stored).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub host: String,
+    /// by the server when it lists nodes; not stored). Left out when none;
+    /// `""` reads back as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "empty_as_none")]
+    pub host: Option<String>,
     /// Its pod subnet, when it holds a lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<crate::Ipv4Cidr>,
@@ -116,6 +119,18 @@ pub struct Node {
     /// Last registration or heartbeat.
     #[serde(with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
+}
+
+/// Writes `None` as `""`: the spelling of "none" that [`Node::pool`]'s
+/// readers know.
+fn none_as_empty<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(value.as_deref().unwrap_or_default())
+}
+
+/// Reads `""` (or `null`) as `None`: records and answers written when
+/// these fields were plain strings said "none" that way.
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
 }
 
 /// Why a registration body is refused.
@@ -204,6 +219,23 @@ mod tests {
             }
             assert!(r.validate().is_err(), "{field}={bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn pool_and_host_none_are_written_and_read_as_before() {
+        let old = serde_json::json!({
+            "name": "a", "machine_id": "0123456789abcdef0123456789abcdef", "hostname": "a", "macs": [], "addresses": [],
+            "cpus": 1, "memory_bytes": 1, "kernel": "k", "agent_version": "v", "image_digest": "", "pool": "", "host": "",
+            "registered_at": "2026-01-01T00:00:00Z", "last_seen": "2026-01-01T00:00:00Z",
+        });
+        let node: Node = serde_json::from_value(old).unwrap();
+        assert_eq!((&node.pool, &node.host), (&None, &None), "\"\" reads as none");
+        let written = serde_json::to_value(&node).unwrap();
+        assert_eq!(written["pool"], "", "no pool is written as before");
+        assert!(written.get("host").is_none(), "no host is left out as before");
+        let pooled = Node { pool: Some("tiny".into()), host: Some("qemu:///system".into()), ..node };
+        let read: Node = serde_json::from_value(serde_json::to_value(&pooled).unwrap()).unwrap();
+        assert_eq!(read, pooled, "a pool and a host round-trip");
     }
 
     #[test]

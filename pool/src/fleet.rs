@@ -28,8 +28,8 @@ use crate::{NodeId, hypervisor};
 pub struct ServedImage {
     /// The image's name.
     pub name: String,
-    /// Its digest (`sha256:…`): golden volumes on hosts are named by it.
-    pub digest: String,
+    /// Its digest: golden volumes on hosts are named by it.
+    pub digest: kiln_core::Digest,
     /// Its golden qcow2 on this server, if it has one (disk pools need it).
     pub qcow2: Option<PathBuf>,
 }

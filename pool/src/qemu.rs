@@ -77,8 +77,7 @@ pub struct GuestSpec {
 impl GuestSpec {
     /// The SMBIOS UUID, derived from name and MAC so it is stable per guest.
     pub fn uuid(&self) -> String {
-        let d = kiln_core::sha256_digest(format!("{}/{}", self.name, self.mac).as_bytes());
-        let h = d.trim_start_matches("sha256:");
+        let h = kiln_core::Digest::of(format!("{}/{}", self.name, self.mac)).hex();
         format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
     }
 

@@ -183,13 +183,12 @@ impl Volumes {
         stream.finish().map_err(self.err(format!("finishing the upload of volume {name}")))
     }
 
-    /// The golden volume of `image` at `digest` (`sha256:…`), uploaded from
+    /// The golden volume of `image` at `digest`, uploaded from
     /// `local` (a qcow2 file on the server) unless a complete one is there;
     /// its path on the host. Golden volumes of `image` at other digests
     /// that no overlay uses are deleted.
-    pub fn golden(&self, image: &str, digest: &str, local: &Path) -> Result<Golden, Error> {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        let name = format!("golden-{image}-{}.qcow2", &hex[..hex.len().min(16)]);
+    pub fn golden(&self, image: &str, digest: &kiln_core::Digest, local: &Path) -> Result<Golden, Error> {
+        let name = format!("golden-{image}-{}.qcow2", &digest.hex()[..16]);
         let ok = format!("{name}.ok");
         // No refresh: the volumes kiln made are known to libvirt without
         // one, and the pass that calls this has refreshed the pool once.

@@ -8,12 +8,14 @@
 //! when it fails, as iPXE users expect, instead of falling out to the next
 //! boot device.
 
-use kiln_core::{Mac, Manifest};
+use kiln_core::{JoinParams, Mac, Manifest};
 
 /// Seconds iPXE waits before retrying a failed download.
 pub const RETRY_SECS: u32 = 3;
 
-/// What a booting node is told on its kernel command line.
+/// Where a booting machine finds the server and how its node joins: what
+/// its boot script and its NoCloud seed are rendered with, besides its
+/// profile and image.
 #[derive(Debug, Clone)]
 pub struct BootParams<'a> {
     /// Base URL of the server as the node reaches it (`http://10.0.2.2:8080`).
@@ -23,6 +25,13 @@ pub struct BootParams<'a> {
     /// The control-plane API as the node's agent reaches it
     /// (`https://10.0.2.2:8443`; the base URL when the API is plain HTTP).
     pub api_url: &'a str,
+}
+
+impl BootParams<'_> {
+    /// The join parameters of a node booting `image`.
+    pub fn join(&self, image: &Manifest) -> JoinParams {
+        JoinParams::new(self.api_url, self.token, Some(image.digest))
+    }
 }
 
 /// The bootstrap script served at `/boot.ipxe` (BIOS and UEFI alike): it
@@ -52,9 +61,7 @@ pub fn boot_script(image: &Manifest, extra_args: &[String], mac: Option<Mac>, pa
     let mut args = vec![format!("initrd={}", image.boot.initrd)];
     args.extend(image.boot.cmdline.iter().cloned());
     args.extend(extra_args.iter().cloned());
-    args.push(format!("{}={}", kiln_core::CMDLINE_SERVER, params.api_url.trim_end_matches('/')));
-    args.push(format!("{}={}", kiln_core::CMDLINE_TOKEN, params.token));
-    args.push(format!("{}={}", kiln_core::CMDLINE_IMAGE_DIGEST, image.digest));
+    args.extend(params.join(image).kernel_args());
     if let Some(rootfs) = image.boot.rootfs.as_ref().and_then(|name| image.artifact(name)) {
         args.push(format!("{}={}", kiln_core::CMDLINE_ROOTFS, url(&rootfs.name)));
         args.push(format!("{}={}", kiln_core::CMDLINE_ROOTFS_SHA256, rootfs.sha256));

@@ -39,6 +39,7 @@ use kiln_core::{Mac, Manifest};
 use serde::Deserialize;
 
 use crate::ImageStore;
+use crate::ipxe::BootParams;
 
 /// Loading profiles and groups failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +126,7 @@ pub struct Profile {
     #[serde(default)]
     pub kernel_args: Vec<String>,
     /// Template of `user-data`; when absent kiln writes a cloud-config that
-    /// sets the hostname and `/etc/kiln/cmdline` for the agent.
+    /// sets the hostname and [`kiln_core::SEED_CMDLINE_PATH`] for the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_data: Option<String>,
     /// Template of `network-config` (version 2).
@@ -231,17 +232,6 @@ impl Machine {
     }
 }
 
-/// What the server tells a booting machine, besides its profile.
-#[derive(Debug, Clone)]
-pub struct ServerParams<'a> {
-    /// Base URL of the server, as the machine reaches it.
-    pub base_url: &'a str,
-    /// The bootstrap token.
-    pub token: &'a str,
-    /// The control-plane API as the node's agent reaches it.
-    pub api_url: &'a str,
-}
-
 /// Every profile and group, checked against the served images.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -328,7 +318,7 @@ impl Catalog {
     }
 
     /// The machine's NoCloud seed, rendered from its profile.
-    pub fn seed(&self, profile: &Profile, image: &Manifest, machine: &Machine, server: &ServerParams<'_>) -> Result<Seed, RenderError> {
+    pub fn seed(&self, profile: &Profile, image: &Manifest, machine: &Machine, server: &BootParams<'_>) -> Result<Seed, RenderError> {
         let ctx = context(profile, image, machine, server);
         let env = environment();
         let render = |file: &str, source: &Option<String>| -> Result<Option<String>, RenderError> {
@@ -344,16 +334,8 @@ impl Catalog {
             None => CloudConfig {
                 hostname: Some(hostname.clone()),
                 write_files: vec![WriteFile {
-                    path: "/etc/kiln/cmdline".into(),
-                    content: format!(
-                        "{}={} {}={} {}={}\n",
-                        kiln_core::CMDLINE_SERVER,
-                        server.api_url.trim_end_matches('/'),
-                        kiln_core::CMDLINE_TOKEN,
-                        server.token,
-                        kiln_core::CMDLINE_IMAGE_DIGEST,
-                        image.digest
-                    ),
+                    path: kiln_core::SEED_CMDLINE_PATH.into(),
+                    content: server.join(image).seed_file(),
                     permissions: Some("0600".into()),
                     owner: None,
                 }],
@@ -367,10 +349,7 @@ impl Catalog {
             (None, None) => hostname.clone(),
         };
         Ok(Seed {
-            meta_data: MetaData {
-                instance_id: format!("kiln-{instance}-{}", &image.digest.trim_start_matches("sha256:")[..12]),
-                local_hostname: hostname,
-            },
+            meta_data: MetaData { instance_id: format!("kiln-{instance}-{}", &image.digest.hex()[..12]), local_hostname: hostname },
             user_data,
             network_config: render("network-config", &profile.network_config)?,
             vendor_data: render("vendor-data", &profile.vendor_data)?,
@@ -401,7 +380,7 @@ fn template_message(e: &minijinja::Error) -> String {
     }
 }
 
-fn context(profile: &Profile, image: &Manifest, machine: &Machine, server: &ServerParams<'_>) -> minijinja::Value {
+fn context(profile: &Profile, image: &Manifest, machine: &Machine, server: &BootParams<'_>) -> minijinja::Value {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     minijinja::context! {
         mac => machine.mac.map(|m| m.to_string()).unwrap_or_default(),
@@ -415,7 +394,7 @@ fn context(profile: &Profile, image: &Manifest, machine: &Machine, server: &Serv
         api => server.api_url.trim_end_matches('/'),
         token => server.token,
         image => image.name.clone(),
-        image_digest => image.digest.clone(),
+        image_digest => image.digest.to_string(),
         profile => profile.id.clone(),
     }
 }
@@ -537,7 +516,7 @@ mod tests {
         let cat = Catalog::load(&dir.path().join("cat"), &images).unwrap();
         let m = machine(&[("rack", "a1"), ("mac", "52-54-00-00-00-07")]);
         let (_, profile) = cat.select(&m).unwrap();
-        let server = ServerParams { base_url: "http://10.0.2.2:8080/", token: "tok", api_url: "http://10.0.2.2:8080" };
+        let server = BootParams { base_url: "http://10.0.2.2:8080/", token: "tok", api_url: "http://10.0.2.2:8080" };
         let seed = cat.seed(profile, images.get(&profile.image).unwrap(), &m, &server).unwrap();
         assert_eq!(seed.user_data, "#cloud-config\nhostname: node-000007\nruncmd: [\"echo a1 52:54:00:00:00:07\"]\n");
         assert!(seed.meta_data.instance_id.starts_with("kiln-525400000007-"));

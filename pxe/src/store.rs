@@ -122,7 +122,7 @@ fn read_manifest(path: &Path) -> Result<Manifest, Error> {
     let text = std::fs::read(path).map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
     let manifest: Manifest =
         serde_json::from_slice(&text).map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
-    manifest.check().map_err(|reason| Error::BadManifest { path: path.to_path_buf(), reason })?;
+    manifest.check().map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
     Ok(manifest)
 }
 
@@ -138,7 +138,7 @@ pub(crate) mod tests {
         let mut artifacts = Vec::new();
         for (file, bytes) in [("initrd.img", b"initrd-bytes".as_slice()), ("vmlinuz", b"kernel-bytes".as_slice())] {
             std::fs::write(image.join(file), bytes).unwrap();
-            let sha = kiln_core::sha256_digest(bytes).trim_start_matches("sha256:").to_string();
+            let sha = kiln_core::Digest::of(bytes).hex();
             artifacts.push(Artifact { name: file.into(), size: bytes.len() as u64, sha256: sha });
         }
         let manifest = Manifest {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_pxe::ImageStore;
 use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
-use kiln_pxe::profile::{Catalog, Machine, Profile, ServerParams};
+use kiln_pxe::profile::{Catalog, Machine, Profile};
 
 const BASE_URL: &str = "http://10.0.2.2:8080/";
 const API_URL: &str = "https://10.0.2.2:8443";
@@ -69,7 +69,7 @@ fn check_seed(query: &[(&str, &str)], dir: &str, names: &[&str]) {
     let (images, catalog, machine, profile) = select(query);
     let image = images.get(&profile.image).expect("the profile's image is served");
     let seed = catalog
-        .seed(&profile, image, &machine, &ServerParams { base_url: BASE_URL, token: TOKEN, api_url: API_URL })
+        .seed(&profile, image, &machine, &BootParams { base_url: BASE_URL, token: TOKEN, api_url: API_URL })
         .expect("the seed renders");
     let files = seed.files();
     assert_eq!(files.iter().map(|(n, _)| *n).collect::<Vec<_>>(), names, "files of seed {dir}");

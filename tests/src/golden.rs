@@ -48,20 +48,19 @@ pub fn build_command(spec: &Path, out: &Path, cache: Option<&Path>, agent: Optio
 }
 
 /// The seed a disk-booted worker needs to join `api` with `token`: the
-/// hostname, `/etc/kiln/cmdline` for the agent, and a runcmd that waits
+/// hostname, [`kiln_core::SEED_CMDLINE_PATH`] for the agent, and a runcmd that waits
 /// for the agent to register (at most `wait_secs`) and then prints
 /// `journalctl -u kiln-agent` on the serial console between markers.
-pub fn seed(name: &str, api: &str, token: &str, image_digest: &str, wait_secs: u32) -> Seed {
-    let cmdline = format!(
-        "{}={} {}={token} {}={image_digest}\n",
-        kiln_core::CMDLINE_SERVER,
-        api.trim_end_matches('/'),
-        kiln_core::CMDLINE_TOKEN,
-        kiln_core::CMDLINE_IMAGE_DIGEST
-    );
+pub fn seed(name: &str, api: &str, token: &str, image_digest: &kiln_core::Digest, wait_secs: u32) -> Seed {
+    let cmdline = kiln_core::JoinParams::new(api, token, Some(*image_digest)).seed_file();
     let config = CloudConfig {
         hostname: Some(name.into()),
-        write_files: vec![WriteFile { path: "/etc/kiln/cmdline".into(), content: cmdline, permissions: Some("0600".into()), owner: None }],
+        write_files: vec![WriteFile {
+            path: kiln_core::SEED_CMDLINE_PATH.into(),
+            content: cmdline,
+            permissions: Some("0600".into()),
+            owner: None,
+        }],
         runcmd: vec![RunCmd::Shell(format!(
             "for i in $(seq {wait_secs}); do journalctl -u kiln-agent --no-pager | grep -q 'registered with' && break; sleep 1; done; \
              {{ echo KILN-JOURNAL-BEGIN; journalctl -u kiln-agent --no-pager; echo KILN-JOURNAL-END; }} > /dev/ttyS0"

@@ -184,7 +184,7 @@ impl KilnServer {
             |prefix: &str| line.split_whitespace().find(|w| w.starts_with(prefix)).map(|w| w.trim_end_matches([',', ')']).to_string());
         let url = word("http://").unwrap_or_else(|| panic!("no URL in {line:?}"));
         let api = word("https://").unwrap_or_else(|| url.clone());
-        let ca = api.starts_with("https://").then(|| state.join("ca.pem"));
+        let ca = api.starts_with("https://").then(|| kiln_control::StateDir::new(state).ca_cert());
         KilnServer { process, url, api, ca, state: state.to_path_buf() }
     }
 
@@ -338,7 +338,7 @@ pub fn fake_image(dir: &Path, name: &str) -> kiln_core::Manifest {
     let mut artifacts = Vec::new();
     for (file, bytes) in [("initrd.img", b"initrd-bytes".as_slice()), ("vmlinuz", b"kernel-bytes".as_slice())] {
         std::fs::write(image.join(file), bytes).expect("artifact");
-        let sha256 = kiln_core::sha256_digest(bytes).trim_start_matches("sha256:").to_string();
+        let sha256 = kiln_core::Digest::of(bytes).hex();
         artifacts.push(kiln_core::Artifact { name: file.into(), size: bytes.len() as u64, sha256 });
     }
     let manifest = kiln_core::Manifest {

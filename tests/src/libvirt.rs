@@ -195,7 +195,7 @@ impl<'a> PoolServer<'a> {
 
     /// The names of `pool`'s registered nodes, sorted.
     pub fn registered(&self, pool: &str) -> Vec<String> {
-        let mut names: Vec<String> = self.nodes().into_iter().filter(|n| n.pool == pool).map(|n| n.name).collect();
+        let mut names: Vec<String> = self.nodes().into_iter().filter(|n| n.pool.as_deref() == Some(pool)).map(|n| n.name).collect();
         names.sort();
         names
     }

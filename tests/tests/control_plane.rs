@@ -87,7 +87,7 @@ fn register_until_answered(client: &reqwest::blocking::Client, api: &str, token:
 /// by machine.
 fn register_through_a_kill(lab: &Lab, server: &mut KilnServer, kill_after: usize) -> BTreeMap<String, Ipv4Cidr> {
     assert!(kill_after < NODES / 2);
-    let token = std::fs::read_to_string(lab.state.join("bootstrap-token")).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(kiln_control::StateDir::new(&lab.state).bootstrap_token()).unwrap().trim().to_string();
     let client = server.client();
     let api = server.api.clone();
     let answered = Arc::new(AtomicUsize::new(0));
@@ -137,7 +137,7 @@ fn assert_none_lost(server: &KilnServer, answers: &BTreeMap<String, Ipv4Cidr>) {
 }
 
 fn reregister_all(server: &KilnServer, answers: &BTreeMap<String, Ipv4Cidr>) {
-    let token = std::fs::read_to_string(server.state.join("bootstrap-token")).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token()).unwrap().trim().to_string();
     let client = server.client();
     for i in (0..NODES).step_by(7) {
         let req = request(i);
@@ -154,7 +154,7 @@ fn embedded_store_survives_sigkill_mid_registration() {
     let answers = register_through_a_kill(&lab, &mut server, 20);
     assert_none_lost(&server, &answers);
     reregister_all(&server, &answers);
-    assert!(lab.state.join("registry.redb").exists());
+    assert!(kiln_control::StateDir::new(&lab.state).registry_db().exists());
 }
 
 #[test]
@@ -198,7 +198,7 @@ fn etcd_store_survives_sigkill_and_etcd_restart_with_flannel_schema() {
     assert!(value["BackendData"]["VtepMAC"].as_str().unwrap().starts_with("0e:00:00:00:"), "{value}");
 
     // The flanneld is one of kiln's peers (peers answer node tokens only).
-    let token = std::fs::read_to_string(lab.state.join("bootstrap-token")).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(kiln_control::StateDir::new(&lab.state).bootstrap_token()).unwrap().trim().to_string();
     let get_peers = |query: &str| -> Option<Peers> {
         let me = register_until_answered(&server.client(), &server.api, &token, &request(0)).token;
         let url = format!("{}/api/v1/peers{query}", server.api);
@@ -240,7 +240,7 @@ fn exhausted_pod_network_is_a_clear_error_and_records_nothing() {
     // A /23 of /24s: the first is never leased, so one node fits.
     let lab = Lab::new(tmp.path(), &["--pod-network", "10.9.0.0/23"]);
     let server = lab.start();
-    let token = std::fs::read_to_string(lab.state.join("bootstrap-token")).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(kiln_control::StateDir::new(&lab.state).bootstrap_token()).unwrap().trim().to_string();
     let client = server.client();
     let first = register_until_answered(&client, &server.api, &token, &request(1));
     assert_eq!(first.lease.unwrap().subnet.to_string(), "10.9.1.0/24");

@@ -374,7 +374,7 @@ impl LoadedNode {
             reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics")).ok().filter(|r| r.status().is_success()).map(|_| ())
         });
         assert!(up.is_some(), "kiln-agent metrics did not come up");
-        let token = std::fs::read_to_string(server.state.join("bootstrap-token")).unwrap();
+        let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token()).unwrap();
         let body = serde_json::json!({
             "machine_id": format!("{:0>32}", hostname.len() + port as usize),
             "hostname": hostname, "macs": [], "addresses": ["127.0.0.1"], "cpus": 1, "memory_bytes": 1u64 << 30,

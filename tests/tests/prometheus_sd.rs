@@ -97,7 +97,8 @@ fn prometheus_scrapes_agent_found_through_sd() {
     let images = tmp.path().join("images");
     let manifest = fake_image(&images, "tiny");
     let server = KilnServer::start(&images, &tmp.path().join("state"));
-    let token = std::fs::read_to_string(server.state.join("bootstrap-token")).expect("kiln serve wrote its bootstrap token");
+    let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token())
+        .expect("kiln serve wrote its bootstrap token");
     let client = server.client();
 
     // The agent, in full mode, as it runs in a node: the command line the
@@ -134,7 +135,7 @@ fn prometheus_scrapes_agent_found_through_sd() {
     assert_eq!(node.metrics.as_deref(), Some(metrics_addr.as_str()), "the agent registers where its metrics listen");
     assert_eq!(node.image_digest, manifest.digest, "the agent registers the image digest from its command line");
     assert_eq!(group.labels.get("node"), Some(&node.name), "sd labels the target with the node's name: {group:?}");
-    assert_eq!(group.labels.get("image"), Some(&manifest.digest), "sd labels the target with the image digest: {group:?}");
+    assert_eq!(group.labels.get("image"), Some(&manifest.digest.to_string()), "sd labels the target with the image digest: {group:?}");
 
     // Prometheus, from the shipped config.
     let config = tmp.path().join("prometheus.yml");
@@ -163,13 +164,16 @@ fn prometheus_scrapes_agent_found_through_sd() {
         .unwrap_or_else(|| panic!("{}", failure("Prometheus has no node_memory_MemTotal_bytes sample")));
     assert_eq!(mem.len(), 1, "one node, one MemTotal series: {mem:?}");
     let sample = &mem[0];
-    for (name, want) in
-        [("job", "kiln-nodes"), ("node", node.name.as_str()), ("image", manifest.digest.as_str()), ("instance", node.name.as_str())]
-    {
+    for (name, want) in [
+        ("job", "kiln-nodes"),
+        ("node", node.name.as_str()),
+        ("image", manifest.digest.to_string().as_str()),
+        ("instance", node.name.as_str()),
+    ] {
         assert_eq!(label(sample, name), Some(want), "label {name} of {sample:?}");
     }
     // Prometheus drops labels with empty values, so `pool` shows only when set.
-    let pool = (!node.pool.is_empty()).then_some(node.pool.as_str());
+    let pool = node.pool.as_deref();
     assert_eq!(label(sample, "pool"), pool, "label pool of {sample:?}");
     let value: f64 = sample.value.parse().unwrap_or_else(|e| panic!("value {:?} of {sample:?}: {e}", sample.value));
     assert_eq!(value, mem_total_bytes() as f64, "node_memory_MemTotal_bytes is MemTotal from /proc/meminfo × 1024");

@@ -44,7 +44,7 @@ fn build_serve_pxe_boot_register() {
     );
     assert_eq!(manifest.check(), Ok(()));
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("events")).unwrap();
-    assert_eq!(last["digest"], manifest.digest.as_str(), "the build reports the manifest's digest");
+    assert_eq!(last["digest"], manifest.digest.to_string(), "the build reports the manifest's digest");
 
     let server = KilnServer::start(&images, &state);
     assert!(server.api.starts_with("https://"), "the API is served over TLS by default: {}", server.api);

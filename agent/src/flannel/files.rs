@@ -170,7 +170,7 @@ mod tests {
     use super::*;
 
     fn lease(network: &str, subnet: &str, mtu: u32) -> Lease {
-        Lease { network: network.parse().unwrap(), subnet: subnet.parse().unwrap(), mtu, vni: 1, backend: "vxlan".into() }
+        Lease { network: network.parse().unwrap(), subnet: subnet.parse().unwrap(), mtu, vni: 1, backend: kiln_core::Backend::Vxlan }
     }
 
     #[test]

@@ -116,12 +116,9 @@ pub struct Overlay {
 /// The VTEP MAC of a machine: the first six bytes of
 /// `sha256("kiln-vtep:" + machine id)`, made locally administered unicast.
 pub fn vtep_mac(machine_id: &str) -> Mac {
-    let digest = kiln_core::sha256_digest(format!("kiln-vtep:{machine_id}").as_bytes());
-    let bytes = hex::decode(digest.trim_start_matches("sha256:")).unwrap_or_default();
+    let digest = kiln_core::Digest::of(format!("kiln-vtep:{machine_id}"));
     let mut mac = [0u8; 6];
-    for (m, b) in mac.iter_mut().zip(&bytes) {
-        *m = *b;
-    }
+    mac.copy_from_slice(&digest.bytes()[..6]);
     mac[0] = (mac[0] & 0xfe) | 0x02;
     Mac(mac)
 }
@@ -372,7 +369,7 @@ mod tests {
             subnet: subnet.parse().unwrap(),
             mtu: 1450,
             vni: 1,
-            backend: "vxlan".into(),
+            backend: kiln_core::Backend::Vxlan,
         };
         let reg = |name: &str, l: Option<Lease>| Registered { name: name.into(), token: "t".into(), lease: l };
         let a = lease("10.244.1.0/24");

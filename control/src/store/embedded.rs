@@ -56,7 +56,7 @@ impl Drop for DbStore {
 }
 
 fn db_error(path: &Path, e: impl Into<redb::Error>) -> Error {
-    Error::Db { path: path.into(), reason: e.into().to_string() }
+    Error::Db { path: path.into(), source: std::sync::Arc::new(e.into()) }
 }
 
 impl DbStore {
@@ -109,38 +109,35 @@ fn write_loop(db: &Database, path: &Path, queue: &mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let result = commit(db, path, &batch);
+        let result = commit(db, &batch).map_err(std::sync::Arc::new);
         for p in batch {
-            let answer = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(Error::Db { path: path.into(), reason: e.to_string() }),
-            };
+            let answer = result.clone().map_err(|source| Error::Db { path: path.into(), source });
             let _ = p.done.send(answer);
         }
     }
 }
 
-fn commit(db: &Database, path: &Path, batch: &[Pending]) -> Result<(), Error> {
-    let txn = db.begin_write().map_err(|e| db_error(path, e))?;
+fn commit(db: &Database, batch: &[Pending]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
     {
-        let mut table = txn.open_table(NODES).map_err(|e| db_error(path, e))?;
-        let mut pools = txn.open_table(POOLS).map_err(|e| db_error(path, e))?;
+        let mut table = txn.open_table(NODES)?;
+        let mut pools = txn.open_table(POOLS)?;
         for p in batch {
             match &p.op {
                 Op::Put(record) => {
                     let value = serde_json::to_vec(record).expect("records serialise");
-                    table.insert(record.node.name.as_str(), value.as_slice()).map_err(|e| db_error(path, e))?;
+                    table.insert(record.node.name.as_str(), value.as_slice())?;
                 }
                 Op::Remove(name) => {
-                    table.remove(name.as_str()).map_err(|e| db_error(path, e))?;
+                    table.remove(name.as_str())?;
                 }
                 Op::Replicas(pool, n) => {
-                    pools.insert(pool.as_str(), *n).map_err(|e| db_error(path, e))?;
+                    pools.insert(pool.as_str(), *n)?;
                 }
             }
         }
     }
-    txn.commit().map_err(|e| db_error(path, e))
+    Ok(txn.commit()?)
 }
 
 fn read_legacy(path: &Path) -> Result<Vec<NodeRecord>, Error> {
@@ -149,9 +146,11 @@ fn read_legacy(path: &Path) -> Result<Vec<NodeRecord>, Error> {
         nodes: Vec<NodeRecord>,
     }
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice::<FileFormat>(&bytes)
-            .map(|f| f.nodes)
-            .map_err(|e| Error::Corrupt { path: path.into(), reason: e.to_string() }),
+        Ok(bytes) => serde_json::from_slice::<FileFormat>(&bytes).map(|f| f.nodes).map_err(|source| Error::Corrupt {
+            path: path.into(),
+            what: "the registry file".into(),
+            source,
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(source) => Err(Error::Io { path: path.into(), source }),
     }
@@ -165,8 +164,11 @@ impl Store for DbStore {
             let mut records = Vec::new();
             for entry in table.iter().map_err(|e| db_error(&self.path, e))? {
                 let (key, value) = entry.map_err(|e| db_error(&self.path, e))?;
-                let record: NodeRecord = serde_json::from_slice(value.value())
-                    .map_err(|e| Error::Corrupt { path: self.path.clone(), reason: format!("node {:?}: {e}", key.value()) })?;
+                let record: NodeRecord = serde_json::from_slice(value.value()).map_err(|source| Error::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("node {:?}", key.value()),
+                    source,
+                })?;
                 records.push(record);
             }
             Ok(Loaded { records, foreign: Vec::new() })
@@ -219,7 +221,7 @@ mod tests {
     #[tokio::test]
     async fn pool_replicas_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("registry.redb");
+        let path = crate::StateDir::new(dir.path()).registry_db();
         {
             let store = DbStore::open(&path, None).unwrap();
             assert!(store.replicas().await.unwrap().is_empty());

@@ -24,12 +24,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
-use kiln_core::{Ipv4Cidr, Mac, Peer};
+use kiln_core::{Backend, Ipv4Cidr, Mac, Peer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use kiln_core::NetworkConfig;
+
 use super::{Change, Error, Loaded, NodeRecord, Renewal, Store, StoreFuture};
-use crate::registry::NetworkConfig;
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -124,7 +125,7 @@ impl EtcdStore {
     /// force (etcd's, when one was there).
     pub async fn connect(config: EtcdConfig, wanted: NetworkConfig) -> Result<(Self, NetworkConfig), Error> {
         let endpoints = config.endpoints.join(",");
-        let etcd = |e: etcd_client::Error| Error::Etcd { endpoints: endpoints.clone(), reason: e.to_string() };
+        let etcd = |source: etcd_client::Error| Error::Etcd { endpoints: endpoints.clone(), source };
         let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(10));
         let mut client = Client::connect(&config.endpoints, Some(options)).await.map_err(etcd)?;
         let key = format!("{}/config", config.prefix);
@@ -133,7 +134,7 @@ impl EtcdStore {
             subnet_len: Some(wanted.subnet_len),
             subnet_min: None,
             subnet_max: None,
-            backend: FlannelBackend { kind: "vxlan".into(), vni: Some(wanted.vni) },
+            backend: FlannelBackend { kind: Backend::Vxlan.to_string(), vni: Some(wanted.vni) },
         };
         let body = serde_json::to_string(&ours).expect("config serialises");
         // Create it unless it exists; either way read what is there.
@@ -175,8 +176,14 @@ impl EtcdStore {
         self.config.endpoints.join(",")
     }
 
-    fn err(&self, e: etcd_client::Error) -> Error {
-        Error::Etcd { endpoints: self.endpoints(), reason: e.to_string() }
+    fn err(&self, source: etcd_client::Error) -> Error {
+        Error::Etcd { endpoints: self.endpoints(), source }
+    }
+
+    /// The value under `key` is not `what`.
+    fn bad_value(&self, key: &[u8], what: &'static str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Error {
+        let (endpoints, key) = (self.endpoints(), String::from_utf8_lossy(key).into_owned());
+        move |source| Error::EtcdValue { endpoints, key, what, source }
     }
 
     fn subnets_prefix(&self) -> String {
@@ -190,7 +197,8 @@ impl EtcdStore {
     fn lease_value(&self, record: &NodeRecord) -> Option<String> {
         let node = &record.node;
         let (Some(IpAddr::V4(public_ip)), Some(vtep_mac)) = (node.public_ip, node.vtep_mac) else { return None };
-        let lease = FlannelLease { public_ip, backend_type: "vxlan".into(), backend_data: Some(VxlanData { vni: self.vni, vtep_mac }) };
+        let lease =
+            FlannelLease { public_ip, backend_type: Backend::Vxlan.to_string(), backend_data: Some(VxlanData { vni: self.vni, vtep_mac }) };
         Some(serde_json::to_string(&lease).expect("lease serialises"))
     }
 
@@ -241,7 +249,7 @@ impl EtcdStore {
         let resp = client.txn(Txn::new().when(compares).and_then(ops)).await;
         let resp = match resp {
             // The kept etcd lease expired meanwhile: take a new one.
-            Err(e) if granted.is_none() && e.to_string().contains("lease not found") => {
+            Err(e) if granted.is_none() && lease_not_found(&e) => {
                 self.leases.lock().expect("leases lock").remove(&name);
                 return Box::pin(self.write(record, true)).await;
             }
@@ -311,10 +319,8 @@ impl EtcdStore {
         let nodes = client.get(NODES_PREFIX, Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
         let mut records = Vec::new();
         for kv in nodes.kvs() {
-            let record: NodeRecord = serde_json::from_slice(kv.value()).map_err(|e| Error::Etcd {
-                endpoints: self.endpoints(),
-                reason: format!("{}: not a kiln node record: {e}", String::from_utf8_lossy(kv.key())),
-            })?;
+            let record: NodeRecord =
+                serde_json::from_slice(kv.value()).map_err(|e| self.bad_value(kv.key(), "a kiln node record")(e.into()))?;
             records.push(record);
         }
         // Subnets read at the same revision as the nodes, so the watch
@@ -345,12 +351,14 @@ impl EtcdStore {
         let key = String::from_utf8_lossy(kv.key());
         let subnet = parse_subnet_key(key.strip_prefix(&self.subnets_prefix())?)?;
         match serde_json::from_slice::<FlannelLease>(kv.value()) {
-            Ok(FlannelLease { public_ip, backend_type, backend_data: Some(data) }) if backend_type == "vxlan" => Some(Peer {
-                name: key.rsplit('/').next().unwrap_or_default().to_string(),
-                subnet,
-                public_ip: public_ip.into(),
-                vtep_mac: data.vtep_mac,
-            }),
+            Ok(FlannelLease { public_ip, backend_type, backend_data: Some(data) }) if backend_type == Backend::Vxlan.as_str() => {
+                Some(Peer {
+                    name: key.rsplit('/').next().unwrap_or_default().to_string(),
+                    subnet,
+                    public_ip: public_ip.into(),
+                    vtep_mac: data.vtep_mac,
+                })
+            }
             Ok(other) => {
                 tracing::warn!(key = %key, backend = %other.backend_type, "etcd: a lease kiln cannot route to (not vxlan); its subnet stays reserved");
                 // Reserved all the same: a zero MAC marks it unroutable.
@@ -460,6 +468,12 @@ fn node_change(kind: EventType, kv: &KeyValue) -> Option<Change> {
     }
 }
 
+/// Whether etcd refused a write because its lease is gone (expired or
+/// revoked): gRPC `NOT_FOUND`, which a put answers only for its lease.
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound)
+}
+
 /// `10.244.1.0-24` → `10.244.1.0/24`.
 fn parse_subnet_key(s: &str) -> Option<Ipv4Cidr> {
     let (ip, len) = s.split_once('-')?;
@@ -468,9 +482,9 @@ fn parse_subnet_key(s: &str) -> Option<Ipv4Cidr> {
 
 fn parse_config(key: &str, value: &[u8]) -> Result<NetworkConfig, Error> {
     let bad = |reason: String| Error::NetworkConfig { key: key.into(), reason };
-    let c: FlannelConfig = serde_json::from_slice(value).map_err(|e| bad(format!("not flannel's network config JSON: {e}")))?;
+    let c: FlannelConfig = serde_json::from_slice(value).map_err(|source| Error::NetworkConfigJson { key: key.into(), source })?;
     let network: Ipv4Cidr = c.network.parse().map_err(|e| bad(format!("`Network`: {e}")))?;
-    if !c.backend.kind.is_empty() && c.backend.kind != "vxlan" {
+    if !c.backend.kind.is_empty() && c.backend.kind != Backend::Vxlan.as_str() {
         return Err(bad(format!("`Backend.Type` is {:?}; kiln's agents speak only \"vxlan\"", c.backend.kind)));
     }
     let subnet_len = c.subnet_len.unwrap_or(24);
@@ -517,8 +531,8 @@ impl Store for EtcdStore {
                 let key = String::from_utf8_lossy(kv.key());
                 let n = String::from_utf8_lossy(kv.value())
                     .trim()
-                    .parse()
-                    .map_err(|_| Error::Etcd { endpoints: self.endpoints(), reason: format!("{key}: not a number of replicas") })?;
+                    .parse::<u32>()
+                    .map_err(|e| self.bad_value(kv.key(), "a number of replicas")(e.into()))?;
                 out.insert(key.trim_start_matches(POOLS_PREFIX).to_string(), n);
             }
             Ok(out)
@@ -555,5 +569,99 @@ mod tests {
         assert!(err.to_string().contains("/coreos.com/network/config") && err.to_string().contains("host-gw"), "{err}");
         assert!(parse_config("k", br#"{"Network":"10.5.0.0/16","SubnetLen":8}"#).is_err());
         assert!(parse_config("k", b"nope").is_err());
+    }
+
+    #[test]
+    fn only_a_not_found_status_is_a_lost_lease() {
+        let gone = etcd_client::Error::GRpcStatus(tonic::Status::not_found("etcdserver: requested lease not found"));
+        assert!(lease_not_found(&gone), "NOT_FOUND");
+        let other = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("lease not found, says the text"));
+        assert!(!lease_not_found(&other), "the status code decides, not the text");
+        assert!(!lease_not_found(&etcd_client::Error::WatchError("lease not found".into())), "not a status");
+    }
+
+    /// Debian's etcd (`etcd-server`) on loopback with a temp data
+    /// directory, killed when dropped.
+    struct LoopbackEtcd {
+        child: std::process::Child,
+        url: String,
+        _data: tempfile::TempDir,
+    }
+
+    impl LoopbackEtcd {
+        fn start() -> LoopbackEtcd {
+            let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let data = tempfile::Builder::new().prefix("kiln-etcd-").tempdir().unwrap();
+            let (url, peer) = (format!("http://127.0.0.1:{}", port()), format!("http://127.0.0.1:{}", port()));
+            let child = std::process::Command::new("/usr/bin/etcd")
+                .args(["--name", "kiln-unit", "--data-dir"])
+                .arg(data.path().join("member"))
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("kiln-unit={peer}"), "--initial-cluster-state", "new"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("/usr/bin/etcd (Debian etcd-server) runs");
+            LoopbackEtcd { child, url, _data: data }
+        }
+    }
+
+    impl Drop for LoopbackEtcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn leased_record() -> NodeRecord {
+        let now = time::OffsetDateTime::now_utc();
+        let node = kiln_core::Node {
+            name: "a".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            hostname: "a".into(),
+            macs: vec![],
+            addresses: vec![],
+            cpus: 1,
+            memory_bytes: 1,
+            kernel: "k".into(),
+            agent_version: "v".into(),
+            image_digest: String::new(),
+            metrics: None,
+            pool: None,
+            host: None,
+            subnet: "10.244.1.0/24".parse().ok(),
+            public_ip: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))),
+            vtep_mac: "0e:11:22:33:44:55".parse().ok(),
+            registered_at: now,
+            last_seen: now,
+        };
+        NodeRecord { node, token_sha256: "00".into() }
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_etcd_lease_is_gone_takes_a_new_one() {
+        let etcd = LoopbackEtcd::start();
+        let mut connected = None;
+        for _ in 0..60 {
+            match EtcdStore::connect(EtcdConfig::new(vec![etcd.url.clone()]), NetworkConfig::default()).await {
+                Ok((store, _)) => {
+                    connected = Some(store);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        let store = connected.expect("etcd on loopback answers within 30 s");
+        let record = leased_record();
+        store.write(&record, true).await.expect("the first write grants a lease");
+        let first = store.leases.lock().unwrap()["a"].0;
+        store.client.clone().lease_revoke(first).await.expect("the lease is revoked behind the store's back");
+        store.write(&record, false).await.expect("a write with the lost lease takes a new one");
+        let second = store.leases.lock().unwrap()["a"].0;
+        assert_ne!(first, second, "a new etcd lease");
+        let key = store.subnet_key("10.244.1.0/24".parse().unwrap());
+        let got = store.client.clone().get(key.as_str(), None).await.unwrap();
+        assert_eq!(got.kvs().first().map(|kv| kv.lease()), Some(second), "the subnet key is on the new lease");
     }
 }

@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use kiln_core::{Node, Peer};
 use serde::{Deserialize, Serialize};
@@ -33,7 +34,8 @@ pub struct NodeRecord {
     pub token_sha256: String,
 }
 
-/// A store failed.
+/// A store failed. Each variant names the file or key and carries the
+/// backend's own error as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading or writing a file of the store.
@@ -45,36 +47,64 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The store's file does not hold a registry.
-    #[error("{path}: {reason}")]
+    /// A record in the store's file is not a kiln node record.
+    #[error("{path}: {what} is not a kiln node record")]
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// Which record (`node "a"`, or `the registry file`).
+        what: String,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
     },
-    /// The database refused an operation.
-    #[error("{path}: {reason}")]
+    /// The database refused an operation. Shared: one failed commit
+    /// answers every write of its batch.
+    #[error("{path}")]
     Db {
         /// The database file.
         path: PathBuf,
-        /// What it said.
-        reason: String,
+        /// What redb said.
+        #[source]
+        source: Arc<redb::Error>,
     },
     /// etcd could not be reached or refused an operation.
-    #[error("etcd {endpoints}: {reason}")]
+    #[error("etcd {endpoints}")]
     Etcd {
         /// The endpoints.
         endpoints: String,
-        /// What went wrong.
-        reason: String,
+        /// What etcd-client said.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A value under a key of etcd is not what kiln writes there.
+    #[error("etcd {endpoints}: {key} is not {what}")]
+    EtcdValue {
+        /// The endpoints.
+        endpoints: String,
+        /// The key.
+        key: String,
+        /// What kiln expected (`a kiln node record`, `a number of replicas`).
+        what: &'static str,
+        /// Why it does not parse.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// etcd's network config is not flannel's JSON.
+    #[error("etcd {key}: not flannel's network config JSON")]
+    NetworkConfigJson {
+        /// The key.
+        key: String,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
     },
     /// etcd holds a network config kiln cannot use.
     #[error("etcd {key}: {reason}")]
     NetworkConfig {
         /// The key.
         key: String,
-        /// What is wrong with it.
+        /// What kiln cannot use, in words.
         reason: String,
     },
     /// The subnet was leased by someone else between choosing and writing

@@ -50,7 +50,7 @@ struct Tiny;
 
 impl NodeMedia for Tiny {
     fn image(&self, name: &str) -> Option<crate::fleet::ServedImage> {
-        (name == "tiny").then(|| crate::fleet::ServedImage { name: name.into(), digest: format!("sha256:{}", "0".repeat(64)), qcow2: None })
+        (name == "tiny").then(|| crate::fleet::ServedImage { name: name.into(), digest: kiln_core::Digest::of(b"tiny"), qcow2: None })
     }
     fn served(&self) -> Vec<String> {
         vec!["tiny".into()]
