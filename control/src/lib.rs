@@ -1,4 +1,8 @@
-//! kiln-control: the control plane.
+//! kiln-control: the control plane. It owns the registry, its stores, the
+//! API and its trust (CA, tokens), and the composition of the server that
+//! `kiln serve` runs; nothing else. VMs are kiln-pool's (this crate only
+//! hands the pool task what it needs of the registry); boot assets and
+//! scripts are kiln-pxe's; HTTP clients are kiln-client's.
 //!
 //! - [`registry`]: registered nodes, their tokens and subnet leases, behind
 //!   the [`store::Store`] trait: an embedded redb database in the state

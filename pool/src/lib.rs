@@ -1,4 +1,14 @@
-//! kiln-pool: worker pools, and how kiln makes libvirt match them.
+//! kiln-pool: VMs. Worker pools and how kiln makes libvirt match them, and
+//! the QEMU guests kiln starts itself (`kiln up`, the tests): one crate, one
+//! accelerator type ([`Accel`]).
+//!
+//! It owns: pool files ([`spec`]), domain XML ([`domain`]), the libvirt
+//! boundary ([`hypervisor`], [`volumes`]), the pure reconcile plan
+//! ([`plan()`]) and one pass of it ([`reconcile()`]), the hosts of a server's
+//! pools ([`fleet`]), the reconciler and autoscaler as one task behind a
+//! handle ([`service`]), and QEMU guests ([`qemu`]). It does not own the
+//! registry, the store or what a node boots: the control plane reaches in
+//! through [`ControlPlane`] and [`NodeMedia`].
 //!
 //! A pool is a TOML file (`pools/<name>.toml`, [`spec`]) saying which image
 //! its nodes boot, their size, disk or network boot, `min`/`max`/`replicas`,
@@ -18,6 +28,9 @@
 //! - `thiserror`: one error enum per module.
 //! - `quick-xml`: writes domain XML with escaping, and reads the metadata element back.
 //! - `virt` 0.4: libvirt's C API (0.5 pins a libc the workspace's nix cannot share).
+//! - `tokio`: the pool task, its channels, and libvirt's blocking calls on blocking threads.
+//! - `tracing`: what the task does (each action, its phases and failures) goes to the server's log.
+//! - `nix`: signals to the QEMU processes of [`qemu::Guest`].
 //! - `tempfile` (tests only): pool directories to load.
 
 pub mod autoscale;

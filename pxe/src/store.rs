@@ -18,21 +18,43 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A manifest is not valid.
-    #[error("{path}: {reason}")]
+    /// A manifest cannot be read, does not parse or is not self-consistent.
+    #[error("{path}")]
     BadManifest {
         /// The manifest file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// What is wrong: the read, JSON or check error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// An artifact a manifest lists is missing or has another size.
-    #[error("{path}: {reason}")]
-    BadArtifact {
+    /// A manifest names another image than its directory's.
+    #[error("{path}: names image {named:?} but sits in directory {dir:?}")]
+    Misplaced {
+        /// The manifest file.
+        path: PathBuf,
+        /// The image it names.
+        named: String,
+        /// Its directory's name.
+        dir: String,
+    },
+    /// An artifact a manifest lists cannot be read.
+    #[error("{path}")]
+    MissingArtifact {
         /// The artifact file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An artifact has another size than its manifest says.
+    #[error("{path}: {size} bytes, the manifest says {want}")]
+    ArtifactSize {
+        /// The artifact file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The manifest's size.
+        want: u64,
     },
     /// No image at all.
     #[error("no image in {path}: expected <name>/{MANIFEST_FILE} as `kiln build --out {path}` writes it")]
@@ -69,13 +91,13 @@ impl ImageStore {
             }
             let manifest = read_manifest(&path)?;
             if manifest.name != name {
-                return Err(Error::BadManifest { path, reason: format!("names image {:?} but sits in directory {name:?}", manifest.name) });
+                return Err(Error::Misplaced { path, named: manifest.name, dir: name });
             }
             for a in &manifest.artifacts {
                 let file = entry.path().join(&a.name);
-                let size = std::fs::metadata(&file).map_err(|e| Error::BadArtifact { path: file.clone(), reason: e.to_string() })?.len();
+                let size = std::fs::metadata(&file).map_err(|source| Error::MissingArtifact { path: file.clone(), source })?.len();
                 if size != a.size {
-                    return Err(Error::BadArtifact { path: file, reason: format!("{size} bytes, the manifest says {}", a.size) });
+                    return Err(Error::ArtifactSize { path: file, size, want: a.size });
                 }
             }
             images.insert(name, manifest);
@@ -119,10 +141,10 @@ impl ImageStore {
 }
 
 fn read_manifest(path: &Path) -> Result<Manifest, Error> {
-    let text = std::fs::read(path).map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
-    let manifest: Manifest =
-        serde_json::from_slice(&text).map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
-    manifest.check().map_err(|e| Error::BadManifest { path: path.to_path_buf(), reason: e.to_string() })?;
+    let bad = |e: Box<dyn std::error::Error + Send + Sync>| Error::BadManifest { path: path.to_path_buf(), source: e };
+    let text = std::fs::read(path).map_err(|e| bad(e.into()))?;
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| bad(e.into()))?;
+    manifest.check().map_err(|e| bad(e.into()))?;
     Ok(manifest)
 }
 
