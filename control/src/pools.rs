@@ -25,7 +25,6 @@ use kiln_pool::domain::{BootMedia, DomainType, Nic};
 use kiln_pool::{Action, Hypervisor, Libvirt, NodeId, Pool, Provisioner, Registry as PoolRegistry, Settings, Volumes};
 use kiln_pxe::ImageStore;
 use kiln_pxe::profile::{Catalog, Machine, ServerParams};
-use serde::Serialize;
 
 use crate::registry::Registry;
 
@@ -125,47 +124,8 @@ pub struct PoolsConfig {
     pub storage_dir: String,
 }
 
-/// One host's part of a pool, for `kiln pools`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct HostStatus {
-    /// The libvirt URI.
-    pub host: String,
-    /// Domains defined there.
-    pub defined: u32,
-    /// Of those, running.
-    pub running: u32,
-    /// Of the running ones, not registered yet: booting (or failing to).
-    #[serde(default)]
-    pub booting: u32,
-    /// Of those, registered with the control plane.
-    pub registered: u32,
-}
-
-/// A pool's state, for `kiln pools` and `GET /api/v1/pools`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct PoolStatus {
-    /// The pool.
-    pub name: String,
-    /// Its image.
-    pub image: String,
-    /// `disk` or `network`.
-    pub boot: String,
-    /// Fewest nodes.
-    pub min: u32,
-    /// Most nodes.
-    pub max: u32,
-    /// Nodes wanted.
-    pub desired: u32,
-    /// Nodes registered.
-    pub registered: u32,
-    /// Per host.
-    pub hosts: Vec<HostStatus>,
-    /// The last pass's failures for this pool.
-    pub errors: Vec<String>,
-    /// The autoscaler's last decision and its reason, if the pool has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub autoscale: Option<String>,
-}
+/// A pool's status: wire types, in kiln-core (the API client reads them too).
+pub use kiln_core::pool::{HostStatus, PoolStatus};
 
 /// An autoscaled pool's memory between passes.
 #[derive(Debug, Default)]

@@ -11,6 +11,7 @@ pub mod lease;
 pub mod mac;
 pub mod manifest;
 pub mod node;
+pub mod pool;
 pub mod toml_file;
 
 pub use cmdline::KernelCmdline;
@@ -18,6 +19,7 @@ pub use lease::{Ipv4Cidr, Lease, Peer, Peers};
 pub use mac::Mac;
 pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
 pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse, SdTargetGroup};
+pub use pool::{HostStatus, PoolStatus, ScaleRequest};
 
 /// Kernel command-line key carrying the control plane's base URL.
 pub const CMDLINE_SERVER: &str = "kiln.server";
