@@ -21,6 +21,9 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 
+/// An error and its causes on one line (kiln-client's, for every log line of the agent).
+pub use kiln_client::chain;
+
 /// The node as the control plane last registered it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
@@ -91,16 +94,4 @@ where
             }
         }
     }
-}
-
-/// An error and its causes on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }

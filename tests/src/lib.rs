@@ -193,8 +193,9 @@ impl KilnServer {
         self.api.rsplit(':').next().and_then(|p| p.parse().ok()).expect("URL has a port")
     }
 
-    /// An HTTP client that trusts exactly the server's CA (none with
-    /// `--plain-http`).
+    /// A raw HTTP client that trusts exactly the server's CA (none with
+    /// `--plain-http`): for what is not a well-formed API call (malformed
+    /// bodies, artifacts); the API's routes go through [`KilnServer::api_client`].
     pub fn client(&self) -> reqwest::blocking::Client {
         let mut b = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(60));
         if let Some(ca) = &self.ca {
@@ -214,13 +215,40 @@ impl KilnServer {
         self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("URL has a port")
     }
 
+    /// The API's typed client ([`kiln_client`]), trusting exactly the
+    /// server's CA, with no token; its calls run on [`block_on`].
+    pub fn api_client(&self) -> kiln_client::Client {
+        let ca = self.ca.as_ref().map(|ca| std::fs::read(ca).expect("the server wrote its CA"));
+        kiln_client::Client::builder(&self.api)
+            .ca_pem(ca.as_deref())
+            .timeout(Duration::from_secs(60))
+            .no_proxy()
+            .build()
+            .expect("an API client")
+    }
+
+    /// The API's client with the bootstrap token (`STATE/bootstrap-token`).
+    pub fn bootstrap_client(&self) -> kiln_client::Client {
+        let token = std::fs::read_to_string(self.state.join("bootstrap-token")).expect("kiln serve wrote its bootstrap token");
+        self.api_client().with_token(token.trim())
+    }
+
     /// `GET /api/v1/nodes`.
     pub fn nodes(&self) -> Vec<kiln_core::Node> {
-        let resp = self.client().get(format!("{}/api/v1/nodes", self.api)).send().expect("GET /api/v1/nodes");
-        assert!(resp.status().is_success(), "GET /api/v1/nodes: {}", resp.status());
-        resp.json().expect("a JSON array of nodes")
+        block_on(self.api_client().nodes()).unwrap_or_else(|e| panic!("{}", chain(&e)))
     }
 }
+
+/// Runs `future` (a [`kiln_client`] call) to its end on the harness's
+/// runtime, from any thread: the tests are synchronous, the client is not.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a tokio runtime"))
+        .block_on(future)
+}
+
+pub use kiln_client::chain;
 
 /// A network namespace made by a test, deleted (with every interface in
 /// it) when dropped.
