@@ -160,7 +160,7 @@ fn metrics_only(args: MetricsArgs) -> ExitCode {
     let collectors = match metrics::collectors(args.collectors.as_deref()) {
         Ok(c) => c,
         Err(unknown) => {
-            log::error!("unknown collector {unknown:?}; known: {}", metrics::NAMES.join(","));
+            log::error!("{unknown}");
             return ExitCode::FAILURE;
         }
     };

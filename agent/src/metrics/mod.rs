@@ -295,14 +295,19 @@ pub const NAMES: &[&str] = &[
     "vmstat",
 ];
 
+/// A collector name that is none of [`NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown collector {0:?}; known: {known}", known = NAMES.join(","))]
+pub struct UnknownCollector(pub String);
+
 /// The collectors named in `names` (all of [`NAMES`] when `None`), with
-/// node_exporter's default settings. An unknown name is returned as the error.
-pub fn collectors(names: Option<&[String]>) -> Result<Vec<Arc<dyn Collector>>, String> {
+/// node_exporter's default settings.
+pub fn collectors(names: Option<&[String]>) -> Result<Vec<Arc<dyn Collector>>, UnknownCollector> {
     let wanted: Vec<&str> = match names {
         Some(n) => n.iter().map(String::as_str).collect(),
         None => NAMES.to_vec(),
     };
-    wanted.into_iter().map(|n| by_name(n).ok_or_else(|| n.to_string())).collect()
+    wanted.into_iter().map(|n| by_name(n).ok_or_else(|| UnknownCollector(n.to_string()))).collect()
 }
 
 /// Every collector, with node_exporter's default settings.
