@@ -144,6 +144,7 @@ pub struct Builder {
     host: Option<String>,
     user_agent: String,
     no_proxy: bool,
+    fresh_connections: bool,
 }
 
 impl Builder {
@@ -192,6 +193,13 @@ impl Builder {
         self
     }
 
+    /// Keeps no idle connection: every request opens its own, as requests
+    /// from many separate agents do (load tests).
+    pub fn fresh_connections(mut self) -> Self {
+        self.fresh_connections = true;
+        self
+    }
+
     /// The client.
     pub fn build(self) -> Result<Client, Error> {
         let base = self.base.trim_end_matches('/').to_string();
@@ -208,6 +216,9 @@ impl Builder {
             .tls_certs_only(roots);
         if self.no_proxy {
             http = http.no_proxy();
+        }
+        if self.fresh_connections {
+            http = http.pool_max_idle_per_host(0);
         }
         let http = http.build().map_err(|source| Error::Build { url: base.clone(), source })?;
         Ok(Client { http, base, authority, token: self.token, host: self.host, timeout: None })
@@ -249,6 +260,7 @@ impl Client {
             host: None,
             user_agent: concat!("kiln-client/", env!("CARGO_PKG_VERSION")).to_string(),
             no_proxy: false,
+            fresh_connections: false,
         }
     }
 
