@@ -11,19 +11,16 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+mod common;
+
 /// A loopback port nobody listens on.
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
 
-/// The fixture `/proc` (its `meminfo` is what identity reads).
-fn fixture_proc() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc"))
-}
-
-/// Starts the agent with `proc`, a small sysfs and `--iface nosuch0`, lets it fail for a
-/// while, sends SIGTERM; its exit status, how long it took, and its log.
+/// Starts the agent with `proc`, a small sysfs and `--iface nosuch0`, lets
+/// it fail for a while, sends SIGTERM; its exit status, how long it took, and its log.
 fn terminate_while_failing(proc: &Path) -> (std::process::ExitStatus, Duration, String) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -34,31 +31,24 @@ fn terminate_while_failing(proc: &Path) -> (std::process::ExitStatus, Duration, 
         std::fs::write(dir.join(file), text).unwrap();
     }
     let log = dir.join("agent.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-        .args(["--server", &format!("http://127.0.0.1:{}", closed_port()), "--token", "boot", "--no-metrics"])
-        .arg("--cmdline")
-        .arg(dir.join("cmdline"))
-        .arg("--machine-id")
-        .arg(dir.join("machine-id"))
-        .arg("--ca")
-        .arg(dir.join("no-ca.pem"))
-        .arg("--proc")
-        .arg(proc)
-        .arg("--sys")
-        .arg(dir.join("sys"))
-        .args(["--iface", "nosuch0"])
-        .arg("--flannel-run-dir")
-        .arg(dir.join("run-flannel"))
-        .arg("--cni-conf-dir")
-        .arg(dir.join("cni-conf"))
-        .arg("--cni-ipam-dir")
-        .arg(dir.join("cni-ipam"))
-        .env_remove("JOURNAL_STREAM")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("kiln-agent starts");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln-agent"));
+    let server = format!("http://127.0.0.1:{}", closed_port());
+    cmd.args(["--server", &server, "--token", "boot", "--no-metrics", "--iface", "nosuch0"]);
+    for (flag, path) in [
+        ("--cmdline", dir.join("cmdline")),
+        ("--machine-id", dir.join("machine-id")),
+        ("--ca", dir.join("no-ca.pem")),
+        ("--proc", proc.to_path_buf()),
+        ("--sys", dir.join("sys")),
+        ("--flannel-run-dir", dir.join("run-flannel")),
+        ("--cni-conf-dir", dir.join("cni-conf")),
+        ("--cni-ipam-dir", dir.join("cni-ipam")),
+    ] {
+        cmd.arg(flag).arg(path);
+    }
+    cmd.env_remove("JOURNAL_STREAM").env("RUST_LOG", "info").stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    let mut agent = common::Guard(cmd.spawn().expect("kiln-agent starts"));
+    let child = &mut agent.0;
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the agent keeps retrying:\n{}", std::fs::read_to_string(&log).unwrap());
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
@@ -68,8 +58,6 @@ fn terminate_while_failing(proc: &Path) -> (std::process::ExitStatus, Duration, 
             break status;
         }
         if sent.elapsed() > Duration::from_secs(5) {
-            let _ = child.kill();
-            let _ = child.wait();
             panic!("no exit within 5 s of SIGTERM:\n{}", std::fs::read_to_string(&log).unwrap());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -82,7 +70,7 @@ fn sigterm_while_the_uplink_and_the_control_plane_cannot_be_found() {
     let empty = tempfile::tempdir().unwrap();
     // (case, --proc, what the agent must have logged while failing)
     let cases = [
-        ("no uplink, control plane unreachable", fixture_proc().to_path_buf(), "interface nosuch0 has no IPv4 address"),
+        ("no uplink, control plane unreachable", common::fixtures().join("proc"), "interface nosuch0 has no IPv4 address"),
         ("identity unreadable", empty.path().to_path_buf(), "reading this node's identity"),
     ];
     for (case, proc, failing) in cases {
