@@ -155,13 +155,32 @@ async fn main() {
     }
     let latency = summary(open_ms, started.elapsed());
 
-    // 3. Heartbeats.
-    let deadline = Instant::now() + Duration::from_secs(a.seconds);
     let tokens = Arc::new(tokens);
+    let heartbeats = heartbeats(&pooled, tokens.clone(), &a).await;
+    let convergence_ms = convergence(&fresh, &pooled, tokens, &a).await;
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "agents": a.agents,
+            "concurrency": a.concurrency,
+            "rate": a.rate,
+            "registration": throughput,
+            "registration_at_rate": latency,
+            "heartbeat": heartbeats,
+            "convergence_ms": convergence_ms,
+        })
+    );
+}
+
+/// Phase 3, heartbeats: `--concurrency` workers for `--seconds`, each
+/// sending the next of `tokens` in turn.
+async fn heartbeats(pooled: &Client, tokens: Arc<Vec<String>>, a: &Args) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(a.seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..a.concurrency {
-        let (client, tokens) = (pooled.clone(), tokens.clone());
+        let (client, tokens, concurrency) = (pooled.clone(), tokens.clone(), a.concurrency);
         tasks.push(tokio::spawn(async move {
             let mut ms = Vec::new();
             let mut n = w;
@@ -170,7 +189,7 @@ async fn main() {
                 let beat = client.with_token(&tokens[n % tokens.len()]).heartbeat().await;
                 beat.unwrap_or_else(|e| panic!("heartbeat: {}", chain(&e)));
                 ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                n += a.concurrency;
+                n += concurrency;
             }
             ms
         }));
@@ -179,9 +198,13 @@ async fn main() {
     for t in tasks {
         hb_ms.extend(t.await.expect("a heartbeat task"));
     }
-    let heartbeats = summary(hb_ms, started.elapsed());
+    summary(hb_ms, started.elapsed())
+}
 
-    // 4. Convergence: --agents agents watch; one more joins.
+/// Phase 4, convergence: every agent of `tokens` watches the peers; one
+/// more node joins; milliseconds from its registration to the last watch
+/// answered with it.
+async fn convergence(fresh: &Client, pooled: &Client, tokens: Arc<Vec<String>>, a: &Args) -> f64 {
     let peers = pooled.with_token(&tokens[0]).peers(0, Duration::ZERO).await.unwrap_or_else(|e| panic!("peers: {}", chain(&e)));
     let revision = peers.revision;
     let joiner = a.offset + 2 * a.agents;
@@ -210,18 +233,5 @@ async fn main() {
         }
     }
     assert_eq!(early, 0, "{early} watches answered without the joiner (before it joined)");
-    let convergence_ms = last.duration_since(joined).as_secs_f64() * 1000.0;
-
-    println!(
-        "{}",
-        serde_json::json!({
-            "agents": a.agents,
-            "concurrency": a.concurrency,
-            "rate": a.rate,
-            "registration": throughput,
-            "registration_at_rate": latency,
-            "heartbeat": heartbeats,
-            "convergence_ms": convergence_ms,
-        })
-    );
+    last.duration_since(joined).as_secs_f64() * 1000.0
 }
