@@ -358,6 +358,26 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("a bound listener has an address").port()
 }
 
+/// The registration of simulated node `i` (`node-I`, machine id `I` in hex,
+/// address `192.0.2.(I % 250 + 1)`), with a VTEP MAC, so it gets a lease.
+pub fn node_request(i: usize) -> kiln_core::RegisterRequest {
+    kiln_core::RegisterRequest {
+        machine_id: format!("{i:032x}"),
+        hostname: format!("node-{i}"),
+        macs: vec![format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()],
+        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap()],
+        cpus: 1,
+        memory_bytes: 1 << 30,
+        kernel: "6.1".into(),
+        agent_version: "test".into(),
+        image_digest: "sha256:test".into(),
+        metrics: None,
+        public_ip: Some(format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap()),
+        vtep_mac: Some(format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()),
+        uplink_mtu: Some(1500),
+    }
+}
+
 /// Writes an image directory `dir/name` with two small artifacts and a
 /// valid manifest, enough for `kiln serve` to start.
 pub fn fake_image(dir: &Path, name: &str) -> kiln_core::Manifest {

@@ -5,26 +5,7 @@
 use std::time::Duration;
 
 use kiln_client::{Client, StatusCode};
-use kiln_core::RegisterRequest;
-use kiln_tests::{KilnServer, block_on, fake_image};
-
-fn request() -> RegisterRequest {
-    RegisterRequest {
-        machine_id: "0123456789abcdef0123456789abcdef".into(),
-        hostname: "client-test".into(),
-        macs: vec!["52:54:00:12:34:56".parse().unwrap()],
-        addresses: vec!["192.0.2.10".parse().unwrap()],
-        cpus: 1,
-        memory_bytes: 1 << 30,
-        kernel: "6.1".into(),
-        agent_version: "test".into(),
-        image_digest: "sha256:test".into(),
-        metrics: None,
-        public_ip: Some("198.18.0.10".parse().unwrap()),
-        vtep_mac: Some("0e:00:00:00:00:10".parse().unwrap()),
-        uplink_mtu: Some(1500),
-    }
-}
+use kiln_tests::{KilnServer, block_on, fake_image, node_request};
 
 #[test]
 fn every_route_through_the_client() {
@@ -35,12 +16,12 @@ fn every_route_through_the_client() {
 
     // The node's routes: register, heartbeat (plain and named), peers, leave.
     let boot = server.bootstrap_client();
-    let answer = block_on(boot.register(&request())).unwrap();
-    assert_eq!(answer.name, "client-test");
+    let answer = block_on(boot.register(&node_request(7))).unwrap();
+    assert_eq!(answer.name, "node-7");
     let lease = answer.lease.expect("a lease for a node with a VTEP MAC");
     let node = server.api_client().with_token(&answer.token);
-    assert_eq!(block_on(node.heartbeat()).unwrap().name, "client-test");
-    assert_eq!(block_on(node.heartbeat_node("client-test")).unwrap().name, "client-test");
+    assert_eq!(block_on(node.heartbeat()).unwrap().name, "node-7");
+    assert_eq!(block_on(node.heartbeat_node("node-7")).unwrap().name, "node-7");
     let err = block_on(node.heartbeat_node("someone-else")).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "{err}");
     let peers = block_on(node.peers(0, Duration::ZERO)).unwrap();
@@ -48,9 +29,9 @@ fn every_route_through_the_client() {
 
     // The listings.
     let nodes = block_on(server.api_client().nodes()).unwrap();
-    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["client-test"]);
+    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["node-7"]);
     let sd = block_on(server.api_client().sd()).unwrap();
-    assert_eq!(sd[0].targets, ["192.0.2.10:9100"]);
+    assert_eq!(sd[0].targets, ["192.0.2.8:9100"]);
     assert_eq!(block_on(server.api_client().profiles()).unwrap()[0]["id"], "default");
     assert!(block_on(server.api_client().groups()).is_ok());
     assert!(block_on(server.api_client().pools()).unwrap().is_empty(), "no --pools, no pools");
@@ -73,7 +54,7 @@ fn every_route_through_the_client() {
     // Leaving: named by another name is refused; then the node leaves.
     let err = block_on(node.leave_node("someone-else")).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "{err}");
-    assert_eq!(block_on(node.leave()).unwrap().name, "client-test");
+    assert_eq!(block_on(node.leave()).unwrap().name, "node-7");
     assert!(server.nodes().is_empty(), "the node is gone");
     let err = block_on(node.heartbeat()).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED), "a node that left is unknown: {err}");

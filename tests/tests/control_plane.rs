@@ -13,28 +13,10 @@ use std::time::Duration;
 use kiln_client::{Client, StatusCode};
 use kiln_core::{Ipv4Cidr, Peers, RegisterRequest, RegisterResponse};
 use kiln_tests::etcd::Etcd;
-use kiln_tests::{KilnServer, block_on, chain, fake_image, free_port, tail, wait_for};
+use kiln_tests::{KilnServer, block_on, chain, fake_image, free_port, node_request as request, tail, wait_for};
 use nix::sys::signal::Signal;
 
 const NODES: usize = 200;
-
-fn request(i: usize) -> RegisterRequest {
-    RegisterRequest {
-        machine_id: format!("{i:032x}"),
-        hostname: format!("node-{i}"),
-        macs: vec![format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()],
-        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap()],
-        cpus: 1,
-        memory_bytes: 1 << 30,
-        kernel: "6.1".into(),
-        agent_version: "test".into(),
-        image_digest: "sha256:test".into(),
-        metrics: None,
-        public_ip: Some(format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap()),
-        vtep_mac: Some(format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()),
-        uplink_mtu: Some(1500),
-    }
-}
 
 /// A fake image, enough for `kiln serve` to start.
 fn images(dir: &Path) -> std::path::PathBuf {
