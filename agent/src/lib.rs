@@ -7,13 +7,15 @@
 //! server forgets it. Every host path is a field of [`Roots`], so tests point
 //! them at fixtures.
 //!
-//! Modules: [`identity`] reads the node's facts; [`register`] talks to the
-//! control plane; [`flannel`] sets up the node's part of the pod network
+//! Modules: [`identity`] reads the node's facts; [`register`] keeps the
+//! node registered (its HTTP calls are kiln-client's); [`backoff`] paces
+//! every retry; [`flannel`] sets up the node's part of the pod network
 //! (VXLAN device, peers, `subnet.env`, CNI conflist) from its lease;
 //! [`metrics`] exports node_exporter-compatible metrics on `/metrics`
 //! (`:9100` by default, or alone with `kiln-agent metrics`). A new duty is a
 //! module with its own loop, started from `main.rs`.
 
+pub mod backoff;
 pub mod flannel;
 pub mod identity;
 pub mod metrics;

@@ -3,14 +3,16 @@
 //! See the library's docs for what it does; this file parses flags and starts it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_agent::{Roots, flannel, identity, metrics, register};
-use kiln_core::{JoinParams, KernelCmdline};
+use kiln_agent::backoff::Backoff;
+use kiln_agent::register::{self, Registered};
+use kiln_agent::{Roots, flannel, identity, metrics};
+use kiln_core::{JoinParams, KernelCmdline, RegisterRequest};
 
 /// Registers this node with the kiln control plane, keeps it registered and
 /// serves its metrics (node_exporter's names) on `--metrics-listen`.
@@ -158,7 +160,7 @@ fn metrics_only(args: MetricsArgs) -> ExitCode {
     let collectors = match metrics::collectors(args.collectors.as_deref()) {
         Ok(c) => c,
         Err(unknown) => {
-            log::error!("unknown collector {unknown:?}; known: {}", metrics::NAMES.join(","));
+            log::error!("{unknown}");
             return ExitCode::FAILURE;
         }
     };
@@ -177,90 +179,114 @@ fn metrics_only(args: MetricsArgs) -> ExitCode {
 }
 
 fn agent(args: AgentArgs) -> ExitCode {
-    let roots = Roots { proc: args.host.proc.clone(), sys: args.host.sys.clone(), machine_id: args.machine_id, cmdline: args.cmdline };
-    let cmdline = match std::fs::read_to_string(&roots.cmdline) {
-        Ok(text) => KernelCmdline::parse(&text),
+    let agent = match Agent::start(args) {
+        Ok(a) => a,
         Err(e) => {
-            log::error!("reading {}: {e}", roots.cmdline.display());
+            log::error!("{}", register::chain(&e));
             return ExitCode::FAILURE;
         }
     };
-    let JoinParams { server, token, image_digest } = match JoinParams::from_cmdline(&cmdline, args.server, args.token) {
-        Ok(join) => join,
-        Err(e) => {
-            log::error!("{} ({}); or pass --server and --token", register::chain(&e), roots.cmdline.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    let image_digest = image_digest.map(|d| d.to_string()).unwrap_or_default();
-    log::info!("kiln-agent {} starting; control plane {server}", env!("CARGO_PKG_VERSION"));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
+    runtime.block_on(agent.run())
+}
 
-    let mut metrics_addr = None;
-    if !args.no_metrics {
-        let exporter = Arc::new(metrics::Exporter::new(args.host.metrics_roots(), metrics::all(), metrics::Limits::default()));
-        // Metrics are a side duty: a taken port is logged, registration goes on.
-        match metrics::serve::spawn(args.metrics_listen, exporter) {
-            Ok(addr) => {
-                log::info!("metrics: listening on {addr}");
-                metrics_addr = Some(addr);
-            }
-            Err(e) => log::error!("metrics: {}", register::chain(&e)),
-        }
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    /// The kernel command line could not be read.
+    #[error("reading {}", path.display())]
+    Cmdline {
+        /// Its path (`--cmdline`).
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Neither the flags nor the kernel command line say where the control plane is.
+    #[error(
+        "no control plane: pass --server and --token, or boot with {}= and {}= on the kernel command line ({})",
+        kiln_core::CMDLINE_SERVER,
+        kiln_core::CMDLINE_TOKEN,
+        path.display()
+    )]
+    NoControlPlane {
+        /// The kernel command line read.
+        path: PathBuf,
+        /// What is missing or wrong.
+        #[source]
+        source: kiln_core::JoinError,
+    },
+    /// The control plane's client could not be made (its URL, its CA).
+    #[error("the control plane's client (CA {})", ca.display())]
+    Client {
+        /// `--ca`.
+        ca: PathBuf,
+        /// The cause.
+        #[source]
+        source: kiln_client::Error,
+    },
+}
+
+/// The join parameters (`kiln_core::JoinParams`): `--server` and
+/// `--token`, else `kiln.server=` and `kiln.token=` on the kernel command
+/// line at `cmdline`; the image digest from `kiln.image_digest=`.
+fn join_params(server: Option<String>, token: Option<String>, cmdline: &Path) -> Result<JoinParams, StartError> {
+    let text = std::fs::read_to_string(cmdline).map_err(|source| StartError::Cmdline { path: cmdline.to_path_buf(), source })?;
+    JoinParams::from_cmdline(&KernelCmdline::parse(&text), server, token)
+        .map_err(|source| StartError::NoControlPlane { path: cmdline.to_path_buf(), source })
+}
+
+/// A discovery attempt failed; it is retried.
+#[derive(Debug, thiserror::Error)]
+enum DiscoveryError {
+    /// The node's identity could not be read.
+    #[error("reading this node's identity")]
+    Identity(#[source] identity::Error),
+    /// The task reading it did not finish.
+    #[error("reading this node's identity")]
+    Task(#[source] tokio::task::JoinError),
+    /// The overlay's uplink could not be found.
+    #[error("flannel")]
+    Overlay(#[source] flannel::Error),
+}
+
+/// The agent, its flags checked: what it registers with and what it runs.
+struct Agent {
+    roots: Roots,
+    image_digest: String,
+    client: kiln_client::Client,
+    /// Where metrics are served, when they are.
+    metrics_addr: Option<SocketAddr>,
+    overlay: Option<Arc<flannel::Overlay>>,
+}
+
+impl Agent {
+    /// Reads the join parameters, starts serving metrics, makes the
+    /// control plane's client and the overlay.
+    fn start(args: AgentArgs) -> Result<Agent, StartError> {
+        let roots = Roots { proc: args.host.proc.clone(), sys: args.host.sys.clone(), machine_id: args.machine_id, cmdline: args.cmdline };
+        let join = join_params(args.server, args.token, &roots.cmdline)?;
+        log::info!("kiln-agent {} starting; control plane {}", env!("CARGO_PKG_VERSION"), join.server);
+        let metrics_addr = if args.no_metrics { None } else { serve_metrics(args.metrics_listen, &args.host) };
+        let ca = std::fs::read(&args.ca).ok();
+        let client = kiln_client::Client::builder(&join.server)
+            .token(&join.token)
+            .ca_pem(ca.as_deref())
+            .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| StartError::Client { ca: args.ca.clone(), source })?;
+        let overlay = (!args.overlay.no_flannel).then(|| Arc::new(overlay(args.overlay, &roots, client.authority())));
+        let image_digest = join.image_digest.map(|d| d.to_string()).unwrap_or_default();
+        Ok(Agent { roots, image_digest, client, metrics_addr, overlay })
     }
 
-    let overlay = if args.overlay.no_flannel {
-        None
-    } else {
-        let config = flannel::Config {
-            run_dir: args.overlay.flannel_run_dir,
-            cni_conf_dir: args.overlay.cni_conf_dir,
-            cni_ipam_dir: args.overlay.cni_ipam_dir,
-            iface: args.overlay.iface,
-            public_ip: args.overlay.public_ip,
-            sys: roots.sys.clone(),
-        };
-        match flannel::Overlay::new(config, &server) {
-            Ok(o) => Some(Arc::new(o)),
-            Err(e) => {
-                log::error!("flannel: {}", register::chain(&e));
-                return ExitCode::FAILURE;
-            }
-        }
-    };
-
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
-    let ca = std::fs::read(&args.ca).ok();
-    let client = match register::Client::new(&server, &token, ca.as_deref()) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            log::error!("HTTP client for {server} (CA {}): {}", args.ca.display(), register::chain(&e));
-            return ExitCode::FAILURE;
-        }
-    };
-    let gather = || loop {
-        let mut req = match identity::gather(&roots, &image_digest) {
-            Ok(req) => req,
-            Err(e) => {
-                log::error!("reading this node's identity: {}", register::chain(&e));
-                std::thread::sleep(Duration::from_secs(2));
-                continue;
-            }
-        };
-        req.metrics = metrics_addr.and_then(|a| identity::metrics_endpoint(a, &req.addresses));
-        if let Some(overlay) = &overlay
-            && let Err(e) = overlay.prepare(&mut req)
-        {
-            log::error!("flannel: {} (retrying in 2s)", register::chain(&e));
-            std::thread::sleep(Duration::from_secs(2));
-            continue;
-        }
-        return req;
-    };
-    runtime.block_on(async {
+    /// Registers and stays registered until SIGTERM or SIGINT; then
+    /// leaves the cluster and tears the overlay down.
+    async fn run(self) -> ExitCode {
         let (publish, registered) = tokio::sync::watch::channel(None);
-        let overlay_task = overlay.clone().map(|o| tokio::spawn(o.run(client.clone(), registered)));
+        let overlay_task = self.overlay.clone().map(|o| tokio::spawn(o.run(self.client.clone(), registered)));
         tokio::select! {
-            never = client.run(gather, &publish) => match never {},
+            never = register::run(&self.client, || self.discover(), &publish) => match never {},
             signal = shutdown_signal() => log::info!("{signal}: leaving the cluster"),
         }
         if let Some(task) = overlay_task {
@@ -268,17 +294,83 @@ fn agent(args: AgentArgs) -> ExitCode {
             let _ = task.await;
         }
         let last = publish.borrow().clone();
+        self.leave(last).await;
+        ExitCode::SUCCESS
+    }
+
+    /// This node's registration request, retried every 2 s until the
+    /// identity and (with the overlay) the uplink are found.
+    async fn discover(&self) -> RegisterRequest {
+        let mut backoff = Backoff::between(Duration::from_secs(2), Duration::from_secs(2));
+        loop {
+            match self.discover_once().await {
+                Ok(req) => return req,
+                Err(e) => {
+                    log::error!("{} (retrying in {:?})", register::chain(&e), backoff.peek());
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// The identity (read on a blocking thread), the metrics endpoint, and
+    /// the overlay's uplink and VTEP MAC.
+    async fn discover_once(&self) -> Result<RegisterRequest, DiscoveryError> {
+        let (roots, digest) = (self.roots.clone(), self.image_digest.clone());
+        let mut req = tokio::task::spawn_blocking(move || identity::gather(&roots, &digest))
+            .await
+            .map_err(DiscoveryError::Task)?
+            .map_err(DiscoveryError::Identity)?;
+        req.metrics = self.metrics_addr.and_then(|a| identity::metrics_endpoint(a, &req.addresses));
+        if let Some(overlay) = &self.overlay {
+            overlay.prepare(&mut req).await.map_err(DiscoveryError::Overlay)?;
+        }
+        Ok(req)
+    }
+
+    /// Leaves the cluster as the node `last` registered (if it did), then
+    /// removes the overlay's device and files.
+    async fn leave(&self, last: Option<Registered>) {
         if let Some(reg) = &last {
-            match client.leave(&reg.token).await {
-                Ok(()) => log::info!("left the cluster as node {}", reg.name),
+            match self.client.with_token(&reg.token).with_timeout(Duration::from_secs(3)).leave().await {
+                Ok(_) => log::info!("left the cluster as node {}", reg.name),
                 Err(e) => log::warn!("leaving: {}", register::chain(&e)),
             }
         }
-        if let Some(overlay) = &overlay {
+        if let Some(overlay) = &self.overlay {
             overlay.teardown(last.as_ref().and_then(|r| r.lease.as_ref())).await;
         }
-        ExitCode::SUCCESS
-    })
+    }
+}
+
+/// Serves `/metrics` on `listen`; its address, or `None` (logged) when the
+/// port is taken: metrics are a side duty, registration goes on.
+fn serve_metrics(listen: SocketAddr, host: &HostArgs) -> Option<SocketAddr> {
+    let exporter = Arc::new(metrics::Exporter::new(host.metrics_roots(), metrics::all(), metrics::Limits::default()));
+    match metrics::serve::spawn(listen, exporter) {
+        Ok(addr) => {
+            log::info!("metrics: listening on {addr}");
+            Some(addr)
+        }
+        Err(e) => {
+            log::error!("metrics: {}", register::chain(&e));
+            None
+        }
+    }
+}
+
+/// The flannel overlay of `--iface`, `--public-ip` and the directories,
+/// for a control plane at `server` (`host:port`).
+fn overlay(args: OverlayArgs, roots: &Roots, server: &str) -> flannel::Overlay {
+    let config = flannel::Config {
+        run_dir: args.flannel_run_dir,
+        cni_conf_dir: args.cni_conf_dir,
+        cni_ipam_dir: args.cni_ipam_dir,
+        iface: args.iface,
+        public_ip: args.public_ip,
+        sys: roots.sys.clone(),
+    };
+    flannel::Overlay::new(config, server)
 }
 
 /// Waits for SIGTERM or SIGINT; names the one that came.

@@ -176,7 +176,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 None
             };
-            let nodes = runtime.block_on(output::fetch_nodes(&server, ca.as_deref()))?;
+            let nodes = runtime.block_on(output::api_client(&server, ca.as_deref(), None)?.nodes())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
@@ -189,10 +189,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let token_path = kiln_control::StateDir::new(&api.state).bootstrap_token();
             let token =
                 std::fs::read_to_string(&token_path).with_context(|| format!("reading the bootstrap token {}", token_path.display()))?;
-            let path = format!("/api/v1/pools/{pool}/scale");
-            let body = serde_json::json!({ "replicas": replicas });
-            let status: Option<kiln_core::PoolStatus> =
-                runtime.block_on(output::api_call(&api.server, api.ca()?.as_deref(), &path, Some((token.trim(), body))))?;
+            let client = output::api_client(&api.server, api.ca()?.as_deref(), Some(token.trim()))?;
+            let status = runtime.block_on(client.scale(&pool, replicas))?;
             println!("kiln: pool {pool}: {replicas} replicas desired");
             if let Some(s) = status {
                 print!("{}", output::pool_table(&[s]));
@@ -201,8 +199,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Pools { api, json } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let pools: Vec<kiln_core::PoolStatus> =
-                runtime.block_on(output::api_call(&api.server, api.ca()?.as_deref(), "/api/v1/pools", None))?;
+            let pools = runtime.block_on(output::api_client(&api.server, api.ca()?.as_deref(), None)?.pools())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&pools)?);
             } else {

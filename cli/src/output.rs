@@ -98,35 +98,15 @@ impl BuildProgress {
     }
 }
 
-/// `GET {server}/api/v1/nodes`.
-pub async fn fetch_nodes(server: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Vec<Node>> {
-    api_call(server, ca_pem, "/api/v1/nodes", None).await
-}
-
-/// GETs `path` from the API (or POSTs `post`: bearer token and JSON body)
-/// and parses the JSON answer; a non-2xx answer is an error with its text.
-pub async fn api_call<T: serde::de::DeserializeOwned>(
-    server: &str,
-    ca_pem: Option<&[u8]>,
-    path: &str,
-    post: Option<(&str, serde_json::Value)>,
-) -> anyhow::Result<T> {
-    let url = format!("{}{path}", server.trim_end_matches('/'));
-    let roots = match ca_pem {
-        Some(pem) => reqwest::Certificate::from_pem_bundle(pem)?,
-        None => Vec::new(),
-    };
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).tls_certs_only(roots).build()?;
-    let req = match post {
-        Some((token, body)) => client.post(&url).bearer_auth(token).json(&body),
-        None => client.get(&url),
-    };
-    let resp = req.send().await.map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        anyhow::bail!("{url}: {status}: {}", resp.text().await.unwrap_or_default());
+/// The API's client: `server`, trusting only `ca_pem` for `https://`,
+/// sending `token` (the bootstrap token, for `kiln scale`) if given.
+pub fn api_client(server: &str, ca_pem: Option<&[u8]>, token: Option<&str>) -> anyhow::Result<kiln_client::Client> {
+    let builder = kiln_client::Client::builder(server).ca_pem(ca_pem).user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
+    Ok(match token {
+        Some(t) => builder.token(t),
+        None => builder,
     }
-    Ok(resp.json().await?)
+    .build()?)
 }
 
 /// Pools as an aligned table: one row per pool and host.

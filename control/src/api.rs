@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kiln_core::Manifest;
-use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, SdTargetGroup};
+use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, ScaleRequest, SdTargetGroup};
 use kiln_pxe::ImageStore;
 use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
 use kiln_pxe::profile::{Catalog, Machine, Profile};
@@ -364,13 +364,6 @@ fn api_url(endpoint: &ApiEndpoint, base: &str) -> String {
 
 fn no_base_url() -> Response {
     error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL")
-}
-
-/// The body of `POST /api/v1/pools/NAME/scale`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScaleRequest {
-    replicas: u32,
 }
 
 /// Sets a pool's desired replicas: for holders of the bootstrap token.

@@ -36,7 +36,13 @@ pub enum Error {
     /// The pool task could not start.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The autoscaler's HTTP client could not be made.
+    #[error("the autoscaler's HTTP client")]
+    Scraper(#[from] kiln_client::Error),
 }
+
+/// How long the autoscaler waits for one node's `/metrics`.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the server's pools run.
 #[derive(Debug, Clone)]
@@ -87,7 +93,7 @@ pub async fn start(config: PoolsConfig, parts: Parts) -> Result<PoolsHandle, Err
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
     let names: Vec<String> = fleet.pools.iter().map(|p| p.name.clone()).collect();
     parts.registry.set_pool_of(Box::new(move |hostname: &str| NodeId::parse(hostname).filter(|n| names.contains(&n.pool)).map(|n| n.pool)));
-    let control = Control { registry: parts.registry, http: scrape_client() };
+    let control = Control { registry: parts.registry, scraper: kiln_client::metrics::Scraper::new(SCRAPE_TIMEOUT)? };
     let service_config = service::Config {
         settings: Settings { accel: config.accel, nic: config.nic },
         interval: config.interval,
@@ -160,7 +166,7 @@ impl NodeMedia for Media {
 /// The registry and its store, as the pool task reaches them.
 struct Control {
     registry: Arc<Registry>,
-    http: reqwest::Client,
+    scraper: kiln_client::metrics::Scraper,
 }
 
 /// The control plane failed the pool task.
@@ -170,19 +176,8 @@ pub enum ControlError {
     #[error(transparent)]
     Store(#[from] crate::store::Error),
     /// A node's metrics could not be fetched.
-    #[error("scraping http://{target}/metrics")]
-    Scrape {
-        /// The node's `IP:PORT`.
-        target: String,
-        /// The cause.
-        #[source]
-        source: reqwest::Error,
-    },
-}
-
-/// The autoscaler's scrapes: 2 s each at most.
-fn scrape_client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap_or_default()
+    #[error(transparent)]
+    Scrape(#[from] kiln_client::Error),
 }
 
 impl ControlPlane for Control {
@@ -210,8 +205,6 @@ impl ControlPlane for Control {
     }
 
     async fn scrape(&self, target: &str) -> Result<String, ControlError> {
-        let scrape = |source| ControlError::Scrape { target: target.to_string(), source };
-        let resp = self.http.get(format!("http://{target}/metrics")).send().await.map_err(scrape)?;
-        resp.error_for_status().map_err(scrape)?.text().await.map_err(scrape)
+        Ok(self.scraper.fetch(target).await?)
     }
 }

@@ -41,7 +41,7 @@ pub use lease::{Backend, CidrError, Ipv4Cidr, Lease, NetworkConfig, Peer, Peers}
 pub use mac::Mac;
 pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, ManifestError, PackageRef};
 pub use node::{HeartbeatResponse, Node, RegisterRequest, RegisterResponse, SdTargetGroup};
-pub use pool::{HostStatus, PoolStatus};
+pub use pool::{HostStatus, PoolStatus, ScaleRequest};
 
 /// Kernel command-line key carrying the control plane's base URL.
 pub const CMDLINE_SERVER: &str = "kiln.server";

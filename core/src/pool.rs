@@ -1,8 +1,12 @@
-//! A pool's state as the server reports it (`GET /api/v1/pools`, `kiln pools`).
+//! A pool's status as the API answers it (`GET /api/v1/pools`,
+//! `POST /api/v1/pools/NAME/scale`) and `kiln pools` prints it.
+//!
+//! Plain data: the control plane fills it from its pools' reconciler; the
+//! pools themselves (specs, libvirt, the reconciler) are kiln-pool's.
 
 use serde::{Deserialize, Serialize};
 
-/// One host's part of a pool.
+/// One host's part of a pool, for `kiln pools`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostStatus {
     /// The libvirt URI.
@@ -18,7 +22,7 @@ pub struct HostStatus {
     pub registered: u32,
 }
 
-/// A pool's state.
+/// A pool's state, for `kiln pools` and `GET /api/v1/pools`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolStatus {
     /// The pool.
@@ -42,4 +46,12 @@ pub struct PoolStatus {
     /// The autoscaler's last decision and its reason, if the pool has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<String>,
+}
+
+/// The body of `POST /api/v1/pools/NAME/scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    /// The replicas wanted.
+    pub replicas: u32,
 }

@@ -193,8 +193,9 @@ impl KilnServer {
         self.api.rsplit(':').next().and_then(|p| p.parse().ok()).expect("URL has a port")
     }
 
-    /// An HTTP client that trusts exactly the server's CA (none with
-    /// `--plain-http`).
+    /// A raw HTTP client that trusts exactly the server's CA (none with
+    /// `--plain-http`): for what is not a well-formed API call (malformed
+    /// bodies, artifacts); the API's routes go through [`KilnServer::api_client`].
     pub fn client(&self) -> reqwest::blocking::Client {
         let mut b = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(60));
         if let Some(ca) = &self.ca {
@@ -214,13 +215,41 @@ impl KilnServer {
         self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("URL has a port")
     }
 
+    /// The API's typed client ([`kiln_client`]), trusting exactly the
+    /// server's CA, with no token; its calls run on [`block_on`].
+    pub fn api_client(&self) -> kiln_client::Client {
+        let ca = self.ca.as_ref().map(|ca| std::fs::read(ca).expect("the server wrote its CA"));
+        kiln_client::Client::builder(&self.api)
+            .ca_pem(ca.as_deref())
+            .timeout(Duration::from_secs(60))
+            .no_proxy()
+            .build()
+            .expect("an API client")
+    }
+
+    /// The API's client with the bootstrap token (`STATE/bootstrap-token`).
+    pub fn bootstrap_client(&self) -> kiln_client::Client {
+        let token = std::fs::read_to_string(kiln_control::StateDir::new(&self.state).bootstrap_token())
+            .expect("kiln serve wrote its bootstrap token");
+        self.api_client().with_token(token.trim())
+    }
+
     /// `GET /api/v1/nodes`.
     pub fn nodes(&self) -> Vec<kiln_core::Node> {
-        let resp = self.client().get(format!("{}/api/v1/nodes", self.api)).send().expect("GET /api/v1/nodes");
-        assert!(resp.status().is_success(), "GET /api/v1/nodes: {}", resp.status());
-        resp.json().expect("a JSON array of nodes")
+        block_on(self.api_client().nodes()).unwrap_or_else(|e| panic!("{}", chain(&e)))
     }
 }
+
+/// Runs `future` (a [`kiln_client`] call) to its end on the harness's
+/// runtime, from any thread: the tests are synchronous, the client is not.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a tokio runtime"))
+        .block_on(future)
+}
+
+pub use kiln_client::chain;
 
 /// A network namespace made by a test, deleted (with every interface in
 /// it) when dropped.
@@ -328,6 +357,26 @@ pub fn read_log(path: &Path) -> String {
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
     listener.local_addr().expect("a bound listener has an address").port()
+}
+
+/// The registration of simulated node `i` (`node-I`, machine id `I` in hex,
+/// address `192.0.2.(I % 250 + 1)`), with a VTEP MAC, so it gets a lease.
+pub fn node_request(i: usize) -> kiln_core::RegisterRequest {
+    kiln_core::RegisterRequest {
+        machine_id: format!("{i:032x}"),
+        hostname: format!("node-{i}"),
+        macs: vec![format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()],
+        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap()],
+        cpus: 1,
+        memory_bytes: 1 << 30,
+        kernel: "6.1".into(),
+        agent_version: "test".into(),
+        image_digest: "sha256:test".into(),
+        metrics: None,
+        public_ip: Some(format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap()),
+        vtep_mac: Some(format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()),
+        uplink_mtu: Some(1500),
+    }
 }
 
 /// Writes an image directory `dir/name` with two small artifacts and a

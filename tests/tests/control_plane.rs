@@ -10,30 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use kiln_client::{Client, StatusCode};
 use kiln_core::{Ipv4Cidr, Peers, RegisterRequest, RegisterResponse};
 use kiln_tests::etcd::Etcd;
-use kiln_tests::{KilnServer, fake_image, free_port, tail, wait_for};
+use kiln_tests::{KilnServer, block_on, chain, fake_image, free_port, node_request as request, tail, wait_for};
 use nix::sys::signal::Signal;
 
 const NODES: usize = 200;
-
-fn request(i: usize) -> RegisterRequest {
-    RegisterRequest {
-        machine_id: format!("{i:032x}"),
-        hostname: format!("node-{i}"),
-        macs: vec![format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()],
-        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap()],
-        cpus: 1,
-        memory_bytes: 1 << 30,
-        kernel: "6.1".into(),
-        agent_version: "test".into(),
-        image_digest: "sha256:test".into(),
-        metrics: None,
-        public_ip: Some(format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap()),
-        vtep_mac: Some(format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()),
-        uplink_mtu: Some(1500),
-    }
-}
 
 /// A fake image, enough for `kiln serve` to start.
 fn images(dir: &Path) -> std::path::PathBuf {
@@ -63,15 +46,15 @@ impl Lab {
     }
 }
 
-/// One agent: registers, retrying (as the real agent does) until answered.
-fn register_until_answered(client: &reqwest::blocking::Client, api: &str, token: &str, req: &RegisterRequest) -> RegisterResponse {
+/// One agent: registers with `client` (the bootstrap token), retrying (as
+/// the real agent does) until answered.
+fn register_until_answered(client: &Client, req: &RegisterRequest) -> RegisterResponse {
     let mut delay = Duration::from_millis(50);
     for _ in 0..400 {
-        match client.post(format!("{api}/api/v1/register")).bearer_auth(token).json(req).send() {
-            Ok(r) if r.status().is_success() => return r.json().expect("a registration answer"),
-            Ok(r) if r.status().is_server_error() || r.status() == 409 => {}
-            Ok(r) => panic!("registration of {} refused: {} {}", req.hostname, r.status(), r.text().unwrap_or_default()),
-            Err(_) => {}
+        match block_on(client.register(req)) {
+            Ok(answer) => return answer,
+            Err(e) if e.status().is_none_or(|s| s.is_server_error() || s == StatusCode::CONFLICT) => {}
+            Err(e) => panic!("registration of {} refused: {}", req.hostname, chain(&e)),
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(500));
@@ -87,20 +70,18 @@ fn register_until_answered(client: &reqwest::blocking::Client, api: &str, token:
 /// by machine.
 fn register_through_a_kill(lab: &Lab, server: &mut KilnServer, kill_after: usize) -> BTreeMap<String, Ipv4Cidr> {
     assert!(kill_after < NODES / 2);
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&lab.state).bootstrap_token()).unwrap().trim().to_string();
-    let client = server.client();
-    let api = server.api.clone();
+    let client = server.bootstrap_client();
     let answered = Arc::new(AtomicUsize::new(0));
     let killed = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..NODES)
         .map(|i| {
-            let (client, api, token, answered, killed) = (client.clone(), api.clone(), token.clone(), answered.clone(), killed.clone());
+            let (client, answered, killed) = (client.clone(), answered.clone(), killed.clone());
             std::thread::spawn(move || {
                 while i >= NODES / 2 && !killed.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 let req = request(i);
-                let resp = register_until_answered(&client, &api, &token, &req);
+                let resp = register_until_answered(&client, &req);
                 answered.fetch_add(1, Ordering::SeqCst);
                 (req.machine_id, resp.lease.expect("a lease for a node with a VTEP MAC").subnet)
             })
@@ -137,11 +118,10 @@ fn assert_none_lost(server: &KilnServer, answers: &BTreeMap<String, Ipv4Cidr>) {
 }
 
 fn reregister_all(server: &KilnServer, answers: &BTreeMap<String, Ipv4Cidr>) {
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token()).unwrap().trim().to_string();
-    let client = server.client();
+    let client = server.bootstrap_client();
     for i in (0..NODES).step_by(7) {
         let req = request(i);
-        let resp = register_until_answered(&client, &server.api, &token, &req);
+        let resp = register_until_answered(&client, &req);
         assert_eq!(Some(&resp.lease.unwrap().subnet), answers.get(&req.machine_id), "{} registers again to the same subnet", req.hostname);
     }
 }
@@ -198,15 +178,14 @@ fn etcd_store_survives_sigkill_and_etcd_restart_with_flannel_schema() {
     assert!(value["BackendData"]["VtepMAC"].as_str().unwrap().starts_with("0e:00:00:00:"), "{value}");
 
     // The flanneld is one of kiln's peers (peers answer node tokens only).
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&lab.state).bootstrap_token()).unwrap().trim().to_string();
-    let get_peers = |query: &str| -> Option<Peers> {
-        let me = register_until_answered(&server.client(), &server.api, &token, &request(0)).token;
-        let url = format!("{}/api/v1/peers{query}", server.api);
-        server.client().get(url).bearer_auth(me).send().ok()?.json().ok()
+    // (revision, wait) of the peers watch; (0, 0 s) answers at once.
+    let get_peers = |revision: u64, wait: Duration| -> Option<Peers> {
+        let me = register_until_answered(&server.bootstrap_client(), &request(0)).token;
+        block_on(server.api_client().with_token(&me).peers(revision, wait)).ok()
     };
-    let resp = server.client().get(format!("{}/api/v1/peers", server.api)).send().unwrap();
-    assert_eq!(resp.status(), 401, "no peers without a node token");
-    let peers = get_peers("").expect("peers");
+    let err = block_on(server.api_client().peers(0, Duration::ZERO)).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED), "no peers without a node token");
+    let peers = get_peers(0, Duration::ZERO).expect("peers");
     assert_eq!(peers.peers.len(), NODES + 1);
     assert!(peers.peers.iter().any(|p| p.subnet == flannel_subnet && p.vtep_mac.to_string() == "aa:bb:cc:00:00:09"));
 
@@ -222,13 +201,13 @@ fn etcd_store_survives_sigkill_and_etcd_restart_with_flannel_schema() {
     let late = r#"{"PublicIP":"203.0.113.10","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:0a"}}"#;
     etcd.ctl(&["put", "/coreos.com/network/subnets/10.244.250.0-24", late]).unwrap();
     let seen = wait_for(Duration::from_secs(5), || {
-        let p = get_peers(&format!("?revision={rev}&timeout=2"))?;
+        let p = get_peers(rev, Duration::from_secs(2))?;
         p.peers.iter().any(|p| p.subnet.to_string() == "10.244.250.0/24").then_some(())
     });
     assert!(seen.is_some(), "a flanneld's new lease shows among the peers; log:\n{}", tail(&server.log(), 20));
     etcd.ctl(&["del", "/coreos.com/network/subnets/10.244.250.0-24"]).unwrap();
     let gone = wait_for(Duration::from_secs(5), || {
-        let p = get_peers("")?;
+        let p = get_peers(0, Duration::ZERO)?;
         (!p.peers.iter().any(|p| p.subnet.to_string() == "10.244.250.0/24")).then_some(())
     });
     assert!(gone.is_some(), "a flanneld's lease that is deleted leaves the peers");
@@ -240,21 +219,20 @@ fn exhausted_pod_network_is_a_clear_error_and_records_nothing() {
     // A /23 of /24s: the first is never leased, so one node fits.
     let lab = Lab::new(tmp.path(), &["--pod-network", "10.9.0.0/23"]);
     let server = lab.start();
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&lab.state).bootstrap_token()).unwrap().trim().to_string();
-    let client = server.client();
-    let first = register_until_answered(&client, &server.api, &token, &request(1));
+    let client = server.bootstrap_client();
+    let first = register_until_answered(&client, &request(1));
     assert_eq!(first.lease.unwrap().subnet.to_string(), "10.9.1.0/24");
-    let resp = client.post(format!("{}/api/v1/register", server.api)).bearer_auth(&token).json(&request(2)).send().unwrap();
-    assert_eq!(resp.status(), 503);
-    let text = resp.text().unwrap();
+    let err = block_on(client.register(&request(2))).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    let text = err.to_string();
     assert!(text.contains("address space exhausted") && text.contains("10.9.0.0/23"), "the agent is told why: {text}");
     let logged = wait_for(Duration::from_secs(5), || server.log().contains("address space exhausted").then_some(()));
     assert!(logged.is_some(), "the server logs it:\n{}", tail(&server.log(), 10));
     assert_eq!(server.nodes().len(), 1, "no half-made node or lease");
 
     // Wrong bootstrap token: 401. A node token used for another node: 403.
-    let resp = client.post(format!("{}/api/v1/register", server.api)).bearer_auth("wrong").json(&request(3)).send().unwrap();
-    assert_eq!(resp.status(), 401);
-    let resp = client.post(format!("{}/api/v1/nodes/someone-else/heartbeat", server.api)).bearer_auth(&first.token).send().unwrap();
-    assert_eq!(resp.status(), 403);
+    let err = block_on(client.with_token("wrong").register(&request(3))).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED));
+    let err = block_on(client.with_token(&first.token).heartbeat_node("someone-else")).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::FORBIDDEN));
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kiln_tests::libvirt::PoolServer;
-use kiln_tests::{KilnServer, binaries, fake_image, tail, wait_for};
+use kiln_tests::{KilnServer, binaries, block_on, chain, fake_image, tail, wait_for};
 
 fn pool_file(dir: &Path, name: &str, text: &str) {
     std::fs::create_dir_all(dir).unwrap();
@@ -91,13 +91,8 @@ fn scale_a_pool_up_and_down_and_keep_the_replicas_across_a_restart() {
     let (ok, out) = kiln(&server, &["scale", "nope", "1"]);
     assert!(!ok && out.contains("404") && out.contains("no pool `nope`"), "{out}");
     // Scaling needs the bootstrap token.
-    let resp = reqwest::blocking::Client::new()
-        .post(format!("{}/api/v1/pools/tiny/scale", server.url))
-        .bearer_auth("not-the-token")
-        .json(&serde_json::json!({"replicas": 2}))
-        .send()
-        .unwrap();
-    assert_eq!(resp.status(), 401);
+    let err = block_on(server.api_client().with_token("not-the-token").scale("tiny", 2)).unwrap_err();
+    assert_eq!(err.status(), Some(kiln_client::StatusCode::UNAUTHORIZED));
 
     // The desired replicas are in the store: a restarted server keeps them
     // (its test:///default host starts empty, so it makes the node again).
@@ -370,23 +365,26 @@ impl LoadedNode {
         let mut cmd = Command::new(&binaries().agent);
         cmd.args(["metrics", "--collectors", "loadavg", "--listen", &format!("127.0.0.1:{port}")]).arg("--proc").arg(&proc_dir);
         let agent = kiln_tests::Process::spawn_logged(cmd, "kiln-agent metrics", &dir.join(format!("{hostname}-agent.log")));
-        let up = wait_for(Duration::from_secs(10), || {
-            reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics")).ok().filter(|r| r.status().is_success()).map(|_| ())
-        });
+        let scraper = kiln_client::metrics::Scraper::new(Duration::from_secs(10)).unwrap();
+        let up = wait_for(Duration::from_secs(10), || block_on(scraper.fetch(&format!("127.0.0.1:{port}"))).ok().map(|_| ()));
         assert!(up.is_some(), "kiln-agent metrics did not come up");
-        let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token()).unwrap();
-        let body = serde_json::json!({
-            "machine_id": format!("{:0>32}", hostname.len() + port as usize),
-            "hostname": hostname, "macs": [], "addresses": ["127.0.0.1"], "cpus": 1, "memory_bytes": 1u64 << 30,
-            "kernel": "6.1", "agent_version": "test", "image_digest": "sha256:test", "metrics": format!("127.0.0.1:{port}"),
-        });
-        let resp = reqwest::blocking::Client::new()
-            .post(format!("{}/api/v1/register", server.api))
-            .bearer_auth(token.trim())
-            .json(&body)
-            .send()
-            .unwrap();
-        assert!(resp.status().is_success(), "registering {hostname}: {}", resp.text().unwrap_or_default());
+        let req = kiln_core::RegisterRequest {
+            machine_id: format!("{:0>32}", hostname.len() + port as usize),
+            hostname: hostname.into(),
+            macs: vec![],
+            addresses: vec!["127.0.0.1".parse().unwrap()],
+            cpus: 1,
+            memory_bytes: 1 << 30,
+            kernel: "6.1".into(),
+            agent_version: "test".into(),
+            image_digest: "sha256:test".into(),
+            metrics: Some(format!("127.0.0.1:{port}")),
+            public_ip: None,
+            vtep_mac: None,
+            uplink_mtu: None,
+        };
+        let registered = block_on(server.bootstrap_client().register(&req));
+        assert!(registered.is_ok(), "registering {hostname}: {}", registered.err().map(|e| chain(&e)).unwrap_or_default());
         LoadedNode { _agent: agent, proc_dir }
     }
 
@@ -444,13 +442,7 @@ fn autoscaler_grows_a_loaded_pool_to_its_max_and_shrinks_it_to_its_min() {
     assert!(log.contains("autoscale: scale 3 → 2: mean load1 0.05 over 1 node < 0.3"), "{log}");
     assert!(log.contains("autoscale: scale 2 → 1: mean load1 0.05 over 1 node < 0.3"), "{log}");
     assert_eq!(desired(&server, "auto"), Some(1));
-    let names: Vec<String> = reqwest::blocking::get(format!("{}/api/v1/nodes", server.url))
-        .unwrap()
-        .json::<Vec<kiln_core::Node>>()
-        .unwrap()
-        .into_iter()
-        .map(|n| n.name)
-        .collect();
+    let names: Vec<String> = server.nodes().into_iter().map(|n| n.name).collect();
     assert_eq!(names, ["kiln-auto-0"], "the oldest node stays");
 }
 

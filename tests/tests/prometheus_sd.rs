@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_core::SdTargetGroup;
-use kiln_tests::{KilnServer, Process, binaries, fake_image, free_port, read_log, root, wait_for};
+use kiln_tests::{KilnServer, Process, binaries, block_on, fake_image, free_port, read_log, root, wait_for};
 
 /// How long any one thing may take to show up.
 const WAIT: Duration = Duration::from_secs(60);
@@ -123,7 +123,7 @@ fn prometheus_scrapes_agent_found_through_sd() {
     let _agent = Process::spawn_logged(cmd, "kiln-agent", &agent_log);
 
     let group = wait_for(WAIT, || {
-        let groups: Vec<SdTargetGroup> = client.get(format!("{}/api/v1/sd", server.api)).send().ok()?.json().ok()?;
+        let groups: Vec<SdTargetGroup> = block_on(server.api_client().sd()).ok()?;
         groups.into_iter().find(|g| g.targets == [metrics_addr.clone()])
     })
     .unwrap_or_else(|| {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{Mac, Manifest};
 use kiln_pool::qemu::{self, Boot, Guest, GuestSpec};
-use kiln_tests::{KilnServer, Process, binaries, cache_dir, kiln_build, kiln_build_for, root, skip_e2e, tail, vm_lock, wait_for};
+use kiln_tests::{KilnServer, Process, binaries, block_on, cache_dir, kiln_build, kiln_build_for, root, skip_e2e, tail, vm_lock, wait_for};
 use nix::sys::signal::Signal;
 
 fn tiny_spec() -> std::path::PathBuf {
@@ -54,22 +54,23 @@ fn build_serve_pxe_boot_register() {
     assert_eq!(mode & 0o777, 0o600, "bootstrap-token is private");
 
     // What iPXE will fetch: the script, then the artifacts it names.
-    let client = reqwest::blocking::Client::new();
     let host = format!("10.0.2.2:{}", server.port());
-    let fetch = |path: &str| client.get(format!("{}{path}", server.url)).header("host", &host).send().unwrap().text().unwrap();
-    let bootstrap = fetch("/boot.ipxe");
+    let booting = kiln_client::Client::builder(&server.url).host(&host).build().unwrap();
+    let bootstrap = block_on(booting.boot_ipxe()).unwrap();
     assert!(bootstrap.contains(&format!("chain --autofree http://{host}/ipxe?mac=${{mac:hexhyp}}")), "{bootstrap}");
-    let script = fetch("/ipxe?mac=52-54-00-4b-00-01&arch=x86_64");
+    let script = block_on(booting.ipxe(&[("mac", "52-54-00-4b-00-01"), ("arch", "x86_64")])).unwrap();
     assert!(script.contains(&format!("kiln.token={token}")), "{script}");
     assert!(script.contains(&format!("kiln.image_digest={}", manifest.digest)), "{script}");
     assert!(script.contains(&format!("kiln.server=https://10.0.2.2:{}", server.api_port())), "{script}");
     // The API is not on the boot assets' plain-HTTP port, and plain HTTP
     // to the TLS port gets no answer.
-    assert_eq!(client.get(format!("{}/api/v1/nodes", server.url)).send().unwrap().status(), 404, "no API on plain HTTP");
-    assert!(client.get(format!("http://127.0.0.1:{}/api/v1/nodes", server.api_port())).send().is_err(), "the API port speaks only TLS");
+    let nodes_at = |url: &str| block_on(kiln_client::Client::builder(url).build().unwrap().nodes());
+    assert_eq!(nodes_at(&server.url).unwrap_err().status(), Some(kiln_client::StatusCode::NOT_FOUND), "no API on plain HTTP");
+    let plain_to_tls = nodes_at(&format!("http://127.0.0.1:{}", server.api_port()));
+    assert!(plain_to_tls.as_ref().is_err_and(|e| e.status().is_none()), "the API port speaks only TLS");
     // A client that does not trust kiln's CA refuses the server.
-    let untrusting = reqwest::blocking::Client::builder().tls_certs_only(Vec::new()).build().unwrap();
-    assert!(untrusting.get(format!("{}/api/v1/nodes", server.api)).send().is_err(), "the API's certificate is kiln's CA's only");
+    assert!(nodes_at(&server.api).is_err(), "the API's certificate is kiln's CA's only");
+    let client = reqwest::blocking::Client::new();
     let kernel = client.get(format!("{}/images/tiny/vmlinuz", server.url)).send().unwrap();
     assert_eq!(kernel.status(), 200);
     let bytes = kernel.bytes().unwrap();

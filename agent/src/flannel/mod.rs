@@ -41,7 +41,8 @@ use kiln_core::{Lease, Mac, RegisterRequest};
 use log::{info, warn};
 use tokio::sync::watch;
 
-use crate::register::{self, Registered, chain};
+use crate::backoff::Backoff;
+use crate::register::{Registered, chain};
 use netlink::{Rtnl, VtepSpec};
 use uplink::Uplink;
 
@@ -124,16 +125,17 @@ pub fn vtep_mac(machine_id: &str) -> Mac {
 }
 
 impl Overlay {
-    /// The overlay for a node whose control plane is at `server_url`.
-    pub fn new(config: Config, server_url: &str) -> Result<Overlay, Error> {
-        Ok(Overlay { config, server: uplink::host_port(server_url)?, uplink: Mutex::new(None), mac: Mutex::new(None) })
+    /// The overlay for a node whose control plane is at `server`
+    /// (`host:port`, as [`kiln_client::Client::authority`] gives it).
+    pub fn new(config: Config, server: &str) -> Overlay {
+        Overlay { config, server: server.to_string(), uplink: Mutex::new(None), mac: Mutex::new(None) }
     }
 
     /// Finds the uplink and fills the registration's `public_ip`,
     /// `uplink_mtu` and `vtep_mac` (from `req.machine_id`).
-    pub fn prepare(&self, req: &mut RegisterRequest) -> Result<(), Error> {
+    pub async fn prepare(&self, req: &mut RegisterRequest) -> Result<(), Error> {
         let choice = uplink::Choice { iface: self.config.iface.as_deref(), public_ip: self.config.public_ip, server: &self.server };
-        let up = uplink::discover(&choice, &self.config.sys)?;
+        let up = uplink::discover(&choice, &self.config.sys).await?;
         let mac = vtep_mac(&req.machine_id);
         req.public_ip = Some(IpAddr::V4(up.address));
         req.uplink_mtu = Some(up.mtu);
@@ -153,7 +155,8 @@ impl Overlay {
 
     /// Follows the registrations on `registered` and keeps the device,
     /// files and peer entries in step with them, until the channel closes.
-    pub async fn run(self: Arc<Self>, client: Arc<register::Client>, mut registered: watch::Receiver<Option<Registered>>) {
+    /// `client` asks for the peers, with each registration's node token.
+    pub async fn run(self: Arc<Self>, client: kiln_client::Client, mut registered: watch::Receiver<Option<Registered>>) {
         let rtnl = loop {
             match Rtnl::connect() {
                 Ok(r) => break r,
@@ -202,6 +205,7 @@ impl Overlay {
                 },
             };
             let Some(a) = applied.clone() else { continue };
+            let node = client.with_token(&reg.token);
             tokio::select! {
                 r = registered.changed() => {
                     if r.is_err() {
@@ -209,7 +213,7 @@ impl Overlay {
                     }
                     revision = 0;
                 }
-                answer = client.peers(revision, Duration::from_secs(30), &reg.token) => match answer {
+                answer = node.peers(revision, Duration::from_secs(30)) => match answer {
                     Ok(peers) => {
                         backoff.reset();
                         revision = peers.revision;
@@ -331,30 +335,6 @@ fn step(applied: Option<(&Lease, &str)>, current: Option<&Registered>) -> Step {
     match applied {
         Some((l, name)) if *l == lease && name == reg.name => Step::Watch(reg.clone(), lease),
         _ => Step::Apply(reg.clone(), lease),
-    }
-}
-
-/// Exponential backoff, 200 ms doubling to a maximum.
-struct Backoff(Duration, Duration);
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(200);
-
-    fn new(max: Duration) -> Self {
-        Backoff(Self::FIRST, max)
-    }
-
-    fn reset(&mut self) {
-        self.0 = Self::FIRST;
-    }
-
-    fn peek(&self) -> Duration {
-        self.0
-    }
-
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(self.1);
     }
 }
 

@@ -4,8 +4,13 @@
 //! As flanneld: `--iface` and `--public-ip` choose them; by default they
 //! are the interface and source address the kernel uses to reach the
 //! control plane (a connected UDP socket tells, without sending anything).
+//!
+//! Discovery is async: the control plane's name is resolved with
+//! `tokio::net::lookup_host`, and the rest are system calls that do not
+//! wait (getifaddrs, a UDP connect, a sysfs read), so the agent's runtime
+//! keeps hearing its shutdown signal while the uplink cannot be found.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 
 use super::Error;
@@ -34,7 +39,7 @@ pub struct Choice<'a> {
 }
 
 /// Finds the uplink; `sys` is sysfs (for the MTU).
-pub fn discover(choice: &Choice<'_>, sys: &Path) -> Result<Uplink, Error> {
+pub async fn discover(choice: &Choice<'_>, sys: &Path) -> Result<Uplink, Error> {
     let addrs = ipv4_addresses()?;
     let (name, address) = match (choice.iface, choice.public_ip) {
         (Some(iface), Some(ip)) => (iface.to_string(), ip),
@@ -51,7 +56,7 @@ pub fn discover(choice: &Choice<'_>, sys: &Path) -> Result<Uplink, Error> {
             (name, ip)
         }
         (None, None) => {
-            let ip = source_address(choice.server)?;
+            let ip = source_address(choice.server).await?;
             let name = owner(&addrs, ip)
                 .ok_or_else(|| Error::Uplink(format!("the source address {ip} towards {} is on no interface", choice.server)))?;
             (name, ip)
@@ -67,9 +72,9 @@ pub fn discover(choice: &Choice<'_>, sys: &Path) -> Result<Uplink, Error> {
 }
 
 /// The source address the kernel picks to reach `server` (`host:port`).
-pub fn source_address(server: &str) -> Result<Ipv4Addr, Error> {
-    let resolved: Vec<SocketAddr> = server
-        .to_socket_addrs()
+pub async fn source_address(server: &str) -> Result<Ipv4Addr, Error> {
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host(server)
+        .await
         .map_err(|source| Error::Io { path: format!("resolving {server}"), source })?
         .filter(SocketAddr::is_ipv4)
         .collect();
@@ -97,40 +102,19 @@ fn ipv4_addresses() -> Result<Vec<(String, Ipv4Addr)>, Error> {
         .collect())
 }
 
-/// The host and port of a base URL (`http://10.0.0.1:8080/` → `10.0.0.1:8080`).
-pub fn host_port(url: &str) -> Result<String, Error> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| Error::Uplink(format!("control plane URL {url:?}: {e}")))?;
-    let host = parsed.host_str().ok_or_else(|| Error::Uplink(format!("control plane URL {url:?} has no host")))?;
-    let port = parsed.port_or_known_default().unwrap_or(80);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn host_port_cases() {
-        for (url, want) in [
-            ("http://10.0.0.1:8080", "10.0.0.1:8080"),
-            ("https://kiln.example/", "kiln.example:443"),
-            ("http://kiln.example/api", "kiln.example:80"),
-            ("http://[::1]:9/", "[::1]:9"),
-        ] {
-            assert_eq!(host_port(url).unwrap(), want, "case {url}");
-        }
-        assert!(host_port("not a url").is_err());
-    }
-
-    #[test]
-    fn loopback_routes_through_lo() {
+    #[tokio::test]
+    async fn loopback_routes_through_lo() {
         let sys = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(sys.path().join("class/net/lo")).unwrap();
         std::fs::write(sys.path().join("class/net/lo/mtu"), "65536\n").unwrap();
-        let up = discover(&Choice { iface: None, public_ip: None, server: "127.0.0.1:9" }, sys.path()).unwrap();
+        let up = discover(&Choice { iface: None, public_ip: None, server: "127.0.0.1:9" }, sys.path()).await.unwrap();
         assert_eq!(up, Uplink { name: "lo".into(), address: Ipv4Addr::LOCALHOST, mtu: 65536 });
         let err = discover(&Choice { iface: None, public_ip: Some("192.0.2.77".parse().unwrap()), server: "127.0.0.1:9" }, sys.path())
+            .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("192.0.2.77") && err.contains("--iface"), "{err}");

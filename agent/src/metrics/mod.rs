@@ -295,14 +295,19 @@ pub const NAMES: &[&str] = &[
     "vmstat",
 ];
 
+/// A collector name that is none of [`NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown collector {0:?}; known: {known}", known = NAMES.join(","))]
+pub struct UnknownCollector(pub String);
+
 /// The collectors named in `names` (all of [`NAMES`] when `None`), with
-/// node_exporter's default settings. An unknown name is returned as the error.
-pub fn collectors(names: Option<&[String]>) -> Result<Vec<Arc<dyn Collector>>, String> {
+/// node_exporter's default settings.
+pub fn collectors(names: Option<&[String]>) -> Result<Vec<Arc<dyn Collector>>, UnknownCollector> {
     let wanted: Vec<&str> = match names {
         Some(n) => n.iter().map(String::as_str).collect(),
         None => NAMES.to_vec(),
     };
-    wanted.into_iter().map(|n| by_name(n).ok_or_else(|| n.to_string())).collect()
+    wanted.into_iter().map(|n| by_name(n).ok_or_else(|| UnknownCollector(n.to_string()))).collect()
 }
 
 /// Every collector, with node_exporter's default settings.
@@ -464,6 +469,37 @@ impl Workers {
     }
 }
 
+/// Each collector's duration and result in one scrape, and whether it has
+/// reported yet.
+struct Outcomes {
+    results: Vec<(Duration, Result<(), Error>)>,
+    reported: Vec<bool>,
+}
+
+impl Outcomes {
+    fn new(n: usize) -> Self {
+        let mut results = Vec::with_capacity(n);
+        results.resize_with(n, || (Duration::ZERO, Ok(())));
+        Outcomes { results, reported: vec![false; n] }
+    }
+
+    /// Collector `i` took `took` and ended with `result`.
+    fn report(&mut self, i: usize, took: Duration, result: Result<(), Error>) {
+        self.results[i] = (took, result);
+        self.reported[i] = true;
+    }
+}
+
+/// What a scrape waits for next.
+enum Wait {
+    /// Lane `.0`'s collector `.1` is past its limit.
+    Overdue(usize, usize),
+    /// Every lane has finished or been abandoned.
+    Done,
+    /// Lanes are running; the earliest deadline among their collectors.
+    Until(Option<Instant>),
+}
+
 /// One scrape's progress, shared by the scraping thread and its lanes.
 struct Progress {
     /// The samples of the collectors that have finished.
@@ -564,17 +600,20 @@ impl Exporter {
         let Some(_pass) = self.scrapes.enter(self.limits.queue) else {
             return Err(Busy(self.limits.concurrent_scrapes));
         };
-        let n = self.slots.len();
-        let mut outcomes: Vec<(Duration, Result<(), Error>)> = Vec::with_capacity(n);
-        outcomes.resize_with(n, || (Duration::ZERO, Ok(())));
-        let mut reported = vec![false; n];
+        let mut outcomes = Outcomes::new(self.slots.len());
+        let lanes = self.plan_lanes(&mut outcomes);
+        let shared = self.start_lanes(lanes);
+        let set = self.wait_lanes(&shared, &mut outcomes);
+        Ok(self.report(set, outcomes))
+    }
 
-        // Longest first onto the shorter lane.
-        let mut order: Vec<usize> = Vec::with_capacity(n);
-        for i in 0..n {
-            if self.slots[i].running.load(Ordering::Acquire) {
-                outcomes[i].1 = Err(Error::Stuck { collector: self.slots[i].collector.name() });
-                reported[i] = true;
+    /// The scrape's lanes: the collectors not still running from an earlier
+    /// scrape (those are reported stuck), longest first onto the shorter lane.
+    fn plan_lanes(&self, outcomes: &mut Outcomes) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = Vec::with_capacity(self.slots.len());
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.running.load(Ordering::Acquire) {
+                outcomes.report(i, Duration::ZERO, Err(Error::Stuck { collector: slot.collector.name() }));
             } else {
                 order.push(i);
             }
@@ -591,10 +630,14 @@ impl Exporter {
             lane.sort_unstable();
         }
         lanes.retain(|l| !l.is_empty());
+        lanes
+    }
 
+    /// Starts `lanes` on the worker threads; the progress they share.
+    fn start_lanes(&self, lanes: Vec<Vec<usize>>) -> Arc<Shared> {
         let mut set = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop().unwrap_or_default();
         set.clear();
-        let progress = Progress { set, done: Vec::with_capacity(n), lanes: Vec::with_capacity(LANES) };
+        let progress = Progress { set, done: Vec::with_capacity(self.slots.len()), lanes: Vec::with_capacity(LANES) };
         let shared = Arc::new(Shared { progress: Mutex::new(progress), changed: Condvar::new() });
         let jobs: Vec<Job> = {
             let mut p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
@@ -604,62 +647,77 @@ impl Exporter {
         for job in jobs {
             self.workers.run(job);
         }
+        shared
+    }
+
+    /// Collects the lanes' results until each has finished or been
+    /// abandoned; a collector past its limit is reported timed out and the
+    /// rest of its lane moves to another thread. The samples gathered.
+    fn wait_lanes(&self, shared: &Arc<Shared>, outcomes: &mut Outcomes) -> MetricSet {
         let mut p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             for (i, result, took) in p.done.drain(..) {
                 self.slots[i].last_micros.store(took.as_micros().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
-                outcomes[i] = (took, result);
-                reported[i] = true;
+                outcomes.report(i, took, result);
             }
             let now = Instant::now();
-            let mut next_deadline: Option<Instant> = None;
-            let mut overdue = None;
-            let mut waiting = false;
-            for (l, state) in p.lanes.iter().enumerate() {
-                if state.finished || state.abandoned {
-                    continue;
-                }
-                waiting = true;
-                if let Some((i, since)) = state.current {
-                    let deadline = since + self.limits.collector;
-                    if deadline <= now {
-                        overdue = Some((l, i));
-                        break;
+            match self.next_overdue(&p, now) {
+                Wait::Overdue(l, i) => {
+                    let name = self.slots[i].collector.name();
+                    p.lanes[l].abandoned = true;
+                    outcomes.report(i, self.limits.collector, Err(Error::Timeout { collector: name, limit: self.limits.collector }));
+                    // The rest of that lane's work, on another thread.
+                    let rest = Self::unstarted(&p, l, &outcomes.reported);
+                    if !rest.is_empty() {
+                        let job = self.lane(shared, &mut p, rest);
+                        drop(p);
+                        self.workers.run(job);
+                        p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
                     }
-                    next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                }
+                Wait::Done => break,
+                Wait::Until(next_deadline) => {
+                    let wait = next_deadline.map_or(self.limits.collector, |d| d.saturating_duration_since(now));
+                    p = shared.changed.wait_timeout(p, wait).unwrap_or_else(PoisonError::into_inner).0;
                 }
             }
-            if let Some((l, i)) = overdue {
-                let name = self.slots[i].collector.name();
-                p.lanes[l].abandoned = true;
-                outcomes[i] = (self.limits.collector, Err(Error::Timeout { collector: name, limit: self.limits.collector }));
-                reported[i] = true;
-                // The rest of that lane's work, on another thread.
-                let rest = Self::unstarted(&p, l, &reported);
-                if !rest.is_empty() {
-                    let job = self.lane(&shared, &mut p, rest);
-                    drop(p);
-                    self.workers.run(job);
-                    p = shared.progress.lock().unwrap_or_else(PoisonError::into_inner);
-                }
-                continue;
-            }
-            if !waiting {
-                break;
-            }
-            let wait = next_deadline.map_or(self.limits.collector, |d| d.saturating_duration_since(now));
-            p = shared.changed.wait_timeout(p, wait).unwrap_or_else(PoisonError::into_inner).0;
         }
         // Every lane has finished or been abandoned: none adds to the set any more.
-        let mut set = std::mem::take(&mut p.set);
-        drop(p);
-        // Whatever did not report: its lane ended early (a panic, or no thread for it).
-        for (i, slot) in self.slots.iter().enumerate() {
-            if !reported[i] {
-                outcomes[i].1 = Err(Error::Stuck { collector: slot.collector.name() });
+        std::mem::take(&mut p.set)
+    }
+
+    /// What the scrape waits for next, at `now`: a lane's collector past its
+    /// limit, every lane done, or the earliest deadline of a running one.
+    fn next_overdue(&self, p: &Progress, now: Instant) -> Wait {
+        let mut next_deadline: Option<Instant> = None;
+        let mut waiting = false;
+        for (l, state) in p.lanes.iter().enumerate() {
+            if state.finished || state.abandoned {
+                continue;
+            }
+            waiting = true;
+            if let Some((i, since)) = state.current {
+                let deadline = since + self.limits.collector;
+                if deadline <= now {
+                    return Wait::Overdue(l, i);
+                }
+                next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
             }
         }
-        for (slot, (duration, result)) in self.slots.iter().zip(outcomes) {
+        if waiting { Wait::Until(next_deadline) } else { Wait::Done }
+    }
+
+    /// Adds each collector's duration and success to `set`; a collector
+    /// that never reported (its lane ended early: a panic, or no thread for
+    /// it) is stuck.
+    fn report(&self, mut set: MetricSet, outcomes: Outcomes) -> MetricSet {
+        let Outcomes { mut results, reported } = outcomes;
+        for (i, slot) in self.slots.iter().enumerate() {
+            if !reported[i] {
+                results[i].1 = Err(Error::Stuck { collector: slot.collector.name() });
+            }
+        }
+        for (slot, (duration, result)) in self.slots.iter().zip(results) {
             let name = slot.collector.name();
             if let Err(e) = &result {
                 log::debug!("collector {name} failed: {}", crate::register::chain(e));
@@ -680,7 +738,7 @@ impl Exporter {
                 if ok { 1.0 } else { 0.0 },
             );
         }
-        Ok(set)
+        set
     }
 
     /// The collectors of lane `l`'s work that it has not started: those not

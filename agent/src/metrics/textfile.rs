@@ -33,7 +33,58 @@ fn valid_name(s: &str, label: bool) -> bool {
     chars.next().is_some_and(first_ok) && chars.all(|c| first_ok(c) || c.is_ascii_digit())
 }
 
-fn unescape(s: &str, quote: bool) -> Result<String, String> {
+/// A line of a text file that is not the Prometheus text format.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("line {line}: {problem}")]
+pub struct SyntaxError {
+    /// The line, from 1.
+    pub line: usize,
+    /// What is wrong with it.
+    pub problem: Problem,
+}
+
+/// What is wrong with a line of a text file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Problem {
+    /// A backslash not followed by a backslash, `n` or (in a label value) a quote.
+    #[error("invalid escape \\{0}")]
+    Escape(String),
+    /// A sample value that is not a number.
+    #[error("invalid value {0:?}")]
+    Value(String),
+    /// Something else than the text format's next token.
+    #[error("expected {0}")]
+    Expected(&'static str),
+    /// A label name that is not `[a-zA-Z_][a-zA-Z0-9_]*`.
+    #[error("invalid label name {0:?}")]
+    LabelName(String),
+    /// A label value without its closing quote.
+    #[error("unterminated label value")]
+    Unterminated,
+    /// A label given twice.
+    #[error("duplicate label {0:?}")]
+    DuplicateLabel(String),
+    /// A metric name that is not `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+    #[error("invalid metric name {0:?}")]
+    MetricName(String),
+    /// A second `# HELP` for a family.
+    #[error("second HELP for {0}")]
+    SecondHelp(String),
+    /// A `# TYPE` after the family's samples.
+    #[error("TYPE for {0} after its samples")]
+    TypeAfterSamples(String),
+    /// A `# TYPE` that is none of the five.
+    #[error("unknown type {0:?}")]
+    UnknownType(String),
+    /// A sample without a value.
+    #[error("no value")]
+    NoValue,
+    /// A sample with a timestamp.
+    #[error("client-side timestamps are not supported")]
+    Timestamp,
+}
+
+fn unescape(s: &str, quote: bool) -> Result<String, Problem> {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
@@ -45,37 +96,37 @@ fn unescape(s: &str, quote: bool) -> Result<String, String> {
             Some('\\') => out.push('\\'),
             Some('n') => out.push('\n'),
             Some('"') if quote => out.push('"'),
-            other => return Err(format!("invalid escape \\{}", other.map(String::from).unwrap_or_default())),
+            other => return Err(Problem::Escape(other.map(String::from).unwrap_or_default())),
         }
     }
     Ok(out)
 }
 
-fn parse_value(s: &str) -> Result<f64, String> {
+fn parse_value(s: &str) -> Result<f64, Problem> {
     match s {
         "+Inf" | "Inf" => Ok(f64::INFINITY),
         "-Inf" => Ok(f64::NEG_INFINITY),
         "NaN" => Ok(f64::NAN),
-        _ => s.parse::<f64>().map_err(|_| format!("invalid value {s:?}")),
+        _ => s.parse::<f64>().map_err(|_| Problem::Value(s.to_string())),
     }
 }
 
 /// `{a="b",c="d"}` at the start of `s`; returns the labels and the rest.
 type Labels = Vec<(String, String)>;
 
-fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
+fn parse_labels(s: &str) -> Result<(Labels, &str), Problem> {
     let mut labels = Vec::new();
-    let mut rest = s.strip_prefix('{').ok_or("expected '{'")?.trim_start();
+    let mut rest = s.strip_prefix('{').ok_or(Problem::Expected("'{'"))?.trim_start();
     loop {
         if let Some(r) = rest.strip_prefix('}') {
             return Ok((labels, r));
         }
-        let eq = rest.find('=').ok_or("expected '='")?;
+        let eq = rest.find('=').ok_or(Problem::Expected("'='"))?;
         let name = rest[..eq].trim();
         if !valid_name(name, true) {
-            return Err(format!("invalid label name {name:?}"));
+            return Err(Problem::LabelName(name.to_string()));
         }
-        rest = rest[eq + 1..].trim_start().strip_prefix('"').ok_or("expected '\"'")?;
+        rest = rest[eq + 1..].trim_start().strip_prefix('"').ok_or(Problem::Expected("'\"'"))?;
         let mut end = None;
         let mut escaped = false;
         for (i, c) in rest.char_indices() {
@@ -89,23 +140,23 @@ fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
                 _ => {}
             }
         }
-        let end = end.ok_or("unterminated label value")?;
+        let end = end.ok_or(Problem::Unterminated)?;
         let value = unescape(&rest[..end], true)?;
         if labels.iter().any(|(n, _)| n == name) {
-            return Err(format!("duplicate label {name:?}"));
+            return Err(Problem::DuplicateLabel(name.to_string()));
         }
         labels.push((name.to_string(), value));
         rest = rest[end + 1..].trim_start();
         if let Some(r) = rest.strip_prefix(',') {
             rest = r.trim_start();
         } else if !rest.starts_with('}') {
-            return Err("expected ',' or '}'".into());
+            return Err(Problem::Expected("',' or '}'"));
         }
     }
 }
 
 /// Parses the Prometheus text format. Client-side timestamps are refused (as node_exporter does).
-pub fn parse(text: &str) -> Result<Vec<ParsedFamily>, String> {
+pub fn parse(text: &str) -> Result<Vec<ParsedFamily>, SyntaxError> {
     let mut families: Vec<ParsedFamily> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let family = |families: &mut Vec<ParsedFamily>, index: &mut HashMap<String, usize>, name: &str| -> usize {
@@ -116,7 +167,7 @@ pub fn parse(text: &str) -> Result<Vec<ParsedFamily>, String> {
     };
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
-        let at = |e: String| format!("line {}: {e}", n + 1);
+        let at = |problem: Problem| SyntaxError { line: n + 1, problem };
         if line.is_empty() {
             continue;
         }
@@ -128,18 +179,18 @@ pub fn parse(text: &str) -> Result<Vec<ParsedFamily>, String> {
             }
             let name = parts.next().unwrap_or("");
             if !valid_name(name, false) {
-                return Err(at(format!("invalid metric name {name:?}")));
+                return Err(at(Problem::MetricName(name.to_string())));
             }
             let arg = parts.next().unwrap_or("").trim_start();
             let i = family(&mut families, &mut index, name);
             if keyword == "HELP" {
                 if families[i].help.is_some() {
-                    return Err(at(format!("second HELP for {name}")));
+                    return Err(at(Problem::SecondHelp(name.to_string())));
                 }
                 families[i].help = Some(unescape(arg, false).map_err(at)?);
             } else {
                 if !families[i].samples.is_empty() {
-                    return Err(at(format!("TYPE for {name} after its samples")));
+                    return Err(at(Problem::TypeAfterSamples(name.to_string())));
                 }
                 families[i].kind = match arg.trim() {
                     "counter" => Kind::Counter,
@@ -147,7 +198,7 @@ pub fn parse(text: &str) -> Result<Vec<ParsedFamily>, String> {
                     "untyped" => Kind::Untyped,
                     "summary" => Kind::Summary,
                     "histogram" => Kind::Histogram,
-                    other => return Err(at(format!("unknown type {other:?}"))),
+                    other => return Err(at(Problem::UnknownType(other.to_string()))),
                 };
             }
             continue;
@@ -155,14 +206,14 @@ pub fn parse(text: &str) -> Result<Vec<ParsedFamily>, String> {
         let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
         let name = &line[..name_end];
         if !valid_name(name, false) {
-            return Err(at(format!("invalid metric name {name:?}")));
+            return Err(at(Problem::MetricName(name.to_string())));
         }
         let (labels, rest) =
             if line[name_end..].starts_with('{') { parse_labels(&line[name_end..]).map_err(at)? } else { (Vec::new(), &line[name_end..]) };
         let mut fields = rest.split_whitespace();
-        let value = parse_value(fields.next().ok_or_else(|| at("no value".into()))?).map_err(at)?;
+        let value = parse_value(fields.next().ok_or(at(Problem::NoValue))?).map_err(at)?;
         if fields.next().is_some() {
-            return Err(at("client-side timestamps are not supported".into()));
+            return Err(at(Problem::Timestamp));
         }
         // A histogram's or summary's samples belong to its base name.
         let (fam_name, suffix) = ["_bucket", "_sum", "_count"]
@@ -236,7 +287,7 @@ impl Collector for Textfile {
 /// Adds one file's families to `out`; returns its mtime in whole seconds.
 fn file(path: &Path, out: &mut MetricSet) -> Result<f64, Error> {
     let text = read_to_end(path)?;
-    let families = parse(&text).map_err(|e| Error::parse(path, e))?;
+    let families = parse(&text).map_err(|e| Error::parse(path, e.to_string()))?;
     for f in &families {
         if out.contains(&f.name) {
             return Err(Error::parse(path, format!("{} is already defined by another file or collector", f.name)));

@@ -18,7 +18,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_core::{Peers, RegisterRequest, RegisterResponse};
+use kiln_client::{Client, chain};
+use kiln_core::RegisterRequest;
 
 struct Args {
     api: String,
@@ -94,30 +95,22 @@ fn summary(mut ms: Vec<f64>, elapsed: Duration) -> serde_json::Value {
 #[tokio::main]
 async fn main() {
     let a = args();
-    let roots = match &a.ca {
-        Some(ca) => reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap_or_else(|e| panic!("{ca}: {e}"))).expect("a PEM CA"),
-        None => Vec::new(),
-    };
+    let ca = a.ca.as_ref().map(|ca| std::fs::read(ca).unwrap_or_else(|e| panic!("{ca}: {e}")));
     let client = |pooled: bool| {
-        let b = reqwest::Client::builder().timeout(Duration::from_secs(120)).no_proxy().tls_certs_only(roots.clone());
-        let b = if pooled { b.pool_max_idle_per_host(usize::MAX) } else { b.pool_max_idle_per_host(0) };
-        b.build().expect("an HTTP client")
+        let b = Client::builder(&a.api).ca_pem(ca.as_deref()).token(&a.token).timeout(Duration::from_secs(120)).no_proxy();
+        // Not pooled: no idle connections kept, every registration opens its own.
+        let b = if pooled { b } else { b.fresh_connections() };
+        b.build().unwrap_or_else(|e| panic!("{}", chain(&e)))
     };
-    // No idle connections kept: every registration opens its own.
     let fresh = client(false);
     let pooled = client(true);
-    let api = Arc::new(a.api.trim_end_matches('/').to_string());
-    let token = Arc::new(a.token.clone());
 
     let register = {
-        let (fresh, api, token) = (fresh.clone(), api.clone(), token.clone());
+        let fresh = fresh.clone();
         move |i: usize, start: Instant| {
-            let (client, api, token) = (fresh.clone(), api.clone(), token.clone());
+            let client = fresh.clone();
             async move {
-                let resp =
-                    client.post(format!("{api}/api/v1/register")).bearer_auth(&*token).json(&request(i)).send().await.expect("register");
-                assert!(resp.status().is_success(), "register: {}", resp.status());
-                let answer: RegisterResponse = resp.json().await.expect("a registration answer");
+                let answer = client.register(&request(i)).await.unwrap_or_else(|e| panic!("register: {}", chain(&e)));
                 (start.elapsed().as_secs_f64() * 1000.0, answer.token)
             }
         }
@@ -162,69 +155,9 @@ async fn main() {
     }
     let latency = summary(open_ms, started.elapsed());
 
-    // 3. Heartbeats.
-    let deadline = Instant::now() + Duration::from_secs(a.seconds);
     let tokens = Arc::new(tokens);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..a.concurrency {
-        let (client, api, tokens) = (pooled.clone(), api.clone(), tokens.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut ms = Vec::new();
-            let mut n = w;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                let resp =
-                    client.post(format!("{api}/api/v1/heartbeat")).bearer_auth(&tokens[n % tokens.len()]).send().await.expect("heartbeat");
-                assert!(resp.status().is_success(), "heartbeat: {}", resp.status());
-                let _ = resp.bytes().await;
-                ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                n += a.concurrency;
-            }
-            ms
-        }));
-    }
-    let mut hb_ms = Vec::new();
-    for t in tasks {
-        hb_ms.extend(t.await.expect("a heartbeat task"));
-    }
-    let heartbeats = summary(hb_ms, started.elapsed());
-
-    // 4. Convergence: --agents agents watch; one more joins.
-    let peers: Peers =
-        pooled.get(format!("{api}/api/v1/peers")).bearer_auth(&tokens[0]).send().await.expect("peers").json().await.expect("peers JSON");
-    let revision = peers.revision;
-    let joiner = a.offset + 2 * a.agents;
-    let joiner_name = format!("sim-{joiner}");
-    let mut watchers = Vec::new();
-    for i in 0..a.agents {
-        let (client, api, tokens) = (pooled.clone(), api.clone(), tokens.clone());
-        watchers.push(tokio::spawn(async move {
-            let url = format!("{api}/api/v1/peers?revision={revision}&timeout=60");
-            let resp = client.get(url).bearer_auth(&tokens[i]).send().await.expect("watch");
-            let body = resp.bytes().await.expect("the peers answer");
-            let arrived = Instant::now();
-            (arrived, body)
-        }));
-    }
-    // Let every long poll connect and reach the server.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let joined = Instant::now();
-    let resp = fresh.post(format!("{api}/api/v1/register")).bearer_auth(&*token).json(&request(joiner)).send().await.expect("join");
-    assert!(resp.status().is_success());
-    let mut last = joined;
-    let mut early = 0;
-    for w in watchers {
-        let (arrived, body) = w.await.expect("a watcher");
-        let p: Peers = serde_json::from_slice(&body).expect("peers JSON");
-        if p.peers.iter().any(|p| p.name == joiner_name) {
-            last = last.max(arrived);
-        } else {
-            early += 1;
-        }
-    }
-    assert_eq!(early, 0, "{early} watches answered without the joiner (before it joined)");
-    let convergence_ms = last.duration_since(joined).as_secs_f64() * 1000.0;
+    let heartbeats = heartbeats(&pooled, tokens.clone(), &a).await;
+    let convergence_ms = convergence(&fresh, &pooled, tokens, &a).await;
 
     println!(
         "{}",
@@ -238,4 +171,67 @@ async fn main() {
             "convergence_ms": convergence_ms,
         })
     );
+}
+
+/// Phase 3, heartbeats: `--concurrency` workers for `--seconds`, each
+/// sending the next of `tokens` in turn.
+async fn heartbeats(pooled: &Client, tokens: Arc<Vec<String>>, a: &Args) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(a.seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..a.concurrency {
+        let (client, tokens, concurrency) = (pooled.clone(), tokens.clone(), a.concurrency);
+        tasks.push(tokio::spawn(async move {
+            let mut ms = Vec::new();
+            let mut n = w;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let beat = client.with_token(&tokens[n % tokens.len()]).heartbeat().await;
+                beat.unwrap_or_else(|e| panic!("heartbeat: {}", chain(&e)));
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                n += concurrency;
+            }
+            ms
+        }));
+    }
+    let mut hb_ms = Vec::new();
+    for t in tasks {
+        hb_ms.extend(t.await.expect("a heartbeat task"));
+    }
+    summary(hb_ms, started.elapsed())
+}
+
+/// Phase 4, convergence: every agent of `tokens` watches the peers; one
+/// more node joins; milliseconds from its registration to the last watch
+/// answered with it.
+async fn convergence(fresh: &Client, pooled: &Client, tokens: Arc<Vec<String>>, a: &Args) -> f64 {
+    let peers = pooled.with_token(&tokens[0]).peers(0, Duration::ZERO).await.unwrap_or_else(|e| panic!("peers: {}", chain(&e)));
+    let revision = peers.revision;
+    let joiner = a.offset + 2 * a.agents;
+    let joiner_name = format!("sim-{joiner}");
+    let mut watchers = Vec::new();
+    for i in 0..a.agents {
+        let (client, tokens) = (pooled.clone(), tokens.clone());
+        watchers.push(tokio::spawn(async move {
+            let watch = client.with_token(&tokens[i]).peers(revision, Duration::from_secs(60)).await;
+            let arrived = Instant::now();
+            (arrived, watch.unwrap_or_else(|e| panic!("watch: {}", chain(&e))))
+        }));
+    }
+    // Let every long poll connect and reach the server.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let joined = Instant::now();
+    fresh.register(&request(joiner)).await.unwrap_or_else(|e| panic!("join: {}", chain(&e)));
+    let mut last = joined;
+    let mut early = 0;
+    for w in watchers {
+        let (arrived, p) = w.await.expect("a watcher");
+        if p.peers.iter().any(|p| p.name == joiner_name) {
+            last = last.max(arrived);
+        } else {
+            early += 1;
+        }
+    }
+    assert_eq!(early, 0, "{early} watches answered without the joiner (before it joined)");
+    last.duration_since(joined).as_secs_f64() * 1000.0
 }

@@ -1,0 +1,480 @@
+//! kiln-client: the one typed client of kiln's HTTP API.
+//!
+//! The agent (registration, heartbeats, the peers watch, leaving), the
+//! `kiln` CLI (`kiln nodes`, `kiln pools`, `kiln scale`) and the end-to-end
+//! tests all talk to the control plane through [`Client`]: one method per
+//! route of `kiln_control::api`, requests and answers typed with
+//! [`kiln_core`]'s wire types, and one [`Error`] that says which route and
+//! URL failed, keeps reqwest's cause chain as its `source`, and carries the
+//! HTTP status and the server's own words for an answer that is not 2xx.
+//!
+//! A client is built from the API's base URL, an optional CA (PEM) and an
+//! optional bearer token ([`Client::builder`]). For `https://` the CA's
+//! certificates are the only ones trusted: the control plane's own CA, not
+//! the web's. [`Client::with_token`] gives the same connection pool with
+//! another token (the agent registers with the bootstrap token, then
+//! heartbeats with its node token).
+//!
+//! [`metrics::Scraper`] reads a node's `/metrics` (`http://HOST:PORT/metrics`,
+//! with a timeout): the control plane's autoscaler uses it to read its pools'
+//! nodes.
+//!
+//! What it does not own: the routes themselves and what they answer
+//! (kiln-control's `api`), the wire types (kiln-core), retry policies (the
+//! caller's: the agent backs off, the CLI fails at once). The pxe
+//! catalog's `Profile` and `Group` live in kiln-pxe, which this crate does
+//! not depend on: [`Client::profiles`] and [`Client::groups`] answer JSON.
+//!
+//! To add a route: one method here that names the route in its
+//! [`Error`]s (`"METHOD /path"`) and reads the answer as JSON or text.
+
+pub mod metrics;
+
+use std::time::Duration;
+
+use kiln_core::{HeartbeatResponse, Node, Peers, PoolStatus, RegisterRequest, RegisterResponse, ScaleRequest, SdTargetGroup};
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+
+pub use reqwest::StatusCode;
+
+/// Talking to the API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The base URL does not parse.
+    #[error("API URL {url:?}")]
+    BaseUrl {
+        /// The URL given.
+        url: String,
+        /// Why it does not parse.
+        #[source]
+        source: url::ParseError,
+    },
+    /// The base URL names no host.
+    #[error("API URL {url:?} has no host")]
+    NoHost {
+        /// The URL given.
+        url: String,
+    },
+    /// The CA certificates do not parse.
+    #[error("CA certificates (PEM) for {url}")]
+    Ca {
+        /// The API's base URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The HTTP client could not be made (TLS backend).
+    #[error("HTTP client for {url}")]
+    Build {
+        /// The API's base URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// No answer: connection refused, TLS refused, timeout, ...
+    #[error("{route}: {url}")]
+    Transport {
+        /// The route, `METHOD /path`.
+        route: &'static str,
+        /// The URL asked.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status.
+    #[error("{route}: {url}: {status}: {message}")]
+    Status {
+        /// The route, `METHOD /path`.
+        route: &'static str,
+        /// The URL asked.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The server's explanation (its `{"error": ...}`, or the body's text).
+        message: String,
+    },
+    /// A 2xx answer whose body could not be read or is not what the route answers.
+    #[error("{route}: {url}: reading the answer")]
+    Answer {
+        /// The route, `METHOD /path`.
+        route: &'static str,
+        /// The URL asked.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl Error {
+    /// The HTTP status of an answer that was not 2xx.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Error::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// An error and its causes on one line, `a: b: c`: how the agent and the
+/// tests log an [`Error`] (or any error) without losing its chain.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
+/// How a [`Client`] is made: [`Client::builder`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    base: String,
+    ca_pem: Option<Vec<u8>>,
+    token: Option<String>,
+    timeout: Duration,
+    connect_timeout: Duration,
+    host: Option<String>,
+    user_agent: String,
+    no_proxy: bool,
+    fresh_connections: bool,
+}
+
+impl Builder {
+    /// The CA certificates (PEM) trusted for an `https://` API, and no
+    /// others; `None` trusts none (plain HTTP only).
+    pub fn ca_pem(mut self, pem: Option<&[u8]>) -> Self {
+        self.ca_pem = pem.map(<[u8]>::to_vec);
+        self
+    }
+
+    /// The bearer token sent with every request.
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    /// The limit of a whole request (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The limit of connecting (default 3 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The `Host` header sent, as the machine that boots sees the server
+    /// (say, QEMU user networking's `10.0.2.2:PORT`); the boot routes build
+    /// their URLs from it.
+    pub fn host(mut self, host: &str) -> Self {
+        self.host = Some(host.to_string());
+        self
+    }
+
+    /// The `User-Agent` (default `kiln-client/VERSION`).
+    pub fn user_agent(mut self, agent: &str) -> Self {
+        self.user_agent = agent.to_string();
+        self
+    }
+
+    /// Ignores `HTTP_PROXY` and friends: every request goes straight to the server.
+    pub fn no_proxy(mut self) -> Self {
+        self.no_proxy = true;
+        self
+    }
+
+    /// Keeps no idle connection: every request opens its own, as requests
+    /// from many separate agents do (load tests).
+    pub fn fresh_connections(mut self) -> Self {
+        self.fresh_connections = true;
+        self
+    }
+
+    /// The client.
+    pub fn build(self) -> Result<Client, Error> {
+        let base = self.base.trim_end_matches('/').to_string();
+        let parsed = url::Url::parse(&base).map_err(|source| Error::BaseUrl { url: base.clone(), source })?;
+        let authority = authority(&parsed).ok_or_else(|| Error::NoHost { url: base.clone() })?;
+        let roots = match &self.ca_pem {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem).map_err(|source| Error::Ca { url: base.clone(), source })?,
+            None => Vec::new(),
+        };
+        let mut http = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(self.connect_timeout)
+            .user_agent(self.user_agent)
+            .tls_certs_only(roots);
+        if self.no_proxy {
+            http = http.no_proxy();
+        }
+        if self.fresh_connections {
+            http = http.pool_max_idle_per_host(0);
+        }
+        let http = http.build().map_err(|source| Error::Build { url: base.clone(), source })?;
+        Ok(Client { http, base, authority, token: self.token, host: self.host, timeout: None })
+    }
+}
+
+/// `host:port` of a URL, IPv6 hosts in brackets, the scheme's port by default.
+fn authority(url: &url::Url) -> Option<String> {
+    let port = url.port_or_known_default().unwrap_or(80);
+    Some(match url.host()? {
+        url::Host::Ipv6(ip) => format!("[{ip}]:{port}"),
+        host => format!("{host}:{port}"),
+    })
+}
+
+/// A client of one kiln API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    /// The base URL, without a trailing `/`.
+    base: String,
+    /// Its `host:port`.
+    authority: String,
+    token: Option<String>,
+    host: Option<String>,
+    /// A limit for this handle's requests, instead of the builder's.
+    timeout: Option<Duration>,
+}
+
+impl Client {
+    /// A builder for the API at `base` (`https://10.0.2.2:8443`).
+    pub fn builder(base: &str) -> Builder {
+        Builder {
+            base: base.to_string(),
+            ca_pem: None,
+            token: None,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            host: None,
+            user_agent: concat!("kiln-client/", env!("CARGO_PKG_VERSION")).to_string(),
+            no_proxy: false,
+            fresh_connections: false,
+        }
+    }
+
+    /// The same client (and connection pool) sending `token` instead.
+    pub fn with_token(&self, token: &str) -> Client {
+        Client { token: Some(token.to_string()), ..self.clone() }
+    }
+
+    /// The same client with `timeout` for each of its requests.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client { timeout: Some(timeout), ..self.clone() }
+    }
+
+    /// The base URL, without a trailing `/`.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The server's `host:port` (`https://kiln.lan/` → `kiln.lan:443`,
+    /// `http://[::1]:9` → `[::1]:9`).
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// `POST /api/v1/register` with the client's token (the bootstrap token).
+    pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, Error> {
+        let (url, builder) = self.request(Method::POST, "/api/v1/register");
+        json("POST /api/v1/register", url, builder.json(req)).await
+    }
+
+    /// `POST /api/v1/heartbeat` with the client's token (a node token).
+    pub async fn heartbeat(&self) -> Result<HeartbeatResponse, Error> {
+        let (url, builder) = self.request(Method::POST, "/api/v1/heartbeat");
+        json("POST /api/v1/heartbeat", url, builder).await
+    }
+
+    /// `POST /api/v1/nodes/NAME/heartbeat`: the token must be that node's.
+    pub async fn heartbeat_node(&self, name: &str) -> Result<HeartbeatResponse, Error> {
+        let (url, builder) = self.request(Method::POST, &format!("/api/v1/nodes/{name}/heartbeat"));
+        json("POST /api/v1/nodes/NAME/heartbeat", url, builder).await
+    }
+
+    /// `POST /api/v1/leave`: the server removes the token's node and
+    /// releases its lease; answers the node as it was.
+    pub async fn leave(&self) -> Result<Node, Error> {
+        let (url, builder) = self.request(Method::POST, "/api/v1/leave");
+        json("POST /api/v1/leave", url, builder).await
+    }
+
+    /// `POST /api/v1/nodes/NAME/leave`: the token must be that node's.
+    pub async fn leave_node(&self, name: &str) -> Result<Node, Error> {
+        let (url, builder) = self.request(Method::POST, &format!("/api/v1/nodes/{name}/leave"));
+        json("POST /api/v1/nodes/NAME/leave", url, builder).await
+    }
+
+    /// `GET /api/v1/peers?revision=N&timeout=S`, the peers watch (a node
+    /// token): answers once the registry's revision passes `revision`, or
+    /// after `wait` with the peers as they are. The request's limit is
+    /// `wait` plus 10 s.
+    pub async fn peers(&self, revision: u64, wait: Duration) -> Result<Peers, Error> {
+        let path = format!("/api/v1/peers?revision={revision}&timeout={}", wait.as_secs());
+        let (url, builder) = self.request(Method::GET, &path);
+        json("GET /api/v1/peers", url, builder.timeout(wait + Duration::from_secs(10))).await
+    }
+
+    /// `GET /api/v1/nodes`: every registered node.
+    pub async fn nodes(&self) -> Result<Vec<Node>, Error> {
+        let (url, builder) = self.request(Method::GET, "/api/v1/nodes");
+        json("GET /api/v1/nodes", url, builder).await
+    }
+
+    /// `GET /api/v1/sd`: Prometheus HTTP service discovery, a target group per node.
+    pub async fn sd(&self) -> Result<Vec<SdTargetGroup>, Error> {
+        let (url, builder) = self.request(Method::GET, "/api/v1/sd");
+        json("GET /api/v1/sd", url, builder).await
+    }
+
+    /// `GET /api/v1/pools`: each pool's status (none without `--pools`).
+    pub async fn pools(&self) -> Result<Vec<PoolStatus>, Error> {
+        let (url, builder) = self.request(Method::GET, "/api/v1/pools");
+        json("GET /api/v1/pools", url, builder).await
+    }
+
+    /// `POST /api/v1/pools/NAME/scale` with the client's token (the
+    /// bootstrap token): sets the pool's desired replicas; answers its status.
+    pub async fn scale(&self, pool: &str, replicas: u32) -> Result<Option<PoolStatus>, Error> {
+        let (url, builder) = self.request(Method::POST, &format!("/api/v1/pools/{pool}/scale"));
+        json("POST /api/v1/pools/NAME/scale", url, builder.json(&ScaleRequest { replicas })).await
+    }
+
+    /// `GET /api/v1/profiles`: the loaded profiles (kiln-pxe's `Profile`, as JSON).
+    pub async fn profiles(&self) -> Result<Vec<serde_json::Value>, Error> {
+        let (url, builder) = self.request(Method::GET, "/api/v1/profiles");
+        json("GET /api/v1/profiles", url, builder).await
+    }
+
+    /// `GET /api/v1/groups`: the loaded groups (kiln-pxe's `Group`, as JSON).
+    pub async fn groups(&self) -> Result<Vec<serde_json::Value>, Error> {
+        let (url, builder) = self.request(Method::GET, "/api/v1/groups");
+        json("GET /api/v1/groups", url, builder).await
+    }
+
+    /// `GET /boot.ipxe`: the iPXE bootstrap script.
+    pub async fn boot_ipxe(&self) -> Result<String, Error> {
+        let (url, builder) = self.request(Method::GET, "/boot.ipxe");
+        text("GET /boot.ipxe", url, builder).await
+    }
+
+    /// `GET /ipxe?QUERY` (`mac`, `uuid`, `arch`, ...): the machine's boot script.
+    pub async fn ipxe(&self, query: &[(&str, &str)]) -> Result<String, Error> {
+        let url = format!("{}/ipxe", self.base);
+        let url = url::Url::parse_with_params(&url, query).map_err(|source| Error::BaseUrl { url, source })?.to_string();
+        let builder = self.request_url(Method::GET, &url);
+        text("GET /ipxe", url, builder).await
+    }
+
+    /// `GET /cloud-init/MAC/FILE`: one file of the machine's NoCloud seed
+    /// (`meta-data`, `user-data`, `network-config`, `vendor-data`).
+    pub async fn seed_file(&self, mac: &str, file: &str) -> Result<String, Error> {
+        let (url, builder) = self.request(Method::GET, &format!("/cloud-init/{mac}/{file}"));
+        text("GET /cloud-init/MAC/FILE", url, builder).await
+    }
+
+    /// A request to `path` (with its query), with the token, `Host` and
+    /// timeout of this client; and its URL.
+    fn request(&self, method: Method, path: &str) -> (String, RequestBuilder) {
+        let url = format!("{}{path}", self.base);
+        let builder = self.request_url(method, &url);
+        (url, builder)
+    }
+
+    /// A request to `url` with the token, `Host` and timeout of this client.
+    fn request_url(&self, method: Method, url: &str) -> RequestBuilder {
+        let builder = self.http.request(method, url).headers(self.headers());
+        match self.timeout {
+            Some(t) => builder.timeout(t),
+            None => builder,
+        }
+    }
+
+    /// The headers every request carries: the bearer token and `Host`.
+    fn headers(&self) -> reqwest::header::HeaderMap {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = &self.token
+            && let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        if let Some(host) = &self.host
+            && let Ok(value) = reqwest::header::HeaderValue::from_str(host)
+        {
+            headers.insert(reqwest::header::HOST, value);
+        }
+        headers
+    }
+}
+
+/// Sends `builder`; a 2xx answer, or the error naming `route` and `url`.
+async fn send(route: &'static str, url: &str, builder: RequestBuilder) -> Result<Response, Error> {
+    let resp = builder.send().await.map_err(|source| Error::Transport { route, url: url.to_string(), source })?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp.text().await.unwrap_or_default();
+    Err(Error::Status { route, url: url.to_string(), status, message: server_message(&body) })
+}
+
+/// The server's explanation: `{"error": "..."}`'s text, else the body's.
+fn server_message(body: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    match serde_json::from_str::<ErrorBody>(body) {
+        Ok(e) => e.error,
+        Err(_) => body.trim().to_string(),
+    }
+}
+
+/// Sends `builder` and reads the JSON answer.
+async fn json<T: DeserializeOwned>(route: &'static str, url: String, builder: RequestBuilder) -> Result<T, Error> {
+    let resp = send(route, &url, builder).await?;
+    resp.json::<T>().await.map_err(|source| Error::Answer { route, url, source })
+}
+
+/// Sends `builder` and reads the text answer.
+async fn text(route: &'static str, url: String, builder: RequestBuilder) -> Result<String, Error> {
+    let resp = send(route, &url, builder).await?;
+    resp.text().await.map_err(|source| Error::Answer { route, url, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        for (url, want) in [
+            ("http://10.0.0.1:8080", "10.0.0.1:8080"),
+            ("https://kiln.example/", "kiln.example:443"),
+            ("http://kiln.example/api", "kiln.example:80"),
+            ("http://[::1]:9/", "[::1]:9"),
+        ] {
+            assert_eq!(Client::builder(url).build().unwrap().authority(), want, "case {url}");
+        }
+        for bad in ["not a url", "unix:/run/kiln.sock"] {
+            assert!(Client::builder(bad).build().is_err(), "case {bad}");
+        }
+    }
+
+    #[test]
+    fn server_messages() {
+        assert_eq!(server_message(r#"{"error": "wrong bootstrap token"}"#), "wrong bootstrap token");
+        assert_eq!(server_message("  plain text\n"), "plain text");
+    }
+}

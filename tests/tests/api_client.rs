@@ -1,0 +1,61 @@
+//! kiln-client against the real `kiln serve` (TLS API, a fake image, no
+//! guest): every route the client has answers what its method says, and a
+//! refusal carries the status and the server's words.
+
+use std::time::Duration;
+
+use kiln_client::{Client, StatusCode};
+use kiln_tests::{KilnServer, block_on, fake_image, node_request};
+
+#[test]
+fn every_route_through_the_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    fake_image(&images, "tiny");
+    let server = KilnServer::start(&images, &tmp.path().join("state"));
+
+    // The node's routes: register, heartbeat (plain and named), peers, leave.
+    let boot = server.bootstrap_client();
+    let answer = block_on(boot.register(&node_request(7))).unwrap();
+    assert_eq!(answer.name, "node-7");
+    let lease = answer.lease.expect("a lease for a node with a VTEP MAC");
+    let node = server.api_client().with_token(&answer.token);
+    assert_eq!(block_on(node.heartbeat()).unwrap().name, "node-7");
+    assert_eq!(block_on(node.heartbeat_node("node-7")).unwrap().name, "node-7");
+    let err = block_on(node.heartbeat_node("someone-else")).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "{err}");
+    let peers = block_on(node.peers(0, Duration::ZERO)).unwrap();
+    assert!(peers.peers.iter().any(|p| p.subnet == lease.subnet), "the node is among the peers: {peers:?}");
+
+    // The listings.
+    let nodes = block_on(server.api_client().nodes()).unwrap();
+    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["node-7"]);
+    let sd = block_on(server.api_client().sd()).unwrap();
+    assert_eq!(sd[0].targets, ["192.0.2.8:9100"]);
+    assert_eq!(block_on(server.api_client().profiles()).unwrap()[0]["id"], "default");
+    assert!(block_on(server.api_client().groups()).is_ok());
+    assert!(block_on(server.api_client().pools()).unwrap().is_empty(), "no --pools, no pools");
+    let err = block_on(boot.scale("tiny", 1)).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::NOT_FOUND), "{err}");
+    assert!(err.to_string().contains("runs no pools"), "the server's words: {err}");
+
+    // The boot routes, on the plain-HTTP listener, as a machine behind QEMU's user network sees them.
+    let host = format!("10.0.2.2:{}", server.port());
+    let booting = Client::builder(&server.url).host(&host).build().unwrap();
+    let script = block_on(booting.boot_ipxe()).unwrap();
+    assert!(script.contains(&format!("http://{host}/ipxe?mac=")), "{script}");
+    let script = block_on(booting.ipxe(&[("mac", "52-54-00-12-34-56"), ("arch", "x86_64")])).unwrap();
+    assert!(script.contains("kiln.token="), "{script}");
+    let meta = block_on(booting.seed_file("52-54-00-12-34-56", "meta-data")).unwrap();
+    assert!(meta.contains("local-hostname"), "{meta}");
+    let err = block_on(booting.seed_file("52-54-00-12-34-56", "passwords")).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::NOT_FOUND), "{err}");
+
+    // Leaving: named by another name is refused; then the node leaves.
+    let err = block_on(node.leave_node("someone-else")).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "{err}");
+    assert_eq!(block_on(node.leave()).unwrap().name, "node-7");
+    assert!(server.nodes().is_empty(), "the node is gone");
+    let err = block_on(node.heartbeat()).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED), "a node that left is unknown: {err}");
+}
