@@ -46,15 +46,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// List registered nodes.
     Nodes {
-        /// The API's base URL.
-        #[arg(long, env = "KILN_SERVER", default_value = "https://127.0.0.1:8443")]
-        server: String,
-        /// The CA certificate of an https:// server (default: STATE/ca.pem).
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        /// State directory of the server, for its CA.
-        #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
-        state: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -102,6 +95,17 @@ impl ApiArgs {
         }
         let path = self.ca.clone().unwrap_or_else(|| kiln_control::StateDir::new(&self.state).ca_cert());
         Ok(Some(std::fs::read(&path).with_context(|| format!("reading the server's CA {}", path.display()))?))
+    }
+
+    /// The API's client; with the server's bootstrap token (`STATE/bootstrap-token`) when `with_token`.
+    fn client(&self, with_token: bool) -> Result<kiln_client::Client> {
+        let token = if with_token {
+            let path = kiln_control::StateDir::new(&self.state).bootstrap_token();
+            Some(std::fs::read_to_string(&path).with_context(|| format!("reading the bootstrap token {}", path.display()))?)
+        } else {
+            None
+        };
+        output::api_client(&self.server, self.ca()?.as_deref(), token.as_deref().map(str::trim))
     }
 }
 
@@ -160,37 +164,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build { spec, out, inputs, state, json } => {
-            let builder = inputs.builder(state.as_deref())?;
-            let progress = output::BuildProgress::new(json);
-            let outcome = builder.build(&spec, &out, &|e| progress.event(e)).with_context(|| format!("building {}", spec.display()))?;
-            progress.finish(&outcome);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Build { spec, out, inputs, state, json } => build(&spec, &out, &inputs, state.as_deref(), json),
         Command::Serve(args) => serve::run(*args),
-        Command::Nodes { server, json, ca, state } => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let ca = if server.starts_with("https://") {
-                let path = ca.unwrap_or_else(|| kiln_control::StateDir::new(&state).ca_cert());
-                Some(std::fs::read(&path).with_context(|| format!("reading the server's CA {}", path.display()))?)
-            } else {
-                None
-            };
-            let nodes = runtime.block_on(output::api_client(&server, ca.as_deref(), None)?.nodes())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
-            } else {
-                print!("{}", output::node_table(&nodes));
-            }
-            Ok(ExitCode::SUCCESS)
+        Command::Nodes { api, json } => {
+            let nodes = block_on(api.client(false)?.nodes())?;
+            print(json, &nodes, |n| output::node_table(n))
         }
         Command::Scale { pool, replicas, api } => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let token_path = kiln_control::StateDir::new(&api.state).bootstrap_token();
-            let token =
-                std::fs::read_to_string(&token_path).with_context(|| format!("reading the bootstrap token {}", token_path.display()))?;
-            let client = output::api_client(&api.server, api.ca()?.as_deref(), Some(token.trim()))?;
-            let status = runtime.block_on(client.scale(&pool, replicas))?;
+            let status = block_on(api.client(true)?.scale(&pool, replicas))?;
             println!("kiln: pool {pool}: {replicas} replicas desired");
             if let Some(s) = status {
                 print!("{}", output::pool_table(&[s]));
@@ -198,15 +179,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pools { api, json } => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let pools = runtime.block_on(output::api_client(&api.server, api.ca()?.as_deref(), None)?.pools())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&pools)?);
-            } else {
-                print!("{}", output::pool_table(&pools));
-            }
-            Ok(ExitCode::SUCCESS)
+            let pools = block_on(api.client(false)?.pools())?;
+            print(json, &pools, |p| output::pool_table(p))
         }
         Command::Up(args) => up::run(args),
     }
+}
+
+/// `kiln build`: builds, showing progress (or JSON events).
+fn build(
+    spec: &std::path::Path,
+    out: &std::path::Path,
+    inputs: &BuildInputs,
+    state: Option<&std::path::Path>,
+    json: bool,
+) -> Result<ExitCode> {
+    let builder = inputs.builder(state)?;
+    let progress = output::BuildProgress::new(json);
+    let outcome = builder.build(spec, out, &|e| progress.event(e)).with_context(|| format!("building {}", spec.display()))?;
+    progress.finish(&outcome);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one API call on a runtime of its own.
+fn block_on<T>(call: impl std::future::Future<Output = Result<T, kiln_client::Error>>) -> Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(runtime.block_on(call)?)
+}
+
+/// Prints `value` as pretty JSON, or as the table `table` makes of it.
+fn print<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) -> String) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", table(value));
+    }
+    Ok(ExitCode::SUCCESS)
 }
