@@ -122,16 +122,7 @@ impl Error {
 
 /// An error and its causes on one line, `a: b: c`: how the agent and the
 /// tests log an [`Error`] (or any error) without losing its chain.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
-}
+pub use kiln_core::error_chain as chain;
 
 /// How a [`Client`] is made: [`Client::builder`].
 #[derive(Debug, Clone)]
