@@ -14,6 +14,9 @@
 //! [`metrics`] exports node_exporter-compatible metrics on `/metrics`
 //! (`:9100` by default, or alone with `kiln-agent metrics`). A new duty is a
 //! module with its own loop, started from `main.rs`.
+//!
+//! Owns what runs on a node; does not talk HTTP by hand (kiln-client) or
+//! define the wire types (kiln-core).
 
 pub mod backoff;
 pub mod flannel;

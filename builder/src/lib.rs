@@ -23,6 +23,9 @@
 //!
 //! To add a kind of image, add a variant to [`spec::Spec`] and a module that
 //! turns it into artifacts; [`Builder::build`] dispatches on the spec.
+//!
+//! Owns building images and their cache; does not serve, boot or sign
+//! anything (the CA it bakes in is handed to it).
 
 pub mod apt;
 pub mod base;

@@ -2,7 +2,8 @@
 //!
 //! This binary parses flags and prints; the work is in the library crates:
 //! `kiln build` → kiln-builder, `kiln serve` → kiln-control's server,
-//! `kiln nodes` → the API, `kiln up` → all of them plus a QEMU guest.
+//! `kiln nodes` → the API (kiln-client), `kiln up` → all of them plus a
+//! QEMU guest (kiln-pool). It owns flags, their checks and printing; no work.
 
 mod output;
 mod serve;

@@ -27,6 +27,8 @@
 //!
 //! To add a route: one method here that names the route in its
 //! [`Error`]s (`"METHOD /path"`) and reads the answer as JSON or text.
+//!
+//! Owns every HTTP request kiln makes; serves nothing and holds no state.
 
 pub mod metrics;
 

@@ -13,6 +13,9 @@
 //!
 //! To support another cloud-config module, add a field to [`CloudConfig`]
 //! with its cloud-init name; `skip_serializing_if` keeps unset ones out.
+//!
+//! Owns the seed's files and the ISO; does not choose which machine gets
+//! which seed (kiln-pxe's profiles do).
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -5,6 +5,10 @@
 //! that needs to read a file or open a socket does so itself and hands the
 //! bytes here. To add a wire type, add it to the module whose endpoint uses it
 //! and keep field names in snake case, as the JSON API spells them.
+//!
+//! Owns the contracts between the other crates ([`JoinParams`], [`Digest`],
+//! [`Lease`] and [`NetworkConfig`], [`Node`], [`PoolStatus`], [`Manifest`]);
+//! does not own any behaviour that needs a file, a socket or a clock.
 
 /// Serde for a type as its text: `Display` to write, `FromStr` to read
 /// (whose error becomes the deserializer's message).

@@ -237,22 +237,32 @@ struct Task<C, M> {
 }
 
 impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
+    /// Passes until stopped; then the fleet's libvirt connections are
+    /// closed on a blocking thread, and the stop is answered.
     async fn run(mut self) {
+        let stop = self.serve().await;
+        if let Some(fleet) = self.fleet.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(fleet)).await;
+        }
+        if let Some(reply) = stop {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Passes, and waits between them for the interval or a command; the
+    /// stop request that ended it (`None` when every handle is gone).
+    async fn serve(&mut self) -> Option<oneshot::Sender<()>> {
         loop {
             self.autoscale().await;
             if let Some(reply) = self.pass().await {
-                let _ = reply.send(());
-                return;
+                return Some(reply);
             }
             let deadline = tokio::time::Instant::now() + self.config.interval;
             loop {
                 tokio::select! {
                     command = self.inbox.recv() => match command {
-                        None => return,
-                        Some(Command::Stop { reply }) => {
-                            let _ = reply.send(());
-                            return;
-                        }
+                        None => return None,
+                        Some(Command::Stop { reply }) => return Some(reply),
                         // A scale wakes the reconciler at once.
                         Some(Command::Scale { pool, replicas, reply }) => if self.answer(&pool, replicas, reply).await { break },
                     },

@@ -15,6 +15,9 @@
 //!   network's own DHCP server: boot file by architecture, never an address.
 //!
 //! TFTP, proxyDHCP and profile matching join this crate as modules of their own.
+//!
+//! Owns what a booting machine fetches before it has an identity; does not
+//! own the API, the registry or its trust (kiln-control).
 
 pub mod artifacts;
 pub mod dhcp;

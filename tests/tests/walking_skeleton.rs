@@ -48,9 +48,11 @@ fn build_serve_pxe_boot_register() {
 
     let server = KilnServer::start(&images, &state);
     assert!(server.api.starts_with("https://"), "the API is served over TLS by default: {}", server.api);
-    let token = std::fs::read_to_string(tmp.path().join("state/bootstrap-token")).unwrap();
+    let token = std::fs::read_to_string(kiln_control::StateDir::new(&state).bootstrap_token()).unwrap();
     let token = token.trim();
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(tmp.path().join("state/bootstrap-token")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(kiln_control::StateDir::new(&state).bootstrap_token()).unwrap().permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600, "bootstrap-token is private");
 
     // What iPXE will fetch: the script, then the artifacts it names.
