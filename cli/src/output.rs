@@ -136,25 +136,69 @@ pub fn pool_table(pools: &[kiln_core::PoolStatus]) -> String {
             out.push_str(&format!("{}: autoscale: {a}\n", p.name));
         }
         for e in &p.errors {
-            out.push_str(&format!("{}: {e}\n", p.name));
+            out.push_str(&format!("{}: {}\n", p.name, escape(e)));
         }
     }
     out
 }
 
-/// Nodes as an aligned table.
+/// Most characters a cell of `kiln nodes` shows; a longer value is cut
+/// and ends in `…`.
+const CELL: usize = 40;
+/// Most items of a list (MACs, addresses) a cell shows; the rest are
+/// counted (`+N`).
+const LIST: usize = 2;
+
+/// Text from the network as a terminal may show it: every character that is
+/// not printable ASCII becomes an escape (`\x1b`, `\r`, `\u{202e}`), so no
+/// control sequence reaches the terminal and no line is split.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            ' '..='~' => out.push(c),
+            '\r' => out.push_str("\\r"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x100 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    out
+}
+
+/// A table cell: [`escape`]d, at most [`CELL`] characters.
+fn cell(s: &str) -> String {
+    let escaped = escape(s);
+    match escaped.char_indices().nth(CELL - 1) {
+        Some((end, _)) if escaped.len() > end + 1 => format!("{}…", &escaped[..end]),
+        _ => escaped,
+    }
+}
+
+/// A list as a cell: the first [`LIST`] items, then how many more (`+N`).
+fn list_cell<T: ToString>(items: &[T]) -> String {
+    let mut shown: Vec<String> = items.iter().take(LIST).map(|i| cell(&i.to_string())).collect();
+    if items.len() > LIST {
+        shown.push(format!("+{}", items.len() - LIST));
+    }
+    shown.join(",")
+}
+
+/// Nodes as an aligned table. What nodes reported is escaped and cut
+/// ([`cell`], [`list_cell`]): a row stays one short line whatever a node sent.
 pub fn node_table(nodes: &[Node]) -> String {
     let now = time::OffsetDateTime::now_utc();
     let mut rows = vec![["NAME", "POOL", "HOST", "MAC", "ADDRESS", "IMAGE", "REGISTERED", "LAST SEEN"].map(String::from).to_vec()];
     for n in nodes {
         let ago = |t: time::OffsetDateTime| format!("{}s ago", (now - t).whole_seconds().max(0));
         rows.push(vec![
-            n.name.clone(),
-            n.pool.clone().unwrap_or_else(|| "-".into()),
-            n.host.clone().unwrap_or_else(|| "-".into()),
-            n.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-            n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-            short_digest(&n.image_digest),
+            cell(&n.name),
+            n.pool.as_deref().map_or_else(|| "-".into(), cell),
+            n.host.as_deref().map_or_else(|| "-".into(), cell),
+            list_cell(&n.macs),
+            list_cell(&n.addresses),
+            escape(&short_digest(&n.image_digest)),
             ago(n.registered_at),
             ago(n.last_seen),
         ]);
@@ -177,4 +221,68 @@ fn table(rows: Vec<Vec<String>>) -> String {
 /// `sha256:0123456789ab…` → `sha256:0123456789ab`.
 pub fn short_digest(d: &str) -> String {
     d.chars().take(19).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> Node {
+        let now = time::OffsetDateTime::now_utc();
+        Node {
+            name: name.into(),
+            machine_id: "0".repeat(32),
+            hostname: name.into(),
+            macs: vec!["52:54:00:00:00:01".parse().unwrap()],
+            addresses: vec!["10.0.2.15".parse().unwrap()],
+            cpus: 1,
+            memory_bytes: 1,
+            kernel: "6.1".into(),
+            agent_version: "0.1.0".into(),
+            image_digest: "sha256:0123456789abcdef".into(),
+            metrics: None,
+            pool: None,
+            host: None,
+            subnet: None,
+            public_ip: None,
+            vtep_mac: None,
+            registered_at: now,
+            last_seen: now,
+        }
+    }
+
+    #[test]
+    fn escape_cases() {
+        for (raw, shown) in [
+            ("plain text", "plain text"),
+            ("sha256:\x1b[2J", "sha256:\\x1b[2J"),
+            ("a\r\nb", "a\\r\\nb"),
+            ("bell\x07", "bell\\x07"),
+            ("c1\u{9b}", "c1\\x9b"),
+            ("rtl\u{202e}", "rtl\\u{202e}"),
+            ("del\x7f", "del\\x7f"),
+        ] {
+            assert_eq!(escape(raw), shown, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn node_table_escapes_and_cuts_what_nodes_sent() {
+        let good = node("node-1");
+        // (case, node, text the row must show)
+        let cases: Vec<(&str, Node, &str)> = vec![
+            ("plain", good.clone(), "52:54:00:00:00:01"),
+            ("ESC and CR-LF in the digest", Node { image_digest: "sha256:\x1b[2J\r\nX".into(), ..good.clone() }, "sha256:\\x1b[2J\\r\\nX"),
+            ("3000 MACs", Node { macs: vec!["52:54:00:00:00:02".parse().unwrap(); 3000], ..good.clone() }, "+2998"),
+            ("long name", Node { name: "n".repeat(5000), ..good.clone() }, "…"),
+            ("ESC in the pool", Node { pool: Some("p\x1b]0;t\x07".into()), ..good.clone() }, "p\\x1b]0;t\\x07"),
+        ];
+        for (case, n, shown) in cases {
+            let table = node_table(&[n]);
+            assert!(table.contains(shown), "case {case}: {table}");
+            assert!(!table.bytes().any(|b| b.is_ascii_control() && b != b'\n'), "case {case}: no control byte: {table:?}");
+            assert_eq!(table.lines().count(), 2, "case {case}: one line per node");
+            assert!(table.lines().all(|l| l.chars().count() <= 300), "case {case}: rows stay short: {table}");
+        }
+    }
 }

@@ -7,15 +7,17 @@
 //! | `POST /api/v1/nodes/<name>/heartbeat` | that node's token (another node's: 403) | [`HeartbeatResponse`] |
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | node token (another node's: 403) | the node, gone; its lease released |
 //! | `GET /api/v1/peers?revision=N&timeout=S` | node token | long poll: [`kiln_core::Peers`] once the revision passes N |
-//! | `GET /api/v1/nodes` | — | `[Node]` |
-//! | `GET /api/v1/sd` | — | Prometheus HTTP service discovery: one target group per node |
+//! | `GET /api/v1/nodes?after=NAME&limit=N` | — | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
+//! | `GET /api/v1/sd` | — | Prometheus HTTP service discovery: one target group per node (streamed) |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | — | the loaded profiles and groups |
 //! | `GET /boot.ipxe` | — | iPXE bootstrap: chains to `/ipxe` with the machine's attributes |
 //! | `GET /ipxe?mac=..&uuid=..&arch=..` | — | the machine's profile as an iPXE script |
 //! | `GET /cloud-init/<mac>/<file>` | — | the machine's NoCloud seed (`meta-data`, `user-data`, `network-config`, `vendor-data`) |
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a body that does not parse
-//! (with serde's reason), 401 for a missing or wrong token.
+//! (with serde's reason) or a field out of its bounds (naming the field;
+//! [`RegisterRequest::validate`]), or a `Host` header that is not a host and
+//! port; 401 for a missing or wrong token.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -163,20 +165,19 @@ async fn peers(api: &Api, auth: Option<&str>, q: PeersQuery) -> Response {
 
 /// What the cluster has: nodes, service discovery, profiles and groups.
 fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
-    let nodes = warp::path!("api" / "v1" / "nodes").and(warp::get()).and(with(api)).map(|api: Arc<Api>| {
-        let mut nodes = api.registry.nodes();
-        if let Some(pools) = &api.pools {
-            let hosts = pools.hosts_by_node();
-            for n in &mut nodes {
+    let nodes = warp::path!("api" / "v1" / "nodes").and(warp::get()).and(with(api)).and(warp::query::<PageQuery>()).map(
+        |api: Arc<Api>, page: PageQuery| {
+            let hosts = api.pools.as_ref().map(|p| p.hosts_by_node()).unwrap_or_default();
+            json_array(JsonPages::new(api, page, move |mut n: kiln_core::Node| {
                 n.host = hosts.get(&n.name).cloned();
-            }
-        }
-        warp::reply::json(&nodes).into_response()
-    });
-    let sd = warp::path!("api" / "v1" / "sd").and(warp::get()).and(with(api)).map(|api: Arc<Api>| {
-        let groups: Vec<SdTargetGroup> = api.registry.nodes().iter().filter_map(sd_group).collect();
-        warp::reply::json(&groups).into_response()
-    });
+                Some(n)
+            }))
+        },
+    );
+    let sd = warp::path!("api" / "v1" / "sd")
+        .and(warp::get())
+        .and(with(api))
+        .map(|api: Arc<Api>| json_array(JsonPages::new(api, PageQuery::default(), |n: kiln_core::Node| sd_group(&n))));
     let profiles = warp::path!("api" / "v1" / "profiles")
         .and(warp::get())
         .and(with(api))
@@ -212,8 +213,8 @@ fn boot_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
     let boot =
         warp::path!("boot.ipxe").and(warp::get()).and(with(api)).and(host()).map(|api: Arc<Api>, host: Option<String>| {
             match base_url(&api, host.as_deref()) {
-                Some(base) => ipxe_reply(bootstrap_script(&base)),
-                None => no_base_url(),
+                Ok(base) => ipxe_reply(bootstrap_script(&base)),
+                Err(refused) => refused,
             }
         });
     let ipxe = warp::path!("ipxe")
@@ -238,6 +239,80 @@ fn sd_group(node: &kiln_core::Node) -> Option<SdTargetGroup> {
     Some(SdTargetGroup { targets: vec![target], labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() })
 }
 
+/// Nodes a listing reads from the registry at a time.
+const PAGE: usize = 100;
+
+/// `?after=NAME&limit=N` of a listing: the nodes after `NAME` by name, at
+/// most `N`; every node without them.
+#[derive(Debug, Default, serde::Deserialize)]
+struct PageQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// A JSON array of one item per node, made a [`PAGE`] of nodes at a time
+/// as the answer is written: a listing holds a page, never every node.
+struct JsonPages<F> {
+    api: Arc<Api>,
+    /// The last node read.
+    after: Option<String>,
+    /// Nodes still to read.
+    left: usize,
+    /// Whether `[` was written.
+    started: bool,
+    /// Whether an item (and so a comma before the next) was written.
+    wrote: bool,
+    done: bool,
+    item: F,
+}
+
+impl<F> JsonPages<F> {
+    fn new(api: Arc<Api>, page: PageQuery, item: F) -> Self {
+        JsonPages { api, after: page.after, left: page.limit.unwrap_or(usize::MAX), started: false, wrote: false, done: false, item }
+    }
+}
+
+impl<T: serde::Serialize, F: FnMut(kiln_core::Node) -> Option<T>> Iterator for JsonPages<F> {
+    type Item = Result<bytes::Bytes, std::convert::Infallible>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let mut out = if self.started { Vec::new() } else { b"[".to_vec() };
+        self.started = true;
+        let want = PAGE.min(self.left);
+        let page = self.api.registry.nodes_after(self.after.as_deref(), want);
+        self.left -= page.len();
+        self.done = page.len() < want || self.left == 0;
+        if let Some(last) = page.last() {
+            self.after = Some(last.name.clone());
+        }
+        for item in page.into_iter().filter_map(&mut self.item) {
+            if self.wrote {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut out, &item).expect("nodes serialise");
+            self.wrote = true;
+        }
+        if self.done {
+            out.push(b']');
+        }
+        Some(Ok(out.into()))
+    }
+}
+
+/// A streamed JSON answer.
+fn json_array<T, F>(pages: JsonPages<F>) -> Response
+where
+    T: serde::Serialize,
+    F: FnMut(kiln_core::Node) -> Option<T> + Send + Sync + 'static,
+{
+    let mut resp = warp::reply::stream(futures_util::stream::iter(pages)).into_response();
+    resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/json"));
+    resp
+}
+
 async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     let Some(presented) = token::bearer(auth) else {
         return error(StatusCode::UNAUTHORIZED, "registration needs the bootstrap token as `Authorization: Bearer`");
@@ -255,19 +330,21 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     }
     match api.registry.register(&req).await {
         Ok((node, token, lease)) => {
+            // Strings from the network are logged escaped (`?`): a control
+            // character cannot split a log line or reach a terminal.
             tracing::info!(
-                node = %node.name,
-                machine_id = %node.machine_id,
+                node = ?node.name,
+                machine_id = ?node.machine_id,
                 macs = %node.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                 subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(),
-                image = %node.image_digest,
+                image = ?node.image_digest,
                 "node registered"
             );
             let answer = RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS, lease };
             warp::reply::json(&answer).into_response()
         }
         Err(e @ RegistryError::Exhausted { .. }) => {
-            tracing::error!(machine_id = %req.machine_id, "registration refused: {e}");
+            tracing::error!(machine_id = ?req.machine_id, "registration refused: {e}");
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
         Err(e @ RegistryError::NoPublicIp(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
@@ -293,7 +370,7 @@ fn authorize(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Result<Str
         TokenCheck::Ok(name) => Ok(name),
         TokenCheck::Unknown => Err((StatusCode::UNAUTHORIZED, "unknown node token; register again".into())),
         TokenCheck::OtherNode(owner) => {
-            tracing::warn!(owner = %owner, claimed = ?claimed, "node token used for another node");
+            tracing::warn!(owner = ?owner, claimed = ?claimed, "node token used for another node");
             Err((StatusCode::FORBIDDEN, format!("this token is not {}'s", claimed.unwrap_or_default())))
         }
     }
@@ -306,7 +383,7 @@ async fn leave(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response
     let presented = token::bearer(auth).unwrap_or_default();
     match api.registry.leave(presented).await {
         Ok(Some(node)) => {
-            tracing::info!(node = %node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "node left");
+            tracing::info!(node = ?node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "node left");
             warp::reply::json(&node).into_response()
         }
         Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node token"),
@@ -335,12 +412,18 @@ async fn heartbeat(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Resp
 }
 
 /// The server's base URL as the machine reaches it: `--advertise`, else the
-/// request's `Host`; `None` when neither is known.
-fn base_url(api: &Api, host: Option<&str>) -> Option<String> {
+/// request's `Host` when it is a host and an optional port
+/// ([`kiln_core::node::is_host_port`]); else the 400 answer. Nothing else
+/// from the `Host` header ever reaches a script.
+fn base_url(api: &Api, host: Option<&str>) -> Result<String, Response> {
     match (&api.advertise, host) {
-        (Some(url), _) => Some(url.trim_end_matches('/').to_string()),
-        (None, Some(host)) => Some(format!("http://{host}")),
-        (None, None) => None,
+        (Some(url), _) => Ok(url.trim_end_matches('/').to_string()),
+        (None, Some(host)) if kiln_core::node::is_host_port(host, false) => Ok(format!("http://{host}")),
+        (None, Some(_)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "the Host header is not a host name or address with an optional port, and the server has no --advertise URL",
+        )),
+        (None, None) => Err(error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL")),
     }
 }
 
@@ -360,10 +443,6 @@ fn api_url(endpoint: &ApiEndpoint, base: &str) -> String {
             format!("https://{host}:{port}")
         }
     }
-}
-
-fn no_base_url() -> Response {
-    error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL")
 }
 
 /// Sets a pool's desired replicas: for holders of the bootstrap token.
@@ -386,7 +465,7 @@ async fn scale_pool(api: &Api, name: &str, auth: Option<&str>, body: &[u8]) -> R
         Err(e @ kiln_pool::ScaleError::NoPool(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e @ kiln_pool::ScaleError::OutOfRange { .. }) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
         Err(e) => {
-            tracing::error!("scaling {name}: {}", kiln_core::error_chain(&e));
+            tracing::error!("scaling {name:?}: {:?}", kiln_core::error_chain(&e));
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
     }
@@ -427,7 +506,10 @@ fn machine_profile<'a>(
 }
 
 fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String>) -> Response {
-    let Some(base) = base_url(api, host) else { return no_base_url() };
+    let base = match base_url(api, host) {
+        Ok(base) => base,
+        Err(refused) => return refused,
+    };
     let mut machine = match Machine::from_query(query) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
@@ -447,7 +529,10 @@ fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String
 }
 
 fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
-    let Some(base) = base_url(api, host) else { return no_base_url() };
+    let base = match base_url(api, host) {
+        Ok(base) => base,
+        Err(refused) => return refused,
+    };
     let mut machine = match Machine::from_query(&BTreeMap::from([("mac".to_string(), mac.to_string())])) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
@@ -638,6 +723,132 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn register_refuses_each_bad_field_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api(dir.path()).await;
+        let routes = routes(api.clone()).recover(recover);
+        let macs: Vec<String> = (0..3000).map(|i| format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256)).collect();
+        // (case, field, value, the field the 400 names)
+        let cases: Vec<(&str, &str, serde_json::Value, &str)> = vec![
+            ("ESC[2J and CR-LF in the digest", "image_digest", "sha256:\u{1b}[2J\r\nforged".into(), "image_digest"),
+            ("60 KiB kernel", "kernel", "6".repeat(60 * 1024).into(), "kernel"),
+            ("3000 MACs", "macs", macs.into(), "macs"),
+            ("MTU 0", "uplink_mtu", 0.into(), "uplink_mtu"),
+            ("control character in the version", "agent_version", "0.1\u{7}".into(), "agent_version"),
+            ("metrics not host:port", "metrics", "http://x/metrics".into(), "metrics"),
+        ];
+        for (case, field, value, named) in cases {
+            let mut b = body();
+            b[field] = value;
+            let resp = warp::test::request()
+                .method("POST")
+                .path("/api/v1/register")
+                .header("authorization", "Bearer boot")
+                .body(serde_json::to_vec(&b).unwrap())
+                .reply(&routes)
+                .await;
+            let text = String::from_utf8_lossy(resp.body()).into_owned();
+            assert_eq!(resp.status(), 400, "case {case}: {text}");
+            assert!(text.contains(named), "case {case}: {text:?} names {named}");
+            assert!(text.len() < 300, "case {case}: the answer does not echo the value: {} bytes", text.len());
+        }
+        assert!(api.registry.nodes().is_empty(), "nothing stored");
+
+        let mut upper = body();
+        upper["machine_id"] = "0123456789ABCDEF0123456789ABCDEF".into();
+        for b in [body(), upper] {
+            let resp = warp::test::request()
+                .method("POST")
+                .path("/api/v1/register")
+                .header("authorization", "Bearer boot")
+                .body(serde_json::to_vec(&b).unwrap())
+                .reply(&routes)
+                .await;
+            assert_eq!(resp.status(), 200, "{:?}", resp.body());
+        }
+        let nodes = api.registry.nodes();
+        assert_eq!(nodes.len(), 1, "an upper-case machine id is the same machine");
+        assert_eq!(nodes[0].machine_id, "0123456789abcdef0123456789abcdef");
+    }
+
+    #[tokio::test]
+    async fn nodes_listing_streams_every_node_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api(dir.path()).await;
+        let count = PAGE * 2 + 5;
+        for i in 0..count {
+            let mut req: RegisterRequest = serde_json::from_value(body()).unwrap();
+            req.machine_id = format!("{i:032x}");
+            req.hostname = format!("n{i:04}");
+            api.registry.register(&req).await.unwrap();
+        }
+        let routes = routes(api.clone()).recover(recover);
+        let names = |body: &[u8]| -> Vec<String> {
+            let nodes: Vec<Node> = serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
+            nodes.into_iter().map(|n| n.name).collect()
+        };
+        let all = warp::test::request().path("/api/v1/nodes").reply(&routes).await;
+        assert_eq!(all.headers()["content-type"], "application/json");
+        let all = names(all.body());
+        assert_eq!(all.len(), count, "every node, across the listing's pages");
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "by name");
+        // (query, names)
+        for (query, want) in [
+            ("?limit=3", all[..3].to_vec()),
+            ("?limit=2&after=n0002", vec!["n0003".to_string(), "n0004".to_string()]),
+            (&format!("?after={}", all[count - 2]) as &str, vec![all[count - 1].clone()]),
+            ("?after=zzz", vec![]),
+            ("?limit=0", vec![]),
+            (&format!("?limit={}", PAGE) as &str, all[..PAGE].to_vec()),
+        ] {
+            let resp = warp::test::request().path(&format!("/api/v1/nodes{query}")).reply(&routes).await;
+            assert_eq!(names(resp.body()), want, "{query}");
+        }
+        let mut followed = Vec::new();
+        let mut after = String::new();
+        loop {
+            let resp = warp::test::request().path(&format!("/api/v1/nodes?limit=7&after={after}")).reply(&routes).await;
+            let page = names(resp.body());
+            let Some(last) = page.last().cloned() else { break };
+            followed.extend(page);
+            after = last;
+        }
+        assert_eq!(followed, all, "following pages lists every node once");
+        let resp = warp::test::request().path("/api/v1/nodes?limit=x").reply(&routes).await;
+        assert_eq!(resp.status(), 400);
+        let sd: Vec<SdTargetGroup> = serde_json::from_slice(warp::test::request().path("/api/v1/sd").reply(&routes).await.body()).unwrap();
+        assert_eq!(sd.len(), count, "service discovery streams too");
+    }
+
+    #[tokio::test]
+    async fn host_header_is_a_host_and_port_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = routes(api(dir.path()).await).recover(recover);
+        // (Host, status)
+        for (host, status) in [
+            ("10.0.2.2:8080", 200),
+            ("kiln.lan", 200),
+            ("[fd00::1]:8080", 200),
+            ("10.0.0.1 kiln.server=http://attacker:1 x", 400),
+            ("kiln.lan/evil", 400),
+            ("user@kiln.lan", 400),
+            ("10.0.0.1:80\tkiln.x=1", 400),
+        ] {
+            for path in ["/boot.ipxe", "/ipxe?mac=52-54-00-ab-cd-ef", "/cloud-init/52-54-00-ab-cd-ef/user-data"] {
+                let resp = warp::test::request().path(path).header("host", host).reply(&routes).await;
+                let text = String::from_utf8_lossy(resp.body());
+                assert_eq!(resp.status(), status, "Host {host:?} on {path}: {text}");
+                assert!(!text.contains("attacker"), "Host {host:?} on {path}: the header never reaches the answer: {text}");
+                if status == 400 {
+                    assert!(text.contains("Host header"), "Host {host:?} on {path}: says why: {text}");
+                }
+            }
+        }
+        let resp = warp::test::request().path("/boot.ipxe").reply(&routes).await;
+        assert_eq!(resp.status(), 400, "no Host, no --advertise");
+    }
+
     #[test]
     fn api_url_follows_the_boot_host() {
         let tls = ApiEndpoint::Tls { port: 8443, advertise: None };
@@ -706,6 +917,13 @@ mod tests {
             api_endpoint: ApiEndpoint::Plain,
         });
         let routes = routes(api).recover(recover);
+        let resp = warp::test::request()
+            .path("/ipxe?mac=52-54-00-00-00-01")
+            .header("host", "10.0.0.1 kiln.server=http://attacker:1 x")
+            .reply(&routes)
+            .await;
+        assert_eq!(resp.status(), 200, "--advertise wins: a bad Host is never read");
+        assert!(!String::from_utf8_lossy(resp.body()).contains("attacker"), "{:?}", resp.body());
         let resp = warp::test::request().path("/ipxe?mac=52-54-00-00-00-02").reply(&routes).await;
         assert_eq!(resp.status(), 404);
         let text = String::from_utf8_lossy(resp.body());

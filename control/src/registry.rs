@@ -231,7 +231,7 @@ impl Registry {
         }
         self.bump();
         if let Some(record) = expired {
-            tracing::warn!(node = %record.node.name, subnet = ?record.node.subnet, "lease expired; node removed");
+            tracing::warn!(node = ?record.node.name, subnet = ?record.node.subnet, "lease expired; node removed");
             if let Err(e) = self.store.remove(record).await {
                 tracing::error!("registry store: removing an expired node: {e}");
             }
@@ -245,6 +245,9 @@ impl Registry {
     /// nowhere but in the answer) and the lease. Nothing is visible to
     /// others until the store has it.
     pub async fn register(&self, req: &RegisterRequest) -> Result<(Node, String, Option<Lease>), Error> {
+        // Lower-case: an upper-case spelling is the same machine. Records
+        // stored before ids were normalised are matched in any case.
+        let machine_id = req.machine_key();
         let public_ip = req.public_ip.or_else(|| req.addresses.iter().find(|a| a.is_ipv4()).copied());
         let mut refused = std::collections::BTreeSet::new();
         loop {
@@ -252,13 +255,13 @@ impl Registry {
             let token = token::generate();
             let (record, existing, fresh, _guard) = {
                 let mut st = self.state.lock().expect("registry lock");
-                if st.pending.values().any(|(m, _)| *m == req.machine_id) {
-                    return Err(Error::Busy(req.machine_id.clone()));
+                if st.pending.values().any(|(m, _)| *m == machine_id) {
+                    return Err(Error::Busy(machine_id));
                 }
-                let existing = st.nodes.values().find(|r| r.node.machine_id == req.machine_id).map(|r| r.node.clone());
+                let existing = st.nodes.values().find(|r| r.node.machine_id.eq_ignore_ascii_case(&machine_id)).map(|r| r.node.clone());
                 let name = match &existing {
                     Some(n) => n.name.clone(),
-                    None => unique_name(&st, &req.hostname, &req.machine_id),
+                    None => unique_name(&st, &req.hostname, &machine_id),
                 };
                 let kept = existing.as_ref().and_then(|n| n.subnet).filter(|s| self.network.network.contains(s));
                 let subnet = match req.vtep_mac {
@@ -273,11 +276,11 @@ impl Registry {
                         }
                     }
                 };
-                st.pending.insert(name.clone(), (req.machine_id.clone(), subnet));
+                st.pending.insert(name.clone(), (machine_id.clone(), subnet));
                 let record = NodeRecord {
                     node: Node {
                         name: name.clone(),
-                        machine_id: req.machine_id.clone(),
+                        machine_id: machine_id.clone(),
                         hostname: req.hostname.clone(),
                         macs: req.macs.clone(),
                         addresses: req.addresses.clone(),
@@ -423,6 +426,15 @@ impl Registry {
         self.state.lock().expect("registry lock").nodes.values().map(|r| r.node.clone()).collect()
     }
 
+    /// Up to `limit` nodes by name, from just after `after` (from the first
+    /// without it): a page, so a listing holds a page of nodes at a time.
+    pub fn nodes_after(&self, after: Option<&str>, limit: usize) -> Vec<Node> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let st = self.state.lock().expect("registry lock");
+        let from = after.map_or(Unbounded, |a| Excluded(a.to_string()));
+        st.nodes.range((from, Unbounded)).take(limit).map(|(_, r)| r.node.clone()).collect()
+    }
+
     /// Every leased node (and foreign lease) and the current revision.
     pub fn peers(&self) -> Peers {
         let st = self.state.lock().expect("registry lock");
@@ -529,6 +541,41 @@ mod tests {
         assert_eq!(lease.unwrap().subnet, lease_a.subnet, "and so do leases");
         let bytes = std::fs::read(&path).unwrap();
         assert!(!bytes.windows(token_a2.len()).any(|w| w == token_a2.as_bytes()), "tokens are stored hashed");
+    }
+
+    #[tokio::test]
+    async fn an_upper_case_machine_id_is_the_same_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(&crate::StateDir::new(dir.path()).registry_db(), "10.244.0.0/16").await;
+        let (lower, _, lease) = reg.register(&request('a', "worker")).await.unwrap();
+        let (upper, _, lease_again) = reg.register(&request('A', "other-name")).await.unwrap();
+        assert_eq!(upper.name, lower.name, "the same node, not a second identity");
+        assert_eq!(lease_again.map(|l| l.subnet), lease.map(|l| l.subnet), "and the same lease");
+        assert_eq!(reg.nodes().len(), 1);
+        assert_eq!(reg.nodes()[0].machine_id, "a".repeat(32), "stored lower-case");
+        let (b, _, _) = reg.register(&request('B', "second")).await.unwrap();
+        assert_eq!(reg.nodes().iter().find(|n| n.name == b.name).unwrap().machine_id, "b".repeat(32));
+    }
+
+    #[tokio::test]
+    async fn nodes_are_listed_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(&crate::StateDir::new(dir.path()).registry_db(), "10.244.0.0/16").await;
+        for m in ['a', 'b', 'c', 'd', 'e'] {
+            reg.register(&request(m, &format!("n{m}"))).await.unwrap();
+        }
+        let names = |nodes: Vec<Node>| nodes.into_iter().map(|n| n.name).collect::<Vec<_>>();
+        // (after, limit, names)
+        for (after, limit, want) in [
+            (None, 2, vec!["na", "nb"]),
+            (Some("nb"), 2, vec!["nc", "nd"]),
+            (Some("nd"), 2, vec!["ne"]),
+            (Some("ne"), 2, vec![]),
+            (Some("nbb"), 10, vec!["nc", "nd", "ne"]),
+            (None, 0, vec![]),
+        ] {
+            assert_eq!(names(reg.nodes_after(after, limit)), want, "after {after:?}, limit {limit}");
+        }
     }
 
     #[tokio::test]

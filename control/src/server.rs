@@ -177,8 +177,10 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
 
 /// The bootstrap token in the state directory, made on first start.
 fn bootstrap_token(state: &std::path::Path) -> Result<String, Error> {
-    std::fs::create_dir_all(state).map_err(|source| Error::State { path: state.to_path_buf(), source })?;
-    let path = crate::StateDir::new(state).bootstrap_token();
+    let dir = crate::StateDir::new(state);
+    dir.create().map_err(|source| Error::State { path: state.to_path_buf(), source })?;
+    dir.check_modes();
+    let path = dir.bootstrap_token();
     token::load_or_create_bootstrap(&path).map_err(|source| Error::State { path, source })
 }
 

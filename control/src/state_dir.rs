@@ -7,8 +7,21 @@
 //! [`crate::store::embedded`]); this type only says where it is. The server
 //! certificate is not here: it is issued afresh at every start and never
 //! written.
+//!
+//! Modes: the directory kiln creates is 0700 and every file kiln writes in
+//! it 0600 (the CA key and the bootstrap token are secrets; the registry
+//! holds every node's facts). [`StateDir::create`] makes it so;
+//! [`StateDir::check_modes`] warns at start about a directory or file that
+//! someone made more open, naming it. kiln never changes the mode of what it
+//! did not create.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// The mode of the state directory kiln creates.
+pub const DIR_MODE: u32 = 0o700;
+/// The mode of every file kiln writes in it.
+pub const FILE_MODE: u32 = 0o600;
 
 /// A state directory. Making one touches no file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,11 +65,99 @@ impl StateDir {
     pub fn legacy_nodes(&self) -> PathBuf {
         self.root.join("nodes.json")
     }
+
+    /// Creates the directory (and missing parents) with mode 0700, unless
+    /// it exists: an existing one keeps its mode ([`StateDir::check_modes`]
+    /// reports it).
+    pub fn create(&self) -> std::io::Result<()> {
+        if self.root.is_dir() {
+            return Ok(());
+        }
+        std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&self.root)?;
+        // The umask may have taken bits away; never added any: set exactly.
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(DIR_MODE))
+    }
+
+    /// The directory and the files in it whose mode lets anyone but the
+    /// owner in (group or other bits set), with that mode.
+    pub fn loose_modes(&self) -> std::io::Result<Vec<(PathBuf, u32)>> {
+        let loose = |path: PathBuf, meta: &std::fs::Metadata| {
+            let mode = meta.permissions().mode() & 0o7777;
+            (mode & 0o077 != 0).then_some((path, mode))
+        };
+        let mut out: Vec<(PathBuf, u32)> = loose(self.root.clone(), &std::fs::metadata(&self.root)?).into_iter().collect();
+        let mut files: Vec<(PathBuf, u32)> = Vec::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            // Not following links: a link's target is not the state directory's.
+            if let Ok(meta) = entry.metadata()
+                && !meta.file_type().is_symlink()
+            {
+                files.extend(loose(entry.path(), &meta));
+            }
+        }
+        files.sort();
+        out.extend(files);
+        Ok(out)
+    }
+
+    /// Warns, naming each, about the directory and files more open than
+    /// 0700 and 0600 ([`StateDir::loose_modes`]); a directory that cannot be
+    /// read is warned about too. Changes nothing.
+    pub fn check_modes(&self) {
+        match self.loose_modes() {
+            Ok(loose) => {
+                for (path, mode) in loose {
+                    let want = if path == self.root { DIR_MODE } else { FILE_MODE };
+                    tracing::warn!(path = ?path.display().to_string(), mode = %format!("{mode:04o}"), "state is more open than {want:04o}: chmod {want:o} it");
+                }
+            }
+            Err(e) => tracing::warn!(path = ?self.root.display().to_string(), "checking the state directory's modes: {e}"),
+        }
+    }
+}
+
+/// Creates `path` for writing with mode 0600 (failing if it exists): a
+/// file in the state directory is never readable by others, not even for
+/// the moment between creating it and changing its mode.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn created_private_and_loose_modes_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("a/state"));
+        state.create().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(state.root()), 0o700, "a state directory kiln creates");
+        drop(create_private(&state.registry_db()).unwrap());
+        assert_eq!(mode(&state.registry_db()), 0o600, "a file kiln creates");
+        assert!(create_private(&state.registry_db()).is_err(), "never over an existing file");
+        assert_eq!(state.loose_modes().unwrap(), vec![], "nothing too open");
+
+        // (what is opened, its mode, reported)
+        for (path, set, reported) in [
+            (state.ca_cert(), 0o644, true),
+            (state.ca_key(), 0o640, true),
+            (state.bootstrap_token(), 0o400, false),
+            (state.root().to_path_buf(), 0o755, true),
+        ] {
+            if !path.exists() {
+                std::fs::write(&path, "x").unwrap();
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(set)).unwrap();
+            let loose = state.loose_modes().unwrap();
+            assert_eq!(loose.contains(&(path.clone(), set)), reported, "{} at {set:o}: {loose:?}", path.display());
+        }
+        state.create().unwrap();
+        assert_eq!(mode(state.root()), 0o755, "an existing directory keeps its mode: reported, not changed");
+    }
 
     #[test]
     fn files_are_named_as_before() {

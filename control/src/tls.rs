@@ -1,6 +1,7 @@
 //! The control plane's own CA and the API served over TLS.
 //!
-//! `STATE/ca.pem` and `STATE/ca-key.pem` (mode 0600) are made once, on
+//! `STATE/ca.pem` and `STATE/ca-key.pem` (both mode 0600, as every file in
+//! the state directory: [`crate::StateDir`]) are made once, on
 //! first start (or first `kiln build --state`), and kept: the builder bakes
 //! `ca.pem` into images at `/etc/kiln/ca.pem`, and agents trust nothing else.
 //! The server certificate is issued afresh at every start for the names and
@@ -77,7 +78,7 @@ impl Ca {
                 Ok(ca)
             }
             (false, false) => {
-                std::fs::create_dir_all(state).map_err(io(state))?;
+                dir.create().map_err(io(state))?;
                 let key = KeyPair::generate().map_err(cert_err("CA key"))?;
                 let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA"))?;
                 params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -90,8 +91,8 @@ impl Ca {
                 let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
                 // The key first: a crash in between leaves a key without a
                 // certificate, reported, never a certificate without its key.
-                write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
-                write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
+                write_atomic(&key_path, key_pem.as_bytes())?;
+                write_atomic(&cert_path, cert_pem.as_bytes())?;
                 tracing::info!(ca = %cert_path.display(), "made the control plane's CA");
                 Ok(Ca { cert_path, key_path, cert_pem, key_pem })
             }
@@ -156,15 +157,15 @@ impl Ca {
     }
 }
 
-/// Writes `bytes` to a temporary name beside `path`, syncs, sets `mode`,
+/// Writes `bytes` to a temporary name beside `path` (mode 0600), syncs,
 /// renames.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let io = |source| Error::Io { path: path.into(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new().prefix(".kiln-").tempfile_in(dir).map_err(io)?;
-    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(crate::state_dir::FILE_MODE)).map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
@@ -249,4 +250,24 @@ pub async fn serve(
     }
     drop(listener);
     let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_ca_is_made_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let ca = Ca::load_or_create(&state).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = crate::StateDir::new(&state);
+        for (path, want) in [(dir.root().to_path_buf(), 0o700), (dir.ca_cert(), 0o600), (dir.ca_key(), 0o600)] {
+            assert_eq!(mode(&path), want, "{}", path.display());
+        }
+        let again = Ca::load_or_create(&state).unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem(), "kept, not replaced");
+    }
 }

@@ -133,7 +133,8 @@ fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String
     Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
 }
 
-/// Why a registration body is refused.
+/// Why a registration body is refused. Each message names the field at
+/// fault; a value is quoted only shortened and escaped ([`preview`]).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegisterError {
     /// `machine_id` is not 32 hex digits.
@@ -142,6 +143,131 @@ pub enum RegisterError {
     /// `hostname` is empty or not a DNS label sequence.
     #[error("hostname {0:?} is not a valid host name")]
     Hostname(String),
+    /// A text field is longer than its bound.
+    #[error("{field} is longer than {max} bytes")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its bound.
+        max: usize,
+    },
+    /// A text field holds a control character or a byte outside printable ASCII.
+    #[error("{field} holds a character that is not printable ASCII")]
+    NotPrintable {
+        /// The field.
+        field: &'static str,
+    },
+    /// A list has more entries than its bound.
+    #[error("{field} has more than {max} entries")]
+    TooMany {
+        /// The field.
+        field: &'static str,
+        /// Its bound.
+        max: usize,
+    },
+    /// `image_digest` is neither empty nor `sha256:` and a short digest.
+    #[error("image_digest must be empty or `sha256:` and 1 to 64 letters and digits, got {0:?}")]
+    ImageDigest(String),
+    /// `metrics` is not `host:port`.
+    #[error("metrics must be host:port, got {0:?}")]
+    Metrics(String),
+    /// `uplink_mtu` is outside [`limits::MTU`].
+    #[error("uplink_mtu {0} is outside 576–9000")]
+    UplinkMtu(u32),
+}
+
+/// The bounds a registration is held to: what a real node sends fits with
+/// room to spare, so a stored node, and a `GET /api/v1/nodes` row, is bounded.
+pub mod limits {
+    /// `hostname`, as DNS allows.
+    pub const HOSTNAME: usize = 253;
+    /// `kernel`: `uname -r`'s field is 65 bytes with its NUL.
+    pub const KERNEL: usize = 64;
+    /// `agent_version`.
+    pub const AGENT_VERSION: usize = 64;
+    /// The digest after `sha256:` in `image_digest` (64 hex for a real one).
+    pub const DIGEST_HEX: usize = 64;
+    /// `macs`: a Kubernetes node's pod veths are NICs too (110 pods by default).
+    pub const MACS: usize = 256;
+    /// `addresses`.
+    pub const ADDRESSES: usize = 64;
+    /// `metrics` and a `Host` header: a 253-byte name, `:` and a port.
+    pub const HOST_PORT: usize = 261;
+    /// `uplink_mtu`: IPv4's minimum to jumbo frames.
+    pub const MTU: std::ops::RangeInclusive<u32> = 576..=9000;
+}
+
+/// The start of an untrusted value, for an error message: at most 40
+/// characters (the message's `{:?}` escapes what is not printable).
+pub fn preview(value: &str) -> String {
+    const MAX: usize = 40;
+    match value.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &value[..end]),
+        None => value.to_string(),
+    }
+}
+
+/// Whether `s` is one or more DNS labels (letters, digits, `-`, not
+/// starting with `-`), at most 253 bytes.
+fn is_dns_name(s: &str) -> bool {
+    let label_ok =
+        |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-');
+    !s.is_empty() && s.len() <= limits::HOSTNAME && s.split('.').all(label_ok)
+}
+
+/// Whether `s` is `host[:port]` as an HTTP `Host` header or a scrape target
+/// carries it: a DNS name, an IPv4 address or a bracketed IPv6 address, then
+/// a port 1–65535 (required when `port_required`). Nothing else: no space,
+/// no `/`, no user info, so such a value can go into a URL or a script as is.
+pub fn is_host_port(s: &str, port_required: bool) -> bool {
+    if s.len() > limits::HOST_PORT {
+        return false;
+    }
+    let (host, bracketed, port) = match s.strip_prefix('[') {
+        Some(rest) => {
+            let Some((v6, after)) = rest.split_once(']') else { return false };
+            let port = match after {
+                "" => None,
+                _ => match after.strip_prefix(':') {
+                    Some(p) => Some(p),
+                    None => return false,
+                },
+            };
+            (v6, true, port)
+        }
+        None => match s.split_once(':') {
+            Some((h, p)) => (h, false, Some(p)),
+            None => (s, false, None),
+        },
+    };
+    let port_ok = match port {
+        None => !port_required,
+        Some(p) => p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|p| p != 0),
+    };
+    let host_ok = match bracketed {
+        true => host.parse::<std::net::Ipv6Addr>().is_ok(),
+        false => host.parse::<std::net::Ipv4Addr>().is_ok() || is_dns_name(host),
+    };
+    port_ok && host_ok
+}
+
+/// A text field: at most `max` bytes of printable ASCII (space included).
+fn text(field: &'static str, value: &str, max: usize) -> Result<(), RegisterError> {
+    if value.len() > max {
+        return Err(RegisterError::TooLong { field, max });
+    }
+    if !value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err(RegisterError::NotPrintable { field });
+    }
+    Ok(())
+}
+
+/// A list field: at most `max` entries.
+fn count<T>(field: &'static str, list: &[T], max: usize) -> Result<(), RegisterError> {
+    if list.len() > max {
+        return Err(RegisterError::TooMany { field, max });
+    }
+    Ok(())
 }
 
 /// Port node_exporter (and kiln-agent) serve metrics on by default.
@@ -170,19 +296,45 @@ pub struct SdTargetGroup {
 }
 
 impl RegisterRequest {
-    /// Validates the fields the registry keys on.
+    /// Validates every field against [`limits`]: the machine id (any case:
+    /// the registry keys on its lower-case form), the host name, each text
+    /// field's length and printable text, the lists' counts, the image
+    /// digest's form, `metrics` as `host:port` and the uplink's MTU.
     pub fn validate(&self) -> Result<(), RegisterError> {
         let id = &self.machine_id;
         if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(RegisterError::MachineId(id.clone()));
+            return Err(RegisterError::MachineId(preview(id)));
         }
-        let h = &self.hostname;
-        let label_ok =
-            |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-');
-        if h.is_empty() || h.len() > 253 || !h.split('.').all(label_ok) {
-            return Err(RegisterError::Hostname(h.clone()));
+        if !is_dns_name(&self.hostname) {
+            return Err(RegisterError::Hostname(preview(&self.hostname)));
         }
-        Ok(())
+        text("kernel", &self.kernel, limits::KERNEL)?;
+        text("agent_version", &self.agent_version, limits::AGENT_VERSION)?;
+        count("macs", &self.macs, limits::MACS)?;
+        count("addresses", &self.addresses, limits::ADDRESSES)?;
+        let digest_ok = self.image_digest.is_empty()
+            || self
+                .image_digest
+                .strip_prefix("sha256:")
+                .is_some_and(|d| (1..=limits::DIGEST_HEX).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_alphanumeric()));
+        if !digest_ok {
+            return Err(RegisterError::ImageDigest(preview(&self.image_digest)));
+        }
+        if let Some(m) = &self.metrics
+            && !is_host_port(m, true)
+        {
+            return Err(RegisterError::Metrics(preview(m)));
+        }
+        match self.uplink_mtu {
+            Some(mtu) if !limits::MTU.contains(&mtu) => Err(RegisterError::UplinkMtu(mtu)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The machine id as the registry keys on it: lower-case, so an
+    /// upper-case spelling is the same machine.
+    pub fn machine_key(&self) -> String {
+        self.machine_id.to_ascii_lowercase()
     }
 }
 
@@ -211,14 +363,100 @@ mod tests {
     #[test]
     fn validate_cases() {
         assert_eq!(request().validate(), Ok(()));
-        for (field, bad) in [("machine_id", "xyz"), ("hostname", ""), ("hostname", "a b"), ("hostname", "-x")] {
+        let mac: Mac = "52:54:00:ab:cd:ef".parse().unwrap();
+        let ip: std::net::IpAddr = "10.0.2.15".parse().unwrap();
+        type Edit = fn(&mut RegisterRequest, Mac, std::net::IpAddr);
+        // (case, edit, the field the refusal must name; "" when accepted)
+        let cases: &[(&str, Edit, &str)] = &[
+            ("upper-case machine id", |r, _, _| r.machine_id = r.machine_id.to_uppercase(), ""),
+            ("short machine id", |r, _, _| r.machine_id = "xyz".into(), "machine_id"),
+            ("empty hostname", |r, _, _| r.hostname = String::new(), "hostname"),
+            ("hostname with a space", |r, _, _| r.hostname = "a b".into(), "hostname"),
+            ("hostname starting with -", |r, _, _| r.hostname = "-x".into(), "hostname"),
+            ("60 KiB hostname", |r, _, _| r.hostname = "a".repeat(60 * 1024), "hostname"),
+            ("60 KiB kernel", |r, _, _| r.kernel = "6".repeat(60 * 1024), "kernel"),
+            ("kernel with ESC", |r, _, _| r.kernel = "6.1\x1b[2J".into(), "kernel"),
+            ("kernel at its bound", |r, _, _| r.kernel = "k".repeat(limits::KERNEL), ""),
+            ("agent_version with CR-LF", |r, _, _| r.agent_version = "0.1\r\nforged: line".into(), "agent_version"),
+            ("agent_version with NUL", |r, _, _| r.agent_version = "0.1\0".into(), "agent_version"),
+            ("agent_version not ASCII", |r, _, _| r.agent_version = "0.1\u{202e}".into(), "agent_version"),
+            ("empty image digest", |r, _, _| r.image_digest = String::new(), ""),
+            ("test image digest", |r, _, _| r.image_digest = "sha256:test".into(), ""),
+            ("real image digest", |r, _, _| r.image_digest = format!("sha256:{}", "ab".repeat(32)), ""),
+            ("image digest with ESC[2J and CR-LF", |r, _, _| r.image_digest = "sha256:\x1b[2J\r\nx".into(), "image_digest"),
+            ("image digest too long", |r, _, _| r.image_digest = format!("sha256:{}", "a".repeat(65)), "image_digest"),
+            ("image digest without sha256:", |r, _, _| r.image_digest = "md5:00".into(), "image_digest"),
+            ("image digest bare sha256:", |r, _, _| r.image_digest = "sha256:".into(), "image_digest"),
+            ("256 MACs", |r, m, _| r.macs = vec![m; limits::MACS], ""),
+            ("3000 MACs", |r, m, _| r.macs = vec![m; 3000], "macs"),
+            ("65 addresses", |r, _, a| r.addresses = vec![a; limits::ADDRESSES + 1], "addresses"),
+            ("metrics host:port", |r, _, _| r.metrics = Some("10.0.2.15:9101".into()), ""),
+            ("metrics [v6]:port", |r, _, _| r.metrics = Some("[fd00::1]:9100".into()), ""),
+            ("metrics without port", |r, _, _| r.metrics = Some("10.0.2.15".into()), "metrics"),
+            ("metrics with a path", |r, _, _| r.metrics = Some("10.0.2.15:9100/x".into()), "metrics"),
+            ("uplink_mtu 0", |r, _, _| r.uplink_mtu = Some(0), "uplink_mtu"),
+            ("uplink_mtu 575", |r, _, _| r.uplink_mtu = Some(575), "uplink_mtu"),
+            ("uplink_mtu 576", |r, _, _| r.uplink_mtu = Some(576), ""),
+            ("uplink_mtu 9000", |r, _, _| r.uplink_mtu = Some(9000), ""),
+            ("uplink_mtu 9001", |r, _, _| r.uplink_mtu = Some(9001), "uplink_mtu"),
+        ];
+        for (case, edit, field) in cases {
             let mut r = request();
-            match field {
-                "machine_id" => r.machine_id = bad.into(),
-                _ => r.hostname = bad.into(),
+            edit(&mut r, mac, ip);
+            match (r.validate(), *field) {
+                (Ok(()), "") => {}
+                (Ok(()), field) => panic!("case {case}: should be refused naming {field}"),
+                (Err(e), "") => panic!("case {case}: should be accepted, got {e}"),
+                (Err(e), field) => {
+                    let text = e.to_string();
+                    assert!(text.starts_with(field) || text.contains(&format!("{field} ")), "case {case}: {text:?} names {field}");
+                    assert!(text.len() < 200, "case {case}: the message stays short: {} bytes", text.len());
+                    assert!(!text.contains(['\x1b', '\r', '\n']), "case {case}: the message is escaped: {text:?}");
+                }
             }
-            assert!(r.validate().is_err(), "{field}={bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn machine_key_is_lower_case() {
+        let mut r = request();
+        r.machine_id = "0123456789ABCDEF0123456789abcdef".into();
+        assert_eq!(r.machine_key(), "0123456789abcdef0123456789abcdef");
+    }
+
+    #[test]
+    fn host_port_cases() {
+        // (value, port required, accepted)
+        for (value, port_required, ok) in [
+            ("10.0.2.2", false, true),
+            ("10.0.2.2:8080", false, true),
+            ("kiln.lan", false, true),
+            ("KILN.lan:80", false, true),
+            ("[fd00::1]", false, true),
+            ("[fd00::1]:8080", false, true),
+            ("10.0.2.2", true, false),
+            ("kiln.lan:9100", true, true),
+            ("", false, false),
+            ("10.0.0.1 kiln.server=http://attacker:1 x", false, false),
+            ("10.0.0.1:80 x", false, false),
+            ("10.0.0.1:", false, false),
+            ("10.0.0.1:0", false, false),
+            ("10.0.0.1:65536", false, false),
+            ("10.0.0.1:+80", false, false),
+            ("fd00::1", false, false),
+            ("[fd00::1", false, false),
+            ("[fd00::1]x", false, false),
+            ("[not-v6]:80", false, false),
+            ("user@kiln.lan", false, false),
+            ("kiln.lan/x", false, false),
+            ("kiln..lan", false, false),
+            ("-kiln.lan", false, false),
+            ("kiln\x1b.lan", false, false),
+            ("kiln.lan\r\nX: y", false, false),
+        ] {
+            assert_eq!(is_host_port(value, port_required), ok, "{value:?} (port required: {port_required})");
+        }
+        assert!(!is_host_port(&"a".repeat(300), false), "too long");
     }
 
     #[test]

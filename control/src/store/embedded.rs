@@ -64,7 +64,13 @@ impl DbStore {
     /// `legacy_json` exists (the registry file of earlier versions), its
     /// records are imported.
     pub fn open(path: &Path, legacy_json: Option<&Path>) -> Result<Self, Error> {
-        let existed = path.exists();
+        // An empty file is one this made and a crash left before redb wrote to it.
+        let existed = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+        if !path.exists() {
+            // redb makes its file with the umask's mode; kiln's state files are
+            // 0600 from their first byte (an empty file is a new database to redb).
+            crate::state_dir::create_private(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        }
         let db = Database::create(path).map_err(|e| db_error(path, e))?;
         let txn = db.begin_write().map_err(|e| db_error(path, e))?;
         {
@@ -229,6 +235,8 @@ mod tests {
             store.set_replicas("worker", 2).await.unwrap();
             store.set_replicas("tiny", 1).await.unwrap();
         }
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "the database is private");
         let store = DbStore::open(&path, None).unwrap();
         let got = store.replicas().await.unwrap();
         assert_eq!(got, std::collections::BTreeMap::from([("tiny".to_string(), 1), ("worker".to_string(), 2)]));
