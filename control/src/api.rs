@@ -214,7 +214,7 @@ fn boot_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         warp::path!("boot.ipxe").and(warp::get()).and(with(api)).and(host()).map(|api: Arc<Api>, host: Option<String>| {
             match base_url(&api, host.as_deref()) {
                 Ok(base) => ipxe_reply(bootstrap_script(&base)),
-                Err(refused) => refused,
+                Err(why) => error(StatusCode::BAD_REQUEST, why),
             }
         });
     let ipxe = warp::path!("ipxe")
@@ -413,17 +413,16 @@ async fn heartbeat(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Resp
 
 /// The server's base URL as the machine reaches it: `--advertise`, else the
 /// request's `Host` when it is a host and an optional port
-/// ([`kiln_core::node::is_host_port`]); else the 400 answer. Nothing else
-/// from the `Host` header ever reaches a script.
-fn base_url(api: &Api, host: Option<&str>) -> Result<String, Response> {
+/// ([`kiln_core::node::is_host_port`]); else why not, for a 400. Nothing
+/// else from the `Host` header ever reaches a script.
+fn base_url(api: &Api, host: Option<&str>) -> Result<String, &'static str> {
     match (&api.advertise, host) {
         (Some(url), _) => Ok(url.trim_end_matches('/').to_string()),
         (None, Some(host)) if kiln_core::node::is_host_port(host, false) => Ok(format!("http://{host}")),
-        (None, Some(_)) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "the Host header is not a host name or address with an optional port, and the server has no --advertise URL",
-        )),
-        (None, None) => Err(error(StatusCode::BAD_REQUEST, "no Host header, and the server has no --advertise URL")),
+        (None, Some(_)) => {
+            Err("the Host header is not a host name or address with an optional port, and the server has no --advertise URL")
+        }
+        (None, None) => Err("no Host header, and the server has no --advertise URL"),
     }
 }
 
@@ -508,7 +507,7 @@ fn machine_profile<'a>(
 fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String>) -> Response {
     let base = match base_url(api, host) {
         Ok(base) => base,
-        Err(refused) => return refused,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let mut machine = match Machine::from_query(query) {
         Ok(m) => m,
@@ -531,7 +530,7 @@ fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String
 fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
     let base = match base_url(api, host) {
         Ok(base) => base,
-        Err(refused) => return refused,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let mut machine = match Machine::from_query(&BTreeMap::from([("mac".to_string(), mac.to_string())])) {
         Ok(m) => m,
