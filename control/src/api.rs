@@ -737,16 +737,17 @@ mod tests {
             ("control character in the version", "agent_version", "0.1\u{7}".into(), "agent_version"),
             ("metrics not host:port", "metrics", "http://x/metrics".into(), "metrics"),
         ];
-        for (case, field, value, named) in cases {
-            let mut b = body();
-            b[field] = value;
-            let resp = warp::test::request()
+        let post = |b: &serde_json::Value| {
+            warp::test::request()
                 .method("POST")
                 .path("/api/v1/register")
                 .header("authorization", "Bearer boot")
-                .body(serde_json::to_vec(&b).unwrap())
-                .reply(&routes)
-                .await;
+                .body(serde_json::to_vec(b).unwrap())
+        };
+        for (case, field, value, named) in cases {
+            let mut b = body();
+            b[field] = value;
+            let resp = post(&b).reply(&routes).await;
             let text = String::from_utf8_lossy(resp.body()).into_owned();
             assert_eq!(resp.status(), 400, "case {case}: {text}");
             assert!(text.contains(named), "case {case}: {text:?} names {named}");
@@ -757,13 +758,7 @@ mod tests {
         let mut upper = body();
         upper["machine_id"] = "0123456789ABCDEF0123456789ABCDEF".into();
         for b in [body(), upper] {
-            let resp = warp::test::request()
-                .method("POST")
-                .path("/api/v1/register")
-                .header("authorization", "Bearer boot")
-                .body(serde_json::to_vec(&b).unwrap())
-                .reply(&routes)
-                .await;
+            let resp = post(&b).reply(&routes).await;
             assert_eq!(resp.status(), 200, "{:?}", resp.body());
         }
         let nodes = api.registry.nodes();
