@@ -143,9 +143,7 @@ fn dhcp_decode_and_respond_never_panic() {
 #[test]
 fn committed_fuzz_inputs_replay() {
     let fuzz_dir = entry::repo_root().join("bench/fuzz");
-    let targets: [(&str, fn(&[u8])); 4] =
-        [("dhcp", entry::dhcp), ("tftp", entry::tftp), ("ipxe_query", entry::ipxe_query), ("register", entry::register)];
-    for (target, run) in targets {
+    for &(target, run) in entry::TARGETS {
         let n = replay::replay(&fuzz_dir, target, run);
         eprintln!("{target}: {n} committed inputs replayed");
         assert!(n > 0, "{target}: bench/fuzz/corpus/{target} holds the seed corpus");

@@ -19,6 +19,12 @@ use kiln_pxe::ipxe::{BootParams, boot_script};
 use kiln_pxe::profile::{Catalog, Machine};
 use kiln_pxe::{ImageStore, tftp};
 
+/// A target's entry point: the bytes an attacker sends.
+pub type Entry = fn(&[u8]);
+
+/// Every target of this module, by name.
+pub const TARGETS: &[(&str, Entry)] = &[("dhcp", dhcp), ("tftp", tftp), ("ipxe_query", ipxe_query), ("register", register)];
+
 /// The repository's root: the first ancestor of the crate being built that
 /// holds the pxe fixtures (the crate is `pxe/` or `bench/fuzz/`).
 pub fn repo_root() -> PathBuf {
