@@ -6,6 +6,11 @@
 //! succeed or return an error.
 //!
 //! Runs for `KILN_FUZZ_SECS` seconds (default 2; `bench/metrics` runs it longer).
+//!
+//! Then the committed inputs of `bench/fuzz`'s `/proc` targets (libFuzzer's
+//! minimised corpus and any crash input, see `bench/fuzz/run`), each through
+//! the same entry point the fuzzer drives (`bench/fuzz/src/proc.rs`,
+//! included here as source). No cargo-fuzz needed.
 
 mod common;
 
@@ -14,6 +19,11 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::metrics::{self, MetricSet, filesystem, system, textfile};
 use rand::prelude::*;
+
+#[path = "../../bench/fuzz/src/proc.rs"]
+mod proc_entry;
+#[path = "../../bench/fuzz/src/replay.rs"]
+mod replay;
 
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -103,4 +113,14 @@ fn parsers_survive_random_input() {
     }
     eprintln!("fuzz: {rounds} mutated inputs in {secs} s; {failures} collector runs rejected their input");
     assert!(rounds > 0, "fuzzed at least one input");
+}
+
+#[test]
+fn committed_fuzz_inputs_replay() {
+    let fuzz_dir = proc_entry::fixtures().join("../../../bench/fuzz");
+    for (target, table) in proc_entry::TARGETS {
+        let n = replay::replay(&fuzz_dir, target, |data| proc_entry::run(table, data));
+        eprintln!("{target}: {n} committed inputs replayed");
+        assert!(n > 0, "{target}: bench/fuzz/corpus/{target} holds the seed corpus");
+    }
 }

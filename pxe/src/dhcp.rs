@@ -327,16 +327,26 @@ impl Drop for ProxyDhcp {
     }
 }
 
+/// What the proxy makes of one packet received on port 67 (or on 4011 when
+/// `on_pxe_port`): `None` when it does not decode, else the request and the
+/// reply due, if any. Pure: the whole path from received bytes to the answer,
+/// and the entry point `bench/fuzz` and `tests/fuzz_parsers.rs` drive.
+pub fn answer(bytes: &[u8], on_pxe_port: bool, config: &ProxyConfig) -> Option<(Message, Option<Message>)> {
+    let request = decode(bytes)?;
+    // On port 67 only DISCOVERs are ours: REQUESTs there go to the real DHCP server.
+    let ours = on_pxe_port || request.opts().msg_type() == Some(MessageType::Discover);
+    let reply = respond(&request, config).filter(|_| ours);
+    Some((request, reply))
+}
+
 /// Handles one received packet; returns the reply and where it goes.
 fn handle(bytes: &[u8], from: SocketAddr, on_pxe_port: bool, config: &ProxyConfig, counters: &Counters) -> Option<(Vec<u8>, SocketAddr)> {
-    let Some(request) = decode(bytes) else {
+    let Some((request, reply)) = answer(bytes, on_pxe_port, config) else {
         counters.malformed.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("proxy-dhcp: {from}: dropped a packet that does not decode");
         return None;
     };
-    // On port 67 only DISCOVERs are ours: REQUESTs there go to the real DHCP server.
-    let ours = on_pxe_port || request.opts().msg_type() == Some(MessageType::Discover);
-    let Some(reply) = respond(&request, config).filter(|_| ours) else {
+    let Some(reply) = reply else {
         counters.ignored.fetch_add(1, Ordering::Relaxed);
         return None;
     };

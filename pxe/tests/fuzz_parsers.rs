@@ -5,6 +5,12 @@
 //! seconds per parser (default 2; `KILN_FUZZ_SEED` picks the seed). A panic
 //! fails the test; so does a packet that parses but does not survive an
 //! encode and parse round trip, or a proxyDHCP reply that hands out an address.
+//!
+//! Then the committed inputs of `bench/fuzz` (libFuzzer's minimised corpus
+//! and any crash input, see `bench/fuzz/run`) for the network targets, each
+//! through the same entry point the fuzzer drives (`bench/fuzz/src/pxe.rs`,
+//! included here as source): the DHCP answer, the TFTP parser, the `/ipxe`
+//! query and the registration body. No cargo-fuzz needed.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -14,6 +20,11 @@ use kiln_pxe::dhcp::{self, ProxyConfig};
 use kiln_pxe::tftp::{self, Mode, Options, Packet, Request};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "../../bench/fuzz/src/pxe.rs"]
+mod entry;
+#[path = "../../bench/fuzz/src/replay.rs"]
+mod replay;
 
 fn budget() -> Duration {
     let secs: f64 = std::env::var("KILN_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
@@ -98,20 +109,9 @@ fn dhcp_seed(kind: MessageType, vendor: &[u8], arch: u16, user_class: Option<&[u
     dhcp::encode(&m)
 }
 
-/// Keeps the panics `dhcp::decode` contains (debug assertions inside
-/// dhcproto) from printing thousands of lines; every other panic prints.
-fn quiet_dhcproto_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if !info.location().is_some_and(|l| l.file().contains("dhcproto")) {
-            default(info);
-        }
-    }));
-}
-
 #[test]
 fn dhcp_decode_and_respond_never_panic() {
-    quiet_dhcproto_panics();
+    entry::quiet_dhcproto_panics();
     let (mut rng, seed) = rng(2);
     let config = ProxyConfig::new("eth0", Ipv4Addr::new(192, 0, 2, 1), "http://192.0.2.1:8080/boot.ipxe");
     let seeds = [
@@ -138,4 +138,14 @@ fn dhcp_decode_and_respond_never_panic() {
     }
     eprintln!("dhcp: {runs} packets, {decoded} decoded, {answered} answered (seed {seed})");
     assert!(runs > 1000 && decoded > 0 && answered > 0, "seed {seed}: runs {runs}, decoded {decoded}, answered {answered}");
+}
+
+#[test]
+fn committed_fuzz_inputs_replay() {
+    let fuzz_dir = entry::repo_root().join("bench/fuzz");
+    for &(target, run) in entry::TARGETS {
+        let n = replay::replay(&fuzz_dir, target, run);
+        eprintln!("{target}: {n} committed inputs replayed");
+        assert!(n > 0, "{target}: bench/fuzz/corpus/{target} holds the seed corpus");
+    }
 }

@@ -1,0 +1,4 @@
+//! libFuzzer target: [`kiln_fuzz::pxe::dhcp`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_fuzz::pxe::dhcp(data));
