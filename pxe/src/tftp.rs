@@ -349,15 +349,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A file of the table cannot be opened.
-    #[error("TFTP file {path}")]
-    Open {
-        /// The file in the root.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// The listening socket cannot be bound.
     #[error("TFTP bind {addr}")]
     Bind {
@@ -475,7 +466,8 @@ struct Table {
 }
 
 impl Table {
-    /// Lists `root` and opens each file of the table.
+    /// Lists `root` and opens each file of the table (one that cannot be
+    /// opened is left out, with a warning).
     fn build(root: &Path) -> Result<Table, Error> {
         let root_error = |source| Error::Root { path: root.to_path_buf(), source };
         let meta = std::fs::metadata(root).map_err(root_error)?;
@@ -493,9 +485,12 @@ impl Table {
             if !meta.is_file() {
                 continue;
             }
-            let file = std::fs::File::open(&path).map_err(|source| Error::Open { path: path.clone(), source })?;
-            let size = file.metadata().map_err(|source| Error::Open { path: path.clone(), source })?.len();
-            entries.insert(name.to_string(), Entry { file: Arc::new(file), size });
+            match std::fs::File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+                Ok((size, file)) => {
+                    entries.insert(name.to_string(), Entry { file: Arc::new(file), size });
+                }
+                Err(e) => tracing::warn!("tftp: not serving {}: {e}", path.display()),
+            }
         }
         Ok(Table { entries })
     }

@@ -49,6 +49,10 @@ async fn flood(server: SocketAddr, file: &str, ip: impl Fn(usize) -> IpAddr) -> 
         let s = UdpSocket::bind((ip(i), 0)).await.expect("binding a flood socket");
         s.send_to(&request, server).await.expect("sending a request");
         sockets.push(s);
+        if i % 50 == 49 {
+            // Paced so the listening socket's receive buffer is not what drops requests.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
     let (mut data, mut busy) = (0, 0);
     let mut buf = [0u8; 1024];
