@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// Root directory of the TFTP server.
     #[arg(long, default_value = kiln_control::server::IPXE_DIR)]
     tftp_root: PathBuf,
+    /// TFTP transfers in progress at once; a request above it (or above 8
+    /// from one client address) is answered with a TFTP error.
+    #[arg(long, default_value_t = kiln_pxe::tftp::DEFAULT_MAX_TRANSFERS as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    tftp_max_transfers: u32,
     /// Answer PXE clients as proxyDHCP on this network interface, beside
     /// the network's own DHCP server (UDP 67 and 4011; needs root).
     #[arg(long, value_name = "INTERFACE")]
@@ -166,6 +170,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             profiles: a.profiles,
             tftp: a.tftp,
             tftp_root: a.tftp_root,
+            tftp_max_transfers: a.tftp_max_transfers as usize,
             proxy_dhcp: a.proxy_dhcp,
             network: kiln_control::registry::NetworkConfig { network: a.pod_network, subnet_len: a.subnet_len, vni: 1 },
             api,

@@ -78,6 +78,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             profiles: None,
             tftp: None,
             tftp_root: kiln_control::server::IPXE_DIR.into(),
+            tftp_max_transfers: kiln_pxe::tftp::DEFAULT_MAX_TRANSFERS,
             proxy_dhcp: None,
             network: Default::default(),
             // The guest reaches the host at QEMU user networking's 10.0.2.2.

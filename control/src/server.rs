@@ -10,7 +10,7 @@ use std::sync::Arc;
 use kiln_pxe::ImageStore;
 use kiln_pxe::dhcp::{ProxyConfig, ProxyDhcp};
 use kiln_pxe::profile::Catalog;
-use kiln_pxe::tftp::TftpServer;
+use kiln_pxe::tftp::{TftpConfig, TftpServer};
 use warp::Filter;
 
 use crate::api::{self, Api, ApiEndpoint};
@@ -66,6 +66,9 @@ pub struct ServerConfig {
     /// Root of the TFTP server: Debian's `ipxe` package puts
     /// `undionly.kpxe` and `ipxe.efi` in `/usr/lib/ipxe`.
     pub tftp_root: PathBuf,
+    /// TFTP transfers in progress at once (`--tftp-max-transfers`); a
+    /// request above it gets an error packet.
+    pub tftp_max_transfers: usize,
     /// Answer PXE clients as proxyDHCP on this interface.
     pub proxy_dhcp: Option<String>,
     /// The pod network nodes get subnet leases from (etcd's config wins
@@ -317,7 +320,9 @@ impl Server {
     /// TFTP and proxyDHCP, when asked for.
     async fn start_pxe(&mut self, config: &ServerConfig) -> Result<(), Error> {
         if let Some(tftp_addr) = config.tftp {
-            self.tftp = Some(TftpServer::start(config.tftp_root.clone(), tftp_addr).await?);
+            let mut tftp = TftpConfig::new(config.tftp_root.clone(), tftp_addr);
+            tftp.max_transfers = config.tftp_max_transfers;
+            self.tftp = Some(TftpServer::start_with(tftp).await?);
         }
         if let Some(interface) = &config.proxy_dhcp {
             let ip = kiln_pxe::dhcp::interface_ipv4(interface)?;
@@ -327,7 +332,12 @@ impl Server {
                 Some(url) => format!("{}/boot.ipxe", url.trim_end_matches('/')),
                 None => format!("http://{ip}:{}/boot.ipxe", self.addr.port()),
             };
-            self.proxy_dhcp = Some(ProxyDhcp::start(ProxyConfig::new(interface.clone(), ip, script)).await?);
+            let proxy = ProxyConfig::new(interface.clone(), ip, script);
+            // The files proxyDHCP names must be ones this TFTP server has.
+            if let Some(tftp) = &self.tftp {
+                proxy.check_served(|f| tftp.serves(f))?;
+            }
+            self.proxy_dhcp = Some(ProxyDhcp::start(proxy).await?);
         }
         Ok(())
     }

@@ -102,6 +102,16 @@ impl ProxyConfig {
             client_port: DHCP_CLIENT_PORT,
         }
     }
+
+    /// Checks that the TFTP server beside the proxy serves the files it
+    /// names (`serves` says whether a name is in the TFTP server's table):
+    /// an EFI x86-64 client sent to a file that is not there never boots.
+    pub fn check_served(&self, serves: impl Fn(&str) -> bool) -> Result<(), Error> {
+        match [&self.efi_file, &self.bios_file].into_iter().find(|f| !serves(f)) {
+            Some(file) => Err(Error::BootFileNotServed { file: file.clone() }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Starting the proxy failed.
@@ -123,6 +133,12 @@ pub enum Error {
     /// A boot file name does not fit the BOOTP `file` field.
     #[error("boot file {file:?} is longer than {MAX_BOOT_FILE} bytes")]
     BootFileTooLong {
+        /// The name.
+        file: String,
+    },
+    /// A boot file the proxy would name is not served by the TFTP server.
+    #[error("boot file {file:?} is not served by the TFTP server (not a regular file in its root)")]
+    BootFileNotServed {
         /// The name.
         file: String,
     },
@@ -508,6 +524,24 @@ mod tests {
                 Some(&DhcpOption::ClientMachineIdentifier(GUID.to_vec())),
                 "case {name}: option 97"
             );
+        }
+    }
+
+    #[test]
+    fn boot_files_must_be_served_by_tftp() {
+        let config = ProxyConfig::new("lo", Ipv4Addr::LOCALHOST, "http://127.0.0.1/boot.ipxe");
+        let table = |names: &'static [&'static str]| move |f: &str| names.contains(&f);
+        let cases: [(&str, &[&str], Option<&str>); 3] = [
+            ("both served", &["ipxe.efi", "undionly.kpxe", "snponly.efi"], None),
+            ("no ipxe.efi", &["undionly.kpxe", "snponly.efi"], Some("ipxe.efi")),
+            ("no undionly.kpxe", &["ipxe.efi"], Some("undionly.kpxe")),
+        ];
+        for (name, names, missing) in cases {
+            match (config.check_served(table(names)), missing) {
+                (Ok(()), None) => {}
+                (Err(Error::BootFileNotServed { file }), Some(m)) => assert_eq!(file, m, "case {name}"),
+                (got, _) => panic!("case {name}: {got:?}"),
+            }
         }
     }
 

@@ -1,15 +1,26 @@
 //! TFTP: a read-only server for the first thing a PXE ROM loads (iPXE's
-//! `undionly.kpxe` or `ipxe.efi`).
+//! `undionly.kpxe`, `ipxe.efi` or `snponly.efi`).
 //!
 //! RFC 1350 with option negotiation (RFC 2347): `blksize` (RFC 2348),
 //! `tsize` and `timeout` (RFC 2349) and `windowsize` (RFC 7440). Transfer
 //! modes `octet` and `netascii` are served; `mail` and every write request
 //! are refused with an error packet.
 //!
-//! Files come from one root directory and nothing outside it: a name with a
-//! `..` component is an access violation, a leading `/` means the root (as
-//! `tftpd -s` does, so `/etc/passwd` is looked up as `ROOT/etc/passwd`), and a
-//! symlink whose target leaves the root is an access violation.
+//! What is served is a fixed table built once at start (see `Table`): each
+//! regular file directly in the root, symlinks followed wherever the
+//! operator pointed them (Debian's `/usr/lib/ipxe/ipxe.efi` is a link to
+//! `/boot/ipxe.efi`), opened then and read at an offset by each transfer.
+//! A request names a table entry exactly (after leading `/`s) or gets
+//! "file not found"; a `..` component is an "access violation". No request
+//! reaches the file system, so no spelling of a path reaches anything else.
+//!
+//! Everything a client can make the server hold is bounded: transfers in
+//! progress ([`TftpConfig::max_transfers`]) and per client address
+//! ([`TftpConfig::max_per_client`]), a request above either answered with an
+//! error packet from the listening socket; one window of memory per transfer
+//! ([`MAX_WINDOW_BYTES`]); the client's `timeout` up to [`MAX_TIMEOUT_SECS`]
+//! and [`TftpConfig::retries`] resends, after which the transfer ends and
+//! frees its socket.
 //!
 //! [`parse_packet`] is a pure function (fuzzed in `tests/fuzz_parsers.rs`).
 //! A packet that does not parse is dropped and counted in
@@ -20,14 +31,15 @@
 //! transfer ID), as RFC 1350 asks. To add an option, parse it in
 //! [`parse_packet`] into [`Options`] and answer it in `negotiate`.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -44,9 +56,6 @@ const OP_ACK: u16 = 4;
 const OP_ERROR: u16 = 5;
 /// Opcode of an option acknowledgement (RFC 2347).
 const OP_OACK: u16 = 6;
-
-/// Files up to this size are read whole before the first block is sent.
-const IN_MEMORY_MAX: u64 = 16 * 1024 * 1024;
 
 /// The block size without the `blksize` option (RFC 1350).
 pub const DEFAULT_BLKSIZE: u16 = 512;
@@ -331,7 +340,7 @@ impl Packet<'_> {
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The root directory cannot be resolved or is not a directory.
+    /// The root directory cannot be resolved, listed or is not a directory.
     #[error("TFTP root {path}")]
     Root {
         /// The root as given.
@@ -351,15 +360,26 @@ pub enum Error {
     },
 }
 
+/// Concurrent transfers by default (`kiln serve --tftp-max-transfers`).
+pub const DEFAULT_MAX_TRANSFERS: usize = 256;
+/// Concurrent transfers per client address by default.
+pub const DEFAULT_MAX_PER_CLIENT: usize = 8;
+/// The longest `timeout` option granted; a longer one is left out of the
+/// OACK (RFC 2349), so the server's own timeout holds.
+pub const MAX_TIMEOUT_SECS: u8 = 5;
+/// The most bytes of data one window holds: `windowsize` is lowered until
+/// `windowsize × blksize` fits (at least one block).
+pub const MAX_WINDOW_BYTES: usize = 128 * 1024;
+
 /// How the server behaves; [`TftpConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct TftpConfig {
-    /// The directory files are served from.
+    /// The directory whose files are served.
     pub root: PathBuf,
     /// The address to listen on (port 69 for PXE ROMs).
     pub addr: SocketAddr,
     /// Wait for an acknowledgement this long before sending again, unless
-    /// the client asks for another `timeout`.
+    /// the client asks for another `timeout` (up to [`MAX_TIMEOUT_SECS`]).
     pub timeout: Duration,
     /// Give a transfer up after this many retransmissions in a row.
     pub retries: u32,
@@ -367,12 +387,26 @@ pub struct TftpConfig {
     pub max_blksize: u16,
     /// The largest `windowsize` granted.
     pub max_windowsize: u16,
+    /// Transfers in progress at once; a request above it gets an error packet.
+    pub max_transfers: usize,
+    /// Transfers in progress at once from one client address.
+    pub max_per_client: usize,
 }
 
 impl TftpConfig {
-    /// Defaults: 1 s timeout, 5 retries, blksize up to 65464, windowsize up to 64.
+    /// Defaults: 1 s timeout, 5 retries, blksize up to 65464, windowsize up
+    /// to 64, [`DEFAULT_MAX_TRANSFERS`] and [`DEFAULT_MAX_PER_CLIENT`].
     pub fn new(root: PathBuf, addr: SocketAddr) -> Self {
-        TftpConfig { root, addr, timeout: Duration::from_secs(1), retries: 5, max_blksize: MAX_BLKSIZE, max_windowsize: 64 }
+        TftpConfig {
+            root,
+            addr,
+            timeout: Duration::from_secs(1),
+            retries: 5,
+            max_blksize: MAX_BLKSIZE,
+            max_windowsize: 64,
+            max_transfers: DEFAULT_MAX_TRANSFERS,
+            max_per_client: DEFAULT_MAX_PER_CLIENT,
+        }
     }
 }
 
@@ -385,13 +419,15 @@ pub struct TftpStats {
     /// Files sent to the end, last block acknowledged.
     pub served: u64,
     /// Requests answered with an error packet (not found, access violation,
-    /// write request, mail mode).
+    /// write request, mail mode, too many transfers).
     pub refused: u64,
     /// Transfers given up: no acknowledgement after the retries, or the
     /// client sent an error.
     pub failed: u64,
     /// Packets dropped because they did not parse.
     pub malformed: u64,
+    /// Transfers in progress now.
+    pub active: u64,
 }
 
 #[derive(Debug, Default)]
@@ -409,14 +445,134 @@ impl Counters {
     }
 }
 
+/// One file the server serves: opened once at start, read at an offset by
+/// each transfer (the open file is shared; a transfer holds no descriptor
+/// but its socket).
+#[derive(Debug)]
+struct Entry {
+    file: Arc<std::fs::File>,
+    size: u64,
+}
+
+/// The fixed table of names the server answers, built once at start: every
+/// entry directly in the root whose name is printable ASCII without `/` or
+/// `\` and which, after following symlinks wherever the operator pointed
+/// them (as tftpd-hpa does with Debian's `/usr/lib/ipxe/ipxe.efi` →
+/// `/boot/ipxe.efi`), is a regular file. Subdirectories are not served.
+/// A file replaced on disk afterwards is served as it was at start.
+#[derive(Debug, Default)]
+struct Table {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Table {
+    /// Lists `root` and opens each file of the table (one that cannot be
+    /// opened is left out, with a warning).
+    fn build(root: &Path) -> Result<Table, Error> {
+        let root_error = |source| Error::Root { path: root.to_path_buf(), source };
+        let meta = std::fs::metadata(root).map_err(root_error)?;
+        if !meta.is_dir() {
+            return Err(root_error(std::io::Error::other("not a directory")));
+        }
+        let mut entries = BTreeMap::new();
+        for dirent in std::fs::read_dir(root).map_err(root_error)? {
+            let path = dirent.map_err(root_error)?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).filter(|n| Self::valid_name(n)) else {
+                continue;
+            };
+            // A dangling link or an unreadable target is left out, not fatal.
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            match std::fs::File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+                Ok((size, file)) => {
+                    entries.insert(name.to_string(), Entry { file: Arc::new(file), size });
+                }
+                Err(e) => tracing::warn!("tftp: not serving {}: {e}", path.display()),
+            }
+        }
+        Ok(Table { entries })
+    }
+
+    fn valid_name(name: &str) -> bool {
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\')
+    }
+
+    /// The entry a requested name means: leading `/`s are dropped (PXE ROMs
+    /// send `/ipxe.efi` too), then the name must be in the table exactly.
+    /// A `..` component, however separated, is an access violation.
+    fn lookup(&self, filename: &str) -> Result<&Entry, Refusal> {
+        if filename.split(['/', '\\']).any(|c| c == "..") {
+            return Err(ACCESS);
+        }
+        self.entries.get(filename.trim_start_matches('/')).ok_or(NOT_FOUND)
+    }
+}
+
+/// Transfers in progress, by peer and by client address.
+#[derive(Debug, Default)]
+struct Active {
+    peers: HashSet<SocketAddr>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
 /// State the listener shares with its transfers.
 #[derive(Debug)]
 struct Shared {
     root: PathBuf,
+    table: Table,
     config: TftpConfig,
     counters: Counters,
-    /// Peers with a transfer in progress: a retransmitted request is ignored.
-    active: Mutex<HashSet<SocketAddr>>,
+    active: Mutex<Active>,
+}
+
+/// Why a request was not admitted.
+enum Admission {
+    /// A retransmission of a request in progress: ignored.
+    Duplicate,
+    /// Over a cap: answered with this refusal.
+    Busy(Refusal),
+}
+
+impl Shared {
+    /// Admits a transfer for `peer` within the caps; the slot is released
+    /// when the returned guard drops.
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Slot, Admission> {
+        let mut active = self.active.lock().expect("active set");
+        if active.peers.contains(&peer) {
+            return Err(Admission::Duplicate);
+        }
+        if active.peers.len() >= self.config.max_transfers {
+            return Err(Admission::Busy(BUSY));
+        }
+        let from_ip = active.per_ip.entry(peer.ip()).or_default();
+        if *from_ip >= self.config.max_per_client {
+            return Err(Admission::Busy(BUSY_CLIENT));
+        }
+        *from_ip += 1;
+        active.peers.insert(peer);
+        Ok(Slot { shared: Arc::clone(self), peer })
+    }
+}
+
+/// One admitted transfer; dropping it frees its place under the caps.
+struct Slot {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut active = self.shared.active.lock().expect("active set");
+        active.peers.remove(&self.peer);
+        if let Some(n) = active.per_ip.get_mut(&self.peer.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                active.per_ip.remove(&self.peer.ip());
+            }
+        }
+    }
 }
 
 /// A running TFTP server. Dropping it stops the server; [`TftpServer::shutdown`]
@@ -435,17 +591,18 @@ impl TftpServer {
         Self::start_with(TftpConfig::new(root, addr)).await
     }
 
-    /// Binds, spawns the server task and logs `tftp: listening on ADDR (root DIR)`.
+    /// Builds the table, binds, spawns the server task and logs
+    /// `tftp: listening on ADDR (root DIR: NAMES)`.
     pub async fn start_with(config: TftpConfig) -> Result<TftpServer, Error> {
-        let root = tokio::fs::canonicalize(&config.root).await.map_err(|source| Error::Root { path: config.root.clone(), source })?;
-        let meta = tokio::fs::metadata(&root).await.map_err(|source| Error::Root { path: config.root.clone(), source })?;
-        if !meta.is_dir() {
-            return Err(Error::Root { path: config.root.clone(), source: std::io::Error::other("not a directory") });
-        }
+        let root = config.root.clone();
+        let table = tokio::task::spawn_blocking(move || Table::build(&root))
+            .await
+            .map_err(|e| Error::Root { path: config.root.clone(), source: std::io::Error::other(e) })??;
         let socket = UdpSocket::bind(config.addr).await.map_err(|source| Error::Bind { addr: config.addr, source })?;
         let local_addr = socket.local_addr().map_err(|source| Error::Bind { addr: config.addr, source })?;
-        tracing::info!("tftp: listening on {local_addr} (root {})", root.display());
-        let shared = Arc::new(Shared { root, config, counters: Counters::default(), active: Mutex::new(HashSet::new()) });
+        let names: Vec<&str> = table.entries.keys().map(String::as_str).collect();
+        tracing::info!("tftp: listening on {local_addr} (root {}: {})", config.root.display(), names.join(" "));
+        let shared = Arc::new(Shared { root: config.root.clone(), table, config, counters: Counters::default(), active: Mutex::default() });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(listen(socket, Arc::clone(&shared), cancel.clone()));
         Ok(TftpServer { local_addr, shared, cancel, task: Some(task) })
@@ -456,9 +613,19 @@ impl TftpServer {
         self.local_addr
     }
 
-    /// The resolved root directory.
+    /// The root directory as given.
     pub fn root(&self) -> &Path {
         &self.shared.root
+    }
+
+    /// Whether a request for `name` is served (it is in the table).
+    pub fn serves(&self, name: &str) -> bool {
+        self.shared.table.lookup(name).is_ok()
+    }
+
+    /// The names served, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.shared.table.entries.keys().map(String::as_str)
     }
 
     /// The counters so far.
@@ -470,6 +637,7 @@ impl TftpServer {
             refused: c.refused.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
             malformed: c.malformed.load(Ordering::Relaxed),
+            active: self.shared.active.lock().expect("active set").peers.len() as u64,
         }
     }
 
@@ -515,9 +683,18 @@ async fn listen(socket: UdpSocket, shared: Arc<Shared>, cancel: CancellationToke
                 continue;
             }
         };
-        if !shared.active.lock().expect("active set").insert(peer) {
-            continue;
-        }
+        let slot = match shared.admit(peer) {
+            Ok(slot) => slot,
+            Err(Admission::Duplicate) => continue,
+            Err(Admission::Busy(r)) => {
+                // Answered from the listening socket: a refusal costs no descriptor.
+                Counters::bump(&shared.counters.requests);
+                Counters::bump(&shared.counters.refused);
+                tracing::debug!("tftp: {peer}: {:?}: {}", request.filename, r.message);
+                let _ = socket.send_to(&r.packet(), peer).await;
+                continue;
+            }
+        };
         Counters::bump(&shared.counters.requests);
         let local_ip = socket.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let shared = Arc::clone(&shared);
@@ -527,51 +704,28 @@ async fn listen(socket: UdpSocket, shared: Arc<Shared>, cancel: CancellationToke
                 _ = cancel.cancelled() => {}
                 _ = transfer(&shared, local_ip, peer, request, write) => {}
             }
-            shared.active.lock().expect("active set").remove(&peer);
+            drop(slot);
         });
     }
 }
 
-/// Why a requested file is not served.
+/// Why a request is not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Refusal {
     code: u16,
     message: &'static str,
 }
 
+impl Refusal {
+    fn packet(&self) -> Vec<u8> {
+        Packet::Error { code: self.code, message: self.message.to_string() }.to_bytes()
+    }
+}
+
 const NOT_FOUND: Refusal = Refusal { code: error_code::FILE_NOT_FOUND, message: "file not found" };
 const ACCESS: Refusal = Refusal { code: error_code::ACCESS_VIOLATION, message: "access violation" };
-
-/// Resolves `filename` inside `root` (already canonical) and opens it.
-async fn open_in_root(root: &Path, filename: &str) -> Result<(tokio::fs::File, u64), Refusal> {
-    let relative = Path::new(filename.trim_start_matches('/'));
-    let mut parts = 0;
-    for c in relative.components() {
-        match c {
-            Component::Normal(_) => parts += 1,
-            Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return Err(ACCESS),
-        }
-    }
-    if parts == 0 {
-        return Err(NOT_FOUND);
-    }
-    let resolved = tokio::fs::canonicalize(root.join(relative)).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => ACCESS,
-        _ => NOT_FOUND,
-    })?;
-    if !resolved.starts_with(root) {
-        return Err(ACCESS);
-    }
-    let file = tokio::fs::File::open(&resolved).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => ACCESS,
-        _ => NOT_FOUND,
-    })?;
-    let meta = file.metadata().await.map_err(|_| NOT_FOUND)?;
-    if !meta.is_file() {
-        return Err(NOT_FOUND);
-    }
-    Ok((file, meta.len()))
-}
+const BUSY: Refusal = Refusal { code: error_code::UNDEFINED, message: "server busy: too many transfers" };
+const BUSY_CLIENT: Refusal = Refusal { code: error_code::UNDEFINED, message: "server busy: too many transfers from this address" };
 
 /// Serves one request on a socket of its own.
 async fn transfer(shared: &Shared, local_ip: IpAddr, peer: SocketAddr, request: Request, write: bool) {
@@ -589,55 +743,37 @@ async fn transfer(shared: &Shared, local_ip: IpAddr, peer: SocketAddr, request: 
         Counters::bump(&counters.failed);
         return;
     }
-    let refuse = |code: u16, message: &str| {
+    let refuse = |r: Refusal| {
         Counters::bump(&counters.refused);
-        let packet = Packet::Error { code, message: message.to_string() }.to_bytes();
         let socket = &socket;
         async move {
-            let _ = socket.send(&packet).await;
+            let _ = socket.send(&r.packet()).await;
         }
     };
     if write {
         tracing::info!("tftp: {peer}: write request for {:?} refused (read-only server)", request.filename);
-        return refuse(error_code::ACCESS_VIOLATION, "read-only server").await;
+        return refuse(Refusal { code: error_code::ACCESS_VIOLATION, message: "read-only server" }).await;
     }
     if request.mode == Mode::Mail {
-        return refuse(error_code::ILLEGAL_OPERATION, "mail mode is not supported").await;
+        return refuse(Refusal { code: error_code::ILLEGAL_OPERATION, message: "mail mode is not supported" }).await;
     }
-    let (file, size) = match open_in_root(&shared.root, &request.filename).await {
-        Ok(f) => f,
+    let entry = match shared.table.lookup(&request.filename) {
+        Ok(e) => e,
         Err(r) => {
             tracing::info!("tftp: {peer}: {:?}: {}", request.filename, r.message);
-            return refuse(r.code, r.message).await;
+            return refuse(r).await;
         }
     };
-    let negotiated = negotiate(&shared.config, &request, size);
-    let mut sender = Sender {
-        socket: &socket,
-        peer,
-        timeout: negotiated.timeout,
-        retries: shared.config.retries,
-        counters,
-        buf: vec![0u8; usize::from(negotiated.blksize) + 4 + 64],
-    };
-    // Boot files are small: one read, then blocks come from memory with no
-    // file I/O between packets. Larger files stream through a buffer.
-    let source: Box<dyn AsyncRead + Unpin + Send> = if size <= IN_MEMORY_MAX {
-        let mut bytes = Vec::with_capacity(size as usize);
-        let mut file = file;
-        if let Err(e) = file.read_to_end(&mut bytes).await {
-            tracing::warn!("tftp: {peer}: reading {:?}: {e}", request.filename);
-            return refuse(error_code::UNDEFINED, "read error").await;
-        }
-        Box::new(std::io::Cursor::new(bytes))
-    } else {
-        Box::new(BufReader::with_capacity((usize::from(negotiated.blksize) * usize::from(negotiated.windowsize)).max(256 * 1024), file))
-    };
+    let negotiated = negotiate(&shared.config, &request, entry.size);
+    let mut sender =
+        Sender { socket: &socket, peer, timeout: negotiated.timeout, retries: shared.config.retries, counters, buf: vec![0u8; 1024] };
+    // Blocks stream from the shared open file, one window per read.
+    let reader = FileAt { file: Arc::clone(&entry.file), offset: 0 };
     let source = match request.mode {
-        Mode::Netascii => BlockSource::Netascii { inner: source, pending: VecDeque::new(), eof: false },
-        _ => BlockSource::Octet(source),
+        Mode::Netascii => BlockSource::Netascii { inner: reader, pending: VecDeque::new(), eof: false },
+        _ => BlockSource::Octet(reader),
     };
-    tracing::debug!("tftp: {peer}: sending {:?} ({size} bytes, {negotiated:?})", request.filename);
+    tracing::debug!("tftp: {peer}: sending {:?} ({} bytes, {negotiated:?})", request.filename, entry.size);
     match sender.run(&negotiated, source).await {
         Ok(()) => {
             Counters::bump(&counters.served);
@@ -671,7 +807,9 @@ fn negotiate(config: &TftpConfig, request: &Request, size: u64) -> Negotiated {
         }
         None => DEFAULT_BLKSIZE,
     };
-    let timeout = match o.timeout {
+    // A client cannot hold a transfer (its socket and window) for minutes:
+    // a timeout above the cap is not acknowledged, and ours holds.
+    let timeout = match o.timeout.filter(|&t| t <= MAX_TIMEOUT_SECS) {
         Some(t) => {
             oack.push(("timeout".to_string(), t.to_string()));
             Duration::from_secs(u64::from(t))
@@ -682,9 +820,10 @@ fn negotiate(config: &TftpConfig, request: &Request, size: u64) -> Negotiated {
     if o.tsize.is_some() && request.mode == Mode::Octet {
         oack.push(("tsize".to_string(), size.to_string()));
     }
+    let window_cap = (MAX_WINDOW_BYTES / usize::from(blksize)).clamp(1, usize::from(u16::MAX)) as u16;
     let windowsize = match o.windowsize {
         Some(w) => {
-            let w = w.min(config.max_windowsize.max(1));
+            let w = w.min(config.max_windowsize.max(1)).min(window_cap);
             oack.push(("windowsize".to_string(), w.to_string()));
             w
         }
@@ -693,20 +832,34 @@ fn negotiate(config: &TftpConfig, request: &Request, size: u64) -> Negotiated {
     Negotiated { blksize, windowsize, timeout, oack }
 }
 
+/// Sequential reads of a shared open file at a transfer's own offset.
+struct FileAt {
+    file: Arc<std::fs::File>,
+    offset: u64,
+}
+
+impl Read for FileAt {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(out, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
 /// Where blocks come from: the file as is, or converted to netascii.
 enum BlockSource<R> {
     Octet(R),
     Netascii { inner: R, pending: VecDeque<u8>, eof: bool },
 }
 
-impl<R: AsyncRead + Unpin> BlockSource<R> {
+impl<R: Read> BlockSource<R> {
     /// Fills `out` as far as the file goes; returns how many bytes it wrote.
-    async fn fill(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+    fn fill(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         match self {
             BlockSource::Octet(r) => {
                 let mut n = 0;
                 while n < out.len() {
-                    match r.read(&mut out[n..]).await? {
+                    match r.read(&mut out[n..])? {
                         0 => break,
                         k => n += k,
                     }
@@ -716,7 +869,7 @@ impl<R: AsyncRead + Unpin> BlockSource<R> {
             BlockSource::Netascii { inner, pending, eof } => {
                 let mut chunk = [0u8; 8192];
                 while pending.len() < out.len() && !*eof {
-                    let k = inner.read(&mut chunk).await?;
+                    let k = inner.read(&mut chunk)?;
                     if k == 0 {
                         *eof = true;
                     }
@@ -735,6 +888,70 @@ impl<R: AsyncRead + Unpin> BlockSource<R> {
                 Ok(n)
             }
         }
+    }
+}
+
+/// The blocks of one window that are sent and not yet acknowledged, and the
+/// buffers of acknowledged ones kept for the next blocks (a transfer holds at
+/// most one window of memory).
+struct Window {
+    packets: VecDeque<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+    /// The block number of the next packet to read.
+    next: u16,
+    eof: bool,
+}
+
+impl Window {
+    /// Reads blocks until the window is full or the file ends, on a blocking
+    /// thread (one hop per window, not per block).
+    async fn refill<R: Read + Send + 'static>(
+        &mut self,
+        source: BlockSource<R>,
+        blksize: usize,
+        windowsize: usize,
+    ) -> Result<BlockSource<R>, TransferError> {
+        let need = windowsize.saturating_sub(self.packets.len());
+        if self.eof || need == 0 {
+            return Ok(source);
+        }
+        let mut spare = std::mem::take(&mut self.spare);
+        let next = self.next;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut source = source;
+            let mut filled = Vec::with_capacity(need);
+            let mut eof = false;
+            let mut block = next;
+            while filled.len() < need && !eof {
+                let mut packet = spare.pop().unwrap_or_default();
+                packet.clear();
+                packet.extend_from_slice(&OP_DATA.to_be_bytes());
+                packet.extend_from_slice(&block.to_be_bytes());
+                packet.resize(4 + blksize, 0);
+                let len = match source.fill(&mut packet[4..]) {
+                    Ok(len) => len,
+                    Err(e) => return Err(e),
+                };
+                packet.truncate(4 + len);
+                eof = len < blksize;
+                filled.push(packet);
+                block = block.wrapping_add(1);
+            }
+            Ok((source, filled, spare, eof))
+        })
+        .await
+        .map_err(|e| TransferError::Read(std::io::Error::other(e)))?;
+        let (source, filled, spare, eof) = read.map_err(TransferError::Read)?;
+        self.next = self.next.wrapping_add(filled.len() as u16);
+        self.packets.extend(filled);
+        self.spare = spare;
+        self.eof = eof;
+        Ok(source)
+    }
+
+    /// Drops the first `acked` packets, keeping their buffers.
+    fn acknowledge(&mut self, acked: usize) {
+        self.spare.extend(self.packets.drain(..acked));
     }
 }
 
@@ -786,11 +1003,13 @@ struct Sender<'a> {
     timeout: Duration,
     retries: u32,
     counters: &'a Counters,
+    /// Where acknowledgements are received (an ACK is 4 bytes; anything
+    /// longer is not one).
     buf: Vec<u8>,
 }
 
 impl Sender<'_> {
-    async fn run<R: AsyncRead + Unpin>(&mut self, n: &Negotiated, mut source: BlockSource<R>) -> Result<(), TransferError> {
+    async fn run<R: Read + Send + 'static>(&mut self, n: &Negotiated, mut source: BlockSource<R>) -> Result<(), TransferError> {
         if !n.oack.is_empty() {
             let oack = Packet::OAck(n.oack.clone()).to_bytes();
             let window = VecDeque::from([oack]);
@@ -798,26 +1017,15 @@ impl Sender<'_> {
         }
         let blksize = usize::from(n.blksize);
         let windowsize = usize::from(n.windowsize);
-        let mut window: VecDeque<Vec<u8>> = VecDeque::with_capacity(windowsize);
+        let mut window = Window { packets: VecDeque::with_capacity(windowsize), spare: Vec::new(), next: 1, eof: false };
         let mut base: u16 = 1;
-        let mut next: u16 = 1;
-        let mut eof = false;
         loop {
-            while !eof && window.len() < windowsize {
-                let mut packet = vec![0u8; 4 + blksize];
-                packet[..2].copy_from_slice(&OP_DATA.to_be_bytes());
-                packet[2..4].copy_from_slice(&next.to_be_bytes());
-                let len = source.fill(&mut packet[4..]).await.map_err(TransferError::Read)?;
-                packet.truncate(4 + len);
-                eof = len < blksize;
-                window.push_back(packet);
-                next = next.wrapping_add(1);
-            }
-            if window.is_empty() {
+            source = window.refill(source, blksize, windowsize).await?;
+            if window.packets.is_empty() {
                 return Ok(());
             }
-            let acked = self.send_until_acked(&window, base, windowsize).await?;
-            window.drain(..acked);
+            let acked = self.send_until_acked(&window.packets, base, windowsize).await?;
+            window.acknowledge(acked);
             base = base.wrapping_add(acked as u16);
         }
     }
@@ -992,6 +1200,9 @@ mod tests {
                 s(&[("blksize", "1468"), ("windowsize", "8")]),
             ),
             ("no tsize in netascii", Mode::Netascii, Options { tsize: Some(0), ..Options::default() }, 512, 1, 1, s(&[])),
+            ("timeout 5 is granted", Mode::Octet, Options { timeout: Some(5), ..Options::default() }, 512, 1, 5, s(&[("timeout", "5")])),
+            ("timeout 255 is not: ours holds", Mode::Octet, Options { timeout: Some(255), ..Options::default() }, 512, 1, 1, s(&[])),
+            ("timeout 6 is not", Mode::Octet, Options { timeout: Some(6), ..Options::default() }, 512, 1, 1, s(&[])),
         ];
         for (name, mode, options, blksize, windowsize, timeout, oack) in cases {
             let n = negotiate(&config, &request("f", mode, options), 4096);
@@ -999,13 +1210,108 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_window_holds_at_most_max_window_bytes() {
+        let config = TftpConfig::new(PathBuf::from("/nonexistent"), "127.0.0.1:0".parse().unwrap());
+        let cases = [("1428 × 16 fits", 1428, 16, 16), ("65464 × 64 becomes 65464 × 2", 65464, 64, 2), ("8 × 64", 8, 64, 64)];
+        for (name, blksize, asked, granted) in cases {
+            let options = Options { blksize: Some(blksize), windowsize: Some(asked), ..Options::default() };
+            let n = negotiate(&config, &request("f", Mode::Octet, options), 1);
+            assert_eq!(n.windowsize, granted, "case {name}");
+            assert!(usize::from(n.windowsize) * usize::from(n.blksize) <= MAX_WINDOW_BYTES, "case {name}: window bytes");
+        }
+    }
+
+    #[test]
+    fn the_table_holds_regular_files_of_the_root_after_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("qemu")).unwrap();
+        std::fs::write(dir.path().join("ipxe.efi.real"), b"efi").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("ipxe.efi.real"), root.join("ipxe.efi")).unwrap();
+        std::fs::write(root.join("undionly.kpxe"), b"bios").unwrap();
+        std::fs::write(root.join("snponly.efi"), b"snp").unwrap();
+        std::fs::write(root.join("qemu/pxe-virtio.rom"), b"rom").unwrap();
+        std::os::unix::fs::symlink("qemu/pxe-virtio.rom", root.join("virtio-net.rom")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/kiln", root.join("dangling")).unwrap();
+        std::fs::write(root.join("back\\slash"), b"x").unwrap();
+        std::fs::write(root.join("with space"), b"x").unwrap();
+        let table = Table::build(&root).unwrap();
+        let names: Vec<&str> = table.entries.keys().map(String::as_str).collect();
+        assert_eq!(names, ["ipxe.efi", "snponly.efi", "undionly.kpxe", "virtio-net.rom"], "table");
+        assert_eq!(table.entries["ipxe.efi"].size, 3, "the link's target's size");
+        let cases = [
+            ("exact", "ipxe.efi", Ok(())),
+            ("leading slash", "/snponly.efi", Ok(())),
+            ("directory", "qemu", Err(NOT_FOUND)),
+            ("in a directory", "qemu/pxe-virtio.rom", Err(NOT_FOUND)),
+            ("dangling link", "dangling", Err(NOT_FOUND)),
+            ("parent", "../ipxe.efi.real", Err(ACCESS)),
+            ("parent, backslashes", "qemu\\..\\..\\ipxe.efi.real", Err(ACCESS)),
+            ("absolute outside", "/boot/ipxe.efi", Err(NOT_FOUND)),
+        ];
+        for (name, filename, want) in cases {
+            assert_eq!(table.lookup(filename).map(|_| ()), want, "case {name}");
+        }
+    }
+
     #[tokio::test]
-    async fn netascii_converts_line_ends() {
+    async fn caps_answer_with_an_error_and_free_slots_after_retries() {
+        let f = Fixture::new().await;
+        let mut config = TftpConfig::new(f.root(), "127.0.0.1:0".parse().unwrap());
+        config.max_transfers = 2;
+        config.max_per_client = 1;
+        config.timeout = Duration::from_millis(100);
+        config.retries = 2;
+        let server = TftpServer::start_with(config).await.unwrap();
+        let addr = server.local_addr();
+        let mut buf = [0u8; 1024];
+        // first_packet CLIENT_IP: a request that is never acknowledged, and
+        // the server's first answer to it.
+        async fn first_packet(ip: &str, addr: SocketAddr, buf: &mut [u8]) -> (UdpSocket, Packet<'static>) {
+            let socket = UdpSocket::bind((ip, 0)).await.unwrap();
+            socket.send_to(&read_req("small.bin", Options::default()).to_bytes(), addr).await.unwrap();
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(buf)).await.expect("an answer").unwrap();
+            let packet = match parse_packet(&buf[..n]).unwrap() {
+                Packet::Data { block, .. } => Packet::Ack(block),
+                Packet::Error { code, message } => Packet::Error { code, message },
+                other => panic!("unexpected {other:?}"),
+            };
+            (socket, packet)
+        }
+        let busy = |m: &str| Packet::Error { code: error_code::UNDEFINED, message: m.to_string() };
+        let cases = [
+            ("first from 127.0.0.1", "127.0.0.1", Packet::Ack(1)),
+            ("second from 127.0.0.1: per-client cap", "127.0.0.1", busy(BUSY_CLIENT.message)),
+            ("first from 127.0.0.2", "127.0.0.2", Packet::Ack(1)),
+            ("from 127.0.0.3: server cap", "127.0.0.3", busy(BUSY.message)),
+        ];
+        let mut held = Vec::new();
+        for (name, ip, want) in cases {
+            let (socket, got) = first_packet(ip, addr, &mut buf).await;
+            assert_eq!(got, want, "case {name}");
+            held.push(socket);
+        }
+        assert_eq!(server.stats().active, 2, "two transfers held");
+        // Never acknowledged: 3 sends 100 ms apart, then the slots are free.
+        let started = std::time::Instant::now();
+        while server.stats().active > 0 {
+            assert!(started.elapsed() < Duration::from_secs(2), "slots freed after the retries: {:?}", server.stats());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let s = server.stats();
+        assert_eq!((s.requests, s.refused, s.failed), (4, 2, 2), "stats {s:?}");
+        let got = fetch(addr, read_req("small.bin", Options::default())).await.expect("served once the caps free up");
+        assert!(got.data == pattern(3000), "content after the caps freed");
+    }
+
+    #[test]
+    fn netascii_converts_line_ends() {
         let mut source = BlockSource::Netascii { inner: &b"a\nb\rc\r\n"[..], pending: VecDeque::new(), eof: false };
         let mut out = [0u8; 4];
         let mut all = Vec::new();
         loop {
-            let n = source.fill(&mut out).await.unwrap();
+            let n = source.fill(&mut out).unwrap();
             all.extend_from_slice(&out[..n]);
             if n < out.len() {
                 break;
@@ -1086,8 +1392,8 @@ mod tests {
             ("binary mode", "binary", "small.bin", pattern(3000)),
             ("exact multiple of 512 (final empty block)", "binary", "exact.bin", pattern(1024)),
             ("empty file", "binary", "empty.bin", vec![]),
-            ("subdirectory", "binary", "sub/nested.bin", pattern(700)),
-            ("symlink inside the root", "binary", "inside", pattern(700)),
+            ("symlink to a file in a subdirectory", "binary", "inside", pattern(700)),
+            ("symlink leaving the root (the operator's, as Debian's ipxe.efi)", "binary", "escape", b"outside the root".to_vec()),
             ("netascii round trip", "netascii", "text.txt", b"line one\nline two\r\nbare\rcr\n".to_vec()),
         ];
         for (i, (name, mode, file, want)) in cases.iter().enumerate() {
@@ -1226,12 +1532,21 @@ mod tests {
     async fn refuses_escapes_and_writes() {
         let f = Fixture::new().await;
         let addr = f.server.local_addr();
+        std::fs::write(f.root().join("late.bin"), b"not in the table").unwrap();
         let cases = [
             ("parent directory", read_req("../secret", Options::default()), error_code::ACCESS_VIOLATION),
             ("parent inside a path", read_req("sub/../../secret", Options::default()), error_code::ACCESS_VIOLATION),
             ("absolute path is under the root", read_req("/etc/passwd", Options::default()), error_code::FILE_NOT_FOUND),
-            ("absolute symlink out", read_req("escape", Options::default()), error_code::ACCESS_VIOLATION),
-            ("relative symlink out", read_req("sub/escape-relative", Options::default()), error_code::ACCESS_VIOLATION),
+            ("parent with backslashes", read_req("..\\secret", Options::default()), error_code::ACCESS_VIOLATION),
+            ("parent after the name", read_req("small.bin/..", Options::default()), error_code::ACCESS_VIOLATION),
+            ("relative symlink in a subdirectory", read_req("sub/escape-relative", Options::default()), error_code::FILE_NOT_FOUND),
+            ("subdirectories are not in the table", read_req("sub/nested.bin", Options::default()), error_code::FILE_NOT_FOUND),
+            ("backslash separator", read_req("sub\\nested.bin", Options::default()), error_code::FILE_NOT_FOUND),
+            ("dot component", read_req("./small.bin", Options::default()), error_code::FILE_NOT_FOUND),
+            ("trailing slash", read_req("small.bin/", Options::default()), error_code::FILE_NOT_FOUND),
+            ("another case", read_req("SMALL.BIN", Options::default()), error_code::FILE_NOT_FOUND),
+            ("proc file", read_req("/proc/self/environ", Options::default()), error_code::FILE_NOT_FOUND),
+            ("file created after start", read_req("late.bin", Options::default()), error_code::FILE_NOT_FOUND),
             ("missing file", read_req("nope.bin", Options::default()), error_code::FILE_NOT_FOUND),
             ("directory", read_req("sub", Options::default()), error_code::FILE_NOT_FOUND),
             ("root itself", read_req("/", Options::default()), error_code::FILE_NOT_FOUND),
@@ -1243,10 +1558,12 @@ mod tests {
             assert!(matches!(&got, Err((c, _)) if c == code), "case {name}: got {got:?}, want error {code}");
         }
         assert!(!f.root().join("new.bin").exists(), "a refused write creates nothing");
-        let leading_slash = fetch(addr, read_req("/small.bin", Options::default())).await.expect("a leading / means the root");
-        assert!(leading_slash.data == pattern(3000), "leading slash content");
-        let s = f.stats_until("refusals counted", |s| s.refused == cases.len() as u64 && s.served == 1).await;
-        assert_eq!(s.requests, cases.len() as u64 + 1, "requests counted: {s:?}");
+        for name in ["/small.bin", "//small.bin"] {
+            let got = fetch(addr, read_req(name, Options::default())).await.expect("leading /s mean the root");
+            assert!(got.data == pattern(3000), "{name}: content");
+        }
+        let s = f.stats_until("refusals counted", |s| s.refused == cases.len() as u64 && s.served == 2).await;
+        assert_eq!(s.requests, cases.len() as u64 + 2, "requests counted: {s:?}");
 
         // The real client sees the same refusals.
         let out = f.dir.path().join("hpa-out");
@@ -1300,15 +1617,17 @@ mod tests {
         let len = 32 * 1024 * 1024 + 1000;
         let want = pattern(len);
         std::fs::write(f.root().join("big.bin"), &want).unwrap();
+        // The table is built at start: a server that sees big.bin.
+        let server = TftpServer::start(f.root(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
         let started = std::time::Instant::now();
         let local = f.dir.path().join("big.out");
-        let url = format!("tftp://127.0.0.1:{}/big.bin", f.port());
+        let url = format!("tftp://127.0.0.1:{}/big.bin", server.local_addr().port());
         let o = run("curl", &["-sS", "--tftp-blksize", "512", "-o", local.to_str().unwrap(), &url]).await;
         assert!(o.status.success(), "curl: {}", String::from_utf8_lossy(&o.stderr));
         assert!(std::fs::read(&local).unwrap() == want, "curl: 32 MiB + 1000 bytes intact across the rollover");
         eprintln!("curl rollover transfer: {:?}", started.elapsed());
         // The own client checks the wrap itself (65535 → 0), with a window.
-        let got = fetch(f.server.local_addr(), read_req("big.bin", Options { windowsize: Some(16), ..Options::default() })).await.unwrap();
+        let got = fetch(server.local_addr(), read_req("big.bin", Options { windowsize: Some(16), ..Options::default() })).await.unwrap();
         assert!(got.wrapped, "block 65535 is followed by block 0");
         assert_eq!(got.blocks, len / 512 + 1, "blocks");
         assert!(got.data == want, "own client: content intact");
