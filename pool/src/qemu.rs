@@ -33,11 +33,15 @@ pub enum Boot {
         /// URL of the iPXE script, e.g. `http://10.0.2.2:8080/boot.ipxe`.
         bootfile: String,
     },
-    /// PXE through the NIC's iPXE ROM on a tap device: the network's own
-    /// DHCP (and kiln's proxyDHCP) decide what it boots.
+    /// PXE on a tap device: the network's own DHCP (and kiln's proxyDHCP)
+    /// decide what it boots.
     Tap {
         /// The tap interface, which must exist.
         ifname: String,
+        /// Whether the NIC carries QEMU's iPXE option ROM. Without it, the
+        /// firmware's own PXE client boots (UEFI: OVMF's network stack), as
+        /// on a real machine: it fetches iPXE over TFTP first.
+        nic_rom: bool,
     },
 }
 
@@ -104,9 +108,10 @@ impl GuestSpec {
                 cmd.args(["-netdev", &format!("user,id=net0,bootfile={bootfile}")]);
                 cmd.args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},bootindex=1", self.mac)]);
             }
-            Boot::Tap { ifname } => {
+            Boot::Tap { ifname, nic_rom } => {
                 cmd.args(["-netdev", &format!("tap,id=net0,ifname={ifname},script=no,downscript=no")]);
-                cmd.args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},bootindex=1", self.mac)]);
+                let rom = if *nic_rom { "" } else { ",romfile=" };
+                cmd.args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},bootindex=1{rom}", self.mac)]);
             }
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
@@ -294,13 +299,14 @@ mod tests {
         let mut uefi = spec();
         uefi.firmware = Firmware::Uefi("/usr/share/ovmf/OVMF.fd".into());
         uefi.netns = Some("lab".into());
-        uefi.boot = Boot::Tap { ifname: "tap0".into() };
+        uefi.boot = Boot::Tap { ifname: "tap0".into(), nic_rom: false };
         let cmd = uefi.command();
         assert_eq!(cmd.get_program(), "ip");
         let joined = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(joined.starts_with("netns exec lab qemu-system-x86_64 "), "{joined}");
         assert!(joined.contains("-bios /usr/share/ovmf/OVMF.fd"), "{joined}");
         assert!(joined.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no"), "{joined}");
+        X
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! proxyDHCP, TFTP and HTTP on the bridge, and a QEMU guest on a tap on that
 //! bridge booting from its NIC's ROM. The guest gets its address from
 //! dnsmasq, its boot file from kiln, and boots the tiny image to
-//! registration; once under SeaBIOS and once under OVMF (UEFI).
+//! registration; once under SeaBIOS and once under OVMF (UEFI) with QEMU's
+//! iPXE ROM, and once under OVMF with no NIC ROM at all, as a real UEFI
+//! machine boots: OVMF's own PXE client fetches `ipxe.efi` from kiln's TFTP
+//! (on Debian a symlink out of the TFTP root), which then boots over HTTP.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,7 +19,7 @@ use kiln_tests::{KilnServer, Netns, Process, binaries, kiln_build, root, skip_e2
 const BRIDGE_IP: &str = "10.77.0.1";
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
-fn boot_on_a_real_network(firmware: Firmware, mac: &str) {
+fn boot_on_a_real_network(firmware: Firmware, mac: &str, nic_rom: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     let (status, _, stderr) = kiln_build(&root().join("images/tiny.toml"), &images);
@@ -72,6 +75,11 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str) {
         .unwrap();
     assert!(out.status.success(), "TFTP fetch: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(&got).unwrap(), std::fs::read("/usr/lib/ipxe/undionly.kpxe").unwrap());
+    // And the UEFI one, which Debian installs as a symlink to /boot/ipxe.efi.
+    let got = tmp.path().join("ipxe.efi");
+    let out = ns.command("curl").args(["-sS", "-o"]).arg(&got).arg(format!("tftp://{BRIDGE_IP}/ipxe.efi")).output().unwrap();
+    assert!(out.status.success(), "TFTP fetch of ipxe.efi: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&got).unwrap(), std::fs::read("/usr/lib/ipxe/ipxe.efi").unwrap());
 
     let _vm = vm_lock();
     let mac: Mac = mac.parse().unwrap();
@@ -81,7 +89,7 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str) {
         memory_mib: 512,
         cpus: 2,
         accel: kiln_pool::Accel::Tcg,
-        boot: Boot::Tap { ifname: "tap0".into() },
+        boot: Boot::Tap { ifname: "tap0".into(), nic_rom },
         serial_log: tmp.path().join("serial.log"),
         firmware,
         netns: Some(ns.name.clone()),
@@ -114,6 +122,10 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str) {
     let dnsmasq_log = std::fs::read_to_string(tmp.path().join("dnsmasq.log")).unwrap_or_default();
     assert!(dnsmasq_log.contains(&format!("DHCPACK(br0) {ip} {mac}")), "dnsmasq leased {ip} to {mac}:\n{}", tail(&dnsmasq_log, 20));
     let log = server.log();
+    if !nic_rom {
+        let efi_boot = format!("proxy-dhcp: OFFER to {mac} (255.255.255.255:68): boot file \"ipxe.efi\"");
+        assert!(log.contains(&efi_boot), "kiln's proxyDHCP sent OVMF's PXE client to ipxe.efi over TFTP:\n{}", tail(&log, 30));
+    }
     let http_boot = format!("proxy-dhcp: OFFER to {mac} (255.255.255.255:68): boot file \"http://{BRIDGE_IP}:8080/boot.ipxe\"");
     assert!(log.contains(&http_boot), "kiln's proxyDHCP offered the iPXE ROM the HTTP bootstrap:\n{}", tail(&log, 30));
     assert!(
@@ -136,13 +148,20 @@ fn preflight() -> bool {
 #[test]
 fn pxe_boot_on_a_real_network_seabios() {
     if preflight() {
-        boot_on_a_real_network(Firmware::Bios, "52:54:00:4b:01:01");
+        boot_on_a_real_network(Firmware::Bios, "52:54:00:4b:01:01", true);
     }
 }
 
 #[test]
 fn pxe_boot_on_a_real_network_ovmf() {
     if preflight() {
-        boot_on_a_real_network(Firmware::Uefi(OVMF.into()), "52:54:00:4b:01:02");
+        boot_on_a_real_network(Firmware::Uefi(OVMF.into()), "52:54:00:4b:01:02", true);
+    }
+}
+
+#[test]
+fn pxe_boot_on_a_real_network_ovmf_without_a_nic_rom_through_tftp() {
+    if preflight() {
+        boot_on_a_real_network(Firmware::Uefi(OVMF.into()), "52:54:00:4b:01:03", false);
     }
 }
