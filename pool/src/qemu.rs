@@ -306,7 +306,7 @@ mod tests {
         assert!(joined.starts_with("netns exec lab qemu-system-x86_64 "), "{joined}");
         assert!(joined.contains("-bios /usr/share/ovmf/OVMF.fd"), "{joined}");
         assert!(joined.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no"), "{joined}");
-        X
+        assert!(joined.contains(",bootindex=1,romfile="), "no NIC ROM: the firmware's own PXE: {joined}");
     }
 
     #[test]
