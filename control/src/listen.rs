@@ -90,9 +90,11 @@ impl Default for Limits {
 
 impl Limits {
     /// These limits with the connection cap lowered, if needed, below
-    /// `nofile` descriptors less a reserve (a quarter of them, at least 256).
+    /// `nofile` descriptors less a reserve (half of them, at least 256):
+    /// a connection closed for a newcomer gives its descriptor back only
+    /// when its task next runs, so a burst of accepts runs ahead of it.
     pub fn fit(self, nofile: u64) -> Limits {
-        let room = nofile.saturating_sub(FD_RESERVE.max(nofile / 4)).max(8);
+        let room = nofile.saturating_sub(FD_RESERVE.max(nofile / 2)).max(8);
         Limits { max_connections: self.max_connections.min(usize::try_from(room).unwrap_or(usize::MAX)), ..self }
     }
 
@@ -634,7 +636,7 @@ mod tests {
     #[test]
     fn the_cap_fits_the_descriptor_limit() {
         let l = Limits::default();
-        assert_eq!(l.fit(1024).max_connections, 768, "1024 descriptors: a quarter kept");
+        assert_eq!(l.fit(1024).max_connections, 512, "1024 descriptors: half kept");
         assert_eq!(l.fit(1 << 20).max_connections, 4096, "plenty of descriptors: the cap as asked");
         assert_eq!(l.fit(300).max_connections, 44, "a reserve of at least 256");
         assert_eq!(l.fit(10).max_connections, 8, "never below 8");

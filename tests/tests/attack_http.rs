@@ -114,7 +114,9 @@ fn oversized_and_unlengthed_requests_get_411_413_414_431() {
     let long_uri = format!("{}/boot.ipxe?pad={}", server.url, "a".repeat(10 * 1024));
     let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16)> = vec![
         ("register without Content-Length (chunked)", post().body(chunked), 411),
-        ("register with a 100 KiB body", post().body(vec![b' '; 100 * 1024]), 413),
+        // Just over the limit: the whole body fits the socket's buffer, so the
+        // client reads the answer rather than a reset while still writing.
+        ("register with a 65 KiB body", post().body(vec![b' '; 65 * 1024]), 413),
         ("a 10 KiB request target", client.get(&long_uri), 414),
         ("a 20 KiB header", client.get(format!("{}/boot.ipxe", server.url)).header("x-pad", "a".repeat(20 * 1024)), 431),
     ];

@@ -74,7 +74,7 @@ fn main() {
     let anchor = rows.first().map(|r| (r.1.1, r.2.1)).unwrap_or((f64::NAN, f64::NAN));
     println!("## Slowloris (issue 15): `bench/slowloris`\n");
     println!(
-        "`kiln serve` under `prlimit --nofile=1024:1024` (so its connection cap is 768), default limits; {requests} normal \
+        "`kiln serve` under `prlimit --nofile=1024:1024` (so its connection cap is 512), default limits; {requests} normal \
          requests per port and row, each on a new connection: `GET /boot.ipxe` (plain HTTP) and `GET /api/v1/nodes` (TLS, \
          handshake included). N sockets on each port trickle a request head or ClientHello one byte a second; the attacker \
          reopens every socket the server closes. N = 0 is the anchor, in the same run.\n"
