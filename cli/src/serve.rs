@@ -101,6 +101,20 @@ pub struct ServeArgs {
     /// each host.
     #[arg(long, default_value = kiln_pool::volumes::DEFAULT_DIR, value_name = "DIR")]
     pool_storage: String,
+    /// Open HTTP and TLS connections at most, both listeners together
+    /// (lowered to fit the descriptor limit). Above it, a new connection
+    /// takes the place of the one that has waited longest for a request;
+    /// at most three quarters may have a request in flight (429 above).
+    #[arg(long, default_value_t = kiln_control::listen::Limits::default().max_connections, value_name = "N")]
+    max_connections: usize,
+    /// Seconds a client has for its TLS handshake and request head, and
+    /// for a request body.
+    #[arg(long, default_value_t = kiln_control::listen::Limits::default().header_timeout.as_secs(), value_name = "SECS")]
+    header_timeout: u64,
+    /// Seconds a keep-alive connection may wait for its next request, and a
+    /// client may leave an answer unread.
+    #[arg(long, default_value_t = kiln_control::listen::Limits::default().idle_timeout.as_secs(), value_name = "SECS")]
+    idle_timeout: u64,
 }
 
 /// `--pool-accel`: how pool nodes' CPUs run.
@@ -139,6 +153,14 @@ impl TryFrom<ServeArgs> for ServerConfig {
         if a.subnet_len < a.pod_network.prefix || a.subnet_len > 30 {
             anyhow::bail!("--subnet-len {} must be between the pod network's prefix ({}) and 30", a.subnet_len, a.pod_network.prefix);
         }
+        if a.max_connections < 4 || a.header_timeout == 0 || a.idle_timeout == 0 {
+            anyhow::bail!("--max-connections must be at least 4, --header-timeout and --idle-timeout at least 1 s");
+        }
+        let http = kiln_control::listen::Limits {
+            max_connections: a.max_connections,
+            header_timeout: Duration::from_secs(a.header_timeout),
+            idle_timeout: Duration::from_secs(a.idle_timeout),
+        };
         let pools = a.pools.map(|dir| kiln_control::pools::PoolsConfig {
             dir,
             nic: a.pool_network.map_or(kiln_pool::Nic::User, kiln_pool::Nic::Network),
@@ -176,6 +198,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             api,
             store,
             pools,
+            http,
         })
     }
 }

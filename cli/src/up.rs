@@ -89,6 +89,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             },
             store: kiln_control::server::StoreConfig::Embedded,
             pools: None,
+            http: Default::default(),
         };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         let port = server.addr.port();

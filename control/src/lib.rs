@@ -9,6 +9,8 @@
 //!   directory by default, or etcd with flannel's schema.
 //! - [`api`]: the HTTP API (`/api/v1/register`, `/api/v1/heartbeat`,
 //!   `/api/v1/peers`, `/api/v1/nodes`, `/api/v1/sd`) and `/boot.ipxe`.
+//! - [`listen`]: the one accept loop of the HTTP and TLS listeners, with
+//!   their connection cap, time limits and size limits.
 //! - [`tls`]: the control plane's CA (`STATE/ca.pem`) and the API over TLS.
 //! - [`state_dir`]: the files of the state directory, each named once.
 //! - [`server`]: the composed server `kiln serve` runs: boot assets from
@@ -21,6 +23,7 @@
 //! in [`api`] that the server composes.
 
 pub mod api;
+pub mod listen;
 pub mod pools;
 pub mod registry;
 pub mod server;

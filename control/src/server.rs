@@ -18,7 +18,7 @@ use crate::registry::{NetworkConfig, Registry};
 use crate::store::Store;
 use crate::store::embedded::DbStore;
 use crate::store::etcd::{EtcdConfig, EtcdStore};
-use crate::{tls, token};
+use crate::{listen, tls, token};
 
 /// Where the API is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +80,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Pools of libvirt nodes to keep at their replicas (`--pools`).
     pub pools: Option<crate::pools::PoolsConfig>,
+    /// The HTTP and TLS listeners' connection cap and time limits.
+    pub http: listen::Limits,
 }
 
 /// Where Debian's `ipxe` package installs its binaries.
@@ -219,19 +221,40 @@ async fn bind_api(config: &ServerConfig) -> Result<(Option<TlsListener>, ApiEndp
     Ok((Some(TlsListener { listener, addr, acceptor }), endpoint, Some(ca)))
 }
 
+/// The routes as a listener serves them: rejections turned into JSON
+/// errors ([`api::recover`]), each request logged.
+fn served(routes: warp::filters::BoxedFilter<(warp::reply::Response,)>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let log = warp::log::custom(|info| {
+        tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), "request");
+    });
+    routes.recover(api::recover).unify().with(log).map(warp::Reply::into_response).boxed()
+}
+
 /// Serves `api` and the artifacts: everything on `listener`, or the API
-/// over TLS on `tls` and the rest on `listener`. The sender stops both.
+/// over TLS on `tls` and the rest on `listener`, both through
+/// [`listen::serve`] within `limits` (the connection cap lowered to fit the
+/// descriptor limit, first raised to its hard limit). The sender stops both.
 fn spawn_listeners(
     api: Arc<Api>,
     images: Arc<ImageStore>,
     listener: tokio::net::TcpListener,
     tls: Option<TlsListener>,
+    limits: listen::Limits,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let log = || {
-        warp::log::custom(|info| {
-            tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), "request");
-        })
-    };
+    let nofile = listen::raise_nofile_limit().unwrap_or_else(|e| {
+        tracing::warn!("reading the descriptor limit: {e}");
+        1024
+    });
+    let fitted = limits.fit(nofile);
+    if fitted.max_connections < limits.max_connections {
+        tracing::warn!(
+            nofile,
+            asked = limits.max_connections,
+            cap = fitted.max_connections,
+            "http: connection cap lowered to fit the descriptor limit"
+        );
+    }
+    let table = listen::Connections::new(fitted);
     let artifacts = kiln_pxe::artifacts::routes(images);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, _) = tokio::sync::watch::channel(false);
@@ -239,24 +262,21 @@ fn spawn_listeners(
         None => api::routes(api.clone()).or(artifacts).unify().boxed(),
         Some(_) => api::split_routes(api.clone()).1.or(artifacts).unify().boxed(),
     };
-    let plain_routes = plain_routes.recover(api::recover).with(log());
-    let api_task = tls.map(|TlsListener { listener, acceptor, .. }| {
-        let routes = api::split_routes(api).0.recover(api::recover).unify().with(log()).map(warp::Reply::into_response).boxed();
+    let spawn = |listener, acceptor, routes| {
         let mut rx = stop_tx.subscribe();
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            tls::serve(listener, acceptor, routes, stop, std::time::Duration::from_secs(5)).await;
-        })
-    });
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        tokio::spawn(listen::serve(listener, acceptor, served(routes), table.clone(), stop, std::time::Duration::from_secs(5)))
+    };
+    let mut tasks = vec![spawn(listener, None, plain_routes)];
+    if let Some(TlsListener { listener, acceptor, .. }) = tls {
+        tasks.push(spawn(listener, Some(acceptor), api::split_routes(api).0));
+    }
     let task = tokio::spawn(async move {
-        let plain = warp::serve(plain_routes).incoming(listener).graceful(async move {
-            let _ = stopped.await;
-            let _ = stop_tx.send(true);
-        });
-        plain.run().await;
-        if let Some(t) = api_task {
+        let _ = stopped.await;
+        let _ = stop_tx.send(true);
+        for t in tasks {
             let _ = t.await;
         }
     });
@@ -302,7 +322,7 @@ impl Server {
             api_endpoint,
         });
         let api_addr = tls.as_ref().map(|t| t.addr);
-        let (stop, task) = spawn_listeners(api, images.clone(), listener, tls);
+        let (stop, task) = spawn_listeners(api, images.clone(), listener, tls, config.http);
         if let Some(a) = api_addr {
             tracing::info!("api: listening on https://{a} (CA {})", crate::StateDir::new(&config.state).ca_cert().display());
         }

@@ -10,13 +10,12 @@
 //! change.
 //!
 //! The API's filters are served by hyper over tokio-rustls (warp 0.4 serves
-//! plain TCP only), HTTP/1.1, with a handshake time limit so a client that
-//! opens a connection and says nothing holds no task for long.
+//! plain TCP only), HTTP/1.1, through the listeners' one accept loop and
+//! its limits ([`crate::listen`]); the acceptor is made here.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use tokio_rustls::TlsAcceptor;
@@ -199,59 +198,6 @@ pub fn server_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
     names.dedup();
     names
 }
-
-/// Serves `routes` over TLS on `listener` until `stop` resolves; then
-/// lets requests in flight finish (at most `grace`).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    acceptor: TlsAcceptor,
-    routes: warp::filters::BoxedFilter<(warp::reply::Response,)>,
-    stop: impl std::future::Future<Output = ()>,
-    grace: Duration,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let service = warp::service(routes);
-    tokio::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("api: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        // Without it, a response written in two TLS records waits for the
-        // client's delayed ACK: 40 ms per request.
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let service = hyper_util::service::TowerToHyperService::new(service.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "api: TLS handshake: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "api: TLS handshake timed out");
-                    return;
-                }
-            };
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, "api: connection: {e}");
-            }
-        });
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

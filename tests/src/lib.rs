@@ -22,6 +22,7 @@ pub mod etcd;
 pub mod golden;
 pub mod libvirt;
 pub mod overlay;
+pub mod slowloris;
 pub mod tftp_client;
 
 /// The workspace root.

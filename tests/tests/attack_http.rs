@@ -1,0 +1,133 @@
+//! The HTTP and TLS listeners on a hostile network (issue 15, items 3 and
+//! 7), against the real `kiln serve` on loopback under `ulimit -n 1024`:
+//! slowloris on both ports while normal requests keep answering; the cap
+//! making room by closing the longest-waiting connection and answering 429
+//! above its busy share; 411, 414 and 431 for requests too large or
+//! without a length. (413: kiln answers before reading the body and closes,
+//! and reqwest reports its broken write instead of the answer; not asserted here.)
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use kiln_tests::slowloris::{Opening, Slowloris, addr_of, fresh_tls_client, plain_get, server_under_ulimit, tls_get};
+use kiln_tests::{block_on, node_request, wait_for};
+
+/// A bound no normal request comes near on loopback, even on a loaded
+/// machine (BENCHMARKS.md has the p99: milliseconds).
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+
+/// Internal names that must never reach a client.
+const INTERNAL: [&str; 6] = ["Rejection", "PayloadTooLarge", "LengthRequired", "MissingHeader", "hyper", "warp"];
+
+#[test]
+fn normal_requests_answer_through_slowloris_on_both_ports_under_ulimit_1024() {
+    kiln_control::listen::raise_nofile_limit().expect("the test's own descriptor limit");
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_under_ulimit(tmp.path(), &[]);
+    let (boot, api) = (addr_of(&server.url), addr_of(&server.api));
+    let attacks = [
+        Slowloris::start(boot, 2000, Opening::Head),
+        Slowloris::start(api, 1000, Opening::ClientHello),
+        Slowloris::start(api, 1000, Opening::Nothing),
+    ];
+    let held = wait_for(Duration::from_secs(60), || attacks.iter().all(|a| a.open() >= 990).then_some(()));
+    assert!(held.is_some(), "the attacker could not open its sockets: {:?}", attacks.iter().map(Slowloris::open).collect::<Vec<_>>());
+
+    let tls = fresh_tls_client(&server, ANSWER_WITHIN * 5);
+    let nodes = format!("{}/api/v1/nodes", server.api);
+    let mut worst = (Duration::ZERO, Duration::ZERO);
+    for i in 0..40 {
+        let (status, took) = plain_get(boot, "/boot.ipxe", ANSWER_WITHIN * 5)
+            .unwrap_or_else(|e| panic!("GET /boot.ipxe #{i} under slowloris: {e}\n{}", kiln_tests::tail(&server.log(), 20)));
+        assert_eq!(status, 200, "GET /boot.ipxe #{i}");
+        assert!(took < ANSWER_WITHIN, "GET /boot.ipxe #{i} took {took:?} under slowloris");
+        worst.0 = worst.0.max(took);
+        let (status, took) =
+            tls_get(&tls, &nodes).unwrap_or_else(|e| panic!("GET /api/v1/nodes #{i} under slowloris: {}", kiln_tests::chain(&e)));
+        assert_eq!(status, 200, "GET /api/v1/nodes #{i}");
+        assert!(took < ANSWER_WITHIN, "GET /api/v1/nodes #{i} took {took:?} under slowloris");
+        worst.1 = worst.1.max(took);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reopened: usize = attacks.iter().map(Slowloris::reopened).sum();
+    eprintln!("slowest: boot {:?}, api {:?}; attacker sockets closed by the server and reopened: {reopened}", worst.0, worst.1);
+    assert!(reopened > 0, "at 4000 sockets and 1024 descriptors, the server closed some to make room");
+    drop(attacks);
+    let log = server.log();
+    assert!(!log.contains("Too many open files"), "the cap stays below the descriptor limit:\n{}", kiln_tests::tail(&log, 20));
+    assert!(log.contains("at the connection cap"), "the server says it is at its cap:\n{}", kiln_tests::tail(&log, 20));
+}
+
+#[test]
+fn the_cap_closes_the_longest_waiting_connection_and_answers_429_above_its_busy_share() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_under_ulimit(tmp.path(), &["--max-connections", "8"]);
+    let boot = addr_of(&server.url);
+
+    // Eight idle connections fill the cap; a newcomer still gets its answer,
+    // and the first idle one is the one closed.
+    let mut idle: Vec<std::net::TcpStream> = (0..8).map(|_| std::net::TcpStream::connect(boot).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _) = plain_get(boot, "/boot.ipxe", ANSWER_WITHIN).expect("a newcomer at the cap");
+    assert_eq!(status, 200, "a normal request at the cap");
+    idle[0].set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
+    assert_eq!(idle[0].read(&mut [0u8; 16]).ok(), Some(0), "the longest-waiting connection is closed for the newcomer");
+    drop(idle);
+
+    // Six long polls are the busy share of 8 (three quarters): a seventh
+    // request is answered 429 with Retry-After; once they end, 200 again.
+    let answer = block_on(server.bootstrap_client().register(&node_request(1))).expect("registration");
+    let node = server.api_client().with_token(&answer.token);
+    let revision = block_on(node.peers(0, Duration::ZERO)).expect("peers").revision;
+    let polls: Vec<_> = (0..6)
+        .map(|_| {
+            let node = node.clone();
+            std::thread::spawn(move || block_on(node.peers(revision, Duration::from_secs(15))))
+        })
+        .collect();
+    let client = server.client();
+    let nodes = format!("{}/api/v1/nodes", server.api);
+    let refused = wait_for(Duration::from_secs(10), || {
+        let resp = client.get(&nodes).send().ok()?;
+        (resp.status().as_u16() == 429).then_some(resp)
+    })
+    .expect("a request above the busy share is refused");
+    assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"), "429 says when to retry");
+    let body = refused.text().unwrap();
+    assert!(body.contains("\"error\""), "a JSON error: {body}");
+    for p in polls {
+        p.join().unwrap().expect("the long polls are answered, not cut");
+    }
+    let started = Instant::now();
+    let resp = client.get(&nodes).send().expect("after the long polls");
+    assert_eq!(resp.status(), 200, "room again after {:?}", started.elapsed());
+}
+
+#[test]
+fn oversized_and_unlengthed_requests_get_411_414_431() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_under_ulimit(tmp.path(), &[]);
+    let client = server.client();
+    let register = format!("{}/api/v1/register", server.api);
+    let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token()).unwrap();
+    let post = || client.post(&register).bearer_auth(token.trim());
+    let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(b"{}".to_vec()));
+    let long_uri = format!("{}/boot.ipxe?pad={}", server.url, "a".repeat(10 * 1024));
+    let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16)> = vec![
+        ("register without Content-Length (chunked)", post().body(chunked), 411),
+        ("a 10 KiB request target", client.get(&long_uri), 414),
+        ("a 20 KiB header", client.get(format!("{}/boot.ipxe", server.url)).header("x-pad", "a".repeat(20 * 1024)), 431),
+    ];
+    for (case, req, want) in cases {
+        let resp = req.send().unwrap_or_else(|e| panic!("{case}: {}", kiln_tests::chain(&e)));
+        let status = resp.status().as_u16();
+        let body = resp.text().unwrap_or_default();
+        assert_eq!(status, want, "{case}: {body}");
+        for name in INTERNAL {
+            assert!(!body.contains(name), "{case}: the answer names {name}: {body}");
+        }
+    }
+    assert!(server.nodes().is_empty(), "nothing registered");
+    let (status, _) = plain_get(addr_of(&server.url), "/boot.ipxe", ANSWER_WITHIN).expect("the server still answers");
+    assert_eq!(status, 200);
+}
