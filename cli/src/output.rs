@@ -195,7 +195,8 @@ pub fn node_table(nodes: &[Node]) -> String {
         rows.push(vec![
             cell(&n.name),
             n.pool.as_deref().map_or_else(|| "-".into(), cell),
-            n.host.as_deref().map_or_else(|| "-".into(), cell),
+            // The host is the libvirt URI from the operator's own pool file: escaped, never cut.
+            n.host.as_deref().map_or_else(|| "-".into(), escape),
             list_cell(&n.macs),
             list_cell(&n.addresses),
             escape(&short_digest(&n.image_digest)),
