@@ -109,6 +109,12 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// Tests that use libvirt's `test:///default` host take this lock: its
+/// state (kiln's storage pool, at `/kiln-unit`) is shared by every
+/// connection of the test binary.
+#[cfg(test)]
+pub(crate) static TEST_DEFAULT_HOST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -360,6 +360,7 @@ mod tests {
     /// end-to-end tests on a real libvirtd).
     #[test]
     fn lists_and_deletes_a_nodes_volumes_and_nothing_else() {
+        let _host = crate::TEST_DEFAULT_HOST.lock().unwrap_or_else(|e| e.into_inner());
         let v = Volumes::open("test:///default", "/kiln-unit").unwrap();
         assert_eq!(v.dir(), "/kiln-unit");
         for name in ["kiln-w-1.qcow2", "kiln-w-1.log", "kiln-w-1.seed", "kiln-w-2.seed", "golden-w-0123.qcow2", "other.img"] {

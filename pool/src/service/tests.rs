@@ -1,5 +1,7 @@
 //! The pool task on libvirt's in-process `test:///default` driver, with an
-//! in-memory control plane.
+//! in-memory control plane. Each test holds the lock on that shared host
+//! for its whole run, across awaits on purpose.
+#![allow(clippy::await_holding_lock)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -88,11 +90,12 @@ fn defined(s: &Status, pool: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_task_scales_a_pool_through_its_handle_and_stores_the_replicas() {
     let dir = tempfile::tempdir().unwrap();
+    let _host = crate::TEST_DEFAULT_HOST.lock().unwrap_or_else(|e| e.into_inner());
     pool_dir(dir.path(), "svc", "tiny", "network");
-    let storage = dir.path().join("storage");
+    // The volumes test's directory: whichever test makes kiln's storage pool on the shared host makes it there.
     let fleet = tokio::task::spawn_blocking({
-        let (d, s) = (dir.path().to_path_buf(), storage.display().to_string());
-        move || Fleet::load(&d, &s, Tiny)
+        let d = dir.path().to_path_buf();
+        move || Fleet::load(&d, "/kiln-unit", Tiny)
     })
     .await
     .unwrap()
@@ -128,6 +131,7 @@ async fn the_task_scales_a_pool_through_its_handle_and_stores_the_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_whose_image_is_not_served_is_refused_naming_the_file() {
+    let _host = crate::TEST_DEFAULT_HOST.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     pool_dir(dir.path(), "big", "worker", "disk");
     let d = dir.path().to_path_buf();
