@@ -33,7 +33,11 @@
 //!
 //! The descriptors: [`raise_nofile_limit`] raises the soft
 //! `RLIMIT_NOFILE` to the hard limit at start, and [`Limits::fit`] keeps the
-//! cap below it with a reserve for files, stores and TFTP.
+//! cap below it with a reserve for files, stores and TFTP. A connection
+//! closed for a newcomer gives its descriptor back only when its task next
+//! runs, so the accept loop also holds one of [`Limits::max_sockets`]
+//! permits per open socket, closing ones included, and stops accepting
+//! (the kernel's backlog waits) while none is free.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -49,7 +53,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::Service;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Sleep;
 use warp::filters::BoxedFilter;
 use warp::http::{HeaderValue, Request, StatusCode};
@@ -90,12 +94,17 @@ impl Default for Limits {
 
 impl Limits {
     /// These limits with the connection cap lowered, if needed, below
-    /// `nofile` descriptors less a reserve (half of them, at least 256):
-    /// a connection closed for a newcomer gives its descriptor back only
-    /// when its task next runs, so a burst of accepts runs ahead of it.
+    /// `nofile` descriptors less a reserve (half of them, at least 256),
+    /// which also holds the sockets being closed ([`Limits::max_sockets`]).
     pub fn fit(self, nofile: u64) -> Limits {
         let room = nofile.saturating_sub(FD_RESERVE.max(nofile / 2)).max(8);
         Limits { max_connections: self.max_connections.min(usize::try_from(room).unwrap_or(usize::MAX)), ..self }
+    }
+
+    /// How many sockets may be open at once, those closed for a newcomer
+    /// and not yet dropped included: the cap and a quarter.
+    pub fn max_sockets(&self) -> usize {
+        self.max_connections + (self.max_connections / 4).max(1)
     }
 
     /// How many connections may be busy at once: three quarters of the cap.
@@ -154,12 +163,15 @@ pub struct Connections {
     limits: Limits,
     start: Instant,
     table: Mutex<Table>,
+    /// One permit per open socket ([`Limits::max_sockets`]).
+    sockets: Arc<Semaphore>,
 }
 
 impl Connections {
     /// An empty table for `limits`.
     pub fn new(limits: Limits) -> Arc<Connections> {
-        Arc::new(Connections { limits, start: Instant::now(), table: Mutex::new(Table::default()) })
+        let sockets = Arc::new(Semaphore::new(limits.max_sockets()));
+        Arc::new(Connections { limits, start: Instant::now(), table: Mutex::new(Table::default()), sockets })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -531,6 +543,10 @@ pub async fn serve(
     let mut last_error: Option<Instant> = None;
     tokio::pin!(stop);
     loop {
+        let permit = tokio::select! {
+            permit = table.sockets.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut stop => break,
+        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -554,6 +570,7 @@ pub async fn serve(
         let shared = shared.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _socket = permit;
             let conn = slot.conn.clone();
             tokio::select! {
                 () = conn.evicted.notified() => tracing::debug!(%peer, "{}: closed for a newcomer at the cap", shared.what),
