@@ -70,9 +70,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Issue and revoke operators' client certificates (the server's CA, in
+    /// the state directory; a revocation takes effect on the next request).
+    AdminCert {
+        #[command(subcommand)]
+        action: AdminCert,
+        /// State directory of the server.
+        #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir(), global = true)]
+        state: PathBuf,
+    },
     /// Build the tiny image, serve it on loopback, PXE-boot a QEMU guest from
     /// it, and show the node once it has registered. Ctrl-C stops it all.
     Up(up::UpArgs),
+}
+
+/// `kiln admin-cert`'s actions.
+#[derive(Subcommand, Debug)]
+enum AdminCert {
+    /// Issue a certificate for operator NAME: OUT/NAME.pem and OUT/NAME-key.pem (0600).
+    Issue {
+        /// The operator's name (the certificate's CN).
+        #[arg(long)]
+        name: String,
+        /// Directory to write it to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke every certificate issued to operator NAME.
+    Revoke {
+        /// The operator's name.
+        name: String,
+    },
 }
 
 /// How a command reaches the API.
@@ -81,32 +109,30 @@ struct ApiArgs {
     /// The API's base URL.
     #[arg(long, env = "KILN_SERVER", default_value = "https://127.0.0.1:8443")]
     server: String,
-    /// The CA certificate of an https:// server (default: STATE/ca.pem).
+    /// The CA certificate of the server (default: STATE/ca.pem).
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// State directory of the server, for its CA and bootstrap token.
+    /// The operator's client certificate (default: STATE/admin.pem); its
+    /// key is beside it, `NAME-key.pem` for `NAME.pem`.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// State directory of the server, for its CA and the operator's certificate.
     #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
     state: PathBuf,
 }
 
 impl ApiArgs {
-    fn ca(&self) -> Result<Option<Vec<u8>>> {
-        if !self.server.starts_with("https://") {
-            return Ok(None);
-        }
-        let path = self.ca.clone().unwrap_or_else(|| kiln_control::StateDir::new(&self.state).ca_cert());
-        Ok(Some(std::fs::read(&path).with_context(|| format!("reading the server's CA {}", path.display()))?))
-    }
-
-    /// The API's client; with the server's bootstrap token (`STATE/bootstrap-token`) when `with_token`.
-    fn client(&self, with_token: bool) -> Result<kiln_client::Client> {
-        let token = if with_token {
-            let path = kiln_control::StateDir::new(&self.state).bootstrap_token();
-            Some(std::fs::read_to_string(&path).with_context(|| format!("reading the bootstrap token {}", path.display()))?)
-        } else {
-            None
-        };
-        output::api_client(&self.server, self.ca()?.as_deref(), token.as_deref().map(str::trim))
+    /// The operator's client of the API: trusting the server's CA,
+    /// presenting the operator's certificate.
+    fn client(&self) -> Result<kiln_client::Client> {
+        let state = kiln_control::StateDir::new(&self.state);
+        let read = |path: &std::path::Path, what: &str| std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()));
+        let ca = read(&self.ca.clone().unwrap_or_else(|| state.ca_cert()), "the server's CA")?;
+        let cert = self.cert.clone().unwrap_or_else(|| state.admin_cert());
+        let key = output::key_beside(&cert);
+        let mut identity = read(&cert, "the operator's certificate")?;
+        identity.extend(read(&key, "the operator's key")?);
+        output::api_client(&self.server, &ca, &identity)
     }
 }
 
@@ -151,7 +177,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(
         &cli.command,
-        Command::Up(_) | Command::Build { .. } | Command::Nodes { .. } | Command::Scale { .. } | Command::Pools { .. }
+        Command::Up(_)
+            | Command::Build { .. }
+            | Command::Nodes { .. }
+            | Command::Scale { .. }
+            | Command::Pools { .. }
+            | Command::AdminCert { .. }
     );
     output::init_tracing(if quiet { "warn" } else { "info" });
     match run(cli) {
@@ -168,11 +199,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Build { spec, out, inputs, state, json } => build(&spec, &out, &inputs, state.as_deref(), json),
         Command::Serve(args) => serve::run(*args),
         Command::Nodes { api, json } => {
-            let nodes = block_on(api.client(false)?.nodes())?;
+            let nodes = block_on(api.client()?.nodes())?;
             print(json, &nodes, |n| output::node_table(n))
         }
         Command::Scale { pool, replicas, api } => {
-            let status = block_on(api.client(true)?.scale(&pool, replicas))?;
+            let status = block_on(api.client()?.scale(&pool, replicas))?;
             println!("kiln: pool {pool}: {replicas} replicas desired");
             if let Some(s) = status {
                 print!("{}", output::pool_table(&[s]));
@@ -180,11 +211,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pools { api, json } => {
-            let pools = block_on(api.client(false)?.pools())?;
+            let pools = block_on(api.client()?.pools())?;
             print(json, &pools, |p| output::pool_table(p))
         }
+        Command::AdminCert { action, state } => admin_cert(&state, action),
         Command::Up(args) => up::run(args),
     }
+}
+
+/// `kiln admin-cert issue|revoke`.
+fn admin_cert(state: &std::path::Path, action: AdminCert) -> Result<ExitCode> {
+    match action {
+        AdminCert::Issue { name, out } => {
+            let ca = kiln_control::tls::Ca::load_or_create(state).with_context(|| format!("the CA in {}", state.display()))?;
+            std::fs::create_dir_all(&out).with_context(|| format!("making {}", out.display()))?;
+            let cert = out.join(format!("{name}.pem"));
+            let issued = kiln_control::operators::issue(state, &ca, &name, &cert, &output::key_beside(&cert))?;
+            println!("kiln: issued {} (serial {}, until {})", cert.display(), issued.serial, issued.not_after);
+        }
+        AdminCert::Revoke { name } => {
+            let count = kiln_control::operators::revoke(state, &name)?;
+            println!("kiln: revoked {count} certificate(s) of operator {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln build`: builds, showing progress (or JSON events).

@@ -98,15 +98,20 @@ impl BuildProgress {
     }
 }
 
-/// The API's client: `server`, trusting only `ca_pem` for `https://`,
-/// sending `token` (the bootstrap token, for `kiln scale`) if given.
-pub fn api_client(server: &str, ca_pem: Option<&[u8]>, token: Option<&str>) -> anyhow::Result<kiln_client::Client> {
-    let builder = kiln_client::Client::builder(server).ca_pem(ca_pem).user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
-    Ok(match token {
-        Some(t) => builder.token(t),
-        None => builder,
-    }
-    .build()?)
+/// The API's client: `server`, trusting only `ca_pem`, presenting the
+/// client certificate and key `identity_pem`.
+pub fn api_client(server: &str, ca_pem: &[u8], identity_pem: &[u8]) -> anyhow::Result<kiln_client::Client> {
+    Ok(kiln_client::Client::builder(server)
+        .ca_pem(Some(ca_pem))
+        .identity_pem(Some(identity_pem))
+        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// The key file beside a certificate: `NAME-key.pem` for `NAME.pem`.
+pub fn key_beside(cert: &std::path::Path) -> PathBuf {
+    let stem = cert.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    cert.with_file_name(format!("{stem}-key.pem"))
 }
 
 /// Pools as an aligned table: one row per pool and host.

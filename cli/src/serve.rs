@@ -56,8 +56,10 @@ pub struct ServeArgs {
     /// Address of the API over TLS (CA: STATE/ca.pem).
     #[arg(long, default_value = "127.0.0.1:8443")]
     api_listen: SocketAddr,
-    /// Serve the API over plain HTTP on --listen instead of TLS: only for
-    /// loopback demos and tests.
+    /// Also serve the nodes' API (register, heartbeat, peers, leave) over
+    /// plain HTTP on --listen and point nodes there, for images without
+    /// the CA: only for loopback demos and tests. The operator's API stays
+    /// on TLS.
     #[arg(long)]
     plain_http: bool,
     /// The API's URL as nodes reach it (default: https:// on the host
@@ -170,11 +172,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             autoscale_dry_run: a.autoscale_dry_run,
             storage_dir: a.pool_storage,
         });
-        let api = if a.plain_http {
-            ApiListen::Plain
-        } else {
-            ApiListen::Tls { listen: a.api_listen, advertise: a.advertise_api, names: a.tls_names }
-        };
+        let api = ApiListen { listen: a.api_listen, advertise: a.advertise_api, names: a.tls_names, plain_nodes: a.plain_http };
         let store = if a.etcd.is_empty() {
             StoreConfig::Embedded
         } else {
@@ -207,17 +205,17 @@ impl TryFrom<ServeArgs> for ServerConfig {
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     let config = ServerConfig::try_from(args)?;
     let images = config.images.clone();
+    let server_plain = config.api.plain_nodes;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let server = kiln_control::Server::start(config).await.with_context(|| format!("serving {}", images.display()))?;
-        match (server.api_addr, &server.ca) {
-            (Some(api), Some(ca)) => println!(
-                "kiln: serving boot assets on http://{}, the API on https://{api} (CA {}) (Ctrl-C stops)",
-                server.addr,
-                ca.display()
-            ),
-            _ => println!("kiln: serving on http://{} (API on plain HTTP) (Ctrl-C stops)", server.addr),
-        }
+        let nodes = if server_plain { " (nodes' API also on plain HTTP)" } else { "" };
+        println!(
+            "kiln: serving boot assets on http://{}, the API on https://{} (CA {}){nodes} (Ctrl-C stops)",
+            server.addr,
+            server.api_addr,
+            server.ca.display()
+        );
         output::shutdown_signal().await;
         tracing::info!("shutting down");
         server.shutdown().await;

@@ -82,10 +82,11 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             proxy_dhcp: None,
             network: Default::default(),
             // The guest reaches the host at QEMU user networking's 10.0.2.2.
-            api: kiln_control::server::ApiListen::Tls {
+            api: kiln_control::server::ApiListen {
                 listen: SocketAddr::new(args.listen.ip(), 0),
                 advertise: None,
                 names: vec!["10.0.2.2".into()],
+                plain_nodes: false,
             },
             store: kiln_control::server::StoreConfig::Embedded,
             pools: None,

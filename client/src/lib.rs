@@ -67,6 +67,15 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// The client certificate and key do not parse.
+    #[error("client certificate and key (PEM) for {url}")]
+    Identity {
+        /// The API's base URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
     /// The HTTP client could not be made (TLS backend).
     #[error("HTTP client for {url}")]
     Build {
@@ -131,6 +140,7 @@ pub use kiln_core::error_chain as chain;
 pub struct Builder {
     base: String,
     ca_pem: Option<Vec<u8>>,
+    identity_pem: Option<Vec<u8>>,
     token: Option<String>,
     timeout: Duration,
     connect_timeout: Duration,
@@ -145,6 +155,14 @@ impl Builder {
     /// others; `None` trusts none (plain HTTP only).
     pub fn ca_pem(mut self, pem: Option<&[u8]>) -> Self {
         self.ca_pem = pem.map(<[u8]>::to_vec);
+        self
+    }
+
+    /// The client certificate presented over TLS, with its key: PEM, the
+    /// certificate first (an operator's `STATE/admin.pem` and
+    /// `admin-key.pem`, or a node's).
+    pub fn identity_pem(mut self, cert_and_key: Option<&[u8]>) -> Self {
+        self.identity_pem = cert_and_key.map(<[u8]>::to_vec);
         self
     }
 
@@ -207,6 +225,9 @@ impl Builder {
             .connect_timeout(self.connect_timeout)
             .user_agent(self.user_agent)
             .tls_certs_only(roots);
+        if let Some(pem) = &self.identity_pem {
+            http = http.identity(reqwest::Identity::from_pem(pem).map_err(|source| Error::Identity { url: base.clone(), source })?);
+        }
         if self.no_proxy {
             http = http.no_proxy();
         }
@@ -247,6 +268,7 @@ impl Client {
         Builder {
             base: base.to_string(),
             ca_pem: None,
+            identity_pem: None,
             token: None,
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),

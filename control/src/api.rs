@@ -7,12 +7,19 @@
 //! | `POST /api/v1/nodes/<name>/heartbeat` | that node's token (another node's: 403) | [`HeartbeatResponse`] |
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | node token (another node's: 403) | the node, gone; its lease released |
 //! | `GET /api/v1/peers?revision=N&timeout=S` | node token | long poll: [`kiln_core::Peers`] once the revision passes N |
-//! | `GET /api/v1/nodes?after=NAME&limit=N` | — | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
-//! | `GET /api/v1/sd` | — | Prometheus HTTP service discovery: one target group per node (streamed) |
-//! | `GET /api/v1/profiles`, `/api/v1/groups` | — | the loaded profiles and groups |
+//! | `GET /api/v1/nodes?after=NAME&limit=N` | operator | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
+//! | `GET /api/v1/sd` | operator, or the SD token (`STATE/sd-token`) | Prometheus HTTP service discovery: one target group per node (streamed) |
+//! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
+//! | `GET /api/v1/pools`, `POST /api/v1/pools/<name>/scale` | operator | the pools; a pool's replicas set |
 //! | `GET /boot.ipxe` | — | iPXE bootstrap: chains to `/ipxe` with the machine's attributes |
 //! | `GET /ipxe?mac=..&uuid=..&arch=..` | — | the machine's profile as an iPXE script |
 //! | `GET /cloud-init/<mac>/<file>` | — | the machine's NoCloud seed (`meta-data`, `user-data`, `network-config`, `vendor-data`) |
+//!
+//! "operator": a client certificate of the control plane's CA with the
+//! operator role ([`crate::operators`]), not revoked: 401 without a client
+//! certificate, 403 with a node's or a revoked one. No token opens an
+//! operator route (the SD token opens `/api/v1/sd` only). Every operator
+//! action that changes something is logged with the operator's name.
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a body that does not parse
 //! (with serde's reason) or a field out of its bounds (naming the field;
@@ -33,6 +40,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::registry::{Error as RegistryError, HEARTBEAT_INTERVAL_SECS, Registry, TokenCheck};
+use crate::tls::{ClientCert, Role};
 use crate::token;
 
 /// Largest registration body accepted.
@@ -54,6 +62,50 @@ pub struct Api {
     pub advertise: Option<String>,
     /// How agents reach the API.
     pub api_endpoint: ApiEndpoint,
+    /// The read-only token of `/api/v1/sd` (`STATE/sd-token`).
+    pub sd_token: String,
+    /// Revoked operator certificates.
+    pub revocations: Arc<crate::operators::Revocations>,
+}
+
+impl Api {
+    /// The operator a verified client certificate names, or why not.
+    fn operator(&self, peer: Option<&ClientCert>) -> Result<String, Denied> {
+        match peer {
+            None => Err(Denied(StatusCode::UNAUTHORIZED, "needs an operator's client certificate (the kiln CLI presents STATE/admin.pem)")),
+            Some(c) if c.subject.role != Role::Operator => {
+                tracing::warn!(node = ?c.subject.name, "a node's certificate on an operator route");
+                Err(Denied(StatusCode::FORBIDDEN, "a node's certificate is not an operator's"))
+            }
+            Some(c) if self.revocations.is_revoked(&c.serial) => {
+                tracing::warn!(operator = ?c.subject.name, serial = %c.serial, "a revoked operator certificate");
+                Err(Denied(StatusCode::FORBIDDEN, "this operator certificate is revoked"))
+            }
+            Some(c) => Ok(c.subject.name.clone()),
+        }
+    }
+
+    /// `answer()` for an operator; the 401/403 answer for anyone else.
+    fn for_operator(&self, peer: Option<&ClientCert>, answer: impl FnOnce() -> Response) -> Response {
+        match self.operator(peer) {
+            Ok(_) => answer(),
+            Err(denied) => denied.into_response(),
+        }
+    }
+}
+
+/// A request refused for its credential: 401 or 403, and why.
+struct Denied(StatusCode, &'static str);
+
+impl Denied {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+/// The TLS client certificate the connection presented, verified.
+fn peer() -> impl Filter<Extract = (Option<Arc<ClientCert>>,), Error = std::convert::Infallible> + Clone {
+    warp::ext::optional::<Arc<ClientCert>>()
 }
 
 /// How agents reach the API: over TLS on its own port, or on the boot
@@ -72,18 +124,30 @@ pub enum ApiEndpoint {
     },
 }
 
-/// Every route, on one listener (`--plain-http`, tests).
+/// Every route, on one listener (the unit tests).
 pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
-    let (api, boot) = split_routes(api);
-    api.or(boot).unify().boxed()
+    let r = RouteSets::new(&api);
+    r.nodes.or(r.operator).unify().or(r.boot).unify().boxed()
 }
 
-/// The API routes (`/api/...`: served over TLS) and the boot routes
-/// (`/boot.ipxe`, `/ipxe`, `/cloud-init/...`: plain HTTP, as PXE ROMs and
-/// iPXE speak no TLS).
-pub fn split_routes(api: Arc<Api>) -> (BoxedFilter<(Response,)>, BoxedFilter<(Response,)>) {
-    let api_routes = node_routes(&api).or(listing_routes(&api)).unify().or(pool_routes(&api)).unify().boxed();
-    (api_routes, boot_routes(&api))
+/// The routes by who calls them.
+pub struct RouteSets {
+    /// What nodes call: register, heartbeat, leave, peers (over TLS; also
+    /// on plain HTTP with `--plain-http`).
+    pub nodes: BoxedFilter<(Response,)>,
+    /// What operators call (and Prometheus, for `/api/v1/sd`): only over
+    /// TLS, where client certificates are.
+    pub operator: BoxedFilter<(Response,)>,
+    /// What booting machines fetch (`/boot.ipxe`, `/ipxe`,
+    /// `/cloud-init/...`): plain HTTP, as PXE ROMs and iPXE speak no TLS.
+    pub boot: BoxedFilter<(Response,)>,
+}
+
+impl RouteSets {
+    /// The routes of `api`.
+    pub fn new(api: &Arc<Api>) -> RouteSets {
+        RouteSets { nodes: node_routes(api), operator: listing_routes(api).or(pool_routes(api)).unify().boxed(), boot: boot_routes(api) }
+    }
 }
 
 /// A filter handing every handler the shared [`Api`].
@@ -164,45 +228,63 @@ async fn peers(api: &Api, auth: Option<&str>, q: PeersQuery) -> Response {
 }
 
 /// What the cluster has: nodes, service discovery, profiles and groups.
+/// For operators (service discovery: also for the SD token).
 fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
-    let nodes = warp::path!("api" / "v1" / "nodes").and(warp::get()).and(with(api)).and(warp::query::<PageQuery>()).map(
-        |api: Arc<Api>, page: PageQuery| {
-            let hosts = api.pools.as_ref().map(|p| p.hosts_by_node()).unwrap_or_default();
-            json_array(JsonPages::new(api, page, move |mut n: kiln_core::Node| {
-                n.host = hosts.get(&n.name).cloned();
-                Some(n)
-            }))
+    let nodes = warp::path!("api" / "v1" / "nodes").and(warp::get()).and(with(api)).and(peer()).and(warp::query::<PageQuery>()).map(
+        |api: Arc<Api>, peer: Option<Arc<ClientCert>>, page: PageQuery| {
+            api.clone().for_operator(peer.as_deref(), || {
+                let hosts = api.pools.as_ref().map(|p| p.hosts_by_node()).unwrap_or_default();
+                json_array(JsonPages::new(api, page, move |mut n: kiln_core::Node| {
+                    n.host = hosts.get(&n.name).cloned();
+                    Some(n)
+                }))
+            })
         },
     );
-    let sd = warp::path!("api" / "v1" / "sd")
-        .and(warp::get())
-        .and(with(api))
-        .map(|api: Arc<Api>| json_array(JsonPages::new(api, PageQuery::default(), |n: kiln_core::Node| sd_group(&n))));
-    let profiles = warp::path!("api" / "v1" / "profiles")
-        .and(warp::get())
-        .and(with(api))
-        .map(|api: Arc<Api>| warp::reply::json(&api.catalog.profiles().collect::<Vec<_>>()).into_response());
-    let groups = warp::path!("api" / "v1" / "groups")
-        .and(warp::get())
-        .and(with(api))
-        .map(|api: Arc<Api>| warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response());
+    let sd = warp::path!("api" / "v1" / "sd").and(warp::get()).and(with(api)).and(peer()).and(auth()).map(
+        |api: Arc<Api>, peer: Option<Arc<ClientCert>>, auth: Option<String>| {
+            // Compared by hash: no early exit on the first differing byte.
+            let sd_token = token::bearer(auth.as_deref()).is_some_and(|t| token::hash(t) == token::hash(&api.sd_token));
+            if !sd_token && let Err(denied) = api.operator(peer.as_deref()) {
+                return denied.into_response();
+            }
+            json_array(JsonPages::new(api, PageQuery::default(), |n: kiln_core::Node| sd_group(&n)))
+        },
+    );
+    let profiles = warp::path!("api" / "v1" / "profiles").and(warp::get()).and(with(api)).and(peer()).map(
+        |api: Arc<Api>, peer: Option<Arc<ClientCert>>| {
+            api.for_operator(peer.as_deref(), || warp::reply::json(&api.catalog.profiles().collect::<Vec<_>>()).into_response())
+        },
+    );
+    let groups = warp::path!("api" / "v1" / "groups").and(warp::get()).and(with(api)).and(peer()).map(
+        |api: Arc<Api>, peer: Option<Arc<ClientCert>>| {
+            api.for_operator(peer.as_deref(), || warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response())
+        },
+    );
     nodes.or(sd).unify().or(profiles).unify().or(groups).unify().boxed()
 }
 
-/// Pools: their state, and scaling them.
+/// Pools: their state, and scaling them. For operators.
 fn pool_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
-    let status = warp::path!("api" / "v1" / "pools").and(warp::get()).and(with(api)).map(|api: Arc<Api>| {
-        let status = api.pools.as_ref().map(|p| p.status()).unwrap_or_default();
-        warp::reply::json(&status).into_response()
-    });
+    let status = warp::path!("api" / "v1" / "pools").and(warp::get()).and(with(api)).and(peer()).map(
+        |api: Arc<Api>, peer: Option<Arc<ClientCert>>| {
+            api.for_operator(peer.as_deref(), || {
+                let status = api.pools.as_ref().map(|p| p.status()).unwrap_or_default();
+                warp::reply::json(&status).into_response()
+            })
+        },
+    );
     let scale = warp::path!("api" / "v1" / "pools" / String / "scale")
         .and(warp::post())
         .and(with(api))
-        .and(auth())
+        .and(peer())
         .and(warp::body::content_length_limit(MAX_BODY))
         .and(warp::body::bytes())
-        .then(|name: String, api: Arc<Api>, auth: Option<String>, body: warp::hyper::body::Bytes| async move {
-            scale_pool(&api, &name, auth.as_deref(), &body).await
+        .then(|name: String, api: Arc<Api>, peer: Option<Arc<ClientCert>>, body: warp::hyper::body::Bytes| async move {
+            match api.operator(peer.as_deref()) {
+                Ok(operator) => scale_pool(&api, &name, &operator, &body).await,
+                Err(denied) => denied.into_response(),
+            }
         });
     status.or(scale).unify().boxed()
 }
@@ -444,13 +526,8 @@ fn api_url(endpoint: &ApiEndpoint, base: &str) -> String {
     }
 }
 
-/// Sets a pool's desired replicas: for holders of the bootstrap token.
-async fn scale_pool(api: &Api, name: &str, auth: Option<&str>, body: &[u8]) -> Response {
-    // Compared by hash, as registration does: no early exit on the first differing byte.
-    let presented = token::bearer(auth).unwrap_or_default();
-    if token::hash(presented) != token::hash(&api.bootstrap_token) {
-        return error(StatusCode::UNAUTHORIZED, "scaling a pool needs the bootstrap token (STATE/bootstrap-token) as a Bearer token");
-    }
+/// Sets a pool's desired replicas, for `operator`.
+async fn scale_pool(api: &Api, name: &str, operator: &str, body: &[u8]) -> Response {
     let req: ScaleRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e} (expected {{\"replicas\": N}})")),
@@ -458,6 +535,7 @@ async fn scale_pool(api: &Api, name: &str, auth: Option<&str>, body: &[u8]) -> R
     let Some(pools) = &api.pools else { return error(StatusCode::NOT_FOUND, "this server runs no pools (kiln serve --pools DIR)") };
     match pools.scale(name, req.replicas).await {
         Ok(()) => {
+            tracing::info!(operator = ?operator, pool = ?name, replicas = req.replicas, "audit: pool scaled");
             let status = pools.status().into_iter().find(|s| s.name == name);
             warp::reply::json(&status).into_response()
         }
@@ -626,7 +704,19 @@ mod tests {
             pools: None,
             advertise: None,
             api_endpoint: ApiEndpoint::Tls { port: 8443, advertise: None },
+            sd_token: "sd".into(),
+            revocations: Arc::new(crate::operators::Revocations::new(dir)),
         })
+    }
+
+    /// A verified client certificate as the listener hands it to routes.
+    fn cert(role: Role, name: &str, serial: &str) -> Arc<ClientCert> {
+        Arc::new(ClientCert { subject: crate::tls::Subject { role, name: name.into() }, serial: serial.into(), key_sha256: "k".into() })
+    }
+
+    /// A request from the operator `admin`.
+    fn as_operator() -> warp::test::RequestBuilder {
+        warp::test::request().extension(cert(Role::Operator, "admin", "01"))
     }
 
     fn body() -> serde_json::Value {
@@ -704,7 +794,7 @@ mod tests {
         let peers: kiln_core::Peers = serde_json::from_slice(resp.body()).unwrap();
         assert!(peers.peers.is_empty(), "no VTEP MAC, no lease, no peer");
 
-        let resp = warp::test::request().path("/api/v1/sd").reply(&routes).await;
+        let resp = warp::test::request().path("/api/v1/sd").header("authorization", "Bearer sd").reply(&routes).await;
         let sd: Vec<SdTargetGroup> = serde_json::from_slice(resp.body()).unwrap();
         assert_eq!(sd.len(), 1);
         assert_eq!(sd[0].targets, ["10.0.2.15:9100"], "first address on node_exporter's port");
@@ -712,7 +802,7 @@ mod tests {
         assert_eq!(sd[0].labels["image"], "sha256:d");
         assert!(sd[0].labels.contains_key("pool"));
 
-        let resp = warp::test::request().path("/api/v1/nodes").reply(&routes).await;
+        let resp = as_operator().path("/api/v1/nodes").reply(&routes).await;
         let nodes: Vec<Node> = serde_json::from_slice(resp.body()).unwrap();
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].macs[0].to_string(), "52:54:00:ab:cd:ef");
@@ -782,7 +872,7 @@ mod tests {
             let nodes: Vec<Node> = serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
             nodes.into_iter().map(|n| n.name).collect()
         };
-        let all = warp::test::request().path("/api/v1/nodes").reply(&routes).await;
+        let all = as_operator().path("/api/v1/nodes").reply(&routes).await;
         assert_eq!(all.headers()["content-type"], "application/json");
         let all = names(all.body());
         assert_eq!(all.len(), count, "every node, across the listing's pages");
@@ -796,23 +886,72 @@ mod tests {
             ("?limit=0", vec![]),
             (&format!("?limit={}", PAGE) as &str, all[..PAGE].to_vec()),
         ] {
-            let resp = warp::test::request().path(&format!("/api/v1/nodes{query}")).reply(&routes).await;
+            let resp = as_operator().path(&format!("/api/v1/nodes{query}")).reply(&routes).await;
             assert_eq!(names(resp.body()), want, "{query}");
         }
         let mut followed = Vec::new();
         let mut after = String::new();
         loop {
-            let resp = warp::test::request().path(&format!("/api/v1/nodes?limit=7&after={after}")).reply(&routes).await;
+            let resp = as_operator().path(&format!("/api/v1/nodes?limit=7&after={after}")).reply(&routes).await;
             let page = names(resp.body());
             let Some(last) = page.last().cloned() else { break };
             followed.extend(page);
             after = last;
         }
         assert_eq!(followed, all, "following pages lists every node once");
-        let resp = warp::test::request().path("/api/v1/nodes?limit=x").reply(&routes).await;
+        let resp = as_operator().path("/api/v1/nodes?limit=x").reply(&routes).await;
         assert_eq!(resp.status(), 400);
-        let sd: Vec<SdTargetGroup> = serde_json::from_slice(warp::test::request().path("/api/v1/sd").reply(&routes).await.body()).unwrap();
+        let sd: Vec<SdTargetGroup> = serde_json::from_slice(as_operator().path("/api/v1/sd").reply(&routes).await.body()).unwrap();
         assert_eq!(sd.len(), count, "service discovery streams too");
+    }
+
+    #[tokio::test]
+    async fn operator_routes_need_an_operators_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = routes(api(dir.path()).await).recover(recover);
+        let ca = crate::tls::Ca::load_or_create(dir.path()).unwrap();
+        let revoked = crate::operators::issue(dir.path(), &ca, "eve", &dir.path().join("e.pem"), &dir.path().join("e-key.pem")).unwrap();
+        crate::operators::revoke(dir.path(), "eve").unwrap();
+        let routes_and_methods = [
+            ("GET", "/api/v1/nodes"),
+            ("GET", "/api/v1/sd"),
+            ("GET", "/api/v1/profiles"),
+            ("GET", "/api/v1/groups"),
+            ("GET", "/api/v1/pools"),
+            ("POST", "/api/v1/pools/tiny/scale"),
+        ];
+        // (who, certificate, bearer token, status)
+        let callers = [
+            ("nobody", None, None, 401),
+            ("the bootstrap token", None, Some("boot"), 401),
+            ("a node", Some(cert(Role::Node, "kiln-a", "02")), None, 403),
+            ("a revoked operator", Some(cert(Role::Operator, "eve", &revoked.serial)), None, 403),
+        ];
+        for (method, path) in routes_and_methods {
+            for (who, cert, token, want) in &callers {
+                let mut req = warp::test::request().method(method).path(path).body(r#"{"replicas": 1}"#);
+                if let Some(c) = cert {
+                    req = req.extension(c.clone());
+                }
+                if let Some(t) = token {
+                    req = req.header("authorization", format!("Bearer {t}"));
+                }
+                let resp = req.reply(&routes).await;
+                assert_eq!(resp.status(), *want, "{method} {path} by {who}: {:?}", resp.body());
+            }
+            let resp = as_operator().method(method).path(path).body(r#"{"replicas": 1}"#).reply(&routes).await;
+            let want = if path.ends_with("/scale") { 404 } else { 200 };
+            assert_eq!(resp.status(), want, "{method} {path} by an operator (no pools here: 404 to scale): {:?}", resp.body());
+            let resp = warp::test::request()
+                .method(method)
+                .path(path)
+                .header("authorization", "Bearer sd")
+                .body(r#"{"replicas": 1}"#)
+                .reply(&routes)
+                .await;
+            let want = if path == "/api/v1/sd" { 200 } else { 401 };
+            assert_eq!(resp.status(), want, "{method} {path} with the SD token");
+        }
     }
 
     #[tokio::test]
@@ -883,7 +1022,7 @@ mod tests {
         let resp = get("/cloud-init/52-54-00-ab-cd-ef/passwords").reply(&routes).await;
         assert_eq!(resp.status(), 404);
 
-        let resp = get("/api/v1/profiles").reply(&routes).await;
+        let resp = get("/api/v1/profiles").extension(cert(Role::Operator, "admin", "01")).reply(&routes).await;
         let profiles: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
         assert_eq!(profiles[0]["id"], "default");
         assert_eq!(profiles[0]["image"], "tiny");
@@ -909,6 +1048,8 @@ mod tests {
             pools: None,
             advertise: Some("http://kiln.example:8080".into()),
             api_endpoint: ApiEndpoint::Plain,
+            sd_token: "sd".into(),
+            revocations: base.revocations.clone(),
         });
         let routes = routes(api).recover(recover);
         let resp = warp::test::request()

@@ -12,6 +12,8 @@
 //! - [`listen`]: the one accept loop of the HTTP and TLS listeners, with
 //!   their connection cap, time limits and size limits.
 //! - [`tls`]: the control plane's CA (`STATE/ca.pem`) and the API over TLS.
+//! - [`operators`]: operators' client certificates (`STATE/admin.pem`) and
+//!   their revocation.
 //! - [`state_dir`]: the files of the state directory, each named once.
 //! - [`server`]: the composed server `kiln serve` runs: boot assets from
 //!   kiln-pxe on plain HTTP plus the API over TLS, with its state directory
@@ -24,6 +26,7 @@
 
 pub mod api;
 pub mod listen;
+pub mod operators;
 pub mod pools;
 pub mod registry;
 pub mod server;

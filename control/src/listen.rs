@@ -483,6 +483,9 @@ struct Guarded {
     routes: Routes,
     table: Arc<Connections>,
     conn: Arc<Connection>,
+    /// The connection's verified client certificate, put in each request's
+    /// extensions for the routes.
+    peer: Option<Arc<crate::tls::ClientCert>>,
 }
 
 impl Service<Request<Incoming>> for Guarded {
@@ -490,7 +493,10 @@ impl Service<Request<Incoming>> for Guarded {
     type Error = std::convert::Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(peer) = &self.peer {
+            req.extensions_mut().insert(peer.clone());
+        }
         if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > MAX_URI {
             let resp = crate::api::error(StatusCode::URI_TOO_LONG, &format!("request target longer than {MAX_URI} bytes"));
             return Box::pin(std::future::ready(Ok(answer(resp, None))));
@@ -591,7 +597,7 @@ async fn connection(
     shared: &Listener,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let service = Guarded { routes: shared.routes.clone(), table: slot.table.clone(), conn: slot.conn.clone() };
+    let mut service = Guarded { routes: shared.routes.clone(), table: slot.table.clone(), conn: slot.conn.clone(), peer: None };
     let what = shared.what;
     let result = match &shared.tls {
         None => {
@@ -604,6 +610,9 @@ async fn connection(
                 Ok(Err(e)) => return tracing::debug!(%peer, "{what}: TLS handshake: {e}"),
                 Err(_) => return tracing::debug!(%peer, "{what}: TLS handshake timed out"),
             };
+            // rustls verified the chain against the CA; the leaf says who.
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+            service.peer = leaf.and_then(|der| crate::tls::ClientCert::from_der(der)).map(Arc::new);
             let io = hyper_util::rt::TokioIo::new(Watched::new(tls, slot, accepted));
             watcher.watch(shared.http.serve_connection(io, service)).await
         }

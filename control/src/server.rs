@@ -20,21 +20,22 @@ use crate::store::embedded::DbStore;
 use crate::store::etcd::{EtcdConfig, EtcdStore};
 use crate::{listen, tls, token};
 
-/// Where the API is served.
+/// Where the API is served: over TLS on its own address, always (the
+/// operator's routes need client certificates); with `--plain-http` the
+/// nodes' routes also on the boot assets' plain-HTTP listener, for images
+/// that do not carry the CA (labs and tests).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ApiListen {
-    /// On the boot assets' plain-HTTP listener (`--plain-http`).
-    Plain,
-    /// Over TLS on this address.
-    Tls {
-        /// The address.
-        listen: SocketAddr,
-        /// The API's URL as nodes reach it, if not the boot host on that port.
-        advertise: Option<String>,
-        /// More names for the certificate (QEMU user networking's host
-        /// address `10.0.2.2`, a load balancer's name).
-        names: Vec<String>,
-    },
+pub struct ApiListen {
+    /// The TLS listener's address.
+    pub listen: SocketAddr,
+    /// The API's URL as nodes reach it, if not the boot host on that port.
+    pub advertise: Option<String>,
+    /// More names for the certificate (QEMU user networking's host
+    /// address `10.0.2.2`, a load balancer's name).
+    pub names: Vec<String>,
+    /// Serve the nodes' routes on the plain-HTTP listener too, and send
+    /// nodes there (`--plain-http`).
+    pub plain_nodes: bool,
 }
 
 /// Which store backs the registry.
@@ -117,6 +118,9 @@ pub enum Error {
     /// proxyDHCP could not start.
     #[error("starting proxyDHCP")]
     ProxyDhcp(#[from] kiln_pxe::dhcp::Error),
+    /// The operator certificate could not be issued.
+    #[error("issuing the operator certificate")]
+    Operators(#[from] crate::operators::Error),
     /// The pools could not be loaded.
     #[error("loading pools")]
     Pools(#[from] crate::pools::Error),
@@ -146,10 +150,10 @@ fn url_host(url: &str) -> Option<String> {
 pub struct Server {
     /// The address it listens on (the real port when asked for port 0).
     pub addr: SocketAddr,
-    /// The TLS API's address, unless it is served on `addr` (`--plain-http`).
-    pub api_addr: Option<SocketAddr>,
-    /// The CA certificate agents trust (`STATE/ca.pem`), with TLS.
-    pub ca: Option<PathBuf>,
+    /// The TLS API's address.
+    pub api_addr: SocketAddr,
+    /// The CA certificate agents trust (`STATE/ca.pem`).
+    pub ca: PathBuf,
     /// The bootstrap token.
     pub bootstrap_token: String,
     /// The images it serves.
@@ -180,13 +184,14 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
     Ok((listener, bound))
 }
 
-/// The bootstrap token in the state directory, made on first start.
-fn bootstrap_token(state: &std::path::Path) -> Result<String, Error> {
+/// A token of the state directory (`file`: the bootstrap token, the SD
+/// token), made on first start; the directory made and its modes checked.
+fn load_token(state: &std::path::Path, file: fn(&crate::StateDir) -> PathBuf) -> Result<String, Error> {
     let dir = crate::StateDir::new(state);
     dir.create().map_err(|source| Error::State { path: state.to_path_buf(), source })?;
     dir.check_modes();
-    let path = dir.bootstrap_token();
-    token::load_or_create_bootstrap(&path).map_err(|source| Error::State { path, source })
+    let path = file(&dir);
+    token::load_or_create(&path).map_err(|source| Error::State { path, source })
 }
 
 /// The registry on its store, and the pod network it leases from (etcd's
@@ -208,17 +213,20 @@ async fn open_registry(config: &ServerConfig) -> Result<Arc<Registry>, Error> {
     Ok(registry)
 }
 
-/// The API's TLS listener (with the CA, made on first start) unless the
-/// API is served on the plain listener; how agents reach the API.
-async fn bind_api(config: &ServerConfig) -> Result<(Option<TlsListener>, ApiEndpoint, Option<tls::Ca>), Error> {
-    let ApiListen::Tls { listen, advertise, names } = &config.api else { return Ok((None, ApiEndpoint::Plain, None)) };
+/// The API's TLS listener, with the CA (made on first start); how agents
+/// reach the API.
+async fn bind_api(config: &ServerConfig) -> Result<(TlsListener, ApiEndpoint, tls::Ca), Error> {
+    let ApiListen { listen, advertise, names, plain_nodes } = &config.api;
     let ca = tls::Ca::load_or_create(&config.state)?;
     let (listener, addr) = bind(*listen).await?;
     let mut extra: Vec<String> = names.clone();
     extra.extend([config.advertise.as_deref(), advertise.as_deref()].into_iter().flatten().filter_map(url_host));
     let acceptor = ca.acceptor(&tls::server_names(*listen, &extra))?;
-    let endpoint = ApiEndpoint::Tls { port: addr.port(), advertise: advertise.clone() };
-    Ok((Some(TlsListener { listener, addr, acceptor }), endpoint, Some(ca)))
+    let endpoint = match plain_nodes {
+        true => ApiEndpoint::Plain,
+        false => ApiEndpoint::Tls { port: addr.port(), advertise: advertise.clone() },
+    };
+    Ok((TlsListener { listener, addr, acceptor }, endpoint, ca))
 }
 
 /// The routes as a listener serves them: rejections turned into JSON
@@ -230,15 +238,16 @@ fn served(routes: warp::filters::BoxedFilter<(warp::reply::Response,)>) -> warp:
     routes.recover(api::recover).unify().with(log).map(warp::Reply::into_response).boxed()
 }
 
-/// Serves `api` and the artifacts: everything on `listener`, or the API
-/// over TLS on `tls` and the rest on `listener`, both through
+/// Serves the API over TLS on `tls`, and the boot routes and artifacts on
+/// `listener` (with the nodes' routes too when `plain_nodes`), both through
 /// [`listen::serve`] within `limits` (the connection cap lowered to fit the
 /// descriptor limit, first raised to its hard limit). The sender stops both.
 fn spawn_listeners(
     api: Arc<Api>,
     images: Arc<ImageStore>,
     listener: tokio::net::TcpListener,
-    tls: Option<TlsListener>,
+    tls: TlsListener,
+    plain_nodes: bool,
     limits: listen::Limits,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let nofile = listen::raise_nofile_limit().unwrap_or_else(|e| {
@@ -258,9 +267,10 @@ fn spawn_listeners(
     let artifacts = kiln_pxe::artifacts::routes(images);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, _) = tokio::sync::watch::channel(false);
-    let plain_routes = match &tls {
-        None => api::routes(api.clone()).or(artifacts).unify().boxed(),
-        Some(_) => api::split_routes(api.clone()).1.or(artifacts).unify().boxed(),
+    let routes = api::RouteSets::new(&api);
+    let plain_routes = match plain_nodes {
+        true => routes.nodes.clone().or(routes.boot).unify().or(artifacts).unify().boxed(),
+        false => routes.boot.or(artifacts).unify().boxed(),
     };
     let spawn = |listener, acceptor, routes| {
         let mut rx = stop_tx.subscribe();
@@ -269,10 +279,8 @@ fn spawn_listeners(
         };
         tokio::spawn(listen::serve(listener, acceptor, served(routes), table.clone(), stop, std::time::Duration::from_secs(5)))
     };
-    let mut tasks = vec![spawn(listener, None, plain_routes)];
-    if let Some(TlsListener { listener, acceptor, .. }) = tls {
-        tasks.push(spawn(listener, Some(acceptor), api::split_routes(api).0));
-    }
+    let tasks =
+        [spawn(listener, None, plain_routes), spawn(tls.listener, Some(tls.acceptor), routes.nodes.or(routes.operator).unify().boxed())];
     let task = tokio::spawn(async move {
         let _ = stopped.await;
         let _ = stop_tx.send(true);
@@ -291,16 +299,20 @@ impl Server {
             Some(dir) => Catalog::load(dir, &images)?,
             None => Catalog::builtin(&images),
         });
-        let bootstrap_token = bootstrap_token(&config.state)?;
+        let bootstrap_token = load_token(&config.state, crate::StateDir::bootstrap_token)?;
+        let sd_token = load_token(&config.state, crate::StateDir::sd_token)?;
         let registry = open_registry(&config).await?;
         let (listener, addr) = bind(config.listen).await?;
         let (tls, api_endpoint, ca) = bind_api(&config).await?;
+        if crate::operators::ensure_admin(&config.state, &ca)? {
+            tracing::info!(cert = %crate::StateDir::new(&config.state).admin_cert().display(), "issued the operator certificate `admin`");
+        }
         let pools = match config.pools.clone() {
             Some(mut pc) => {
                 // Disk nodes on QEMU user networking reach this host's loopback at 10.0.2.2.
-                pc.api_url.get_or_insert_with(|| match &tls {
-                    Some(t) => format!("https://10.0.2.2:{}", t.addr.port()),
-                    None => format!("http://10.0.2.2:{}", addr.port()),
+                pc.api_url.get_or_insert_with(|| match config.api.plain_nodes {
+                    false => format!("https://10.0.2.2:{}", tls.addr.port()),
+                    true => format!("http://10.0.2.2:{}", addr.port()),
                 });
                 let parts = crate::pools::Parts {
                     registry: registry.clone(),
@@ -320,18 +332,18 @@ impl Server {
             bootstrap_token: bootstrap_token.clone(),
             advertise: config.advertise.clone(),
             api_endpoint,
+            sd_token,
+            revocations: Arc::new(crate::operators::Revocations::new(&config.state)),
         });
-        let api_addr = tls.as_ref().map(|t| t.addr);
-        let (stop, task) = spawn_listeners(api, images.clone(), listener, tls, config.http);
-        if let Some(a) = api_addr {
-            tracing::info!("api: listening on https://{a} (CA {})", crate::StateDir::new(&config.state).ca_cert().display());
-        }
+        let api_addr = tls.addr;
+        let (stop, task) = spawn_listeners(api, images.clone(), listener, tls, config.api.plain_nodes, config.http);
+        tracing::info!("api: listening on https://{api_addr} (CA {})", crate::StateDir::new(&config.state).ca_cert().display());
         for image in images.images() {
             tracing::info!(image = %image.name, digest = %image.digest, "serving image");
         }
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
-        let ca = ca.map(|ca| ca.cert_path);
+        let ca = ca.cert_path;
         let mut server = Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task };
         server.start_pxe(&config).await?;
         Ok(server)

@@ -55,6 +55,28 @@ impl StateDir {
         self.root.join("ca-key.pem")
     }
 
+    /// `admin.pem`: the first operator's client certificate (`admin`),
+    /// which the `kiln` CLI presents.
+    pub fn admin_cert(&self) -> PathBuf {
+        self.root.join("admin.pem")
+    }
+
+    /// `admin-key.pem`: its private key (mode 0600).
+    pub fn admin_key(&self) -> PathBuf {
+        self.root.join("admin-key.pem")
+    }
+
+    /// `operators.json`: every operator certificate issued (name, serial,
+    /// expiry) and whether it is revoked.
+    pub fn operators(&self) -> PathBuf {
+        self.root.join("operators.json")
+    }
+
+    /// `sd-token`: the read-only token of `GET /api/v1/sd` (Prometheus).
+    pub fn sd_token(&self) -> PathBuf {
+        self.root.join("sd-token")
+    }
+
     /// `registry.redb`: the embedded store's database.
     pub fn registry_db(&self) -> PathBuf {
         self.root.join("registry.redb")
@@ -168,6 +190,10 @@ mod tests {
             (s.ca_key(), "ca-key.pem"),
             (s.registry_db(), "registry.redb"),
             (s.legacy_nodes(), "nodes.json"),
+            (s.admin_cert(), "admin.pem"),
+            (s.admin_key(), "admin-key.pem"),
+            (s.operators(), "operators.json"),
+            (s.sd_token(), "sd-token"),
         ] {
             assert_eq!(got, Path::new("/var/lib/kiln").join(want), "{want}");
         }

@@ -132,6 +132,29 @@ impl Ca {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// A client certificate for `subject`, valid for `ttl` from now (an
+    /// hour earlier too, for clocks behind), for `key`'s public key: PEM.
+    pub fn issue_client(&self, subject: &Subject, key: &impl rcgen::PublicKeyData, ttl: std::time::Duration) -> Result<String, Error> {
+        let issuer = self.issuer()?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("client certificate"))?;
+        params.distinguished_name.push(DnType::OrganizationName, subject.role.organization());
+        params.distinguished_name.push(DnType::CommonName, subject.common_name());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + ttl;
+        let cert = params.signed_by(key, &issuer).map_err(cert_err(format!("certificate for {}", subject.common_name())))?;
+        Ok(cert.pem())
+    }
+
+    /// A client certificate and a new key for `subject`: PEM.
+    pub fn issue_client_with_key(&self, subject: &Subject, ttl: std::time::Duration) -> Result<(String, String), Error> {
+        let key = KeyPair::generate().map_err(cert_err("client key"))?;
+        Ok((self.issue_client(subject, &key, ttl)?, key.serialize_pem()))
+    }
+
     /// A rustls acceptor presenting a fresh server certificate for `names`.
     pub fn acceptor(&self, names: &[String]) -> Result<TlsAcceptor, Error> {
         use rustls::pki_types::pem::PemObject;
@@ -145,10 +168,19 @@ impl Ca {
         ];
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad("server key", e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Client certificates are asked for and, when sent, must be this
+        // CA's: one from another CA fails the handshake. Sending none is
+        // allowed (registration, boot); the routes decide what they need.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(chain[1].clone()).map_err(|e| bad("CA certificate", e))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| bad("client certificate verifier", e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| bad("TLS versions", e))?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| bad("server certificate", e))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -156,9 +188,84 @@ impl Ca {
     }
 }
 
+/// What a client certificate of this CA says its holder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An operator: reads and administers everything (`O=kiln:operators`).
+    Operator,
+    /// A node: speaks for itself only (`O=kiln:nodes`, `CN=kiln:node:NAME`).
+    Node,
+}
+
+impl Role {
+    /// The certificate's organisation for this role.
+    pub fn organization(self) -> &'static str {
+        match self {
+            Role::Operator => "kiln:operators",
+            Role::Node => "kiln:nodes",
+        }
+    }
+}
+
+/// Whom a client certificate names, as Kubernetes names its users: a role
+/// in the organisation and a name in the common name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// Operator or node.
+    pub role: Role,
+    /// The operator's or the node's name.
+    pub name: String,
+}
+
+/// The common name's prefix of a node's certificate.
+const NODE_CN: &str = "kiln:node:";
+
+impl Subject {
+    /// The certificate's common name: the operator's name, or
+    /// `kiln:node:NAME`.
+    pub fn common_name(&self) -> String {
+        match self.role {
+            Role::Operator => self.name.clone(),
+            Role::Node => format!("{NODE_CN}{}", self.name),
+        }
+    }
+}
+
+/// A client certificate the TLS handshake verified against the CA, as the
+/// routes see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// Whom it names.
+    pub subject: Subject,
+    /// Its serial number, hex.
+    pub serial: String,
+    /// sha256 of its public key (SubjectPublicKeyInfo), hex: what ties a
+    /// node's certificates to the key it registered with.
+    pub key_sha256: String,
+}
+
+impl ClientCert {
+    /// The verified leaf certificate `der`; `None` when it names no role
+    /// of kiln's (a certificate this CA did not issue to a client).
+    pub fn from_der(der: &[u8]) -> Option<ClientCert> {
+        use sha2::Digest;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let subject = cert.subject();
+        let org = subject.iter_organization().next()?.as_str().ok()?;
+        let cn = subject.iter_common_name().next()?.as_str().ok()?;
+        let subject = match org {
+            "kiln:operators" => Subject { role: Role::Operator, name: cn.to_string() },
+            "kiln:nodes" => Subject { role: Role::Node, name: cn.strip_prefix(NODE_CN)?.to_string() },
+            _ => return None,
+        };
+        let key_sha256 = hex::encode(sha2::Sha256::digest(cert.public_key().raw));
+        Some(ClientCert { subject, serial: hex::encode(cert.raw_serial()), key_sha256 })
+    }
+}
+
 /// Writes `bytes` to a temporary name beside `path` (mode 0600), syncs,
 /// renames.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let io = |source| Error::Io { path: path.into(), source };

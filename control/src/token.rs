@@ -22,8 +22,9 @@ pub fn bearer(header: Option<&str>) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
-/// The bootstrap token kept at `path` (mode 0600), made on first use.
-pub fn load_or_create_bootstrap(path: &Path) -> std::io::Result<String> {
+/// The token kept at `path` (mode 0600), made on first use: the
+/// bootstrap token, the service-discovery token.
+pub fn load_or_create(path: &Path) -> std::io::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
         Ok(_) => {}
@@ -32,10 +33,8 @@ pub fn load_or_create_bootstrap(path: &Path) -> std::io::Result<String> {
     }
     let token = generate();
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".bootstrap-token.")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .tempfile_in(dir)?;
+    let mut tmp =
+        tempfile::Builder::new().prefix(".token.").permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).tempfile_in(dir)?;
     writeln!(tmp, "{token}")?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -65,10 +64,10 @@ mod tests {
     fn bootstrap_token_is_kept_private_and_stable() {
         let dir = tempfile::tempdir().unwrap();
         let path = crate::StateDir::new(dir.path()).bootstrap_token();
-        let a = load_or_create_bootstrap(&path).unwrap();
+        let a = load_or_create(&path).unwrap();
         assert_eq!(a.len(), 64);
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(load_or_create_bootstrap(&path).unwrap(), a, "same token on the next start");
+        assert_eq!(load_or_create(&path).unwrap(), a, "same token on the next start");
         assert_ne!(hash(&a), a);
     }
 }

@@ -55,7 +55,21 @@ pub fn binaries() -> &'static Binaries {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         // The agent as scripts/test and the README build it: static (`cargo build-agent`).
         for args in [&["build", "--release", "-p", "kiln"][..], &["build-agent"]] {
-            let status = Command::new(&cargo).args(args).current_dir(root()).status().expect("cargo runs");
+            let mut cmd = Command::new(&cargo);
+            // What `cargo test` sets for this crate (its package name, manifest
+            // directory, ...) would make build scripts that watch them run
+            // again, and everything after them rebuild: the build must see
+            // the environment `scripts/test` built in.
+            for (key, _) in std::env::vars_os() {
+                let key = key.to_string_lossy();
+                if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"]
+                    .iter()
+                    .any(|p| key.starts_with(p))
+                {
+                    cmd.env_remove(key.as_ref());
+                }
+            }
+            let status = cmd.args(args).current_dir(root()).status().expect("cargo runs");
             assert!(status.success(), "cargo {} failed", args.join(" "));
         }
         let dir = target_dir().join("release");
@@ -132,8 +146,10 @@ pub struct KilnServer {
     pub process: Process,
     /// Boot assets: `http://127.0.0.1:PORT`
     pub url: String,
-    /// The API: `https://127.0.0.1:PORT`, or `url` with `--plain-http`.
+    /// The API: `https://127.0.0.1:PORT`.
     pub api: String,
+    /// Where nodes reach the API: `api`, or `url` with `--plain-http`.
+    pub node_api: String,
     /// The CA the API's certificate is issued by (`STATE/ca.pem`), with TLS.
     pub ca: Option<PathBuf>,
     /// Its state directory.
@@ -149,10 +165,15 @@ impl KilnServer {
         Self::start_with(images, state, &["--api-listen", "127.0.0.1:0", "--tls-name", "10.0.2.2"])
     }
 
-    /// As [`KilnServer::start`], with `args` after the images, state and listen flags.
+    /// As [`KilnServer::start`], with `args` after the images, state and
+    /// listen flags (and the TLS API on any free loopback port, unless
+    /// `args` say where).
     pub fn start_with(images: &Path, state: &Path, args: &[&str]) -> KilnServer {
         let mut cmd = Command::new(&binaries().kiln);
         cmd.arg("serve").arg("--images").arg(images).arg("--state").arg(state).args(["--listen", "127.0.0.1:0"]).args(args);
+        if !args.contains(&"--api-listen") {
+            cmd.args(["--api-listen", "127.0.0.1:0"]);
+        }
         Self::spawn(cmd, state)
     }
 
@@ -185,9 +206,10 @@ impl KilnServer {
         let word =
             |prefix: &str| line.split_whitespace().find(|w| w.starts_with(prefix)).map(|w| w.trim_end_matches([',', ')']).to_string());
         let url = word("http://").unwrap_or_else(|| panic!("no URL in {line:?}"));
-        let api = word("https://").unwrap_or_else(|| url.clone());
-        let ca = api.starts_with("https://").then(|| kiln_control::StateDir::new(state).ca_cert());
-        KilnServer { process, url, api, ca, state: state.to_path_buf() }
+        let api = word("https://").unwrap_or_else(|| panic!("no API URL in {line:?}"));
+        let node_api = if line.contains("also on plain HTTP") { url.clone() } else { api.clone() };
+        let ca = Some(kiln_control::StateDir::new(state).ca_cert());
+        KilnServer { process, url, api, node_api, ca, state: state.to_path_buf() }
     }
 
     /// The port of the API (the TLS one, or the only one).
@@ -195,16 +217,34 @@ impl KilnServer {
         self.api.rsplit(':').next().and_then(|p| p.parse().ok()).expect("URL has a port")
     }
 
-    /// A raw HTTP client that trusts exactly the server's CA (none with
-    /// `--plain-http`): for what is not a well-formed API call (malformed
-    /// bodies, artifacts); the API's routes go through [`KilnServer::api_client`].
+    /// A raw HTTP client that trusts exactly the server's CA and presents
+    /// the operator's certificate (`STATE/admin.pem`): for what is not a
+    /// well-formed API call (malformed bodies, artifacts); the API's routes
+    /// go through [`KilnServer::api_client`].
     pub fn client(&self) -> reqwest::blocking::Client {
-        let mut b = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(60));
-        if let Some(ca) = &self.ca {
-            let pem = std::fs::read(ca).expect("the server wrote its CA");
-            b = b.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM CA"));
-        }
-        b.build().expect("an HTTP client")
+        let identity = reqwest::Identity::from_pem(&self.operator_pem()).expect("the operator's PEM");
+        self.raw_client().identity(identity).build().expect("an HTTP client")
+    }
+
+    /// As [`KilnServer::client`], presenting no certificate: anyone on the
+    /// network.
+    pub fn anonymous_client(&self) -> reqwest::blocking::Client {
+        self.raw_client().build().expect("an HTTP client")
+    }
+
+    fn raw_client(&self) -> reqwest::blocking::ClientBuilder {
+        let b = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(60));
+        let pem = std::fs::read(self.ca.as_ref().expect("the CA")).expect("the server wrote its CA");
+        b.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM CA"))
+    }
+
+    /// The operator's certificate and key, PEM (`STATE/admin.pem`,
+    /// `STATE/admin-key.pem`).
+    pub fn operator_pem(&self) -> Vec<u8> {
+        let dir = kiln_control::StateDir::new(&self.state);
+        let mut pem = std::fs::read(dir.admin_cert()).expect("kiln serve issued STATE/admin.pem");
+        pem.extend(std::fs::read(dir.admin_key()).expect("and its key"));
+        pem
     }
 
     /// What the server logged so far.
@@ -218,11 +258,19 @@ impl KilnServer {
     }
 
     /// The API's typed client ([`kiln_client`]), trusting exactly the
-    /// server's CA, with no token; its calls run on [`block_on`].
+    /// server's CA, presenting the operator's certificate, with no token;
+    /// its calls run on [`block_on`].
     pub fn api_client(&self) -> kiln_client::Client {
+        self.api_client_as(Some(&self.operator_pem()))
+    }
+
+    /// As [`KilnServer::api_client`], presenting `identity` (a client
+    /// certificate and key, PEM), or nothing.
+    pub fn api_client_as(&self, identity: Option<&[u8]>) -> kiln_client::Client {
         let ca = self.ca.as_ref().map(|ca| std::fs::read(ca).expect("the server wrote its CA"));
         kiln_client::Client::builder(&self.api)
             .ca_pem(ca.as_deref())
+            .identity_pem(identity)
             .timeout(Duration::from_secs(60))
             .no_proxy()
             .build()

@@ -61,7 +61,7 @@ impl Lab {
         let mut cmd = self.ns.command(&binaries().kiln);
         cmd.arg("serve").arg("--images").arg(&images).arg("--state").arg(&state).args(["--listen", &format!("{LAB_GATEWAY}:0")]);
         match api {
-            Api::PlainHttp => cmd.arg("--plain-http"),
+            Api::PlainHttp => cmd.args(["--plain-http", "--api-listen", &format!("{LAB_GATEWAY}:0")]),
             Api::Tls => cmd.args(["--api-listen", &format!("{LAB_GATEWAY}:0"), "--tls-name", LAB_GATEWAY]),
         };
         cmd.args(store_args);
@@ -135,7 +135,7 @@ impl Node {
         std::fs::write(&cmdline, "console=ttyS0\n").expect("cmdline");
         let ca = server.ca.clone().unwrap_or_else(|| self.dir.join("no-ca.pem"));
         let mut cmd = self.ns.command(&binaries().agent);
-        cmd.args(["--server", &server.api, "--token", token, "--no-metrics"])
+        cmd.args(["--server", &server.node_api, "--token", token, "--no-metrics"])
             .arg("--machine-id")
             .arg(&machine_id)
             .arg("--cmdline")

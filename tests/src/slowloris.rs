@@ -144,7 +144,7 @@ pub fn plain_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Re
 }
 
 /// A client of the server's TLS API that opens a new connection (TCP and
-/// TLS handshake) for every request, as a newcomer does.
+/// TLS handshake) for every request, as a newcomer does; the operator's.
 pub fn fresh_tls_client(server: &KilnServer, timeout: Duration) -> reqwest::blocking::Client {
     let pem = std::fs::read(server.ca.as_ref().expect("the API is on TLS")).expect("the server wrote its CA");
     reqwest::blocking::Client::builder()
@@ -152,6 +152,7 @@ pub fn fresh_tls_client(server: &KilnServer, timeout: Duration) -> reqwest::bloc
         .timeout(timeout)
         .pool_max_idle_per_host(0)
         .tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM CA"))
+        .identity(reqwest::Identity::from_pem(&server.operator_pem()).expect("the operator's PEM"))
         .build()
         .expect("an HTTP client")
 }

@@ -129,11 +129,18 @@ fn oversized_and_unlengthed_requests_get_411_413_414_431() {
         }
     }
     let big = tmp.path().join("big.json");
-    std::fs::write(&big, vec![b' '; 1024 * 1024]).unwrap();
+    std::fs::write(&big, vec![b' '; 2 * 1024 * 1024]).unwrap();
     let out = std::process::Command::new("curl")
         .args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10", "--cacert"])
         .arg(kiln_control::StateDir::new(&server.state).ca_cert())
-        .args(["-H", &format!("Authorization: Bearer {}", token.trim()), "-H", "Content-Type: application/json"])
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Expect: 100-continue",
+        ])
         .arg("--data-binary")
         .arg(format!("@{}", big.display()))
         .arg(&register)
@@ -141,7 +148,7 @@ fn oversized_and_unlengthed_requests_get_411_413_414_431() {
         .expect("curl");
     let text = String::from_utf8_lossy(&out.stdout);
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-    assert_eq!(status, "413", "a 1 MiB registration body: {body} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status, "413", "a 2 MiB registration body: {body} {}", String::from_utf8_lossy(&out.stderr));
     assert!(body.contains("\"error\"") && !INTERNAL.iter().any(|n| body.contains(n)), "a JSON error naming no internals: {body}");
     assert!(server.nodes().is_empty(), "nothing registered");
     let (status, _) = plain_get(addr_of(&server.url), "/boot.ipxe", ANSWER_WITHIN).expect("the server still answers");

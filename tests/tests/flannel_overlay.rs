@@ -129,7 +129,12 @@ fn overlay_network_model(store: Store) {
     assert_eq!(distinct.len(), 3, "three distinct subnets: {subnets:?}");
     for (n, node) in nodes.iter().enumerate() {
         let log = std::fs::read_to_string(node.agent_log()).unwrap_or_default();
-        assert!(log.contains(&format!("registered with {} ", server.api)), "node {} registered through {}:\n{log}", n + 1, server.api);
+        assert!(
+            log.contains(&format!("registered with {} ", server.node_api)),
+            "node {} registered through {}:\n{log}",
+            n + 1,
+            server.node_api
+        );
         let env = std::fs::read_to_string(node.run_dir().join("subnet.env")).unwrap();
         assert!(
             env.contains("FLANNEL_NETWORK=10.244.0.0/16\n") && env.contains("FLANNEL_MTU=1450\n") && env.contains("FLANNEL_IPMASQ=false\n"),

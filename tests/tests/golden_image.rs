@@ -109,7 +109,7 @@ fn worker_image_builds_reproducibly_and_boots_to_registered() {
     let state = tmp.path().join("state");
     let server = KilnServer::start_with(&images, &state, &["--plain-http"]);
     let token = std::fs::read_to_string(kiln_control::StateDir::new(&state).bootstrap_token()).expect("the server made a bootstrap token");
-    let api = format!("http://{}:{}", golden::SERVER_IP, server.api_port());
+    let api = format!("http://{}:{}", golden::SERVER_IP, server.port());
     let qcow2 = images.join("worker/worker.qcow2");
     for (firmware, name) in [(Firmware::Bios, "golden-bios"), (Firmware::Uefi, "golden-uefi")] {
         if firmware == Firmware::Uefi && golden::ovmf().is_none() {
@@ -120,7 +120,7 @@ fn worker_image_builds_reproducibly_and_boots_to_registered() {
         std::fs::create_dir_all(&dir).unwrap();
         let seed = golden::seed(name, &api, token.trim(), &m.digest, 120);
         let start = Instant::now();
-        let guest = DiskGuest::boot(&qcow2, &seed, &dir, firmware, server.api_port());
+        let guest = DiskGuest::boot(&qcow2, &seed, &dir, firmware, server.port());
         let node = wait_for(Duration::from_secs(300), || server.nodes().into_iter().find(|n| n.hostname == name));
         let registered = start.elapsed();
         let node = node.unwrap_or_else(|| {

@@ -27,7 +27,7 @@ fn kiln(server: &KilnServer, args: &[&str]) -> (bool, String) {
     let out = Command::new(&binaries().kiln)
         .args(args)
         .arg("--server")
-        .arg(&server.url)
+        .arg(&server.api)
         .arg("--state")
         .arg(&server.state)
         .output()
@@ -109,7 +109,7 @@ fn refused(tmp: &Path, pools_dir: &Path, want: &[&str]) {
         fake_image(&images, "tiny");
     }
     let out = Command::new(&binaries().kiln)
-        .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--pool-accel", "qemu", "--images"])
+        .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--pool-accel", "qemu", "--images"])
         .arg(&images)
         .arg("--state")
         .arg(tmp.join("state"))

@@ -32,11 +32,13 @@ fn promtool_check_config(path: &Path) -> (bool, String) {
 
 /// `monitoring/prometheus.yml` with the control plane at `sd_url`, and
 /// discovery and scrapes every second.
-fn test_config(sd_url: &str, ca: &Path) -> String {
+fn test_config(sd_url: &str, state: &Path) -> String {
+    let state = kiln_control::StateDir::new(state);
     let mut text = std::fs::read_to_string(shipped_config()).expect("monitoring/prometheus.yml exists");
     for (from, to) in [
         ("https://127.0.0.1:8443/api/v1/sd", sd_url),
-        ("/var/lib/kiln/ca.pem", &ca.display().to_string()),
+        ("/var/lib/kiln/ca.pem", &state.ca_cert().display().to_string()),
+        ("/var/lib/kiln/sd-token", &state.sd_token().display().to_string()),
         ("refresh_interval: 30s", "refresh_interval: 1s"),
         ("scrape_interval: 15s", "scrape_interval: 1s"),
     ] {
@@ -139,7 +141,7 @@ fn prometheus_scrapes_agent_found_through_sd() {
 
     // Prometheus, from the shipped config.
     let config = tmp.path().join("prometheus.yml");
-    std::fs::write(&config, test_config(&format!("{}/api/v1/sd", server.api), server.ca.as_ref().expect("the API is TLS"))).unwrap();
+    std::fs::write(&config, test_config(&format!("{}/api/v1/sd", server.api), &server.state)).unwrap();
     let (ok, out) = promtool_check_config(&config);
     assert!(ok, "promtool check config on the test's config:\n{out}");
     let prom_port = free_port();

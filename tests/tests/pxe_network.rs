@@ -56,6 +56,8 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str, nic_rom: bool) {
         "br0",
         // The tiny image built here carries no CA: this test is about PXE.
         "--plain-http",
+        "--api-listen",
+        &format!("{BRIDGE_IP}:0"),
     ]);
     let server = KilnServer::spawn(serve, &state);
     let log = server.log();

@@ -70,7 +70,7 @@ fn disk(a: &Args, m: &Manifest) -> Vec<f64> {
     let state = a.work.join("disk-state");
     let server = KilnServer::start_with(&a.images, &state, &["--plain-http"]);
     let token = std::fs::read_to_string(kiln_control::StateDir::new(&state).bootstrap_token()).expect("the server made a bootstrap token");
-    let api = format!("http://{}:{}", golden::SERVER_IP, server.api_port());
+    let api = format!("http://{}:{}", golden::SERVER_IP, server.port());
     let qcow2 = a.images.join("worker/worker.qcow2");
     (0..a.runs)
         .map(|i| {
@@ -79,7 +79,7 @@ fn disk(a: &Args, m: &Manifest) -> Vec<f64> {
             std::fs::create_dir_all(&dir).unwrap();
             let seed = golden::seed(&name, &api, token.trim(), &m.digest, 120);
             let start = Instant::now();
-            let guest = DiskGuest::boot(&qcow2, &seed, &dir, Firmware::Bios, server.api_port());
+            let guest = DiskGuest::boot(&qcow2, &seed, &dir, Firmware::Bios, server.port());
             let node = wait_for(LIMIT, || server.nodes().into_iter().find(|n| n.hostname == name));
             let secs = start.elapsed().as_secs_f64();
             assert!(
