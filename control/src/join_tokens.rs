@@ -20,17 +20,24 @@
 //!
 //! # How a use is counted
 //!
-//! [`JoinTokens::consume`] reads the token, checks it (secret, expiry, uses
-//! left, pool, MAC), and asks the store to spend one use of the token it read
-//! ([`Store::update_token`]):
+//! [`JoinTokens::consume`] reads the token and checks it (secret, expiry,
+//! uses left, pool, MAC); a refusal is answered from that read. An admitted
+//! use then waits for its token's turn (`turns`): the uses of a token
+//! waiting at one moment are checked again against one fresh read and spent
+//! together in one write, [`Store::update_token`] with `Spend(n)`, which is
+//! atomic on each backend:
 //!
 //! - redb (`store::embedded`): the one writer thread's transaction reads the
-//!   token again, checks it is the same token (the same secret hash) with a use
-//!   left, and writes it back one use less. Writes are serial, so of any number
-//!   of concurrent consumes of a one-use token exactly one wins; none retries.
-//! - etcd (`store::etcd`): a txn writes the token back one use less only if
-//!   its key's `mod_revision` is still the one read. A loser reads the token
-//!   again and checks it again (and finds it used up).
+//!   token again, checks it is the same token (the same secret hash) with `n`
+//!   uses left, and writes it back `n` uses less. Writes are serial: two
+//!   spends of the last use cannot both be counted.
+//! - etcd (`store::etcd`): a txn writes the token back `n` uses less only if
+//!   its key's `mod_revision` is still the one read. If another server wrote
+//!   it since, the turn reads it again and checks every waiting use again.
+//!
+//! Of 16 concurrent consumes of a one-use token exactly one wins, on either
+//! backend and across servers sharing an etcd; the others are told it is
+//! used up.
 //!
 //! A use is spent only by a consume that succeeds; [`JoinTokens::refund`]
 //! gives it back when the registration it was for fails afterwards.
@@ -53,11 +60,13 @@ use kiln_core::{CreateTokenRequest, JoinSecret, JoinTokenInfo, Mac, TokenRequest
 use rand::TryRngCore;
 use time::OffsetDateTime;
 
-use crate::store::{self, Store, StoredToken, TokenChange, TokenRecord, TokenUpdate};
+use crate::store::{self, Store, StoredToken, TokenChange, TokenRecord};
+
+mod turns;
 
 /// How long a minted token is valid, unless the server is told otherwise.
 pub const MINTED_TTL: Duration = Duration::from_secs(30 * 60);
-/// Reads of one token while other writers keep changing it (etcd).
+/// Writes of one token's uses tried while other writers keep changing it (etcd).
 const UPDATE_TRIES: usize = 64;
 /// Fresh IDs tried before giving up (36⁶ of them: a clash is rare).
 const ID_TRIES: usize = 8;
@@ -163,12 +172,13 @@ fn pool_text(pool: Option<&str>) -> String {
 /// docs. Cheap to share: every call reads the store.
 pub struct JoinTokens {
     store: Arc<dyn Store>,
+    turns: turns::Turns,
 }
 
 impl JoinTokens {
     /// The tokens kept in `store` (the registry's).
     pub fn new(store: Arc<dyn Store>) -> JoinTokens {
-        JoinTokens { store }
+        JoinTokens { store, turns: turns::Turns::new() }
     }
 
     /// Makes a token as `req` asks (validated here), bound to `mac` if
@@ -245,15 +255,19 @@ impl JoinTokens {
     /// allows it. Returns the token as it is after that use.
     pub async fn consume(&self, presented: &str, pool: Option<&str>, macs: &[Mac]) -> Result<JoinTokenInfo, Refused> {
         let token = JoinSecret::parse(presented).map_err(|_| Refused::Malformed)?;
-        let id = token.id();
+        let id = token.id().to_string();
         let hash = crate::token::hash(token.secret());
-        let check = |seen: Option<&StoredToken>| {
-            let seen = seen.filter(|s| same_digest(&s.record.secret_sha256, &hash)).ok_or_else(|| Refused::Unknown(id.into()))?;
-            admits(&seen.record.info, OffsetDateTime::now_utc(), pool, macs)
+        let (pool, macs) = (pool.map(str::to_string), macs.to_vec());
+        let check = {
+            let id = id.clone();
+            move |seen: Option<&StoredToken>| {
+                let seen = seen.filter(|s| same_digest(&s.record.secret_sha256, &hash)).ok_or_else(|| Refused::Unknown(id.clone()))?;
+                admits(&seen.record.info, OffsetDateTime::now_utc(), pool.as_deref(), &macs)
+            }
         };
-        match self.update(id, TokenChange::Spend, check).await? {
+        match self.update(&id, TokenChange::Spend(1), Box::new(check)).await? {
             Some(record) => Ok(record.info),
-            None => Err(Refused::UsedUp(id.into())),
+            None => Err(Refused::UsedUp(id)),
         }
     }
 
@@ -263,8 +277,9 @@ impl JoinTokens {
         if !is_token_id(id) {
             return Ok(false);
         }
-        let exists = |seen: Option<&StoredToken>| seen.map(|_| ()).ok_or_else(|| Refused::Unknown(id.into()));
-        match self.update(id, TokenChange::Refund, exists).await {
+        let owned = id.to_string();
+        let exists = move |seen: Option<&StoredToken>| seen.map(|_| ()).ok_or_else(|| Refused::Unknown(owned.clone()));
+        match self.update(id, TokenChange::Refund(1), Box::new(exists)).await {
             Ok(done) => Ok(done.is_some()),
             Err(Refused::Store(e)) => Err(Error::Store(e)),
             Err(Refused::Busy(id)) => Err(Error::Contended { id, tries: UPDATE_TRIES }),
@@ -272,26 +287,13 @@ impl JoinTokens {
         }
     }
 
-    /// Reads token `id`, checks it with `check`, and applies `change` to
-    /// it; reads again when another writer changed it in between. `None`:
-    /// the change does not apply (no use left, or none to give back).
-    async fn update(
-        &self,
-        id: &str,
-        change: TokenChange,
-        check: impl Fn(Option<&StoredToken>) -> Result<(), Refused>,
-    ) -> Result<Option<TokenRecord>, Refused> {
-        for _ in 0..UPDATE_TRIES {
-            let seen = self.store.token(id).await.map_err(Refused::Store)?;
-            check(seen.as_ref())?;
-            let Some(seen) = seen else { return Ok(None) };
-            match self.store.update_token(&seen, change).await.map_err(Refused::Store)? {
-                TokenUpdate::Done(record) => return Ok(Some(record)),
-                TokenUpdate::NotApplicable => return Ok(None),
-                TokenUpdate::Changed => continue,
-            }
-        }
-        Err(Refused::Busy(id.into()))
+    /// Reads token `id`, and if `check` admits it, applies `change` with
+    /// the other uses of it waiting at this moment ([`turns`]). A refused
+    /// token is answered from this first read and never waits for a turn.
+    async fn update(&self, id: &str, change: TokenChange, check: turns::Check) -> Result<Option<TokenRecord>, Refused> {
+        let seen = self.store.token(id).await.map_err(Refused::Store)?;
+        check(seen.as_ref())?;
+        self.turns.update(&self.store, id, change, check).await
     }
 
     /// Removes every expired token, minted ones included. Returns how many.

@@ -9,7 +9,7 @@ use kiln_core::{CreateTokenRequest, JoinSecret, Mac};
 
 use super::*;
 use crate::store::embedded::DbStore;
-use crate::store::{Loaded, NodeRecord, Renewal, StoreFuture};
+use crate::store::{Loaded, NodeRecord, Renewal, StoreFuture, TokenUpdate};
 
 fn mac(last: u8) -> Mac {
     Mac([0x52, 0x54, 0x00, 0xab, 0xcd, last])
@@ -99,12 +99,15 @@ pub(crate) async fn expiry_and_sweep(tokens: &JoinTokens) {
     tokens.consume(&lasting, None, &[]).await.unwrap();
 }
 
-/// `uses` registrations win of 16 at once, across `a` and `b` (two servers
-/// on one etcd, or the same one); every other one is told the token is used up.
-pub(crate) async fn uses_under_16_consumes(a: Arc<JoinTokens>, b: Arc<JoinTokens>) {
-    for uses in [1, 5] {
-        let (token, made) = a.create(&request(Some(uses), None), None).await.unwrap();
-        let tasks: Vec<_> = (0..16)
+/// Registrations with one token at once, across `a` and `b` (two servers
+/// on one etcd, or the same one): exactly as many win as the token has
+/// uses; every other one is told it is used up (none to try again); every
+/// use is counted.
+pub(crate) async fn at_once(a: Arc<JoinTokens>, b: Arc<JoinTokens>) {
+    // (uses, registrations)
+    for (uses, registrations) in [(Some(1), 16), (Some(5), 16), (None, 500), (Some(100), 300)] {
+        let (token, made) = a.create(&request(uses, None), None).await.unwrap();
+        let tasks: Vec<_> = (0..registrations)
             .map(|i| {
                 let (tokens, token) = (if i % 2 == 0 { a.clone() } else { b.clone() }, token.clone());
                 tokio::spawn(async move { tokens.consume(&token, None, &[]).await })
@@ -114,13 +117,14 @@ pub(crate) async fn uses_under_16_consumes(a: Arc<JoinTokens>, b: Arc<JoinTokens
         for t in tasks {
             match t.await.unwrap() {
                 Ok(_) => won += 1,
-                Err(Refused::UsedUp(id)) => assert_eq!(id, made.id),
-                Err(e) => panic!("uses {uses}: {e:?}"),
+                Err(Refused::UsedUp(id)) if uses.is_some() => assert_eq!(id, made.id),
+                Err(e) => panic!("uses {uses:?}: {e:?}"),
             }
         }
-        assert_eq!(won, uses, "exactly {uses} of 16 concurrent registrations win");
+        let want = uses.unwrap_or(registrations);
+        assert_eq!(won, want, "uses {uses:?}: exactly {want} of {registrations} concurrent registrations win");
         let after = info(&b, &made.id).await.unwrap();
-        assert_eq!((after.uses_left, after.used), (Some(0), uses));
+        assert_eq!((after.uses_left, after.used), (uses.map(|_| 0), want), "every use counted");
     }
 }
 
@@ -184,7 +188,7 @@ pub(crate) async fn ids_and_delete(tokens: &JoinTokens) {
 pub(crate) async fn every_behaviour(tokens: Arc<JoinTokens>, other_server: Arc<JoinTokens>) {
     refusals(&tokens).await;
     expiry_and_sweep(&tokens).await;
-    uses_under_16_consumes(tokens.clone(), other_server).await;
+    at_once(tokens.clone(), other_server).await;
     refund(&tokens).await;
     minting_replaces(&tokens).await;
     ids_and_delete(&tokens).await;

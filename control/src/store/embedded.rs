@@ -272,7 +272,7 @@ fn update_token(t: &mut Tables<'_>, seen: &TokenRecord, change: TokenChange) -> 
     let Some(next) = stored.changed(change) else { return Ok(TokenUpdate::NotApplicable) };
     let value = serde_json::to_vec(&next).expect("records serialise");
     t.tokens.insert(id, value.as_slice())?;
-    Ok(TokenUpdate::Done(next))
+    Ok(TokenUpdate::Done(StoredToken { record: next, revision: 0 }))
 }
 
 fn read_legacy(path: &Path) -> Result<Vec<NodeRecord>, Error> {

@@ -523,7 +523,12 @@ impl EtcdStore {
             None,
         )]);
         let resp = self.client.clone().txn(txn).await.map_err(|e| self.err(e))?;
-        Ok(if resp.succeeded() { TokenUpdate::Done(next) } else { TokenUpdate::Changed })
+        Ok(match (resp.succeeded(), resp.header()) {
+            // The put is the txn's only write: the key's mod_revision is the txn's revision.
+            (true, Some(h)) => TokenUpdate::Done(StoredToken { record: next, revision: h.revision() }),
+            (true, None) => TokenUpdate::Done(StoredToken { record: next, revision: 0 }),
+            (false, _) => TokenUpdate::Changed,
+        })
     }
 
     async fn delete_token(&self, record: &TokenRecord) -> Result<bool, Error> {
@@ -717,7 +722,7 @@ mod tests {
     }
 
     impl LoopbackEtcd {
-        fn start() -> LoopbackEtcd {
+        pub(crate) fn start() -> LoopbackEtcd {
             let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let data = tempfile::Builder::new().prefix("kiln-etcd-").tempdir().unwrap();
             let (url, peer) = (format!("http://127.0.0.1:{}", port()), format!("http://127.0.0.1:{}", port()));
@@ -768,7 +773,7 @@ mod tests {
     }
 
     /// A store on `etcd`, once it answers.
-    async fn connect(etcd: &LoopbackEtcd) -> EtcdStore {
+    pub(crate) async fn connect(etcd: &LoopbackEtcd) -> EtcdStore {
         for _ in 0..60 {
             match EtcdStore::connect(EtcdConfig::new(vec![etcd.url.clone()]), NetworkConfig::default()).await {
                 Ok((store, _)) => return store,

@@ -67,20 +67,29 @@ pub struct StoredToken {
 /// A change to a token's use count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenChange {
-    /// One registration used it: `uses_left` one less (unless unlimited),
-    /// `used` one more.
-    Spend,
-    /// A registration that used it failed: the use is given back.
-    Refund,
+    /// That many registrations used it: `uses_left` that much less (unless
+    /// unlimited), `used` that much more.
+    Spend(u32),
+    /// That many registrations that used it failed: their uses are given back.
+    Refund(u32),
+}
+
+impl TokenChange {
+    /// How many uses it spends or gives back.
+    pub fn count(self) -> u32 {
+        match self {
+            TokenChange::Spend(n) | TokenChange::Refund(n) => n,
+        }
+    }
 }
 
 /// What [`Store::update_token`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenUpdate {
-    /// Written: the record as it is now.
-    Done(TokenRecord),
-    /// The change does not apply to the stored record: no use left to
-    /// spend, or none to give back. Nothing written.
+    /// Written: the token as it is now.
+    Done(StoredToken),
+    /// The change does not apply to the stored record: not that many uses
+    /// left to spend, or used to give back. Nothing written.
     NotApplicable,
     /// The stored token is not the one read (another writer changed or
     /// removed it): read it again. Nothing written.
@@ -93,20 +102,29 @@ impl TokenRecord {
         let mut next = self.clone();
         let info = &mut next.info;
         match change {
-            TokenChange::Spend => {
+            TokenChange::Spend(n) => {
                 if let Some(left) = &mut info.uses_left {
-                    *left = left.checked_sub(1)?;
+                    *left = left.checked_sub(n)?;
                 }
-                info.used = info.used.saturating_add(1);
+                info.used = info.used.saturating_add(n);
             }
-            TokenChange::Refund => {
-                info.used = info.used.checked_sub(1)?;
+            TokenChange::Refund(n) => {
+                info.used = info.used.checked_sub(n)?;
                 if let Some(left) = &mut info.uses_left {
-                    *left = left.saturating_add(1);
+                    *left = left.saturating_add(n);
                 }
             }
         }
         Some(next)
+    }
+
+    /// As much of `change` as applies: no more uses spent than are left,
+    /// no more given back than were used.
+    pub fn applicable(&self, change: TokenChange) -> TokenChange {
+        match change {
+            TokenChange::Spend(n) => TokenChange::Spend(self.info.uses_left.map_or(n, |left| left.min(n))),
+            TokenChange::Refund(n) => TokenChange::Refund(self.info.used.min(n)),
+        }
     }
 }
 
