@@ -169,7 +169,8 @@ fn pool_text(pool: Option<&str>) -> String {
 }
 
 /// The join tokens of a control plane, kept in its store. See the module
-/// docs. Cheap to share: every call reads the store.
+/// docs. Make one per server and share it (`Arc`): the uses of a token
+/// waiting on it at one moment are counted in one write.
 pub struct JoinTokens {
     store: Arc<dyn Store>,
     turns: turns::Turns,
