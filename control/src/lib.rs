@@ -11,6 +11,9 @@
 //!   `/api/v1/peers`, `/api/v1/nodes`, `/api/v1/sd`) and `/boot.ipxe`.
 //! - [`listen`]: the one accept loop of the HTTP and TLS listeners, with
 //!   their connection cap, time limits and size limits.
+//! - [`join_tokens`]: join tokens (kubeadm's `ID.SECRET`), kept hashed in
+//!   the store: made, listed, deleted, minted per MAC for the boot path, and
+//!   each use counted atomically.
 //! - [`tls`]: the control plane's CA (`STATE/ca.pem`) and the API over TLS.
 //! - [`operators`]: operators' client certificates (`STATE/admin.pem`) and
 //!   their revocation.
@@ -25,6 +28,7 @@
 //! in [`api`] that the server composes.
 
 pub mod api;
+pub mod join_tokens;
 pub mod listen;
 pub mod operators;
 pub mod pools;

@@ -6,7 +6,7 @@
 //! bytes here. To add a wire type, add it to the module whose endpoint uses it
 //! and keep field names in snake case, as the JSON API spells them.
 //!
-//! Owns the contracts between the other crates ([`JoinParams`], [`Digest`],
+//! Owns the contracts between the other crates ([`JoinParams`], [`JoinSecret`], [`Digest`],
 //! [`Lease`] and [`NetworkConfig`], [`Node`], [`PoolStatus`], [`Manifest`]);
 //! does not own any behaviour that needs a file, a socket or a clock.
 
@@ -31,6 +31,7 @@ macro_rules! serde_as_str {
 pub mod cmdline;
 pub mod digest;
 pub mod join;
+pub mod join_token;
 pub mod lease;
 pub mod mac;
 pub mod manifest;
@@ -41,6 +42,7 @@ pub mod toml_file;
 pub use cmdline::KernelCmdline;
 pub use digest::{Digest, DigestError};
 pub use join::{IMAGE_CA_PATH, JoinError, JoinParams, SEED_CMDLINE_PATH};
+pub use join_token::{CreateTokenRequest, CreateTokenResponse, JoinSecret, JoinTokenInfo, MalformedToken, TokenRequestError};
 pub use lease::{Backend, CidrError, Ipv4Cidr, Lease, NetworkConfig, Peer, Peers};
 pub use mac::Mac;
 pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, ManifestError, PackageRef};

@@ -339,7 +339,7 @@ impl RegisterRequest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn request() -> RegisterRequest {
@@ -403,16 +403,22 @@ mod tests {
         for (case, edit, field) in cases {
             let mut r = request();
             edit(&mut r, mac, ip);
-            match (r.validate(), *field) {
-                (Ok(()), "") => {}
-                (Ok(()), field) => panic!("case {case}: should be refused naming {field}"),
-                (Err(e), "") => panic!("case {case}: should be accepted, got {e}"),
-                (Err(e), field) => {
-                    let text = e.to_string();
-                    assert!(text.starts_with(field) || text.contains(&format!("{field} ")), "case {case}: {text:?} names {field}");
-                    assert!(text.len() < 200, "case {case}: the message stays short: {} bytes", text.len());
-                    assert!(!text.contains(['\x1b', '\r', '\n']), "case {case}: the message is escaped: {text:?}");
-                }
+            assert_validation(case, r.validate(), field);
+        }
+    }
+
+    /// A validation `result` of table case `case`: accepted when `field`
+    /// is empty, else refused with a short, escaped message naming `field`.
+    pub(crate) fn assert_validation<E: std::fmt::Display>(case: &str, result: Result<(), E>, field: &str) {
+        match (result, field) {
+            (Ok(()), "") => {}
+            (Ok(()), field) => panic!("case {case}: should be refused naming {field}"),
+            (Err(e), "") => panic!("case {case}: should be accepted, got {e}"),
+            (Err(e), field) => {
+                let text = e.to_string();
+                assert!(text.starts_with(field) || text.contains(&format!("{field} ")), "case {case}: {text:?} names {field}");
+                assert!(text.len() < 200, "case {case}: the message stays short: {} bytes", text.len());
+                assert!(!text.contains(['\x1b', '\r', '\n']), "case {case}: the message is escaped: {text:?}");
             }
         }
     }

@@ -9,6 +9,14 @@
 //!
 //! A state directory from before the database (`nodes.json`) is imported
 //! once, on first open.
+//!
+//! Join tokens are in table `join_tokens` (ID → JSON [`TokenRecord`]), and
+//! the token minted last for each MAC in `minted_tokens` (MAC → ID). A use is
+//! counted in the writer thread: its transaction reads the token, checks it
+//! is still the one the caller read (the same secret hash) and that the
+//! change applies (a use left), and writes it back. The writer is the only
+//! one, so two uses of a one-use token cannot both be counted, and
+//! concurrent uses of one token never have to retry.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -16,11 +24,15 @@ use std::sync::mpsc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{Error, Loaded, NodeRecord, Renewal, Store, StoreFuture};
+use super::{Error, Loaded, NodeRecord, Renewal, Store, StoreFuture, StoredToken, TokenChange, TokenRecord, TokenUpdate};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 /// Desired replicas by pool.
 const POOLS: TableDefinition<&str, u32> = TableDefinition::new("pool_replicas");
+/// Join tokens by ID.
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+/// The ID of the token minted last for each MAC.
+const MINTED: TableDefinition<&str, &str> = TableDefinition::new("minted_tokens");
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -29,11 +41,22 @@ enum Op {
     Put(Box<NodeRecord>),
     Remove(String),
     Replicas(String, u32),
+    CreateToken(Box<TokenRecord>),
+    UpdateToken(Box<TokenRecord>, TokenChange),
+    RemoveToken(Box<TokenRecord>),
+}
+
+/// What a write did, for the writes that answer more than `Ok`.
+enum Outcome {
+    Done,
+    /// Whether a token was written (created) or was there (removed).
+    Token(bool),
+    Updated(TokenUpdate),
 }
 
 struct Pending {
     op: Op,
-    done: oneshot::Sender<Result<(), Error>>,
+    done: oneshot::Sender<Result<Outcome, Error>>,
 }
 
 /// The embedded store. See the module docs.
@@ -75,6 +98,8 @@ impl DbStore {
         let txn = db.begin_write().map_err(|e| db_error(path, e))?;
         {
             txn.open_table(POOLS).map_err(|e| db_error(path, e))?;
+            txn.open_table(TOKENS).map_err(|e| db_error(path, e))?;
+            txn.open_table(MINTED).map_err(|e| db_error(path, e))?;
             let mut table = txn.open_table(NODES).map_err(|e| db_error(path, e))?;
             if !existed && let Some(json) = legacy_json {
                 for record in read_legacy(json)? {
@@ -94,13 +119,40 @@ impl DbStore {
         Ok(DbStore { path: path.into(), db, writer: Some(writer), thread: Some(thread) })
     }
 
-    fn submit(&self, op: Op) -> StoreFuture<'_, ()> {
+    fn submit(&self, op: Op) -> StoreFuture<'_, Outcome> {
         let (done, result) = oneshot::channel();
         let sent = self.writer.as_ref().ok_or(()).and_then(|w| w.send(Pending { op, done }).map_err(|_| ()));
         Box::pin(async move {
             sent.map_err(|_| Error::Closed)?;
             result.await.map_err(|_| Error::Closed)?
         })
+    }
+
+    /// A write whose answer is only `Ok`.
+    fn write(&self, op: Op) -> StoreFuture<'_, ()> {
+        let write = self.submit(op);
+        Box::pin(async move { write.await.map(|_| ()) })
+    }
+
+    /// A token write, answering whether it wrote (or found) the token.
+    fn write_token(&self, op: Op) -> StoreFuture<'_, bool> {
+        let write = self.submit(op);
+        Box::pin(async move { write.await.map(|o| matches!(o, Outcome::Token(true))) })
+    }
+
+    /// Reads `f` of a read transaction, with the database's errors named.
+    fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T, Error>) -> Result<T, Error> {
+        let txn = self.db.begin_read().map_err(|e| db_error(&self.path, e))?;
+        f(&txn)
+    }
+
+    fn parse_token(&self, id: &str, value: &[u8]) -> Result<StoredToken, Error> {
+        let record = serde_json::from_slice(value).map_err(|source| Error::Corrupt {
+            path: self.path.clone(),
+            what: format!("join token {id:?}"),
+            source,
+        })?;
+        Ok(StoredToken { record, revision: 0 })
     }
 }
 
@@ -115,35 +167,112 @@ fn write_loop(db: &Database, path: &Path, queue: &mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let result = commit(db, &batch).map_err(std::sync::Arc::new);
-        for p in batch {
-            let answer = result.clone().map_err(|source| Error::Db { path: path.into(), source });
-            let _ = p.done.send(answer);
-        }
-    }
-}
-
-fn commit(db: &Database, batch: &[Pending]) -> Result<(), redb::Error> {
-    let txn = db.begin_write()?;
-    {
-        let mut table = txn.open_table(NODES)?;
-        let mut pools = txn.open_table(POOLS)?;
-        for p in batch {
-            match &p.op {
-                Op::Put(record) => {
-                    let value = serde_json::to_vec(record).expect("records serialise");
-                    table.insert(record.node.name.as_str(), value.as_slice())?;
+        match commit(db, &batch) {
+            Ok(outcomes) => {
+                for (p, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = p.done.send(Ok(outcome));
                 }
-                Op::Remove(name) => {
-                    table.remove(name.as_str())?;
-                }
-                Op::Replicas(pool, n) => {
-                    pools.insert(pool.as_str(), *n)?;
+            }
+            Err(e) => {
+                let source = std::sync::Arc::new(e);
+                for p in batch {
+                    let _ = p.done.send(Err(Error::Db { path: path.into(), source: source.clone() }));
                 }
             }
         }
     }
-    Ok(txn.commit()?)
+}
+
+/// The tables a batch writes.
+struct Tables<'t> {
+    nodes: redb::Table<'t, &'static str, &'static [u8]>,
+    pools: redb::Table<'t, &'static str, u32>,
+    tokens: redb::Table<'t, &'static str, &'static [u8]>,
+    minted: redb::Table<'t, &'static str, &'static str>,
+}
+
+fn commit(db: &Database, batch: &[Pending]) -> Result<Vec<Outcome>, redb::Error> {
+    let txn = db.begin_write()?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut t = Tables {
+            nodes: txn.open_table(NODES)?,
+            pools: txn.open_table(POOLS)?,
+            tokens: txn.open_table(TOKENS)?,
+            minted: txn.open_table(MINTED)?,
+        };
+        for p in batch {
+            outcomes.push(apply(&mut t, &p.op)?);
+        }
+    }
+    txn.commit()?;
+    Ok(outcomes)
+}
+
+fn apply(t: &mut Tables<'_>, op: &Op) -> Result<Outcome, redb::Error> {
+    match op {
+        Op::Put(record) => {
+            let value = serde_json::to_vec(record).expect("records serialise");
+            t.nodes.insert(record.node.name.as_str(), value.as_slice())?;
+        }
+        Op::Remove(name) => {
+            t.nodes.remove(name.as_str())?;
+        }
+        Op::Replicas(pool, n) => {
+            t.pools.insert(pool.as_str(), *n)?;
+        }
+        Op::CreateToken(record) => return create_token(t, record).map(Outcome::Token),
+        Op::UpdateToken(seen, change) => return update_token(t, seen, *change).map(Outcome::Updated),
+        Op::RemoveToken(record) => {
+            let id = record.info.id.as_str();
+            if let Some(mac) = record.info.mac.map(|m| m.to_string())
+                && t.minted.get(mac.as_str())?.is_some_and(|v| v.value() == id)
+            {
+                t.minted.remove(mac.as_str())?;
+            }
+            return Ok(Outcome::Token(t.tokens.remove(id)?.is_some()));
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+fn create_token(t: &mut Tables<'_>, record: &TokenRecord) -> Result<bool, redb::Error> {
+    let id = record.info.id.as_str();
+    if t.tokens.get(id)?.is_some() {
+        return Ok(false);
+    }
+    if record.minted
+        && let Some(mac) = record.info.mac.map(|m| m.to_string())
+    {
+        let before = t.minted.insert(mac.as_str(), id)?.map(|v| v.value().to_string());
+        // Removed only if it is what the entry says: the token minted for this MAC.
+        let minted_here = |v: &[u8]| serde_json::from_slice::<TokenRecord>(v).is_ok_and(|r| r.minted && r.info.mac == record.info.mac);
+        if let Some(before) = before
+            && t.tokens.get(before.as_str())?.is_some_and(|v| minted_here(v.value()))
+        {
+            t.tokens.remove(before.as_str())?;
+        }
+    }
+    let value = serde_json::to_vec(record).expect("records serialise");
+    t.tokens.insert(id, value.as_slice())?;
+    Ok(true)
+}
+
+/// Applies `change` to the stored token if it is still the one `seen` was
+/// (the same secret hash: a token removed and made again with the same ID
+/// is another token).
+fn update_token(t: &mut Tables<'_>, seen: &TokenRecord, change: TokenChange) -> Result<TokenUpdate, redb::Error> {
+    let id = seen.info.id.as_str();
+    let stored = t.tokens.get(id)?.map(|v| serde_json::from_slice::<TokenRecord>(v.value()));
+    // An unreadable record is reported by the caller's next read.
+    let Some(Ok(stored)) = stored else { return Ok(TokenUpdate::Changed) };
+    if stored.secret_sha256 != seen.secret_sha256 {
+        return Ok(TokenUpdate::Changed);
+    }
+    let Some(next) = stored.changed(change) else { return Ok(TokenUpdate::NotApplicable) };
+    let value = serde_json::to_vec(&next).expect("records serialise");
+    t.tokens.insert(id, value.as_slice())?;
+    Ok(TokenUpdate::Done(StoredToken { record: next, revision: 0 }))
 }
 
 fn read_legacy(path: &Path) -> Result<Vec<NodeRecord>, Error> {
@@ -185,16 +314,16 @@ impl Store for DbStore {
     fn put(&self, record: NodeRecord, _fresh_subnet: bool) -> StoreFuture<'_, ()> {
         // One process owns the file: the registry's lock already keeps
         // subnets unique.
-        self.submit(Op::Put(Box::new(record)))
+        self.write(Op::Put(Box::new(record)))
     }
 
     fn renew(&self, record: NodeRecord) -> StoreFuture<'_, Renewal> {
-        let write = self.submit(Op::Put(Box::new(record)));
+        let write = self.write(Op::Put(Box::new(record)));
         Box::pin(async move { write.await.map(|()| Renewal::Live) })
     }
 
     fn remove(&self, record: NodeRecord) -> StoreFuture<'_, ()> {
-        self.submit(Op::Remove(record.node.name))
+        self.write(Op::Remove(record.node.name))
     }
 
     fn describe(&self) -> String {
@@ -216,7 +345,47 @@ impl Store for DbStore {
     }
 
     fn set_replicas(&self, pool: &str, replicas: u32) -> StoreFuture<'_, ()> {
-        self.submit(Op::Replicas(pool.to_string(), replicas))
+        self.write(Op::Replicas(pool.to_string(), replicas))
+    }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<StoredToken>> {
+        let result = self.read(|txn| {
+            let table = txn.open_table(TOKENS).map_err(|e| db_error(&self.path, e))?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(|e| db_error(&self.path, e))? {
+                let (k, v) = entry.map_err(|e| db_error(&self.path, e))?;
+                out.push(self.parse_token(k.value(), v.value())?);
+            }
+            Ok(out)
+        });
+        Box::pin(async move { result })
+    }
+
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<StoredToken>> {
+        let result = self.read(|txn| {
+            let table = txn.open_table(TOKENS).map_err(|e| db_error(&self.path, e))?;
+            let value = table.get(id).map_err(|e| db_error(&self.path, e))?;
+            value.map(|v| self.parse_token(id, v.value())).transpose()
+        });
+        Box::pin(async move { result })
+    }
+
+    fn create_token(&self, record: TokenRecord) -> StoreFuture<'_, bool> {
+        self.write_token(Op::CreateToken(Box::new(record)))
+    }
+
+    fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate> {
+        let write = self.submit(Op::UpdateToken(Box::new(seen.record.clone()), change));
+        Box::pin(async move {
+            match write.await? {
+                Outcome::Updated(update) => Ok(update),
+                Outcome::Done | Outcome::Token(_) => unreachable!("a token update answers Outcome::Updated"),
+            }
+        })
+    }
+
+    fn remove_token(&self, record: &TokenRecord) -> StoreFuture<'_, bool> {
+        self.write_token(Op::RemoveToken(Box::new(record.clone())))
     }
 }
 

@@ -6,6 +6,8 @@
 //! | `PREFIX/subnets/10.244.1.0-24` | flannel's lease: `{"PublicIP": "192.0.2.10", "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": "0e:..."}}`, on an etcd lease with flannel's TTL (24 h) |
 //! | `/kiln/nodes/<name>` | kiln's node record (facts and token hash) |
 //! | `/kiln/pools/<pool>` | the pool's desired replicas (`kiln scale`), a decimal number |
+//! | `/kiln/join-tokens/<id>` | a join token: its public part and its secret's sha256 (a `TokenRecord`) |
+//! | `/kiln/join-tokens-minted/<mac>` | the ID of the token the boot path minted last for that MAC |
 //!
 //! `PREFIX` is flannel's default `/coreos.com/network`. A stock flanneld
 //! pointed at the same etcd and prefix sees kiln's nodes as its peers, and
@@ -17,20 +19,29 @@
 //! [`RENEW_EVERY`] at most), not on each heartbeat. A node that stops
 //! heartbeating loses its lease after the TTL, as with flannel; the watch
 //! reports it and the registry forgets the node.
+//!
+//! Join tokens are not watched: each use reads the token's key, so one made
+//! by another server on the same etcd is seen at once. A use is a txn
+//! that writes the token back only if its key's `mod_revision` is still the
+//! one read; the loser reads again. A minted token is written in a txn that
+//! also moves its MAC's entry to it and removes the token minted before,
+//! compared on both keys' revisions.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
 use kiln_core::{Backend, Ipv4Cidr, Mac, Peer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use kiln_core::NetworkConfig;
 
-use super::{Change, Error, Loaded, NodeRecord, Renewal, Store, StoreFuture};
+use super::{Change, Error, Loaded, NodeRecord, Renewal, Store, StoreFuture, StoredToken, TokenChange, TokenRecord, TokenUpdate};
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -38,6 +49,12 @@ pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 pub const NODES_PREFIX: &str = "/kiln/nodes/";
 /// Where each pool's desired replicas are kept (a decimal number).
 pub const POOLS_PREFIX: &str = "/kiln/pools/";
+/// Where kiln keeps its join tokens, by ID.
+pub const TOKENS_PREFIX: &str = "/kiln/join-tokens/";
+/// Where the ID of the token minted last for each MAC is kept.
+pub const MINTED_PREFIX: &str = "/kiln/join-tokens-minted/";
+/// Tries of a minted token's write while others change its MAC's entry.
+const MINT_TRIES: usize = 16;
 /// flannel's lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A heartbeat renews the lease when the last renewal is this old (or a
@@ -438,6 +455,99 @@ impl EtcdStore {
     }
 }
 
+/// Join tokens.
+impl EtcdStore {
+    fn parse_token(&self, kv: &KeyValue) -> Result<StoredToken, Error> {
+        let record = serde_json::from_slice(kv.value()).map_err(|e| self.bad_value(kv.key(), "a kiln join token record")(e.into()))?;
+        Ok(StoredToken { record, revision: kv.mod_revision() })
+    }
+
+    async fn read_tokens(&self) -> Result<Vec<StoredToken>, Error> {
+        let mut client = self.client.clone();
+        let resp = client.get(TOKENS_PREFIX, Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
+        resp.kvs().iter().map(|kv| self.parse_token(kv)).collect()
+    }
+
+    async fn read_token(&self, id: &str) -> Result<Option<StoredToken>, Error> {
+        let mut client = self.client.clone();
+        let resp = client.get(token_key(id), None).await.map_err(|e| self.err(e))?;
+        resp.kvs().first().map(|kv| self.parse_token(kv)).transpose()
+    }
+
+    async fn write_token(&self, record: &TokenRecord) -> Result<bool, Error> {
+        let key = token_key(&record.info.id);
+        let value = serde_json::to_string(record).expect("records serialise");
+        let absent = Compare::create_revision(key.as_str(), CompareOp::Equal, 0);
+        let put = TxnOp::put(key.as_str(), value, None);
+        let mut client = self.client.clone();
+        let Some(mac) = record.info.mac.filter(|_| record.minted) else {
+            let resp = client.txn(Txn::new().when([absent]).and_then([put])).await.map_err(|e| self.err(e))?;
+            return Ok(resp.succeeded());
+        };
+        let entry = format!("{MINTED_PREFIX}{mac}");
+        for _ in 0..MINT_TRIES {
+            let mut compares = vec![absent.clone()];
+            let mut ops = vec![put.clone(), TxnOp::put(entry.as_str(), record.info.id.as_str(), None)];
+            let found = client.get(entry.as_str(), None).await.map_err(|e| self.err(e))?;
+            match found.kvs().first() {
+                None => compares.push(Compare::create_revision(entry.as_str(), CompareOp::Equal, 0)),
+                Some(kv) => {
+                    compares.push(Compare::mod_revision(entry.as_str(), CompareOp::Equal, kv.mod_revision()));
+                    let before = self.read_token(&String::from_utf8_lossy(kv.value())).await.ok().flatten();
+                    // Removed only if it is what the entry says: the token minted for this MAC.
+                    if let Some(before) = before.filter(|b| b.record.minted && b.record.info.mac == Some(mac)) {
+                        let before_key = token_key(&before.record.info.id);
+                        compares.push(Compare::mod_revision(before_key.as_str(), CompareOp::Equal, before.revision));
+                        ops.push(TxnOp::delete(before_key, None));
+                    }
+                }
+            }
+            let resp = client.txn(Txn::new().when(compares).and_then(ops)).await.map_err(|e| self.err(e))?;
+            if resp.succeeded() {
+                return Ok(true);
+            }
+            if self.read_token(&record.info.id).await?.is_some() {
+                return Ok(false);
+            }
+        }
+        Err(Error::Contended { key: entry, tries: MINT_TRIES })
+    }
+
+    async fn change_token(&self, seen: &StoredToken, change: TokenChange) -> Result<TokenUpdate, Error> {
+        let Some(next) = seen.record.changed(change) else { return Ok(TokenUpdate::NotApplicable) };
+        let key = token_key(&seen.record.info.id);
+        let value = serde_json::to_string(&next).expect("records serialise");
+        let txn = Txn::new().when([Compare::mod_revision(key.as_str(), CompareOp::Equal, seen.revision)]).and_then([TxnOp::put(
+            key.as_str(),
+            value,
+            None,
+        )]);
+        let resp = self.client.clone().txn(txn).await.map_err(|e| self.err(e))?;
+        Ok(match (resp.succeeded(), resp.header()) {
+            // The put is the txn's only write: the key's mod_revision is the txn's revision.
+            (true, Some(h)) => TokenUpdate::Done(StoredToken { record: next, revision: h.revision() }),
+            (true, None) => TokenUpdate::Done(StoredToken { record: next, revision: 0 }),
+            (false, _) => TokenUpdate::Changed,
+        })
+    }
+
+    async fn delete_token(&self, record: &TokenRecord) -> Result<bool, Error> {
+        let id = record.info.id.as_str();
+        let mut ops = vec![TxnOp::delete(token_key(id), None)];
+        if let Some(mac) = record.info.mac {
+            let entry = format!("{MINTED_PREFIX}{mac}");
+            let if_ours = Txn::new().when([Compare::value(entry.as_str(), CompareOp::Equal, id)]).and_then([TxnOp::delete(entry, None)]);
+            ops.push(TxnOp::txn(if_ours));
+        }
+        let resp = self.client.clone().txn(Txn::new().and_then(ops)).await.map_err(|e| self.err(e))?;
+        Ok(matches!(resp.op_responses().first(), Some(TxnOpResponse::Delete(d)) if d.deleted() > 0))
+    }
+}
+
+fn token_key(id: &str) -> String {
+    format!("{TOKENS_PREFIX}{id}")
+}
+
 /// Lease keys to changes, for the watch task (which cannot borrow the store).
 struct LeaseParser {
     subnets_prefix: String,
@@ -547,6 +657,29 @@ impl Store for EtcdStore {
             Ok(())
         })
     }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<StoredToken>> {
+        Box::pin(self.read_tokens())
+    }
+
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<StoredToken>> {
+        let id = id.to_string();
+        Box::pin(async move { self.read_token(&id).await })
+    }
+
+    fn create_token(&self, record: TokenRecord) -> StoreFuture<'_, bool> {
+        Box::pin(async move { self.write_token(&record).await })
+    }
+
+    fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate> {
+        let seen = seen.clone();
+        Box::pin(async move { self.change_token(&seen, change).await })
+    }
+
+    fn remove_token(&self, record: &TokenRecord) -> StoreFuture<'_, bool> {
+        let record = record.clone();
+        Box::pin(async move { self.delete_token(&record).await })
+    }
 }
 
 #[cfg(test)]
@@ -582,14 +715,14 @@ mod tests {
 
     /// Debian's etcd (`etcd-server`) on loopback with a temp data
     /// directory, killed when dropped.
-    struct LoopbackEtcd {
+    pub(crate) struct LoopbackEtcd {
         child: std::process::Child,
         url: String,
         _data: tempfile::TempDir,
     }
 
     impl LoopbackEtcd {
-        fn start() -> LoopbackEtcd {
+        pub(crate) fn start() -> LoopbackEtcd {
             let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let data = tempfile::Builder::new().prefix("kiln-etcd-").tempdir().unwrap();
             let (url, peer) = (format!("http://127.0.0.1:{}", port()), format!("http://127.0.0.1:{}", port()));
@@ -639,20 +772,21 @@ mod tests {
         NodeRecord { node, token_sha256: "00".into() }
     }
 
-    #[tokio::test]
-    async fn a_write_whose_etcd_lease_is_gone_takes_a_new_one() {
-        let etcd = LoopbackEtcd::start();
-        let mut connected = None;
+    /// A store on `etcd`, once it answers.
+    pub(crate) async fn connect(etcd: &LoopbackEtcd) -> EtcdStore {
         for _ in 0..60 {
             match EtcdStore::connect(EtcdConfig::new(vec![etcd.url.clone()]), NetworkConfig::default()).await {
-                Ok((store, _)) => {
-                    connected = Some(store);
-                    break;
-                }
+                Ok((store, _)) => return store,
                 Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
-        let store = connected.expect("etcd on loopback answers within 30 s");
+        panic!("etcd on loopback answers within 30 s");
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_etcd_lease_is_gone_takes_a_new_one() {
+        let etcd = LoopbackEtcd::start();
+        let store = connect(&etcd).await;
         let record = leased_record();
         store.write(&record, true).await.expect("the first write grants a lease");
         let first = store.leases.lock().unwrap()["a"].0;
@@ -663,5 +797,22 @@ mod tests {
         let key = store.subnet_key("10.244.1.0/24".parse().unwrap());
         let got = store.client.clone().get(key.as_str(), None).await.unwrap();
         assert_eq!(got.kvs().first().map(|kv| kv.lease()), Some(second), "the subnet key is on the new lease");
+    }
+
+    /// Join tokens on etcd: every behaviour of the embedded store's test,
+    /// with two servers sharing the etcd (a token one makes, the other
+    /// consumes; their concurrent consumes of a one-use token: one wins),
+    /// and a third started later that finds the tokens kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn join_tokens_on_etcd() {
+        use crate::join_tokens::{JoinTokens, tests};
+        use std::sync::Arc;
+        let etcd = LoopbackEtcd::start();
+        let a = Arc::new(JoinTokens::new(Arc::new(connect(&etcd).await)));
+        let b = Arc::new(JoinTokens::new(Arc::new(connect(&etcd).await)));
+        tests::every_behaviour(a.clone(), b.clone()).await;
+        let made = tests::before_a_restart(&a).await;
+        drop((a, b));
+        tests::after_a_restart(&JoinTokens::new(Arc::new(connect(&etcd).await)), made).await;
     }
 }

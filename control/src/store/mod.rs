@@ -13,13 +13,18 @@
 //! Every write that returns `Ok` is durable. The registry keeps the records
 //! in memory and writes through; a store that others write to as well
 //! (etcd) reports their changes through [`Store::watch`].
+//!
+//! Join tokens ([`TokenRecord`]) are not kept in memory: the
+//! `join_tokens` module reads them through on every use, so a token
+//! another server made on the same etcd is seen at once, and counts a use
+//! with [`Store::update_token`], atomic on each backend.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use kiln_core::{Node, Peer};
+use kiln_core::{JoinTokenInfo, Node, Peer};
 use serde::{Deserialize, Serialize};
 
 pub mod embedded;
@@ -32,6 +37,95 @@ pub struct NodeRecord {
     pub node: Node,
     /// Hex sha256 of the node's current token.
     pub token_sha256: String,
+}
+
+/// A join token as the store keeps it: what `kiln token list` shows and
+/// the sha256 of its secret. Never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The token, less its secret.
+    pub info: JoinTokenInfo,
+    /// Hex sha256 of the secret part (the 16 characters after the dot).
+    pub secret_sha256: String,
+    /// Minted by the boot path for `info.mac` (at most one such token per
+    /// MAC is kept), not made by an operator.
+    #[serde(default)]
+    pub minted: bool,
+}
+
+/// A token record as read from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    /// The record.
+    pub record: TokenRecord,
+    /// etcd: the key's `mod_revision`, which [`Store::update_token`]
+    /// compares. The embedded store re-reads the record in its writer
+    /// instead and sets 0.
+    pub revision: i64,
+}
+
+/// A change to a token's use count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenChange {
+    /// That many registrations used it: `uses_left` that much less (unless
+    /// unlimited), `used` that much more.
+    Spend(u32),
+    /// That many registrations that used it failed: their uses are given back.
+    Refund(u32),
+}
+
+impl TokenChange {
+    /// How many uses it spends or gives back.
+    pub fn count(self) -> u32 {
+        match self {
+            TokenChange::Spend(n) | TokenChange::Refund(n) => n,
+        }
+    }
+}
+
+/// What [`Store::update_token`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenUpdate {
+    /// Written: the token as it is now.
+    Done(StoredToken),
+    /// The change does not apply to the stored record: not that many uses
+    /// left to spend, or used to give back. Nothing written.
+    NotApplicable,
+    /// The stored token is not the one read (another writer changed or
+    /// removed it): read it again. Nothing written.
+    Changed,
+}
+
+impl TokenRecord {
+    /// The record after `change`, or `None` if it does not apply.
+    pub fn changed(&self, change: TokenChange) -> Option<TokenRecord> {
+        let mut next = self.clone();
+        let info = &mut next.info;
+        match change {
+            TokenChange::Spend(n) => {
+                if let Some(left) = &mut info.uses_left {
+                    *left = left.checked_sub(n)?;
+                }
+                info.used = info.used.saturating_add(n);
+            }
+            TokenChange::Refund(n) => {
+                info.used = info.used.checked_sub(n)?;
+                if let Some(left) = &mut info.uses_left {
+                    *left = left.saturating_add(n);
+                }
+            }
+        }
+        Some(next)
+    }
+
+    /// As much of `change` as applies: no more uses spent than are left,
+    /// no more given back than were used.
+    pub fn applicable(&self, change: TokenChange) -> TokenChange {
+        match change {
+            TokenChange::Spend(n) => TokenChange::Spend(self.info.uses_left.map_or(n, |left| left.min(n))),
+            TokenChange::Refund(n) => TokenChange::Refund(self.info.used.min(n)),
+        }
+    }
 }
 
 /// A store failed. Each variant names the file or key and carries the
@@ -47,8 +141,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A record in the store's file is not a kiln node record.
-    #[error("{path}: {what} is not a kiln node record")]
+    /// A record in the store's file is not a kiln node (or join token) record.
+    #[error("{path}: {what} is not a kiln record")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -111,6 +205,15 @@ pub enum Error {
     /// it (another control plane or a flanneld on the same etcd).
     #[error("subnet {0} was leased by another writer")]
     Taken(kiln_core::Ipv4Cidr),
+    /// A key changed under each try of a conditional write: other writers
+    /// on the same etcd.
+    #[error("etcd {key}: changed by another writer on each of {tries} tries")]
+    Contended {
+        /// The key.
+        key: String,
+        /// The tries made.
+        tries: usize,
+    },
     /// The store's writer is gone (the server is shutting down).
     #[error("the store is closed")]
     Closed,
@@ -175,4 +278,20 @@ pub trait Store: Send + Sync {
     fn replicas(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u32>>;
     /// Sets `pool`'s desired replicas.
     fn set_replicas(&self, pool: &str, replicas: u32) -> StoreFuture<'_, ()>;
+    /// Every join token, as last written.
+    fn tokens(&self) -> StoreFuture<'_, Vec<StoredToken>>;
+    /// The join token `id`, read now (on etcd: a get of its key).
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<StoredToken>>;
+    /// Writes a new token; `false` (and nothing written) if its ID is
+    /// taken. A minted token bound to a MAC replaces, in the same
+    /// transaction, the token minted for that MAC before.
+    fn create_token(&self, record: TokenRecord) -> StoreFuture<'_, bool>;
+    /// Applies `change` to the token `seen`, atomically: only if the
+    /// stored token is still `seen` (etcd: a txn comparing the key's
+    /// `mod_revision`; embedded: the writer thread re-reads the record in
+    /// its transaction and applies the change to what it finds there).
+    fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate>;
+    /// Removes the token (and its MAC's minted-token entry, if that names
+    /// it); whether it was there.
+    fn remove_token(&self, record: &TokenRecord) -> StoreFuture<'_, bool>;
 }

@@ -1,0 +1,362 @@
+//! Join tokens: what lets a machine register, and nothing else.
+//!
+//! # Format
+//!
+//! kubeadm's bootstrap tokens: `ID.SECRET`, 6 and 16 characters of
+//! `[a-z0-9]` (`^([a-z0-9]{6})\.([a-z0-9]{16})$`, [`JoinSecret`]), drawn from
+//! the OS's CSPRNG (about 83 bits of secret). The ID is public: `kiln token
+//! list` and every log line name a token by it. The secret is handed out once
+//! ([`JoinTokens::create`], [`JoinTokens::mint_for_mac`]) and never kept.
+//!
+//! # What is stored
+//!
+//! One [`TokenRecord`] per token in the registry's store: the
+//! [`JoinTokenInfo`] (description, creation and expiry times, uses left,
+//! uses made, the pool or MAC it is bound to) and the hex sha256 of the
+//! secret. A presented secret is hashed and the two digests compared in
+//! constant time. Tokens are not cached: every use reads the token from the
+//! store (on etcd, a get of its key), so a token made or deleted by another
+//! server on the same etcd counts at once.
+//!
+//! # How a use is counted
+//!
+//! [`JoinTokens::consume`] reads the token and checks it (secret, expiry,
+//! uses left, pool, MAC); a refusal is answered from that read. An admitted
+//! use then waits for its token's turn (`turns`): the uses of a token
+//! waiting at one moment are checked again against one fresh read and spent
+//! together in one write, [`Store::update_token`] with `Spend(n)`, which is
+//! atomic on each backend:
+//!
+//! - redb (`store::embedded`): the one writer thread's transaction reads the
+//!   token again, checks it is the same token (the same secret hash) with `n`
+//!   uses left, and writes it back `n` uses less. Writes are serial: two
+//!   spends of the last use cannot both be counted.
+//! - etcd (`store::etcd`): a txn writes the token back `n` uses less only if
+//!   its key's `mod_revision` is still the one read. If another server wrote
+//!   it since, the turn reads it again and checks every waiting use again.
+//!
+//! Of 16 concurrent consumes of a one-use token exactly one wins, on either
+//! backend and across servers sharing an etcd; the others are told it is
+//! used up.
+//!
+//! A use is spent only by a consume that succeeds; [`JoinTokens::refund`]
+//! gives it back when the registration it was for fails afterwards.
+//!
+//! # Minted tokens
+//!
+//! For a machine it expects, the boot path mints a one-use token bound to
+//! the machine's MAC ([`JoinTokens::mint_for_mac`], 30 minutes by default). At
+//! most one per MAC is kept: minting again replaces the previous one in the
+//! same transaction, so fetching scripts in a loop cannot grow the store.
+//!
+//! Expired tokens stay (and `list` shows them, marked by `expires`) until
+//! [`JoinTokens::sweep`] removes them, minted ones included.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::join_token::{ALPHABET, ID_LEN, SECRET_LEN, TTL_MAX_SECS, is_token_id};
+use kiln_core::{CreateTokenRequest, JoinSecret, JoinTokenInfo, Mac, TokenRequestError};
+use rand::TryRngCore;
+use time::OffsetDateTime;
+
+use crate::store::{self, Store, StoredToken, TokenChange, TokenRecord};
+
+mod turns;
+
+/// How long a minted token is valid, unless the server is told otherwise.
+pub const MINTED_TTL: Duration = Duration::from_secs(30 * 60);
+/// Writes of one token's uses tried while other writers keep changing it (etcd).
+const UPDATE_TRIES: usize = 64;
+/// Fresh IDs tried before giving up (36⁶ of them: a clash is rare).
+const ID_TRIES: usize = 8;
+
+/// Making, listing or removing tokens failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is invalid (400): the message names the field.
+    #[error(transparent)]
+    Request(#[from] TokenRequestError),
+    /// The store failed.
+    #[error("the join token store")]
+    Store(#[source] store::Error),
+    /// The OS's random source failed.
+    #[error("the OS's random source")]
+    Random(#[source] rand::rand_core::OsError),
+    /// Every fresh ID tried was taken.
+    #[error("no free join token ID in {0} tries")]
+    NoFreeId(usize),
+    /// The token changed under each try (other writers on the same etcd).
+    #[error("join token {id} changed under each of {tries} tries")]
+    Contended {
+        /// The token's ID.
+        id: String,
+        /// The tries made.
+        tries: usize,
+    },
+}
+
+impl From<store::Error> for Error {
+    fn from(e: store::Error) -> Self {
+        Error::Store(e)
+    }
+}
+
+/// Why a presented join token does not join. The message is for the user
+/// who presented it: it names the token's ID, never its secret.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// Not `ID.SECRET`.
+    #[error("not a join token: expected ID.SECRET, 6 and 16 characters of [a-z0-9]")]
+    Malformed,
+    /// No such token, or the secret is not its secret.
+    #[error("unknown join token {0}")]
+    Unknown(String),
+    /// Its time is over.
+    #[error("join token {id} expired at {}", rfc3339(.at))]
+    Expired {
+        /// The token's ID.
+        id: String,
+        /// When it expired.
+        at: OffsetDateTime,
+    },
+    /// No use left.
+    #[error("join token {0} is used up")]
+    UsedUp(String),
+    /// It is for another pool's nodes.
+    #[error("join token {id} is for pool {token_pool}, not {}", pool_text(.node_pool.as_deref()))]
+    WrongPool {
+        /// The token's ID.
+        id: String,
+        /// The pool it joins.
+        token_pool: String,
+        /// The pool of the registering node.
+        node_pool: Option<String>,
+    },
+    /// It is bound to a machine whose MAC the registration does not report.
+    #[error("join token {id} is for another machine (the registration does not report its MAC)")]
+    WrongMachine {
+        /// The token's ID.
+        id: String,
+    },
+    /// Too many registrations used it at the same moment (etcd); try again.
+    #[error("join token {0} is busy: too many registrations used it at once; try again")]
+    Busy(String),
+    /// The store failed: nothing was decided.
+    #[error("the join token store")]
+    Store(#[source] store::Error),
+}
+
+impl Refused {
+    /// The HTTP status to answer with: 401 for a token that is no good,
+    /// 403 for a good token presented for the wrong node, 503 when nothing
+    /// was decided (the store failed, or the token was busy).
+    pub fn status(&self) -> u16 {
+        match self {
+            Refused::Malformed | Refused::Unknown(_) | Refused::Expired { .. } | Refused::UsedUp(_) => 401,
+            Refused::WrongPool { .. } | Refused::WrongMachine { .. } => 403,
+            Refused::Busy(_) | Refused::Store(_) => 503,
+        }
+    }
+}
+
+fn rfc3339(at: &OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| at.to_string())
+}
+
+fn pool_text(pool: Option<&str>) -> String {
+    pool.map_or_else(|| "a node of no pool".to_string(), |p| format!("pool {p:?}"))
+}
+
+/// The join tokens of a control plane, kept in its store. See the module
+/// docs. Make one per server and share it (`Arc`): the uses of a token
+/// waiting on it at one moment are counted in one write.
+pub struct JoinTokens {
+    store: Arc<dyn Store>,
+    turns: turns::Turns,
+}
+
+impl JoinTokens {
+    /// The tokens kept in `store` (the registry's).
+    pub fn new(store: Arc<dyn Store>) -> JoinTokens {
+        JoinTokens { store, turns: turns::Turns::new() }
+    }
+
+    /// Makes a token as `req` asks (validated here), bound to `mac` if
+    /// given. Returns the token, `ID.SECRET`, to show once, and its info.
+    pub async fn create(&self, req: &CreateTokenRequest, mac: Option<Mac>) -> Result<(String, JoinTokenInfo), Error> {
+        req.validate()?;
+        let created = OffsetDateTime::now_utc();
+        let info = JoinTokenInfo {
+            id: String::new(),
+            description: req.description.clone().unwrap_or_default(),
+            created,
+            expires: req.ttl().map(|ttl| created + ttl),
+            uses_left: req.uses,
+            pool: req.pool.clone(),
+            mac,
+            used: 0,
+        };
+        let (secret, info) = self.insert(info, false).await?;
+        Ok((secret.expose(), info))
+    }
+
+    /// Mints a one-use token bound to `mac`, valid for `ttl` (at most a
+    /// year; [`MINTED_TTL`] is the default), replacing the one minted for
+    /// that MAC before. Returns `ID.SECRET`.
+    pub async fn mint_for_mac(&self, mac: Mac, ttl: Duration) -> Result<String, Error> {
+        let created = OffsetDateTime::now_utc();
+        let info = JoinTokenInfo {
+            id: String::new(),
+            description: format!("minted for {mac} by the boot path"),
+            created,
+            expires: Some(created + ttl.min(Duration::from_secs(TTL_MAX_SECS))),
+            uses_left: Some(1),
+            pool: None,
+            mac: Some(mac),
+            used: 0,
+        };
+        let (secret, _) = self.insert(info, true).await?;
+        Ok(secret.expose())
+    }
+
+    /// Writes `info` under a fresh ID with a fresh secret.
+    async fn insert(&self, info: JoinTokenInfo, minted: bool) -> Result<(JoinSecret, JoinTokenInfo), Error> {
+        for _ in 0..ID_TRIES {
+            let secret = JoinSecret::from_parts(&random_text(ID_LEN)?, &random_text(SECRET_LEN)?).expect("drawn from the token alphabet");
+            let info = JoinTokenInfo { id: secret.id().to_string(), ..info.clone() };
+            let record = TokenRecord { info: info.clone(), secret_sha256: crate::token::hash(secret.secret()), minted };
+            if self.store.create_token(record).await? {
+                return Ok((secret, info));
+            }
+        }
+        Err(Error::NoFreeId(ID_TRIES))
+    }
+
+    /// Every token, the oldest first; expired ones too, until swept.
+    pub async fn list(&self) -> Result<Vec<JoinTokenInfo>, Error> {
+        let mut infos: Vec<JoinTokenInfo> = self.store.tokens().await?.into_iter().map(|t| t.record.info).collect();
+        infos.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(infos)
+    }
+
+    /// Removes token `id`; whether there was one.
+    pub async fn delete(&self, id: &str) -> Result<bool, Error> {
+        if !is_token_id(id) {
+            return Ok(false);
+        }
+        match self.store.token(id).await? {
+            Some(t) => Ok(self.store.remove_token(&t.record).await?),
+            None => Ok(false),
+        }
+    }
+
+    /// Spends one use of the `presented` token (`ID.SECRET`) for a
+    /// registration of a node in `pool` reporting `macs`, if the token
+    /// allows it. Returns the token as it is after that use.
+    pub async fn consume(&self, presented: &str, pool: Option<&str>, macs: &[Mac]) -> Result<JoinTokenInfo, Refused> {
+        let token = JoinSecret::parse(presented).map_err(|_| Refused::Malformed)?;
+        let id = token.id().to_string();
+        let hash = crate::token::hash(token.secret());
+        let (pool, macs) = (pool.map(str::to_string), macs.to_vec());
+        let check = {
+            let id = id.clone();
+            move |seen: Option<&StoredToken>| {
+                let seen = seen.filter(|s| same_digest(&s.record.secret_sha256, &hash)).ok_or_else(|| Refused::Unknown(id.clone()))?;
+                admits(&seen.record.info, OffsetDateTime::now_utc(), pool.as_deref(), &macs)
+            }
+        };
+        match self.update(&id, TokenChange::Spend(1), Box::new(check)).await? {
+            Some(record) => Ok(record.info),
+            None => Err(Refused::UsedUp(id)),
+        }
+    }
+
+    /// Gives back a use of token `id` (its registration failed after
+    /// [`JoinTokens::consume`]). Whether there was a use to give back.
+    pub async fn refund(&self, id: &str) -> Result<bool, Error> {
+        if !is_token_id(id) {
+            return Ok(false);
+        }
+        let owned = id.to_string();
+        let exists = move |seen: Option<&StoredToken>| seen.map(|_| ()).ok_or_else(|| Refused::Unknown(owned.clone()));
+        match self.update(id, TokenChange::Refund(1), Box::new(exists)).await {
+            Ok(done) => Ok(done.is_some()),
+            Err(Refused::Store(e)) => Err(Error::Store(e)),
+            Err(Refused::Busy(id)) => Err(Error::Contended { id, tries: UPDATE_TRIES }),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Reads token `id`, and if `check` admits it, applies `change` with
+    /// the other uses of it waiting at this moment ([`turns`]). A refused
+    /// token is answered from this first read and never waits for a turn.
+    async fn update(&self, id: &str, change: TokenChange, check: turns::Check) -> Result<Option<TokenRecord>, Refused> {
+        let seen = self.store.token(id).await.map_err(Refused::Store)?;
+        check(seen.as_ref())?;
+        self.turns.update(&self.store, id, change, check).await
+    }
+
+    /// Removes every expired token, minted ones included. Returns how many.
+    pub async fn sweep(&self) -> Result<usize, Error> {
+        let now = OffsetDateTime::now_utc();
+        let mut removed = 0;
+        for t in self.store.tokens().await? {
+            if t.record.info.expired_at(now) && self.store.remove_token(&t.record).await? {
+                tracing::info!(id = %t.record.info.id, minted = t.record.minted, "join token expired; removed");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether `info` lets a node of `pool` reporting `macs` join at `now`
+/// (its secret already checked).
+fn admits(info: &JoinTokenInfo, now: OffsetDateTime, pool: Option<&str>, macs: &[Mac]) -> Result<(), Refused> {
+    let id = || info.id.clone();
+    if let Some(at) = info.expires
+        && at <= now
+    {
+        return Err(Refused::Expired { id: id(), at });
+    }
+    if info.uses_left == Some(0) {
+        return Err(Refused::UsedUp(id()));
+    }
+    if let Some(token_pool) = &info.pool
+        && pool != Some(token_pool.as_str())
+    {
+        return Err(Refused::WrongPool { id: id(), token_pool: token_pool.clone(), node_pool: pool.map(str::to_string) });
+    }
+    if let Some(mac) = info.mac
+        && !macs.contains(&mac)
+    {
+        return Err(Refused::WrongMachine { id: id() });
+    }
+    Ok(())
+}
+
+/// Whether two hex digests are equal, in time that does not depend on where
+/// they differ.
+fn same_digest(a: &str, b: &str) -> bool {
+    let diff = a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0 && a.len() == b.len()
+}
+
+/// `len` characters of the token alphabet from the OS's CSPRNG (bytes past
+/// the largest multiple of 36 are drawn again, so each character is uniform).
+fn random_text(len: usize) -> Result<String, Error> {
+    const LIMIT: u8 = (256 / ALPHABET.len() * ALPHABET.len()) as u8;
+    let mut out = String::with_capacity(len);
+    let mut buf = [0u8; 32];
+    while out.len() < len {
+        rand::rngs::OsRng.try_fill_bytes(&mut buf).map_err(Error::Random)?;
+        for b in buf.iter().filter(|&&b| b < LIMIT).take(len - out.len()) {
+            out.push(ALPHABET[usize::from(*b) % ALPHABET.len()] as char);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

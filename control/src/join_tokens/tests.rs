@@ -1,0 +1,310 @@
+//! [`JoinTokens`] over the embedded store; the same behaviours run over a
+//! real etcd in `store::etcd`'s tests.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::{CreateTokenRequest, JoinSecret, Mac};
+
+use super::*;
+use crate::store::embedded::DbStore;
+use crate::store::{Loaded, NodeRecord, Renewal, StoreFuture, TokenUpdate};
+
+fn mac(last: u8) -> Mac {
+    Mac([0x52, 0x54, 0x00, 0xab, 0xcd, last])
+}
+
+fn request(uses: Option<u32>, pool: Option<&str>) -> CreateTokenRequest {
+    CreateTokenRequest { ttl_secs: Some(3600), uses, pool: pool.map(str::to_string), description: Some("test".into()) }
+}
+
+async fn info(tokens: &JoinTokens, id: &str) -> Option<JoinTokenInfo> {
+    tokens.list().await.unwrap().into_iter().find(|i| i.id == id)
+}
+
+fn id_of(token: &str) -> String {
+    JoinSecret::parse(token).unwrap().id().to_string()
+}
+
+/// Every refusal but expiry, with the message a user reads; none records a use.
+pub(crate) async fn refusals(tokens: &JoinTokens) {
+    let (token, made) = tokens.create(&request(Some(1), None), None).await.unwrap();
+    let id = made.id.clone();
+    let secret_part = token.split_once('.').unwrap().1.to_string();
+    let wrong_secret = format!("{id}.{}", if secret_part == "0123456789abcdef" { "fedcba9876543210" } else { "0123456789abcdef" });
+    let (pooled, pooled_info) = tokens.create(&request(None, Some("tiny")), None).await.unwrap();
+    let (bound, bound_info) = tokens.create(&request(None, None), Some(mac(1))).await.unwrap();
+    /// (case, token, pool, macs, the refusal, its status, words its message must hold)
+    type Case<'a> = (&'a str, String, Option<&'a str>, Vec<Mac>, &'a str, u16, Vec<String>);
+    let cases: Vec<Case> = vec![
+        ("not ID.SECRET", "nope".into(), None, vec![], "Malformed", 401, vec!["ID.SECRET".into()]),
+        ("a bootstrap token", "ab".repeat(32), None, vec![], "Malformed", 401, vec!["ID.SECRET".into()]),
+        ("no such ID", "zz00zz.0123456789abcdef".into(), None, vec![], "Unknown", 401, vec!["unknown join token zz00zz".into()]),
+        ("the wrong secret", wrong_secret, None, vec![], "Unknown", 401, vec![format!("unknown join token {id}")]),
+        ("another pool", pooled.clone(), Some("worker"), vec![], "WrongPool", 403, vec!["\"worker\"".into(), "tiny".into()]),
+        ("no pool", pooled.clone(), None, vec![], "WrongPool", 403, vec!["no pool".into(), pooled_info.id.clone()]),
+        ("another MAC", bound.clone(), None, vec![mac(2)], "WrongMachine", 403, vec![bound_info.id.clone()]),
+        ("no MAC", bound.clone(), None, vec![], "WrongMachine", 403, vec!["another machine".into()]),
+    ];
+    for (case, presented, pool, macs, want, status, words) in cases {
+        let refused = tokens.consume(&presented, pool, &macs).await.expect_err(case);
+        assert!(format!("{refused:?}").starts_with(want), "case {case}: {refused:?}");
+        assert_eq!(refused.status(), status, "case {case}");
+        let text = refused.to_string();
+        for w in words {
+            assert!(text.contains(&w), "case {case}: {text:?} says {w:?}");
+        }
+        assert!(!text.contains(&secret_part) && !text.contains("0123456789abcdef"), "case {case}: no secret in {text:?}");
+    }
+    for (token, id) in [(&token, &id), (&pooled, &pooled_info.id), (&bound, &bound_info.id)] {
+        let i = info(tokens, id).await.unwrap();
+        assert_eq!(i.used, 0, "{id}: a refusal spends nothing");
+        assert!(!token.is_empty());
+    }
+    assert_eq!(info(tokens, &id).await.unwrap().uses_left, Some(1));
+    // The right pool and the right MAC join; a one-use token then is used up.
+    assert_eq!(tokens.consume(&pooled, Some("tiny"), &[]).await.unwrap().used, 1);
+    tokens.consume(&bound, None, &[mac(2), mac(1)]).await.expect("the bound MAC among others");
+    let spent = tokens.consume(&token, None, &[]).await.unwrap();
+    assert_eq!((spent.uses_left, spent.used), (Some(0), 1));
+    let refused = tokens.consume(&token, None, &[]).await.unwrap_err();
+    assert!(matches!(&refused, Refused::UsedUp(i) if *i == id), "{refused:?}");
+    assert_eq!(refused.to_string(), format!("join token {id} is used up"));
+    assert_eq!(info(tokens, &id).await.unwrap().used, 1, "the refused use is not counted");
+}
+
+/// Expired tokens are refused, listed until swept, and swept, minted ones too.
+pub(crate) async fn expiry_and_sweep(tokens: &JoinTokens) {
+    let short = CreateTokenRequest { ttl_secs: Some(1), ..request(None, None) };
+    let (expiring, made) = tokens.create(&short, None).await.unwrap();
+    let (lasting, lasting_info) = tokens.create(&CreateTokenRequest { ttl_secs: Some(0), ..request(None, None) }, None).await.unwrap();
+    assert_eq!(lasting_info.expires, None, "ttl 0: never expires");
+    let minted = tokens.mint_for_mac(mac(9), Duration::from_secs(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let refused = tokens.consume(&expiring, None, &[]).await.unwrap_err();
+    let at = made.expires.unwrap();
+    assert!(matches!(&refused, Refused::Expired { id, at: when } if *id == made.id && *when == at), "{refused:?}");
+    assert_eq!(refused.status(), 401);
+    let text = refused.to_string();
+    assert!(text.contains(&made.id) && text.contains(&rfc3339(&at)), "{text}");
+    assert!(matches!(tokens.consume(&minted, None, &[mac(9)]).await, Err(Refused::Expired { .. })), "a minted token expires too");
+    let listed = info(tokens, &made.id).await.expect("an expired token is listed until swept");
+    assert!(listed.expired_at(OffsetDateTime::now_utc()), "and marked by its expiry");
+    assert_eq!(tokens.sweep().await.unwrap(), 2, "the expired token and the minted one");
+    let left: Vec<String> = tokens.list().await.unwrap().into_iter().map(|i| i.id).collect();
+    assert!(!left.contains(&made.id) && !left.contains(&id_of(&minted)), "swept: {left:?}");
+    assert!(left.contains(&lasting_info.id), "a token that never expires stays");
+    assert_eq!(tokens.sweep().await.unwrap(), 0, "nothing more to sweep");
+    tokens.consume(&lasting, None, &[]).await.unwrap();
+}
+
+/// Registrations with one token at once, across `a` and `b` (two servers
+/// on one etcd, or the same one): exactly as many win as the token has
+/// uses; every other one is told it is used up (none to try again); every
+/// use is counted.
+pub(crate) async fn at_once(a: Arc<JoinTokens>, b: Arc<JoinTokens>) {
+    // (uses, registrations)
+    for (uses, registrations) in [(Some(1), 16), (Some(5), 16), (None, 500), (Some(100), 300)] {
+        let (token, made) = a.create(&request(uses, None), None).await.unwrap();
+        let tasks: Vec<_> = (0..registrations)
+            .map(|i| {
+                let (tokens, token) = (if i % 2 == 0 { a.clone() } else { b.clone() }, token.clone());
+                tokio::spawn(async move { tokens.consume(&token, None, &[]).await })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(Refused::UsedUp(id)) if uses.is_some() => assert_eq!(id, made.id),
+                Err(e) => panic!("uses {uses:?}: {e:?}"),
+            }
+        }
+        let want = uses.unwrap_or(registrations);
+        assert_eq!(won, want, "uses {uses:?}: exactly {want} of {registrations} concurrent registrations win");
+        let after = info(&b, &made.id).await.unwrap();
+        assert_eq!((after.uses_left, after.used), (uses.map(|_| 0), want), "every use counted");
+    }
+}
+
+/// A refund gives one use back, once per use.
+pub(crate) async fn refund(tokens: &JoinTokens) {
+    let (token, made) = tokens.create(&request(Some(1), None), None).await.unwrap();
+    assert!(!tokens.refund(&made.id).await.unwrap(), "nothing used: nothing to give back");
+    tokens.consume(&token, None, &[]).await.unwrap();
+    assert!(tokens.refund(&made.id).await.unwrap());
+    let back = info(tokens, &made.id).await.unwrap();
+    assert_eq!((back.uses_left, back.used), (Some(1), 0));
+    tokens.consume(&token, None, &[]).await.expect("the refunded use joins");
+    assert!(matches!(tokens.consume(&token, None, &[]).await, Err(Refused::UsedUp(_))));
+    for id in ["zz99zz", "../x", ""] {
+        assert!(!tokens.refund(id).await.unwrap(), "{id:?}: no such token");
+    }
+}
+
+/// Minting again for a MAC replaces its token; other MACs' and operators'
+/// tokens stay.
+pub(crate) async fn minting_replaces(tokens: &JoinTokens) {
+    let (operator, _) = tokens.create(&request(None, None), Some(mac(3))).await.unwrap();
+    let first = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
+    let other = tokens.mint_for_mac(mac(4), MINTED_TTL).await.unwrap();
+    let mut last = String::new();
+    for _ in 0..20 {
+        last = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
+    }
+    let listed = tokens.list().await.unwrap();
+    let bound: Vec<_> = listed.iter().filter(|i| i.mac == Some(mac(3))).collect();
+    assert_eq!(bound.len(), 2, "the operator's token and one minted token for the MAC: {bound:?}");
+    let minted = info(tokens, &id_of(&last)).await.unwrap();
+    assert_eq!((minted.uses_left, minted.pool.as_deref()), (Some(1), None));
+    let ttl = minted.expires.unwrap() - minted.created;
+    assert_eq!(ttl, time::Duration::minutes(30), "minted for 30 minutes");
+    assert!(matches!(tokens.consume(&first, None, &[mac(3)]).await, Err(Refused::Unknown(_))), "the replaced token is gone");
+    assert!(matches!(tokens.consume(&last, None, &[mac(4)]).await, Err(Refused::WrongMachine { .. })));
+    tokens.consume(&last, None, &[mac(3)]).await.expect("the last minted token joins its machine");
+    assert!(matches!(tokens.consume(&last, None, &[mac(3)]).await, Err(Refused::UsedUp(_))), "once");
+    tokens.consume(&other, None, &[mac(4)]).await.expect("another MAC's token stays");
+    tokens.consume(&operator, None, &[mac(3)]).await.expect("the operator's token for the MAC stays");
+}
+
+/// IDs are unique; delete removes a token at once.
+pub(crate) async fn ids_and_delete(tokens: &JoinTokens) {
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        let (token, made) = tokens.create(&CreateTokenRequest::default(), None).await.unwrap();
+        assert_eq!(JoinSecret::parse(&token).unwrap().id(), made.id);
+        assert!(ids.insert(made.id), "a fresh ID each time");
+    }
+    let (token, made) = tokens.create(&request(None, None), None).await.unwrap();
+    assert!(tokens.delete(&made.id).await.unwrap());
+    assert!(!tokens.delete(&made.id).await.unwrap(), "deleted already");
+    assert!(!tokens.delete("../../nodes/a").await.unwrap(), "not an ID");
+    assert!(matches!(tokens.consume(&token, None, &[]).await, Err(Refused::Unknown(_))), "a deleted token is refused");
+    assert_eq!(info(tokens, &made.id).await, None);
+}
+
+/// Every behaviour above, on one store.
+pub(crate) async fn every_behaviour(tokens: Arc<JoinTokens>, other_server: Arc<JoinTokens>) {
+    refusals(&tokens).await;
+    expiry_and_sweep(&tokens).await;
+    at_once(tokens.clone(), other_server).await;
+    refund(&tokens).await;
+    minting_replaces(&tokens).await;
+    ids_and_delete(&tokens).await;
+}
+
+/// Makes a token and uses it once, before a restart.
+pub(crate) async fn before_a_restart(tokens: &JoinTokens) -> (String, JoinTokenInfo) {
+    let (token, _) = tokens.create(&request(Some(3), Some("tiny")), None).await.unwrap();
+    let used = tokens.consume(&token, Some("tiny"), &[]).await.unwrap();
+    (token, used)
+}
+
+/// The token made before the restart is there as it was, and joins.
+pub(crate) async fn after_a_restart(tokens: &JoinTokens, (token, before): (String, JoinTokenInfo)) {
+    assert_eq!(info(tokens, &before.id).await.as_ref(), Some(&before), "kept as it was");
+    let after = tokens.consume(&token, Some("tiny"), &[]).await.unwrap();
+    assert_eq!((after.uses_left, after.used), (Some(1), 2));
+}
+
+fn db(dir: &std::path::Path) -> Arc<dyn Store> {
+    Arc::new(DbStore::open(&crate::StateDir::new(dir).registry_db(), None).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = Arc::new(JoinTokens::new(db(dir.path())));
+    every_behaviour(tokens.clone(), tokens.clone()).await;
+    let made = before_a_restart(&tokens).await;
+    drop(tokens);
+    after_a_restart(&JoinTokens::new(db(dir.path())), made).await;
+}
+
+#[tokio::test]
+async fn the_secret_is_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = crate::StateDir::new(dir.path()).registry_db();
+    let (token, made) = {
+        let tokens = JoinTokens::new(Arc::new(DbStore::open(&path, None).unwrap()));
+        tokens.create(&request(None, None), None).await.unwrap()
+    };
+    let secret = token.split_once('.').unwrap().1;
+    let bytes = std::fs::read(&path).unwrap();
+    let holds = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(holds(made.id.as_bytes()), "the ID is stored");
+    assert!(!holds(secret.as_bytes()), "the secret is not");
+    assert!(holds(crate::token::hash(secret).as_bytes()), "its hash is");
+}
+
+/// A store whose every operation fails.
+struct Failing;
+
+impl Store for Failing {
+    fn load(&self) -> StoreFuture<'_, Loaded> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn put(&self, _: NodeRecord, _: bool) -> StoreFuture<'_, ()> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn renew(&self, _: NodeRecord) -> StoreFuture<'_, Renewal> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn remove(&self, _: NodeRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn describe(&self) -> String {
+        "failing".into()
+    }
+    fn replicas(&self) -> StoreFuture<'_, BTreeMap<String, u32>> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn set_replicas(&self, _: &str, _: u32) -> StoreFuture<'_, ()> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn tokens(&self) -> StoreFuture<'_, Vec<StoredToken>> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn token(&self, _: &str) -> StoreFuture<'_, Option<StoredToken>> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn create_token(&self, _: TokenRecord) -> StoreFuture<'_, bool> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn update_token(&self, _: &StoredToken, _: TokenChange) -> StoreFuture<'_, TokenUpdate> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn remove_token(&self, _: &TokenRecord) -> StoreFuture<'_, bool> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+}
+
+#[tokio::test]
+async fn a_failing_store_decides_nothing() {
+    let tokens = JoinTokens::new(Arc::new(Failing));
+    let refused = tokens.consume("abcdef.0123456789abcdef", None, &[]).await.unwrap_err();
+    assert!(matches!(refused, Refused::Store(store::Error::Closed)), "{refused:?}");
+    assert_eq!(refused.status(), 503, "not the token's fault");
+    assert_eq!(kiln_core::error_chain(&refused), "the join token store: the store is closed");
+    assert!(matches!(tokens.create(&request(None, None), None).await, Err(Error::Store(_))));
+    assert!(matches!(tokens.create(&request(Some(0), None), None).await, Err(Error::Request(_))), "validated first");
+}
+
+#[test]
+fn random_text_is_of_the_alphabet() {
+    let text = random_text(4096).unwrap();
+    assert_eq!(text.len(), 4096);
+    assert!(text.bytes().all(|b| ALPHABET.contains(&b)));
+    let distinct: std::collections::BTreeSet<char> = text.chars().collect();
+    assert_eq!(distinct.len(), 36, "every character appears in 4096 draws");
+}
+
+#[test]
+fn digests_compare() {
+    let a = crate::token::hash("a");
+    assert!(same_digest(&a, &a.clone()));
+    assert!(!same_digest(&a, &crate::token::hash("b")));
+    assert!(!same_digest(&a, &a[..63]), "a prefix is not equal");
+    assert!(!same_digest("", &a));
+}
