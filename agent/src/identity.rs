@@ -168,6 +168,7 @@ pub fn gather(roots: &Roots, image_digest: &str) -> Result<RegisterRequest, Erro
         public_ip: None,
         vtep_mac: None,
         uplink_mtu: None,
+        csr: None,
     })
 }
 

@@ -7,8 +7,9 @@
 //! server forgets it. Every host path is a field of [`Roots`], so tests point
 //! them at fixtures.
 //!
-//! Modules: [`identity`] reads the node's facts; [`register`] keeps the
-//! node registered (its HTTP calls are kiln-client's); [`backoff`] paces
+//! Modules: [`identity`] reads the node's facts; [`node_key`] keeps the
+//! node's own key and certificate; [`register`] keeps the node registered
+//! (its HTTP calls are kiln-client's); [`backoff`] paces
 //! every retry; [`flannel`] sets up the node's part of the pod network
 //! (VXLAN device, peers, `subnet.env`, CNI conflist) from its lease;
 //! [`metrics`] exports node_exporter-compatible metrics on `/metrics`
@@ -22,6 +23,7 @@ pub mod backoff;
 pub mod flannel;
 pub mod identity;
 pub mod metrics;
+pub mod node_key;
 pub mod register;
 
 use std::path::PathBuf;

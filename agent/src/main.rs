@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use kiln_agent::backoff::Backoff;
+use kiln_agent::node_key::NodeKey;
 use kiln_agent::register::{self, Registered};
 use kiln_agent::{Roots, flannel, identity, metrics};
 use kiln_core::{JoinParams, KernelCmdline, RegisterRequest};
@@ -48,6 +49,10 @@ struct AgentArgs {
     /// CA certificate(s) (PEM) of an https:// control plane; read if it exists.
     #[arg(long, default_value = kiln_core::IMAGE_CA_PATH)]
     ca: PathBuf,
+    /// Where the node's own key (`node-key.pem`) and certificate
+    /// (`node.pem`) are kept, for an https:// control plane.
+    #[arg(long, default_value = "/var/lib/kiln")]
+    identity_dir: PathBuf,
     /// Where to serve `/metrics`.
     #[arg(long, default_value = "0.0.0.0:9100")]
     metrics_listen: SocketAddr,
@@ -225,6 +230,9 @@ enum StartError {
         #[source]
         source: kiln_client::Error,
     },
+    /// The node's key could not be made or read.
+    #[error("the node's key")]
+    Key(#[source] kiln_agent::node_key::Error),
 }
 
 /// The join parameters (`kiln_core::JoinParams`): `--server` and
@@ -255,6 +263,10 @@ struct Agent {
     roots: Roots,
     image_digest: String,
     client: kiln_client::Client,
+    /// How the control plane's clients are made (the node's own, too).
+    builder: kiln_client::Builder,
+    /// The node's key, over TLS.
+    key: Option<NodeKey>,
     /// Where metrics are served, when they are.
     metrics_addr: Option<SocketAddr>,
     overlay: Option<Arc<flannel::Overlay>>,
@@ -269,24 +281,30 @@ impl Agent {
         log::info!("kiln-agent {} starting; control plane {}", env!("CARGO_PKG_VERSION"), join.server);
         let metrics_addr = if args.no_metrics { None } else { serve_metrics(args.metrics_listen, &args.host) };
         let ca = std::fs::read(&args.ca).ok();
-        let client = kiln_client::Client::builder(&join.server)
+        let builder = kiln_client::Client::builder(&join.server)
             .token(&join.token)
             .ca_pem(ca.as_deref())
-            .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|source| StartError::Client { ca: args.ca.clone(), source })?;
+            .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")));
+        let client = builder.clone().build().map_err(|source| StartError::Client { ca: args.ca.clone(), source })?;
+        // Over plain HTTP (`kiln serve --plain-http`) there is no TLS to
+        // present a certificate in: the node token is the node's credential.
+        let key = match join.server.starts_with("https://") {
+            true => Some(NodeKey::load_or_create(&args.identity_dir).map_err(StartError::Key)?),
+            false => None,
+        };
         let overlay = (!args.overlay.no_flannel).then(|| Arc::new(overlay(args.overlay, &roots, client.authority())));
         let image_digest = join.image_digest.map(|d| d.to_string()).unwrap_or_default();
-        Ok(Agent { roots, image_digest, client, metrics_addr, overlay })
+        Ok(Agent { roots, image_digest, client, builder, key, metrics_addr, overlay })
     }
 
     /// Registers and stays registered until SIGTERM or SIGINT; then
     /// leaves the cluster and tears the overlay down.
     async fn run(self) -> ExitCode {
         let (publish, registered) = tokio::sync::watch::channel(None);
-        let overlay_task = self.overlay.clone().map(|o| tokio::spawn(o.run(self.client.clone(), registered)));
+        let overlay_task = self.overlay.clone().map(|o| tokio::spawn(o.run(registered)));
+        let joining = register::Joining { client: &self.client, builder: &self.builder, key: self.key.as_ref() };
         tokio::select! {
-            never = register::run(&self.client, || self.discover(), &publish) => match never {},
+            never = register::run(&joining, || self.discover(), &publish) => match never {},
             signal = shutdown_signal() => log::info!("{signal}: leaving the cluster"),
         }
         if let Some(task) = overlay_task {
@@ -332,7 +350,7 @@ impl Agent {
     /// removes the overlay's device and files.
     async fn leave(&self, last: Option<Registered>) {
         if let Some(reg) = &last {
-            match self.client.with_token(&reg.token).with_timeout(Duration::from_secs(3)).leave().await {
+            match reg.client.with_timeout(Duration::from_secs(3)).leave().await {
                 Ok(_) => log::info!("left the cluster as node {}", reg.name),
                 Err(e) => log::warn!("leaving: {}", register::chain(&e)),
             }

@@ -46,7 +46,10 @@ enum Command {
     /// Serve images (HTTP, iPXE) and the control-plane API.
     Serve(Box<serve::ServeArgs>),
     /// List registered nodes.
+    #[command(args_conflicts_with_subcommands = true)]
     Nodes {
+        #[command(subcommand)]
+        action: Option<NodesAction>,
         #[command(flatten)]
         api: ApiArgs,
         /// Print JSON instead of a table.
@@ -70,6 +73,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make, list and delete join tokens (`ID.SECRET`), what machines
+    /// register with.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Issue and revoke operators' client certificates (the server's CA, in
     /// the state directory; a revocation takes effect on the next request).
     AdminCert {
@@ -82,6 +93,61 @@ enum Command {
     /// Build the tiny image, serve it on loopback, PXE-boot a QEMU guest from
     /// it, and show the node once it has registered. Ctrl-C stops it all.
     Up(up::UpArgs),
+}
+
+/// `kiln nodes`' actions (none: list them).
+#[derive(Subcommand, Debug)]
+enum NodesAction {
+    /// Delete node NAME: its lease is released and its machine id free to
+    /// join again, with another key (a reinstalled machine).
+    Delete {
+        /// The node.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `kiln token`'s actions.
+#[derive(Subcommand, Debug)]
+enum TokenAction {
+    /// Make a join token; its secret is printed once.
+    Create {
+        /// How long it is valid (`90s`, `30m`, `1h`, `7d`; `0`: forever).
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+        /// How many registrations it allows (default: any number).
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Only nodes of this pool may join with it.
+        #[arg(long)]
+        pool: Option<String>,
+        /// What it is for.
+        #[arg(long)]
+        description: Option<String>,
+        /// Print JSON (the token and its info).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List join tokens (never their secrets).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete (revoke) the join token ID.
+    Delete {
+        /// The token's ID (the part before the dot).
+        id: String,
+    },
+}
+
+/// `--ttl`: a duration as humantime reads it, or `0` for forever.
+fn parse_ttl(text: &str) -> Result<std::time::Duration, humantime::DurationError> {
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(text)
 }
 
 /// `kiln admin-cert`'s actions.
@@ -183,6 +249,7 @@ fn main() -> ExitCode {
             | Command::Scale { .. }
             | Command::Pools { .. }
             | Command::AdminCert { .. }
+            | Command::Token { .. }
     );
     output::init_tracing(if quiet { "warn" } else { "info" });
     match run(cli) {
@@ -198,7 +265,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Build { spec, out, inputs, state, json } => build(&spec, &out, &inputs, state.as_deref(), json),
         Command::Serve(args) => serve::run(*args),
-        Command::Nodes { api, json } => {
+        Command::Nodes { action: Some(NodesAction::Delete { name, api }), .. } => {
+            let node = block_on(api.client()?.delete_node(&name))?;
+            println!("kiln: deleted node {} (machine id {})", output::escape(&node.name), output::escape(&node.machine_id));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Nodes { action: None, api, json } => {
             let nodes = block_on(api.client()?.nodes())?;
             print(json, &nodes, |n| output::node_table(n))
         }
@@ -215,8 +287,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print(json, &pools, |p| output::pool_table(p))
         }
         Command::AdminCert { action, state } => admin_cert(&state, action),
+        Command::Token { action, api } => token(&api, action),
         Command::Up(args) => up::run(args),
     }
+}
+
+/// `kiln token create|list|delete`.
+fn token(api: &ApiArgs, action: TokenAction) -> Result<ExitCode> {
+    let client = api.client()?;
+    match action {
+        TokenAction::Create { ttl, uses, pool, description, json } => {
+            let req = kiln_core::CreateTokenRequest { ttl_secs: Some(ttl.as_secs()), uses, pool, description };
+            let made = block_on(client.create_token(&req))?;
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&made)?),
+                false => println!("{}", made.token),
+            }
+        }
+        TokenAction::List { json } => {
+            let tokens = block_on(client.tokens())?;
+            print(json, &tokens, |t| output::token_table(t))?;
+        }
+        TokenAction::Delete { id } => {
+            block_on(client.delete_token(&id))?;
+            println!("kiln: deleted join token {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln admin-cert issue|revoke`.

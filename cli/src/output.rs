@@ -114,6 +114,25 @@ pub fn key_beside(cert: &std::path::Path) -> PathBuf {
     cert.with_file_name(format!("{stem}-key.pem"))
 }
 
+/// Join tokens as an aligned table: ID, uses made and left, expiry, pool or
+/// MAC, description.
+pub fn token_table(tokens: &[kiln_core::JoinTokenInfo]) -> String {
+    let mut rows = vec![["ID", "USED", "LEFT", "EXPIRES", "FOR", "DESCRIPTION"].map(String::from).to_vec()];
+    for t in tokens {
+        let expires = t
+            .expires
+            .map_or_else(|| "never".to_string(), |at| at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default());
+        let scope = match (&t.pool, &t.mac) {
+            (Some(pool), _) => format!("pool {pool}"),
+            (None, Some(mac)) => format!("mac {mac}"),
+            (None, None) => "any".to_string(),
+        };
+        let left = t.uses_left.map_or_else(|| "any".to_string(), |n| n.to_string());
+        rows.push(vec![cell(&t.id), t.used.to_string(), left, expires, cell(&scope), cell(&t.description)]);
+    }
+    table(rows)
+}
+
 /// Pools as an aligned table: one row per pool and host.
 pub fn pool_table(pools: &[kiln_core::PoolStatus]) -> String {
     let mut rows = vec![

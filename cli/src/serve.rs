@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// client may leave an answer unread.
     #[arg(long, default_value_t = kiln_control::listen::Limits::default().idle_timeout.as_secs(), value_name = "SECS")]
     idle_timeout: u64,
+    /// How long a node's client certificate is valid (`10s`, `1h`, `24h`);
+    /// agents renew it before then.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    node_cert_ttl: Duration,
 }
 
 /// `--pool-accel`: how pool nodes' CPUs run.
@@ -197,6 +201,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             store,
             pools,
             http,
+            node_cert_ttl: a.node_cert_ttl.max(Duration::from_secs(1)),
         })
     }
 }

@@ -91,6 +91,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             store: kiln_control::server::StoreConfig::Embedded,
             pools: None,
             http: Default::default(),
+            node_cert_ttl: kiln_control::server::NODE_CERT_TTL,
         };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         let port = server.addr.port();

@@ -300,7 +300,8 @@ impl Client {
         &self.authority
     }
 
-    /// `POST /api/v1/register` with the client's token (the bootstrap token).
+    /// `POST /api/v1/register` with the client's token (a join token, or
+    /// the bootstrap token).
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, Error> {
         let (url, builder) = self.request(Method::POST, "/api/v1/register");
         json("POST /api/v1/register", url, builder.json(req)).await
@@ -316,6 +317,20 @@ impl Client {
     pub async fn heartbeat_node(&self, name: &str) -> Result<HeartbeatResponse, Error> {
         let (url, builder) = self.request(Method::POST, &format!("/api/v1/nodes/{name}/heartbeat"));
         json("POST /api/v1/nodes/NAME/heartbeat", url, builder).await
+    }
+
+    /// `POST /api/v1/nodes/NAME/renew` (the node's certificate): a new
+    /// certificate for the key of `csr`.
+    pub async fn renew(&self, name: &str, csr: &str) -> Result<kiln_core::NodeCertificate, Error> {
+        let (url, builder) = self.request(Method::POST, &format!("/api/v1/nodes/{name}/renew"));
+        json("POST /api/v1/nodes/NAME/renew", url, builder.json(&kiln_core::RenewRequest { csr: csr.to_string() })).await
+    }
+
+    /// `DELETE /api/v1/nodes/NAME` (an operator): removes the node, freeing
+    /// its machine id.
+    pub async fn delete_node(&self, name: &str) -> Result<Node, Error> {
+        let (url, builder) = self.request(Method::DELETE, &format!("/api/v1/nodes/{name}"));
+        json("DELETE /api/v1/nodes/NAME", url, builder).await
     }
 
     /// `POST /api/v1/leave`: the server removes the token's node and
@@ -359,11 +374,30 @@ impl Client {
         json("GET /api/v1/pools", url, builder).await
     }
 
-    /// `POST /api/v1/pools/NAME/scale` with the client's token (the
-    /// bootstrap token): sets the pool's desired replicas; answers its status.
+    /// `POST /api/v1/pools/NAME/scale` (an operator): sets the pool's
+    /// desired replicas; answers its status.
     pub async fn scale(&self, pool: &str, replicas: u32) -> Result<Option<PoolStatus>, Error> {
         let (url, builder) = self.request(Method::POST, &format!("/api/v1/pools/{pool}/scale"));
         json("POST /api/v1/pools/NAME/scale", url, builder.json(&ScaleRequest { replicas })).await
+    }
+
+    /// `POST /api/v1/tokens` (an operator): a join token; its secret is in
+    /// the answer only.
+    pub async fn create_token(&self, req: &kiln_core::CreateTokenRequest) -> Result<kiln_core::CreateTokenResponse, Error> {
+        let (url, builder) = self.request(Method::POST, "/api/v1/tokens");
+        json("POST /api/v1/tokens", url, builder.json(req)).await
+    }
+
+    /// `GET /api/v1/tokens` (an operator): every join token, without secrets.
+    pub async fn tokens(&self) -> Result<Vec<kiln_core::JoinTokenInfo>, Error> {
+        let (url, builder) = self.request(Method::GET, "/api/v1/tokens");
+        json("GET /api/v1/tokens", url, builder).await
+    }
+
+    /// `DELETE /api/v1/tokens/ID` (an operator): revokes a join token.
+    pub async fn delete_token(&self, id: &str) -> Result<serde_json::Value, Error> {
+        let (url, builder) = self.request(Method::DELETE, &format!("/api/v1/tokens/{id}"));
+        json("DELETE /api/v1/tokens/ID", url, builder).await
     }
 
     /// `GET /api/v1/profiles`: the loaded profiles (kiln-pxe's `Profile`, as JSON).

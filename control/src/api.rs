@@ -2,15 +2,22 @@
 //!
 //! | route | auth | answer |
 //! |---|---|---|
-//! | `POST /api/v1/register` | bootstrap token | [`RegisterResponse`] |
-//! | `POST /api/v1/heartbeat` | node token | [`HeartbeatResponse`] |
-//! | `POST /api/v1/nodes/<name>/heartbeat` | that node's token (another node's: 403) | [`HeartbeatResponse`] |
-//! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | node token (another node's: 403) | the node, gone; its lease released |
-//! | `GET /api/v1/peers?revision=N&timeout=S` | node token | long poll: [`kiln_core::Peers`] once the revision passes N |
+//! | `POST /api/v1/register` | a join token (`ID.SECRET`: its use spent, given back if the registration fails; 401 when bad, expired or used up, 403 for another pool or machine), or the bootstrap token | [`RegisterResponse`] |
+//! | `POST /api/v1/heartbeat` | node | [`HeartbeatResponse`] |
+//! | `POST /api/v1/nodes/<name>/heartbeat` | that node (another node: 403) | [`HeartbeatResponse`] |
+//! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | that node (another node: 403) | the node, gone; its lease released |
+//! | `POST /api/v1/nodes/<name>/renew` | that node's certificate | [`kiln_core::NodeCertificate`] for the same key ([`kiln_core::RenewRequest`]) |
+//! | `GET /api/v1/peers?revision=N&timeout=S` | node | long poll: [`kiln_core::Peers`] once the revision passes N |
+//!
+//! "node": its client certificate (`O=kiln:nodes`, `CN=kiln:node:NAME`,
+//! holding the key it registered with), or, for a node that registered
+//! without a CSR (`--plain-http`), its node token.
 //! | `GET /api/v1/nodes?after=NAME&limit=N` | operator | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
 //! | `GET /api/v1/sd` | operator, or the SD token (`STATE/sd-token`) | Prometheus HTTP service discovery: one target group per node (streamed) |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
+//! | `DELETE /api/v1/nodes/<name>` | operator | the node, gone: its machine id free to join again with another key |
 //! | `GET /api/v1/pools`, `POST /api/v1/pools/<name>/scale` | operator | the pools; a pool's replicas set |
+//! | `POST /api/v1/tokens`, `GET /api/v1/tokens`, `DELETE /api/v1/tokens/<id>` | operator | a join token made (its secret shown once), listed (never the secret), deleted |
 //! | `GET /boot.ipxe` | — | iPXE bootstrap: chains to `/ipxe` with the machine's attributes |
 //! | `GET /ipxe?mac=..&uuid=..&arch=..` | — | the machine's profile as an iPXE script |
 //! | `GET /cloud-init/<mac>/<file>` | — | the machine's NoCloud seed (`meta-data`, `user-data`, `network-config`, `vendor-data`) |
@@ -39,7 +46,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::registry::{Error as RegistryError, HEARTBEAT_INTERVAL_SECS, Registry, TokenCheck};
+use crate::registry::{Error as RegistryError, HEARTBEAT_INTERVAL_SECS, KeyCheck, Registry, TokenCheck};
 use crate::tls::{ClientCert, Role};
 use crate::token;
 
@@ -66,20 +73,29 @@ pub struct Api {
     pub sd_token: String,
     /// Revoked operator certificates.
     pub revocations: Arc<crate::operators::Revocations>,
+    /// Join tokens (`kiln token create`).
+    pub tokens: Arc<crate::join_tokens::JoinTokens>,
+    /// The CA that signs nodes' certificates.
+    pub ca: Arc<crate::tls::Ca>,
+    /// How long a node's certificate is valid (`--node-cert-ttl`).
+    pub node_cert_ttl: std::time::Duration,
 }
 
 impl Api {
     /// The operator a verified client certificate names, or why not.
     fn operator(&self, peer: Option<&ClientCert>) -> Result<String, Denied> {
         match peer {
-            None => Err(Denied(StatusCode::UNAUTHORIZED, "needs an operator's client certificate (the kiln CLI presents STATE/admin.pem)")),
+            None => Err(Denied(
+                StatusCode::UNAUTHORIZED,
+                "needs an operator's client certificate (the kiln CLI presents STATE/admin.pem)".into(),
+            )),
             Some(c) if c.subject.role != Role::Operator => {
                 tracing::warn!(node = ?c.subject.name, "a node's certificate on an operator route");
-                Err(Denied(StatusCode::FORBIDDEN, "a node's certificate is not an operator's"))
+                Err(Denied(StatusCode::FORBIDDEN, "a node's certificate is not an operator's".into()))
             }
             Some(c) if self.revocations.is_revoked(&c.serial) => {
                 tracing::warn!(operator = ?c.subject.name, serial = %c.serial, "a revoked operator certificate");
-                Err(Denied(StatusCode::FORBIDDEN, "this operator certificate is revoked"))
+                Err(Denied(StatusCode::FORBIDDEN, "this operator certificate is revoked".into()))
             }
             Some(c) => Ok(c.subject.name.clone()),
         }
@@ -94,12 +110,13 @@ impl Api {
     }
 }
 
-/// A request refused for its credential: 401 or 403, and why.
-struct Denied(StatusCode, &'static str);
+/// A request refused: 401 or 403 for its credential (400 for a bad CSR),
+/// and why.
+struct Denied(StatusCode, String);
 
 impl Denied {
     fn into_response(self) -> Response {
-        error(self.0, self.1)
+        error(self.0, &self.1)
     }
 }
 
@@ -146,7 +163,11 @@ pub struct RouteSets {
 impl RouteSets {
     /// The routes of `api`.
     pub fn new(api: &Arc<Api>) -> RouteSets {
-        RouteSets { nodes: node_routes(api), operator: listing_routes(api).or(pool_routes(api)).unify().boxed(), boot: boot_routes(api) }
+        RouteSets {
+            nodes: node_routes(api),
+            operator: listing_routes(api).or(pool_routes(api)).unify().or(token_routes(api)).unify().boxed(),
+            boot: boot_routes(api),
+        }
     }
 }
 
@@ -178,47 +199,46 @@ fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
     let heartbeat_route = warp::path!("api" / "v1" / "heartbeat")
         .and(warp::post())
         .and(with(api))
-        .and(auth())
-        .then(|api: Arc<Api>, auth: Option<String>| async move { heartbeat(&api, auth.as_deref(), None).await });
+        .and(caller())
+        .then(|api: Arc<Api>, caller: Caller| async move { heartbeat(&api, &caller, None).await });
     let named_heartbeat = warp::path!("api" / "v1" / "nodes" / String / "heartbeat")
         .and(warp::post())
         .and(with(api))
-        .and(auth())
-        .then(|name: String, api: Arc<Api>, auth: Option<String>| async move { heartbeat(&api, auth.as_deref(), Some(&name)).await });
+        .and(caller())
+        .then(|name: String, api: Arc<Api>, caller: Caller| async move { heartbeat(&api, &caller, Some(&name)).await });
     let leave_route = warp::path!("api" / "v1" / "leave")
         .and(warp::post())
         .and(with(api))
-        .and(auth())
-        .then(|api: Arc<Api>, auth: Option<String>| async move { leave(&api, auth.as_deref(), None).await });
+        .and(caller())
+        .then(|api: Arc<Api>, caller: Caller| async move { leave(&api, &caller, None).await });
     let named_leave = warp::path!("api" / "v1" / "nodes" / String / "leave")
         .and(warp::post())
         .and(with(api))
-        .and(auth())
-        .then(|name: String, api: Arc<Api>, auth: Option<String>| async move { leave(&api, auth.as_deref(), Some(&name)).await });
+        .and(caller())
+        .then(|name: String, api: Arc<Api>, caller: Caller| async move { leave(&api, &caller, Some(&name)).await });
+    let renew = warp::path!("api" / "v1" / "nodes" / String / "renew")
+        .and(warp::post())
+        .and(with(api))
+        .and(caller())
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .then(
+            |name: String, api: Arc<Api>, caller: Caller, body: warp::hyper::body::Bytes| async move { renew(&api, &caller, &name, &body) },
+        );
     let peers = warp::path!("api" / "v1" / "peers")
         .and(warp::get())
         .and(with(api))
-        .and(auth())
+        .and(caller())
         .and(warp::query::<PeersQuery>())
-        .then(|api: Arc<Api>, auth: Option<String>, q: PeersQuery| async move { peers(&api, auth.as_deref(), q).await });
-    register
-        .or(heartbeat_route)
-        .unify()
-        .or(named_heartbeat)
-        .unify()
-        .or(leave_route)
-        .unify()
-        .or(named_leave)
-        .unify()
-        .or(peers)
-        .unify()
-        .boxed()
+        .then(|api: Arc<Api>, caller: Caller, q: PeersQuery| async move { peers(&api, &caller, q).await });
+    let own = heartbeat_route.or(named_heartbeat).unify().or(leave_route).unify().or(named_leave).unify().or(renew).unify().boxed();
+    register.or(own).unify().or(peers).unify().boxed()
 }
 
 /// Long poll for the peers list: for the cluster's nodes only.
-async fn peers(api: &Api, auth: Option<&str>, q: PeersQuery) -> Response {
-    if let Err((status, message)) = authorize(api, auth, None) {
-        return error(status, &message);
+async fn peers(api: &Api, caller: &Caller, q: PeersQuery) -> Response {
+    if let Err(denied) = authorize(api, caller, None) {
+        return denied.into_response();
     }
     let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
     let json = api.registry.watch_peers_json(q.revision.unwrap_or(0), timeout).await;
@@ -261,7 +281,23 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
             api.for_operator(peer.as_deref(), || warp::reply::json(&api.catalog.groups().collect::<Vec<_>>()).into_response())
         },
     );
-    nodes.or(sd).unify().or(profiles).unify().or(groups).unify().boxed()
+    let delete = warp::path!("api" / "v1" / "nodes" / String).and(warp::delete()).and(with(api)).and(peer()).then(
+        |name: String, api: Arc<Api>, peer: Option<Arc<ClientCert>>| async move {
+            let operator = match api.operator(peer.as_deref()) {
+                Ok(operator) => operator,
+                Err(denied) => return denied.into_response(),
+            };
+            match api.registry.remove(&name).await {
+                Ok(Some(node)) => {
+                    tracing::info!(operator = ?operator, node = ?node.name, machine_id = ?node.machine_id, "audit: node deleted");
+                    warp::reply::json(&node).into_response()
+                }
+                Ok(None) => error(StatusCode::NOT_FOUND, &format!("no node {name:?}")),
+                Err(e) => registry_store_error(&e, "deletion"),
+            }
+        },
+    );
+    nodes.or(sd).unify().or(profiles).unify().or(groups).unify().or(delete).unify().boxed()
 }
 
 /// Pools: their state, and scaling them. For operators.
@@ -287,6 +323,79 @@ fn pool_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
             }
         });
     status.or(scale).unify().boxed()
+}
+
+/// Join tokens: made, listed and deleted by operators.
+fn token_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
+    let create = warp::path!("api" / "v1" / "tokens")
+        .and(warp::post())
+        .and(with(api))
+        .and(peer())
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .then(|api: Arc<Api>, peer: Option<Arc<ClientCert>>, body: warp::hyper::body::Bytes| async move {
+            match api.operator(peer.as_deref()) {
+                Ok(operator) => create_token(&api, &operator, &body).await,
+                Err(denied) => denied.into_response(),
+            }
+        });
+    let list = warp::path!("api" / "v1" / "tokens").and(warp::get()).and(with(api)).and(peer()).then(
+        |api: Arc<Api>, peer: Option<Arc<ClientCert>>| async move {
+            if let Err(denied) = api.operator(peer.as_deref()) {
+                return denied.into_response();
+            }
+            match api.tokens.list().await {
+                Ok(list) => warp::reply::json(&list).into_response(),
+                Err(e) => token_store_error(&e),
+            }
+        },
+    );
+    let delete = warp::path!("api" / "v1" / "tokens" / String).and(warp::delete()).and(with(api)).and(peer()).then(
+        |id: String, api: Arc<Api>, peer: Option<Arc<ClientCert>>| async move {
+            let operator = match api.operator(peer.as_deref()) {
+                Ok(operator) => operator,
+                Err(denied) => return denied.into_response(),
+            };
+            match api.tokens.delete(&id).await {
+                Ok(true) => {
+                    tracing::info!(operator = ?operator, token = ?id, "audit: join token deleted");
+                    warp::reply::json(&serde_json::json!({ "deleted": id })).into_response()
+                }
+                Ok(false) => error(StatusCode::NOT_FOUND, &format!("no join token {id:?}")),
+                Err(e) => token_store_error(&e),
+            }
+        },
+    );
+    create.or(list).unify().or(delete).unify().boxed()
+}
+
+/// `POST /api/v1/tokens`, for `operator`.
+async fn create_token(api: &Api, operator: &str, body: &[u8]) -> Response {
+    let req: kiln_core::CreateTokenRequest = match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("token request: field `{}`: {}", e.path(), e.inner())),
+    };
+    match api.tokens.create(&req, None).await {
+        Ok((token, info)) => {
+            tracing::info!(
+                operator = ?operator,
+                token = %info.id,
+                uses = ?info.uses_left,
+                pool = ?info.pool,
+                expires = ?info.expires.map(|t| t.to_string()),
+                "audit: join token created"
+            );
+            warp::reply::json(&kiln_core::CreateTokenResponse { token, info }).into_response()
+        }
+        Err(crate::join_tokens::Error::Request(e)) => error(StatusCode::BAD_REQUEST, &format!("token request: {e}")),
+        Err(e) => token_store_error(&e),
+    }
+}
+
+/// The answer when the token store failed.
+fn token_store_error(e: &crate::join_tokens::Error) -> Response {
+    tracing::error!("join tokens: {}", kiln_core::error_chain(e));
+    error(StatusCode::SERVICE_UNAVAILABLE, "the join token store failed; retry")
 }
 
 /// What booting machines fetch: the iPXE chain and NoCloud seeds.
@@ -395,13 +504,22 @@ where
     resp
 }
 
+/// What a registration presented to join.
+enum Joining {
+    /// The bootstrap token (`STATE/bootstrap-token`).
+    Bootstrap,
+    /// A join token, its use spent: its ID.
+    Token(String),
+}
+
 async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     let Some(presented) = token::bearer(auth) else {
-        return error(StatusCode::UNAUTHORIZED, "registration needs the bootstrap token as `Authorization: Bearer`");
+        return error(StatusCode::UNAUTHORIZED, "registration needs a join token (or the bootstrap token) as `Authorization: Bearer`");
     };
-    if token::hash(presented) != token::hash(&api.bootstrap_token) {
-        tracing::warn!("registration refused: wrong bootstrap token");
-        return error(StatusCode::UNAUTHORIZED, "wrong bootstrap token");
+    let bootstrap = token::hash(presented) == token::hash(&api.bootstrap_token);
+    if !bootstrap && kiln_core::JoinSecret::parse(presented).is_err() {
+        tracing::warn!("registration refused: neither the bootstrap token nor a join token");
+        return error(StatusCode::UNAUTHORIZED, "wrong bootstrap token, and not a join token (ID.SECRET)");
     }
     let req: RegisterRequest = match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)) {
         Ok(r) => r,
@@ -410,19 +528,57 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     if let Err(e) = req.validate() {
         return error(StatusCode::BAD_REQUEST, &format!("registration body: {e}"));
     }
-    match api.registry.register(&req).await {
+    let joining = if bootstrap {
+        Joining::Bootstrap
+    } else {
+        let pool = api.registry.pool_for(&req.hostname);
+        match api.tokens.consume(presented, pool.as_deref(), &req.macs).await {
+            Ok(info) => Joining::Token(info.id),
+            Err(refused) => {
+                tracing::warn!(machine_id = ?req.machine_id, "registration refused: {}", kiln_core::error_chain(&refused));
+                let status = StatusCode::from_u16(refused.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+                return error(status, &refused.to_string());
+            }
+        }
+    };
+    let answer = record_registration(api, &req, &joining).await;
+    if let (Joining::Token(id), false) = (&joining, answer.status().is_success())
+        && let Err(e) = api.tokens.refund(id).await
+    {
+        tracing::warn!(token = %id, "giving back a join token's use: {}", kiln_core::error_chain(&e));
+    }
+    answer
+}
+
+/// Records a registration that presented a good credential; with a CSR,
+/// the node's key is the machine id's from then on.
+async fn record_registration(api: &Api, req: &RegisterRequest, joining: &Joining) -> Response {
+    let key = match req.csr.as_deref().map(crate::tls::csr_key).transpose() {
+        Ok(key) => key,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("registration body: csr: {}", kiln_core::error_chain(&e))),
+    };
+    match api.registry.register_with_key(req, key.as_deref()).await {
         Ok((node, token, lease)) => {
+            let certificate = match req.csr.as_deref().map(|csr| node_certificate(api, &node.name, csr)).transpose() {
+                Ok(made) => made.map(|(certificate, _)| certificate),
+                Err(denied) => return denied.into_response(),
+            };
+            let with = match joining {
+                Joining::Bootstrap => "the bootstrap token".to_string(),
+                Joining::Token(id) => format!("join token {id}"),
+            };
             // Strings from the network are logged escaped (`?`): a control
             // character cannot split a log line or reach a terminal.
             tracing::info!(
                 node = ?node.name,
+                with = %with,
                 machine_id = ?node.machine_id,
                 macs = %node.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                 subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(),
                 image = ?node.image_digest,
-                "node registered"
+                "audit: node registered"
             );
-            let answer = RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS, lease };
+            let answer = RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS, lease, certificate };
             warp::reply::json(&answer).into_response()
         }
         Err(e @ RegistryError::Exhausted { .. }) => {
@@ -431,6 +587,10 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
         }
         Err(e @ RegistryError::NoPublicIp(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ RegistryError::Busy(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ RegistryError::Held { .. }) => {
+            tracing::warn!(machine_id = ?req.machine_id, "registration refused: {e}");
+            error(StatusCode::CONFLICT, &e.to_string())
+        }
         Err(RegistryError::Store(e)) => {
             tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
             error(StatusCode::SERVICE_UNAVAILABLE, "the registry could not record the node; retry")
@@ -445,52 +605,125 @@ struct PeersQuery {
     timeout: Option<u64>,
 }
 
-/// The node a bearer token belongs to, or the 401/403 answer.
-fn authorize(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Result<String, (StatusCode, String)> {
-    let presented = token::bearer(auth).ok_or((StatusCode::UNAUTHORIZED, "needs the node token as `Authorization: Bearer`".to_string()))?;
+/// Who calls a node route: the connection's client certificate and the
+/// request's `Authorization` header.
+struct Caller {
+    cert: Option<Arc<ClientCert>>,
+    auth: Option<String>,
+}
+
+/// The [`Caller`] of a request.
+fn caller() -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
+    peer().and(auth()).map(|cert, auth| Caller { cert, auth })
+}
+
+/// The node calling, or the 401/403 answer: by its client certificate
+/// (the node it names, holding the key it registered with), else by its
+/// node token (only for a node that registered without a key). `claimed`:
+/// the node the route names, which must be the caller.
+fn authorize(api: &Api, caller: &Caller, claimed: Option<&str>) -> Result<String, Denied> {
+    if let Some(cert) = &caller.cert {
+        let name = &cert.subject.name;
+        if cert.subject.role != Role::Node {
+            return Err(Denied(StatusCode::FORBIDDEN, "an operator's certificate is not a node's".into()));
+        }
+        if claimed.is_some_and(|c| c != name) {
+            tracing::warn!(node = ?name, claimed = ?claimed, "a node's certificate used for another node");
+            return Err(Denied(StatusCode::FORBIDDEN, format!("this certificate is {name}'s, not {}'s", claimed.unwrap_or_default())));
+        }
+        return match api.registry.check_key(name, &cert.key_sha256) {
+            KeyCheck::Ok => Ok(name.clone()),
+            KeyCheck::Unknown => Err(Denied(StatusCode::UNAUTHORIZED, format!("no node {name}; register again"))),
+            KeyCheck::OtherKey => {
+                Err(Denied(StatusCode::UNAUTHORIZED, format!("node {name} registered since with another key; register again")))
+            }
+        };
+    }
+    let presented = token::bearer(caller.auth.as_deref())
+        .ok_or_else(|| Denied(StatusCode::UNAUTHORIZED, "needs the node's client certificate (or its node token)".into()))?;
     match api.registry.check_token(presented, claimed) {
         TokenCheck::Ok(name) => Ok(name),
-        TokenCheck::Unknown => Err((StatusCode::UNAUTHORIZED, "unknown node token; register again".into())),
+        TokenCheck::Unknown => Err(Denied(StatusCode::UNAUTHORIZED, "unknown node token; register again".into())),
         TokenCheck::OtherNode(owner) => {
             tracing::warn!(owner = ?owner, claimed = ?claimed, "node token used for another node");
-            Err((StatusCode::FORBIDDEN, format!("this token is not {}'s", claimed.unwrap_or_default())))
+            Err(Denied(StatusCode::FORBIDDEN, format!("this token is not {}'s", claimed.unwrap_or_default())))
+        }
+        TokenCheck::NeedsCertificate(name) => {
+            Err(Denied(StatusCode::UNAUTHORIZED, format!("node {name} proves itself with its client certificate, not a token")))
         }
     }
 }
 
-async fn leave(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
-    if let Err((status, message)) = authorize(api, auth, claimed) {
-        return error(status, &message);
-    }
-    let presented = token::bearer(auth).unwrap_or_default();
-    match api.registry.leave(presented).await {
+/// The answer when the registry's store failed to record `what`.
+fn registry_store_error(e: &crate::store::Error, what: &str) -> Response {
+    tracing::error!("registry store: {}", kiln_core::error_chain(e));
+    error(StatusCode::SERVICE_UNAVAILABLE, &format!("the registry could not record the {what}; retry"))
+}
+
+async fn leave(api: &Api, caller: &Caller, claimed: Option<&str>) -> Response {
+    let name = match authorize(api, caller, claimed) {
+        Ok(name) => name,
+        Err(denied) => return denied.into_response(),
+    };
+    match api.registry.leave_named(&name).await {
         Ok(Some(node)) => {
-            tracing::info!(node = ?node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "node left");
+            tracing::info!(node = ?node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "audit: node left");
             warp::reply::json(&node).into_response()
         }
-        Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node token"),
-        Err(e) => {
-            tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
-            error(StatusCode::SERVICE_UNAVAILABLE, "the registry could not record the leave; retry")
-        }
+        Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node; register again"),
+        Err(e) => registry_store_error(&e, "leave"),
     }
 }
 
-async fn heartbeat(api: &Api, auth: Option<&str>, claimed: Option<&str>) -> Response {
-    if let Err((status, message)) = authorize(api, auth, claimed) {
-        return error(status, &message);
-    }
-    let presented = token::bearer(auth).unwrap_or_default();
-    match api.registry.heartbeat(presented).await {
+async fn heartbeat(api: &Api, caller: &Caller, claimed: Option<&str>) -> Response {
+    let name = match authorize(api, caller, claimed) {
+        Ok(name) => name,
+        Err(denied) => return denied.into_response(),
+    };
+    match api.registry.heartbeat_named(&name).await {
         Ok(Some(node)) => {
             warp::reply::json(&HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response()
         }
-        Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node token; register again"),
-        Err(e) => {
-            tracing::error!("registry store: {e}: {:?}", std::error::Error::source(&e));
-            error(StatusCode::SERVICE_UNAVAILABLE, "the registry could not record the heartbeat; retry")
-        }
+        Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node; register again"),
+        Err(e) => registry_store_error(&e, "heartbeat"),
     }
+}
+
+/// A node's certificate for the key of `csr`, named `name`; why not (a
+/// CSR that does not parse or verify: 400).
+fn node_certificate(api: &Api, name: &str, csr: &str) -> Result<(kiln_core::NodeCertificate, crate::tls::ClientCert), Denied> {
+    let subject = crate::tls::Subject { role: Role::Node, name: name.to_string() };
+    match api.ca.sign_csr(csr, &subject, api.node_cert_ttl) {
+        Ok((pem, cert)) => Ok((kiln_core::NodeCertificate { pem, valid_secs: api.node_cert_ttl.as_secs() }, cert)),
+        Err(e) => Err(Denied(StatusCode::BAD_REQUEST, format!("csr: {}", kiln_core::error_chain(&e)))),
+    }
+}
+
+/// `POST /api/v1/nodes/NAME/renew`: a new certificate for the node's own
+/// key, over mutual TLS with its current one.
+fn renew(api: &Api, caller: &Caller, name: &str, body: &[u8]) -> Response {
+    if caller.cert.is_none() {
+        return error(StatusCode::UNAUTHORIZED, "renewing needs the node's current client certificate");
+    }
+    if let Err(denied) = authorize(api, caller, Some(name)) {
+        return denied.into_response();
+    }
+    let req: kiln_core::RenewRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("renew body: {e} (expected {{\"csr\": PEM}})")),
+    };
+    if !kiln_core::node::is_pem(&req.csr, kiln_core::node::limits::CSR) {
+        return error(StatusCode::BAD_REQUEST, &kiln_core::node::RegisterError::Csr.to_string());
+    }
+    let (certificate, cert) = match node_certificate(api, name, &req.csr) {
+        Ok(made) => made,
+        Err(denied) => return denied.into_response(),
+    };
+    if api.registry.check_key(name, &cert.key_sha256) != KeyCheck::Ok {
+        return error(StatusCode::FORBIDDEN, "the csr's key is not the one this node registered with");
+    }
+    tracing::info!(node = ?name, serial = %cert.serial, "node certificate renewed");
+    warp::reply::json(&certificate).into_response()
 }
 
 /// The server's base URL as the machine reaches it: `--advertise`, else the
@@ -696,8 +929,8 @@ mod tests {
         std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
         let store = DbStore::open(&crate::StateDir::new(dir).registry_db(), None).unwrap();
         let images = Arc::new(ImageStore::load(&images).unwrap());
+        let registry = Registry::open(Arc::new(store), Default::default()).await.unwrap();
         Arc::new(Api {
-            registry: Registry::open(Arc::new(store), Default::default()).await.unwrap(),
             catalog: Arc::new(Catalog::builtin(&images)),
             images,
             bootstrap_token: "boot".into(),
@@ -706,6 +939,10 @@ mod tests {
             api_endpoint: ApiEndpoint::Tls { port: 8443, advertise: None },
             sd_token: "sd".into(),
             revocations: Arc::new(crate::operators::Revocations::new(dir)),
+            tokens: Arc::new(crate::join_tokens::JoinTokens::new(registry.store_handle())),
+            registry,
+            ca: Arc::new(crate::tls::Ca::load_or_create(dir).unwrap()),
+            node_cert_ttl: std::time::Duration::from_secs(60),
         })
     }
 
@@ -954,6 +1191,97 @@ mod tests {
         }
     }
 
+    /// A new key and a CSR for it (PEM).
+    fn csr() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    /// The certificate of a registration's answer, as the listener hands
+    /// it to the routes.
+    fn presented(answer: &RegisterResponse) -> Arc<ClientCert> {
+        use rustls::pki_types::pem::PemObject;
+        let pem = &answer.certificate.as_ref().expect("a certificate").pem;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        Arc::new(ClientCert::from_der(&der).expect("a node's certificate"))
+    }
+
+    #[tokio::test]
+    async fn a_node_is_its_key_and_speaks_only_for_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api(dir.path()).await;
+        let routes = routes(api.clone()).recover(recover);
+        let register = |csr: Option<String>| {
+            let mut req: RegisterRequest = serde_json::from_value(body()).unwrap();
+            req.csr = csr;
+            warp::test::request().method("POST").path("/api/v1/register").header("authorization", "Bearer boot").json(&req)
+        };
+        let (csr_a, csr_b) = (csr(), csr());
+        let resp = register(Some(csr_a.clone())).reply(&routes).await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.body());
+        let first: RegisterResponse = serde_json::from_slice(resp.body()).unwrap();
+        let own = presented(&first);
+        assert_eq!(own.subject.name, first.name);
+        let call = |path: &str, cert: Option<Arc<ClientCert>>, token: Option<&str>| {
+            let mut r = warp::test::request().method("POST").path(path).body(format!(r#"{{"csr": {:?}}}"#, csr_a));
+            if let Some(c) = cert {
+                r = r.extension(c);
+            }
+            if let Some(t) = token {
+                r = r.header("authorization", format!("Bearer {t}"));
+            }
+            r
+        };
+        let hb = format!("/api/v1/nodes/{}/heartbeat", first.name);
+        assert_eq!(call(&hb, Some(own.clone()), None).reply(&routes).await.status(), 200, "its certificate heartbeats");
+        assert_eq!(call(&hb, None, Some(&first.token)).reply(&routes).await.status(), 401, "a node with a key: no token alone");
+        assert_eq!(
+            call("/api/v1/nodes/other/heartbeat", Some(own.clone()), None).reply(&routes).await.status(),
+            403,
+            "another node's name"
+        );
+        let op = cert(Role::Operator, "admin", "01");
+        assert_eq!(call(&hb, Some(op), None).reply(&routes).await.status(), 403, "an operator is not a node");
+        let renew = format!("/api/v1/nodes/{}/renew", first.name);
+        let resp = call(&renew, Some(own.clone()), None).reply(&routes).await;
+        assert_eq!(resp.status(), 200, "renewed: {:?}", resp.body());
+        let renewed: kiln_core::NodeCertificate = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(renewed.valid_secs, 60);
+        let resp = call(&renew, None, Some(&first.token)).reply(&routes).await;
+        assert_eq!(resp.status(), 401, "renewing needs the certificate");
+
+        // Another key for the same machine id: 409, nothing changed.
+        let before = api.registry.nodes();
+        for other in [Some(csr_b.clone()), None] {
+            let resp = register(other.clone()).reply(&routes).await;
+            assert_eq!(
+                resp.status(),
+                409,
+                "a copy of the machine id with {}: {:?}",
+                if other.is_some() { "another key" } else { "no key" },
+                resp.body()
+            );
+            assert!(String::from_utf8_lossy(resp.body()).contains(&first.name), "the answer names the holder");
+            assert_eq!(api.registry.nodes(), before, "nothing changed");
+        }
+        assert_eq!(call(&hb, Some(own.clone()), None).reply(&routes).await.status(), 200, "the real node keeps working");
+        let resp = register(Some(csr_a.clone())).reply(&routes).await;
+        assert_eq!(resp.status(), 200, "the same key registers again (a restarted agent)");
+        let again: RegisterResponse = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(again.name, first.name);
+        assert_eq!(presented(&again).key_sha256, own.key_sha256);
+
+        let resp = register(Some("-----BEGIN CERTIFICATE REQUEST-----\nnonsense\n".into())).reply(&routes).await;
+        assert_eq!(resp.status(), 400, "a CSR that does not parse: {:?}", resp.body());
+
+        // The operator frees the machine id: another key may join it.
+        let resp = as_operator().method("DELETE").path(&format!("/api/v1/nodes/{}", first.name)).reply(&routes).await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.body());
+        assert_eq!(call(&hb, Some(own), None).reply(&routes).await.status(), 401, "a deleted node's certificate is worth nothing");
+        let resp = register(Some(csr_b)).reply(&routes).await;
+        assert_eq!(resp.status(), 200, "after kiln nodes delete: {:?}", resp.body());
+    }
+
     #[tokio::test]
     async fn host_header_is_a_host_and_port_or_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1050,6 +1378,9 @@ mod tests {
             api_endpoint: ApiEndpoint::Plain,
             sd_token: "sd".into(),
             revocations: base.revocations.clone(),
+            tokens: base.tokens.clone(),
+            ca: base.ca.clone(),
+            node_cert_ttl: base.node_cert_ttl,
         });
         let routes = routes(api).recover(recover);
         let resp = warp::test::request()

@@ -46,6 +46,17 @@ pub enum Error {
     /// The same machine is registering on another connection right now.
     #[error("machine {0} is already registering; retry")]
     Busy(String),
+    /// The machine id is held by a node with another key: a copy of the
+    /// machine, or a reinstalled one (`kiln nodes delete NAME` frees it).
+    #[error(
+        "machine id {machine_id} is node {name}'s, which proves itself with another key; nothing changed (a reinstalled machine: kiln nodes delete {name})"
+    )]
+    Held {
+        /// The machine id.
+        machine_id: String,
+        /// The node that holds it.
+        name: String,
+    },
 }
 
 /// What a heartbeat or leave found for a token.
@@ -57,6 +68,20 @@ pub enum TokenCheck {
     Unknown,
     /// The token belongs to another node: 403.
     OtherNode(String),
+    /// The token is this node's, but the node proves itself with its
+    /// client certificate: a token alone is not enough (401).
+    NeedsCertificate(String),
+}
+
+/// What a node's client certificate found in the registry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// The node exists and its key is the certificate's.
+    Ok,
+    /// No such node: it left or was deleted (401).
+    Unknown,
+    /// The node registered since with another key (401).
+    OtherKey,
 }
 
 /// What the registry holds in memory.
@@ -165,6 +190,12 @@ impl Registry {
         self.store.clone()
     }
 
+    /// The pool a node with `hostname` belongs to, if any: what a join
+    /// token scoped to a pool is checked against.
+    pub fn pool_for(&self, hostname: &str) -> Option<String> {
+        self.pool_of.get().and_then(|f| f(hostname))
+    }
+
     /// Sets how a registering node's pool is found from its hostname (once).
     pub fn set_pool_of(&self, pool_of: PoolOf) {
         let _ = self.pool_of.set(pool_of);
@@ -245,6 +276,14 @@ impl Registry {
     /// nowhere but in the answer) and the lease. Nothing is visible to
     /// others until the store has it.
     pub async fn register(&self, req: &RegisterRequest) -> Result<(Node, String, Option<Lease>), Error> {
+        self.register_with_key(req, None).await
+    }
+
+    /// [`Registry::register`] for a node that proves itself with the key
+    /// whose SubjectPublicKeyInfo's sha256 is `key` (hex). A machine id
+    /// held by a node with a key is its key's: any other key, or none, is
+    /// refused ([`Error::Held`]) and nothing changes.
+    pub async fn register_with_key(&self, req: &RegisterRequest, key: Option<&str>) -> Result<(Node, String, Option<Lease>), Error> {
         // Lower-case: an upper-case spelling is the same machine. Records
         // stored before ids were normalised are matched in any case.
         let machine_id = req.machine_key();
@@ -258,7 +297,14 @@ impl Registry {
                 if st.pending.values().any(|(m, _)| *m == machine_id) {
                     return Err(Error::Busy(machine_id));
                 }
-                let existing = st.nodes.values().find(|r| r.node.machine_id.eq_ignore_ascii_case(&machine_id)).map(|r| r.node.clone());
+                let held = st.nodes.values().find(|r| r.node.machine_id.eq_ignore_ascii_case(&machine_id));
+                let existing_key = held.and_then(|r| r.key_sha256.clone());
+                let existing = held.map(|r| r.node.clone());
+                if let (Some(held), Some(node)) = (&existing_key, &existing)
+                    && key != Some(held.as_str())
+                {
+                    return Err(Error::Held { machine_id, name: node.name.clone() });
+                }
                 let name = match &existing {
                     Some(n) => n.name.clone(),
                     None => unique_name(&st, &req.hostname, &machine_id),
@@ -299,6 +345,7 @@ impl Registry {
                         last_seen: now,
                     },
                     token_sha256: token::hash(&token),
+                    key_sha256: key.map(str::to_string).or(existing_key),
                 };
                 let fresh = subnet.is_some() && subnet != kept;
                 (record, existing, fresh, PendingGuard { registry: self, name })
@@ -358,7 +405,18 @@ impl Registry {
         match st.by_token(node_token) {
             None => TokenCheck::Unknown,
             Some(r) if claimed.is_some_and(|c| c != r.node.name) => TokenCheck::OtherNode(r.node.name.clone()),
+            Some(r) if r.key_sha256.is_some() => TokenCheck::NeedsCertificate(r.node.name.clone()),
             Some(r) => TokenCheck::Ok(r.node.name.clone()),
+        }
+    }
+
+    /// Whether node `name` holds the key whose sha256 is `key` (from its
+    /// client certificate).
+    pub fn check_key(&self, name: &str, key: &str) -> KeyCheck {
+        match self.state.lock().expect("registry lock").nodes.get(name) {
+            None => KeyCheck::Unknown,
+            Some(r) if r.key_sha256.as_deref() == Some(key) => KeyCheck::Ok,
+            Some(_) => KeyCheck::OtherKey,
         }
     }
 
@@ -366,10 +424,19 @@ impl Registry {
     /// lease renewed. `None` for an unknown token, and for a node whose
     /// lease expired (it is forgotten: it must register again).
     pub async fn heartbeat(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
+        let name = self.state.lock().expect("registry lock").by_token(node_token).map(|r| r.node.name.clone());
+        match name {
+            Some(name) => self.heartbeat_named(&name).await,
+            None => Ok(None),
+        }
+    }
+
+    /// [`Registry::heartbeat`] of the node `name` (which its certificate
+    /// proved).
+    pub async fn heartbeat_named(&self, name: &str) -> Result<Option<Node>, store::Error> {
         let updated = {
             let mut st = self.state.lock().expect("registry lock");
-            let Some(name) = st.by_token(node_token).map(|r| r.node.name.clone()) else { return Ok(None) };
-            let record = st.nodes.get_mut(&name).expect("indexed by token");
+            let Some(record) = st.nodes.get_mut(name) else { return Ok(None) };
             record.node.last_seen = OffsetDateTime::now_utc();
             record.clone()
         };
@@ -388,7 +455,17 @@ impl Registry {
 
     /// Removes the node whose token this is and releases its lease.
     pub async fn leave(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
-        let Some(record) = self.state.lock().expect("registry lock").by_token(node_token).cloned() else { return Ok(None) };
+        let name = self.state.lock().expect("registry lock").by_token(node_token).map(|r| r.node.name.clone());
+        match name {
+            Some(name) => self.leave_named(&name).await,
+            None => Ok(None),
+        }
+    }
+
+    /// [`Registry::leave`] of the node `name` (which its certificate
+    /// proved, or an operator named).
+    pub async fn leave_named(&self, name: &str) -> Result<Option<Node>, store::Error> {
+        let Some(record) = self.state.lock().expect("registry lock").nodes.get(name).cloned() else { return Ok(None) };
         self.store.remove(record.clone()).await?;
         let mut st = self.state.lock().expect("registry lock");
         // Unless it registered again meanwhile.
@@ -502,6 +579,7 @@ mod tests {
             public_ip: None,
             vtep_mac: Some("0e:00:00:00:00:01".parse().unwrap()),
             uplink_mtu: Some(1500),
+            csr: None,
         }
     }
 

@@ -83,7 +83,14 @@ pub struct ServerConfig {
     pub pools: Option<crate::pools::PoolsConfig>,
     /// The HTTP and TLS listeners' connection cap and time limits.
     pub http: listen::Limits,
+    /// How long a node's client certificate is valid (`--node-cert-ttl`).
+    pub node_cert_ttl: std::time::Duration,
 }
+
+/// How long a node's client certificate is valid unless told otherwise
+/// (kubelet's client certificates are renewed well within their year; a
+/// day keeps a copied certificate's worth short).
+pub const NODE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Where Debian's `ipxe` package installs its binaries.
 pub const IPXE_DIR: &str = "/usr/lib/ipxe";
@@ -167,6 +174,8 @@ pub struct Server {
     /// The pool task, when asked for.
     pub pools: Option<kiln_pool::PoolsHandle>,
     stop: tokio::sync::oneshot::Sender<()>,
+    /// Removes expired join tokens.
+    sweeper: tokio::task::JoinHandle<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -291,6 +300,23 @@ fn spawn_listeners(
     (stop, task)
 }
 
+/// How often expired join tokens are removed.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes expired join tokens every [`SWEEP_EVERY`], until aborted.
+async fn sweep_tokens(tokens: Arc<crate::join_tokens::JoinTokens>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match tokens.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed expired join tokens"),
+            Err(e) => tracing::warn!("removing expired join tokens: {}", kiln_core::error_chain(&e)),
+        }
+    }
+}
+
 impl Server {
     /// Loads images and state, binds, and starts serving in a task.
     pub async fn start(config: ServerConfig) -> Result<Server, Error> {
@@ -302,8 +328,10 @@ impl Server {
         let bootstrap_token = load_token(&config.state, crate::StateDir::bootstrap_token)?;
         let sd_token = load_token(&config.state, crate::StateDir::sd_token)?;
         let registry = open_registry(&config).await?;
+        let tokens = Arc::new(crate::join_tokens::JoinTokens::new(registry.store_handle()));
         let (listener, addr) = bind(config.listen).await?;
         let (tls, api_endpoint, ca) = bind_api(&config).await?;
+        let ca = Arc::new(ca);
         if crate::operators::ensure_admin(&config.state, &ca)? {
             tracing::info!(cert = %crate::StateDir::new(&config.state).admin_cert().display(), "issued the operator certificate `admin`");
         }
@@ -334,17 +362,22 @@ impl Server {
             api_endpoint,
             sd_token,
             revocations: Arc::new(crate::operators::Revocations::new(&config.state)),
+            tokens: tokens.clone(),
+            ca: ca.clone(),
+            node_cert_ttl: config.node_cert_ttl,
         });
         let api_addr = tls.addr;
         let (stop, task) = spawn_listeners(api, images.clone(), listener, tls, config.api.plain_nodes, config.http);
+        let sweeper = tokio::spawn(sweep_tokens(tokens));
         tracing::info!("api: listening on https://{api_addr} (CA {})", crate::StateDir::new(&config.state).ca_cert().display());
         for image in images.images() {
             tracing::info!(image = %image.name, digest = %image.digest, "serving image");
         }
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
-        let ca = ca.cert_path;
-        let mut server = Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task };
+        let ca = ca.cert_path.clone();
+        let mut server =
+            Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task, sweeper };
         server.start_pxe(&config).await?;
         Ok(server)
     }
@@ -385,6 +418,7 @@ impl Server {
         if let Some(t) = self.tftp {
             t.shutdown().await;
         }
+        self.sweeper.abort();
         let _ = self.stop.send(());
         let _ = self.task.await;
     }

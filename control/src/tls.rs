@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
 use tokio_rustls::TlsAcceptor;
 
 /// The CA could not be made, read or used.
@@ -149,6 +150,18 @@ impl Ca {
         Ok(cert.pem())
     }
 
+    /// A client certificate for `subject` and the key of the certificate
+    /// signing request `csr_pem` (whose signature is checked): the
+    /// certificate, PEM, and what it names.
+    pub fn sign_csr(&self, csr_pem: &str, subject: &Subject, ttl: std::time::Duration) -> Result<(String, ClientCert), Error> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err("certificate signing request"))?;
+        let pem = self.issue_client(subject, &csr.public_key, ttl)?;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes());
+        let cert = der.ok().and_then(|der| ClientCert::from_der(&der));
+        let cert = cert.ok_or_else(|| Error::Cert { what: "the certificate just issued".into(), source: "does not parse".into() })?;
+        Ok((pem, cert))
+    }
+
     /// A client certificate and a new key for `subject`: PEM.
     pub fn issue_client_with_key(&self, subject: &Subject, ttl: std::time::Duration) -> Result<(String, String), Error> {
         let key = KeyPair::generate().map_err(cert_err("client key"))?;
@@ -157,7 +170,6 @@ impl Ca {
 
     /// A rustls acceptor presenting a fresh server certificate for `names`.
     pub fn acceptor(&self, names: &[String]) -> Result<TlsAcceptor, Error> {
-        use rustls::pki_types::pem::PemObject;
         let (cert_pem, key_pem) = self.issue_server(names)?;
         fn bad<E: std::error::Error + Send + Sync + 'static>(what: &str, e: E) -> Error {
             Error::Cert { what: what.into(), source: Box::new(e) }
@@ -186,6 +198,28 @@ impl Ca {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
+}
+
+/// The hex sha256 of the public key (SubjectPublicKeyInfo) of the
+/// certificate signing request `csr_pem`, its signature checked: what
+/// [`ClientCert::key_sha256`] of a certificate for that key will be.
+pub fn csr_key(csr_pem: &str) -> Result<String, Error> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|_| csr_error("not PEM"))?;
+    csr_der_key(&pem.contents)
+}
+
+fn csr_error(why: &str) -> Error {
+    Error::Cert { what: "certificate signing request".into(), source: why.to_string().into() }
+}
+
+/// [`csr_key`] of the request's DER.
+fn csr_der_key(der: &[u8]) -> Result<String, Error> {
+    use sha2::Digest;
+    use x509_parser::prelude::FromDer;
+    let bad = csr_error;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der).map_err(|_| bad("not a PKCS#10 request"))?;
+    csr.verify_signature().map_err(|_| bad("its signature does not verify"))?;
+    Ok(hex::encode(sha2::Sha256::digest(csr.certification_request_info.subject_pki.raw)))
 }
 
 /// What a client certificate of this CA says its holder is.
@@ -322,5 +356,22 @@ mod tests {
         }
         let again = Ca::load_or_create(&state).unwrap();
         assert_eq!(again.cert_pem(), ca.cert_pem(), "kept, not replaced");
+    }
+
+    #[test]
+    fn a_csr_is_signed_for_its_own_key_only_when_its_signature_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(tmp.path()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let request = CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+        let pem = request.pem().unwrap();
+        let subject = Subject { role: Role::Node, name: "kiln-a".into() };
+        let (_, cert) = ca.sign_csr(&pem, &subject, std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(cert.subject, subject);
+        assert_eq!(csr_key(&pem).unwrap(), cert.key_sha256, "the certificate carries the CSR's key");
+        let mut der = request.der().to_vec();
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        assert!(csr_der_key(&der).is_err(), "a request whose signature does not verify");
     }
 }

@@ -43,6 +43,30 @@ pub struct RegisterRequest {
     /// MTU of the uplink that carries VXLAN (default 1500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink_mtu: Option<u32>,
+    /// A certificate signing request (PKCS#10, PEM) for the node's own key,
+    /// kept on the node: the answer carries the node's client certificate,
+    /// and the machine id is the key's from then on (another key
+    /// registering it gets 409).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
+}
+
+/// A node's client certificate, as the server issues it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCertificate {
+    /// The certificate, PEM (`CN=kiln:node:NAME`, `O=kiln:nodes`).
+    pub pem: String,
+    /// Seconds it is valid from now: renew before they are over.
+    pub valid_secs: u64,
+}
+
+/// What a node sends to `POST /api/v1/nodes/NAME/renew`, over mutual TLS
+/// with its current certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// A certificate signing request for the same key (PEM).
+    pub csr: String,
 }
 
 /// The answer to a registration.
@@ -57,6 +81,9 @@ pub struct RegisterResponse {
     /// The node's subnet lease, when it asked for one (sent a VTEP MAC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<crate::Lease>,
+    /// Its client certificate, when it sent a CSR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<NodeCertificate>,
 }
 
 /// The answer to a heartbeat.
@@ -174,6 +201,9 @@ pub enum RegisterError {
     /// `uplink_mtu` is outside [`limits::MTU`].
     #[error("uplink_mtu {0} is outside 576–9000")]
     UplinkMtu(u32),
+    /// `csr` is longer than [`limits::CSR`] or not PEM text.
+    #[error("csr must be a PEM certificate signing request of at most 4096 bytes")]
+    Csr,
 }
 
 /// The bounds a registration is held to: what a real node sends fits with
@@ -195,6 +225,8 @@ pub mod limits {
     pub const HOST_PORT: usize = 261;
     /// `uplink_mtu`: IPv4's minimum to jumbo frames.
     pub const MTU: std::ops::RangeInclusive<u32> = 576..=9000;
+    /// `csr`: a PEM CSR for an RSA-4096 key is about 1.7 KB.
+    pub const CSR: usize = 4096;
 }
 
 /// The start of an untrusted value, for an error message: at most 40
@@ -262,6 +294,11 @@ fn text(field: &'static str, value: &str, max: usize) -> Result<(), RegisterErro
     Ok(())
 }
 
+/// Whether `text` is at most `max` bytes of PEM: printable ASCII in lines.
+pub fn is_pem(text: &str, max: usize) -> bool {
+    text.len() <= max && text.starts_with("-----BEGIN ") && text.bytes().all(|b| b.is_ascii_graphic() || matches!(b, b' ' | b'\n' | b'\r'))
+}
+
 /// A list field: at most `max` entries.
 fn count<T>(field: &'static str, list: &[T], max: usize) -> Result<(), RegisterError> {
     if list.len() > max {
@@ -325,6 +362,11 @@ impl RegisterRequest {
         {
             return Err(RegisterError::Metrics(preview(m)));
         }
+        if let Some(csr) = &self.csr
+            && !is_pem(csr, limits::CSR)
+        {
+            return Err(RegisterError::Csr);
+        }
         match self.uplink_mtu {
             Some(mtu) if !limits::MTU.contains(&mtu) => Err(RegisterError::UplinkMtu(mtu)),
             _ => Ok(()),
@@ -357,6 +399,7 @@ pub(crate) mod tests {
             public_ip: None,
             vtep_mac: None,
             uplink_mtu: None,
+            csr: None,
         }
     }
 

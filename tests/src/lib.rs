@@ -426,6 +426,7 @@ pub fn node_request(i: usize) -> kiln_core::RegisterRequest {
         public_ip: Some(format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap()),
         vtep_mac: Some(format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()),
         uplink_mtu: Some(1500),
+        csr: None,
     }
 }
 

@@ -125,10 +125,16 @@ impl Node {
     /// (trusting its CA when it speaks TLS) using the bootstrap `token`, no
     /// metrics, flannel paths in the node's directory.
     pub fn start_agent(&mut self, server: &KilnServer, token: &str) {
+        self.start_agent_as(server, token, self.index);
+    }
+
+    /// As [`Node::start_agent`], with node `machine_of`'s machine id (a
+    /// copy of that machine), and this node's own key.
+    pub fn start_agent_as(&mut self, server: &KilnServer, token: &str, machine_of: u8) {
         let machine_id = self.dir.join("machine-id");
         std::fs::write(
             &machine_id,
-            format!("{:032x}\n", 0x6b696c6e_u128 << 64 | u128::from(std::process::id()) << 8 | u128::from(self.index)),
+            format!("{:032x}\n", 0x6b696c6e_u128 << 64 | u128::from(std::process::id()) << 8 | u128::from(machine_of)),
         )
         .expect("machine-id");
         let cmdline = self.dir.join("cmdline");
@@ -142,6 +148,8 @@ impl Node {
             .arg(&cmdline)
             .arg("--ca")
             .arg(ca)
+            .arg("--identity-dir")
+            .arg(self.dir.join("identity"))
             .arg("--flannel-run-dir")
             .arg(self.run_dir())
             .arg("--cni-conf-dir")

@@ -118,7 +118,7 @@ fn a_stored_hostile_node_prints_escaped_and_short() {
         "registered_at": "2026-01-01T00:00:00Z", "last_seen": "2026-01-01T00:00:00Z",
     }))
     .unwrap();
-    let record = kiln_control::store::NodeRecord { node, token_sha256: "0".repeat(64) };
+    let record = kiln_control::store::NodeRecord { node, token_sha256: "0".repeat(64), key_sha256: None };
     {
         let store = kiln_control::store::embedded::DbStore::open(&state.registry_db(), None).unwrap();
         block_on(store.put(record, false)).unwrap();

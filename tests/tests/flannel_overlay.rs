@@ -102,6 +102,63 @@ fn assert_no_nat(what: &str, from_ns: &kiln_tests::Netns, from_ip: Option<Ipv4Ad
     assert!(expect_src.contains(&src), "{what}: the receiver saw {src}, not the sender's own address {expect_src:?} (NAT?)");
 }
 
+/// `kiln ARGS` in the lab's namespace against `server`'s API: its stdout.
+fn kiln_in_lab(lab: &Lab, server: &KilnServer, args: &[&str]) -> String {
+    let out = lab
+        .ns
+        .command(&kiln_tests::binaries().kiln)
+        .args(args)
+        .args(["--server", &server.api])
+        .arg("--state")
+        .arg(&server.state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kiln nodes --json` in the lab.
+fn lab_nodes(lab: &Lab, server: &KilnServer) -> Vec<kiln_core::Node> {
+    serde_json::from_str(&kiln_in_lab(lab, server, &["nodes", "--json"])).expect("kiln nodes --json")
+}
+
+#[test]
+fn a_copied_machine_id_gets_409_and_the_node_keeps_its_lease() {
+    if !preflight() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::new("flod");
+    let server = lab.serve(tmp.path(), Api::Tls, &[]);
+    let token = kiln_in_lab(&lab, &server, &["token", "create", "--uses", "2", "--description", "two nodes"]);
+    let token = token.trim();
+    let mut first = lab.node(1, tmp.path());
+    first.start_agent(&server, token);
+    wait_up(&first, &server);
+    let held = lab_nodes(&lab, &server);
+    assert_eq!(held.len(), 1, "{held:?}");
+    let facts = |n: &kiln_core::Node| (n.name.clone(), n.machine_id.clone(), n.subnet, n.public_ip, n.vtep_mac);
+
+    // Another machine with the same machine id and the same valid token,
+    // but its own key: 409, and nothing of the first node changes.
+    let mut copy = lab.node(2, tmp.path());
+    copy.start_agent_as(&server, token, 1);
+    let refused = wait_for(Duration::from_secs(30), || copy.log().contains("409").then_some(()));
+    assert!(refused.is_some(), "the copy is refused with 409:\n{}\nserver:\n{}", copy.log(), tail(&server.log(), 20));
+    assert!(copy.log().contains(&held[0].name), "the answer names the node that holds the machine id:\n{}", copy.log());
+    let after = lab_nodes(&lab, &server);
+    assert_eq!(
+        after.iter().map(facts).collect::<Vec<_>>(),
+        held.iter().map(facts).collect::<Vec<_>>(),
+        "name, subnet, public IP and VTEP MAC kept"
+    );
+    let seen = after[0].last_seen;
+    let beat = wait_for(Duration::from_secs(30), || lab_nodes(&lab, &server).first().is_some_and(|n| n.last_seen > seen).then_some(()));
+    assert!(beat.is_some(), "the first node keeps heartbeating:\n{}", first.log());
+    assert!(!first.log().contains("registering again"), "and never had to register again:\n{}", first.log());
+    assert!(first.log().contains("client certificate"), "it proves itself with its certificate:\n{}", first.log());
+}
+
 fn overlay_network_model(store: Store) {
     if !preflight() {
         return;

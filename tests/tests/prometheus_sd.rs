@@ -118,6 +118,8 @@ fn prometheus_scrapes_agent_found_through_sd() {
         .arg(&cmdline)
         .arg("--ca")
         .arg(server.ca.as_ref().expect("the API is TLS"))
+        .arg("--identity-dir")
+        .arg(tmp.path().join("identity"))
         .arg("--textfile-dir")
         .arg(tmp.path().join("textfile"))
         .env_remove("JOURNAL_STREAM")

@@ -155,8 +155,8 @@ impl Overlay {
 
     /// Follows the registrations on `registered` and keeps the device,
     /// files and peer entries in step with them, until the channel closes.
-    /// `client` asks for the peers, with each registration's node token.
-    pub async fn run(self: Arc<Self>, client: kiln_client::Client, mut registered: watch::Receiver<Option<Registered>>) {
+    /// Each registration's client (the node's own) asks for the peers.
+    pub async fn run(self: Arc<Self>, mut registered: watch::Receiver<Option<Registered>>) {
         let rtnl = loop {
             match Rtnl::connect() {
                 Ok(r) => break r,
@@ -205,7 +205,7 @@ impl Overlay {
                 },
             };
             let Some(a) = applied.clone() else { continue };
-            let node = client.with_token(&reg.token);
+            let node = reg.client.clone();
             tokio::select! {
                 r = registered.changed() => {
                     if r.is_err() {
@@ -351,7 +351,8 @@ mod tests {
             vni: 1,
             backend: kiln_core::Backend::Vxlan,
         };
-        let reg = |name: &str, l: Option<Lease>| Registered { name: name.into(), token: "t".into(), lease: l };
+        let client = kiln_client::Client::builder("http://127.0.0.1:1").build().unwrap();
+        let reg = |name: &str, l: Option<Lease>| Registered { name: name.into(), client: client.clone(), lease: l };
         let a = lease("10.244.1.0/24");
         let b = lease("10.244.2.0/24");
         let with_a = reg("n1", Some(a.clone()));

@@ -769,7 +769,7 @@ mod tests {
             registered_at: now,
             last_seen: now,
         };
-        NodeRecord { node, token_sha256: "00".into() }
+        NodeRecord { node, token_sha256: "00".into(), key_sha256: None }
     }
 
     /// A store on `etcd`, once it answers.

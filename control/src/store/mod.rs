@@ -37,6 +37,10 @@ pub struct NodeRecord {
     pub node: Node,
     /// Hex sha256 of the node's current token.
     pub token_sha256: String,
+    /// Hex sha256 of the node's public key (SubjectPublicKeyInfo), when it
+    /// registered with a CSR: the key its certificates must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
 }
 
 /// A join token as the store keeps it: what `kiln token list` shows and

@@ -69,6 +69,7 @@ fn request(i: usize) -> RegisterRequest {
         public_ip: None,
         vtep_mac: Some(format!("0e:01:00:{:02x}:{:02x}:{:02x}", i >> 16 & 0xff, i >> 8 & 0xff, i & 0xff).parse().unwrap()),
         uplink_mtu: Some(1500),
+        csr: None,
     }
 }
 

@@ -1,0 +1,254 @@
+//! Trust (issue 13), against the real `kiln serve` over real TLS and the
+//! real `kiln` CLI: what anyone on the boot network can fetch opens no
+//! operator route; operator routes need an operator's certificate of kiln's
+//! own CA (one of another CA fails the handshake; a revoked one gets 403);
+//! join tokens (`kiln token create`) join and do nothing else, and are
+//! refused with the reason when expired, used up, deleted or for another
+//! pool, recording nothing.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_client::StatusCode;
+use kiln_control::StateDir;
+use kiln_tests::{KilnServer, binaries, block_on, fake_image, node_request};
+
+/// Every operator route: (method, path).
+const OPERATOR_ROUTES: [(&str, &str); 9] = [
+    ("GET", "/api/v1/nodes"),
+    ("GET", "/api/v1/sd"),
+    ("GET", "/api/v1/profiles"),
+    ("GET", "/api/v1/groups"),
+    ("GET", "/api/v1/pools"),
+    ("POST", "/api/v1/pools/tiny/scale"),
+    ("GET", "/api/v1/tokens"),
+    ("POST", "/api/v1/tokens"),
+    ("DELETE", "/api/v1/tokens/abcdef"),
+];
+
+/// `kiln ARGS --server API --state STATE`: success, stdout, stderr.
+fn kiln(server: &KilnServer, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(&binaries().kiln)
+        .args(args)
+        .args(["--server", &server.api])
+        .arg("--state")
+        .arg(&server.state)
+        .output()
+        .expect("kiln runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `kiln token create ARGS --json`: the token and its info.
+fn create_token(server: &KilnServer, args: &[&str]) -> kiln_core::CreateTokenResponse {
+    let (ok, out, err) = kiln(server, &[&["token", "create", "--json"][..], args].concat());
+    assert!(ok, "kiln token create {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln token create --json: {e}: {out}"))
+}
+
+/// Each operator route called with `token` as the bearer token and no
+/// client certificate: its status.
+fn operator_statuses(server: &KilnServer, token: Option<&str>) -> Vec<(String, u16)> {
+    let client = server.anonymous_client();
+    OPERATOR_ROUTES
+        .iter()
+        .map(|(method, path)| {
+            let mut req = client.request(method.parse().unwrap(), format!("{}{path}", server.api)).body(r#"{"replicas": 1}"#);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let status = req.send().unwrap_or_else(|e| panic!("{method} {path}: {}", kiln_tests::chain(&e))).status().as_u16();
+            (format!("{method} {path}"), status)
+        })
+        .collect()
+}
+
+fn start(tmp: &Path) -> KilnServer {
+    let images = tmp.join("images");
+    if !images.exists() {
+        fake_image(&images, "tiny");
+    }
+    KilnServer::start(&images, &tmp.join("state"))
+}
+
+#[test]
+fn nothing_the_boot_port_hands_out_opens_an_operator_route() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path());
+    for (route, status) in operator_statuses(&server, None) {
+        assert_eq!(status, 401, "{route} without a credential");
+    }
+
+    // Everything an unauthenticated client fetches from the boot port,
+    // every word of it, tried as a bearer token (and so as a join token).
+    let anyone = server.anonymous_client();
+    let mac = "52-54-00-12-34-56";
+    let mut fetched = String::new();
+    for path in ["/boot.ipxe".to_string(), format!("/ipxe?mac={mac}&uuid=&arch=x86_64")]
+        .into_iter()
+        .chain(["meta-data", "user-data", "network-config", "vendor-data"].map(|f| format!("/cloud-init/{mac}/{f}")))
+    {
+        let resp = anyone.get(format!("{}{path}", server.url)).send().unwrap();
+        assert_eq!(resp.status(), 200, "GET {path}");
+        fetched.push_str(&resp.text().unwrap());
+        fetched.push('\n');
+    }
+    let mut words: Vec<&str> =
+        fetched.split(|c: char| c.is_whitespace() || matches!(c, '=' | '"' | '\'' | ',')).filter(|w| w.len() >= 6).collect();
+    words.sort();
+    words.dedup();
+    let bootstrap = std::fs::read_to_string(StateDir::new(&server.state).bootstrap_token()).unwrap();
+    words.push(bootstrap.trim());
+    for word in &words {
+        for (route, status) in operator_statuses(&server, Some(word)) {
+            assert!(matches!(status, 401 | 403), "{route} with {word:?} from the boot port: {status}");
+        }
+    }
+
+    // A join token made by the operator opens no operator route either.
+    let join = create_token(&server, &[]);
+    for (route, status) in operator_statuses(&server, Some(&join.token)) {
+        assert_eq!(status, 401, "{route} with a join token");
+    }
+}
+
+#[test]
+fn operators_are_this_cas_and_revocation_holds_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path());
+    let (ok, out, err) = kiln(&server, &["nodes", "--json"]);
+    assert!(ok && out.trim() == "[]", "the operator's CLI reads nodes with STATE/admin.pem: {out}{err}");
+
+    // A certificate that says "operator", from another CA: no handshake.
+    let other = tmp.path().join("other-ca");
+    let ca = kiln_control::tls::Ca::load_or_create(&other).unwrap();
+    let subject = kiln_control::tls::Subject { role: kiln_control::tls::Role::Operator, name: "admin".into() };
+    let (cert, key) = ca.issue_client_with_key(&subject, Duration::from_secs(3600)).unwrap();
+    let forged = server.api_client_as(Some(format!("{cert}{key}").as_bytes()));
+    let e = block_on(forged.nodes()).expect_err("a client certificate of another CA");
+    assert_eq!(e.status(), None, "refused in the TLS handshake, before any HTTP answer: {}", kiln_client::chain(&e));
+
+    // Another operator: issued, used, revoked; the server sees it at once.
+    let dir = tmp.path().join("alice");
+    let (ok, out, err) = Command::new(&binaries().kiln)
+        .args(["admin-cert", "issue", "--name", "alice", "--out"])
+        .arg(&dir)
+        .arg("--state")
+        .arg(&server.state)
+        .output()
+        .map(|o| (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()))
+        .unwrap();
+    assert!(ok, "kiln admin-cert issue: {out}{err}");
+    let alice = dir.join("alice.pem");
+    let (ok, _, err) = kiln(&server, &["nodes", "--cert", alice.to_str().unwrap()]);
+    assert!(ok, "alice's certificate is an operator's: {err}");
+    let out = Command::new(&binaries().kiln).args(["admin-cert", "revoke", "alice", "--state"]).arg(&server.state).output().unwrap();
+    assert!(out.status.success(), "kiln admin-cert revoke: {}", String::from_utf8_lossy(&out.stderr));
+    let (ok, _, err) = kiln(&server, &["nodes", "--cert", alice.to_str().unwrap()]);
+    assert!(!ok && err.contains("403") && err.contains("revoked"), "a revoked operator, without a restart: {err}");
+    assert!(kiln(&server, &["nodes"]).0, "admin still works");
+}
+
+#[test]
+fn join_tokens_join_and_nothing_else_and_are_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = start(tmp.path());
+    let once = create_token(&server, &["--uses", "1", "--description", "one node"]);
+    assert_eq!(once.info.uses_left, Some(1));
+    let (id, secret) = once.token.split_once('.').expect("ID.SECRET");
+    assert_eq!((id.len(), secret.len()), (6, 16), "kubeadm's form: {}", once.token);
+
+    // It joins once, and only joins.
+    let joined =
+        block_on(server.api_client_as(None).with_token(&once.token).register(&node_request(1))).expect("a fresh one-use token joins");
+    let node = server.api_client_as(None).with_token(&joined.token);
+    block_on(node.heartbeat()).expect("the node's own token heartbeats");
+    let e = block_on(server.api_client_as(None).with_token(&once.token).heartbeat()).expect_err("a join token is no node token");
+    assert_eq!(e.status(), Some(StatusCode::UNAUTHORIZED), "{}", kiln_client::chain(&e));
+
+    // (token, why it is refused, status, what the answer says)
+    let expiring = create_token(&server, &["--ttl", "1s"]);
+    let deleted = create_token(&server, &[]);
+    let (ok, _, err) = kiln(&server, &["token", "delete", &deleted.info.id]);
+    assert!(ok, "kiln token delete: {err}");
+    let other_pool = create_token(&server, &["--pool", "gpu"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    let cases = [
+        (once.token.as_str(), "used up", StatusCode::UNAUTHORIZED, "used"),
+        (expiring.token.as_str(), "expired", StatusCode::UNAUTHORIZED, "expired"),
+        (deleted.token.as_str(), "deleted", StatusCode::UNAUTHORIZED, deleted.info.id.as_str()),
+        (other_pool.token.as_str(), "for another pool", StatusCode::FORBIDDEN, "pool"),
+        ("abcdef.0123456789abcdef", "never made", StatusCode::UNAUTHORIZED, "abcdef"),
+    ];
+    for (i, (token, why, status, says)) in cases.into_iter().enumerate() {
+        let e = block_on(server.api_client_as(None).with_token(token).register(&node_request(10 + i)))
+            .expect_err(&format!("a {why} token is refused"));
+        assert_eq!(e.status(), Some(status), "a {why} token: {}", kiln_client::chain(&e));
+        assert!(kiln_client::chain(&e).contains(says), "a {why} token: the answer says {says:?}: {}", kiln_client::chain(&e));
+    }
+    let names: Vec<String> = server.nodes().into_iter().map(|n| n.name).collect();
+    assert_eq!(names, std::slice::from_ref(&joined.name), "nothing recorded for the refused tokens");
+    assert!(server.log().contains("audit: join token created"), "token actions are audited:\n{}", server.log());
+
+    // Listed without secrets, the same after a restart on the same state.
+    for round in ["first", "after a restart"] {
+        let (ok, table, err) = kiln(&server, &["token", "list"]);
+        assert!(ok, "kiln token list: {err}");
+        let (_, json, _) = kiln(&server, &["token", "list", "--json"]);
+        for t in [&once, &expiring, &other_pool] {
+            let (id, secret) = t.token.split_once('.').unwrap();
+            assert!(table.contains(id) && json.contains(id), "{round}: {id} listed:\n{table}");
+            assert!(!table.contains(secret) && !json.contains(secret), "{round}: never the secret:\n{table}\n{json}");
+        }
+        assert!(!json.contains(&deleted.info.id), "{round}: a deleted token is gone: {json}");
+        let list: Vec<kiln_core::JoinTokenInfo> = serde_json::from_str(&json).unwrap();
+        let used = list.iter().find(|t| t.id == once.info.id).expect("the one-use token");
+        assert_eq!((used.used, used.uses_left), (1, Some(0)), "{round}: its use counted once");
+        if round == "first" {
+            drop(server);
+            server = start(tmp.path());
+        }
+    }
+}
+
+#[test]
+fn an_agent_renews_a_ten_second_certificate_and_heartbeats_for_a_minute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    fake_image(&images, "tiny");
+    let server = KilnServer::start_with(&images, &tmp.path().join("state"), &["--node-cert-ttl", "10s"]);
+    let token = create_token(&server, &["--uses", "1"]).token;
+    let cmdline = tmp.path().join("cmdline");
+    std::fs::write(&cmdline, "console=ttyS0\n").unwrap();
+    let identity = tmp.path().join("identity");
+    let mut cmd = Command::new(&binaries().agent);
+    cmd.args(["--server", &server.api, "--token", &token, "--no-metrics", "--no-flannel"])
+        .arg("--machine-id")
+        .arg(tmp.path().join("machine-id"))
+        .arg("--cmdline")
+        .arg(&cmdline)
+        .arg("--ca")
+        .arg(StateDir::new(&server.state).ca_cert())
+        .arg("--identity-dir")
+        .arg(&identity)
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info");
+    let log = tmp.path().join("agent.log");
+    let _agent = kiln_tests::Process::spawn_logged(cmd, "kiln-agent", &log);
+    let registered = kiln_tests::wait_for(Duration::from_secs(30), || server.nodes().into_iter().next());
+    let node = registered.unwrap_or_else(|| panic!("the agent registered:\n{}", kiln_tests::read_log(&log)));
+    let mode = |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
+    assert_eq!(mode(&identity), 0o700, "the identity directory");
+    assert_eq!(mode(&identity.join("node-key.pem")), 0o600, "the node's key");
+
+    std::thread::sleep(Duration::from_secs(60));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let renewals = text.matches("renewed this node's certificate").count();
+    assert!(renewals >= 6, "a 10 s certificate renewed at two thirds of its life, for a minute: {renewals} times\n{text}");
+    assert!(!text.contains("registering again") && !text.contains("heartbeat:"), "no heartbeat failed, no registration again:\n{text}");
+    let now = server.nodes();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].name, node.name);
+    let age = std::time::SystemTime::now().duration_since(now[0].last_seen.into()).unwrap_or_default();
+    assert!(age < Duration::from_secs(15), "it heartbeats still: last seen {age:?} ago\n{text}");
+}
