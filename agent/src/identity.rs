@@ -132,12 +132,15 @@ pub fn addresses() -> Vec<IpAddr> {
 }
 
 /// Where Prometheus should scrape this node, given where metrics listen:
-/// that address when it is a specific one; else the node's first IPv4
-/// address with the port, or `None` when that is what the control plane
-/// assumes anyway (first address, port 9100).
+/// that address when it is a specific one of the node's own, routable
+/// addresses (none otherwise: the server would refuse it); else the node's
+/// first IPv4 address with the port, or `None` when that is what the
+/// control plane assumes anyway (first address, port 9100).
 pub fn metrics_endpoint(listen: std::net::SocketAddr, addresses: &[IpAddr]) -> Option<String> {
     if !listen.ip().is_unspecified() {
-        return Some(listen.to_string());
+        // The server takes only one of the node's own, routable addresses.
+        let ip = listen.ip();
+        return (addresses.contains(&ip) && kiln_core::node::is_scrapeable(ip)).then(|| listen.to_string());
     }
     if listen.port() == kiln_core::node::METRICS_PORT {
         return None;
@@ -226,7 +229,10 @@ mod tests {
     fn metrics_endpoints() {
         let addrs: Vec<IpAddr> = vec!["fe80::1".parse().unwrap(), "10.0.2.15".parse().unwrap()];
         for (listen, want) in [
-            ("127.0.0.1:9200", Some("127.0.0.1:9200")),
+            ("10.0.2.15:9200", Some("10.0.2.15:9200")),
+            // Not one the control plane scrapes: the node's own, routable addresses only.
+            ("127.0.0.1:9200", None),
+            ("10.9.9.9:9200", None),
             ("0.0.0.0:9100", None),
             ("0.0.0.0:9200", Some("10.0.2.15:9200")),
             ("[::]:9200", Some("10.0.2.15:9200")),

@@ -195,9 +195,17 @@ pub enum RegisterError {
     /// `image_digest` is neither empty nor `sha256:` and a short digest.
     #[error("image_digest must be empty or `sha256:` and 1 to 64 letters and digits, got {0:?}")]
     ImageDigest(String),
-    /// `metrics` is not `host:port`.
-    #[error("metrics must be host:port, got {0:?}")]
+    /// `metrics` is not `IP:PORT` with the IP one of the node's own
+    /// addresses, routable (not loopback, unspecified, multicast or
+    /// link-local).
+    #[error(
+        "metrics must be IP:PORT with the IP one of the node's addresses (not loopback, unspecified, multicast or link-local), got {0:?}"
+    )]
     Metrics(String),
+    /// `public_ip` is not one of the node's addresses, or is loopback,
+    /// unspecified or multicast.
+    #[error("public_ip {0} must be one of the node's addresses, and not loopback, unspecified or multicast")]
+    PublicIp(std::net::IpAddr),
     /// `uplink_mtu` is outside [`limits::MTU`].
     #[error("uplink_mtu {0} is outside 576–9000")]
     UplinkMtu(u32),
@@ -294,6 +302,17 @@ fn text(field: &'static str, value: &str, max: usize) -> Result<(), RegisterErro
     Ok(())
 }
 
+/// Whether the control plane may scrape `ip` (and hand it to Prometheus):
+/// not loopback, unspecified, multicast or link-local, so a registration
+/// cannot point the server at its own host's services.
+pub fn is_scrapeable(ip: std::net::IpAddr) -> bool {
+    let link_local = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || link_local)
+}
+
 /// Whether `text` is at most `max` bytes of PEM: printable ASCII in lines.
 pub fn is_pem(text: &str, max: usize) -> bool {
     text.len() <= max && text.starts_with("-----BEGIN ") && text.bytes().all(|b| b.is_ascii_graphic() || matches!(b, b' ' | b'\n' | b'\r'))
@@ -311,13 +330,15 @@ fn count<T>(field: &'static str, list: &[T], max: usize) -> Result<(), RegisterE
 pub const METRICS_PORT: u16 = 9100;
 
 impl Node {
-    /// Where Prometheus scrapes this node: what it said, else its first IPv4
-    /// address (else first address) on [`METRICS_PORT`].
+    /// Where Prometheus scrapes this node: what it said, else its first
+    /// IPv4 address (else first address) on [`METRICS_PORT`]; never an
+    /// address [`is_scrapeable`] refuses.
     pub fn metrics_target(&self) -> Option<String> {
         if let Some(m) = &self.metrics {
             return Some(m.clone());
         }
-        let ip = self.addresses.iter().find(|a| a.is_ipv4()).or(self.addresses.first())?;
+        let mut ips = self.addresses.iter().filter(|a| is_scrapeable(**a));
+        let ip = ips.clone().find(|a| a.is_ipv4()).or(ips.next())?;
         Some(std::net::SocketAddr::new(*ip, METRICS_PORT).to_string())
     }
 }
@@ -357,10 +378,16 @@ impl RegisterRequest {
         if !digest_ok {
             return Err(RegisterError::ImageDigest(preview(&self.image_digest)));
         }
-        if let Some(m) = &self.metrics
-            && !is_host_port(m, true)
+        if let Some(m) = &self.metrics {
+            let target: Option<std::net::SocketAddr> = m.parse().ok();
+            if !target.is_some_and(|t| t.port() != 0 && self.addresses.contains(&t.ip()) && is_scrapeable(t.ip())) {
+                return Err(RegisterError::Metrics(preview(m)));
+            }
+        }
+        if let Some(ip) = self.public_ip
+            && (!self.addresses.contains(&ip) || ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
         {
-            return Err(RegisterError::Metrics(preview(m)));
+            return Err(RegisterError::PublicIp(ip));
         }
         if let Some(csr) = &self.csr
             && !is_pem(csr, limits::CSR)
@@ -433,8 +460,61 @@ pub(crate) mod tests {
             ("256 MACs", |r, m, _| r.macs = vec![m; limits::MACS], ""),
             ("3000 MACs", |r, m, _| r.macs = vec![m; 3000], "macs"),
             ("65 addresses", |r, _, a| r.addresses = vec![a; limits::ADDRESSES + 1], "addresses"),
-            ("metrics host:port", |r, _, _| r.metrics = Some("10.0.2.15:9101".into()), ""),
-            ("metrics [v6]:port", |r, _, _| r.metrics = Some("[fd00::1]:9100".into()), ""),
+            ("metrics on its address", |r, _, _| r.metrics = Some("10.0.2.15:9101".into()), ""),
+            (
+                "metrics on its [v6]:port",
+                |r, _, _| {
+                    r.addresses.push("fd00::1".parse().unwrap());
+                    r.metrics = Some("[fd00::1]:9100".into())
+                },
+                "",
+            ),
+            ("metrics on another host's address", |r, _, _| r.metrics = Some("10.9.9.9:9100".into()), "metrics"),
+            ("metrics at a host name", |r, _, _| r.metrics = Some("kiln.example:9100".into()), "metrics"),
+            (
+                "metrics on loopback, claimed",
+                |r, _, _| {
+                    r.addresses.push("127.0.0.1".parse().unwrap());
+                    r.metrics = Some("127.0.0.1:18999".into())
+                },
+                "metrics",
+            ),
+            (
+                "metrics link-local, claimed",
+                |r, _, _| {
+                    r.addresses.push("169.254.1.1".parse().unwrap());
+                    r.metrics = Some("169.254.1.1:9100".into())
+                },
+                "metrics",
+            ),
+            ("metrics port 0", |r, _, _| r.metrics = Some("10.0.2.15:0".into()), "metrics"),
+            ("metrics with a query", |r, _, _| r.metrics = Some("127.0.0.1:18999/internal/admin?secret=1&x=".into()), "metrics"),
+            ("public_ip its address", |r, _, a| r.public_ip = Some(a), ""),
+            ("public_ip not its address", |r, _, _| r.public_ip = Some("192.0.2.99".parse().unwrap()), "public_ip"),
+            (
+                "public_ip loopback, claimed",
+                |r, _, _| {
+                    r.addresses.push("127.0.0.1".parse().unwrap());
+                    r.public_ip = Some("127.0.0.1".parse().unwrap())
+                },
+                "public_ip",
+            ),
+            (
+                "public_ip unspecified",
+                |r, _, _| {
+                    r.addresses.push("0.0.0.0".parse().unwrap());
+                    r.public_ip = Some("0.0.0.0".parse().unwrap())
+                },
+                "public_ip",
+            ),
+            (
+                "public_ip multicast",
+                |r, _, _| {
+                    r.addresses.push("239.1.1.1".parse().unwrap());
+                    r.public_ip = Some("239.1.1.1".parse().unwrap())
+                },
+                "public_ip",
+            ),
             ("metrics without port", |r, _, _| r.metrics = Some("10.0.2.15".into()), "metrics"),
             ("metrics with a path", |r, _, _| r.metrics = Some("10.0.2.15:9100/x".into()), "metrics"),
             ("uplink_mtu 0", |r, _, _| r.uplink_mtu = Some(0), "uplink_mtu"),

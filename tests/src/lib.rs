@@ -333,6 +333,41 @@ impl Netns {
         cmd.args(["netns", "exec", &self.name]).arg(program);
         cmd
     }
+
+    /// Runs `f` on a thread that entered this namespace: the sockets it
+    /// opens, the threads it starts and the processes it spawns are the
+    /// namespace's. Async calls inside go through [`block_on_here`].
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// A `dummy0` interface up in the namespace with each of `addresses`
+    /// (`10.79.0.2/24`): routable addresses of the namespace's own, where a
+    /// test's processes listen.
+    pub fn add_dummy(&self, addresses: &[&str]) {
+        self.exec(&["ip", "link", "add", "dummy0", "type", "dummy"]);
+        for a in addresses {
+            self.exec(&["ip", "addr", "add", a, "dev", "dummy0"]);
+        }
+        self.exec(&["ip", "link", "set", "dummy0", "up"]);
+    }
+}
+
+/// Runs `future` to its end on a runtime of the calling thread (made for
+/// this call), so its sockets are opened in the thread's network namespace
+/// ([`Netns::run`]); a client used here must be made for the call.
+pub fn block_on_here<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime").block_on(future)
 }
 
 impl Drop for Netns {
@@ -410,20 +445,22 @@ pub fn free_port() -> u16 {
 }
 
 /// The registration of simulated node `i` (`node-I`, machine id `I` in hex,
-/// address `192.0.2.(I % 250 + 1)`), with a VTEP MAC, so it gets a lease.
+/// addresses `192.0.2.(I % 250 + 1)` and its public IP
+/// `198.18.(I / 250).(I % 250 + 1)`), with a VTEP MAC, so it gets a lease.
 pub fn node_request(i: usize) -> kiln_core::RegisterRequest {
+    let public_ip = format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap();
     kiln_core::RegisterRequest {
         machine_id: format!("{i:032x}"),
         hostname: format!("node-{i}"),
         macs: vec![format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()],
-        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap()],
+        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap(), public_ip],
         cpus: 1,
         memory_bytes: 1 << 30,
         kernel: "6.1".into(),
         agent_version: "test".into(),
         image_digest: "sha256:test".into(),
         metrics: None,
-        public_ip: Some(format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap()),
+        public_ip: Some(public_ip),
         vtep_mac: Some(format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()),
         uplink_mtu: Some(1500),
         csr: None,

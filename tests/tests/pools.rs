@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kiln_tests::libvirt::PoolServer;
-use kiln_tests::{KilnServer, binaries, block_on, chain, fake_image, tail, wait_for};
+use kiln_tests::{KilnServer, binaries, block_on, block_on_here, chain, fake_image, tail, wait_for};
 
 fn pool_file(dir: &Path, name: &str, text: &str) {
     std::fs::create_dir_all(dir).unwrap();
@@ -353,6 +353,24 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
 /// A node as the autoscaler sees it: a real `kiln-agent metrics` serving a
 /// fixture `/proc` whose `loadavg` the test writes, registered as a pool
 /// node with that metrics address.
+/// The address of the loaded nodes' metrics, on the test namespace's
+/// `dummy0` ([`in_a_namespace`]): the server scrapes only a node's own
+/// routable address, never loopback.
+const NODE_IP: &str = "10.79.0.2";
+
+/// Runs `test` inside a network namespace of its own, where `NODE_IP` is
+/// an address (the server, the nodes' metrics and the test's calls).
+fn in_a_namespace(tag: &str, test: fn()) {
+    let ns = kiln_tests::Netns::new(tag);
+    ns.add_dummy(&[&format!("{NODE_IP}/24")]);
+    ns.run(test);
+}
+
+/// `GET /api/v1/nodes` from the calling thread's namespace.
+fn nodes_here(server: &KilnServer) -> Vec<kiln_core::Node> {
+    block_on_here(server.api_client().nodes()).unwrap_or_else(|e| panic!("{}", chain(&e)))
+}
+
 struct LoadedNode {
     _agent: kiln_tests::Process,
     proc_dir: std::path::PathBuf,
@@ -364,29 +382,32 @@ impl LoadedNode {
         std::fs::create_dir_all(&proc_dir).unwrap();
         write_load(&proc_dir, load1);
         let port = kiln_tests::free_port();
+        let target = format!("{NODE_IP}:{port}");
         let mut cmd = Command::new(&binaries().agent);
-        cmd.args(["metrics", "--collectors", "loadavg", "--listen", &format!("127.0.0.1:{port}")]).arg("--proc").arg(&proc_dir);
+        cmd.args(["metrics", "--collectors", "loadavg", "--listen", &target]).arg("--proc").arg(&proc_dir);
         let agent = kiln_tests::Process::spawn_logged(cmd, "kiln-agent metrics", &dir.join(format!("{hostname}-agent.log")));
-        let scraper = kiln_client::metrics::Scraper::new(Duration::from_secs(10)).unwrap();
-        let up = wait_for(Duration::from_secs(10), || block_on(scraper.fetch(&format!("127.0.0.1:{port}"))).ok().map(|_| ()));
+        let up = wait_for(Duration::from_secs(10), || {
+            let scraper = kiln_client::metrics::Scraper::new(Duration::from_secs(10)).unwrap();
+            block_on_here(scraper.fetch(&target)).ok().map(|_| ())
+        });
         assert!(up.is_some(), "kiln-agent metrics did not come up");
         let req = kiln_core::RegisterRequest {
             machine_id: format!("{:0>32}", hostname.len() + port as usize),
             hostname: hostname.into(),
             macs: vec![],
-            addresses: vec!["127.0.0.1".parse().unwrap()],
+            addresses: vec![NODE_IP.parse().unwrap()],
             cpus: 1,
             memory_bytes: 1 << 30,
             kernel: "6.1".into(),
             agent_version: "test".into(),
             image_digest: "sha256:test".into(),
-            metrics: Some(format!("127.0.0.1:{port}")),
+            metrics: Some(target),
             public_ip: None,
             vtep_mac: None,
             uplink_mtu: None,
             csr: None,
         };
-        let registered = block_on(server.bootstrap_client().register(&req));
+        let registered = block_on_here(server.bootstrap_client().register(&req));
         assert!(registered.is_ok(), "registering {hostname}: {}", registered.err().map(|e| chain(&e)).unwrap_or_default());
         LoadedNode { _agent: agent, proc_dir }
     }
@@ -409,6 +430,10 @@ fn desired(server: &KilnServer, pool: &str) -> Option<u64> {
 
 #[test]
 fn autoscaler_grows_a_loaded_pool_to_its_max_and_shrinks_it_to_its_min() {
+    in_a_namespace("pgrow", autoscaler_grows_a_loaded_pool_to_its_max_and_shrinks_it_to_its_min_here);
+}
+
+fn autoscaler_grows_a_loaded_pool_to_its_max_and_shrinks_it_to_its_min_here() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     fake_image(&images, "tiny");
@@ -445,12 +470,16 @@ fn autoscaler_grows_a_loaded_pool_to_its_max_and_shrinks_it_to_its_min() {
     assert!(log.contains("autoscale: scale 3 → 2: mean load1 0.05 over 1 node < 0.3"), "{log}");
     assert!(log.contains("autoscale: scale 2 → 1: mean load1 0.05 over 1 node < 0.3"), "{log}");
     assert_eq!(desired(&server, "auto"), Some(1));
-    let names: Vec<String> = server.nodes().into_iter().map(|n| n.name).collect();
+    let names: Vec<String> = nodes_here(&server).into_iter().map(|n| n.name).collect();
     assert_eq!(names, ["kiln-auto-0"], "the oldest node stays");
 }
 
 #[test]
 fn autoscaler_dry_run_says_what_it_would_do_and_does_nothing() {
+    in_a_namespace("pdry", autoscaler_dry_run_says_what_it_would_do_and_does_nothing_here);
+}
+
+fn autoscaler_dry_run_says_what_it_would_do_and_does_nothing_here() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     fake_image(&images, "tiny");

@@ -1,8 +1,11 @@
 //! A real Prometheus finds a real `kiln-agent` through the control plane.
 //!
-//! `kiln serve` runs on loopback with a fake image (no guest boots here);
-//! `kiln-agent` runs on this host in full mode, registers with it and serves
-//! `/metrics` on a loopback port, which it reports in its registration;
+//! Everything runs in a network namespace the test makes (its loopback and
+//! a `dummy0` with `10.79.0.2/24`). `kiln serve` listens on its loopback
+//! with a fake image (no guest boots here); `kiln-agent` runs in full mode,
+//! registers with it and serves `/metrics` on `10.79.0.2`, which it reports
+//! in its registration (the server takes only a node's own routable
+//! addresses, never loopback);
 //! Debian's `prometheus`, configured from `monitoring/prometheus.yml` with
 //! only the control plane's URL and the intervals changed, discovers it
 //! through `GET /api/v1/sd` and scrapes it. The test reads the samples back
@@ -14,7 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_core::SdTargetGroup;
-use kiln_tests::{KilnServer, Process, binaries, block_on, fake_image, free_port, read_log, root, wait_for};
+use kiln_tests::{KilnServer, Netns, Process, binaries, block_on_here, fake_image, free_port, read_log, root, wait_for};
 
 /// How long any one thing may take to show up.
 const WAIT: Duration = Duration::from_secs(60);
@@ -94,6 +97,13 @@ fn shipped_prometheus_config_passes_promtool() {
 
 #[test]
 fn prometheus_scrapes_agent_found_through_sd() {
+    let ns = Netns::new("psd");
+    ns.add_dummy(&["10.79.0.2/24"]);
+    ns.run(scrape_in_namespace);
+}
+
+/// The test, on a thread inside its namespace.
+fn scrape_in_namespace() {
     let bins = binaries();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
@@ -107,7 +117,7 @@ fn prometheus_scrapes_agent_found_through_sd() {
     // server would have booted it with carries the image digest.
     let cmdline = tmp.path().join("cmdline");
     std::fs::write(&cmdline, format!("console=ttyS0 kiln.image_digest={}\n", manifest.digest)).unwrap();
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let metrics_addr = format!("10.79.0.2:{}", free_port());
     let agent_log = tmp.path().join("agent.log");
     let mut cmd = Command::new(&bins.agent);
     // --no-flannel: this agent runs on the host itself, whose network is not the test's.
@@ -123,17 +133,17 @@ fn prometheus_scrapes_agent_found_through_sd() {
         .arg("--textfile-dir")
         .arg(tmp.path().join("textfile"))
         .env_remove("JOURNAL_STREAM")
-        .env("NO_PROXY", "127.0.0.1");
+        .env("NO_PROXY", "127.0.0.1,10.79.0.2");
     let _agent = Process::spawn_logged(cmd, "kiln-agent", &agent_log);
 
     let group = wait_for(WAIT, || {
-        let groups: Vec<SdTargetGroup> = block_on(server.api_client().sd()).ok()?;
+        let groups: Vec<SdTargetGroup> = block_on_here(server.api_client().sd()).ok()?;
         groups.into_iter().find(|g| g.targets == [metrics_addr.clone()])
     })
     .unwrap_or_else(|| {
         panic!("GET /api/v1/sd never listed the agent at {metrics_addr} within {WAIT:?}; agent log:\n{}", read_log(&agent_log))
     });
-    let nodes = server.nodes();
+    let nodes = block_on_here(server.api_client().nodes()).expect("GET /api/v1/nodes");
     assert_eq!(nodes.len(), 1, "one node registered: {nodes:?}");
     let node = &nodes[0];
     assert_eq!(node.metrics.as_deref(), Some(metrics_addr.as_str()), "the agent registers where its metrics listen");
