@@ -1280,6 +1280,16 @@ mod tests {
         assert_eq!(call(&hb, Some(own), None).reply(&routes).await.status(), 401, "a deleted node's certificate is worth nothing");
         let resp = register(Some(csr_b)).reply(&routes).await;
         assert_eq!(resp.status(), 200, "after kiln nodes delete: {:?}", resp.body());
+        let second = presented(&serde_json::from_slice(resp.body()).unwrap());
+
+        // A node not seen for a while (a diskless node rebooted with a new
+        // key) no longer holds its machine id.
+        api.registry.set_held_within(std::time::Duration::from_millis(200));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let resp = register(Some(csr())).reply(&routes).await;
+        assert_eq!(resp.status(), 200, "a silent node's machine id: {:?}", resp.body());
+        let hb = format!("/api/v1/nodes/{}/heartbeat", second.subject.name);
+        assert_eq!(call(&hb, Some(second), None).reply(&routes).await.status(), 401, "the old key is worth nothing now");
     }
 
     #[tokio::test]

@@ -24,6 +24,11 @@ use crate::token;
 /// Seconds between heartbeats that the registry asks agents for.
 pub const HEARTBEAT_INTERVAL_SECS: u64 = 10;
 
+/// A node not seen for this long (three heartbeats) no longer holds its
+/// machine id against another key: a diskless node that rebooted with a
+/// new key joins again by itself, while a copy of a live node is refused.
+pub const HELD_WHILE_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(3 * HEARTBEAT_INTERVAL_SECS);
+
 /// Registering failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,10 +51,12 @@ pub enum Error {
     /// The same machine is registering on another connection right now.
     #[error("machine {0} is already registering; retry")]
     Busy(String),
-    /// The machine id is held by a node with another key: a copy of the
-    /// machine, or a reinstalled one (`kiln nodes delete NAME` frees it).
+    /// The machine id is held by a live node with another key: a copy of
+    /// the machine, or a reinstalled one (`kiln nodes delete NAME` frees it
+    /// at once; it is free by itself once the node has not been seen for
+    /// [`HELD_WHILE_SEEN_WITHIN`]).
     #[error(
-        "machine id {machine_id} is node {name}'s, which proves itself with another key; nothing changed (a reinstalled machine: kiln nodes delete {name})"
+        "machine id {machine_id} is node {name}'s, which proves itself with another key and is alive; nothing changed (a reinstalled machine: kiln nodes delete {name})"
     )]
     Held {
         /// The machine id.
@@ -145,6 +152,8 @@ pub struct Registry {
     /// Which pool a registering node belongs to, by its hostname (set by
     /// the pools, whose nodes are named `kiln-<pool>-<n>`).
     pool_of: std::sync::OnceLock<PoolOf>,
+    /// [`HELD_WHILE_SEEN_WITHIN`] in milliseconds (shorter in tests).
+    held_within: std::sync::atomic::AtomicU64,
 }
 
 /// A node's pool from its hostname.
@@ -172,6 +181,7 @@ impl Registry {
             revision,
             peers_json: Mutex::new(None),
             pool_of: std::sync::OnceLock::new(),
+            held_within: std::sync::atomic::AtomicU64::new(HELD_WHILE_SEEN_WITHIN.as_secs() * 1000),
         });
         if let Some(mut changes) = changes {
             let weak = Arc::downgrade(&registry);
@@ -194,6 +204,12 @@ impl Registry {
     /// token scoped to a pool is checked against.
     pub fn pool_for(&self, hostname: &str) -> Option<String> {
         self.pool_of.get().and_then(|f| f(hostname))
+    }
+
+    /// How long a node holds its machine id against another key after it
+    /// was last seen ([`HELD_WHILE_SEEN_WITHIN`]; tests shorten it).
+    pub fn set_held_within(&self, within: std::time::Duration) {
+        self.held_within.store(u64::try_from(within.as_millis()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sets how a registering node's pool is found from its hostname (once).
@@ -303,7 +319,12 @@ impl Registry {
                 if let (Some(held), Some(node)) = (&existing_key, &existing)
                     && key != Some(held.as_str())
                 {
-                    return Err(Error::Held { machine_id, name: node.name.clone() });
+                    let silent = now - node.last_seen;
+                    let within = self.held_within.load(std::sync::atomic::Ordering::Relaxed);
+                    if silent < time::Duration::milliseconds(i64::try_from(within).unwrap_or(i64::MAX)) {
+                        return Err(Error::Held { machine_id, name: node.name.clone() });
+                    }
+                    tracing::warn!(node = ?node.name, machine_id = ?machine_id, silent_secs = silent.whole_seconds(), "machine id re-keyed: its node had not been seen");
                 }
                 let name = match &existing {
                     Some(n) => n.name.clone(),

@@ -277,11 +277,12 @@ impl KilnServer {
             .expect("an API client")
     }
 
-    /// The API's client with the bootstrap token (`STATE/bootstrap-token`).
+    /// The API's client of a joining machine: the bootstrap token
+    /// (`STATE/bootstrap-token`), no client certificate.
     pub fn bootstrap_client(&self) -> kiln_client::Client {
         let token = std::fs::read_to_string(kiln_control::StateDir::new(&self.state).bootstrap_token())
             .expect("kiln serve wrote its bootstrap token");
-        self.api_client().with_token(token.trim())
+        self.api_client_as(None).with_token(token.trim())
     }
 
     /// `GET /api/v1/nodes`.

@@ -19,7 +19,7 @@ fn every_route_through_the_client() {
     let answer = block_on(boot.register(&node_request(7))).unwrap();
     assert_eq!(answer.name, "node-7");
     let lease = answer.lease.expect("a lease for a node with a VTEP MAC");
-    let node = server.api_client().with_token(&answer.token);
+    let node = server.api_client_as(None).with_token(&answer.token);
     assert_eq!(block_on(node.heartbeat()).unwrap().name, "node-7");
     assert_eq!(block_on(node.heartbeat_node("node-7")).unwrap().name, "node-7");
     let err = block_on(node.heartbeat_node("someone-else")).unwrap_err();
@@ -35,7 +35,7 @@ fn every_route_through_the_client() {
     assert_eq!(block_on(server.api_client().profiles()).unwrap()[0]["id"], "default");
     assert!(block_on(server.api_client().groups()).is_ok());
     assert!(block_on(server.api_client().pools()).unwrap().is_empty(), "no --pools, no pools");
-    let err = block_on(boot.scale("tiny", 1)).unwrap_err();
+    let err = block_on(server.api_client().scale("tiny", 1)).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::NOT_FOUND), "{err}");
     assert!(err.to_string().contains("runs no pools"), "the server's words: {err}");
 

@@ -78,7 +78,7 @@ fn the_cap_closes_the_longest_waiting_connection_and_answers_429_above_its_busy_
     // Six long polls are the busy share of 8 (three quarters): a seventh
     // request is answered 429 with Retry-After; once they end, 200 again.
     let answer = block_on(server.bootstrap_client().register(&node_request(1))).expect("registration");
-    let node = server.api_client().with_token(&answer.token);
+    let node = server.api_client_as(None).with_token(&answer.token);
     let revision = block_on(node.peers(0, Duration::ZERO)).expect("peers").revision;
     let polls: Vec<_> = (0..6)
         .map(|_| {

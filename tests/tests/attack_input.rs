@@ -80,6 +80,30 @@ fn hostile_registrations_are_refused_and_nothing_is_stored() {
         ("60 KiB kernel", kiln_core::RegisterRequest { kernel: "6".repeat(60 * 1024), ..good.clone() }, "kernel"),
         ("3000 MACs", kiln_core::RegisterRequest { macs, ..good.clone() }, "macs"),
         ("uplink_mtu 0", kiln_core::RegisterRequest { uplink_mtu: Some(0), ..good.clone() }, "uplink_mtu"),
+        // What the server would scrape and hand to Prometheus: the node's own
+        // routable IP:PORT only.
+        (
+            "metrics with a path",
+            kiln_core::RegisterRequest { metrics: Some("127.0.0.1:18999/internal/admin?secret=1&x=".into()), ..good.clone() },
+            "metrics",
+        ),
+        ("metrics on another host", kiln_core::RegisterRequest { metrics: Some("192.0.2.200:9100".into()), ..good.clone() }, "metrics"),
+        ("metrics port out of range", kiln_core::RegisterRequest { metrics: Some("192.0.2.3:70000".into()), ..good.clone() }, "metrics"),
+        (
+            "metrics on loopback, claimed",
+            kiln_core::RegisterRequest {
+                addresses: vec!["127.0.0.1".parse().unwrap()],
+                metrics: Some("127.0.0.1:18999".into()),
+                public_ip: None,
+                ..good.clone()
+            },
+            "metrics",
+        ),
+        (
+            "public_ip not its own",
+            kiln_core::RegisterRequest { public_ip: Some("203.0.113.9".parse().unwrap()), ..good.clone() },
+            "public_ip",
+        ),
     ];
     for (case, req, field) in cases {
         let err = block_on(boot.register(&req)).expect_err(case);

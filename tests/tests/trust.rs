@@ -252,3 +252,50 @@ fn an_agent_renews_a_ten_second_certificate_and_heartbeats_for_a_minute() {
     let age = std::time::SystemTime::now().duration_since(now[0].last_seen.into()).unwrap_or_default();
     assert!(age < Duration::from_secs(15), "it heartbeats still: last seen {age:?} ago\n{text}");
 }
+
+/// A new key: a CSR for it and the key itself (PEM), as the agent makes them.
+fn node_key() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    (csr, key.serialize_pem())
+}
+
+#[test]
+fn a_node_certificate_opens_its_own_routes_only_and_a_copy_gets_409() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path());
+    let token = create_token(&server, &["--uses", "3"]).token;
+    let joining = server.api_client_as(None).with_token(&token);
+    let (csr, key) = node_key();
+    let mut req = node_request(7);
+    req.csr = Some(csr);
+    let joined = block_on(joining.register(&req)).expect("a node with a key joins");
+    let cert = joined.certificate.as_ref().expect("over TLS with a CSR, a client certificate");
+    let node = server.api_client_as(Some(format!("{}{key}", cert.pem).as_bytes()));
+
+    block_on(node.heartbeat_node(&joined.name)).expect("its certificate heartbeats for itself");
+    let e = block_on(node.heartbeat_node("node-8")).expect_err("for another node");
+    assert_eq!(e.status(), Some(StatusCode::FORBIDDEN), "{}", kiln_client::chain(&e));
+    for (what, status) in [
+        ("GET /api/v1/nodes", block_on(node.nodes()).err().and_then(|e| e.status())),
+        ("GET /api/v1/sd", block_on(node.sd()).err().and_then(|e| e.status())),
+        ("GET /api/v1/tokens", block_on(node.tokens()).err().and_then(|e| e.status())),
+    ] {
+        assert_eq!(status, Some(StatusCode::FORBIDDEN), "a node's certificate on {what}");
+    }
+    let e = block_on(server.api_client_as(None).with_token(&joined.token).heartbeat()).expect_err("its token alone");
+    assert_eq!(e.status(), Some(StatusCode::UNAUTHORIZED), "a node with a key proves itself with it: {}", kiln_client::chain(&e));
+
+    // The same machine id from another key, with a valid token: 409, and
+    // nothing of the node changes.
+    let before = server.nodes();
+    let (other_csr, _) = node_key();
+    let mut copy = node_request(7);
+    copy.csr = Some(other_csr);
+    copy.public_ip = Some("192.0.2.8".parse().unwrap());
+    let e = block_on(joining.register(&copy)).expect_err("a copied machine id");
+    assert_eq!(e.status(), Some(StatusCode::CONFLICT), "{}", kiln_client::chain(&e));
+    assert!(kiln_client::chain(&e).contains(&joined.name), "names the node: {}", kiln_client::chain(&e));
+    assert_eq!(server.nodes(), before, "nothing changed");
+    block_on(node.heartbeat_node(&joined.name)).expect("the node keeps working");
+}
