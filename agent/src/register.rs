@@ -104,10 +104,10 @@ where
         };
         let mut renew_at = registered.certificate.as_ref().map(renewal_time);
         publish.send_replace(Some(Registered { name: registered.name.clone(), client: node.clone(), lease: registered.lease.clone() }));
-        let mut interval = Duration::from_secs(registered.heartbeat_interval_secs.max(1));
+        let mut next_beat = Instant::now() + Duration::from_secs(registered.heartbeat_interval_secs.max(1));
         loop {
-            let wake = renew_at.map_or(interval, |at| interval.min(at.saturating_duration_since(Instant::now())));
-            tokio::time::sleep(wake).await;
+            let wake = renew_at.map_or(next_beat, |at| at.min(next_beat));
+            tokio::time::sleep_until(wake.into()).await;
             if let (Some(at), Some(key)) = (renew_at, joining.key)
                 && Instant::now() >= at
             {
@@ -133,15 +133,20 @@ where
                         renew_at = Some(Instant::now() + Duration::from_secs(1));
                     }
                 }
+            }
+            if Instant::now() < next_beat {
                 continue;
             }
             match node.heartbeat().await {
-                Ok(hb) => interval = Duration::from_secs(hb.heartbeat_interval_secs.max(1)),
+                Ok(hb) => next_beat = Instant::now() + Duration::from_secs(hb.heartbeat_interval_secs.max(1)),
                 Err(e) if e.status() == Some(StatusCode::UNAUTHORIZED) => {
                     warn!("control plane no longer knows this node; registering again");
                     break;
                 }
-                Err(e) => warn!("heartbeat: {}", chain(&e)),
+                Err(e) => {
+                    warn!("heartbeat: {}", chain(&e));
+                    next_beat = Instant::now() + Duration::from_secs(registered.heartbeat_interval_secs.max(1));
+                }
             }
         }
     }

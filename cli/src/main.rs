@@ -78,8 +78,6 @@ enum Command {
     Token {
         #[command(subcommand)]
         action: TokenAction,
-        #[command(flatten)]
-        api: ApiArgs,
     },
     /// Issue and revoke operators' client certificates (the server's CA, in
     /// the state directory; a revocation takes effect on the next request).
@@ -128,17 +126,23 @@ enum TokenAction {
         /// Print JSON (the token and its info).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// List join tokens (never their secrets).
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Delete (revoke) the join token ID.
     Delete {
         /// The token's ID (the part before the dot).
         id: String,
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 
@@ -287,16 +291,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print(json, &pools, |p| output::pool_table(p))
         }
         Command::AdminCert { action, state } => admin_cert(&state, action),
-        Command::Token { action, api } => token(&api, action),
+        Command::Token { action } => token(action),
         Command::Up(args) => up::run(args),
     }
 }
 
 /// `kiln token create|list|delete`.
-fn token(api: &ApiArgs, action: TokenAction) -> Result<ExitCode> {
-    let client = api.client()?;
+fn token(action: TokenAction) -> Result<ExitCode> {
     match action {
-        TokenAction::Create { ttl, uses, pool, description, json } => {
+        TokenAction::Create { ttl, uses, pool, description, json, api } => {
+            let client = api.client()?;
             let req = kiln_core::CreateTokenRequest { ttl_secs: Some(ttl.as_secs()), uses, pool, description };
             let made = block_on(client.create_token(&req))?;
             match json {
@@ -304,11 +308,13 @@ fn token(api: &ApiArgs, action: TokenAction) -> Result<ExitCode> {
                 false => println!("{}", made.token),
             }
         }
-        TokenAction::List { json } => {
+        TokenAction::List { json, api } => {
+            let client = api.client()?;
             let tokens = block_on(client.tokens())?;
             print(json, &tokens, |t| output::token_table(t))?;
         }
-        TokenAction::Delete { id } => {
+        TokenAction::Delete { id, api } => {
+            let client = api.client()?;
             block_on(client.delete_token(&id))?;
             println!("kiln: deleted join token {id}");
         }
@@ -363,4 +369,35 @@ fn print<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) -> S
         print!("{}", table(value));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_parses_with_its_api_flags_after_it() {
+        Cli::command().debug_assert();
+        let api = ["--server", "https://kiln.lan:8443", "--state", "/var/lib/kiln"];
+        for args in [
+            &["nodes", "--json"][..],
+            &["nodes", "delete", "kiln-a"],
+            &["token", "create", "--ttl", "1h30m", "--uses", "2", "--pool", "gpu", "--json"],
+            &["token", "create", "--ttl", "0"],
+            &["token", "list", "--json"],
+            &["token", "delete", "abcdef"],
+            &["scale", "tiny", "2"],
+            &["pools"],
+        ] {
+            let argv = std::iter::once("kiln").chain(args.iter().copied()).chain(api);
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("kiln {args:?} --server ... --state ...: {e}");
+            }
+        }
+        let cli = Cli::try_parse_from(["kiln", "token", "create", "--ttl", "1h30m"]).unwrap();
+        let Command::Token { action: TokenAction::Create { ttl, .. } } = cli.command else { panic!("token create") };
+        assert_eq!(ttl, std::time::Duration::from_secs(5400));
+        assert!(Cli::try_parse_from(["kiln", "token", "create", "--ttl", "soon"]).is_err(), "a TTL that is not a duration");
+    }
 }

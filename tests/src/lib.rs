@@ -352,15 +352,17 @@ impl Netns {
         })
     }
 
-    /// A `dummy0` interface up in the namespace with each of `addresses`
-    /// (`10.79.0.2/24`): routable addresses of the namespace's own, where a
-    /// test's processes listen.
-    pub fn add_dummy(&self, addresses: &[&str]) {
-        self.exec(&["ip", "link", "add", "dummy0", "type", "dummy"]);
+    /// Routable addresses of the namespace's own (`10.79.0.2/24`), where a
+    /// test's processes listen: on `lan0`, one end of a veth pair whose
+    /// other end (`lan1`) is in the namespace too (a kernel without the
+    /// `dummy` driver has veth).
+    pub fn add_addresses(&self, addresses: &[&str]) {
+        self.exec(&["ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"]);
         for a in addresses {
-            self.exec(&["ip", "addr", "add", a, "dev", "dummy0"]);
+            self.exec(&["ip", "addr", "add", a, "dev", "lan0"]);
         }
-        self.exec(&["ip", "link", "set", "dummy0", "up"]);
+        self.exec(&["ip", "link", "set", "lan1", "up"]);
+        self.exec(&["ip", "link", "set", "lan0", "up"]);
     }
 }
 

@@ -183,8 +183,10 @@ fn etcd_store_survives_sigkill_and_etcd_restart_with_flannel_schema() {
         let me = register_until_answered(&server.bootstrap_client(), &request(0)).token;
         block_on(server.api_client_as(None).with_token(&me).peers(revision, wait)).ok()
     };
-    let err = block_on(server.api_client().peers(0, Duration::ZERO)).unwrap_err();
+    let err = block_on(server.api_client_as(None).peers(0, Duration::ZERO)).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED), "no peers without a node token");
+    let err = block_on(server.api_client().peers(0, Duration::ZERO)).unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "an operator is not a node");
     let peers = get_peers(0, Duration::ZERO).expect("peers");
     assert_eq!(peers.peers.len(), NODES + 1);
     assert!(peers.peers.iter().any(|p| p.subnet == flannel_subnet && p.vtep_mac.to_string() == "aa:bb:cc:00:00:09"));

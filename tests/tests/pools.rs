@@ -354,7 +354,7 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
 /// fixture `/proc` whose `loadavg` the test writes, registered as a pool
 /// node with that metrics address.
 /// The address of the loaded nodes' metrics, on the test namespace's
-/// `dummy0` ([`in_a_namespace`]): the server scrapes only a node's own
+/// `lan0` ([`in_a_namespace`]): the server scrapes only a node's own
 /// routable address, never loopback.
 const NODE_IP: &str = "10.79.0.2";
 
@@ -362,7 +362,7 @@ const NODE_IP: &str = "10.79.0.2";
 /// an address (the server, the nodes' metrics and the test's calls).
 fn in_a_namespace(tag: &str, test: fn()) {
     let ns = kiln_tests::Netns::new(tag);
-    ns.add_dummy(&[&format!("{NODE_IP}/24")]);
+    ns.add_addresses(&[&format!("{NODE_IP}/24")]);
     ns.run(test);
 }
 

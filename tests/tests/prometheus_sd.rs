@@ -1,7 +1,7 @@
 //! A real Prometheus finds a real `kiln-agent` through the control plane.
 //!
 //! Everything runs in a network namespace the test makes (its loopback and
-//! a `dummy0` with `10.79.0.2/24`). `kiln serve` listens on its loopback
+//! a `lan0` with `10.79.0.2/24`). `kiln serve` listens on its loopback
 //! with a fake image (no guest boots here); `kiln-agent` runs in full mode,
 //! registers with it and serves `/metrics` on `10.79.0.2`, which it reports
 //! in its registration (the server takes only a node's own routable
@@ -98,7 +98,7 @@ fn shipped_prometheus_config_passes_promtool() {
 #[test]
 fn prometheus_scrapes_agent_found_through_sd() {
     let ns = Netns::new("psd");
-    ns.add_dummy(&["10.79.0.2/24"]);
+    ns.add_addresses(&["10.79.0.2/24"]);
     ns.run(scrape_in_namespace);
 }
 
