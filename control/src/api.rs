@@ -110,8 +110,8 @@ impl Api {
     }
 }
 
-/// A request refused: 401 or 403 for its credential (400 for a bad CSR),
-/// and why.
+/// A request refused: 401 or 403 for its credential (500 when the CA
+/// fails), and why.
 struct Denied(StatusCode, String);
 
 impl Denied {
@@ -553,13 +553,13 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
 /// Records a registration that presented a good credential; with a CSR,
 /// the node's key is the machine id's from then on.
 async fn record_registration(api: &Api, req: &RegisterRequest, joining: &Joining) -> Response {
-    let key = match req.csr.as_deref().map(crate::tls::csr_key).transpose() {
-        Ok(key) => key,
+    let csr = match req.csr.as_deref().map(crate::tls::Csr::parse).transpose() {
+        Ok(csr) => csr,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("registration body: csr: {}", kiln_core::error_chain(&e))),
     };
-    match api.registry.register_with_key(req, key.as_deref()).await {
+    match api.registry.register_with_key(req, csr.as_ref().map(crate::tls::Csr::key_sha256)).await {
         Ok((node, token, lease)) => {
-            let certificate = match req.csr.as_deref().map(|csr| node_certificate(api, &node.name, csr)).transpose() {
+            let certificate = match csr.as_ref().map(|csr| node_certificate(api, &node.name, csr)).transpose() {
                 Ok(made) => made.map(|(certificate, _)| certificate),
                 Err(denied) => return denied.into_response(),
             };
@@ -689,13 +689,16 @@ async fn heartbeat(api: &Api, caller: &Caller, claimed: Option<&str>) -> Respons
     }
 }
 
-/// A node's certificate for the key of `csr`, named `name`; why not (a
-/// CSR that does not parse or verify: 400).
-fn node_certificate(api: &Api, name: &str, csr: &str) -> Result<(kiln_core::NodeCertificate, crate::tls::ClientCert), Denied> {
+/// A node's certificate for the key of `csr`, named `name`; the 500
+/// answer when the CA fails.
+fn node_certificate(api: &Api, name: &str, csr: &crate::tls::Csr) -> Result<(kiln_core::NodeCertificate, crate::tls::ClientCert), Denied> {
     let subject = crate::tls::Subject { role: Role::Node, name: name.to_string() };
     match api.ca.sign_csr(csr, &subject, api.node_cert_ttl) {
         Ok((pem, cert)) => Ok((kiln_core::NodeCertificate { pem, valid_secs: api.node_cert_ttl.as_secs() }, cert)),
-        Err(e) => Err(Denied(StatusCode::BAD_REQUEST, format!("csr: {}", kiln_core::error_chain(&e)))),
+        Err(e) => {
+            tracing::error!("signing a node's certificate: {}", kiln_core::error_chain(&e));
+            Err(Denied(StatusCode::INTERNAL_SERVER_ERROR, "the CA could not sign the certificate".into()))
+        }
     }
 }
 
@@ -715,13 +718,17 @@ fn renew(api: &Api, caller: &Caller, name: &str, body: &[u8]) -> Response {
     if !kiln_core::node::is_pem(&req.csr, kiln_core::node::limits::CSR) {
         return error(StatusCode::BAD_REQUEST, &kiln_core::node::RegisterError::Csr.to_string());
     }
-    let (certificate, cert) = match node_certificate(api, name, &req.csr) {
+    let csr = match crate::tls::Csr::parse(&req.csr) {
+        Ok(csr) => csr,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("csr: {}", kiln_core::error_chain(&e))),
+    };
+    if api.registry.check_key(name, csr.key_sha256()) != KeyCheck::Ok {
+        return error(StatusCode::FORBIDDEN, "the csr's key is not the one this node registered with");
+    }
+    let (certificate, cert) = match node_certificate(api, name, &csr) {
         Ok(made) => made,
         Err(denied) => return denied.into_response(),
     };
-    if api.registry.check_key(name, &cert.key_sha256) != KeyCheck::Ok {
-        return error(StatusCode::FORBIDDEN, "the csr's key is not the one this node registered with");
-    }
     tracing::info!(node = ?name, serial = %cert.serial, "node certificate renewed");
     warp::reply::json(&certificate).into_response()
 }

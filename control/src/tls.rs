@@ -56,6 +56,9 @@ pub struct Ca {
     key_path: PathBuf,
     cert_pem: String,
     key_pem: String,
+    /// The CA's key and name, parsed on first use: every node certificate
+    /// is signed with them.
+    issuer: std::sync::OnceLock<Issuer<'static, KeyPair>>,
 }
 
 impl Ca {
@@ -73,7 +76,7 @@ impl Ca {
             (true, true) => {
                 let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
                 let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-                let ca = Ca { cert_path, key_path, cert_pem, key_pem };
+                let ca = Ca { cert_path, key_path, cert_pem, key_pem, issuer: std::sync::OnceLock::new() };
                 ca.issuer()?;
                 Ok(ca)
             }
@@ -94,7 +97,7 @@ impl Ca {
                 write_atomic(&key_path, key_pem.as_bytes())?;
                 write_atomic(&cert_path, cert_pem.as_bytes())?;
                 tracing::info!(ca = %cert_path.display(), "made the control plane's CA");
-                Ok(Ca { cert_path, key_path, cert_pem, key_pem })
+                Ok(Ca { cert_path, key_path, cert_pem, key_pem, issuer: std::sync::OnceLock::new() })
             }
             (true, false) => Err(Error::Io {
                 path: key_path.clone(),
@@ -134,38 +137,48 @@ impl Ca {
     }
 
     /// A client certificate for `subject`, valid for `ttl` from now (an
-    /// hour earlier too, for clocks behind), for `key`'s public key: PEM.
-    pub fn issue_client(&self, subject: &Subject, key: &impl rcgen::PublicKeyData, ttl: std::time::Duration) -> Result<String, Error> {
-        let issuer = self.issuer()?;
+    /// hour earlier too, for clocks behind), for `key`'s public key: PEM,
+    /// and its serial number (hex).
+    pub fn issue_client(
+        &self,
+        subject: &Subject,
+        key: &impl rcgen::PublicKeyData,
+        ttl: std::time::Duration,
+    ) -> Result<(String, String), Error> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("client certificate"))?;
         params.distinguished_name.push(DnType::OrganizationName, subject.role.organization());
         params.distinguished_name.push(DnType::CommonName, subject.common_name());
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        let serial: [u8; 16] = rand::random();
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + ttl;
-        let cert = params.signed_by(key, &issuer).map_err(cert_err(format!("certificate for {}", subject.common_name())))?;
-        Ok(cert.pem())
+        let cert = params.signed_by(key, self.cached_issuer()?).map_err(cert_err(format!("certificate for {}", subject.common_name())))?;
+        Ok((cert.pem(), hex::encode(serial)))
     }
 
-    /// A client certificate for `subject` and the key of the certificate
-    /// signing request `csr_pem` (whose signature is checked): the
+    /// The issuer, read from the CA's files once.
+    fn cached_issuer(&self) -> Result<&Issuer<'static, KeyPair>, Error> {
+        if let Some(issuer) = self.issuer.get() {
+            return Ok(issuer);
+        }
+        let issuer = self.issuer()?;
+        Ok(self.issuer.get_or_init(|| issuer))
+    }
+
+    /// A client certificate for `subject` and the key of `csr`: the
     /// certificate, PEM, and what it names.
-    pub fn sign_csr(&self, csr_pem: &str, subject: &Subject, ttl: std::time::Duration) -> Result<(String, ClientCert), Error> {
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err("certificate signing request"))?;
-        let pem = self.issue_client(subject, &csr.public_key, ttl)?;
-        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes());
-        let cert = der.ok().and_then(|der| ClientCert::from_der(&der));
-        let cert = cert.ok_or_else(|| Error::Cert { what: "the certificate just issued".into(), source: "does not parse".into() })?;
-        Ok((pem, cert))
+    pub fn sign_csr(&self, csr: &Csr, subject: &Subject, ttl: std::time::Duration) -> Result<(String, ClientCert), Error> {
+        let (pem, serial) = self.issue_client(subject, &csr.params.public_key, ttl)?;
+        Ok((pem, ClientCert { subject: subject.clone(), serial, key_sha256: csr.key_sha256.clone() }))
     }
 
     /// A client certificate and a new key for `subject`: PEM.
     pub fn issue_client_with_key(&self, subject: &Subject, ttl: std::time::Duration) -> Result<(String, String), Error> {
         let key = KeyPair::generate().map_err(cert_err("client key"))?;
-        Ok((self.issue_client(subject, &key, ttl)?, key.serialize_pem()))
+        Ok((self.issue_client(subject, &key, ttl)?.0, key.serialize_pem()))
     }
 
     /// A rustls acceptor presenting a fresh server certificate for `names`.
@@ -200,26 +213,35 @@ impl Ca {
     }
 }
 
-/// The hex sha256 of the public key (SubjectPublicKeyInfo) of the
-/// certificate signing request `csr_pem`, its signature checked: what
-/// [`ClientCert::key_sha256`] of a certificate for that key will be.
-pub fn csr_key(csr_pem: &str) -> Result<String, Error> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|_| csr_error("not PEM"))?;
-    csr_der_key(&pem.contents)
+/// A certificate signing request whose signature holds: the key a node
+/// asks a certificate for.
+pub struct Csr {
+    params: rcgen::CertificateSigningRequestParams,
+    key_sha256: String,
 }
 
-fn csr_error(why: &str) -> Error {
-    Error::Cert { what: "certificate signing request".into(), source: why.to_string().into() }
-}
+impl Csr {
+    /// The request `pem`, its signature checked (by rcgen, through
+    /// x509-parser).
+    pub fn parse(pem: &str) -> Result<Csr, Error> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| Error::Cert { what: "certificate signing request".into(), source: Box::new(e) })?;
+        Csr::from_der(&der)
+    }
 
-/// [`csr_key`] of the request's DER.
-fn csr_der_key(der: &[u8]) -> Result<String, Error> {
-    use sha2::Digest;
-    use x509_parser::prelude::FromDer;
-    let bad = csr_error;
-    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der).map_err(|_| bad("not a PKCS#10 request"))?;
-    csr.verify_signature().map_err(|_| bad("its signature does not verify"))?;
-    Ok(hex::encode(sha2::Sha256::digest(csr.certification_request_info.subject_pki.raw)))
+    fn from_der(der: &rustls::pki_types::CertificateSigningRequestDer<'_>) -> Result<Csr, Error> {
+        use rcgen::PublicKeyData;
+        use sha2::Digest;
+        let params = rcgen::CertificateSigningRequestParams::from_der(der).map_err(cert_err("certificate signing request"))?;
+        let key_sha256 = hex::encode(sha2::Sha256::digest(params.public_key.subject_public_key_info()));
+        Ok(Csr { params, key_sha256 })
+    }
+
+    /// The hex sha256 of its public key (SubjectPublicKeyInfo): what
+    /// [`ClientCert::key_sha256`] of a certificate for that key is.
+    pub fn key_sha256(&self) -> &str {
+        &self.key_sha256
+    }
 }
 
 /// What a client certificate of this CA says its holder is.
@@ -364,14 +386,15 @@ mod tests {
         let ca = Ca::load_or_create(tmp.path()).unwrap();
         let key = KeyPair::generate().unwrap();
         let request = CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
-        let pem = request.pem().unwrap();
+        let csr = Csr::parse(&request.pem().unwrap()).unwrap();
         let subject = Subject { role: Role::Node, name: "kiln-a".into() };
-        let (_, cert) = ca.sign_csr(&pem, &subject, std::time::Duration::from_secs(60)).unwrap();
-        assert_eq!(cert.subject, subject);
-        assert_eq!(csr_key(&pem).unwrap(), cert.key_sha256, "the certificate carries the CSR's key");
+        let (pem, cert) = ca.sign_csr(&csr, &subject, std::time::Duration::from_secs(60)).unwrap();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(ClientCert::from_der(&der), Some(cert.clone()), "what the routes will see of it, key and serial included");
+        assert_eq!(cert.key_sha256, csr.key_sha256(), "the certificate carries the CSR's key");
         let mut der = request.der().to_vec();
         let last = der.len() - 1;
         der[last] ^= 1;
-        assert!(csr_der_key(&der).is_err(), "a request whose signature does not verify");
+        assert!(Csr::from_der(&der.into()).is_err(), "a request whose signature does not verify");
     }
 }
