@@ -99,7 +99,20 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str, nic_rom: bool) {
     let started = Instant::now();
     let mut guest = Guest::spawn(&spec).expect("QEMU starts");
     let nodes = |server: &KilnServer| -> Vec<kiln_core::Node> {
-        let out = ns.command("curl").args(["-sf", &format!("http://{BRIDGE_IP}:8080/api/v1/nodes")]).output().unwrap();
+        // The operator's listing: over TLS, with STATE/admin.pem.
+        let state = kiln_control::StateDir::new(&server.state);
+        let out = ns
+            .command("curl")
+            .arg("-sf")
+            .arg("--cacert")
+            .arg(state.ca_cert())
+            .arg("--cert")
+            .arg(state.admin_cert())
+            .arg("--key")
+            .arg(state.admin_key())
+            .arg(format!("{}/api/v1/nodes", server.api))
+            .output()
+            .unwrap();
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("GET /api/v1/nodes; server log:\n{}", tail(&server.log(), 20)))
     };
     let node = wait_for(Duration::from_secs(240), || {
