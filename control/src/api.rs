@@ -8,10 +8,6 @@
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | that node (another node: 403) | the node, gone; its lease released |
 //! | `POST /api/v1/nodes/<name>/renew` | that node's certificate | [`kiln_core::NodeCertificate`] for the same key ([`kiln_core::RenewRequest`]) |
 //! | `GET /api/v1/peers?revision=N&timeout=S` | node | long poll: [`kiln_core::Peers`] once the revision passes N |
-//!
-//! "node": its client certificate (`O=kiln:nodes`, `CN=kiln:node:NAME`,
-//! holding the key it registered with), or, for a node that registered
-//! without a CSR (`--plain-http`), its node token.
 //! | `GET /api/v1/nodes?after=NAME&limit=N` | operator | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
 //! | `GET /api/v1/sd` | operator, or the SD token (`STATE/sd-token`) | Prometheus HTTP service discovery: one target group per node (streamed) |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
@@ -27,6 +23,10 @@
 //! certificate, 403 with a node's or a revoked one. No token opens an
 //! operator route (the SD token opens `/api/v1/sd` only). Every operator
 //! action that changes something is logged with the operator's name.
+//!
+//! "node": its client certificate (`O=kiln:nodes`, `CN=kiln:node:NAME`,
+//! holding the key it registered with), or, for a node that registered
+//! without a CSR (`--plain-http`), its node token.
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a body that does not parse
 //! (with serde's reason) or a field out of its bounds (naming the field;
