@@ -665,7 +665,7 @@ async fn leave(api: &Api, caller: &Caller, claimed: Option<&str>) -> Response {
         Ok(name) => name,
         Err(denied) => return denied.into_response(),
     };
-    match api.registry.leave_named(&name).await {
+    match api.registry.remove(&name).await {
         Ok(Some(node)) => {
             tracing::info!(node = ?node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "audit: node left");
             warp::reply::json(&node).into_response()
@@ -680,7 +680,7 @@ async fn heartbeat(api: &Api, caller: &Caller, claimed: Option<&str>) -> Respons
         Ok(name) => name,
         Err(denied) => return denied.into_response(),
     };
-    match api.registry.heartbeat_named(&name).await {
+    match api.registry.heartbeat(&name).await {
         Ok(Some(node)) => {
             warp::reply::json(&HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response()
         }

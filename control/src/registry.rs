@@ -217,12 +217,18 @@ impl Registry {
         let _ = self.pool_of.set(pool_of);
     }
 
-    /// Removes the node `name` and releases its lease (a pool scaling it
-    /// away). Returns the node, or `None` when there was none.
+    /// Removes the node `name` and releases its lease: the node leaving, a
+    /// pool scaling it away, an operator deleting it. Returns the node, or
+    /// `None` when there was none.
     pub async fn remove(&self, name: &str) -> Result<Option<Node>, store::Error> {
         let Some(record) = self.state.lock().expect("registry lock").nodes.get(name).cloned() else { return Ok(None) };
         self.store.remove(record.clone()).await?;
-        self.state.lock().expect("registry lock").remove(name);
+        let mut st = self.state.lock().expect("registry lock");
+        // Unless it registered again meanwhile.
+        if st.nodes.get(&record.node.name).is_some_and(|r| r.token_sha256 == record.token_sha256) {
+            st.remove(&record.node.name);
+        }
+        drop(st);
         self.bump();
         Ok(Some(record.node))
     }
@@ -441,20 +447,11 @@ impl Registry {
         }
     }
 
-    /// The node whose token this is, with `last_seen` moved to now and its
-    /// lease renewed. `None` for an unknown token, and for a node whose
-    /// lease expired (it is forgotten: it must register again).
-    pub async fn heartbeat(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
-        let name = self.state.lock().expect("registry lock").by_token(node_token).map(|r| r.node.name.clone());
-        match name {
-            Some(name) => self.heartbeat_named(&name).await,
-            None => Ok(None),
-        }
-    }
-
-    /// [`Registry::heartbeat`] of the node `name` (which its certificate
-    /// proved).
-    pub async fn heartbeat_named(&self, name: &str) -> Result<Option<Node>, store::Error> {
+    /// Node `name` (which its certificate or token proved: [`Registry::check_key`],
+    /// [`Registry::check_token`]) with `last_seen` moved to now and its lease
+    /// renewed. `None` for an unknown node, and for a node whose lease
+    /// expired (it is forgotten: it must register again).
+    pub async fn heartbeat(&self, name: &str) -> Result<Option<Node>, store::Error> {
         let updated = {
             let mut st = self.state.lock().expect("registry lock");
             let Some(record) = st.nodes.get_mut(name) else { return Ok(None) };
@@ -472,30 +469,6 @@ impl Registry {
                 Ok(None)
             }
         }
-    }
-
-    /// Removes the node whose token this is and releases its lease.
-    pub async fn leave(&self, node_token: &str) -> Result<Option<Node>, store::Error> {
-        let name = self.state.lock().expect("registry lock").by_token(node_token).map(|r| r.node.name.clone());
-        match name {
-            Some(name) => self.leave_named(&name).await,
-            None => Ok(None),
-        }
-    }
-
-    /// [`Registry::leave`] of the node `name` (which its certificate
-    /// proved, or an operator named).
-    pub async fn leave_named(&self, name: &str) -> Result<Option<Node>, store::Error> {
-        let Some(record) = self.state.lock().expect("registry lock").nodes.get(name).cloned() else { return Ok(None) };
-        self.store.remove(record.clone()).await?;
-        let mut st = self.state.lock().expect("registry lock");
-        // Unless it registered again meanwhile.
-        if st.nodes.get(&record.node.name).is_some_and(|r| r.token_sha256 == record.token_sha256) {
-            st.remove(&record.node.name);
-        }
-        drop(st);
-        self.bump();
-        Ok(Some(record.node))
     }
 
     /// [`Registry::watch_peers`], as JSON: serialised once per revision.
@@ -585,6 +558,20 @@ mod tests {
     use super::*;
     use crate::store::embedded::DbStore;
 
+    /// The node a token belongs to, as the API finds it for a token.
+    fn owner(reg: &Registry, token: &str) -> Option<String> {
+        match reg.check_token(token, None) {
+            TokenCheck::Ok(name) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// A heartbeat with a node token, as the API makes it.
+    async fn heartbeat(reg: &Registry, token: &str) -> Option<Node> {
+        let name = owner(reg, token)?;
+        reg.heartbeat(&name).await.unwrap()
+    }
+
     fn request(machine: char, hostname: &str) -> RegisterRequest {
         RegisterRequest {
             machine_id: machine.to_string().repeat(32),
@@ -626,16 +613,16 @@ mod tests {
         assert_eq!(a2.name, "worker");
         assert_eq!(a2.registered_at, a.registered_at);
         assert_eq!(lease_a2.unwrap().subnet, lease_a.subnet, "the same node gets the same subnet back");
-        assert!(reg.heartbeat(&token_a).await.unwrap().is_none(), "the old token stops working");
-        assert_eq!(reg.heartbeat(&token_a2).await.unwrap().unwrap().name, "worker");
-        assert!(reg.heartbeat("nope").await.unwrap().is_none());
+        assert!(heartbeat(&reg, &token_a).await.is_none(), "the old token stops working");
+        assert_eq!(heartbeat(&reg, &token_a2).await.unwrap().name, "worker");
+        assert!(heartbeat(&reg, "nope").await.is_none());
         assert!(matches!(reg.check_token(&token_a2, Some("worker-bbbbbb")), TokenCheck::OtherNode(n) if n == "worker"));
 
         drop(reg);
         let reopened = open(&path, "10.244.0.0/16").await;
         let names: Vec<String> = reopened.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names, ["worker", "worker-bbbbbb"]);
-        assert_eq!(reopened.heartbeat(&token_a2).await.unwrap().unwrap().name, "worker", "tokens survive a restart");
+        assert_eq!(heartbeat(&reopened, &token_a2).await.unwrap().name, "worker", "tokens survive a restart");
         let (_, _, lease) = reopened.register(&request('a', "worker")).await.unwrap();
         assert_eq!(lease.unwrap().subnet, lease_a.subnet, "and so do leases");
         let bytes = std::fs::read(&path).unwrap();
@@ -698,7 +685,7 @@ mod tests {
         assert_eq!(reg.nodes().len(), before, "nothing written either");
 
         let rev = reg.peers().revision;
-        let left = reg.leave(&tokens[1]).await.unwrap().unwrap();
+        let left = reg.remove(&owner(&reg, &tokens[1]).unwrap()).await.unwrap().unwrap();
         assert_eq!(left.name, "nb");
         assert!(reg.peers().revision > rev, "leaving bumps the revision");
         let (_, _, lease) = reg.register(&request('d', "nd")).await.unwrap();
