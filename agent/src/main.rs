@@ -37,7 +37,8 @@ struct AgentArgs {
     /// Control plane base URL (default: `kiln.server=` on the kernel command line).
     #[arg(long)]
     server: Option<String>,
-    /// Bootstrap token (default: `kiln.token=` on the kernel command line).
+    /// Join token (default: `kiln.token=` on the kernel command line; with
+    /// none, the machine waits as pending until `kiln nodes approve`).
     #[arg(long)]
     token: Option<String>,
     /// The kernel command line to read.
@@ -209,7 +210,7 @@ enum StartError {
     },
     /// Neither the flags nor the kernel command line say where the control plane is.
     #[error(
-        "no control plane: pass --server and --token, or boot with {}= and {}= on the kernel command line ({})",
+        "no control plane: pass --server (and --token), or boot with {}= (and {}=) on the kernel command line ({})",
         kiln_core::CMDLINE_SERVER,
         kiln_core::CMDLINE_TOKEN,
         path.display()
@@ -281,11 +282,18 @@ impl Agent {
         log::info!("kiln-agent {} starting; control plane {}", env!("CARGO_PKG_VERSION"), join.server);
         let metrics_addr = if args.no_metrics { None } else { serve_metrics(args.metrics_listen, &args.host) };
         let ca = std::fs::read(&args.ca).ok();
-        let builder = kiln_client::Client::builder(&join.server)
-            .token(&join.token)
-            .ca_pem(ca.as_deref())
-            .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")));
-        let client = builder.clone().build().map_err(|source| StartError::Client { ca: args.ca.clone(), source })?;
+        let builder =
+            kiln_client::Client::builder(&join.server).ca_pem(ca.as_deref()).user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")));
+        // Only the registration presents the join token: the node's own
+        // calls are made with its certificate (or its node token).
+        let joining = match &join.token {
+            Some(token) => builder.clone().token(token),
+            None => {
+                log::info!("no join token: this machine will wait as pending until an operator approves it");
+                builder.clone()
+            }
+        };
+        let client = joining.build().map_err(|source| StartError::Client { ca: args.ca.clone(), source })?;
         // Over plain HTTP (`kiln serve --plain-http`) there is no TLS to
         // present a certificate in: the node token is the node's credential.
         let key = match join.server.starts_with("https://") {

@@ -1,7 +1,10 @@
 //! Registration with the control plane, then heartbeats.
 //!
 //! `POST {server}/api/v1/register` with the join token, retried with
-//! exponential backoff (200 ms doubling to 10 s) until the server answers;
+//! exponential backoff (200 ms doubling to 10 s) until the server answers.
+//! A machine that booted with no token is answered "pending": it registers
+//! again every few seconds (as the answer asks) with the same key until an
+//! operator approves it (`kiln nodes approve`), and then goes on as any node;
 //! then `POST {server}/api/v1/heartbeat` at the interval the server asks
 //! for. Over TLS the registration carries a certificate signing request for
 //! the node's own key ([`crate::node_key`]), and every later call presents
@@ -166,10 +169,18 @@ where
     let client = joining.client;
     let mut backoff = Backoff::new(Duration::from_secs(10));
     let mut attempt = 1u32;
+    let mut waiting = false;
     loop {
         let mut req = gather().await;
         req.csr = joining.key.map(|k| k.csr().to_string());
         match client.register(&req).await {
+            Ok(resp) if resp.pending => {
+                if !waiting {
+                    info!("pending as node {}: waiting for an operator (kiln nodes approve {})", resp.name, resp.name);
+                    waiting = true;
+                }
+                tokio::time::sleep(Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 60))).await;
+            }
             Ok(resp) => {
                 info!(
                     "registered with {} as node {} (machine-id {}, macs {}, image {}, lease {}, {})",

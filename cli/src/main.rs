@@ -96,6 +96,15 @@ enum Command {
 /// `kiln nodes`' actions (none: list them).
 #[derive(Subcommand, Debug)]
 enum NodesAction {
+    /// Approve the pending node NAME (a machine that registered with no
+    /// token): it gets its lease and certificate on its next try, within
+    /// seconds, without a restart.
+    Approve {
+        /// The node.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Delete node NAME: its lease is released and its machine id free to
     /// join again, with another key (a reinstalled machine).
     Delete {
@@ -272,6 +281,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Nodes { action: Some(NodesAction::Delete { name, api }), .. } => {
             let node = block_on(api.client()?.delete_node(&name))?;
             println!("kiln: deleted node {} (machine id {})", output::escape(&node.name), output::escape(&node.machine_id));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Nodes { action: Some(NodesAction::Approve { name, api }), .. } => {
+            let node = block_on(api.client()?.approve_node(&name))?;
+            println!(
+                "kiln: approved node {} (machine id {}, macs {})",
+                output::escape(&node.name),
+                output::escape(&node.machine_id),
+                node.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Nodes { action: None, api, json } => {

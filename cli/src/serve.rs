@@ -121,6 +121,15 @@ pub struct ServeArgs {
     /// agents renew it before then.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     node_cert_ttl: Duration,
+    /// How long the join token minted into an expected machine's boot
+    /// script and seed (a pool's node, a MAC a group selects) is valid.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    boot_token_ttl: Duration,
+    /// Let machines that register with no token join at once, instead of
+    /// waiting as pending for `kiln nodes approve`. For labs: anyone who
+    /// can reach the API then joins.
+    #[arg(long)]
+    auto_approve: bool,
 }
 
 /// `--pool-accel`: how pool nodes' CPUs run.
@@ -202,6 +211,8 @@ impl TryFrom<ServeArgs> for ServerConfig {
             pools,
             http,
             node_cert_ttl: a.node_cert_ttl.max(Duration::from_secs(1)),
+            boot_token_ttl: a.boot_token_ttl,
+            auto_approve: a.auto_approve,
         })
     }
 }

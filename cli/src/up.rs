@@ -92,6 +92,8 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             pools: None,
             http: Default::default(),
             node_cert_ttl: kiln_control::server::NODE_CERT_TTL,
+            boot_token_ttl: kiln_control::join_tokens::MINTED_TTL,
+            auto_approve: false,
         };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         let port = server.addr.port();
@@ -159,10 +161,31 @@ async fn wait_registered(server: &kiln_control::Server, guest: &mut Guest, mac: 
         bar.enable_steady_tick(Duration::from_millis(120));
         bar
     });
+    let since = time::OffsetDateTime::now_utc();
     let deadline = Instant::now() + timeout;
     let result = loop {
-        if let Some(node) = server.registry.nodes().into_iter().find(|n| n.macs.contains(&mac)) {
-            break Ok(node);
+        // This run's guest: a record of an earlier run (the same state
+        // directory) was last seen before it started.
+        let node = server.registry.nodes().into_iter().find(|n| n.macs.contains(&mac) && n.last_seen >= since);
+        match node {
+            // The guest is kiln up's own: approve it (no other machine is).
+            Some(n) if n.pending => match server.registry.approve(&n.name).await {
+                Ok(_) => {
+                    tracing::info!(node = ?n.name, "audit: node approved by kiln up (its own guest)");
+                    let say = || {
+                        event(json, serde_json::json!({"event": "approved", "node": n.name}), || {
+                            format!("approved {} (this run's guest)", n.name)
+                        })
+                    };
+                    match &bar {
+                        Some(bar) => bar.suspend(say),
+                        None => say(),
+                    }
+                }
+                Err(e) => break Err(anyhow::Error::new(e).context("approving the guest")),
+            },
+            Some(n) => break Ok(n),
+            None => {}
         }
         if let Some(reason) = guest.exited() {
             break Err(anyhow::anyhow!("the guest stopped before registering: {reason}\n{}", tail(&guest.serial(), 20)));

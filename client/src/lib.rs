@@ -300,8 +300,8 @@ impl Client {
         &self.authority
     }
 
-    /// `POST /api/v1/register` with the client's token (a join token, or
-    /// the bootstrap token).
+    /// `POST /api/v1/register` with the client's join token, if any; a
+    /// machine with none is answered 202 and [`RegisterResponse::pending`].
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, Error> {
         let (url, builder) = self.request(Method::POST, "/api/v1/register");
         json("POST /api/v1/register", url, builder.json(req)).await
@@ -331,6 +331,13 @@ impl Client {
     pub async fn delete_node(&self, name: &str) -> Result<Node, Error> {
         let (url, builder) = self.request(Method::DELETE, &format!("/api/v1/nodes/{name}"));
         json("DELETE /api/v1/nodes/NAME", url, builder).await
+    }
+
+    /// `POST /api/v1/nodes/NAME/approve` (operator): the pending node may
+    /// join; answers the node.
+    pub async fn approve_node(&self, name: &str) -> Result<Node, Error> {
+        let (url, builder) = self.request(Method::POST, &format!("/api/v1/nodes/{name}/approve"));
+        json("POST /api/v1/nodes/NAME/approve", url, builder).await
     }
 
     /// `POST /api/v1/leave`: the server removes the token's node and

@@ -63,8 +63,10 @@ pub struct Api {
     pub images: Arc<ImageStore>,
     /// Profiles and groups.
     pub catalog: Arc<Catalog>,
-    /// The bootstrap token (given to booting nodes on their command line).
-    pub bootstrap_token: String,
+    /// Mints the join token an expected machine's script or seed carries.
+    pub minter: crate::pools::Minter,
+    /// Machines registering with no token join at once (`--auto-approve`).
+    pub auto_approve: bool,
     /// Base URL nodes should use; `None` means the request's `Host`.
     pub advertise: Option<String>,
     /// How agents reach the API.
@@ -297,7 +299,24 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
             }
         },
     );
-    nodes.or(sd).unify().or(profiles).unify().or(groups).unify().or(delete).unify().boxed()
+    let approve = warp::path!("api" / "v1" / "nodes" / String / "approve").and(warp::post()).and(with(api)).and(peer()).then(
+        |name: String, api: Arc<Api>, peer: Option<Arc<ClientCert>>| async move {
+            let operator = match api.operator(peer.as_deref()) {
+                Ok(operator) => operator,
+                Err(denied) => return denied.into_response(),
+            };
+            match api.registry.approve(&name).await {
+                Ok(Some((node, true))) => {
+                    tracing::info!(operator = ?operator, node = ?node.name, machine_id = ?node.machine_id, "audit: node approved");
+                    warp::reply::json(&node).into_response()
+                }
+                Ok(Some((node, false))) => warp::reply::json(&node).into_response(),
+                Ok(None) => error(StatusCode::NOT_FOUND, &format!("no node {name:?}")),
+                Err(e) => registry_store_error(&e, "approval"),
+            }
+        },
+    );
+    nodes.or(sd).unify().or(profiles).unify().or(groups).unify().or(delete).unify().or(approve).unify().boxed()
 }
 
 /// Pools: their state, and scaling them. For operators.
@@ -408,17 +427,14 @@ fn boot_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
                 Err(why) => error(StatusCode::BAD_REQUEST, why),
             }
         });
-    let ipxe = warp::path!("ipxe")
-        .and(warp::get())
-        .and(with(api))
-        .and(host())
-        .and(warp::query::<BTreeMap<String, String>>())
-        .map(|api: Arc<Api>, host: Option<String>, query: BTreeMap<String, String>| machine_script(&api, host.as_deref(), &query));
-    let seed = warp::path!("cloud-init" / String / String)
-        .and(warp::get())
-        .and(with(api))
-        .and(host())
-        .map(|mac: String, file: String, api: Arc<Api>, host: Option<String>| seed_file(&api, host.as_deref(), &mac, &file));
+    let ipxe = warp::path!("ipxe").and(warp::get()).and(with(api)).and(host()).and(warp::query::<BTreeMap<String, String>>()).then(
+        |api: Arc<Api>, host: Option<String>, query: BTreeMap<String, String>| async move {
+            machine_script(&api, host.as_deref(), &query).await
+        },
+    );
+    let seed = warp::path!("cloud-init" / String / String).and(warp::get()).and(with(api)).and(host()).then(
+        |mac: String, file: String, api: Arc<Api>, host: Option<String>| async move { seed_file(&api, host.as_deref(), &mac, &file).await },
+    );
     boot.or(ipxe).unify().or(seed).unify().boxed()
 }
 
@@ -504,22 +520,24 @@ where
     resp
 }
 
-/// What a registration presented to join.
+/// What vouched for a registration, as the audit log says it.
 enum Joining {
-    /// The bootstrap token (`STATE/bootstrap-token`).
-    Bootstrap,
     /// A join token, its use spent: its ID.
     Token(String),
+    /// The key of the node that holds the machine id: it registers again.
+    OwnKey,
+    /// Nothing: the machine waits as pending, or joins with `--auto-approve`.
+    Nothing,
 }
 
 async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
-    let Some(presented) = token::bearer(auth) else {
-        return error(StatusCode::UNAUTHORIZED, "registration needs a join token (or the bootstrap token) as `Authorization: Bearer`");
-    };
-    let bootstrap = token::hash(presented) == token::hash(&api.bootstrap_token);
-    if !bootstrap && kiln_core::JoinSecret::parse(presented).is_err() {
-        tracing::warn!("registration refused: neither the bootstrap token nor a join token");
-        return error(StatusCode::UNAUTHORIZED, "wrong bootstrap token, and not a join token (ID.SECRET)");
+    let presented = token::bearer(auth);
+    if presented.is_some_and(|t| kiln_core::JoinSecret::parse(t).is_err()) {
+        tracing::warn!("registration refused: a bearer token that is not a join token");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "not a join token: expected ID.SECRET (kiln token create), or no token to wait for approval",
+        );
     }
     let req: RegisterRequest = match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)) {
         Ok(r) => r,
@@ -528,20 +546,30 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     if let Err(e) = req.validate() {
         return error(StatusCode::BAD_REQUEST, &format!("registration body: {e}"));
     }
-    let joining = if bootstrap {
-        Joining::Bootstrap
-    } else {
-        let pool = api.registry.pool_for(&req.hostname);
-        match api.tokens.consume(presented, pool.as_deref(), &req.macs).await {
-            Ok(info) => Joining::Token(info.id),
-            Err(refused) => {
-                tracing::warn!(machine_id = ?req.machine_id, "registration refused: {}", kiln_core::error_chain(&refused));
-                let status = StatusCode::from_u16(refused.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-                return error(status, &refused.to_string());
+    let csr = match req.csr.as_deref().map(crate::tls::Csr::parse).transpose() {
+        Ok(csr) => csr,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("registration body: csr: {}", kiln_core::error_chain(&e))),
+    };
+    let key = csr.as_ref().map(crate::tls::Csr::key_sha256);
+    // A node registering again proves itself with its key (the CSR is
+    // signed with it): the token it booted with is not spent again.
+    let joining = match presented {
+        Some(_) if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
+        Some(presented) => {
+            let pool = api.registry.pool_for(&req.hostname);
+            match api.tokens.consume(presented, pool.as_deref(), &req.macs).await {
+                Ok(info) => Joining::Token(info.id),
+                Err(refused) => {
+                    tracing::warn!(machine_id = ?req.machine_id, "registration refused: {}", kiln_core::error_chain(&refused));
+                    let status = StatusCode::from_u16(refused.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+                    return error(status, &refused.to_string());
+                }
             }
         }
+        None if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
+        None => Joining::Nothing,
     };
-    let answer = record_registration(api, &req, &joining).await;
+    let answer = record_registration(api, &req, csr.as_ref(), &joining).await;
     if let (Joining::Token(id), false) = (&joining, answer.status().is_success())
         && let Err(e) = api.tokens.refund(id).await
     {
@@ -550,25 +578,44 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     answer
 }
 
-/// Records a registration that presented a good credential; with a CSR,
-/// the node's key is the machine id's from then on.
-async fn record_registration(api: &Api, req: &RegisterRequest, joining: &Joining) -> Response {
-    let csr = match req.csr.as_deref().map(crate::tls::Csr::parse).transpose() {
-        Ok(csr) => csr,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("registration body: csr: {}", kiln_core::error_chain(&e))),
+/// Records a registration that presented a good credential (or none, to
+/// wait as pending); with a CSR, the node's key is the machine id's from
+/// then on.
+async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crate::tls::Csr>, joining: &Joining) -> Response {
+    let admission = match joining {
+        Joining::Token(_) => crate::registry::Admission::Token,
+        Joining::OwnKey | Joining::Nothing => crate::registry::Admission::Unvouched { auto_approve: api.auto_approve },
     };
-    match api.registry.register_with_key(req, csr.as_ref().map(crate::tls::Csr::key_sha256)).await {
+    match api.registry.register_with(req, csr.map(crate::tls::Csr::key_sha256), admission).await {
+        Ok((node, _, _)) if node.pending => {
+            // Strings from the network are logged escaped (`?`).
+            tracing::info!(
+                node = ?node.name,
+                machine_id = ?node.machine_id,
+                macs = %node.macs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                addresses = %node.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                "audit: machine pending approval (kiln nodes approve)"
+            );
+            let answer = RegisterResponse {
+                name: node.name,
+                token: String::new(),
+                heartbeat_interval_secs: crate::registry::PENDING_POLL_SECS,
+                lease: None,
+                certificate: None,
+                pending: true,
+            };
+            warp::reply::with_status(warp::reply::json(&answer), StatusCode::ACCEPTED).into_response()
+        }
         Ok((node, token, lease)) => {
-            let certificate = match csr.as_ref().map(|csr| node_certificate(api, &node.name, csr)).transpose() {
+            let certificate = match csr.map(|csr| node_certificate(api, &node.name, csr)).transpose() {
                 Ok(made) => made.map(|(certificate, _)| certificate),
                 Err(denied) => return denied.into_response(),
             };
             let with = match joining {
-                Joining::Bootstrap => "the bootstrap token".to_string(),
                 Joining::Token(id) => format!("join token {id}"),
+                Joining::OwnKey => "its own key".to_string(),
+                Joining::Nothing => "no token (--auto-approve)".to_string(),
             };
-            // Strings from the network are logged escaped (`?`): a control
-            // character cannot split a log line or reach a terminal.
             tracing::info!(
                 node = ?node.name,
                 with = %with,
@@ -578,12 +625,23 @@ async fn record_registration(api: &Api, req: &RegisterRequest, joining: &Joining
                 image = ?node.image_digest,
                 "audit: node registered"
             );
-            let answer = RegisterResponse { name: node.name, token, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS, lease, certificate };
+            let answer = RegisterResponse {
+                name: node.name,
+                token,
+                heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS,
+                lease,
+                certificate,
+                pending: false,
+            };
             warp::reply::json(&answer).into_response()
         }
         Err(e @ RegistryError::Exhausted { .. }) => {
             tracing::error!(machine_id = ?req.machine_id, "registration refused: {e}");
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
+        Err(e @ RegistryError::TooManyPending(_)) => {
+            tracing::warn!(machine_id = ?req.machine_id, "registration refused: {e}");
+            error(StatusCode::TOO_MANY_REQUESTS, &e.to_string())
         }
         Err(e @ RegistryError::NoPublicIp(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ RegistryError::Busy(_)) => error(StatusCode::CONFLICT, &e.to_string()),
@@ -792,16 +850,24 @@ fn ipxe_reply(script: String) -> Response {
     warp::reply::with_header(script, "content-type", "text/plain; charset=utf-8").into_response()
 }
 
-/// The profile and image for `machine` (and its group, or `pool:NAME`): a
-/// pool's node boots its pool's image under its own name; any other
-/// machine by its group. 404 when no group matches, 500 when its profile
-/// names an image that is gone.
-fn machine_profile<'a>(
-    api: &'a Api,
-    machine: &mut Machine,
-) -> Result<(String, std::borrow::Cow<'a, Profile>, &'a Manifest), (StatusCode, String)> {
+/// What a booting machine boots: its group (or `pool:NAME`), profile and
+/// image, and whether kiln expects it.
+struct Booting<'a> {
+    group: String,
+    profile: std::borrow::Cow<'a, Profile>,
+    image: &'a Manifest,
+    /// A pool's node, or a MAC a group selects by MAC: its script and seed
+    /// carry a join token minted for its MAC. Any other machine gets none
+    /// and registers as pending.
+    expected: bool,
+}
+
+/// The profile and image for `machine`: a pool's node boots its pool's
+/// image under its own name; any other machine by its group. 404 when no
+/// group matches, 500 when its profile names an image that is gone.
+fn machine_profile<'a>(api: &'a Api, machine: &mut Machine) -> Result<Booting<'a>, (StatusCode, String)> {
     let member = api.pools.as_ref().zip(machine.mac).and_then(|(pools, mac)| pools.member(mac));
-    let (group, profile) = match member {
+    let group = match member {
         Some((node, pool)) => {
             machine.hostname = Some(node.domain_name());
             let mut profile =
@@ -809,20 +875,31 @@ fn machine_profile<'a>(
             // Images without cloud-init name themselves from the command line.
             profile.kernel_args.push(format!("{}={}", kiln_core::CMDLINE_HOSTNAME, node.domain_name()));
             let profile = std::borrow::Cow::Owned(profile);
-            (format!("pool:{}", pool.name), profile)
+            (format!("pool:{}", pool.name), profile, true)
         }
         None => {
             let (group, profile) = api.catalog.select(machine).map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))?;
-            (group.id.clone(), std::borrow::Cow::Borrowed(profile))
+            (group.id.clone(), std::borrow::Cow::Borrowed(profile), group.selector.contains_key("mac"))
         }
     };
+    let (group, profile, expected) = (group.0, group.1, group.2);
     let image = api.images.get(&profile.image).ok_or_else(|| {
         (StatusCode::INTERNAL_SERVER_ERROR, format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image))
     })?;
-    Ok((group, profile, image))
+    Ok(Booting { group, profile, image, expected })
 }
 
-fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String>) -> Response {
+/// The join token for a booting machine: minted for its MAC when kiln
+/// expects it, none otherwise; 503 when the token store failed.
+async fn boot_token(api: &Api, booting: &Booting<'_>, mac: Option<kiln_core::Mac>) -> Result<Option<String>, Response> {
+    let Some(mac) = mac.filter(|_| booting.expected) else { return Ok(None) };
+    api.minter.mint(mac).await.map(Some).map_err(|e| {
+        tracing::error!(mac = %mac, "minting a join token: {}", kiln_core::error_chain(&e));
+        error(StatusCode::SERVICE_UNAVAILABLE, "could not mint this machine's join token; retry")
+    })
+}
+
+async fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String>) -> Response {
     let base = match base_url(api, host) {
         Ok(base) => base,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
@@ -831,21 +908,26 @@ fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, String
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
     };
-    let (group, profile, image) = match machine_profile(api, &mut machine) {
+    let booting = match machine_profile(api, &mut machine) {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),
     };
-    tracing::info!(mac = ?machine.mac.map(|m| m.to_string()), group = %group, profile = %profile.id, image = %image.name, "boot script");
+    let token = match boot_token(api, &booting, machine.mac).await {
+        Ok(token) => token,
+        Err(answer) => return answer,
+    };
+    let (group, profile, image) = (&booting.group, &booting.profile, booting.image);
+    tracing::info!(mac = ?machine.mac.map(|m| m.to_string()), group = %group, profile = %profile.id, image = %image.name, expected = booting.expected, "boot script");
     let api_url = api_url(&api.api_endpoint, &base);
     ipxe_reply(boot_script(
         image,
         &profile.kernel_args,
         machine.mac,
-        &BootParams { base_url: &base, token: &api.bootstrap_token, api_url: &api_url },
+        &BootParams { base_url: &base, token: token.as_deref(), api_url: &api_url },
     ))
 }
 
-fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
+async fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
     let base = match base_url(api, host) {
         Ok(base) => base,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
@@ -854,13 +936,18 @@ fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
     };
-    let (_, profile, image) = match machine_profile(api, &mut machine) {
+    let booting = match machine_profile(api, &mut machine) {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),
     };
+    // The same token as the machine's script: minting is by MAC and window.
+    let token = match boot_token(api, &booting, machine.mac).await {
+        Ok(token) => token,
+        Err(answer) => return answer,
+    };
     let api_url = api_url(&api.api_endpoint, &base);
-    let params = BootParams { base_url: &base, token: &api.bootstrap_token, api_url: &api_url };
-    let seed = match api.catalog.seed(&profile, image, &machine, &params) {
+    let params = BootParams { base_url: &base, token: token.as_deref(), api_url: &api_url };
+    let seed = match api.catalog.seed(&booting.profile, booting.image, &machine, &params) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
@@ -937,20 +1024,27 @@ mod tests {
         let store = DbStore::open(&crate::StateDir::new(dir).registry_db(), None).unwrap();
         let images = Arc::new(ImageStore::load(&images).unwrap());
         let registry = Registry::open(Arc::new(store), Default::default()).await.unwrap();
+        let tokens = Arc::new(crate::join_tokens::JoinTokens::new(registry.store_handle()).unwrap());
         Arc::new(Api {
             catalog: Arc::new(Catalog::builtin(&images)),
             images,
-            bootstrap_token: "boot".into(),
+            minter: crate::pools::Minter { tokens: tokens.clone(), ttl: crate::join_tokens::MINTED_TTL },
+            auto_approve: false,
             pools: None,
             advertise: None,
             api_endpoint: ApiEndpoint::Tls { port: 8443, advertise: None },
             sd_token: "sd".into(),
             revocations: Arc::new(crate::operators::Revocations::new(dir)),
-            tokens: Arc::new(crate::join_tokens::JoinTokens::new(registry.store_handle())),
+            tokens,
             registry,
             ca: Arc::new(crate::tls::Ca::load_or_create(dir).unwrap()),
             node_cert_ttl: std::time::Duration::from_secs(60),
         })
+    }
+
+    /// `Bearer ID.SECRET` of a fresh join token good for any number of nodes.
+    async fn bearer(api: &Api) -> String {
+        format!("Bearer {}", api.tokens.create(&Default::default(), None).await.unwrap().0)
     }
 
     /// A verified client certificate as the listener hands it to routes.
@@ -984,16 +1078,18 @@ mod tests {
             r
         };
         let good = serde_json::to_vec(&body()).unwrap();
+        let bearer = bearer(&api).await;
+        let boot = Some(bearer.as_str());
         // (case, Authorization header, body, status, text the answer must contain)
         type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
         let cases: Vec<Case> = vec![
-            ("missing token", None, good.clone(), 401, "bootstrap token"),
-            ("wrong token", Some("Bearer nope"), good.clone(), 401, "wrong bootstrap token"),
-            ("malformed json", Some("Bearer boot"), b"{\"machine_id\":".to_vec(), 400, "EOF"),
-            ("wrong type", Some("Bearer boot"), br#"{"machine_id": 3}"#.to_vec(), 400, "machine_id"),
+            ("not a join token", Some("Bearer nope"), good.clone(), 401, "not a join token"),
+            ("a join token never made", Some("Bearer abcdef.0123456789abcdef"), good.clone(), 401, "abcdef"),
+            ("malformed json", boot, b"{\"machine_id\":".to_vec(), 400, "EOF"),
+            ("wrong type", boot, br#"{"machine_id": 3}"#.to_vec(), 400, "machine_id"),
             (
                 "bad machine id",
-                Some("Bearer boot"),
+                boot,
                 serde_json::to_vec(&{
                     let mut b = body();
                     b["machine_id"] = "x".into();
@@ -1012,7 +1108,7 @@ mod tests {
         }
         assert!(api.registry.nodes().is_empty(), "refused registrations are not listed");
 
-        let resp = post(Some("Bearer boot"), good).reply(&routes).await;
+        let resp = post(boot, good).reply(&routes).await;
         assert_eq!(resp.status(), 200, "{:?}", resp.body());
         let answer: RegisterResponse = serde_json::from_slice(resp.body()).unwrap();
         assert_eq!(answer.name, "tiny-abcdef");
@@ -1024,9 +1120,8 @@ mod tests {
             .reply(&routes)
             .await;
         assert_eq!(resp.status(), 200);
-        let resp =
-            warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", "Bearer boot").reply(&routes).await;
-        assert_eq!(resp.status(), 401, "the bootstrap token is not a node token");
+        let resp = warp::test::request().method("POST").path("/api/v1/heartbeat").header("authorization", &bearer).reply(&routes).await;
+        assert_eq!(resp.status(), 401, "a join token is not a node token");
 
         let resp = warp::test::request().path("/api/v1/peers?revision=0&timeout=1").reply(&routes).await;
         assert_eq!(resp.status(), 401, "peers are for nodes only");
@@ -1057,10 +1152,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_token_is_pending_until_an_operator_approves() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api(dir.path()).await;
+        let routes = routes(api.clone()).recover(recover);
+        let register = || warp::test::request().method("POST").path("/api/v1/register").json(&body());
+        let resp = register().reply(&routes).await;
+        assert_eq!(resp.status(), 202, "{:?}", resp.body());
+        let answer: RegisterResponse = serde_json::from_slice(resp.body()).unwrap();
+        assert!(answer.pending && answer.token.is_empty() && answer.lease.is_none() && answer.certificate.is_none(), "{answer:?}");
+        let approve = warp::test::request().method("POST").path(&format!("/api/v1/nodes/{}/approve", answer.name));
+        assert_eq!(approve.reply(&routes).await.status(), 401, "approving needs an operator");
+        let node_cert = warp::test::request().method("POST").path(&format!("/api/v1/nodes/{}/approve", answer.name));
+        let resp = node_cert.extension(cert(Role::Node, &answer.name, "02")).reply(&routes).await;
+        assert_eq!(resp.status(), 403, "a node does not approve itself");
+        assert!(api.registry.nodes()[0].pending);
+        let resp = as_operator().method("POST").path(&format!("/api/v1/nodes/{}/approve", answer.name)).reply(&routes).await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.body());
+        let resp = as_operator().method("POST").path("/api/v1/nodes/nobody/approve").reply(&routes).await;
+        assert_eq!(resp.status(), 404);
+        let resp = register().reply(&routes).await;
+        assert_eq!(resp.status(), 200, "approved: {:?}", resp.body());
+        let answer: RegisterResponse = serde_json::from_slice(resp.body()).unwrap();
+        assert!(!answer.pending && !answer.token.is_empty(), "{answer:?}");
+    }
+
+    #[tokio::test]
     async fn register_refuses_each_bad_field_and_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let api = api(dir.path()).await;
         let routes = routes(api.clone()).recover(recover);
+        let bearer = bearer(&api).await;
         let macs: Vec<String> = (0..3000).map(|i| format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256)).collect();
         // (case, field, value, the field the 400 names)
         let cases: Vec<(&str, &str, serde_json::Value, &str)> = vec![
@@ -1075,7 +1197,7 @@ mod tests {
             warp::test::request()
                 .method("POST")
                 .path("/api/v1/register")
-                .header("authorization", "Bearer boot")
+                .header("authorization", &bearer)
                 .body(serde_json::to_vec(b).unwrap())
         };
         for (case, field, value, named) in cases {
@@ -1218,10 +1340,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let api = api(dir.path()).await;
         let routes = routes(api.clone()).recover(recover);
+        let bearer = bearer(&api).await;
         let register = |csr: Option<String>| {
             let mut req: RegisterRequest = serde_json::from_value(body()).unwrap();
             req.csr = csr;
-            warp::test::request().method("POST").path("/api/v1/register").header("authorization", "Bearer boot").json(&req)
+            warp::test::request().method("POST").path("/api/v1/register").header("authorization", &bearer).json(&req)
         };
         let (csr_a, csr_b) = (csr(), csr());
         let resp = register(Some(csr_a.clone())).reply(&routes).await;
@@ -1352,7 +1475,7 @@ mod tests {
         assert_eq!(resp.status(), 200);
         let text = String::from_utf8_lossy(resp.body());
         assert!(text.contains("kernel http://10.0.2.2:8080/images/tiny/vmlinuz"), "{text}");
-        assert!(text.contains("kiln.token=boot"), "{text}");
+        assert!(!text.contains("kiln.token"), "a machine no group selects by MAC gets no token: {text}");
         assert!(text.contains(" kiln.server=https://10.0.2.2:8443 "), "the agent gets the TLS API on the boot host: {text}");
         assert!(text.contains("ds=nocloud-net;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/"), "{text}");
 
@@ -1389,7 +1512,8 @@ mod tests {
             registry: base.registry.clone(),
             images: base.images.clone(),
             catalog: Arc::new(Catalog::load(&cat, &base.images).unwrap()),
-            bootstrap_token: "boot".into(),
+            minter: base.minter.clone(),
+            auto_approve: false,
             pools: None,
             advertise: Some("http://kiln.example:8080".into()),
             api_endpoint: ApiEndpoint::Plain,

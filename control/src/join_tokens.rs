@@ -45,9 +45,17 @@
 //! # Minted tokens
 //!
 //! For a machine it expects, the boot path mints a one-use token bound to
-//! the machine's MAC ([`JoinTokens::mint_for_mac`], 30 minutes by default). At
-//! most one per MAC is kept: minting again replaces the previous one in the
-//! same transaction, so fetching scripts in a loop cannot grow the store.
+//! the machine's MAC ([`JoinTokens::mint_for_mac`], 30 minutes by default).
+//! A boot renders its iPXE script and its seed separately, and both must
+//! carry the same token, so minting is a function of the MAC and the time:
+//! the token for (MAC, window, n) is derived with HMAC-SHA256 under a key
+//! each server draws at start and never shows, where windows are half the
+//! lifetime long and `n` counts the tokens of that MAC and window already
+//! used. Rendering again in the same window gives the same token, so
+//! fetching scripts in a loop cannot grow the store (one record per MAC per
+//! window); once it is used, the next render gives the next one (at most
+//! [`MINTED_PER_WINDOW`] per window). A minted token is valid from its
+//! window's start for the lifetime: at least half of it after any render.
 //!
 //! Expired tokens stay (and `list` shows them, marked by `expires`) until
 //! [`JoinTokens::sweep`] removes them, minted ones included.
@@ -66,6 +74,10 @@ mod turns;
 
 /// How long a minted token is valid, unless the server is told otherwise.
 pub const MINTED_TTL: Duration = Duration::from_secs(30 * 60);
+/// Tokens minted for one MAC in one window, used ones included: a machine
+/// that reboots more often than this in a quarter of an hour waits for the
+/// next window.
+pub const MINTED_PER_WINDOW: u32 = 16;
 /// Writes of one token's uses tried while other writers keep changing it (etcd).
 const UPDATE_TRIES: usize = 64;
 /// Fresh IDs tried before giving up (36⁶ of them: a clash is rare).
@@ -86,6 +98,11 @@ pub enum Error {
     /// Every fresh ID tried was taken.
     #[error("no free join token ID in {0} tries")]
     NoFreeId(usize),
+    /// Every token of this MAC's window was used already.
+    #[error(
+        "{MINTED_PER_WINDOW} tokens were minted for {0} in this window and all are used; the next window starts within half the lifetime"
+    )]
+    MintedOut(Mac),
     /// The token changed under each try (other writers on the same etcd).
     #[error("join token {id} changed under each of {tries} tries")]
     Contended {
@@ -174,12 +191,16 @@ fn pool_text(pool: Option<&str>) -> String {
 pub struct JoinTokens {
     store: Arc<dyn Store>,
     turns: turns::Turns,
+    /// What minted tokens are derived with (drawn at start, never shown).
+    mint_key: ring::hmac::Key,
 }
 
 impl JoinTokens {
     /// The tokens kept in `store` (the registry's).
-    pub fn new(store: Arc<dyn Store>) -> JoinTokens {
-        JoinTokens { store, turns: turns::Turns::new() }
+    pub fn new(store: Arc<dyn Store>) -> Result<JoinTokens, Error> {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.try_fill_bytes(&mut key).map_err(Error::Random)?;
+        Ok(JoinTokens { store, turns: turns::Turns::new(), mint_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key) })
     }
 
     /// Makes a token as `req` asks (validated here), bound to `mac` if
@@ -197,35 +218,76 @@ impl JoinTokens {
             mac,
             used: 0,
         };
-        let (secret, info) = self.insert(info, false).await?;
+        let (secret, info) = self.insert(info).await?;
         Ok((secret.expose(), info))
     }
 
-    /// Mints a one-use token bound to `mac`, valid for `ttl` (at most a
-    /// year; [`MINTED_TTL`] is the default), replacing the one minted for
-    /// that MAC before. Returns `ID.SECRET`.
+    /// The one-use token bound to `mac` for now: the same one until it is
+    /// used or its window ends (see the module docs), valid for `ttl`
+    /// (from 2 s to a year; [`MINTED_TTL`] is the default) from its
+    /// window's start. Returns `ID.SECRET`.
     pub async fn mint_for_mac(&self, mac: Mac, ttl: Duration) -> Result<String, Error> {
-        let created = OffsetDateTime::now_utc();
-        let info = JoinTokenInfo {
-            id: String::new(),
-            description: format!("minted for {mac} by the boot path"),
-            created,
-            expires: Some(created + ttl.min(Duration::from_secs(TTL_MAX_SECS))),
-            uses_left: Some(1),
-            pool: None,
-            mac: Some(mac),
-            used: 0,
-        };
-        let (secret, _) = self.insert(info, true).await?;
-        Ok(secret.expose())
+        let ttl = ttl.clamp(Duration::from_secs(2), Duration::from_secs(TTL_MAX_SECS));
+        let half = ttl.as_secs() / 2;
+        let now = OffsetDateTime::now_utc();
+        let window = u64::try_from(now.unix_timestamp()).unwrap_or_default() / half;
+        let start = OffsetDateTime::from_unix_timestamp(i64::try_from(window * half).unwrap_or_default()).unwrap_or(now);
+        for n in 0..MINTED_PER_WINDOW {
+            let secret = self.derive(mac, window, n);
+            let hash = crate::token::hash(secret.secret());
+            let usable = |t: &StoredToken| same_digest(&t.record.secret_sha256, &hash) && t.record.info.uses_left != Some(0);
+            if let Some(seen) = self.store.token(secret.id()).await? {
+                if usable(&seen) {
+                    return Ok(secret.expose());
+                }
+                continue;
+            }
+            let info = JoinTokenInfo {
+                id: secret.id().to_string(),
+                description: format!("minted for {mac} by the boot path"),
+                created: now,
+                expires: Some(start + ttl),
+                uses_left: Some(1),
+                pool: None,
+                mac: Some(mac),
+                used: 0,
+            };
+            let record = TokenRecord { info, secret_sha256: hash.clone(), minted: true };
+            // Another render may have written it meanwhile: then it is that one.
+            if self.store.create_token(record).await? || self.store.token(secret.id()).await?.is_some_and(|t| usable(&t)) {
+                return Ok(secret.expose());
+            }
+        }
+        Err(Error::MintedOut(mac))
+    }
+
+    /// The `n`th token of `mac`'s `window`: HMAC-SHA256 of the three under
+    /// the server's key, read as the token alphabet (bytes past the
+    /// alphabet's last whole multiple skipped, as [`random_text`] does).
+    fn derive(&self, mac: Mac, window: u64, n: u32) -> JoinSecret {
+        const LIMIT: u8 = (256 / ALPHABET.len() * ALPHABET.len()) as u8;
+        let mut text = String::with_capacity(ID_LEN + SECRET_LEN);
+        let mut block = 0u32;
+        while text.len() < ID_LEN + SECRET_LEN {
+            let mut ctx = ring::hmac::Context::with_key(&self.mint_key);
+            for part in [&b"kiln minted join token"[..], &mac.0, &window.to_be_bytes(), &n.to_be_bytes(), &block.to_be_bytes()] {
+                ctx.update(part);
+            }
+            let tag = ctx.sign();
+            for b in tag.as_ref().iter().filter(|&&b| b < LIMIT).take(ID_LEN + SECRET_LEN - text.len()) {
+                text.push(ALPHABET[usize::from(*b) % ALPHABET.len()] as char);
+            }
+            block += 1;
+        }
+        JoinSecret::from_parts(&text[..ID_LEN], &text[ID_LEN..]).expect("drawn from the token alphabet")
     }
 
     /// Writes `info` under a fresh ID with a fresh secret.
-    async fn insert(&self, info: JoinTokenInfo, minted: bool) -> Result<(JoinSecret, JoinTokenInfo), Error> {
+    async fn insert(&self, info: JoinTokenInfo) -> Result<(JoinSecret, JoinTokenInfo), Error> {
         for _ in 0..ID_TRIES {
             let secret = JoinSecret::from_parts(&random_text(ID_LEN)?, &random_text(SECRET_LEN)?).expect("drawn from the token alphabet");
             let info = JoinTokenInfo { id: secret.id().to_string(), ..info.clone() };
-            let record = TokenRecord { info: info.clone(), secret_sha256: crate::token::hash(secret.secret()), minted };
+            let record = TokenRecord { info: info.clone(), secret_sha256: crate::token::hash(secret.secret()), minted: false };
             if self.store.create_token(record).await? {
                 return Ok((secret, info));
             }

@@ -74,8 +74,27 @@ pub struct Parts {
     pub images: Arc<ImageStore>,
     /// Profiles, for pools that name one.
     pub catalog: Arc<Catalog>,
-    /// The bootstrap token a disk node's seed carries.
-    pub bootstrap_token: String,
+    /// Mints the join token a disk node's seed carries.
+    pub minter: Minter,
+}
+
+/// Mints the one-use join token an expected machine's script or seed
+/// carries, bound to its MAC ([`crate::join_tokens::JoinTokens::mint_for_mac`]).
+#[derive(Clone)]
+pub struct Minter {
+    /// The server's join tokens.
+    pub tokens: Arc<crate::join_tokens::JoinTokens>,
+    /// How long a minted token is valid (`--boot-token-ttl`).
+    pub ttl: std::time::Duration,
+}
+
+impl Minter {
+    /// The token for the machine with `mac`.
+    pub async fn mint(&self, mac: kiln_core::Mac) -> Result<String, crate::join_tokens::Error> {
+        let token = self.tokens.mint_for_mac(mac, self.ttl).await?;
+        tracing::info!(mac = %mac, token = %token.split('.').next().unwrap_or_default(), "audit: join token minted for an expected machine");
+        Ok(token)
+    }
 }
 
 /// Loads and checks the pools, connects to their hosts (on a blocking
@@ -84,7 +103,8 @@ pub async fn start(config: PoolsConfig, parts: Parts) -> Result<PoolsHandle, Err
     let media = Media {
         images: parts.images,
         catalog: parts.catalog,
-        bootstrap_token: parts.bootstrap_token,
+        minter: parts.minter,
+        runtime: tokio::runtime::Handle::current(),
         api_url: config.api_url.clone().unwrap_or_default(),
     };
     let (dir, storage) = (config.dir.clone(), config.storage_dir.clone());
@@ -134,7 +154,10 @@ pub fn node_profile(catalog: &Catalog, pool: &Pool) -> Result<Profile, ProfileGo
 struct Media {
     images: Arc<ImageStore>,
     catalog: Arc<Catalog>,
-    bootstrap_token: String,
+    minter: Minter,
+    /// The server's runtime: seeds are made on a blocking thread, which
+    /// waits here for the token's mint.
+    runtime: tokio::runtime::Handle,
     api_url: String,
 }
 
@@ -157,7 +180,10 @@ impl NodeMedia for Media {
         let image = self.images.get(&pool.image).ok_or_else(|| kiln_pool::reconcile::Error::ImageGone { image: pool.image.clone() })?;
         let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
         let profile = node_profile(&self.catalog, pool)?;
-        let params = BootParams { base_url: &self.api_url, token: &self.bootstrap_token, api_url: &self.api_url };
+        // Every pool node is a machine kiln expects: its seed carries a
+        // token minted for its MAC.
+        let token = self.runtime.block_on(self.minter.mint(node.mac()))?;
+        let params = BootParams { base_url: &self.api_url, token: Some(&token), api_url: &self.api_url };
         let seed = self.catalog.seed(&profile, image, &machine, &params)?;
         Ok(seed.iso()?)
     }

@@ -29,6 +29,33 @@ pub const HEARTBEAT_INTERVAL_SECS: u64 = 10;
 /// new key joins again by itself, while a copy of a live node is refused.
 pub const HELD_WHILE_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(3 * HEARTBEAT_INTERVAL_SECS);
 
+/// Machines kept pending at most: a registration with no token beyond it
+/// is refused (429) until an operator approves or deletes some, or they
+/// go quiet for [`PENDING_TTL`].
+pub const MAX_PENDING: usize = 256;
+
+/// A pending machine not heard from for this long is forgotten (a pending
+/// agent registers again every [`PENDING_POLL_SECS`]).
+pub const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Seconds between the registrations of a pending agent, waiting for approval.
+pub const PENDING_POLL_SECS: u64 = 5;
+
+/// What vouches for a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A join token's use was spent on it: the machine joins, and may take
+    /// a machine id over from a node with another key that has gone quiet.
+    Token,
+    /// Nothing: the node this machine id names must hold this key (a node
+    /// registering again, pending or not). A machine id nobody holds is
+    /// recorded as pending, or joins at once with `auto_approve`.
+    Unvouched {
+        /// `--auto-approve`.
+        auto_approve: bool,
+    },
+}
+
 /// Registering failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,6 +75,9 @@ pub enum Error {
     /// A node asked for a lease without an IPv4 address to carry VXLAN.
     #[error("node {0} has no IPv4 address for VXLAN (send public_ip)")]
     NoPublicIp(String),
+    /// [`MAX_PENDING`] machines wait for approval already.
+    #[error("{0} machines are pending approval already; approve or delete some (kiln nodes), or join with a token")]
+    TooManyPending(usize),
     /// The same machine is registering on another connection right now.
     #[error("machine {0} is already registering; retry")]
     Busy(String),
@@ -99,7 +129,7 @@ struct State {
     tokens: HashMap<String, String>,
     /// Registrations being written: name → (machine id, subnet). Their
     /// names and subnets are taken for everyone else meanwhile.
-    pending: BTreeMap<String, (String, Option<Ipv4Cidr>)>,
+    in_flight: BTreeMap<String, (String, Option<Ipv4Cidr>)>,
     /// Leases in the store that are not kiln's nodes (a flanneld's).
     foreign: BTreeMap<Ipv4Cidr, Peer>,
 }
@@ -127,16 +157,16 @@ impl State {
     }
 }
 
-/// Takes a registration's name and subnet off `pending` when it ends,
+/// Takes a registration's name and subnet off `in_flight` when it ends,
 /// also when the request is dropped half way.
-struct PendingGuard<'a> {
+struct InFlightGuard<'a> {
     registry: &'a Registry,
     name: String,
 }
 
-impl Drop for PendingGuard<'_> {
+impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        self.registry.state.lock().expect("registry lock").pending.remove(&self.name);
+        self.registry.state.lock().expect("registry lock").in_flight.remove(&self.name);
     }
 }
 
@@ -266,7 +296,7 @@ impl Registry {
                 }
                 Change::LeasePut(peer) => {
                     let ours = st.nodes.values().any(|r| r.node.subnet == Some(peer.subnet))
-                        || st.pending.values().any(|(_, s)| *s == Some(peer.subnet));
+                        || st.in_flight.values().any(|(_, s)| *s == Some(peer.subnet));
                     if ours || st.foreign.get(&peer.subnet) == Some(&peer) {
                         return;
                     }
@@ -298,14 +328,20 @@ impl Registry {
     /// nowhere but in the answer) and the lease. Nothing is visible to
     /// others until the store has it.
     pub async fn register(&self, req: &RegisterRequest) -> Result<(Node, String, Option<Lease>), Error> {
-        self.register_with_key(req, None).await
+        self.register_with(req, None, Admission::Token).await
     }
 
     /// [`Registry::register`] for a node that proves itself with the key
-    /// whose SubjectPublicKeyInfo's sha256 is `key` (hex). A machine id
-    /// held by a node with a key is its key's: any other key, or none, is
-    /// refused ([`Error::Held`]) and nothing changes.
-    pub async fn register_with_key(&self, req: &RegisterRequest, key: Option<&str>) -> Result<(Node, String, Option<Lease>), Error> {
+    /// whose SubjectPublicKeyInfo's sha256 is `key` (hex), admitted as
+    /// `admission` says. A machine id held by a node with a key is its
+    /// key's: any other key, or none, is refused ([`Error::Held`]) and
+    /// nothing changes. A pending node ([`Node::pending`]) gets no lease.
+    pub async fn register_with(
+        &self,
+        req: &RegisterRequest,
+        key: Option<&str>,
+        admission: Admission,
+    ) -> Result<(Node, String, Option<Lease>), Error> {
         // Lower-case: an upper-case spelling is the same machine. Records
         // stored before ids were normalised are matched in any case.
         let machine_id = req.machine_key();
@@ -316,28 +352,19 @@ impl Registry {
             let token = token::generate();
             let (record, existing, fresh, _guard) = {
                 let mut st = self.state.lock().expect("registry lock");
-                if st.pending.values().any(|(m, _)| *m == machine_id) {
+                if st.in_flight.values().any(|(m, _)| *m == machine_id) {
                     return Err(Error::Busy(machine_id));
                 }
                 let held = st.nodes.values().find(|r| r.node.machine_id.eq_ignore_ascii_case(&machine_id));
                 let existing_key = held.and_then(|r| r.key_sha256.clone());
                 let existing = held.map(|r| r.node.clone());
-                if let (Some(held), Some(node)) = (&existing_key, &existing)
-                    && key != Some(held.as_str())
-                {
-                    let silent = now - node.last_seen;
-                    let within = self.held_within.load(std::sync::atomic::Ordering::Relaxed);
-                    if silent < time::Duration::milliseconds(i64::try_from(within).unwrap_or(i64::MAX)) {
-                        return Err(Error::Held { machine_id, name: node.name.clone() });
-                    }
-                    tracing::warn!(node = ?node.name, machine_id = ?machine_id, silent_secs = silent.whole_seconds(), "machine id re-keyed: its node had not been seen");
-                }
+                let pending = self.admit(&st, held, key, admission, now)?;
                 let name = match &existing {
                     Some(n) => n.name.clone(),
                     None => unique_name(&st, &req.hostname, &machine_id),
                 };
                 let kept = existing.as_ref().and_then(|n| n.subnet).filter(|s| self.network.network.contains(s));
-                let subnet = match req.vtep_mac {
+                let subnet = match req.vtep_mac.filter(|_| !pending) {
                     None => None,
                     Some(_) => {
                         if !matches!(public_ip, Some(IpAddr::V4(_))) {
@@ -349,7 +376,7 @@ impl Registry {
                         }
                     }
                 };
-                st.pending.insert(name.clone(), (machine_id.clone(), subnet));
+                st.in_flight.insert(name.clone(), (machine_id.clone(), subnet));
                 let record = NodeRecord {
                     node: Node {
                         name: name.clone(),
@@ -370,12 +397,13 @@ impl Registry {
                         vtep_mac: subnet.and(req.vtep_mac),
                         registered_at: existing.as_ref().map_or(now, |n| n.registered_at),
                         last_seen: now,
+                        pending,
                     },
                     token_sha256: token::hash(&token),
                     key_sha256: key.map(str::to_string).or(existing_key),
                 };
                 let fresh = subnet.is_some() && subnet != kept;
-                (record, existing, fresh, PendingGuard { registry: self, name })
+                (record, existing, fresh, InFlightGuard { registry: self, name })
             };
             match self.store.put(record.clone(), fresh).await {
                 Ok(()) => {}
@@ -405,6 +433,89 @@ impl Registry {
         }
     }
 
+    /// Whether a registration of the machine `held` names (if any) with
+    /// `key` may go on, and if so whether its node is pending.
+    fn admit(
+        &self,
+        st: &State,
+        held: Option<&NodeRecord>,
+        key: Option<&str>,
+        admission: Admission,
+        now: OffsetDateTime,
+    ) -> Result<bool, Error> {
+        let Some(held) = held else {
+            return match admission {
+                Admission::Token | Admission::Unvouched { auto_approve: true } => Ok(false),
+                Admission::Unvouched { auto_approve: false } => {
+                    let waiting = st.nodes.values().filter(|r| r.node.pending).count();
+                    if waiting >= MAX_PENDING { Err(Error::TooManyPending(waiting)) } else { Ok(true) }
+                }
+            };
+        };
+        let node = &held.node;
+        let same_key = held.key_sha256.as_deref() == key;
+        let silent = now - node.last_seen;
+        let within = self.held_within.load(std::sync::atomic::Ordering::Relaxed);
+        let quiet = silent >= time::Duration::milliseconds(i64::try_from(within).unwrap_or(i64::MAX));
+        let refuse = || Error::Held { machine_id: node.machine_id.clone(), name: node.name.clone() };
+        match admission {
+            // Its own node again (with its key; over plain HTTP, keyless).
+            _ if same_key => Ok(node.pending && admission != Admission::Token),
+            // A token takes over a keyless record, or a keyed one gone quiet.
+            Admission::Token if held.key_sha256.is_none() || quiet => {
+                tracing::warn!(node = ?node.name, machine_id = ?node.machine_id, silent_secs = silent.whole_seconds(), "machine id re-keyed by a join token");
+                Ok(false)
+            }
+            // Nothing but a pending record gone quiet is taken over without a token.
+            Admission::Unvouched { .. } if node.pending && quiet => Ok(true),
+            _ => Err(refuse()),
+        }
+    }
+
+    /// Whether the node with `machine_id` is approved and holds `key`: its
+    /// registration again needs no token.
+    pub fn is_holder(&self, machine_id: &str, key: Option<&str>) -> bool {
+        let Some(key) = key else { return false };
+        let st = self.state.lock().expect("registry lock");
+        st.nodes
+            .values()
+            .any(|r| r.node.machine_id.eq_ignore_ascii_case(machine_id) && !r.node.pending && r.key_sha256.as_deref() == Some(key))
+    }
+
+    /// Approves the pending node `name`: its next registration gets its
+    /// lease and certificate. `None` for no such node; the node and whether
+    /// it was pending.
+    pub async fn approve(&self, name: &str) -> Result<Option<(Node, bool)>, store::Error> {
+        let Some(mut record) = self.state.lock().expect("registry lock").nodes.get(name).cloned() else { return Ok(None) };
+        if !record.node.pending {
+            return Ok(Some((record.node, false)));
+        }
+        record.node.pending = false;
+        self.store.put(record.clone(), false).await?;
+        let mut st = self.state.lock().expect("registry lock");
+        // Unless it registered again meanwhile.
+        if st.nodes.get(name).is_some_and(|r| r.token_sha256 == record.token_sha256) {
+            st.insert(record.clone());
+        }
+        Ok(Some((record.node, true)))
+    }
+
+    /// Forgets pending machines not heard from for `ttl`. Returns their names.
+    pub async fn sweep_pending(&self, ttl: std::time::Duration) -> Result<Vec<String>, store::Error> {
+        let cutoff = OffsetDateTime::now_utc() - ttl;
+        let stale: Vec<String> = {
+            let st = self.state.lock().expect("registry lock");
+            st.nodes.values().filter(|r| r.node.pending && r.node.last_seen < cutoff).map(|r| r.node.name.clone()).collect()
+        };
+        let mut removed = Vec::new();
+        for name in stale {
+            if self.remove(&name).await?.is_some() {
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
     /// The lowest subnet, from the second on, that no node, registration in
     /// flight or foreign lease holds.
     fn free_subnet(&self, st: &State, refused: &std::collections::BTreeSet<Ipv4Cidr>) -> Result<Ipv4Cidr, Error> {
@@ -415,7 +526,7 @@ impl Registry {
             .nodes
             .values()
             .filter_map(|r| r.node.subnet)
-            .chain(st.pending.values().filter_map(|(_, s)| *s))
+            .chain(st.in_flight.values().filter_map(|(_, s)| *s))
             .chain(st.foreign.keys().copied())
             .chain(refused.iter().copied())
             .collect();
@@ -539,7 +650,7 @@ impl Registry {
 
 /// The hostname if no other machine has it, else `hostname-<machine id prefix>`.
 fn unique_name(st: &State, hostname: &str, machine_id: &str) -> String {
-    let taken = |name: &str| st.nodes.contains_key(name) || st.pending.contains_key(name);
+    let taken = |name: &str| st.nodes.contains_key(name) || st.in_flight.contains_key(name);
     if !taken(hostname) {
         return hostname.to_string();
     }
@@ -627,6 +738,55 @@ mod tests {
         assert_eq!(lease.unwrap().subnet, lease_a.subnet, "and so do leases");
         let bytes = std::fs::read(&path).unwrap();
         assert!(!bytes.windows(token_a2.len()).any(|w| w == token_a2.as_bytes()), "tokens are stored hashed");
+    }
+
+    #[tokio::test]
+    async fn a_machine_with_no_token_waits_until_approved_and_only_its_key_registers_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::StateDir::new(dir.path()).registry_db();
+        let reg = open(&path, "10.244.0.0/16").await;
+        let wait = Admission::Unvouched { auto_approve: false };
+        let (n, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait).await.unwrap();
+        assert!(n.pending && lease.is_none() && n.subnet.is_none(), "pending, no lease: {n:?}");
+        assert!(!reg.is_holder(&n.machine_id, Some("key-a")), "a pending node is no holder");
+        assert!(reg.peers().peers.is_empty() && n.metrics_target().is_none(), "neither a peer nor scraped");
+        let (again, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait).await.unwrap();
+        assert!(again.pending && lease.is_none(), "still pending on its next try");
+        let e = reg.register_with(&request('a', "stranger"), Some("key-b"), wait).await.unwrap_err();
+        assert!(matches!(e, Error::Held { .. }), "another key, while it is seen: {e:?}");
+
+        assert_eq!(reg.approve(&n.name).await.unwrap().map(|(n, was)| (n.pending, was)), Some((false, true)));
+        assert_eq!(reg.approve(&n.name).await.unwrap().map(|(_, was)| was), Some(false), "approving twice changes nothing");
+        assert!(reg.approve("nobody").await.unwrap().is_none());
+        let (joined, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait).await.unwrap();
+        assert!(!joined.pending && lease.is_some(), "approved, its next try gets its lease: {joined:?}");
+        assert!(reg.is_holder(&joined.machine_id, Some("key-a")) && !reg.is_holder(&joined.machine_id, Some("key-b")));
+        reg.set_held_within(std::time::Duration::ZERO);
+        let e = reg.register_with(&request('a', "stranger"), Some("key-b"), wait).await.unwrap_err();
+        assert!(matches!(e, Error::Held { .. }), "without a token, never another key over an approved node, quiet or not: {e:?}");
+        let (taken, _, _) = reg.register_with(&request('a', "stranger"), Some("key-b"), Admission::Token).await.unwrap();
+        assert!(!taken.pending && taken.subnet == joined.subnet, "a token re-keys a quiet node: {taken:?}");
+
+        // Kept pending across a restart; forgotten when quiet.
+        let (b, _, _) = reg.register_with(&request('b', "other"), Some("key-c"), wait).await.unwrap();
+        drop(reg);
+        let reg = open(&path, "10.244.0.0/16").await;
+        assert!(reg.nodes().iter().any(|n| n.name == b.name && n.pending), "pending survives a restart");
+        assert!(reg.sweep_pending(std::time::Duration::from_secs(600)).await.unwrap().is_empty(), "not quiet yet");
+        assert_eq!(reg.sweep_pending(std::time::Duration::ZERO).await.unwrap(), [b.name.clone()], "only the pending node");
+        assert_eq!(reg.nodes().len(), 1);
+
+        // At most MAX_PENDING wait; --auto-approve joins at once.
+        for i in 0..MAX_PENDING {
+            let mut r = request('c', "many");
+            r.machine_id = format!("{i:032x}");
+            reg.register_with(&r, None, wait).await.unwrap();
+        }
+        let mut r = request('c', "many");
+        r.machine_id = "f".repeat(32);
+        assert!(matches!(reg.register_with(&r, None, wait).await, Err(Error::TooManyPending(n)) if n == MAX_PENDING));
+        let (auto, _, lease) = reg.register_with(&r, None, Admission::Unvouched { auto_approve: true }).await.unwrap();
+        assert!(!auto.pending && lease.is_some(), "{auto:?}");
     }
 
     #[tokio::test]

@@ -85,6 +85,12 @@ pub struct ServerConfig {
     pub http: listen::Limits,
     /// How long a node's client certificate is valid (`--node-cert-ttl`).
     pub node_cert_ttl: std::time::Duration,
+    /// How long a join token the boot path mints for an expected machine
+    /// is valid (`--boot-token-ttl`, [`crate::join_tokens::MINTED_TTL`]).
+    pub boot_token_ttl: std::time::Duration,
+    /// Machines that register with no token join at once instead of
+    /// waiting as pending for `kiln nodes approve` (`--auto-approve`, for labs).
+    pub auto_approve: bool,
 }
 
 /// How long a node's client certificate is valid unless told otherwise
@@ -128,6 +134,9 @@ pub enum Error {
     /// The operator certificate could not be issued.
     #[error("issuing the operator certificate")]
     Operators(#[from] crate::operators::Error),
+    /// The join tokens could not be set up (the OS's random source).
+    #[error("join tokens")]
+    Tokens(#[from] crate::join_tokens::Error),
     /// The pools could not be loaded.
     #[error("loading pools")]
     Pools(#[from] crate::pools::Error),
@@ -161,8 +170,6 @@ pub struct Server {
     pub api_addr: SocketAddr,
     /// The CA certificate agents trust (`STATE/ca.pem`).
     pub ca: PathBuf,
-    /// The bootstrap token.
-    pub bootstrap_token: String,
     /// The images it serves.
     pub images: Arc<ImageStore>,
     /// The registry.
@@ -193,8 +200,21 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
     Ok((listener, bound))
 }
 
-/// A token of the state directory (`file`: the bootstrap token, the SD
-/// token), made on first start; the directory made and its modes checked.
+/// Removes the shared bootstrap token an earlier version kept in the
+/// state directory: nothing accepts it any more.
+fn retire_bootstrap_token(state: &std::path::Path) {
+    let path = crate::StateDir::new(state).retired_bootstrap_token();
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::warn!(path = %path.display(), "removed the retired bootstrap token: nodes join with join tokens now (docs/security.md)")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), "removing the retired bootstrap token: {e}"),
+    }
+}
+
+/// A token of the state directory (`file`: the SD token), made on first
+/// start; the directory made and its modes checked.
 fn load_token(state: &std::path::Path, file: fn(&crate::StateDir) -> PathBuf) -> Result<String, Error> {
     let dir = crate::StateDir::new(state);
     dir.create().map_err(|source| Error::State { path: state.to_path_buf(), source })?;
@@ -303,8 +323,9 @@ fn spawn_listeners(
 /// How often expired join tokens are removed.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Removes expired join tokens every [`SWEEP_EVERY`], until aborted.
-async fn sweep_tokens(tokens: Arc<crate::join_tokens::JoinTokens>) {
+/// Removes expired join tokens, and pending machines gone quiet
+/// ([`crate::registry::PENDING_TTL`]), every [`SWEEP_EVERY`], until aborted.
+async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Registry>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -313,6 +334,14 @@ async fn sweep_tokens(tokens: Arc<crate::join_tokens::JoinTokens>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed expired join tokens"),
             Err(e) => tracing::warn!("removing expired join tokens: {}", kiln_core::error_chain(&e)),
+        }
+        match registry.sweep_pending(crate::registry::PENDING_TTL).await {
+            Ok(gone) => {
+                for name in gone {
+                    tracing::info!(node = ?name, "pending machine not heard from; forgotten");
+                }
+            }
+            Err(e) => tracing::warn!("forgetting quiet pending machines: {}", kiln_core::error_chain(&e)),
         }
     }
 }
@@ -325,10 +354,11 @@ impl Server {
             Some(dir) => Catalog::load(dir, &images)?,
             None => Catalog::builtin(&images),
         });
-        let bootstrap_token = load_token(&config.state, crate::StateDir::bootstrap_token)?;
         let sd_token = load_token(&config.state, crate::StateDir::sd_token)?;
+        retire_bootstrap_token(&config.state);
         let registry = open_registry(&config).await?;
-        let tokens = Arc::new(crate::join_tokens::JoinTokens::new(registry.store_handle()));
+        let tokens = Arc::new(crate::join_tokens::JoinTokens::new(registry.store_handle())?);
+        let minter = crate::pools::Minter { tokens: tokens.clone(), ttl: config.boot_token_ttl };
         let (listener, addr) = bind(config.listen).await?;
         let (tls, api_endpoint, ca) = bind_api(&config).await?;
         let ca = Arc::new(ca);
@@ -346,7 +376,7 @@ impl Server {
                     registry: registry.clone(),
                     images: images.clone(),
                     catalog: catalog.clone(),
-                    bootstrap_token: bootstrap_token.clone(),
+                    minter: minter.clone(),
                 };
                 Some(crate::pools::start(pc, parts).await?)
             }
@@ -357,7 +387,8 @@ impl Server {
             registry: registry.clone(),
             images: images.clone(),
             catalog: catalog.clone(),
-            bootstrap_token: bootstrap_token.clone(),
+            minter,
+            auto_approve: config.auto_approve,
             advertise: config.advertise.clone(),
             api_endpoint,
             sd_token,
@@ -368,7 +399,10 @@ impl Server {
         });
         let api_addr = tls.addr;
         let (stop, task) = spawn_listeners(api, images.clone(), listener, tls, config.api.plain_nodes, config.http);
-        let sweeper = tokio::spawn(sweep_tokens(tokens));
+        let sweeper = tokio::spawn(sweep(tokens, registry.clone()));
+        if config.auto_approve {
+            tracing::warn!("--auto-approve: a machine that registers with no token joins at once (labs only)");
+        }
         tracing::info!("api: listening on https://{api_addr} (CA {})", crate::StateDir::new(&config.state).ca_cert().display());
         for image in images.images() {
             tracing::info!(image = %image.name, digest = %image.digest, "serving image");
@@ -376,8 +410,7 @@ impl Server {
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
         let ca = ca.cert_path.clone();
-        let mut server =
-            Server { addr, api_addr, ca, bootstrap_token, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task, sweeper };
+        let mut server = Server { addr, api_addr, ca, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task, sweeper };
         server.start_pxe(&config).await?;
         Ok(server)
     }

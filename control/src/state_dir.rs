@@ -40,8 +40,9 @@ impl StateDir {
         &self.root
     }
 
-    /// `bootstrap-token`: the token new nodes register with (mode 0600).
-    pub fn bootstrap_token(&self) -> PathBuf {
+    /// `bootstrap-token`: the shared token nodes registered with before
+    /// join tokens; removed at start where an earlier version left it.
+    pub fn retired_bootstrap_token(&self) -> PathBuf {
         self.root.join("bootstrap-token")
     }
 
@@ -167,7 +168,7 @@ mod tests {
         for (path, set, reported) in [
             (state.ca_cert(), 0o644, true),
             (state.ca_key(), 0o640, true),
-            (state.bootstrap_token(), 0o400, false),
+            (state.sd_token(), 0o400, false),
             (state.root().to_path_buf(), 0o755, true),
         ] {
             if !path.exists() {
@@ -185,7 +186,7 @@ mod tests {
     fn files_are_named_as_before() {
         let s = StateDir::new("/var/lib/kiln");
         for (got, want) in [
-            (s.bootstrap_token(), "bootstrap-token"),
+            (s.retired_bootstrap_token(), "bootstrap-token"),
             (s.ca_cert(), "ca.pem"),
             (s.ca_key(), "ca-key.pem"),
             (s.registry_db(), "registry.redb"),

@@ -61,9 +61,9 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_token_is_kept_private_and_stable() {
+    fn state_tokens_are_kept_private_and_stable() {
         let dir = tempfile::tempdir().unwrap();
-        let path = crate::StateDir::new(dir.path()).bootstrap_token();
+        let path = crate::StateDir::new(dir.path()).sd_token();
         let a = load_or_create(&path).unwrap();
         assert_eq!(a.len(), 64);
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);

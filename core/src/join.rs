@@ -20,15 +20,17 @@ pub const SEED_CMDLINE_PATH: &str = "/etc/kiln/cmdline";
 /// `kiln build --state`), the only one its agent trusts for the API.
 pub const IMAGE_CA_PATH: &str = "/etc/kiln/ca.pem";
 
-/// What a node is told to join: the control plane, the bootstrap token,
-/// and the image it booted.
+/// What a node is told to join: the control plane, the join token when the
+/// server expected the machine, and the image it booted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinParams {
     /// The control plane's API URL as the node reaches it, with no
     /// trailing slash (`https://10.0.2.2:8443`).
     pub server: String,
-    /// The bootstrap token.
-    pub token: String,
+    /// A join token: one the boot path minted for this machine's MAC, or
+    /// one an operator made. `None` for a machine the server did not expect:
+    /// it registers as pending, until an operator approves it.
+    pub token: Option<String>,
     /// The digest of the image the node booted, when known.
     pub image_digest: Option<Digest>,
 }
@@ -55,9 +57,9 @@ pub enum JoinError {
 
 impl JoinParams {
     /// The parameters for joining the API at `server` (a trailing slash is
-    /// dropped) with `token`, booted from `image_digest`.
-    pub fn new(server: &str, token: &str, image_digest: Option<Digest>) -> JoinParams {
-        JoinParams { server: server.trim_end_matches('/').to_string(), token: token.to_string(), image_digest }
+    /// dropped) with `token` if any, booted from `image_digest`.
+    pub fn new(server: &str, token: Option<&str>, image_digest: Option<Digest>) -> JoinParams {
+        JoinParams { server: server.trim_end_matches('/').to_string(), token: token.map(str::to_string), image_digest }
     }
 
     /// Reads them from a kernel command line (or the seed's file, in the
@@ -68,18 +70,20 @@ impl JoinParams {
             given.or_else(|| cmdline.get(key).map(str::to_string)).ok_or(JoinError::Missing { key })
         };
         let server = get(server, CMDLINE_SERVER)?;
-        let token = get(token, CMDLINE_TOKEN)?;
+        let token = get(token, CMDLINE_TOKEN).ok().filter(|t| !t.is_empty());
         let image_digest = cmdline
             .get(CMDLINE_IMAGE_DIGEST)
             .map(str::parse)
             .transpose()
             .map_err(|source| JoinError::Digest { key: CMDLINE_IMAGE_DIGEST, source })?;
-        Ok(JoinParams::new(&server, &token, image_digest))
+        Ok(JoinParams::new(&server, token.as_deref(), image_digest))
     }
 
-    /// The kernel arguments: `kiln.server=… kiln.token=… kiln.image_digest=…`.
+    /// The kernel arguments: `kiln.server=… kiln.token=… kiln.image_digest=…`
+    /// (no `kiln.token=` without a token).
     pub fn kernel_args(&self) -> Vec<String> {
-        let mut args = vec![format!("{CMDLINE_SERVER}={}", self.server), format!("{CMDLINE_TOKEN}={}", self.token)];
+        let mut args = vec![format!("{CMDLINE_SERVER}={}", self.server)];
+        args.extend(self.token.as_ref().map(|t| format!("{CMDLINE_TOKEN}={t}")));
         args.extend(self.image_digest.map(|d| format!("{CMDLINE_IMAGE_DIGEST}={d}")));
         args
     }
@@ -97,13 +101,16 @@ mod tests {
 
     #[test]
     fn rendered_then_parsed_round_trips() {
-        let join = JoinParams::new("https://10.0.2.2:8443/", "abc.def", Some(Digest::of(b"image")));
+        let join = JoinParams::new("https://10.0.2.2:8443/", Some("abc.def"), Some(Digest::of(b"image")));
         let file = join.seed_file();
         assert_eq!(file, format!("kiln.server=https://10.0.2.2:8443 kiln.token=abc.def kiln.image_digest={}\n", Digest::of(b"image")));
         let parsed = JoinParams::from_cmdline(&KernelCmdline::parse(&file), None, None).unwrap();
         assert_eq!(parsed, join);
         let kernel = format!("console=ttyS0 {} quiet", join.kernel_args().join(" "));
         assert_eq!(JoinParams::from_cmdline(&KernelCmdline::parse(&kernel), None, None).unwrap(), join);
+        let unexpected = JoinParams::new("https://10.0.2.2:8443", None, None);
+        assert_eq!(unexpected.seed_file(), "kiln.server=https://10.0.2.2:8443\n", "no token, no kiln.token=");
+        assert_eq!(JoinParams::from_cmdline(&KernelCmdline::parse(&unexpected.seed_file()), None, None).unwrap(), unexpected);
     }
 
     #[test]
@@ -112,11 +119,12 @@ mod tests {
             JoinParams::from_cmdline(&KernelCmdline::parse(text), server.map(Into::into), token.map(Into::into))
         };
         let given = parse("console=ttyS0", Some("http://s"), Some("t")).unwrap();
-        assert_eq!(given, JoinParams::new("http://s", "t", None), "flags alone, no digest");
+        assert_eq!(given, JoinParams::new("http://s", Some("t"), None), "flags alone, no digest");
         let over = parse("kiln.server=http://a kiln.token=x", Some("http://b"), None).unwrap();
-        assert_eq!((over.server.as_str(), over.token.as_str()), ("http://b", "x"), "a given server wins");
+        assert_eq!((over.server.as_str(), over.token.as_deref()), ("http://b", Some("x")), "a given server wins");
         assert_eq!(parse("kiln.token=x", None, None), Err(JoinError::Missing { key: CMDLINE_SERVER }), "no server");
-        assert_eq!(parse("kiln.server=http://a", None, None), Err(JoinError::Missing { key: CMDLINE_TOKEN }), "no token");
+        assert_eq!(parse("kiln.server=http://a", None, None).unwrap().token, None, "no token: the node will be pending");
+        assert_eq!(parse("kiln.server=http://a kiln.token=", None, None).unwrap().token, None, "an empty token is none");
         assert!(
             matches!(parse("kiln.server=http://a kiln.token=x kiln.image_digest=sha256:00", None, None), Err(JoinError::Digest { .. })),
             "a bad digest"

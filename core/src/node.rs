@@ -84,6 +84,12 @@ pub struct RegisterResponse {
     /// Its client certificate, when it sent a CSR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<NodeCertificate>,
+    /// The machine registered with no token and waits for an operator
+    /// (`kiln nodes approve NAME`; status 202). It has no token, lease or
+    /// certificate: it registers again every `heartbeat_interval_secs`
+    /// until it is approved.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// The answer to a heartbeat.
@@ -146,6 +152,10 @@ pub struct Node {
     /// Last registration or heartbeat.
     #[serde(with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
+    /// It registered with no token and waits for `kiln nodes approve`: it
+    /// holds no lease, no credential, and is neither a peer nor scraped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// Writes `None` as `""`: the spelling of "none" that [`Node::pool`]'s
@@ -332,8 +342,11 @@ pub const METRICS_PORT: u16 = 9100;
 impl Node {
     /// Where Prometheus scrapes this node: what it said, else its first
     /// IPv4 address (else first address) on [`METRICS_PORT`]; never an
-    /// address [`is_scrapeable`] refuses.
+    /// address [`is_scrapeable`] refuses, and nothing while it is pending.
     pub fn metrics_target(&self) -> Option<String> {
+        if self.pending {
+            return None;
+        }
         if let Some(m) = &self.metrics {
             return Some(m.clone());
         }

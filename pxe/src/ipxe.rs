@@ -20,8 +20,9 @@ pub const RETRY_SECS: u32 = 3;
 pub struct BootParams<'a> {
     /// Base URL of the server as the node reaches it (`http://10.0.2.2:8080`).
     pub base_url: &'a str,
-    /// The bootstrap token.
-    pub token: &'a str,
+    /// The join token for this machine: minted for its MAC when the server
+    /// expects it; `None` for any other machine (it will be pending).
+    pub token: Option<&'a str>,
     /// The control-plane API as the node's agent reaches it
     /// (`https://10.0.2.2:8443`; the base URL when the API is plain HTTP).
     pub api_url: &'a str,
@@ -50,8 +51,8 @@ pub fn bootstrap_script(base_url: &str) -> String {
 }
 
 /// The script that boots `image`: its kernel with the image's own
-/// arguments, `extra_args` (the profile's), and `kiln.server`, `kiln.token`,
-/// `kiln.image_digest`; with `mac`, also the NoCloud seed URL
+/// arguments, `extra_args` (the profile's), and `kiln.server`, `kiln.token`
+/// (when the machine has one), `kiln.image_digest`; with `mac`, also the NoCloud seed URL
 /// `ds=nocloud-net;s=BASE/cloud-init/MAC/`; for a diskless image, its root
 /// filesystem's URL and sha256 (`kiln.rootfs`, `kiln.rootfs_sha256`).
 /// `initrd=` names the initrd for kernels started by UEFI's EFI stub.
@@ -120,7 +121,7 @@ mod tests {
             &m,
             &["quiet".into()],
             mac,
-            &BootParams { base_url: "http://10.0.2.2:8080/", token: "tok", api_url: "https://10.0.2.2:8443" },
+            &BootParams { base_url: "http://10.0.2.2:8080/", token: Some("tok"), api_url: "https://10.0.2.2:8443" },
         );
         assert!(s.starts_with("#!ipxe\n"));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
@@ -145,7 +146,7 @@ mod tests {
     fn diskless_image_gets_its_root_filesystem_url_and_sha256() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = crate::store::tests::write_image(dir.path(), "worker");
-        let params = BootParams { base_url: "http://10.0.2.2:8080", token: "tok", api_url: "https://10.0.2.2:8443" };
+        let params = BootParams { base_url: "http://10.0.2.2:8080", token: Some("tok"), api_url: "https://10.0.2.2:8443" };
         let plain = boot_script(&m, &[], None, &params);
         assert!(!plain.contains("kiln.rootfs"), "an image with no rootfs boots from its initrd alone: {plain}");
         m.artifacts.push(kiln_core::Artifact { name: "root.squashfs".into(), size: 9, sha256: "ab".repeat(32) });

@@ -29,7 +29,10 @@
 //!
 //! Templates are Jinja ([minijinja]) with strict undefined variables; they
 //! see `mac`, `mac_hyphen`, `uuid`, `hostname`, `serial`, `arch`, `labels`,
-//! `server`, `token`, `image`, `image_digest` and `profile`.
+//! `server`, `token`, `image`, `image_digest` and `profile`. `token` is a
+//! one-use join token minted for the machine's MAC when kiln expects the
+//! machine (a pool's node, or a MAC a group selects), and empty otherwise:
+//! such a machine registers as pending until an operator approves it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -392,7 +395,7 @@ fn context(profile: &Profile, image: &Manifest, machine: &Machine, server: &Boot
         labels => machine.labels.clone(),
         server => server.base_url.trim_end_matches('/'),
         api => server.api_url.trim_end_matches('/'),
-        token => server.token,
+        token => server.token.unwrap_or_default(),
         image => image.name.clone(),
         image_digest => image.digest.to_string(),
         profile => profile.id.clone(),
@@ -516,7 +519,7 @@ mod tests {
         let cat = Catalog::load(&dir.path().join("cat"), &images).unwrap();
         let m = machine(&[("rack", "a1"), ("mac", "52-54-00-00-00-07")]);
         let (_, profile) = cat.select(&m).unwrap();
-        let server = BootParams { base_url: "http://10.0.2.2:8080/", token: "tok", api_url: "http://10.0.2.2:8080" };
+        let server = BootParams { base_url: "http://10.0.2.2:8080/", token: Some("tok"), api_url: "http://10.0.2.2:8080" };
         let seed = cat.seed(profile, images.get(&profile.image).unwrap(), &m, &server).unwrap();
         assert_eq!(seed.user_data, "#cloud-config\nhostname: node-000007\nruncmd: [\"echo a1 52:54:00:00:00:07\"]\n");
         assert!(seed.meta_data.instance_id.starts_with("kiln-525400000007-"));
@@ -526,6 +529,11 @@ mod tests {
         let (_, profile) = cat.select(&m).unwrap();
         let seed = cat.seed(profile, images.get(&profile.image).unwrap(), &m, &server).unwrap();
         assert!(seed.user_data.contains("kiln.server=http://10.0.2.2:8080 kiln.token=tok kiln.image_digest=sha256:"), "{}", seed.user_data);
+        // A machine kiln does not expect gets no token at all.
+        let unexpected = BootParams { token: None, ..server.clone() };
+        let seed = cat.seed(profile, images.get(&profile.image).unwrap(), &m, &unexpected).unwrap();
+        assert!(seed.user_data.contains("kiln.server=http://10.0.2.2:8080 kiln.image_digest=sha256:"), "{}", seed.user_data);
+        assert!(!seed.user_data.contains("kiln.token"), "{}", seed.user_data);
 
         // A runtime template error (undefined variable) names the profile.
         let mut broken = profile.clone();

@@ -60,7 +60,7 @@ fn select(query: &[(&str, &str)]) -> (ImageStore, Catalog, Machine, Profile) {
 fn machine_script(query: &[(&str, &str)]) -> String {
     let (images, _, machine, profile) = select(query);
     let image = images.get(&profile.image).expect("the profile's image is served");
-    boot_script(image, &profile.kernel_args, machine.mac, &BootParams { base_url: BASE_URL, token: TOKEN, api_url: API_URL })
+    boot_script(image, &profile.kernel_args, machine.mac, &BootParams { base_url: BASE_URL, token: Some(TOKEN), api_url: API_URL })
 }
 
 /// Checks each file of the machine's seed against `seed/<dir>/<file>`, and
@@ -69,7 +69,7 @@ fn check_seed(query: &[(&str, &str)], dir: &str, names: &[&str]) {
     let (images, catalog, machine, profile) = select(query);
     let image = images.get(&profile.image).expect("the profile's image is served");
     let seed = catalog
-        .seed(&profile, image, &machine, &BootParams { base_url: BASE_URL, token: TOKEN, api_url: API_URL })
+        .seed(&profile, image, &machine, &BootParams { base_url: BASE_URL, token: Some(TOKEN), api_url: API_URL })
         .expect("the seed renders");
     let files = seed.files();
     assert_eq!(files.iter().map(|(n, _)| *n).collect::<Vec<_>>(), names, "files of seed {dir}");

@@ -52,7 +52,7 @@ pub fn build_command(spec: &Path, out: &Path, cache: Option<&Path>, agent: Optio
 /// for the agent to register (at most `wait_secs`) and then prints
 /// `journalctl -u kiln-agent` on the serial console between markers.
 pub fn seed(name: &str, api: &str, token: &str, image_digest: &kiln_core::Digest, wait_secs: u32) -> Seed {
-    let cmdline = kiln_core::JoinParams::new(api, token, Some(*image_digest)).seed_file();
+    let cmdline = kiln_core::JoinParams::new(api, Some(token), Some(*image_digest)).seed_file();
     let config = CloudConfig {
         hostname: Some(name.into()),
         write_files: vec![WriteFile {

@@ -277,12 +277,19 @@ impl KilnServer {
             .expect("an API client")
     }
 
-    /// The API's client of a joining machine: the bootstrap token
-    /// (`STATE/bootstrap-token`), no client certificate.
-    pub fn bootstrap_client(&self) -> kiln_client::Client {
-        let token = std::fs::read_to_string(kiln_control::StateDir::new(&self.state).bootstrap_token())
-            .expect("kiln serve wrote its bootstrap token");
-        self.api_client_as(None).with_token(token.trim())
+    /// A join token the operator made (`POST /api/v1/tokens`, as `kiln
+    /// token create` does): valid for an hour, `uses` times (any number
+    /// with `None`).
+    pub fn join_token(&self, uses: Option<u32>) -> String {
+        let req = kiln_core::CreateTokenRequest { ttl_secs: Some(3600), uses, pool: None, description: Some("made by a test".into()) };
+        // On this thread's runtime: also from a thread in a test's namespace.
+        block_on_here(self.api_client().create_token(&req)).unwrap_or_else(|e| panic!("{}", chain(&e))).token
+    }
+
+    /// The API's client of a joining machine: a join token good for any
+    /// number of registrations, no client certificate.
+    pub fn joining_client(&self) -> kiln_client::Client {
+        self.api_client_as(None).with_token(&self.join_token(None))
     }
 
     /// `GET /api/v1/nodes`.

@@ -15,7 +15,7 @@ fn every_route_through_the_client() {
     let server = KilnServer::start(&images, &tmp.path().join("state"));
 
     // The node's routes: register, heartbeat (plain and named), peers, leave.
-    let boot = server.bootstrap_client();
+    let boot = server.joining_client();
     let answer = block_on(boot.register(&node_request(7))).unwrap();
     assert_eq!(answer.name, "node-7");
     let lease = answer.lease.expect("a lease for a node with a VTEP MAC");

@@ -77,7 +77,7 @@ fn the_cap_closes_the_longest_waiting_connection_and_answers_429_above_its_busy_
 
     // Six long polls are the busy share of 8 (three quarters): a seventh
     // request is answered 429 with Retry-After; once they end, 200 again.
-    let answer = block_on(server.bootstrap_client().register(&node_request(1))).expect("registration");
+    let answer = block_on(server.joining_client().register(&node_request(1))).expect("registration");
     let node = server.api_client_as(None).with_token(&answer.token);
     let revision = block_on(node.peers(0, Duration::ZERO)).expect("peers").revision;
     let polls: Vec<_> = (0..6)
@@ -110,7 +110,7 @@ fn oversized_and_unlengthed_requests_get_411_413_414_431() {
     let server = server_under_ulimit(tmp.path(), &[]);
     let client = server.client();
     let register = format!("{}/api/v1/register", server.api);
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token()).unwrap();
+    let token = server.join_token(None);
     let post = || client.post(&register).bearer_auth(token.trim());
     let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(b"{}".to_vec()));
     let long_uri = format!("{}/boot.ipxe?pad={}", server.url, "a".repeat(10 * 1024));

@@ -63,7 +63,7 @@ fn server(tmp: &Path) -> KilnServer {
 fn hostile_registrations_are_refused_and_nothing_is_stored() {
     let tmp = tempfile::tempdir().unwrap();
     let server = server(tmp.path());
-    let boot = server.bootstrap_client();
+    let boot = server.joining_client();
     // Machine id `0…0ab`: it has an upper-case spelling.
     let first = block_on(boot.register(&node_request(0xab))).unwrap();
     let before = kiln_nodes(&server, true);

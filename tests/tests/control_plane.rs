@@ -70,7 +70,7 @@ fn register_until_answered(client: &Client, req: &RegisterRequest) -> RegisterRe
 /// by machine.
 fn register_through_a_kill(lab: &Lab, server: &mut KilnServer, kill_after: usize) -> BTreeMap<String, Ipv4Cidr> {
     assert!(kill_after < NODES / 2);
-    let client = server.bootstrap_client();
+    let client = server.joining_client();
     let answered = Arc::new(AtomicUsize::new(0));
     let killed = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..NODES)
@@ -118,7 +118,7 @@ fn assert_none_lost(server: &KilnServer, answers: &BTreeMap<String, Ipv4Cidr>) {
 }
 
 fn reregister_all(server: &KilnServer, answers: &BTreeMap<String, Ipv4Cidr>) {
-    let client = server.bootstrap_client();
+    let client = server.joining_client();
     for i in (0..NODES).step_by(7) {
         let req = request(i);
         let resp = register_until_answered(&client, &req);
@@ -180,7 +180,7 @@ fn etcd_store_survives_sigkill_and_etcd_restart_with_flannel_schema() {
     // The flanneld is one of kiln's peers (peers answer node tokens only).
     // (revision, wait) of the peers watch; (0, 0 s) answers at once.
     let get_peers = |revision: u64, wait: Duration| -> Option<Peers> {
-        let me = register_until_answered(&server.bootstrap_client(), &request(0)).token;
+        let me = register_until_answered(&server.joining_client(), &request(0)).token;
         block_on(server.api_client_as(None).with_token(&me).peers(revision, wait)).ok()
     };
     let err = block_on(server.api_client_as(None).peers(0, Duration::ZERO)).unwrap_err();
@@ -221,7 +221,7 @@ fn exhausted_pod_network_is_a_clear_error_and_records_nothing() {
     // A /23 of /24s: the first is never leased, so one node fits.
     let lab = Lab::new(tmp.path(), &["--pod-network", "10.9.0.0/23"]);
     let server = lab.start();
-    let client = server.bootstrap_client();
+    let client = server.joining_client();
     let first = register_until_answered(&client, &request(1));
     assert_eq!(first.lease.unwrap().subnet.to_string(), "10.9.1.0/24");
     let err = block_on(client.register(&request(2))).unwrap_err();

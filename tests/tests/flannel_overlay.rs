@@ -172,9 +172,8 @@ fn overlay_network_model(store: Store) {
     let etcd = matches!(store, Store::Etcd).then(|| Etcd::start_in(Some(&lab.ns)));
     let store_args: Vec<&str> = etcd.as_ref().map(|e| vec!["--etcd", e.url.as_str()]).unwrap_or_default();
     let server = lab.serve(tmp.path(), API, &store_args);
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token())
-        .expect("kiln serve wrote its bootstrap token");
-    let token = token.trim();
+    let token = server.join_token(None);
+    let token = token.as_str();
 
     // Three nodes, each with its agent.
     let mut nodes: Vec<Node> = (1..=3).map(|i| lab.node(i, tmp.path())).collect();

@@ -108,7 +108,8 @@ fn worker_image_builds_reproducibly_and_boots_to_registered() {
     // Boot: a qcow2 overlay of the golden image, a cidata seed, kiln serve with plain HTTP.
     let state = tmp.path().join("state");
     let server = KilnServer::start_with(&images, &state, &["--plain-http"]);
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&state).bootstrap_token()).expect("the server made a bootstrap token");
+    // One join token for both boots, as an operator hands it to seeds.
+    let token = server.join_token(Some(2));
     let api = format!("http://{}:{}", golden::SERVER_IP, server.port());
     let qcow2 = images.join("worker/worker.qcow2");
     for (firmware, name) in [(Firmware::Bios, "golden-bios"), (Firmware::Uefi, "golden-uefi")] {

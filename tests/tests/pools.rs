@@ -90,10 +90,10 @@ fn scale_a_pool_up_and_down_and_keep_the_replicas_across_a_restart() {
     assert!(!ok && out.contains("422") && out.contains("0 to 5"), "{out}");
     let (ok, out) = kiln(&server, &["scale", "nope", "1"]);
     assert!(!ok && out.contains("404") && out.contains("no pool `nope`"), "{out}");
-    // Scaling needs an operator's certificate: no token, not even the
-    // bootstrap token, will do.
-    let bootstrap = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token()).unwrap();
-    let err = block_on(server.api_client_as(None).with_token(bootstrap.trim()).scale("tiny", 2)).unwrap_err();
+    // Scaling needs an operator's certificate: no token, not even a join
+    // token, will do.
+    let join = server.join_token(None);
+    let err = block_on(server.api_client_as(None).with_token(&join).scale("tiny", 2)).unwrap_err();
     assert_eq!(err.status(), Some(kiln_client::StatusCode::UNAUTHORIZED));
 
     // The desired replicas are in the store: a restarted server keeps them
@@ -407,7 +407,7 @@ impl LoadedNode {
             uplink_mtu: None,
             csr: None,
         };
-        let registered = block_on_here(server.bootstrap_client().register(&req));
+        let registered = block_on_here(server.joining_client().register(&req));
         assert!(registered.is_ok(), "registering {hostname}: {}", registered.err().map(|e| chain(&e)).unwrap_or_default());
         LoadedNode { _agent: agent, proc_dir }
     }

@@ -109,8 +109,7 @@ fn scrape_in_namespace() {
     let images = tmp.path().join("images");
     let manifest = fake_image(&images, "tiny");
     let server = KilnServer::start(&images, &tmp.path().join("state"));
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&server.state).bootstrap_token())
-        .expect("kiln serve wrote its bootstrap token");
+    let token = server.join_token(Some(1));
     let client = server.client();
 
     // The agent, in full mode, as it runs in a node: the command line the

@@ -63,12 +63,32 @@ fn operator_statuses(server: &KilnServer, token: Option<&str>) -> Vec<(String, u
         .collect()
 }
 
+/// The MAC the profiles of [`start`] select by MAC: a machine kiln expects.
+const EXPECTED_MAC: &str = "52-54-00-12-34-56";
+
+/// `kiln serve` with a fake `tiny` image and profiles: a group selecting
+/// [`EXPECTED_MAC`] and a default group for every other machine.
 fn start(tmp: &Path) -> KilnServer {
+    start_with(tmp, &[])
+}
+
+fn start_with(tmp: &Path, args: &[&str]) -> KilnServer {
     let images = tmp.join("images");
     if !images.exists() {
         fake_image(&images, "tiny");
     }
-    KilnServer::start(&images, &tmp.join("state"))
+    let profiles = tmp.join("profiles");
+    for (file, text) in [
+        ("profiles/tiny.toml", "image = \"tiny\"\n".to_string()),
+        ("groups/default.toml", "profile = \"tiny\"\n".to_string()),
+        ("groups/known.toml", format!("profile = \"tiny\"\n[selector]\nmac = \"{EXPECTED_MAC}\"\n")),
+    ] {
+        let path = profiles.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+    }
+    let profiles = profiles.to_str().unwrap().to_string();
+    KilnServer::start_with(&images, &tmp.join("state"), &[&["--profiles", profiles.as_str()][..], args].concat())
 }
 
 #[test]
@@ -79,30 +99,36 @@ fn nothing_the_boot_port_hands_out_opens_an_operator_route() {
         assert_eq!(status, 401, "{route} without a credential");
     }
 
-    // Everything an unauthenticated client fetches from the boot port,
+    // Everything an unauthenticated client fetches from the boot port, for
+    // a machine kiln expects (its group selects its MAC) and for any other,
     // every word of it, tried as a bearer token (and so as a join token).
     let anyone = server.anonymous_client();
-    let mac = "52-54-00-12-34-56";
     let mut fetched = String::new();
-    for path in ["/boot.ipxe".to_string(), format!("/ipxe?mac={mac}&uuid=&arch=x86_64")]
-        .into_iter()
-        .chain(["meta-data", "user-data", "network-config", "vendor-data"].map(|f| format!("/cloud-init/{mac}/{f}")))
-    {
-        let resp = anyone.get(format!("{}{path}", server.url)).send().unwrap();
-        // The built-in profile has no network-config: 404, nothing handed out.
-        if resp.status() == 404 && path.ends_with("network-config") {
-            continue;
+    for mac in [EXPECTED_MAC, "52-54-00-99-99-99"] {
+        for path in ["/boot.ipxe".to_string(), format!("/ipxe?mac={mac}&uuid=&arch=x86_64")]
+            .into_iter()
+            .chain(["meta-data", "user-data", "network-config", "vendor-data"].map(|f| format!("/cloud-init/{mac}/{f}")))
+        {
+            let resp = anyone.get(format!("{}{path}", server.url)).send().unwrap();
+            // The profile has no network-config: 404, nothing handed out.
+            if resp.status() == 404 && path.ends_with("network-config") {
+                continue;
+            }
+            assert_eq!(resp.status(), 200, "GET {path}");
+            let text = resp.text().unwrap();
+            // Only the expected machine's script and seed carry a token.
+            let carries = text.contains("kiln.token=");
+            assert_eq!(carries, mac == EXPECTED_MAC && (path.contains("ipxe?") || path.ends_with("user-data")), "{path}: {text}");
+            fetched.push_str(&text);
+            fetched.push('\n');
         }
-        assert_eq!(resp.status(), 200, "GET {path}");
-        fetched.push_str(&resp.text().unwrap());
-        fetched.push('\n');
     }
     let mut words: Vec<&str> =
         fetched.split(|c: char| c.is_whitespace() || matches!(c, '=' | '"' | '\'' | ',')).filter(|w| w.len() >= 6).collect();
     words.sort();
     words.dedup();
-    let bootstrap = std::fs::read_to_string(StateDir::new(&server.state).bootstrap_token()).unwrap();
-    words.push(bootstrap.trim());
+    assert!(words.iter().any(|w| kiln_core::JoinSecret::parse(w).is_ok()), "the minted token is among the words tried");
+    assert!(!StateDir::new(&server.state).retired_bootstrap_token().exists(), "no shared bootstrap token is kept");
     for word in &words {
         for (route, status) in operator_statuses(&server, Some(word)) {
             assert!(matches!(status, 401 | 403), "{route} with {word:?} from the boot port: {status}");
@@ -310,4 +336,128 @@ fn a_node_certificate_opens_its_own_routes_only_and_a_copy_gets_409() {
     assert!(kiln_client::chain(&e).contains(&joined.name), "names the node: {}", kiln_client::chain(&e));
     assert_eq!(server.nodes(), before, "nothing changed");
     block_on(node.heartbeat_node(&joined.name)).expect("the node keeps working");
+}
+
+/// `kiln-agent` as a node runs it, on this host: `--server` and `--token`
+/// (none: the machine waits as pending), its own identity directory.
+fn agent(server: &KilnServer, dir: &Path, token: Option<&str>) -> kiln_tests::Process {
+    std::fs::create_dir_all(dir).unwrap();
+    let cmdline = dir.join("cmdline");
+    std::fs::write(&cmdline, "console=ttyS0\n").unwrap();
+    let mut cmd = Command::new(&binaries().agent);
+    cmd.args(["--server", &server.api, "--no-metrics", "--no-flannel"])
+        .args(token.map(|t| ["--token", t]).into_iter().flatten())
+        .arg("--machine-id")
+        .arg(dir.join("machine-id"))
+        .arg("--cmdline")
+        .arg(&cmdline)
+        .arg("--ca")
+        .arg(StateDir::new(&server.state).ca_cert())
+        .arg("--identity-dir")
+        .arg(dir.join("identity"))
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info");
+    kiln_tests::Process::spawn_logged(cmd, "kiln-agent", &dir.join("agent.log"))
+}
+
+/// The `kiln.token=` of a script or seed, if any.
+fn token_in(text: &str) -> Option<String> {
+    let at = text.find("kiln.token=")? + "kiln.token=".len();
+    Some(text[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '.').collect())
+}
+
+#[test]
+fn boot_tokens_are_one_use_and_bound_to_the_mac_and_strangers_wait_for_approval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path());
+    let anyone = server.anonymous_client();
+    let get = |path: &str| anyone.get(format!("{}{path}", server.url)).send().unwrap().text().unwrap();
+
+    // An expected machine's script and seed carry the same minted token,
+    // however often they are fetched.
+    let script = get(&format!("/ipxe?mac={EXPECTED_MAC}"));
+    let minted = token_in(&script).unwrap_or_else(|| panic!("a token in the expected machine's script: {script}"));
+    for _ in 0..5 {
+        assert_eq!(token_in(&get(&format!("/cloud-init/{EXPECTED_MAC}/user-data"))), Some(minted.clone()), "the seed's is the script's");
+        assert_eq!(token_in(&get(&format!("/ipxe?mac={EXPECTED_MAC}"))), Some(minted.clone()), "fetching again mints nothing new");
+    }
+    let (_, list, _) = kiln(&server, &["token", "list", "--json"]);
+    let list: Vec<kiln_core::JoinTokenInfo> = serde_json::from_str(&list).unwrap();
+    let id = minted.split('.').next().unwrap();
+    let info = list.iter().find(|t| t.id == id).expect("the minted token is listed");
+    assert_eq!((info.uses_left, info.mac.map(|m| m.hyphenated())), (Some(1), Some(EXPECTED_MAC.to_string())), "{info:?}");
+    let lifetime = std::time::SystemTime::from(info.expires.unwrap()).duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(
+        lifetime > Duration::from_secs(14 * 60) && lifetime <= Duration::from_secs(30 * 60),
+        "valid for at most 30 minutes: {lifetime:?}"
+    );
+    assert_eq!(list.len(), 1, "one token for all those fetches: {list:?}");
+
+    // It joins only the machine with that MAC, once.
+    let joining = server.api_client_as(None).with_token(&minted);
+    let e = block_on(joining.register(&node_request(1))).expect_err("another MAC");
+    assert_eq!(e.status(), Some(StatusCode::FORBIDDEN), "{}", kiln_client::chain(&e));
+    let mut expected = node_request(2);
+    expected.macs = vec![EXPECTED_MAC.parse().unwrap()];
+    let joined = block_on(joining.register(&expected)).expect("the machine with the MAC joins");
+    assert!(joined.lease.is_some() && !joined.pending, "{joined:?}");
+    let mut again = node_request(3);
+    again.macs = expected.macs.clone();
+    let e = block_on(joining.register(&again)).expect_err("used up");
+    assert_eq!(e.status(), Some(StatusCode::UNAUTHORIZED), "{}", kiln_client::chain(&e));
+    let next = token_in(&get(&format!("/ipxe?mac={EXPECTED_MAC}"))).expect("a token again");
+    assert_ne!(next, minted, "once used, the next boot gets another");
+
+    // Any other machine gets no token: its agent registers as pending.
+    assert_eq!(token_in(&get("/ipxe?mac=52-54-00-99-99-99")), None);
+    assert_eq!(token_in(&get("/ipxe")), None);
+    let stranger = tmp.path().join("stranger");
+    let agent_a = agent(&server, &stranger, None);
+    let pending = kiln_tests::wait_for(Duration::from_secs(30), || server.nodes().into_iter().find(|n| n.pending));
+    let pending = pending.unwrap_or_else(|| panic!("the stranger is pending:\n{}", kiln_tests::read_log(&stranger.join("agent.log"))));
+    assert_eq!((pending.subnet, pending.public_ip, pending.vtep_mac), (None, None, None), "no lease while pending: {pending:?}");
+    let (ok, table, _) = kiln(&server, &["nodes"]);
+    let row = table.lines().find(|l| l.starts_with(&pending.name)).unwrap_or_default();
+    assert!(ok && row.contains("pending"), "kiln nodes shows it pending:\n{table}");
+    let sd = block_on(server.api_client().sd()).unwrap();
+    assert!(sd.iter().all(|g| g.labels.get("node") != Some(&pending.name)), "a pending node is not scraped: {sd:?}");
+    std::thread::sleep(Duration::from_secs(6));
+    let still = server.nodes().into_iter().find(|n| n.name == pending.name).expect("still listed");
+    assert!(still.pending && still.subnet.is_none(), "it stays pending until approved: {still:?}");
+    let log = kiln_tests::read_log(&stranger.join("agent.log"));
+    assert!(log.contains(&format!("kiln nodes approve {}", pending.name)), "the agent says what it waits for:\n{log}");
+
+    // Approved, it gets its lease on its next try, without a restart.
+    let (ok, out, err) = kiln(&server, &["nodes", "approve", &pending.name]);
+    assert!(ok && out.contains("approved"), "kiln nodes approve: {out}{err}");
+    let joined = kiln_tests::wait_for(Duration::from_secs(20), || {
+        server.nodes().into_iter().find(|n| n.name == pending.name && !n.pending && n.subnet.is_some())
+    });
+    assert!(joined.is_some(), "approved, it joins:\n{}", kiln_tests::read_log(&stranger.join("agent.log")));
+    assert!(server.log().contains("audit: node approved"), "approval is audited:\n{}", server.log());
+    let registered = kiln_tests::wait_for(Duration::from_secs(10), || {
+        kiln_tests::read_log(&stranger.join("agent.log")).contains("registered with").then_some(())
+    });
+    assert!(registered.is_some(), "{}", kiln_tests::read_log(&stranger.join("agent.log")));
+
+    // Restarted, with no token, it registers again by its own key at once.
+    drop(agent_a);
+    let before = server.nodes().into_iter().find(|n| n.name == pending.name).unwrap();
+    std::fs::remove_file(stranger.join("agent.log")).unwrap();
+    let _agent_b = agent(&server, &stranger, None);
+    let back = kiln_tests::wait_for(Duration::from_secs(20), || {
+        kiln_tests::read_log(&stranger.join("agent.log")).contains("registered with").then_some(())
+    });
+    assert!(back.is_some(), "its own key: {}", kiln_tests::read_log(&stranger.join("agent.log")));
+    let after = server.nodes().into_iter().find(|n| n.name == pending.name).unwrap();
+    assert_eq!((after.subnet, after.pending), (before.subnet, false), "the same node, not pending again");
+}
+
+#[test]
+fn auto_approve_lets_a_machine_with_no_token_join() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start_with(tmp.path(), &["--auto-approve"]);
+    let answer = block_on(server.api_client_as(None).register(&node_request(4))).expect("no token, --auto-approve");
+    assert!(!answer.pending && answer.lease.is_some(), "{answer:?}");
+    assert!(server.log().contains("--auto-approve"), "the server warns of it:\n{}", server.log());
 }

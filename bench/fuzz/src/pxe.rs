@@ -95,7 +95,8 @@ pub fn ipxe_query(data: &[u8]) {
     let (images, catalog) = catalog();
     let Ok((_, profile)) = catalog.select(&machine) else { return };
     let image = images.get(&profile.image).expect("a selected profile's image is served");
-    let params = BootParams { base_url: "http://192.0.2.1:8080", token: "abcdef.0123456789abcdef", api_url: "https://192.0.2.1:8443" };
+    let params =
+        BootParams { base_url: "http://192.0.2.1:8080", token: Some("abcdef.0123456789abcdef"), api_url: "https://192.0.2.1:8443" };
     let script = boot_script(image, &profile.kernel_args, machine.mac, &params);
     assert!(script.starts_with("#!ipxe"), "a boot script starts with #!ipxe");
     let _ = catalog.seed(profile, image, &machine, &params);

@@ -80,8 +80,9 @@ pub(crate) async fn expiry_and_sweep(tokens: &JoinTokens) {
     let (expiring, made) = tokens.create(&short, None).await.unwrap();
     let (lasting, lasting_info) = tokens.create(&CreateTokenRequest { ttl_secs: Some(0), ..request(None, None) }, None).await.unwrap();
     assert_eq!(lasting_info.expires, None, "ttl 0: never expires");
-    let minted = tokens.mint_for_mac(mac(9), Duration::from_secs(1)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // A minted token lives at most its lifetime (2 s at least) from its window's start.
+    let minted = tokens.mint_for_mac(mac(9), Duration::from_secs(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let refused = tokens.consume(&expiring, None, &[]).await.unwrap_err();
     let at = made.expires.unwrap();
     assert!(matches!(&refused, Refused::Expired { id, at: when } if *id == made.id && *when == at), "{refused:?}");
@@ -143,29 +144,48 @@ pub(crate) async fn refund(tokens: &JoinTokens) {
     }
 }
 
-/// Minting again for a MAC replaces its token; other MACs' and operators'
-/// tokens stay.
-pub(crate) async fn minting_replaces(tokens: &JoinTokens) {
+/// Minting for a MAC gives the same token until it is used (the script and
+/// the seed of one boot carry the same), then the next; other MACs' and
+/// operators' tokens are others.
+pub(crate) async fn minting_is_stable_until_used(tokens: &JoinTokens) {
     let (operator, _) = tokens.create(&request(None, None), Some(mac(3))).await.unwrap();
     let first = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
     let other = tokens.mint_for_mac(mac(4), MINTED_TTL).await.unwrap();
-    let mut last = String::new();
+    assert_ne!(first, other, "each MAC its own");
     for _ in 0..20 {
-        last = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
+        assert_eq!(tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap(), first, "the same token while unused");
     }
     let listed = tokens.list().await.unwrap();
     let bound: Vec<_> = listed.iter().filter(|i| i.mac == Some(mac(3))).collect();
     assert_eq!(bound.len(), 2, "the operator's token and one minted token for the MAC: {bound:?}");
-    let minted = info(tokens, &id_of(&last)).await.unwrap();
+    let minted = info(tokens, &id_of(&first)).await.unwrap();
     assert_eq!((minted.uses_left, minted.pool.as_deref()), (Some(1), None));
-    let ttl = minted.expires.unwrap() - minted.created;
-    assert_eq!(ttl, time::Duration::minutes(30), "minted for 30 minutes");
-    assert!(matches!(tokens.consume(&first, None, &[mac(3)]).await, Err(Refused::Unknown(_))), "the replaced token is gone");
-    assert!(matches!(tokens.consume(&last, None, &[mac(4)]).await, Err(Refused::WrongMachine { .. })));
-    tokens.consume(&last, None, &[mac(3)]).await.expect("the last minted token joins its machine");
-    assert!(matches!(tokens.consume(&last, None, &[mac(3)]).await, Err(Refused::UsedUp(_))), "once");
+    let left = minted.expires.unwrap() - OffsetDateTime::now_utc();
+    assert!(left > time::Duration::minutes(14) && left <= time::Duration::minutes(30), "valid 15 to 30 minutes from now: {left}");
+    assert!(matches!(tokens.consume(&first, None, &[mac(4)]).await, Err(Refused::WrongMachine { .. })));
+    tokens.consume(&first, None, &[mac(3)]).await.expect("the minted token joins its machine");
+    assert!(matches!(tokens.consume(&first, None, &[mac(3)]).await, Err(Refused::UsedUp(_))), "once");
+    let next = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
+    assert_ne!(next, first, "used, the next render gets the next token");
+    assert_eq!(tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap(), next, "and keeps it");
+    tokens.consume(&next, None, &[mac(3)]).await.expect("the next one joins");
     tokens.consume(&other, None, &[mac(4)]).await.expect("another MAC's token stays");
     tokens.consume(&operator, None, &[mac(3)]).await.expect("the operator's token for the MAC stays");
+    // Every token of a window used: the MAC gets none until the next.
+    for _ in 2..MINTED_PER_WINDOW {
+        let t = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
+        tokens.consume(&t, None, &[mac(3)]).await.unwrap();
+    }
+    assert!(matches!(tokens.mint_for_mac(mac(3), MINTED_TTL).await, Err(Error::MintedOut(m)) if m == mac(3)));
+}
+
+/// A server restarted draws a new key: the tokens it minted before still join.
+pub(crate) async fn minted_before_a_restart(before: &JoinTokens, after: &JoinTokens) {
+    let old = before.mint_for_mac(mac(5), MINTED_TTL).await.unwrap();
+    let new = after.mint_for_mac(mac(5), MINTED_TTL).await.unwrap();
+    assert_ne!(old, new, "another key, another token");
+    after.consume(&old, None, &[mac(5)]).await.expect("the token minted before the restart joins");
+    after.consume(&new, None, &[mac(5)]).await.expect("and the new one");
 }
 
 /// IDs are unique; delete removes a token at once.
@@ -190,7 +210,7 @@ pub(crate) async fn every_behaviour(tokens: Arc<JoinTokens>, other_server: Arc<J
     expiry_and_sweep(&tokens).await;
     at_once(tokens.clone(), other_server).await;
     refund(&tokens).await;
-    minting_replaces(&tokens).await;
+    minting_is_stable_until_used(&tokens).await;
     ids_and_delete(&tokens).await;
 }
 
@@ -215,11 +235,13 @@ fn db(dir: &std::path::Path) -> Arc<dyn Store> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = Arc::new(JoinTokens::new(db(dir.path())));
+    let store = db(dir.path());
+    let tokens = Arc::new(JoinTokens::new(store.clone()).unwrap());
     every_behaviour(tokens.clone(), tokens.clone()).await;
+    minted_before_a_restart(&tokens, &JoinTokens::new(store.clone()).unwrap()).await;
     let made = before_a_restart(&tokens).await;
-    drop(tokens);
-    after_a_restart(&JoinTokens::new(db(dir.path())), made).await;
+    drop((tokens, store));
+    after_a_restart(&JoinTokens::new(db(dir.path())).unwrap(), made).await;
 }
 
 #[tokio::test]
@@ -227,7 +249,7 @@ async fn the_secret_is_not_stored() {
     let dir = tempfile::tempdir().unwrap();
     let path = crate::StateDir::new(dir.path()).registry_db();
     let (token, made) = {
-        let tokens = JoinTokens::new(Arc::new(DbStore::open(&path, None).unwrap()));
+        let tokens = JoinTokens::new(Arc::new(DbStore::open(&path, None).unwrap())).unwrap();
         tokens.create(&request(None, None), None).await.unwrap()
     };
     let secret = token.split_once('.').unwrap().1;
@@ -282,7 +304,7 @@ impl Store for Failing {
 
 #[tokio::test]
 async fn a_failing_store_decides_nothing() {
-    let tokens = JoinTokens::new(Arc::new(Failing));
+    let tokens = JoinTokens::new(Arc::new(Failing)).unwrap();
     let refused = tokens.consume("abcdef.0123456789abcdef", None, &[]).await.unwrap_err();
     assert!(matches!(refused, Refused::Store(store::Error::Closed)), "{refused:?}");
     assert_eq!(refused.status(), 503, "not the token's fault");

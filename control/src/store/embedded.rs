@@ -10,8 +10,7 @@
 //! A state directory from before the database (`nodes.json`) is imported
 //! once, on first open.
 //!
-//! Join tokens are in table `join_tokens` (ID → JSON [`TokenRecord`]), and
-//! the token minted last for each MAC in `minted_tokens` (MAC → ID). A use is
+//! Join tokens are in table `join_tokens` (ID → JSON [`TokenRecord`]). A use is
 //! counted in the writer thread: its transaction reads the token, checks it
 //! is still the one the caller read (the same secret hash) and that the
 //! change applies (a use left), and writes it back. The writer is the only
@@ -31,8 +30,6 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const POOLS: TableDefinition<&str, u32> = TableDefinition::new("pool_replicas");
 /// Join tokens by ID.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
-/// The ID of the token minted last for each MAC.
-const MINTED: TableDefinition<&str, &str> = TableDefinition::new("minted_tokens");
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -99,7 +96,6 @@ impl DbStore {
         {
             txn.open_table(POOLS).map_err(|e| db_error(path, e))?;
             txn.open_table(TOKENS).map_err(|e| db_error(path, e))?;
-            txn.open_table(MINTED).map_err(|e| db_error(path, e))?;
             let mut table = txn.open_table(NODES).map_err(|e| db_error(path, e))?;
             if !existed && let Some(json) = legacy_json {
                 for record in read_legacy(json)? {
@@ -188,19 +184,13 @@ struct Tables<'t> {
     nodes: redb::Table<'t, &'static str, &'static [u8]>,
     pools: redb::Table<'t, &'static str, u32>,
     tokens: redb::Table<'t, &'static str, &'static [u8]>,
-    minted: redb::Table<'t, &'static str, &'static str>,
 }
 
 fn commit(db: &Database, batch: &[Pending]) -> Result<Vec<Outcome>, redb::Error> {
     let txn = db.begin_write()?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
-        let mut t = Tables {
-            nodes: txn.open_table(NODES)?,
-            pools: txn.open_table(POOLS)?,
-            tokens: txn.open_table(TOKENS)?,
-            minted: txn.open_table(MINTED)?,
-        };
+        let mut t = Tables { nodes: txn.open_table(NODES)?, pools: txn.open_table(POOLS)?, tokens: txn.open_table(TOKENS)? };
         for p in batch {
             outcomes.push(apply(&mut t, &p.op)?);
         }
@@ -223,15 +213,7 @@ fn apply(t: &mut Tables<'_>, op: &Op) -> Result<Outcome, redb::Error> {
         }
         Op::CreateToken(record) => return create_token(t, record).map(Outcome::Token),
         Op::UpdateToken(seen, change) => return update_token(t, seen, *change).map(Outcome::Updated),
-        Op::RemoveToken(record) => {
-            let id = record.info.id.as_str();
-            if let Some(mac) = record.info.mac.map(|m| m.to_string())
-                && t.minted.get(mac.as_str())?.is_some_and(|v| v.value() == id)
-            {
-                t.minted.remove(mac.as_str())?;
-            }
-            return Ok(Outcome::Token(t.tokens.remove(id)?.is_some()));
-        }
+        Op::RemoveToken(record) => return Ok(Outcome::Token(t.tokens.remove(record.info.id.as_str())?.is_some())),
     }
     Ok(Outcome::Done)
 }
@@ -240,18 +222,6 @@ fn create_token(t: &mut Tables<'_>, record: &TokenRecord) -> Result<bool, redb::
     let id = record.info.id.as_str();
     if t.tokens.get(id)?.is_some() {
         return Ok(false);
-    }
-    if record.minted
-        && let Some(mac) = record.info.mac.map(|m| m.to_string())
-    {
-        let before = t.minted.insert(mac.as_str(), id)?.map(|v| v.value().to_string());
-        // Removed only if it is what the entry says: the token minted for this MAC.
-        let minted_here = |v: &[u8]| serde_json::from_slice::<TokenRecord>(v).is_ok_and(|r| r.minted && r.info.mac == record.info.mac);
-        if let Some(before) = before
-            && t.tokens.get(before.as_str())?.is_some_and(|v| minted_here(v.value()))
-        {
-            t.tokens.remove(before.as_str())?;
-        }
     }
     let value = serde_json::to_vec(record).expect("records serialise");
     t.tokens.insert(id, value.as_slice())?;

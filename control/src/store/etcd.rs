@@ -7,7 +7,6 @@
 //! | `/kiln/nodes/<name>` | kiln's node record (facts and token hash) |
 //! | `/kiln/pools/<pool>` | the pool's desired replicas (`kiln scale`), a decimal number |
 //! | `/kiln/join-tokens/<id>` | a join token: its public part and its secret's sha256 (a `TokenRecord`) |
-//! | `/kiln/join-tokens-minted/<mac>` | the ID of the token the boot path minted last for that MAC |
 //!
 //! `PREFIX` is flannel's default `/coreos.com/network`. A stock flanneld
 //! pointed at the same etcd and prefix sees kiln's nodes as its peers, and
@@ -23,18 +22,14 @@
 //! Join tokens are not watched: each use reads the token's key, so one made
 //! by another server on the same etcd is seen at once. A use is a txn
 //! that writes the token back only if its key's `mod_revision` is still the
-//! one read; the loser reads again. A minted token is written in a txn that
-//! also moves its MAC's entry to it and removes the token minted before,
-//! compared on both keys' revisions.
+//! one read; the loser reads again.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
-};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
 use kiln_core::{Backend, Ipv4Cidr, Mac, Peer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -51,10 +46,6 @@ pub const NODES_PREFIX: &str = "/kiln/nodes/";
 pub const POOLS_PREFIX: &str = "/kiln/pools/";
 /// Where kiln keeps its join tokens, by ID.
 pub const TOKENS_PREFIX: &str = "/kiln/join-tokens/";
-/// Where the ID of the token minted last for each MAC is kept.
-pub const MINTED_PREFIX: &str = "/kiln/join-tokens-minted/";
-/// Tries of a minted token's write while others change its MAC's entry.
-const MINT_TRIES: usize = 16;
 /// flannel's lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A heartbeat renews the lease when the last renewal is this old (or a
@@ -479,38 +470,8 @@ impl EtcdStore {
         let value = serde_json::to_string(record).expect("records serialise");
         let absent = Compare::create_revision(key.as_str(), CompareOp::Equal, 0);
         let put = TxnOp::put(key.as_str(), value, None);
-        let mut client = self.client.clone();
-        let Some(mac) = record.info.mac.filter(|_| record.minted) else {
-            let resp = client.txn(Txn::new().when([absent]).and_then([put])).await.map_err(|e| self.err(e))?;
-            return Ok(resp.succeeded());
-        };
-        let entry = format!("{MINTED_PREFIX}{mac}");
-        for _ in 0..MINT_TRIES {
-            let mut compares = vec![absent.clone()];
-            let mut ops = vec![put.clone(), TxnOp::put(entry.as_str(), record.info.id.as_str(), None)];
-            let found = client.get(entry.as_str(), None).await.map_err(|e| self.err(e))?;
-            match found.kvs().first() {
-                None => compares.push(Compare::create_revision(entry.as_str(), CompareOp::Equal, 0)),
-                Some(kv) => {
-                    compares.push(Compare::mod_revision(entry.as_str(), CompareOp::Equal, kv.mod_revision()));
-                    let before = self.read_token(&String::from_utf8_lossy(kv.value())).await.ok().flatten();
-                    // Removed only if it is what the entry says: the token minted for this MAC.
-                    if let Some(before) = before.filter(|b| b.record.minted && b.record.info.mac == Some(mac)) {
-                        let before_key = token_key(&before.record.info.id);
-                        compares.push(Compare::mod_revision(before_key.as_str(), CompareOp::Equal, before.revision));
-                        ops.push(TxnOp::delete(before_key, None));
-                    }
-                }
-            }
-            let resp = client.txn(Txn::new().when(compares).and_then(ops)).await.map_err(|e| self.err(e))?;
-            if resp.succeeded() {
-                return Ok(true);
-            }
-            if self.read_token(&record.info.id).await?.is_some() {
-                return Ok(false);
-            }
-        }
-        Err(Error::Contended { key: entry, tries: MINT_TRIES })
+        let resp = self.client.clone().txn(Txn::new().when([absent]).and_then([put])).await.map_err(|e| self.err(e))?;
+        Ok(resp.succeeded())
     }
 
     async fn change_token(&self, seen: &StoredToken, change: TokenChange) -> Result<TokenUpdate, Error> {
@@ -532,15 +493,8 @@ impl EtcdStore {
     }
 
     async fn delete_token(&self, record: &TokenRecord) -> Result<bool, Error> {
-        let id = record.info.id.as_str();
-        let mut ops = vec![TxnOp::delete(token_key(id), None)];
-        if let Some(mac) = record.info.mac {
-            let entry = format!("{MINTED_PREFIX}{mac}");
-            let if_ours = Txn::new().when([Compare::value(entry.as_str(), CompareOp::Equal, id)]).and_then([TxnOp::delete(entry, None)]);
-            ops.push(TxnOp::txn(if_ours));
-        }
-        let resp = self.client.clone().txn(Txn::new().and_then(ops)).await.map_err(|e| self.err(e))?;
-        Ok(matches!(resp.op_responses().first(), Some(TxnOpResponse::Delete(d)) if d.deleted() > 0))
+        let resp = self.client.clone().delete(token_key(&record.info.id), None).await.map_err(|e| self.err(e))?;
+        Ok(resp.deleted() > 0)
     }
 }
 
@@ -768,6 +722,7 @@ mod tests {
             vtep_mac: "0e:11:22:33:44:55".parse().ok(),
             registered_at: now,
             last_seen: now,
+            pending: false,
         };
         NodeRecord { node, token_sha256: "00".into(), key_sha256: None }
     }
@@ -808,11 +763,13 @@ mod tests {
         use crate::join_tokens::{JoinTokens, tests};
         use std::sync::Arc;
         let etcd = LoopbackEtcd::start();
-        let a = Arc::new(JoinTokens::new(Arc::new(connect(&etcd).await)));
-        let b = Arc::new(JoinTokens::new(Arc::new(connect(&etcd).await)));
+        let a = Arc::new(JoinTokens::new(Arc::new(connect(&etcd).await)).unwrap());
+        let b = Arc::new(JoinTokens::new(Arc::new(connect(&etcd).await)).unwrap());
         tests::every_behaviour(a.clone(), b.clone()).await;
+        // Two servers mint with keys of their own; each one's tokens join on either.
+        tests::minted_before_a_restart(&a, &b).await;
         let made = tests::before_a_restart(&a).await;
         drop((a, b));
-        tests::after_a_restart(&JoinTokens::new(Arc::new(connect(&etcd).await)), made).await;
+        tests::after_a_restart(&JoinTokens::new(Arc::new(connect(&etcd).await)).unwrap(), made).await;
     }
 }

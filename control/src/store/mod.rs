@@ -51,8 +51,7 @@ pub struct TokenRecord {
     pub info: JoinTokenInfo,
     /// Hex sha256 of the secret part (the 16 characters after the dot).
     pub secret_sha256: String,
-    /// Minted by the boot path for `info.mac` (at most one such token per
-    /// MAC is kept), not made by an operator.
+    /// Minted by the boot path for `info.mac`, not made by an operator.
     #[serde(default)]
     pub minted: bool,
 }
@@ -287,15 +286,13 @@ pub trait Store: Send + Sync {
     /// The join token `id`, read now (on etcd: a get of its key).
     fn token(&self, id: &str) -> StoreFuture<'_, Option<StoredToken>>;
     /// Writes a new token; `false` (and nothing written) if its ID is
-    /// taken. A minted token bound to a MAC replaces, in the same
-    /// transaction, the token minted for that MAC before.
+    /// taken.
     fn create_token(&self, record: TokenRecord) -> StoreFuture<'_, bool>;
     /// Applies `change` to the token `seen`, atomically: only if the
     /// stored token is still `seen` (etcd: a txn comparing the key's
     /// `mod_revision`; embedded: the writer thread re-reads the record in
     /// its transaction and applies the change to what it finds there).
     fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate>;
-    /// Removes the token (and its MAC's minted-token entry, if that names
-    /// it); whether it was there.
+    /// Removes the token; whether it was there.
     fn remove_token(&self, record: &TokenRecord) -> StoreFuture<'_, bool>;
 }

@@ -69,7 +69,7 @@ fn manifest(images: &Path) -> Manifest {
 fn disk(a: &Args, m: &Manifest) -> Vec<f64> {
     let state = a.work.join("disk-state");
     let server = KilnServer::start_with(&a.images, &state, &["--plain-http"]);
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&state).bootstrap_token()).expect("the server made a bootstrap token");
+    let token = server.join_token(None);
     let api = format!("http://{}:{}", golden::SERVER_IP, server.port());
     let qcow2 = a.images.join("worker/worker.qcow2");
     (0..a.runs)
