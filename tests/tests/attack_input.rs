@@ -206,7 +206,7 @@ fn the_state_directory_is_private_start_after_start() {
         v.extend(names.iter().map(|n| (n.to_string(), 0o600)));
         v
     };
-    let files = ["admin-key.pem", "admin.pem", "bootstrap-token", "ca-key.pem", "ca.pem", "operators.json", "registry.redb", "sd-token"];
+    let files = ["admin-key.pem", "admin.pem", "ca-key.pem", "ca.pem", "operators.json", "registry.redb", "sd-token"];
     for start in ["first", "second"] {
         let server = KilnServer::start(&images, state.root());
         let got = modes(&state);

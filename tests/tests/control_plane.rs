@@ -232,7 +232,7 @@ fn exhausted_pod_network_is_a_clear_error_and_records_nothing() {
     assert!(logged.is_some(), "the server logs it:\n{}", tail(&server.log(), 10));
     assert_eq!(server.nodes().len(), 1, "no half-made node or lease");
 
-    // Wrong bootstrap token: 401. A node token used for another node: 403.
+    // Not a join token: 401. A node token used for another node: 403.
     let err = block_on(client.with_token("wrong").register(&request(3))).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED));
     let err = block_on(client.with_token(&first.token).heartbeat_node("someone-else")).unwrap_err();

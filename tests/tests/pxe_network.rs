@@ -98,26 +98,28 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str, nic_rom: bool) {
     };
     let started = Instant::now();
     let mut guest = Guest::spawn(&spec).expect("QEMU starts");
-    let nodes = |server: &KilnServer| -> Vec<kiln_core::Node> {
-        // The operator's listing: over TLS, with STATE/admin.pem.
+    // The operator's calls: over TLS, with STATE/admin.pem.
+    let operator = |method: &str, path: &str| -> Vec<u8> {
         let state = kiln_control::StateDir::new(&server.state);
         let out = ns
             .command("curl")
-            .arg("-sf")
+            .args(["-sf", "-X", method])
             .arg("--cacert")
             .arg(state.ca_cert())
             .arg("--cert")
             .arg(state.admin_cert())
             .arg("--key")
             .arg(state.admin_key())
-            .arg(format!("{}/api/v1/nodes", server.api))
+            .arg(format!("{}{path}", server.api))
             .output()
             .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("GET /api/v1/nodes; server log:\n{}", tail(&server.log(), 20)))
+        assert!(out.status.success(), "{method} {path}; server log:\n{}", tail(&server.log(), 20));
+        out.stdout
     };
-    let node = wait_for(Duration::from_secs(240), || {
+    let nodes = || -> Vec<kiln_core::Node> { serde_json::from_slice(&operator("GET", "/api/v1/nodes")).expect("GET /api/v1/nodes") };
+    let pending = wait_for(Duration::from_secs(240), || {
         assert!(guest.exited().is_none(), "QEMU exited; serial:\n{}", tail(&guest.serial(), 30));
-        nodes(&server).into_iter().find(|n| n.macs.contains(&mac))
+        nodes().into_iter().find(|n| n.macs.contains(&mac))
     })
     .unwrap_or_else(|| {
         panic!(
@@ -127,7 +129,12 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str, nic_rom: bool) {
             tail(&std::fs::read_to_string(tmp.path().join("dnsmasq.log")).unwrap_or_default(), 30)
         )
     });
-    eprintln!("{:?}: registered after {:.1} s", spec.firmware, started.elapsed().as_secs_f64());
+    eprintln!("{:?}: pending after {:.1} s", spec.firmware, started.elapsed().as_secs_f64());
+    // No group selects its MAC: it waits for the operator, who approves it.
+    assert!(pending.pending && pending.subnet.is_none(), "{pending:?}");
+    operator("POST", &format!("/api/v1/nodes/{}/approve", pending.name));
+    let node = wait_for(Duration::from_secs(30), || nodes().into_iter().find(|n| n.macs.contains(&mac) && !n.pending))
+        .unwrap_or_else(|| panic!("approved, the node joins; serial:\n{}", tail(&guest.serial(), 40)));
 
     // Its address came from dnsmasq's range, its image from kiln.
     assert_eq!(node.image_digest, digest);

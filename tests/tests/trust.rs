@@ -427,20 +427,23 @@ fn boot_tokens_are_one_use_and_bound_to_the_mac_and_strangers_wait_for_approval(
     let log = kiln_tests::read_log(&stranger.join("agent.log"));
     assert!(log.contains(&format!("kiln nodes approve {}", pending.name)), "the agent says what it waits for:\n{log}");
 
-    // Approved, it gets its lease on its next try, without a restart.
+    // Approved, it joins on its next try, without a restart (with its
+    // certificate; this agent runs no overlay, so it asks for no lease).
     let (ok, out, err) = kiln(&server, &["nodes", "approve", &pending.name]);
     assert!(ok && out.contains("approved"), "kiln nodes approve: {out}{err}");
-    let joined = kiln_tests::wait_for(Duration::from_secs(20), || {
-        server.nodes().into_iter().find(|n| n.name == pending.name && !n.pending && n.subnet.is_some())
-    });
+    let joined = kiln_tests::wait_for(Duration::from_secs(20), || server.nodes().into_iter().find(|n| n.name == pending.name && !n.pending));
     assert!(joined.is_some(), "approved, it joins:\n{}", kiln_tests::read_log(&stranger.join("agent.log")));
     assert!(server.log().contains("audit: node approved"), "approval is audited:\n{}", server.log());
     let registered = kiln_tests::wait_for(Duration::from_secs(10), || {
-        kiln_tests::read_log(&stranger.join("agent.log")).contains("registered with").then_some(())
+        let log = kiln_tests::read_log(&stranger.join("agent.log"));
+        (log.contains("registered with") && log.contains("client certificate")).then_some(())
     });
     assert!(registered.is_some(), "{}", kiln_tests::read_log(&stranger.join("agent.log")));
 
-    // Restarted, with no token, it registers again by its own key at once.
+    // Killed (a power cut: it does not leave) and started again with no
+    // token, it registers again by its own key at once.
+    let mut agent_a = agent_a;
+    agent_a.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5)).expect("the agent is killed");
     drop(agent_a);
     let before = server.nodes().into_iter().find(|n| n.name == pending.name).unwrap();
     std::fs::remove_file(stranger.join("agent.log")).unwrap();
@@ -450,7 +453,8 @@ fn boot_tokens_are_one_use_and_bound_to_the_mac_and_strangers_wait_for_approval(
     });
     assert!(back.is_some(), "its own key: {}", kiln_tests::read_log(&stranger.join("agent.log")));
     let after = server.nodes().into_iter().find(|n| n.name == pending.name).unwrap();
-    assert_eq!((after.subnet, after.pending), (before.subnet, false), "the same node, not pending again");
+    assert_eq!((&after.name, after.registered_at, after.pending), (&before.name, before.registered_at, false), "the same node, not pending again");
+    assert!(server.log().contains("with=its own key"), "registered again by its key:\n{}", server.log());
 }
 
 #[test]

@@ -48,12 +48,6 @@ fn build_serve_pxe_boot_register() {
 
     let server = KilnServer::start(&images, &state);
     assert!(server.api.starts_with("https://"), "the API is served over TLS by default: {}", server.api);
-    let token = std::fs::read_to_string(kiln_control::StateDir::new(&state).bootstrap_token()).unwrap();
-    let token = token.trim();
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(kiln_control::StateDir::new(&state).bootstrap_token()).unwrap().permissions(),
-    );
-    assert_eq!(mode & 0o777, 0o600, "bootstrap-token is private");
 
     // What iPXE will fetch: the script, then the artifacts it names.
     let host = format!("10.0.2.2:{}", server.port());
@@ -61,7 +55,9 @@ fn build_serve_pxe_boot_register() {
     let bootstrap = block_on(booting.boot_ipxe()).unwrap();
     assert!(bootstrap.contains(&format!("chain --autofree http://{host}/ipxe?mac=${{mac:hexhyp}}")), "{bootstrap}");
     let script = block_on(booting.ipxe(&[("mac", "52-54-00-4b-00-01"), ("arch", "x86_64")])).unwrap();
-    assert!(script.contains(&format!("kiln.token={token}")), "{script}");
+    // No group selects this MAC: kiln does not expect the machine, so its
+    // script carries no token and it will wait for the operator.
+    assert!(!script.contains("kiln.token"), "{script}");
     assert!(script.contains(&format!("kiln.image_digest={}", manifest.digest)), "{script}");
     assert!(script.contains(&format!("kiln.server=https://10.0.2.2:{}", server.api_port())), "{script}");
     // The API is not on the boot assets' plain-HTTP port, and plain HTTP
@@ -88,8 +84,9 @@ fn build_serve_pxe_boot_register() {
         r.send().unwrap()
     };
     let body = r#"{"machine_id":"0123456789abcdef0123456789abcdef","hostname":"intruder","macs":[],"addresses":[],"cpus":1,"memory_bytes":1,"kernel":"k","agent_version":"v","image_digest":""}"#;
-    assert_eq!(register(None, body).status(), 401, "no token");
-    assert_eq!(register(Some("Bearer wrong"), body).status(), 401, "wrong token");
+    assert_eq!(register(Some("Bearer wrong"), body).status(), 401, "not a join token");
+    assert_eq!(register(Some("Bearer abcdef.0123456789abcdef"), body).status(), 401, "a join token never made");
+    let token = server.join_token(Some(1));
     let resp = register(Some(&format!("Bearer {token}")), "{not json");
     assert_eq!(resp.status(), 400, "malformed JSON");
     assert!(resp.text().unwrap().contains("registration body"), "400 says why");
@@ -112,12 +109,23 @@ fn build_serve_pxe_boot_register() {
     };
     let started = Instant::now();
     let mut guest = Guest::spawn(&spec).expect("QEMU starts");
-    let node = wait_for(Duration::from_secs(150), || {
+    let pending = wait_for(Duration::from_secs(150), || {
         assert!(guest.exited().is_none(), "QEMU exited; serial:\n{}", tail(&guest.serial(), 30));
         server.nodes().into_iter().find(|n| n.macs.contains(&mac))
     })
     .unwrap_or_else(|| panic!("the guest did not register; serial console:\n{}", tail(&guest.serial(), 40)));
-    eprintln!("registered after {:.1} s under {}", started.elapsed().as_secs_f64(), accel.qemu_arg());
+    eprintln!("pending after {:.1} s under {}", started.elapsed().as_secs_f64(), accel.qemu_arg());
+    // A machine kiln did not expect waits for the operator, with no lease.
+    assert!(pending.pending && pending.subnet.is_none(), "{pending:?}");
+    let out = Command::new(&binaries().kiln)
+        .args(["nodes", "approve", &pending.name, "--server", &server.api])
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kiln nodes approve: {}", String::from_utf8_lossy(&out.stderr));
+    let node = wait_for(Duration::from_secs(30), || server.nodes().into_iter().find(|n| n.macs.contains(&mac) && !n.pending))
+        .unwrap_or_else(|| panic!("approved, the node joins; serial console:\n{}", tail(&guest.serial(), 40)));
 
     assert_eq!(node.image_digest, manifest.digest, "the node booted the image we built");
     assert_eq!(node.macs, vec![mac]);
