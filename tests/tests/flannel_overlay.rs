@@ -172,7 +172,8 @@ fn overlay_network_model(store: Store) {
     let etcd = matches!(store, Store::Etcd).then(|| Etcd::start_in(Some(&lab.ns)));
     let store_args: Vec<&str> = etcd.as_ref().map(|e| vec!["--etcd", e.url.as_str()]).unwrap_or_default();
     let server = lab.serve(tmp.path(), API, &store_args);
-    let token = server.join_token(None);
+    // The operator makes the nodes' join token (from inside the lab: the server listens there).
+    let token = lab.ns.run(|| server.join_token(None));
     let token = token.as_str();
 
     // Three nodes, each with its agent.

@@ -22,8 +22,8 @@
 //! with its token alone). The keys and CSRs are made before the timed
 //! phases; before the heartbeats each node opens its connection once
 //! (`node_connect`: a TLS handshake with a client certificate).
-//! `--join-token`: registrations carry this join token instead of `--token`
-//! (the bootstrap token).
+//! `--join-token`: registrations carry this join token (`--token` does the
+//! same: any token the server takes for registration).
 //!
 //! Prints one JSON object.
 
