@@ -524,6 +524,8 @@ where
 enum Joining {
     /// A join token, its use spent: its ID.
     Token(String),
+    /// A join token whose use is spent with the node's record, in one write.
+    Spending(crate::store::Spend),
     /// The key of the node that holds the machine id: it registers again.
     OwnKey,
     /// Nothing: the machine waits as pending, or joins with `--auto-approve`.
@@ -557,13 +559,13 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
         Some(_) if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
         Some(presented) => {
             let pool = api.registry.pool_for(&req.hostname);
-            match api.tokens.consume(presented, pool.as_deref(), &req.macs).await {
-                Ok(info) => Joining::Token(info.id),
-                Err(refused) => {
-                    tracing::warn!(machine_id = ?req.machine_id, "registration refused: {}", kiln_core::error_chain(&refused));
-                    let status = StatusCode::from_u16(refused.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-                    return error(status, &refused.to_string());
-                }
+            let joining = match api.tokens.folds() {
+                true => api.tokens.prepare(presented, pool.as_deref(), &req.macs).await.map(Joining::Spending),
+                false => api.tokens.consume(presented, pool.as_deref(), &req.macs).await.map(|info| Joining::Token(info.id)),
+            };
+            match joining {
+                Ok(joining) => joining,
+                Err(refused) => return refused_token(&req, &refused),
             }
         }
         None if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
@@ -578,12 +580,20 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     answer
 }
 
+/// The answer to a registration whose join token did not admit it.
+fn refused_token(req: &RegisterRequest, refused: &crate::join_tokens::Refused) -> Response {
+    tracing::warn!(machine_id = ?req.machine_id, "registration refused: {}", kiln_core::error_chain(refused));
+    let status = StatusCode::from_u16(refused.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+    error(status, &refused.to_string())
+}
+
 /// Records a registration that presented a good credential (or none, to
 /// wait as pending); with a CSR, the node's key is the machine id's from
 /// then on.
 async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crate::tls::Csr>, joining: &Joining) -> Response {
     let admission = match joining {
         Joining::Token(_) => crate::registry::Admission::Token,
+        Joining::Spending(spend) => crate::registry::Admission::Spending(spend.clone()),
         Joining::OwnKey | Joining::Nothing => crate::registry::Admission::Unvouched { auto_approve: api.auto_approve },
     };
     match api.registry.register_with(req, csr.map(crate::tls::Csr::key_sha256), admission).await {
@@ -613,6 +623,7 @@ async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crat
             };
             let with = match joining {
                 Joining::Token(id) => format!("join token {id}"),
+                Joining::Spending(spend) => format!("join token {}", spend.id),
                 Joining::OwnKey => "its own key".to_string(),
                 Joining::Nothing => "no token (--auto-approve)".to_string(),
             };
@@ -639,6 +650,7 @@ async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crat
             tracing::error!(machine_id = ?req.machine_id, "registration refused: {e}");
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
+        Err(RegistryError::Refused(refused)) => refused_token(req, &refused),
         Err(e @ RegistryError::TooManyPending(_)) => {
             tracing::warn!(machine_id = ?req.machine_id, "registration refused: {e}");
             error(StatusCode::TOO_MANY_REQUESTS, &e.to_string())
@@ -1175,6 +1187,42 @@ mod tests {
         assert_eq!(resp.status(), 200, "approved: {:?}", resp.body());
         let answer: RegisterResponse = serde_json::from_slice(resp.body()).unwrap();
         assert!(!answer.pending && !answer.token.is_empty(), "{answer:?}");
+    }
+
+    /// On the embedded store a token's use is counted in the write that
+    /// records the node: of 16 registrations at once with a one-use token
+    /// exactly one joins; an unlimited token counts every use.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_use_is_spent_with_the_node_it_admits() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api(dir.path()).await;
+        assert!(api.tokens.folds(), "the embedded store folds uses");
+        let routes = routes(api.clone()).recover(recover);
+        for (uses, want) in [(Some(1), 1), (None, 16)] {
+            let req = kiln_core::CreateTokenRequest { uses, ..Default::default() };
+            let (token, made) = api.tokens.create(&req, None).await.unwrap();
+            let answers = futures_util::future::join_all((0..16).map(|i| {
+                let mut b = body();
+                b["machine_id"] = format!("{:032x}", i + 100 * uses.unwrap_or(7)).into();
+                b["hostname"] = format!("n{i}").into();
+                warp::test::request()
+                    .method("POST")
+                    .path("/api/v1/register")
+                    .header("authorization", format!("Bearer {token}"))
+                    .json(&b)
+                    .reply(&routes)
+            }))
+            .await;
+            let won = answers.iter().filter(|r| r.status() == 200).count();
+            assert_eq!(won, want, "uses {uses:?}: {:?}", answers.iter().map(|r| r.status()).collect::<Vec<_>>());
+            for r in answers.iter().filter(|r| r.status() != 200) {
+                assert_eq!(r.status(), 401);
+                assert!(String::from_utf8_lossy(r.body()).contains("used"), "{:?}", r.body());
+            }
+            let after = api.tokens.list().await.unwrap().into_iter().find(|t| t.id == made.id).unwrap();
+            assert_eq!((after.used, after.uses_left), (want as u32, uses.map(|_| 0)), "every use counted once");
+        }
+        assert_eq!(api.registry.nodes().len(), 17, "a node for each use, none for a refusal");
     }
 
     #[tokio::test]

@@ -334,6 +334,28 @@ impl JoinTokens {
         }
     }
 
+    /// Whether a use is spent with the registration it admits
+    /// ([`JoinTokens::prepare`]) rather than apart ([`JoinTokens::consume`]).
+    pub fn folds(&self) -> bool {
+        self.store.folds_token_uses()
+    }
+
+    /// [`JoinTokens::consume`] to be done by the registration's own write
+    /// ([`Store::put_spending`]): the token is read and checked now (a
+    /// refusal is answered from this read), and checked again, and its use
+    /// counted, in the transaction that records the node.
+    pub async fn prepare(&self, presented: &str, pool: Option<&str>, macs: &[Mac]) -> Result<store::Spend, Refused> {
+        let token = JoinSecret::parse(presented).map_err(|_| Refused::Malformed)?;
+        let id = token.id().to_string();
+        let secret_sha256 = crate::token::hash(token.secret());
+        let seen = self.store.token(&id).await.map_err(Refused::Store)?;
+        let seen = seen.filter(|s| same_digest(&s.record.secret_sha256, &secret_sha256)).ok_or_else(|| Refused::Unknown(id.clone()))?;
+        let (pool, macs) = (pool.map(str::to_string), macs.to_vec());
+        let check = move |record: &TokenRecord| admits(&record.info, OffsetDateTime::now_utc(), pool.as_deref(), &macs);
+        check(&seen.record)?;
+        Ok(store::Spend { id, secret_sha256, check: Arc::new(check) })
+    }
+
     /// Gives back a use of token `id` (its registration failed after
     /// [`JoinTokens::consume`]). Whether there was a use to give back.
     pub async fn refund(&self, id: &str) -> Result<bool, Error> {
@@ -375,7 +397,7 @@ impl JoinTokens {
 
 /// Whether `info` lets a node of `pool` reporting `macs` join at `now`
 /// (its secret already checked).
-fn admits(info: &JoinTokenInfo, now: OffsetDateTime, pool: Option<&str>, macs: &[Mac]) -> Result<(), Refused> {
+pub(crate) fn admits(info: &JoinTokenInfo, now: OffsetDateTime, pool: Option<&str>, macs: &[Mac]) -> Result<(), Refused> {
     let id = || info.id.clone();
     if let Some(at) = info.expires
         && at <= now
@@ -400,7 +422,7 @@ fn admits(info: &JoinTokenInfo, now: OffsetDateTime, pool: Option<&str>, macs: &
 
 /// Whether two hex digests are equal, in time that does not depend on where
 /// they differ.
-fn same_digest(a: &str, b: &str) -> bool {
+pub(crate) fn same_digest(a: &str, b: &str) -> bool {
     let diff = a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0 && a.len() == b.len()
 }

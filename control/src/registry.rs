@@ -42,11 +42,15 @@ pub const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(10 *
 pub const PENDING_POLL_SECS: u64 = 5;
 
 /// What vouches for a registration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Admission {
     /// A join token's use was spent on it: the machine joins, and may take
     /// a machine id over from a node with another key that has gone quiet.
     Token,
+    /// As [`Admission::Token`], the use spent in the write that records the
+    /// node ([`Store::put_spending`]): a token that no longer admits it
+    /// there is [`Error::Refused`], and nothing is written.
+    Spending(store::Spend),
     /// Nothing: the node this machine id names must hold this key (a node
     /// registering again, pending or not). A machine id nobody holds is
     /// recorded as pending, or joins at once with `auto_approve`.
@@ -78,6 +82,9 @@ pub enum Error {
     /// [`MAX_PENDING`] machines wait for approval already.
     #[error("{0} machines are pending approval already; approve or delete some (kiln nodes), or join with a token")]
     TooManyPending(usize),
+    /// The join token did not admit the registration when it was written.
+    #[error(transparent)]
+    Refused(crate::join_tokens::Refused),
     /// The same machine is registering on another connection right now.
     #[error("machine {0} is already registering; retry")]
     Busy(String),
@@ -358,7 +365,7 @@ impl Registry {
                 let held = st.nodes.values().find(|r| r.node.machine_id.eq_ignore_ascii_case(&machine_id));
                 let existing_key = held.and_then(|r| r.key_sha256.clone());
                 let existing = held.map(|r| r.node.clone());
-                let pending = self.admit(&st, held, key, admission, now)?;
+                let pending = self.admit(&st, held, key, &admission, now)?;
                 let name = match &existing {
                     Some(n) => n.name.clone(),
                     None => unique_name(&st, &req.hostname, &machine_id),
@@ -405,7 +412,15 @@ impl Registry {
                 let fresh = subnet.is_some() && subnet != kept;
                 (record, existing, fresh, InFlightGuard { registry: self, name })
             };
-            match self.store.put(record.clone(), fresh).await {
+            let written = match &admission {
+                Admission::Spending(spend) => match self.store.put_spending(record.clone(), fresh, spend.clone()).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(refused)) => return Err(Error::Refused(refused)),
+                    Err(e) => Err(e),
+                },
+                _ => self.store.put(record.clone(), fresh).await,
+            };
+            match written {
                 Ok(()) => {}
                 Err(store::Error::Taken(subnet)) => {
                     // Someone else on the same etcd took it first: choose again.
@@ -440,12 +455,13 @@ impl Registry {
         st: &State,
         held: Option<&NodeRecord>,
         key: Option<&str>,
-        admission: Admission,
+        admission: &Admission,
         now: OffsetDateTime,
     ) -> Result<bool, Error> {
+        let by_token = matches!(admission, Admission::Token | Admission::Spending(_));
         let Some(held) = held else {
             return match admission {
-                Admission::Token | Admission::Unvouched { auto_approve: true } => Ok(false),
+                Admission::Token | Admission::Spending(_) | Admission::Unvouched { auto_approve: true } => Ok(false),
                 Admission::Unvouched { auto_approve: false } => {
                     let waiting = st.nodes.values().filter(|r| r.node.pending).count();
                     if waiting >= MAX_PENDING { Err(Error::TooManyPending(waiting)) } else { Ok(true) }
@@ -460,9 +476,9 @@ impl Registry {
         let refuse = || Error::Held { machine_id: node.machine_id.clone(), name: node.name.clone() };
         match admission {
             // Its own node again (with its key; over plain HTTP, keyless).
-            _ if same_key => Ok(node.pending && admission != Admission::Token),
+            _ if same_key => Ok(node.pending && !by_token),
             // A token takes over a keyless record, or a keyed one gone quiet.
-            Admission::Token if held.key_sha256.is_none() || quiet => {
+            _ if by_token && (held.key_sha256.is_none() || quiet) => {
                 tracing::warn!(node = ?node.name, machine_id = ?node.machine_id, silent_secs = silent.whole_seconds(), "machine id re-keyed by a join token");
                 Ok(false)
             }
@@ -745,30 +761,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = crate::StateDir::new(dir.path()).registry_db();
         let reg = open(&path, "10.244.0.0/16").await;
-        let wait = Admission::Unvouched { auto_approve: false };
-        let (n, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait).await.unwrap();
+        let wait = || Admission::Unvouched { auto_approve: false };
+        let (n, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait()).await.unwrap();
         assert!(n.pending && lease.is_none() && n.subnet.is_none(), "pending, no lease: {n:?}");
         assert!(!reg.is_holder(&n.machine_id, Some("key-a")), "a pending node is no holder");
         assert!(reg.peers().peers.is_empty() && n.metrics_target().is_none(), "neither a peer nor scraped");
-        let (again, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait).await.unwrap();
+        let (again, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait()).await.unwrap();
         assert!(again.pending && lease.is_none(), "still pending on its next try");
-        let e = reg.register_with(&request('a', "stranger"), Some("key-b"), wait).await.unwrap_err();
+        let e = reg.register_with(&request('a', "stranger"), Some("key-b"), wait()).await.unwrap_err();
         assert!(matches!(e, Error::Held { .. }), "another key, while it is seen: {e:?}");
 
         assert_eq!(reg.approve(&n.name).await.unwrap().map(|(n, was)| (n.pending, was)), Some((false, true)));
         assert_eq!(reg.approve(&n.name).await.unwrap().map(|(_, was)| was), Some(false), "approving twice changes nothing");
         assert!(reg.approve("nobody").await.unwrap().is_none());
-        let (joined, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait).await.unwrap();
+        let (joined, _, lease) = reg.register_with(&request('a', "stranger"), Some("key-a"), wait()).await.unwrap();
         assert!(!joined.pending && lease.is_some(), "approved, its next try gets its lease: {joined:?}");
         assert!(reg.is_holder(&joined.machine_id, Some("key-a")) && !reg.is_holder(&joined.machine_id, Some("key-b")));
         reg.set_held_within(std::time::Duration::ZERO);
-        let e = reg.register_with(&request('a', "stranger"), Some("key-b"), wait).await.unwrap_err();
+        let e = reg.register_with(&request('a', "stranger"), Some("key-b"), wait()).await.unwrap_err();
         assert!(matches!(e, Error::Held { .. }), "without a token, never another key over an approved node, quiet or not: {e:?}");
         let (taken, _, _) = reg.register_with(&request('a', "stranger"), Some("key-b"), Admission::Token).await.unwrap();
         assert!(!taken.pending && taken.subnet == joined.subnet, "a token re-keys a quiet node: {taken:?}");
 
         // Kept pending across a restart; forgotten when quiet.
-        let (b, _, _) = reg.register_with(&request('b', "other"), Some("key-c"), wait).await.unwrap();
+        let (b, _, _) = reg.register_with(&request('b', "other"), Some("key-c"), wait()).await.unwrap();
         drop(reg);
         let reg = open(&path, "10.244.0.0/16").await;
         assert!(reg.nodes().iter().any(|n| n.name == b.name && n.pending), "pending survives a restart");
@@ -780,11 +796,11 @@ mod tests {
         for i in 0..MAX_PENDING {
             let mut r = request('c', "many");
             r.machine_id = format!("{i:032x}");
-            reg.register_with(&r, None, wait).await.unwrap();
+            reg.register_with(&r, None, wait()).await.unwrap();
         }
         let mut r = request('c', "many");
         r.machine_id = "f".repeat(32);
-        assert!(matches!(reg.register_with(&r, None, wait).await, Err(Error::TooManyPending(n)) if n == MAX_PENDING));
+        assert!(matches!(reg.register_with(&r, None, wait()).await, Err(Error::TooManyPending(n)) if n == MAX_PENDING));
         let (auto, _, lease) = reg.register_with(&r, None, Admission::Unvouched { auto_approve: true }).await.unwrap();
         assert!(!auto.pending && lease.is_some(), "{auto:?}");
     }

@@ -431,7 +431,8 @@ fn boot_tokens_are_one_use_and_bound_to_the_mac_and_strangers_wait_for_approval(
     // certificate; this agent runs no overlay, so it asks for no lease).
     let (ok, out, err) = kiln(&server, &["nodes", "approve", &pending.name]);
     assert!(ok && out.contains("approved"), "kiln nodes approve: {out}{err}");
-    let joined = kiln_tests::wait_for(Duration::from_secs(20), || server.nodes().into_iter().find(|n| n.name == pending.name && !n.pending));
+    let joined =
+        kiln_tests::wait_for(Duration::from_secs(20), || server.nodes().into_iter().find(|n| n.name == pending.name && !n.pending));
     assert!(joined.is_some(), "approved, it joins:\n{}", kiln_tests::read_log(&stranger.join("agent.log")));
     assert!(server.log().contains("audit: node approved"), "approval is audited:\n{}", server.log());
     let registered = kiln_tests::wait_for(Duration::from_secs(10), || {
@@ -453,7 +454,11 @@ fn boot_tokens_are_one_use_and_bound_to_the_mac_and_strangers_wait_for_approval(
     });
     assert!(back.is_some(), "its own key: {}", kiln_tests::read_log(&stranger.join("agent.log")));
     let after = server.nodes().into_iter().find(|n| n.name == pending.name).unwrap();
-    assert_eq!((&after.name, after.registered_at, after.pending), (&before.name, before.registered_at, false), "the same node, not pending again");
+    assert_eq!(
+        (&after.name, after.registered_at, after.pending),
+        (&before.name, before.registered_at, false),
+        "the same node, not pending again"
+    );
     assert!(server.log().contains("with=its own key"), "registered again by its key:\n{}", server.log());
 }
 

@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{Error, Loaded, NodeRecord, Renewal, Store, StoreFuture, StoredToken, TokenChange, TokenRecord, TokenUpdate};
+use super::{Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture, StoredToken, TokenChange, TokenRecord, TokenUpdate};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 /// Desired replicas by pool.
@@ -36,6 +36,8 @@ const MAX_BATCH: usize = 512;
 
 enum Op {
     Put(Box<NodeRecord>),
+    /// A node put with one use of the token that admits it.
+    PutSpending(Box<NodeRecord>, Spend),
     Remove(String),
     Replicas(String, u32),
     CreateToken(Box<TokenRecord>),
@@ -49,6 +51,7 @@ enum Outcome {
     /// Whether a token was written (created) or was there (removed).
     Token(bool),
     Updated(TokenUpdate),
+    Spent(Spent),
 }
 
 struct Pending {
@@ -205,6 +208,7 @@ fn apply(t: &mut Tables<'_>, op: &Op) -> Result<Outcome, redb::Error> {
             let value = serde_json::to_vec(record).expect("records serialise");
             t.nodes.insert(record.node.name.as_str(), value.as_slice())?;
         }
+        Op::PutSpending(record, spend) => return put_spending(t, record, spend).map(Outcome::Spent),
         Op::Remove(name) => {
             t.nodes.remove(name.as_str())?;
         }
@@ -226,6 +230,28 @@ fn create_token(t: &mut Tables<'_>, record: &TokenRecord) -> Result<bool, redb::
     let value = serde_json::to_vec(record).expect("records serialise");
     t.tokens.insert(id, value.as_slice())?;
     Ok(true)
+}
+
+/// Writes `record` if `spend`'s token, as stored now, admits it, and
+/// counts the use: both or neither, in the batch's transaction.
+fn put_spending(t: &mut Tables<'_>, record: &NodeRecord, spend: &Spend) -> Result<Spent, redb::Error> {
+    let unknown = || Ok(Err(crate::join_tokens::Refused::Unknown(spend.id.clone())));
+    let Some(value) = t.tokens.get(spend.id.as_str())? else { return unknown() };
+    // An unreadable record is reported by the next read of the token.
+    let Ok(stored) = serde_json::from_slice::<TokenRecord>(value.value()) else { return unknown() };
+    drop(value);
+    if !crate::join_tokens::same_digest(&stored.secret_sha256, &spend.secret_sha256) {
+        return unknown();
+    }
+    if let Err(refused) = (spend.check)(&stored) {
+        return Ok(Err(refused));
+    }
+    let Some(next) = stored.changed(TokenChange::Spend(1)) else {
+        return Ok(Err(crate::join_tokens::Refused::UsedUp(spend.id.clone())));
+    };
+    t.tokens.insert(spend.id.as_str(), serde_json::to_vec(&next).expect("records serialise").as_slice())?;
+    t.nodes.insert(record.node.name.as_str(), serde_json::to_vec(record).expect("records serialise").as_slice())?;
+    Ok(Ok(next))
 }
 
 /// Applies `change` to the stored token if it is still the one `seen` was
@@ -344,12 +370,26 @@ impl Store for DbStore {
         self.write_token(Op::CreateToken(Box::new(record)))
     }
 
+    fn folds_token_uses(&self) -> bool {
+        true
+    }
+
+    fn put_spending(&self, record: NodeRecord, _fresh_subnet: bool, spend: Spend) -> StoreFuture<'_, Spent> {
+        let write = self.submit(Op::PutSpending(Box::new(record), spend));
+        Box::pin(async move {
+            match write.await? {
+                Outcome::Spent(spent) => Ok(spent),
+                _ => unreachable!("a put with a spend answers Outcome::Spent"),
+            }
+        })
+    }
+
     fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate> {
         let write = self.submit(Op::UpdateToken(Box::new(seen.record.clone()), change));
         Box::pin(async move {
             match write.await? {
                 Outcome::Updated(update) => Ok(update),
-                Outcome::Done | Outcome::Token(_) => unreachable!("a token update answers Outcome::Updated"),
+                _ => unreachable!("a token update answers Outcome::Updated"),
             }
         })
     }

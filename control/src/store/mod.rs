@@ -86,6 +86,23 @@ impl TokenChange {
     }
 }
 
+/// One use of a join token, spent in the same transaction as the
+/// registration it admits ([`Store::put_spending`]).
+#[derive(Clone)]
+pub struct Spend {
+    /// The token's ID.
+    pub id: String,
+    /// The hex sha256 of the secret presented: the stored token must have it.
+    pub secret_sha256: String,
+    /// Whether the token, as stored at that moment, admits the registration
+    /// (expiry, uses left, pool, MAC).
+    pub check: std::sync::Arc<dyn Fn(&TokenRecord) -> Result<(), crate::join_tokens::Refused> + Send + Sync>,
+}
+
+/// What [`Store::put_spending`] did: the token after its use, or why it
+/// refused (and nothing was written).
+pub type Spent = Result<TokenRecord, crate::join_tokens::Refused>;
+
 /// What [`Store::update_token`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenUpdate {
@@ -220,6 +237,9 @@ pub enum Error {
     /// The store's writer is gone (the server is shutting down).
     #[error("the store is closed")]
     Closed,
+    /// The store does not do this (see [`Store::folds_token_uses`]).
+    #[error("this store does not do {0}")]
+    Unsupported(&'static str),
 }
 
 /// What a store holds when it is opened.
@@ -293,6 +313,19 @@ pub trait Store: Send + Sync {
     /// `mod_revision`; embedded: the writer thread re-reads the record in
     /// its transaction and applies the change to what it finds there).
     fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate>;
+    /// Whether [`Store::put_spending`] counts a token's use with the
+    /// registration it admits. Not on etcd: concurrent uses of one token
+    /// would conflict on its key; its uses are counted apart, in turns.
+    fn folds_token_uses(&self) -> bool {
+        false
+    }
+    /// [`Store::put`] and one use of a join token in one transaction: the
+    /// node is written only if `spend` still admits the token as stored,
+    /// and then the use is counted with it; a registration costs one
+    /// durable write, not two.
+    fn put_spending(&self, _record: NodeRecord, _fresh_subnet: bool, _spend: Spend) -> StoreFuture<'_, Spent> {
+        Box::pin(async { Err(Error::Unsupported("counting a token's use with a registration")) })
+    }
     /// Removes the token; whether it was there.
     fn remove_token(&self, record: &TokenRecord) -> StoreFuture<'_, bool>;
 }
