@@ -789,7 +789,7 @@ mod tests {
         let reg = open(&path, "10.244.0.0/16").await;
         assert!(reg.nodes().iter().any(|n| n.name == b.name && n.pending), "pending survives a restart");
         assert!(reg.sweep_pending(std::time::Duration::from_secs(600)).await.unwrap().is_empty(), "not quiet yet");
-        assert_eq!(reg.sweep_pending(std::time::Duration::ZERO).await.unwrap(), [b.name.clone()], "only the pending node");
+        assert_eq!(reg.sweep_pending(std::time::Duration::ZERO).await.unwrap(), std::slice::from_ref(&b.name), "only the pending node");
         assert_eq!(reg.nodes().len(), 1);
 
         // At most MAX_PENDING wait; --auto-approve joins at once.

@@ -96,8 +96,11 @@ pub struct Spend {
     pub secret_sha256: String,
     /// Whether the token, as stored at that moment, admits the registration
     /// (expiry, uses left, pool, MAC).
-    pub check: std::sync::Arc<dyn Fn(&TokenRecord) -> Result<(), crate::join_tokens::Refused> + Send + Sync>,
+    pub check: SpendCheck,
 }
+
+/// [`Spend::check`].
+pub type SpendCheck = std::sync::Arc<dyn Fn(&TokenRecord) -> Result<(), crate::join_tokens::Refused> + Send + Sync>;
 
 /// What [`Store::put_spending`] did: the token after its use, or why it
 /// refused (and nothing was written).
