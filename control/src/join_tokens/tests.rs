@@ -330,3 +330,88 @@ fn digests_compare() {
     assert!(!same_digest(&a, &a[..63]), "a prefix is not equal");
     assert!(!same_digest("", &a));
 }
+
+/// A registration of machine `i` with a lease, as an agent sends it.
+fn registration(i: usize, mac: Mac) -> kiln_core::RegisterRequest {
+    kiln_core::RegisterRequest {
+        machine_id: format!("{i:032x}"),
+        hostname: format!("n{i}"),
+        macs: vec![mac],
+        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap()],
+        cpus: 1,
+        memory_bytes: 1,
+        kernel: "6.1".into(),
+        agent_version: "test".into(),
+        image_digest: String::new(),
+        metrics: None,
+        public_ip: None,
+        vtep_mac: Some("0e:00:00:00:00:01".parse().unwrap()),
+        uplink_mtu: None,
+        csr: None,
+    }
+}
+
+/// Registers machine `i` through `server` (its registry and tokens) with
+/// `token`, its use spent in the write that records the node.
+async fn register_spending(
+    server: &(Arc<crate::registry::Registry>, Arc<JoinTokens>),
+    token: &str,
+    i: usize,
+    mac: Mac,
+) -> Result<kiln_core::Node, crate::registry::Error> {
+    let req = registration(i, mac);
+    let spend = server.1.prepare(token, None, &req.macs).await.map_err(crate::registry::Error::Refused)?;
+    let (node, _, _) = server.0.register_with(&req, None, crate::registry::Admission::Spending(spend)).await?;
+    Ok(node)
+}
+
+/// Registrations with one token at once through `a` and `b` (two servers
+/// on one store), each use spent in the write of its node: exactly as many
+/// join as the token has uses, each with a subnet of its own; the others
+/// are told it is used up, and nothing of them is written.
+pub(crate) async fn registrations_spend_their_uses(
+    a: (Arc<crate::registry::Registry>, Arc<JoinTokens>),
+    b: (Arc<crate::registry::Registry>, Arc<JoinTokens>),
+) {
+    assert!(a.1.folds() && b.1.folds());
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let mut base = 1000;
+    for (uses, registrations) in [(Some(1), 16), (Some(20), 40), (None, 70)] {
+        let (token, made) = a.1.create(&request(uses, None), None).await.unwrap();
+        let tasks: Vec<_> = (0..registrations)
+            .map(|i| {
+                let (server, token) = (if i % 2 == 0 { a.clone() } else { b.clone() }, token.clone());
+                tokio::spawn(async move { register_spending(&server, &token, base + i, mac(1)).await })
+            })
+            .collect();
+        let mut joined = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(node) => joined.push(node),
+                Err(crate::registry::Error::Refused(Refused::UsedUp(id))) if uses.is_some() => assert_eq!(id, made.id),
+                Err(e) => panic!("uses {uses:?}: {e:?}"),
+            }
+        }
+        let want = uses.map_or(registrations, |u| u as usize);
+        assert_eq!(joined.len(), want, "uses {uses:?}: exactly {want} of {registrations} join");
+        let after = info(&b.1, &made.id).await.unwrap();
+        assert_eq!((after.uses_left, after.used), (uses.map(|_| 0), want as u32), "every use counted once");
+        let subnets: std::collections::BTreeSet<_> = joined.iter().map(|n| n.subnet.expect("a lease")).collect();
+        assert_eq!(subnets.len(), want, "a subnet each, across both servers");
+        base += 100;
+    }
+    let (bound, _) = a.1.create(&request(None, None), Some(mac(2))).await.unwrap();
+    let e = register_spending(&a, &bound, 1, mac(3)).await.unwrap_err();
+    assert!(matches!(e, crate::registry::Error::Refused(Refused::WrongMachine { .. })), "{e:?}");
+    let listed: Vec<String> = a.0.nodes().into_iter().map(|n| n.machine_id).collect();
+    assert!(!listed.contains(&format!("{:032x}", 1)), "nothing written for a refusal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_spend_their_uses_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = db(dir.path());
+    let registry = crate::registry::Registry::open(store.clone(), Default::default()).await.unwrap();
+    let server = (registry, Arc::new(JoinTokens::new(store).unwrap()));
+    registrations_spend_their_uses(server.clone(), server).await;
+}

@@ -36,7 +36,11 @@ use tokio::sync::mpsc;
 
 use kiln_core::NetworkConfig;
 
-use super::{Change, Error, Loaded, NodeRecord, Renewal, Store, StoreFuture, StoredToken, TokenChange, TokenRecord, TokenUpdate};
+use super::{
+    Change, Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture, StoredToken, TokenChange, TokenRecord, TokenUpdate,
+};
+
+mod spend;
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -119,7 +123,9 @@ pub struct EtcdStore {
     client: Client,
     vni: u32,
     /// etcd lease of each node's subnet key, and when it was last renewed.
-    leases: Mutex<HashMap<String, (i64, Instant)>>,
+    leases: std::sync::Arc<Mutex<HashMap<String, (i64, Instant)>>>,
+    /// Registrations written with their tokens' uses, a batch a txn.
+    spends: spend::Turns,
     /// The watch, started by `load`, taken by the registry.
     changes: Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
     /// The revision of this store's last write of each key: the watch
@@ -173,7 +179,8 @@ impl EtcdStore {
             config,
             client,
             vni: network.vni,
-            leases: Mutex::new(HashMap::new()),
+            leases: Default::default(),
+            spends: spend::Turns::new(),
             changes: Mutex::new(None),
             written: Default::default(),
         };
@@ -182,6 +189,41 @@ impl EtcdStore {
 
     fn endpoints(&self) -> String {
         self.config.endpoints.join(",")
+    }
+
+    /// [`Store::put_spending`]: the node's puts made here (its subnet on a
+    /// new etcd lease), written in its token's next batch.
+    async fn write_spending(&self, record: NodeRecord, fresh_subnet: bool, spend: Spend) -> Result<Spent, Error> {
+        let name = record.node.name.clone();
+        let node_key = format!("{NODES_PREFIX}{name}");
+        let mut ops = vec![TxnOp::put(node_key.as_str(), serde_json::to_string(&record).expect("records serialise"), None)];
+        let mut keys = vec![node_key];
+        let (mut fresh, mut lease) = (None, None);
+        let before = self.leases.lock().expect("leases lock").get(&name).map(|(id, _)| *id);
+        if let (Some(subnet), Some(value)) = (record.node.subnet, self.lease_value(&record)) {
+            let id = self.client.clone().lease_grant(self.ttl_secs(), None).await.map_err(|e| self.err(e))?.id();
+            lease = Some(id);
+            let key = self.subnet_key(subnet);
+            if fresh_subnet {
+                fresh = Some((key.clone(), subnet));
+            }
+            ops.push(TxnOp::put(key.as_str(), value, Some(PutOptions::new().with_lease(id))));
+            keys.push(key);
+        }
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let writer = spend::Writer {
+            client: self.client.clone(),
+            endpoints: self.endpoints(),
+            written: self.written.clone(),
+            leases: self.leases.clone(),
+        };
+        self.spends.write(&writer, spend::Waiter { spend, name, ops, fresh, keys, lease, done });
+        let spent = answer.await.map_err(|_| Error::Closed)??;
+        // The subnet moved to the new lease: the one it had before holds nothing.
+        if let (Ok(_), Some(old), Some(_)) = (&spent, before, lease) {
+            let _ = self.client.clone().lease_revoke(old).await;
+        }
+        Ok(spent)
     }
 
     fn err(&self, source: etcd_client::Error) -> Error {
@@ -570,6 +612,14 @@ impl Store for EtcdStore {
         Box::pin(async move { self.write(&record, fresh_subnet).await })
     }
 
+    fn folds_token_uses(&self) -> bool {
+        true
+    }
+
+    fn put_spending(&self, record: NodeRecord, fresh_subnet: bool, spend: Spend) -> StoreFuture<'_, Spent> {
+        Box::pin(self.write_spending(record, fresh_subnet, spend))
+    }
+
     fn renew(&self, record: NodeRecord) -> StoreFuture<'_, Renewal> {
         Box::pin(async move { self.keep_alive(&record).await })
     }
@@ -771,5 +821,22 @@ mod tests {
         let made = tests::before_a_restart(&a).await;
         drop((a, b));
         tests::after_a_restart(&JoinTokens::new(Arc::new(connect(&etcd).await)).unwrap(), made).await;
+    }
+
+    /// Registrations written with their tokens' uses, batched, from two
+    /// servers on one etcd: see `join_tokens::tests`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registrations_spend_their_uses_on_etcd() {
+        use crate::join_tokens::{JoinTokens, tests};
+        use std::sync::Arc;
+        let etcd = LoopbackEtcd::start();
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let store: Arc<dyn Store> = Arc::new(connect(&etcd).await);
+            let registry = crate::registry::Registry::open(store.clone(), NetworkConfig::default()).await.unwrap();
+            servers.push((registry, Arc::new(JoinTokens::new(store).unwrap())));
+        }
+        let b = servers.pop().unwrap();
+        tests::registrations_spend_their_uses(servers.pop().unwrap(), b).await;
     }
 }

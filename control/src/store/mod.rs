@@ -240,6 +240,13 @@ pub enum Error {
     /// The store's writer is gone (the server is shutting down).
     #[error("the store is closed")]
     Closed,
+    /// The write of a batch of registrations failed (etcd).
+    #[error("writing a batch of registrations")]
+    Batch {
+        /// Why.
+        #[source]
+        source: std::sync::Arc<Error>,
+    },
     /// The store does not do this (see [`Store::folds_token_uses`]).
     #[error("this store does not do {0}")]
     Unsupported(&'static str),
