@@ -2,7 +2,7 @@
 //!
 //! | route | auth | answer |
 //! |---|---|---|
-//! | `POST /api/v1/register` | a join token (`ID.SECRET`: its use spent, given back if the registration fails; 401 when bad, expired or used up, 403 for another pool or machine), or the bootstrap token | [`RegisterResponse`] |
+//! | `POST /api/v1/register` | a join token (`ID.SECRET`: its use spent in the write that records the node; 401 when bad, expired or used up, 403 for another pool or machine), or none (202, pending; or the node's own key registering again) | [`RegisterResponse`] |
 //! | `POST /api/v1/heartbeat` | node | [`HeartbeatResponse`] |
 //! | `POST /api/v1/nodes/<name>/heartbeat` | that node (another node: 403) | [`HeartbeatResponse`] |
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | that node (another node: 403) | the node, gone; its lease released |
@@ -522,10 +522,8 @@ where
 
 /// What vouched for a registration, as the audit log says it.
 enum Joining {
-    /// A join token, its use spent: its ID.
-    Token(String),
-    /// A join token whose use is spent with the node's record, in one write.
-    Spending(crate::store::Spend),
+    /// A join token, its use spent in the write that records the node.
+    Token(crate::store::Spend),
     /// The key of the node that holds the machine id: it registers again.
     OwnKey,
     /// Nothing: the machine waits as pending, or joins with `--auto-approve`.
@@ -559,25 +557,16 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
         Some(_) if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
         Some(presented) => {
             let pool = api.registry.pool_for(&req.hostname);
-            let joining = match api.tokens.folds() {
-                true => api.tokens.prepare(presented, pool.as_deref(), &req.macs).await.map(Joining::Spending),
-                false => api.tokens.consume(presented, pool.as_deref(), &req.macs).await.map(|info| Joining::Token(info.id)),
-            };
-            match joining {
-                Ok(joining) => joining,
+            match api.tokens.prepare(presented, pool.as_deref(), &req.macs).await {
+                Ok(spend) => Joining::Token(spend),
                 Err(refused) => return refused_token(&req, &refused),
             }
         }
         None if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
         None => Joining::Nothing,
     };
-    let answer = record_registration(api, &req, csr.as_ref(), &joining).await;
-    if let (Joining::Token(id), false) = (&joining, answer.status().is_success())
-        && let Err(e) = api.tokens.refund(id).await
-    {
-        tracing::warn!(token = %id, "giving back a join token's use: {}", kiln_core::error_chain(&e));
-    }
-    answer
+    // A token's use is spent only with the write that records the node.
+    record_registration(api, &req, csr.as_ref(), &joining).await
 }
 
 /// The answer to a registration whose join token did not admit it.
@@ -592,8 +581,7 @@ fn refused_token(req: &RegisterRequest, refused: &crate::join_tokens::Refused) -
 /// then on.
 async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crate::tls::Csr>, joining: &Joining) -> Response {
     let admission = match joining {
-        Joining::Token(_) => crate::registry::Admission::Token,
-        Joining::Spending(spend) => crate::registry::Admission::Spending(spend.clone()),
+        Joining::Token(spend) => crate::registry::Admission::Spending(spend.clone()),
         Joining::OwnKey | Joining::Nothing => crate::registry::Admission::Unvouched { auto_approve: api.auto_approve },
     };
     match api.registry.register_with(req, csr.map(crate::tls::Csr::key_sha256), admission).await {
@@ -622,8 +610,7 @@ async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crat
                 Err(denied) => return denied.into_response(),
             };
             let with = match joining {
-                Joining::Token(id) => format!("join token {id}"),
-                Joining::Spending(spend) => format!("join token {}", spend.id),
+                Joining::Token(spend) => format!("join token {}", spend.id),
                 Joining::OwnKey => "its own key".to_string(),
                 Joining::Nothing => "no token (--auto-approve)".to_string(),
             };
@@ -1196,7 +1183,6 @@ mod tests {
     async fn a_use_is_spent_with_the_node_it_admits() {
         let dir = tempfile::tempdir().unwrap();
         let api = api(dir.path()).await;
-        assert!(api.tokens.folds(), "the embedded store folds uses");
         let routes = routes(api.clone()).recover(recover);
         for (uses, want) in [(Some(1), 1), (None, 16)] {
             let req = kiln_core::CreateTokenRequest { uses, ..Default::default() };

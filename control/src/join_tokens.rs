@@ -20,27 +20,23 @@
 //!
 //! # How a use is counted
 //!
-//! [`JoinTokens::consume`] reads the token and checks it (secret, expiry,
-//! uses left, pool, MAC); a refusal is answered from that read. An admitted
-//! use then waits for its token's turn (`turns`): the uses of a token
-//! waiting at one moment are checked again against one fresh read and spent
-//! together in one write, [`Store::update_token`] with `Spend(n)`, which is
-//! atomic on each backend:
+//! [`JoinTokens::prepare`] reads the token and checks it (secret, expiry,
+//! uses left, pool, MAC); a refusal is answered from that read. The use is
+//! then spent in the write that records the node it admits,
+//! [`Store::put_spending`], which checks the token again as stored and
+//! writes both or neither:
 //!
-//! - redb (`store::embedded`): the one writer thread's transaction reads the
-//!   token again, checks it is the same token (the same secret hash) with `n`
-//!   uses left, and writes it back `n` uses less. Writes are serial: two
-//!   spends of the last use cannot both be counted.
-//! - etcd (`store::etcd`): a txn writes the token back `n` uses less only if
-//!   its key's `mod_revision` is still the one read. If another server wrote
-//!   it since, the turn reads it again and checks every waiting use again.
+//! - redb (`store::embedded`): in the one writer thread's transaction.
+//!   Writes are serial: two registrations cannot both spend the last use.
+//! - etcd (`store::etcd`): the registrations of one token at one moment are
+//!   written in one txn, with the token `n` uses less, only if its key's
+//!   `mod_revision` is still the one read; if another server wrote it since,
+//!   the token is read again and every registration checked again.
 //!
-//! Of 16 concurrent consumes of a one-use token exactly one wins, on either
-//! backend and across servers sharing an etcd; the others are told it is
-//! used up.
-//!
-//! A use is spent only by a consume that succeeds; [`JoinTokens::refund`]
-//! gives it back when the registration it was for fails afterwards.
+//! Of 16 registrations at once with a one-use token exactly one joins, on
+//! either backend and across servers sharing an etcd; the others are told
+//! it is used up, and nothing of them is written. A use is never spent on
+//! a registration that fails.
 //!
 //! # Minted tokens
 //!
@@ -68,9 +64,7 @@ use kiln_core::{CreateTokenRequest, JoinSecret, JoinTokenInfo, Mac, TokenRequest
 use rand::TryRngCore;
 use time::OffsetDateTime;
 
-use crate::store::{self, Store, StoredToken, TokenChange, TokenRecord};
-
-mod turns;
+use crate::store::{self, Store, TokenRecord};
 
 /// How long a minted token is valid, unless the server is told otherwise.
 pub const MINTED_TTL: Duration = Duration::from_secs(30 * 60);
@@ -78,8 +72,6 @@ pub const MINTED_TTL: Duration = Duration::from_secs(30 * 60);
 /// that reboots more often than this in a quarter of an hour waits for the
 /// next window.
 pub const MINTED_PER_WINDOW: u32 = 16;
-/// Writes of one token's uses tried while other writers keep changing it (etcd).
-const UPDATE_TRIES: usize = 64;
 /// Fresh IDs tried before giving up (36⁶ of them: a clash is rare).
 const ID_TRIES: usize = 8;
 
@@ -103,14 +95,6 @@ pub enum Error {
         "{MINTED_PER_WINDOW} tokens were minted for {0} in this window and all are used; the next window starts within half the lifetime"
     )]
     MintedOut(Mac),
-    /// The token changed under each try (other writers on the same etcd).
-    #[error("join token {id} changed under each of {tries} tries")]
-    Contended {
-        /// The token's ID.
-        id: String,
-        /// The tries made.
-        tries: usize,
-    },
 }
 
 impl From<store::Error> for Error {
@@ -156,9 +140,6 @@ pub enum Refused {
         /// The token's ID.
         id: String,
     },
-    /// Too many registrations used it at the same moment (etcd); try again.
-    #[error("join token {0} is busy: too many registrations used it at once; try again")]
-    Busy(String),
     /// The store failed: nothing was decided.
     #[error("the join token store")]
     Store(#[source] store::Error),
@@ -172,7 +153,7 @@ impl Refused {
         match self {
             Refused::Malformed | Refused::Unknown(_) | Refused::Expired { .. } | Refused::UsedUp(_) => 401,
             Refused::WrongPool { .. } | Refused::WrongMachine { .. } => 403,
-            Refused::Busy(_) | Refused::Store(_) => 503,
+            Refused::Store(_) => 503,
         }
     }
 }
@@ -190,7 +171,6 @@ fn pool_text(pool: Option<&str>) -> String {
 /// waiting on it at one moment are counted in one write.
 pub struct JoinTokens {
     store: Arc<dyn Store>,
-    turns: turns::Turns,
     /// What minted tokens are derived with (drawn at start, never shown).
     mint_key: ring::hmac::Key,
 }
@@ -200,7 +180,7 @@ impl JoinTokens {
     pub fn new(store: Arc<dyn Store>) -> Result<JoinTokens, Error> {
         let mut key = [0u8; 32];
         rand::rngs::OsRng.try_fill_bytes(&mut key).map_err(Error::Random)?;
-        Ok(JoinTokens { store, turns: turns::Turns::new(), mint_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key) })
+        Ok(JoinTokens { store, mint_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key) })
     }
 
     /// Makes a token as `req` asks (validated here), bound to `mac` if
@@ -235,7 +215,7 @@ impl JoinTokens {
         for n in 0..MINTED_PER_WINDOW {
             let secret = self.derive(mac, window, n);
             let hash = crate::token::hash(secret.secret());
-            let usable = |t: &StoredToken| same_digest(&t.record.secret_sha256, &hash) && t.record.info.uses_left != Some(0);
+            let usable = |t: &TokenRecord| same_digest(&t.secret_sha256, &hash) && t.info.uses_left != Some(0);
             if let Some(seen) = self.store.token(secret.id()).await? {
                 if usable(&seen) {
                     return Ok(secret.expose());
@@ -297,7 +277,7 @@ impl JoinTokens {
 
     /// Every token, the oldest first; expired ones too, until swept.
     pub async fn list(&self) -> Result<Vec<JoinTokenInfo>, Error> {
-        let mut infos: Vec<JoinTokenInfo> = self.store.tokens().await?.into_iter().map(|t| t.record.info).collect();
+        let mut infos: Vec<JoinTokenInfo> = self.store.tokens().await?.into_iter().map(|t| t.info).collect();
         infos.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         Ok(infos)
     }
@@ -308,77 +288,26 @@ impl JoinTokens {
             return Ok(false);
         }
         match self.store.token(id).await? {
-            Some(t) => Ok(self.store.remove_token(&t.record).await?),
+            Some(t) => Ok(self.store.remove_token(&t).await?),
             None => Ok(false),
         }
     }
 
-    /// Spends one use of the `presented` token (`ID.SECRET`) for a
-    /// registration of a node in `pool` reporting `macs`, if the token
-    /// allows it. Returns the token as it is after that use.
-    pub async fn consume(&self, presented: &str, pool: Option<&str>, macs: &[Mac]) -> Result<JoinTokenInfo, Refused> {
-        let token = JoinSecret::parse(presented).map_err(|_| Refused::Malformed)?;
-        let id = token.id().to_string();
-        let hash = crate::token::hash(token.secret());
-        let (pool, macs) = (pool.map(str::to_string), macs.to_vec());
-        let check = {
-            let id = id.clone();
-            move |seen: Option<&StoredToken>| {
-                let seen = seen.filter(|s| same_digest(&s.record.secret_sha256, &hash)).ok_or_else(|| Refused::Unknown(id.clone()))?;
-                admits(&seen.record.info, OffsetDateTime::now_utc(), pool.as_deref(), &macs)
-            }
-        };
-        match self.update(&id, TokenChange::Spend(1), Box::new(check)).await? {
-            Some(record) => Ok(record.info),
-            None => Err(Refused::UsedUp(id)),
-        }
-    }
-
-    /// Whether a use is spent with the registration it admits
-    /// ([`JoinTokens::prepare`]) rather than apart ([`JoinTokens::consume`]).
-    pub fn folds(&self) -> bool {
-        self.store.folds_token_uses()
-    }
-
-    /// [`JoinTokens::consume`] to be done by the registration's own write
-    /// ([`Store::put_spending`]): the token is read and checked now (a
-    /// refusal is answered from this read), and checked again, and its use
-    /// counted, in the transaction that records the node.
+    /// One use of the `presented` token (`ID.SECRET`) for a registration
+    /// of a node in `pool` reporting `macs`, to be spent in the write that
+    /// records the node ([`Store::put_spending`]). The token is read and
+    /// checked now, and a refusal answered from this read; the write checks
+    /// it again as stored.
     pub async fn prepare(&self, presented: &str, pool: Option<&str>, macs: &[Mac]) -> Result<store::Spend, Refused> {
         let token = JoinSecret::parse(presented).map_err(|_| Refused::Malformed)?;
         let id = token.id().to_string();
         let secret_sha256 = crate::token::hash(token.secret());
         let seen = self.store.token(&id).await.map_err(Refused::Store)?;
-        let seen = seen.filter(|s| same_digest(&s.record.secret_sha256, &secret_sha256)).ok_or_else(|| Refused::Unknown(id.clone()))?;
+        let seen = seen.filter(|s| same_digest(&s.secret_sha256, &secret_sha256)).ok_or_else(|| Refused::Unknown(id.clone()))?;
         let (pool, macs) = (pool.map(str::to_string), macs.to_vec());
         let check = move |record: &TokenRecord| admits(&record.info, OffsetDateTime::now_utc(), pool.as_deref(), &macs);
-        check(&seen.record)?;
+        check(&seen)?;
         Ok(store::Spend { id, secret_sha256, check: Arc::new(check) })
-    }
-
-    /// Gives back a use of token `id` (its registration failed after
-    /// [`JoinTokens::consume`]). Whether there was a use to give back.
-    pub async fn refund(&self, id: &str) -> Result<bool, Error> {
-        if !is_token_id(id) {
-            return Ok(false);
-        }
-        let owned = id.to_string();
-        let exists = move |seen: Option<&StoredToken>| seen.map(|_| ()).ok_or_else(|| Refused::Unknown(owned.clone()));
-        match self.update(id, TokenChange::Refund(1), Box::new(exists)).await {
-            Ok(done) => Ok(done.is_some()),
-            Err(Refused::Store(e)) => Err(Error::Store(e)),
-            Err(Refused::Busy(id)) => Err(Error::Contended { id, tries: UPDATE_TRIES }),
-            Err(_) => Ok(false),
-        }
-    }
-
-    /// Reads token `id`, and if `check` admits it, applies `change` with
-    /// the other uses of it waiting at this moment ([`turns`]). A refused
-    /// token is answered from this first read and never waits for a turn.
-    async fn update(&self, id: &str, change: TokenChange, check: turns::Check) -> Result<Option<TokenRecord>, Refused> {
-        let seen = self.store.token(id).await.map_err(Refused::Store)?;
-        check(seen.as_ref())?;
-        self.turns.update(&self.store, id, change, check).await
     }
 
     /// Removes every expired token, minted ones included. Returns how many.
@@ -386,8 +315,8 @@ impl JoinTokens {
         let now = OffsetDateTime::now_utc();
         let mut removed = 0;
         for t in self.store.tokens().await? {
-            if t.record.info.expired_at(now) && self.store.remove_token(&t.record).await? {
-                tracing::info!(id = %t.record.info.id, minted = t.record.minted, "join token expired; removed");
+            if t.info.expired_at(now) && self.store.remove_token(&t).await? {
+                tracing::info!(id = %t.info.id, minted = t.minted, "join token expired; removed");
                 removed += 1;
             }
         }

@@ -150,7 +150,11 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, subject.common_name());
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let serial: [u8; 16] = rand::random();
+        let mut serial: [u8; 16] = rand::random();
+        // The first byte in 0x40..=0x7f: DER writes the number as these 16
+        // bytes exactly (no 00 before a high bit, none stripped), so the
+        // serial said here is the one a parser of the certificate reads.
+        serial[0] = (serial[0] & 0x3f) | 0x40;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);

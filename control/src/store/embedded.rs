@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture, StoredToken, TokenChange, TokenRecord, TokenUpdate};
+use super::{Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture, TokenRecord};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 /// Desired replicas by pool.
@@ -41,7 +41,6 @@ enum Op {
     Remove(String),
     Replicas(String, u32),
     CreateToken(Box<TokenRecord>),
-    UpdateToken(Box<TokenRecord>, TokenChange),
     RemoveToken(Box<TokenRecord>),
 }
 
@@ -50,7 +49,6 @@ enum Outcome {
     Done,
     /// Whether a token was written (created) or was there (removed).
     Token(bool),
-    Updated(TokenUpdate),
     Spent(Spent),
 }
 
@@ -145,13 +143,13 @@ impl DbStore {
         f(&txn)
     }
 
-    fn parse_token(&self, id: &str, value: &[u8]) -> Result<StoredToken, Error> {
+    fn parse_token(&self, id: &str, value: &[u8]) -> Result<TokenRecord, Error> {
         let record = serde_json::from_slice(value).map_err(|source| Error::Corrupt {
             path: self.path.clone(),
             what: format!("join token {id:?}"),
             source,
         })?;
-        Ok(StoredToken { record, revision: 0 })
+        Ok(record)
     }
 }
 
@@ -216,7 +214,6 @@ fn apply(t: &mut Tables<'_>, op: &Op) -> Result<Outcome, redb::Error> {
             t.pools.insert(pool.as_str(), *n)?;
         }
         Op::CreateToken(record) => return create_token(t, record).map(Outcome::Token),
-        Op::UpdateToken(seen, change) => return update_token(t, seen, *change).map(Outcome::Updated),
         Op::RemoveToken(record) => return Ok(Outcome::Token(t.tokens.remove(record.info.id.as_str())?.is_some())),
     }
     Ok(Outcome::Done)
@@ -246,29 +243,12 @@ fn put_spending(t: &mut Tables<'_>, record: &NodeRecord, spend: &Spend) -> Resul
     if let Err(refused) = (spend.check)(&stored) {
         return Ok(Err(refused));
     }
-    let Some(next) = stored.changed(TokenChange::Spend(1)) else {
+    let Some(next) = stored.spent(1) else {
         return Ok(Err(crate::join_tokens::Refused::UsedUp(spend.id.clone())));
     };
     t.tokens.insert(spend.id.as_str(), serde_json::to_vec(&next).expect("records serialise").as_slice())?;
     t.nodes.insert(record.node.name.as_str(), serde_json::to_vec(record).expect("records serialise").as_slice())?;
     Ok(Ok(next))
-}
-
-/// Applies `change` to the stored token if it is still the one `seen` was
-/// (the same secret hash: a token removed and made again with the same ID
-/// is another token).
-fn update_token(t: &mut Tables<'_>, seen: &TokenRecord, change: TokenChange) -> Result<TokenUpdate, redb::Error> {
-    let id = seen.info.id.as_str();
-    let stored = t.tokens.get(id)?.map(|v| serde_json::from_slice::<TokenRecord>(v.value()));
-    // An unreadable record is reported by the caller's next read.
-    let Some(Ok(stored)) = stored else { return Ok(TokenUpdate::Changed) };
-    if stored.secret_sha256 != seen.secret_sha256 {
-        return Ok(TokenUpdate::Changed);
-    }
-    let Some(next) = stored.changed(change) else { return Ok(TokenUpdate::NotApplicable) };
-    let value = serde_json::to_vec(&next).expect("records serialise");
-    t.tokens.insert(id, value.as_slice())?;
-    Ok(TokenUpdate::Done(StoredToken { record: next, revision: 0 }))
 }
 
 fn read_legacy(path: &Path) -> Result<Vec<NodeRecord>, Error> {
@@ -344,7 +324,7 @@ impl Store for DbStore {
         self.write(Op::Replicas(pool.to_string(), replicas))
     }
 
-    fn tokens(&self) -> StoreFuture<'_, Vec<StoredToken>> {
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
         let result = self.read(|txn| {
             let table = txn.open_table(TOKENS).map_err(|e| db_error(&self.path, e))?;
             let mut out = Vec::new();
@@ -357,7 +337,7 @@ impl Store for DbStore {
         Box::pin(async move { result })
     }
 
-    fn token(&self, id: &str) -> StoreFuture<'_, Option<StoredToken>> {
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<TokenRecord>> {
         let result = self.read(|txn| {
             let table = txn.open_table(TOKENS).map_err(|e| db_error(&self.path, e))?;
             let value = table.get(id).map_err(|e| db_error(&self.path, e))?;
@@ -370,26 +350,12 @@ impl Store for DbStore {
         self.write_token(Op::CreateToken(Box::new(record)))
     }
 
-    fn folds_token_uses(&self) -> bool {
-        true
-    }
-
     fn put_spending(&self, record: NodeRecord, _fresh_subnet: bool, spend: Spend) -> StoreFuture<'_, Spent> {
         let write = self.submit(Op::PutSpending(Box::new(record), spend));
         Box::pin(async move {
             match write.await? {
                 Outcome::Spent(spent) => Ok(spent),
                 _ => unreachable!("a put with a spend answers Outcome::Spent"),
-            }
-        })
-    }
-
-    fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate> {
-        let write = self.submit(Op::UpdateToken(Box::new(seen.record.clone()), change));
-        Box::pin(async move {
-            match write.await? {
-                Outcome::Updated(update) => Ok(update),
-                _ => unreachable!("a token update answers Outcome::Updated"),
             }
         })
     }

@@ -36,9 +36,7 @@ use tokio::sync::mpsc;
 
 use kiln_core::NetworkConfig;
 
-use super::{
-    Change, Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture, StoredToken, TokenChange, TokenRecord, TokenUpdate,
-};
+use super::{Change, Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture, TokenRecord};
 
 mod spend;
 
@@ -490,18 +488,18 @@ impl EtcdStore {
 
 /// Join tokens.
 impl EtcdStore {
-    fn parse_token(&self, kv: &KeyValue) -> Result<StoredToken, Error> {
+    fn parse_token(&self, kv: &KeyValue) -> Result<TokenRecord, Error> {
         let record = serde_json::from_slice(kv.value()).map_err(|e| self.bad_value(kv.key(), "a kiln join token record")(e.into()))?;
-        Ok(StoredToken { record, revision: kv.mod_revision() })
+        Ok(record)
     }
 
-    async fn read_tokens(&self) -> Result<Vec<StoredToken>, Error> {
+    async fn read_tokens(&self) -> Result<Vec<TokenRecord>, Error> {
         let mut client = self.client.clone();
         let resp = client.get(TOKENS_PREFIX, Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
         resp.kvs().iter().map(|kv| self.parse_token(kv)).collect()
     }
 
-    async fn read_token(&self, id: &str) -> Result<Option<StoredToken>, Error> {
+    async fn read_token(&self, id: &str) -> Result<Option<TokenRecord>, Error> {
         let mut client = self.client.clone();
         let resp = client.get(token_key(id), None).await.map_err(|e| self.err(e))?;
         resp.kvs().first().map(|kv| self.parse_token(kv)).transpose()
@@ -514,24 +512,6 @@ impl EtcdStore {
         let put = TxnOp::put(key.as_str(), value, None);
         let resp = self.client.clone().txn(Txn::new().when([absent]).and_then([put])).await.map_err(|e| self.err(e))?;
         Ok(resp.succeeded())
-    }
-
-    async fn change_token(&self, seen: &StoredToken, change: TokenChange) -> Result<TokenUpdate, Error> {
-        let Some(next) = seen.record.changed(change) else { return Ok(TokenUpdate::NotApplicable) };
-        let key = token_key(&seen.record.info.id);
-        let value = serde_json::to_string(&next).expect("records serialise");
-        let txn = Txn::new().when([Compare::mod_revision(key.as_str(), CompareOp::Equal, seen.revision)]).and_then([TxnOp::put(
-            key.as_str(),
-            value,
-            None,
-        )]);
-        let resp = self.client.clone().txn(txn).await.map_err(|e| self.err(e))?;
-        Ok(match (resp.succeeded(), resp.header()) {
-            // The put is the txn's only write: the key's mod_revision is the txn's revision.
-            (true, Some(h)) => TokenUpdate::Done(StoredToken { record: next, revision: h.revision() }),
-            (true, None) => TokenUpdate::Done(StoredToken { record: next, revision: 0 }),
-            (false, _) => TokenUpdate::Changed,
-        })
     }
 
     async fn delete_token(&self, record: &TokenRecord) -> Result<bool, Error> {
@@ -612,10 +592,6 @@ impl Store for EtcdStore {
         Box::pin(async move { self.write(&record, fresh_subnet).await })
     }
 
-    fn folds_token_uses(&self) -> bool {
-        true
-    }
-
     fn put_spending(&self, record: NodeRecord, fresh_subnet: bool, spend: Spend) -> StoreFuture<'_, Spent> {
         Box::pin(self.write_spending(record, fresh_subnet, spend))
     }
@@ -662,22 +638,17 @@ impl Store for EtcdStore {
         })
     }
 
-    fn tokens(&self) -> StoreFuture<'_, Vec<StoredToken>> {
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
         Box::pin(self.read_tokens())
     }
 
-    fn token(&self, id: &str) -> StoreFuture<'_, Option<StoredToken>> {
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<TokenRecord>> {
         let id = id.to_string();
         Box::pin(async move { self.read_token(&id).await })
     }
 
     fn create_token(&self, record: TokenRecord) -> StoreFuture<'_, bool> {
         Box::pin(async move { self.write_token(&record).await })
-    }
-
-    fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate> {
-        let seen = seen.clone();
-        Box::pin(async move { self.change_token(&seen, change).await })
     }
 
     fn remove_token(&self, record: &TokenRecord) -> StoreFuture<'_, bool> {
@@ -806,7 +777,7 @@ mod tests {
 
     /// Join tokens on etcd: every behaviour of the embedded store's test,
     /// with two servers sharing the etcd (a token one makes, the other
-    /// consumes; their concurrent consumes of a one-use token: one wins),
+    /// uses; their concurrent uses of a one-use token: one wins),
     /// and a third started later that finds the tokens kept.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn join_tokens_on_etcd() {

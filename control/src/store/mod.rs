@@ -16,8 +16,9 @@
 //!
 //! Join tokens ([`TokenRecord`]) are not kept in memory: the
 //! `join_tokens` module reads them through on every use, so a token
-//! another server made on the same etcd is seen at once, and counts a use
-//! with [`Store::update_token`], atomic on each backend.
+//! another server made on the same etcd is seen at once. A use is counted
+//! in the write that records the node it admits ([`Store::put_spending`]),
+//! atomically on each backend.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -56,36 +57,6 @@ pub struct TokenRecord {
     pub minted: bool,
 }
 
-/// A token record as read from the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredToken {
-    /// The record.
-    pub record: TokenRecord,
-    /// etcd: the key's `mod_revision`, which [`Store::update_token`]
-    /// compares. The embedded store re-reads the record in its writer
-    /// instead and sets 0.
-    pub revision: i64,
-}
-
-/// A change to a token's use count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenChange {
-    /// That many registrations used it: `uses_left` that much less (unless
-    /// unlimited), `used` that much more.
-    Spend(u32),
-    /// That many registrations that used it failed: their uses are given back.
-    Refund(u32),
-}
-
-impl TokenChange {
-    /// How many uses it spends or gives back.
-    pub fn count(self) -> u32 {
-        match self {
-            TokenChange::Spend(n) | TokenChange::Refund(n) => n,
-        }
-    }
-}
-
 /// One use of a join token, spent in the same transaction as the
 /// registration it admits ([`Store::put_spending`]).
 #[derive(Clone)]
@@ -106,48 +77,15 @@ pub type SpendCheck = std::sync::Arc<dyn Fn(&TokenRecord) -> Result<(), crate::j
 /// refused (and nothing was written).
 pub type Spent = Result<TokenRecord, crate::join_tokens::Refused>;
 
-/// What [`Store::update_token`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenUpdate {
-    /// Written: the token as it is now.
-    Done(StoredToken),
-    /// The change does not apply to the stored record: not that many uses
-    /// left to spend, or used to give back. Nothing written.
-    NotApplicable,
-    /// The stored token is not the one read (another writer changed or
-    /// removed it): read it again. Nothing written.
-    Changed,
-}
-
 impl TokenRecord {
-    /// The record after `change`, or `None` if it does not apply.
-    pub fn changed(&self, change: TokenChange) -> Option<TokenRecord> {
+    /// The record after `n` more uses, or `None` if it has fewer left.
+    pub fn spent(&self, n: u32) -> Option<TokenRecord> {
         let mut next = self.clone();
-        let info = &mut next.info;
-        match change {
-            TokenChange::Spend(n) => {
-                if let Some(left) = &mut info.uses_left {
-                    *left = left.checked_sub(n)?;
-                }
-                info.used = info.used.saturating_add(n);
-            }
-            TokenChange::Refund(n) => {
-                info.used = info.used.checked_sub(n)?;
-                if let Some(left) = &mut info.uses_left {
-                    *left = left.saturating_add(n);
-                }
-            }
+        if let Some(left) = &mut next.info.uses_left {
+            *left = left.checked_sub(n)?;
         }
+        next.info.used = next.info.used.saturating_add(n);
         Some(next)
-    }
-
-    /// As much of `change` as applies: no more uses spent than are left,
-    /// no more given back than were used.
-    pub fn applicable(&self, change: TokenChange) -> TokenChange {
-        match change {
-            TokenChange::Spend(n) => TokenChange::Spend(self.info.uses_left.map_or(n, |left| left.min(n))),
-            TokenChange::Refund(n) => TokenChange::Refund(self.info.used.min(n)),
-        }
     }
 }
 
@@ -247,9 +185,6 @@ pub enum Error {
         #[source]
         source: std::sync::Arc<Error>,
     },
-    /// The store does not do this (see [`Store::folds_token_uses`]).
-    #[error("this store does not do {0}")]
-    Unsupported(&'static str),
 }
 
 /// What a store holds when it is opened.
@@ -312,30 +247,18 @@ pub trait Store: Send + Sync {
     /// Sets `pool`'s desired replicas.
     fn set_replicas(&self, pool: &str, replicas: u32) -> StoreFuture<'_, ()>;
     /// Every join token, as last written.
-    fn tokens(&self) -> StoreFuture<'_, Vec<StoredToken>>;
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>>;
     /// The join token `id`, read now (on etcd: a get of its key).
-    fn token(&self, id: &str) -> StoreFuture<'_, Option<StoredToken>>;
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<TokenRecord>>;
     /// Writes a new token; `false` (and nothing written) if its ID is
     /// taken.
     fn create_token(&self, record: TokenRecord) -> StoreFuture<'_, bool>;
-    /// Applies `change` to the token `seen`, atomically: only if the
-    /// stored token is still `seen` (etcd: a txn comparing the key's
-    /// `mod_revision`; embedded: the writer thread re-reads the record in
-    /// its transaction and applies the change to what it finds there).
-    fn update_token(&self, seen: &StoredToken, change: TokenChange) -> StoreFuture<'_, TokenUpdate>;
-    /// Whether [`Store::put_spending`] counts a token's use with the
-    /// registration it admits. Not on etcd: concurrent uses of one token
-    /// would conflict on its key; its uses are counted apart, in turns.
-    fn folds_token_uses(&self) -> bool {
-        false
-    }
     /// [`Store::put`] and one use of a join token in one transaction: the
     /// node is written only if `spend` still admits the token as stored,
     /// and then the use is counted with it; a registration costs one
-    /// durable write, not two.
-    fn put_spending(&self, _record: NodeRecord, _fresh_subnet: bool, _spend: Spend) -> StoreFuture<'_, Spent> {
-        Box::pin(async { Err(Error::Unsupported("counting a token's use with a registration")) })
-    }
+    /// durable write, not two. (etcd: the registrations of one token at
+    /// once are written in one txn.)
+    fn put_spending(&self, record: NodeRecord, fresh_subnet: bool, spend: Spend) -> StoreFuture<'_, Spent>;
     /// Removes the token; whether it was there.
     fn remove_token(&self, record: &TokenRecord) -> StoreFuture<'_, bool>;
 }

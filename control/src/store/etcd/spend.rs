@@ -23,7 +23,7 @@ use std::time::Instant;
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use tokio::sync::oneshot;
 
-use super::{Error, Spend, Spent, TokenChange, TokenRecord, token_key};
+use super::{Error, Spend, Spent, TokenRecord, token_key};
 use crate::join_tokens::Refused;
 
 /// Stripes of token IDs that take turns.
@@ -164,7 +164,7 @@ async fn settle(w: &Writer, mut group: Vec<Waiter>) {
         for late in admitted.split_off(room) {
             late.answer(&w.client, Ok(Err(Refused::UsedUp(id.clone()))));
         }
-        let Some(next) = record.changed(TokenChange::Spend(room as u32)) else { return };
+        let Some(next) = record.spent(room as u32) else { return };
         let mut compares = vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, revision)];
         let mut ops = vec![TxnOp::put(key.as_str(), serde_json::to_string(&next).expect("records serialise"), None)];
         for waiter in &admitted {
