@@ -189,8 +189,8 @@ pub(crate) async fn minted_before_a_restart(before: &JoinTokens, after: &JoinTok
     let old = before.mint_for_mac(mac(5), MINTED_TTL).await.unwrap();
     let new = after.mint_for_mac(mac(5), MINTED_TTL).await.unwrap();
     assert_ne!(old, new, "another key, another token");
-    consume(&after, &old, None, &[mac(5)]).await.expect("the token minted before the restart joins");
-    consume(&after, &new, None, &[mac(5)]).await.expect("and the new one");
+    consume(after, &old, None, &[mac(5)]).await.expect("the token minted before the restart joins");
+    consume(after, &new, None, &[mac(5)]).await.expect("and the new one");
 }
 
 /// IDs are unique; delete removes a token at once.
