@@ -19,10 +19,14 @@
 //! heartbeating loses its lease after the TTL, as with flannel; the watch
 //! reports it and the registry forgets the node.
 //!
-//! Join tokens are not watched: each use reads the token's key, so one made
-//! by another server on the same etcd is seen at once. A use is a txn
-//! that writes the token back only if its key's `mod_revision` is still the
-//! one read; the loser reads again.
+//! Join tokens are not watched: a registration reads the token's key, so
+//! one made by another server on the same etcd is seen at once. Its use is
+//! counted in the txn that writes its node and lease, with the other
+//! registrations of that token at that moment (`spend`), only if the
+//! token's `mod_revision` is still the one read; if not, it is read again.
+//! While registrations come in bursts, their etcd leases are granted ahead
+//! (at most 8, each used within 10 s or given back); a server that stops
+//! leaves those it holds to expire with their TTL, holding no key.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -48,6 +52,21 @@ pub const NODES_PREFIX: &str = "/kiln/nodes/";
 pub const POOLS_PREFIX: &str = "/kiln/pools/";
 /// Where kiln keeps its join tokens, by ID.
 pub const TOKENS_PREFIX: &str = "/kiln/join-tokens/";
+/// Leases granted ahead for registrations in a burst.
+const STOCK: usize = 8;
+/// A lease granted ahead is used within this (or an eighth of the TTL, if
+/// shorter), else given back: its TTL runs from its grant.
+const STOCK_AGE: Duration = Duration::from_secs(10);
+
+/// Leases granted ahead (see [`EtcdStore::take_lease`]).
+#[derive(Default)]
+struct LeaseStock {
+    leases: Vec<(i64, Instant)>,
+    /// The last registration that took a lease.
+    last_take: Option<Instant>,
+    refilling: bool,
+}
+
 /// flannel's lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A heartbeat renews the lease when the last renewal is this old (or a
@@ -124,6 +143,11 @@ pub struct EtcdStore {
     leases: std::sync::Arc<Mutex<HashMap<String, (i64, Instant)>>>,
     /// Registrations written with their tokens' uses, a batch a txn.
     spends: spend::Turns,
+    /// Each token as this server last wrote it (see `spend`).
+    last_tokens: std::sync::Arc<Mutex<HashMap<String, (TokenRecord, i64)>>>,
+    /// etcd leases granted ahead, with when, while registrations come in
+    /// bursts: a registration takes one instead of waiting for a grant.
+    stock: std::sync::Arc<Mutex<LeaseStock>>,
     /// The watch, started by `load`, taken by the registry.
     changes: Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
     /// The revision of this store's last write of each key: the watch
@@ -179,6 +203,8 @@ impl EtcdStore {
             vni: network.vni,
             leases: Default::default(),
             spends: spend::Turns::new(),
+            last_tokens: Default::default(),
+            stock: Default::default(),
             changes: Mutex::new(None),
             written: Default::default(),
         };
@@ -187,6 +213,53 @@ impl EtcdStore {
 
     fn endpoints(&self) -> String {
         self.config.endpoints.join(",")
+    }
+
+    /// An etcd lease for a new registration's subnet, and when it was
+    /// granted: one granted ahead if there is a fresh one, else one granted
+    /// now. Two registrations within [`STOCK_AGE`] make a burst, and the
+    /// stock is filled again ([`STOCK`]) in the background.
+    async fn take_lease(&self) -> Result<(i64, Instant), Error> {
+        let max_age = STOCK_AGE.min(self.config.ttl / 8);
+        let (taken, refill, stale) = {
+            let mut stock = self.stock.lock().expect("stock lock");
+            let now = Instant::now();
+            let (fresh, stale): (Vec<_>, Vec<_>) = stock.leases.drain(..).partition(|(_, at)| at.elapsed() < max_age);
+            stock.leases = fresh;
+            let taken = stock.leases.pop();
+            let burst = stock.last_take.is_some_and(|t| now.duration_since(t) < max_age);
+            stock.last_take = Some(now);
+            let refill = burst && !stock.refilling && stock.leases.len() < STOCK / 2;
+            stock.refilling |= refill;
+            (taken, refill, stale)
+        };
+        for (id, _) in stale {
+            let mut client = self.client.clone();
+            tokio::spawn(async move {
+                let _ = client.lease_revoke(id).await;
+            });
+        }
+        if refill {
+            let (client, stock, ttl) = (self.client.clone(), self.stock.clone(), self.ttl_secs());
+            tokio::spawn(async move {
+                let grants = (0..STOCK).map(|_| {
+                    let mut client = client.clone();
+                    async move { (Instant::now(), client.lease_grant(ttl, None).await) }
+                });
+                let granted = futures_util::future::join_all(grants).await;
+                let mut stock = stock.lock().expect("stock lock");
+                stock.leases.extend(granted.into_iter().filter_map(|(at, r)| Some((r.ok()?.id(), at))));
+                stock.refilling = false;
+            });
+        }
+        match taken {
+            Some(lease) => Ok(lease),
+            None => {
+                let at = Instant::now();
+                let id = self.client.clone().lease_grant(self.ttl_secs(), None).await.map_err(|e| self.err(e))?.id();
+                Ok((id, at))
+            }
+        }
     }
 
     /// [`Store::put_spending`]: the node's puts made here (its subnet on a
@@ -199,8 +272,8 @@ impl EtcdStore {
         let (mut fresh, mut lease) = (None, None);
         let before = self.leases.lock().expect("leases lock").get(&name).map(|(id, _)| *id);
         if let (Some(subnet), Some(value)) = (record.node.subnet, self.lease_value(&record)) {
-            let id = self.client.clone().lease_grant(self.ttl_secs(), None).await.map_err(|e| self.err(e))?.id();
-            lease = Some(id);
+            let (id, at) = self.take_lease().await?;
+            lease = Some((id, at));
             let key = self.subnet_key(subnet);
             if fresh_subnet {
                 fresh = Some((key.clone(), subnet));
@@ -214,6 +287,7 @@ impl EtcdStore {
             endpoints: self.endpoints(),
             written: self.written.clone(),
             leases: self.leases.clone(),
+            last: self.last_tokens.clone(),
         };
         self.spends.write(&writer, spend::Waiter { spend, name, ops, fresh, keys, lease, done });
         let spent = answer.await.map_err(|_| Error::Closed)??;

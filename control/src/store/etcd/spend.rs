@@ -10,6 +10,12 @@
 //! admitted ones in one txn with the token spent by their number. A
 //! registration costs a share of one txn, whatever the number at once.
 //!
+//! The token as this server last wrote it (its record and `mod_revision`)
+//! is kept, so the next batch of that token writes without reading it
+//! first: the txn's compare proves it current. Uses only ever go down, so
+//! a refusal made from it (used up, expired, another pool or machine) is
+//! one a fresh read would make too.
+//!
 //! When the txn fails, the token was changed by another writer (another
 //! server on the same etcd), which is read again, or a fresh subnet was
 //! taken (a flanneld, another server): those registrations are answered
@@ -33,6 +39,9 @@ const STRIPES: usize = 64;
 const MAX_PER_TXN: usize = 32;
 /// Reads of the token while other writers keep changing it.
 const TRIES: usize = 64;
+/// Tokens whose last write is kept at most (the boot path mints one per
+/// machine and window): past it, the memory is cleared.
+const KEPT: usize = 1024;
 
 /// One registration waiting for its turn.
 pub(super) struct Waiter {
@@ -45,15 +54,15 @@ pub(super) struct Waiter {
     pub fresh: Option<(String, kiln_core::Ipv4Cidr)>,
     /// The keys written, for the watch to skip.
     pub keys: Vec<String>,
-    /// The etcd lease granted for its subnet, if any.
-    pub lease: Option<i64>,
+    /// The etcd lease granted for its subnet, if any, and when it was granted.
+    pub lease: Option<(i64, Instant)>,
     pub done: oneshot::Sender<Result<Spent, Error>>,
 }
 
 impl Waiter {
     fn answer(self, client: &Client, answer: Result<Spent, Error>) {
         // A lease granted for a registration not written is given back.
-        if let (Some(id), false) = (self.lease, matches!(answer, Ok(Ok(_)))) {
+        if let (Some((id, _)), false) = (self.lease, matches!(answer, Ok(Ok(_)))) {
             let mut client = client.clone();
             tokio::spawn(async move {
                 let _ = client.lease_revoke(id).await;
@@ -70,6 +79,8 @@ pub(super) struct Writer {
     pub endpoints: String,
     pub written: Arc<Mutex<HashMap<String, i64>>>,
     pub leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
+    /// Each token as this server last wrote it, and its `mod_revision`.
+    pub last: Arc<Mutex<HashMap<String, (TokenRecord, i64)>>>,
 }
 
 impl Writer {
@@ -136,9 +147,14 @@ async fn settle(w: &Writer, mut group: Vec<Waiter>) {
     let key = token_key(&id);
     let mut client = w.client.clone();
     for _ in 0..TRIES {
-        let seen = match client.get(key.as_str(), None).await {
-            Ok(resp) => resp.kvs().first().map(|kv| w.parse(&key, kv)).transpose(),
-            Err(e) => Err(w.err(e)),
+        // Taken, not copied: a failed txn leaves none, and the next try reads.
+        let kept = w.last.lock().expect("last lock").remove(&id);
+        let seen = match kept {
+            Some(kept) => Ok(Some(kept)),
+            None => match client.get(key.as_str(), None).await {
+                Ok(resp) => resp.kvs().first().map(|kv| w.parse(&key, kv)).transpose(),
+                Err(e) => Err(w.err(e)),
+            },
         };
         let seen = match seen {
             Ok(seen) => seen,
@@ -177,6 +193,14 @@ async fn settle(w: &Writer, mut group: Vec<Waiter>) {
         };
         if resp.succeeded() {
             let revision = resp.header().map(|h| h.revision());
+            if let Some(at) = revision {
+                let mut last = w.last.lock().expect("last lock");
+                if last.len() >= KEPT {
+                    last.clear();
+                }
+                // The token's put is in this txn: its mod_revision is the txn's.
+                last.insert(id.clone(), (next.clone(), at));
+            }
             for waiter in admitted {
                 if let Some(at) = revision {
                     let mut written = w.written.lock().expect("written lock");
@@ -186,7 +210,8 @@ async fn settle(w: &Writer, mut group: Vec<Waiter>) {
                     }
                 }
                 if let Some(lease) = waiter.lease {
-                    w.leases.lock().expect("leases lock").insert(waiter.name.clone(), (lease, Instant::now()));
+                    // Renewed on the schedule of its grant (its TTL runs from then).
+                    w.leases.lock().expect("leases lock").insert(waiter.name.clone(), lease);
                 }
                 waiter.answer(&w.client, Ok(Ok(next.clone())));
             }
