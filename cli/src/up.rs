@@ -96,6 +96,13 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             auto_approve: false,
         };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
+        // The guest of an earlier run on this state directory (the same MAC,
+        // so the same machine id, with a key that is gone with its RAM) is
+        // this run's to replace: its record goes, so the new guest joins.
+        for old in server.registry.nodes().into_iter().filter(|n| n.macs.contains(&args.mac)) {
+            server.registry.remove(&old.name).await.context("removing the last run's guest")?;
+            tracing::info!(node = ?old.name, "removed the node of an earlier kiln up (this run's guest replaces it)");
+        }
         let port = server.addr.port();
         event(args.json, serde_json::json!({"event": "serving", "url": format!("http://{}", server.addr)}), || {
             format!("serving on http://{}", server.addr)

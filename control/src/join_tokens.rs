@@ -295,18 +295,22 @@ impl JoinTokens {
 
     /// One use of the `presented` token (`ID.SECRET`) for a registration
     /// of a node in `pool` reporting `macs`, to be spent in the write that
-    /// records the node ([`Store::put_spending`]). The token is read and
-    /// checked now, and a refusal answered from this read; the write checks
-    /// it again as stored.
+    /// records the node ([`Store::put_spending`]). The token is checked
+    /// now ([`Store::token_to_check`]), and a refusal answered from a fresh
+    /// read; the write checks it again as stored.
     pub async fn prepare(&self, presented: &str, pool: Option<&str>, macs: &[Mac]) -> Result<store::Spend, Refused> {
         let token = JoinSecret::parse(presented).map_err(|_| Refused::Malformed)?;
         let id = token.id().to_string();
         let secret_sha256 = crate::token::hash(token.secret());
-        let seen = self.store.token(&id).await.map_err(Refused::Store)?;
-        let seen = seen.filter(|s| same_digest(&s.secret_sha256, &secret_sha256)).ok_or_else(|| Refused::Unknown(id.clone()))?;
         let (pool, macs) = (pool.map(str::to_string), macs.to_vec());
         let check = move |record: &TokenRecord| admits(&record.info, OffsetDateTime::now_utc(), pool.as_deref(), &macs);
-        check(&seen)?;
+        let verdict = |seen: Option<TokenRecord>| {
+            let seen = seen.filter(|s| same_digest(&s.secret_sha256, &secret_sha256)).ok_or_else(|| Refused::Unknown(id.clone()))?;
+            check(&seen)
+        };
+        if verdict(self.store.token_to_check(&id).await.map_err(Refused::Store)?).is_err() {
+            verdict(self.store.token(&id).await.map_err(Refused::Store)?)?;
+        }
         Ok(store::Spend { id, secret_sha256, check: Arc::new(check) })
     }
 

@@ -251,42 +251,55 @@ fn kiln_up_boots_registers_and_stops_on_ctrl_c() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let _vm = vm_lock();
-    let mut cmd = Command::new(&binaries().kiln);
-    cmd.args(["up", "--json", "--mac", "52:54:00:4b:00:02", "--cache"]).arg(cache_dir()).arg("--state").arg(tmp.path().join("state"));
-    let mut up = Process::spawn(cmd, "kiln up");
-    let stdout = up.child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = tx.send(v);
+    // Twice on the same state directory: the second run waits for its own
+    // guest, not the record the first left.
+    let mut first_name = None;
+    for round in ["first", "second"] {
+        let started = std::time::SystemTime::now();
+        let mut cmd = Command::new(&binaries().kiln);
+        cmd.args(["up", "--json", "--mac", "52:54:00:4b:00:02", "--cache"]).arg(cache_dir()).arg("--state").arg(tmp.path().join("state"));
+        let mut up = Process::spawn(cmd, "kiln up");
+        let stdout = up.child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    let _ = tx.send(v);
+                }
             }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let mut qemu_pid = None;
-    let node = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = rx.recv_timeout(left).unwrap_or_else(|_| {
-            panic!(
-                "kiln up did not report a registered node; serial:\n{}",
-                tail(&std::fs::read_to_string(tmp.path().join("state/serial.log")).unwrap_or_default(), 30)
-            )
         });
-        if event["event"] == "booting" {
-            qemu_pid = event["pid"].as_u64();
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let (mut qemu_pid, mut approved) = (None, false);
+        let node = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "{round} run: kiln up did not report a registered node; serial:\n{}",
+                    tail(&std::fs::read_to_string(tmp.path().join("state/serial.log")).unwrap_or_default(), 30)
+                )
+            });
+            if event["event"] == "booting" {
+                qemu_pid = event["pid"].as_u64();
+            }
+            approved |= event["event"] == "approved";
+            if event["event"] == "registered" {
+                break serde_json::from_value::<kiln_core::Node>(event["node"].clone()).expect("the node");
+            }
+        };
+        assert!(approved, "{round} run: kiln up approves its own guest, which waited as pending");
+        assert_eq!(node.macs, ["52:54:00:4b:00:02".parse::<Mac>().unwrap()]);
+        assert!(!node.pending && node.image_digest.starts_with("sha256:"), "{node:?}");
+        assert!(std::time::SystemTime::from(node.registered_at) >= started, "{round} run: this run's guest, not an earlier one: {node:?}");
+        if let Some(first) = &first_name {
+            assert_eq!(&node.name, first, "the same machine, the same name");
         }
-        if event["event"] == "registered" {
-            break event["node"].clone();
-        }
-    };
-    assert_eq!(node["macs"][0], "52:54:00:4b:00:02");
-    assert!(node["image_digest"].as_str().unwrap().starts_with("sha256:"));
-    let qemu_pid = qemu_pid.expect("kiln up reports the guest's pid");
-    assert!(Path::new(&format!("/proc/{qemu_pid}")).exists(), "the guest runs while kiln up does");
+        first_name = Some(node.name.clone());
+        let qemu_pid = qemu_pid.expect("kiln up reports the guest's pid");
+        assert!(Path::new(&format!("/proc/{qemu_pid}")).exists(), "the guest runs while kiln up does");
 
-    let status = up.signal_and_wait(Signal::SIGINT, Duration::from_secs(20)).expect("kiln up exits on Ctrl-C");
-    assert!(status.success(), "kiln up exits cleanly: {status}");
-    let gone = wait_for(Duration::from_secs(5), || (!Path::new(&format!("/proc/{qemu_pid}")).exists()).then_some(()));
-    assert!(gone.is_some(), "the guest is stopped with kiln up");
+        let status = up.signal_and_wait(Signal::SIGINT, Duration::from_secs(20)).expect("kiln up exits on Ctrl-C");
+        assert!(status.success(), "kiln up exits cleanly: {status}");
+        let gone = wait_for(Duration::from_secs(5), || (!Path::new(&format!("/proc/{qemu_pid}")).exists()).then_some(()));
+        assert!(gone.is_some(), "the guest is stopped with kiln up");
+    }
 }

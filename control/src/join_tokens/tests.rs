@@ -401,6 +401,12 @@ pub(crate) async fn registrations_spend_their_uses(
         assert_eq!((after.uses_left, after.used), (uses.map(|_| 0), want as u32), "every use counted once");
         let subnets: std::collections::BTreeSet<_> = joined.iter().map(|n| n.subnet.expect("a lease")).collect();
         assert_eq!(subnets.len(), want, "a subnet each, across both servers");
+        // Deleted by one server after both used it: neither admits it again.
+        assert!(b.1.delete(&made.id).await.unwrap());
+        for server in [&a, &b] {
+            let e = register_spending(server, &token, base + 99, mac(1)).await.unwrap_err();
+            assert!(matches!(e, crate::registry::Error::Refused(Refused::Unknown(_))), "a deleted token: {e:?}");
+        }
         base += 100;
     }
     let (bound, _) = a.1.create(&request(None, None), Some(mac(2))).await.unwrap();

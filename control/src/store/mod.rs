@@ -250,6 +250,12 @@ pub trait Store: Send + Sync {
     fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>>;
     /// The join token `id`, read now (on etcd: a get of its key).
     fn token(&self, id: &str) -> StoreFuture<'_, Option<TokenRecord>>;
+    /// The join token `id` as a registration first checks it, before
+    /// [`Store::put_spending`] checks it again as stored: on etcd, as this
+    /// server last wrote it when it did (no read), else read now.
+    fn token_to_check(&self, id: &str) -> StoreFuture<'_, Option<TokenRecord>> {
+        self.token(id)
+    }
     /// Writes a new token; `false` (and nothing written) if its ID is
     /// taken.
     fn create_token(&self, record: TokenRecord) -> StoreFuture<'_, bool>;

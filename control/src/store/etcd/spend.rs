@@ -12,9 +12,10 @@
 //!
 //! The token as this server last wrote it (its record and `mod_revision`)
 //! is kept, so the next batch of that token writes without reading it
-//! first: the txn's compare proves it current. Uses only ever go down, so
-//! a refusal made from it (used up, expired, another pool or machine) is
-//! one a fresh read would make too.
+//! first, and a registration's first check reads none either
+//! (`Store::token_to_check`): the txn's compare proves it current, and a
+//! failed compare forgets it. A refusal is only ever made from a fresh read
+//! (the token may have been deleted since).
 //!
 //! When the txn fails, the token was changed by another writer (another
 //! server on the same etcd), which is read again, or a fresh subnet was
@@ -147,8 +148,9 @@ async fn settle(w: &Writer, mut group: Vec<Waiter>) {
     let key = token_key(&id);
     let mut client = w.client.clone();
     for _ in 0..TRIES {
-        // Taken, not copied: a failed txn leaves none, and the next try reads.
-        let kept = w.last.lock().expect("last lock").remove(&id);
+        // A failed txn forgets it (below): the next try reads.
+        let kept = w.last.lock().expect("last lock").get(&id).cloned();
+        let from_kept = kept.is_some();
         let seen = match kept {
             Some(kept) => Ok(Some(kept)),
             None => match client.get(key.as_str(), None).await {
@@ -160,15 +162,22 @@ async fn settle(w: &Writer, mut group: Vec<Waiter>) {
             Ok(seen) => seen,
             Err(e) => return fail(w, group, e),
         };
-        // Refusals stand on this read.
-        let mut admitted = Vec::with_capacity(group.len());
-        for waiter in group {
-            let verdict = match &seen {
+        let verdicts: Vec<_> = group
+            .iter()
+            .map(|waiter| match &seen {
                 Some((record, _)) if crate::join_tokens::same_digest(&record.secret_sha256, &waiter.spend.secret_sha256) => {
                     (waiter.spend.check)(record)
                 }
                 _ => Err(Refused::Unknown(id.clone())),
-            };
+            })
+            .collect();
+        // Refusals stand on a fresh read only (the token may be gone since).
+        if from_kept && verdicts.iter().any(Result::is_err) {
+            w.last.lock().expect("last lock").remove(&id);
+            continue;
+        }
+        let mut admitted = Vec::with_capacity(group.len());
+        for (waiter, verdict) in group.into_iter().zip(verdicts) {
             match verdict {
                 Ok(()) => admitted.push(waiter),
                 Err(refused) => waiter.answer(&w.client, Ok(Err(refused))),
@@ -219,6 +228,7 @@ async fn settle(w: &Writer, mut group: Vec<Waiter>) {
         }
         // The token changed (read it again), or a fresh subnet is taken:
         // those registrations choose another.
+        w.last.lock().expect("last lock").remove(&id);
         group = Vec::with_capacity(admitted.len());
         for waiter in admitted {
             let taken = match &waiter.fresh {
