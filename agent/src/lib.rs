@@ -1,7 +1,8 @@
 //! kiln-agent: the program baked into every kiln image.
 //!
-//! It reads where the control plane is and the bootstrap token from the
-//! kernel command line (`kiln.server=`, `kiln.token=`), gathers the node's
+//! It reads where the control plane is and its join token, if the machine
+//! has one, from the kernel command line (`kiln.server=`, `kiln.token=`);
+//! with none it waits as pending until an operator approves it. It gathers the node's
 //! identity from `/proc`, `/sys` and `/etc/machine-id`, registers, and then
 //! heartbeats with the node token it got back, registering again if the
 //! server forgets it. Every host path is a field of [`Roots`], so tests point

@@ -22,7 +22,7 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// State directory (bootstrap token, registry).
+    /// State directory (CA, operator certificates, SD token, registry).
     #[arg(long, env = "KILN_STATE", default_value_os_t = output::default_state_dir())]
     state: PathBuf,
     /// Base URL booting nodes use to reach this server (default: each

@@ -12,8 +12,8 @@
 //! optional bearer token ([`Client::builder`]). For `https://` the CA's
 //! certificates are the only ones trusted: the control plane's own CA, not
 //! the web's. [`Client::with_token`] gives the same connection pool with
-//! another token (the agent registers with the bootstrap token, then
-//! heartbeats with its node token).
+//! another token (an agent registers with a join token, then, over plain
+//! HTTP, heartbeats with its node token).
 //!
 //! [`metrics::Scraper`] reads a node's `/metrics` (`http://HOST:PORT/metrics`,
 //! with a timeout): the control plane's autoscaler uses it to read its pools'

@@ -1323,7 +1323,7 @@ mod tests {
         // (who, certificate, bearer token, status)
         let callers = [
             ("nobody", None, None, 401),
-            ("the bootstrap token", None, Some("boot"), 401),
+            ("a made-up token", None, Some("boot"), 401),
             ("a node", Some(cert(Role::Node, "kiln-a", "02")), None, 403),
             ("a revoked operator", Some(cert(Role::Operator, "eve", &revoked.serial)), None, 403),
         ];

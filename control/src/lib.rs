@@ -19,8 +19,7 @@
 //!   their revocation.
 //! - [`state_dir`]: the files of the state directory, each named once.
 //! - [`server`]: the composed server `kiln serve` runs: boot assets from
-//!   kiln-pxe on plain HTTP plus the API over TLS, with its state directory
-//!   and bootstrap token.
+//!   kiln-pxe on plain HTTP plus the API over TLS, with its state directory.
 //! - [`pools`]: what the pool task (kiln-pool) needs of the control plane:
 //!   registered nodes, leases, stored replicas, images and seeds.
 //!

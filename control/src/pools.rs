@@ -6,7 +6,8 @@
 //!   [`Registry`]), the desired replicas kept in the store, and a node's
 //!   metrics for the autoscaler;
 //! - [`NodeMedia`]: the images served and each disk node's cidata seed,
-//!   made from the pool's profile with the bootstrap token and the API's URL.
+//!   made from the pool's profile with a join token minted for the node's
+//!   MAC and the API's URL.
 //!
 //! Each node is named `kiln-<pool>-<n>`; that is its hostname too (the
 //! seed kiln gives it says so), which is how a registered node is tied to

@@ -1,7 +1,8 @@
 //! The composed server that `kiln serve` and `kiln up` run: boot assets
 //! (kiln-pxe) on plain HTTP, and the control-plane API over TLS on its own
 //! listener (or beside the boot assets with `--plain-http`), with the state
-//! directory holding the bootstrap token, the CA and the registry.
+//! directory holding the CA, the operators' certificates, the SD token and
+//! the registry.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,7 +53,7 @@ pub enum StoreConfig {
 pub struct ServerConfig {
     /// Directory of built images (`kiln build --out`).
     pub images: PathBuf,
-    /// State directory: `bootstrap-token`, `nodes.json`.
+    /// State directory ([`crate::StateDir`]).
     pub state: PathBuf,
     /// Address to listen on.
     pub listen: SocketAddr,

@@ -2,14 +2,14 @@
 //! `$XDG_STATE_HOME/kiln`): the one place that names its files.
 //!
 //! The server writes them; the CLI and the tests read some (the CA to trust,
-//! the bootstrap token to scale a pool with). What each file holds is owned
+//! the operator's certificate to call the API with). What each file holds is owned
 //! by the module that writes it ([`crate::tls`], [`crate::token`],
 //! [`crate::store::embedded`]); this type only says where it is. The server
 //! certificate is not here: it is issued afresh at every start and never
 //! written.
 //!
 //! Modes: the directory kiln creates is 0700 and every file kiln writes in
-//! it 0600 (the CA key and the bootstrap token are secrets; the registry
+//! it 0600 (the CA key, the operator's key and the SD token are secrets; the registry
 //! holds every node's facts). [`StateDir::create`] makes it so;
 //! [`StateDir::check_modes`] warns at start about a directory or file that
 //! someone made more open, naming it. kiln never changes the mode of what it

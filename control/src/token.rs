@@ -23,7 +23,7 @@ pub fn bearer(header: Option<&str>) -> Option<&str> {
 }
 
 /// The token kept at `path` (mode 0600), made on first use: the
-/// bootstrap token, the service-discovery token.
+/// service-discovery token.
 pub fn load_or_create(path: &Path) -> std::io::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),

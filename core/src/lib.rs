@@ -51,7 +51,7 @@ pub use pool::{HostStatus, PoolStatus, ScaleRequest};
 
 /// Kernel command-line key carrying the control plane's base URL.
 pub const CMDLINE_SERVER: &str = "kiln.server";
-/// Kernel command-line key carrying the bootstrap token.
+/// Kernel command-line key carrying the machine's join token.
 pub const CMDLINE_TOKEN: &str = "kiln.token";
 /// Kernel command-line key carrying the digest of the image the node booted.
 pub const CMDLINE_IMAGE_DIGEST: &str = "kiln.image_digest";

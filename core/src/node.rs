@@ -6,8 +6,8 @@ use time::OffsetDateTime;
 
 use crate::Mac;
 
-/// What an agent sends to `POST /api/v1/register`, with the bootstrap token
-/// as `Authorization: Bearer`.
+/// What an agent sends to `POST /api/v1/register`, with its join token (if
+/// it has one) as `Authorization: Bearer`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {

@@ -46,7 +46,7 @@ impl Lab {
     }
 }
 
-/// One agent: registers with `client` (the bootstrap token), retrying (as
+/// One agent: registers with `client` (a join token), retrying (as
 /// the real agent does) until answered.
 fn register_until_answered(client: &Client, req: &RegisterRequest) -> RegisterResponse {
     let mut delay = Duration::from_millis(50);
