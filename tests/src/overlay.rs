@@ -125,12 +125,18 @@ impl Node {
     /// (trusting its CA when it speaks TLS) using the bootstrap `token`, no
     /// metrics, flannel paths in the node's directory.
     pub fn start_agent(&mut self, server: &KilnServer, token: &str) {
-        self.start_agent_as(server, token, self.index);
+        self.start_agent_as(server, Some(token), self.index);
+    }
+
+    /// As [`Node::start_agent`], with no join token: a machine kiln does
+    /// not expect, which waits as pending until an operator approves it.
+    pub fn start_agent_without_token(&mut self, server: &KilnServer) {
+        self.start_agent_as(server, None, self.index);
     }
 
     /// As [`Node::start_agent`], with node `machine_of`'s machine id (a
     /// copy of that machine), and this node's own key.
-    pub fn start_agent_as(&mut self, server: &KilnServer, token: &str, machine_of: u8) {
+    pub fn start_agent_as(&mut self, server: &KilnServer, token: Option<&str>, machine_of: u8) {
         let machine_id = self.dir.join("machine-id");
         std::fs::write(
             &machine_id,
@@ -141,7 +147,8 @@ impl Node {
         std::fs::write(&cmdline, "console=ttyS0\n").expect("cmdline");
         let ca = server.ca.clone().unwrap_or_else(|| self.dir.join("no-ca.pem"));
         let mut cmd = self.ns.command(&binaries().agent);
-        cmd.args(["--server", &server.node_api, "--token", token, "--no-metrics"])
+        cmd.args(["--server", &server.node_api, "--no-metrics"])
+            .args(token.map(|t| ["--token", t]).into_iter().flatten())
             .arg("--machine-id")
             .arg(&machine_id)
             .arg("--cmdline")

@@ -142,7 +142,7 @@ fn a_copied_machine_id_gets_409_and_the_node_keeps_its_lease() {
     // Another machine with the same machine id and the same valid token,
     // but its own key: 409, and nothing of the first node changes.
     let mut copy = lab.node(2, tmp.path());
-    copy.start_agent_as(&server, token, 1);
+    copy.start_agent_as(&server, Some(token), 1);
     let refused = wait_for(Duration::from_secs(30), || copy.log().contains("409").then_some(()));
     assert!(refused.is_some(), "the copy is refused with 409:\n{}\nserver:\n{}", copy.log(), tail(&server.log(), 20));
     assert!(copy.log().contains(&held[0].name), "the answer names the node that holds the machine id:\n{}", copy.log());
@@ -157,6 +157,44 @@ fn a_copied_machine_id_gets_409_and_the_node_keeps_its_lease() {
     assert!(beat.is_some(), "the first node keeps heartbeating:\n{}", first.log());
     assert!(!first.log().contains("registering again"), "and never had to register again:\n{}", first.log());
     assert!(first.log().contains("client certificate"), "it proves itself with its certificate:\n{}", first.log());
+}
+
+#[test]
+fn a_machine_with_no_token_waits_then_gets_its_lease_and_peers_when_approved() {
+    if !preflight() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::new("flop");
+    let server = lab.serve(tmp.path(), Api::Tls, &[]);
+    let token = kiln_in_lab(&lab, &server, &["token", "create", "--uses", "1"]);
+    let mut known = lab.node(1, tmp.path());
+    known.start_agent(&server, token.trim());
+    let (known_net, known_len) = wait_up(&known, &server);
+
+    // No token: pending, with no lease, and no peer of anyone.
+    let mut stranger = lab.node(2, tmp.path());
+    stranger.start_agent_without_token(&server);
+    let pending = wait_for(Duration::from_secs(30), || lab_nodes(&lab, &server).into_iter().find(|n| n.pending));
+    let pending = pending.unwrap_or_else(|| panic!("the stranger is pending:\n{}", stranger.log()));
+    assert_eq!((pending.subnet, pending.public_ip, pending.vtep_mac), (None, None, None), "{pending:?}");
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(subnet_of(&stranger).is_none(), "no lease while pending:\n{}", stranger.log());
+    let stranger_ip = Ipv4Addr::new(10, 78, 0, 12);
+    let (_, _, fdb) = known.overlay_tables();
+    assert!(!fdb.contains(&format!(" dst {stranger_ip} ")), "no VXLAN peer for it:\n{fdb}");
+
+    // Approved, it gets its lease without a restart, and each node peers the other.
+    let out = kiln_in_lab(&lab, &server, &["nodes", "approve", &pending.name]);
+    assert!(out.contains("approved"), "{out}");
+    let (net, len) = wait_up(&stranger, &server);
+    assert_ne!((net, len), (known_net, known_len), "a subnet of its own");
+    let peered = wait_for(UP, || {
+        (has_peer(&known, net, len, stranger_ip) && has_peer(&stranger, known_net, known_len, Ipv4Addr::new(10, 78, 0, 11))).then_some(())
+    });
+    assert!(peered.is_some(), "each node holds the other as a peer:\n{}\n{}", known.log(), stranger.log());
+    let joined = lab_nodes(&lab, &server).into_iter().find(|n| n.name == pending.name).unwrap();
+    assert!(!joined.pending && joined.public_ip == Some(IpAddr::V4(stranger_ip)), "{joined:?}");
 }
 
 fn overlay_network_model(store: Store) {
