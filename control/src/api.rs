@@ -554,7 +554,7 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
     // A node registering again proves itself with its key (the CSR is
     // signed with it): the token it booted with is not spent again.
     let joining = match presented {
-        Some(_) if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
+        _ if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
         Some(presented) => {
             let pool = api.registry.pool_for(&req.hostname);
             match api.tokens.prepare(presented, pool.as_deref(), &req.macs).await {
@@ -562,7 +562,6 @@ async fn register(api: &Api, auth: Option<&str>, body: &[u8]) -> Response {
                 Err(refused) => return refused_token(&req, &refused),
             }
         }
-        None if api.registry.is_holder(&req.machine_key(), key) => Joining::OwnKey,
         None => Joining::Nothing,
     };
     // A token's use is spent only with the write that records the node.

@@ -44,8 +44,11 @@ pub const PENDING_POLL_SECS: u64 = 5;
 /// What vouches for a registration.
 #[derive(Clone)]
 pub enum Admission {
-    /// A join token's use was spent on it: the machine joins, and may take
-    /// a machine id over from a node with another key that has gone quiet.
+    /// Its caller vouches for it as a join token would (the API never
+    /// does: it spends the token with the write, [`Admission::Spending`];
+    /// this is [`Registry::register`]'s, for in-process callers and tests):
+    /// the machine joins, and may take a machine id over from a node with
+    /// another key that has gone quiet.
     Token,
     /// As [`Admission::Token`], the use spent in the write that records the
     /// node ([`Store::put_spending`]): a token that no longer admits it
