@@ -213,19 +213,24 @@ fn list_cell<T: ToString>(items: &[T]) -> String {
 /// ([`cell`], [`list_cell`]): a row stays one short line whatever a node sent.
 pub fn node_table(nodes: &[Node]) -> String {
     let now = time::OffsetDateTime::now_utc();
-    let mut rows =
-        vec![["NAME", "STATE", "POOL", "HOST", "MAC", "ADDRESS", "SUBNET", "IMAGE", "REGISTERED", "LAST SEEN"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["NAME", "STATE", "POOL", "HOST", "MAC", "ADDRESS", "SUBNET", "PUBLIC IP", "IMAGE", "REGISTERED", "LAST SEEN"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for n in nodes {
         let ago = |t: time::OffsetDateTime| format!("{}s ago", (now - t).whole_seconds().max(0));
         rows.push(vec![
             cell(&n.name),
-            if n.pending { "pending" } else { "joined" }.to_string(),
+            // The server's word; an older server's JSON has none.
+            n.state.map_or_else(|| if n.pending { "Pending" } else { "-" }.to_string(), |s| s.to_string()),
             n.pool.as_deref().map_or_else(|| "-".into(), cell),
             // The host is the libvirt URI from the operator's own pool file: escaped, never cut.
             n.host.as_deref().map_or_else(|| "-".into(), escape),
             list_cell(&n.macs),
             list_cell(&n.addresses),
             n.subnet.map_or_else(|| "-".into(), |s| s.to_string()),
+            n.public_ip.map_or_else(|| "-".into(), |ip| ip.to_string()),
             escape(&short_digest(&n.image_digest)),
             ago(n.registered_at),
             ago(n.last_seen),
@@ -277,6 +282,7 @@ mod tests {
             registered_at: now,
             last_seen: now,
             pending: false,
+            state: None,
         }
     }
 

@@ -77,9 +77,16 @@ pub struct ServeArgs {
     /// flannel's etcd prefix.
     #[arg(long, default_value = kiln_control::store::etcd::DEFAULT_PREFIX)]
     etcd_prefix: String,
-    /// TTL of subnet leases in etcd, in seconds (flannel's: 24 h).
-    #[arg(long, default_value_t = 86400)]
-    lease_ttl: u64,
+    /// A node not heard from for this long is removed and its subnet
+    /// released, on either store (flannel's lease TTL: 24 h); on etcd it is
+    /// also its lease's TTL. Seconds, or `30s`, `10m`, `24h`.
+    #[arg(long, default_value = "24h", value_parser = secs_or_duration, value_name = "TTL")]
+    lease_ttl: Duration,
+    /// A node not heard from for longer than this is NotReady: shown so,
+    /// not counted by the autoscaler, and its public IP is free for another
+    /// (Kubernetes' node-monitor grace period: 40 s; heartbeats come every 10 s).
+    #[arg(long, default_value = "40s", value_parser = secs_or_duration, value_name = "GRACE")]
+    node_grace: Duration,
     /// Directory of pool files (pools/*.toml): kiln keeps each pool's nodes
     /// at its replicas through libvirt (`kiln scale`, `kiln pools`).
     #[arg(long)]
@@ -130,6 +137,15 @@ pub struct ServeArgs {
     /// can reach the API then joins.
     #[arg(long)]
     auto_approve: bool,
+}
+
+/// A duration as plain seconds (`86400`, as `--lease-ttl` was first
+/// spelled) or in humantime's units (`40s`, `24h`).
+fn secs_or_duration(text: &str) -> Result<Duration, String> {
+    match text.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    }
 }
 
 /// `--pool-accel`: how pool nodes' CPUs run.
@@ -192,7 +208,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             StoreConfig::Etcd(kiln_control::store::etcd::EtcdConfig {
                 endpoints: a.etcd,
                 prefix: a.etcd_prefix,
-                ttl: Duration::from_secs(a.lease_ttl.max(1)),
+                ttl: a.lease_ttl.max(Duration::from_secs(1)),
             })
         };
         Ok(ServerConfig {
@@ -213,6 +229,10 @@ impl TryFrom<ServeArgs> for ServerConfig {
             node_cert_ttl: a.node_cert_ttl.max(Duration::from_secs(1)),
             boot_token_ttl: a.boot_token_ttl,
             auto_approve: a.auto_approve,
+            lifecycle: kiln_control::registry::Lifecycle {
+                grace: a.node_grace.max(Duration::from_secs(1)),
+                lease_ttl: a.lease_ttl.max(Duration::from_secs(1)),
+            },
         })
     }
 }

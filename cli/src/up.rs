@@ -94,6 +94,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             node_cert_ttl: kiln_control::server::NODE_CERT_TTL,
             boot_token_ttl: kiln_control::join_tokens::MINTED_TTL,
             auto_approve: false,
+            lifecycle: Default::default(),
         };
         let server = kiln_control::Server::start(config).await.context("starting the server")?;
         // The guest of an earlier run on this state directory (the same MAC,

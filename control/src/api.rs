@@ -256,8 +256,10 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         |api: Arc<Api>, peer: Option<Arc<ClientCert>>, page: PageQuery| {
             api.clone().for_operator(peer.as_deref(), || {
                 let hosts = api.pools.as_ref().map(|p| p.hosts_by_node()).unwrap_or_default();
+                let (now, grace) = (time::OffsetDateTime::now_utc(), api.registry.lifecycle().grace);
                 json_array(JsonPages::new(api, page, move |mut n: kiln_core::Node| {
                     n.host = hosts.get(&n.name).cloned();
+                    n.state = Some(n.state_at(now, grace));
                     Some(n)
                 }))
             })
@@ -643,7 +645,7 @@ async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crat
         }
         Err(e @ RegistryError::NoPublicIp(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ RegistryError::Busy(_)) => error(StatusCode::CONFLICT, &e.to_string()),
-        Err(e @ RegistryError::Held { .. }) => {
+        Err(e @ (RegistryError::Held { .. } | RegistryError::PublicIpTaken { .. })) => {
             tracing::warn!(machine_id = ?req.machine_id, "registration refused: {e}");
             error(StatusCode::CONFLICT, &e.to_string())
         }

@@ -215,7 +215,10 @@ impl ControlPlane for Control {
             .registry
             .nodes()
             .iter()
-            .filter_map(|n| Some(Registered { node: NodeId::parse(&n.name)?, metrics: n.metrics_target() }))
+            .filter_map(|n| {
+                let ready = self.registry.state_of(n) == kiln_core::NodeState::Ready;
+                Some(Registered { node: NodeId::parse(&n.name)?, metrics: n.metrics_target(), ready })
+            })
             .collect())
     }
 

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 pub use kiln_core::NetworkConfig;
-use kiln_core::{Backend, Ipv4Cidr, Lease, Node, Peer, Peers, RegisterRequest};
+use kiln_core::{Backend, Ipv4Cidr, Lease, Node, NodeState, Peer, Peers, RegisterRequest};
 use time::OffsetDateTime;
 
 use crate::store::{self, Change, NodeRecord, Renewal, Store};
@@ -40,6 +40,24 @@ pub const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(10 *
 
 /// Seconds between the registrations of a pending agent, waiting for approval.
 pub const PENDING_POLL_SECS: u64 = 5;
+
+/// How long a node may go unheard before it is NotReady, and before it is
+/// removed: Kubernetes' node lifecycle and flannel's lease TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// No heartbeat for longer than this: NotReady (`--node-grace`;
+    /// Kubernetes' node-monitor grace period, 40 s).
+    pub grace: std::time::Duration,
+    /// No heartbeat for this long: the node is removed and its subnet
+    /// released (`--lease-ttl`; flannel's subnet lease TTL, 24 h).
+    pub lease_ttl: std::time::Duration,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle { grace: std::time::Duration::from_secs(40), lease_ttl: std::time::Duration::from_secs(24 * 3600) }
+    }
+}
 
 /// What vouches for a registration.
 #[derive(Clone)]
@@ -88,6 +106,18 @@ pub enum Error {
     /// The join token did not admit the registration when it was written.
     #[error(transparent)]
     Refused(crate::join_tokens::Refused),
+    /// Another live node's lease carries VXLAN to the same public IP: the
+    /// two could not reach each other (machines behind one NAT, such as
+    /// QEMU user networking's 10.0.2.15).
+    #[error(
+        "public IP {public_ip} is node {name}'s, which is alive: two nodes on one address cannot carry the overlay (QEMU user networking gives every guest 10.0.2.15; put the nodes on a network where each has its own address)"
+    )]
+    PublicIpTaken {
+        /// The address.
+        public_ip: IpAddr,
+        /// The node that holds it.
+        name: String,
+    },
     /// The same machine is registering on another connection right now.
     #[error("machine {0} is already registering; retry")]
     Busy(String),
@@ -137,9 +167,10 @@ struct State {
     nodes: BTreeMap<String, NodeRecord>,
     /// Token hash → node name.
     tokens: HashMap<String, String>,
-    /// Registrations being written: name → (machine id, subnet). Their
-    /// names and subnets are taken for everyone else meanwhile.
-    in_flight: BTreeMap<String, (String, Option<Ipv4Cidr>)>,
+    /// Registrations being written: name → (machine id, subnet, public
+    /// IP of a lease). Their names, subnets and public IPs are taken for
+    /// everyone else meanwhile.
+    in_flight: BTreeMap<String, (String, Option<Ipv4Cidr>, Option<IpAddr>)>,
     /// Leases in the store that are not kiln's nodes (a flanneld's).
     foreign: BTreeMap<Ipv4Cidr, Peer>,
 }
@@ -194,6 +225,8 @@ pub struct Registry {
     pool_of: std::sync::OnceLock<PoolOf>,
     /// [`HELD_WHILE_SEEN_WITHIN`] in milliseconds (shorter in tests).
     held_within: std::sync::atomic::AtomicU64,
+    /// When a node is NotReady, and when it is removed.
+    lifecycle: Mutex<Lifecycle>,
 }
 
 /// A node's pool from its hostname.
@@ -222,6 +255,7 @@ impl Registry {
             peers_json: Mutex::new(None),
             pool_of: std::sync::OnceLock::new(),
             held_within: std::sync::atomic::AtomicU64::new(HELD_WHILE_SEEN_WITHIN.as_secs() * 1000),
+            lifecycle: Mutex::new(Lifecycle::default()),
         });
         if let Some(mut changes) = changes {
             let weak = Arc::downgrade(&registry);
@@ -250,6 +284,21 @@ impl Registry {
     /// was last seen ([`HELD_WHILE_SEEN_WITHIN`]; tests shorten it).
     pub fn set_held_within(&self, within: std::time::Duration) {
         self.held_within.store(u64::try_from(within.as_millis()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets when a node is NotReady and when it is removed.
+    pub fn set_lifecycle(&self, lifecycle: Lifecycle) {
+        *self.lifecycle.lock().expect("lifecycle lock") = lifecycle;
+    }
+
+    /// When a node is NotReady and when it is removed.
+    pub fn lifecycle(&self) -> Lifecycle {
+        *self.lifecycle.lock().expect("lifecycle lock")
+    }
+
+    /// `node`'s state now ([`Node::state_at`] with [`Lifecycle::grace`]).
+    pub fn state_of(&self, node: &Node) -> NodeState {
+        node.state_at(OffsetDateTime::now_utc(), self.lifecycle().grace)
     }
 
     /// Sets how a registering node's pool is found from its hostname (once).
@@ -306,7 +355,7 @@ impl Registry {
                 }
                 Change::LeasePut(peer) => {
                     let ours = st.nodes.values().any(|r| r.node.subnet == Some(peer.subnet))
-                        || st.in_flight.values().any(|(_, s)| *s == Some(peer.subnet));
+                        || st.in_flight.values().any(|(_, s, _)| *s == Some(peer.subnet));
                     if ours || st.foreign.get(&peer.subnet) == Some(&peer) {
                         return;
                     }
@@ -362,7 +411,7 @@ impl Registry {
             let token = token::generate();
             let (record, existing, fresh, _guard) = {
                 let mut st = self.state.lock().expect("registry lock");
-                if st.in_flight.values().any(|(m, _)| *m == machine_id) {
+                if st.in_flight.values().any(|(m, _, _)| *m == machine_id) {
                     return Err(Error::Busy(machine_id));
                 }
                 let held = st.nodes.values().find(|r| r.node.machine_id.eq_ignore_ascii_case(&machine_id));
@@ -386,7 +435,13 @@ impl Registry {
                         }
                     }
                 };
-                st.in_flight.insert(name.clone(), (machine_id.clone(), subnet));
+                if subnet.is_some()
+                    && let Some(ip) = public_ip
+                    && let Some(holder) = self.public_ip_holder(&st, &name, ip, now)
+                {
+                    return Err(Error::PublicIpTaken { public_ip: ip, name: holder });
+                }
+                st.in_flight.insert(name.clone(), (machine_id.clone(), subnet, subnet.and(public_ip)));
                 let record = NodeRecord {
                     node: Node {
                         name: name.clone(),
@@ -408,6 +463,7 @@ impl Registry {
                         registered_at: existing.as_ref().map_or(now, |n| n.registered_at),
                         last_seen: now,
                         pending,
+                        state: None,
                     },
                     token_sha256: token::hash(&token),
                     key_sha256: key.map(str::to_string).or(existing_key),
@@ -491,6 +547,22 @@ impl Registry {
         }
     }
 
+    /// The node other than `name` whose lease carries VXLAN to `ip` and that
+    /// is alive (Ready at `now`), or that is registering with it right now.
+    /// Two leases on one address would send both subnets' traffic to one
+    /// machine: as on QEMU user networking, where every guest is 10.0.2.15.
+    fn public_ip_holder(&self, st: &State, name: &str, ip: IpAddr, now: OffsetDateTime) -> Option<String> {
+        let grace = self.lifecycle().grace;
+        let live = st.nodes.values().find(|r| {
+            r.node.name != name
+                && r.node.subnet.is_some()
+                && r.node.public_ip == Some(ip)
+                && r.node.state_at(now, grace) == NodeState::Ready
+        });
+        live.map(|r| r.node.name.clone())
+            .or_else(|| st.in_flight.iter().find(|(n, (_, _, held))| n.as_str() != name && *held == Some(ip)).map(|(n, _)| n.clone()))
+    }
+
     /// Whether the node with `machine_id` is approved and holds `key`: its
     /// registration again needs no token.
     pub fn is_holder(&self, machine_id: &str, key: Option<&str>) -> bool {
@@ -535,6 +607,30 @@ impl Registry {
         Ok(removed)
     }
 
+    /// Removes the approved nodes not heard from for [`Lifecycle::lease_ttl`]
+    /// and releases their subnets, on any store (on etcd their leases
+    /// expire by themselves as well). Returns their names.
+    pub async fn expire(&self) -> Result<Vec<String>, store::Error> {
+        let cutoff = OffsetDateTime::now_utc() - self.lifecycle().lease_ttl;
+        let stale: Vec<String> = {
+            let st = self.state.lock().expect("registry lock");
+            st.nodes.values().filter(|r| !r.node.pending && r.node.last_seen < cutoff).map(|r| r.node.name.clone()).collect()
+        };
+        let mut removed = Vec::new();
+        for name in stale {
+            // Unless it was heard from meanwhile.
+            let quiet = self.state.lock().expect("registry lock").nodes.get(&name).is_some_and(|r| r.node.last_seen < cutoff);
+            if !quiet {
+                continue;
+            }
+            if let Some(node) = self.remove(&name).await? {
+                tracing::warn!(node = ?node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "not heard from for the lease TTL; node removed, subnet released");
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
     /// The lowest subnet, from the second on, that no node, registration in
     /// flight or foreign lease holds.
     fn free_subnet(&self, st: &State, refused: &std::collections::BTreeSet<Ipv4Cidr>) -> Result<Ipv4Cidr, Error> {
@@ -545,7 +641,7 @@ impl Registry {
             .nodes
             .values()
             .filter_map(|r| r.node.subnet)
-            .chain(st.in_flight.values().filter_map(|(_, s)| *s))
+            .chain(st.in_flight.values().filter_map(|(_, s, _)| *s))
             .chain(st.foreign.keys().copied())
             .chain(refused.iter().copied())
             .collect();
@@ -707,7 +803,8 @@ mod tests {
             machine_id: machine.to_string().repeat(32),
             hostname: hostname.into(),
             macs: vec!["52:54:00:00:00:01".parse().unwrap()],
-            addresses: vec!["192.0.2.10".parse().unwrap()],
+            // One address per machine: two live nodes never share one.
+            addresses: vec![std::net::Ipv4Addr::new(192, 0, 2, machine as u8).into()],
             cpus: 1,
             memory_bytes: 1,
             kernel: "k".into(),
@@ -884,6 +981,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut r = request('a', &format!("node-{i}"));
                     r.machine_id = format!("{i:032x}");
+                    r.addresses = vec![std::net::Ipv4Addr::new(198, 18, 0, i as u8).into()];
                     reg.register(&r).await.unwrap().2.unwrap().subnet
                 })
             })

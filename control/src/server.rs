@@ -92,6 +92,9 @@ pub struct ServerConfig {
     /// Machines that register with no token join at once instead of
     /// waiting as pending for `kiln nodes approve` (`--auto-approve`, for labs).
     pub auto_approve: bool,
+    /// When a node is NotReady and when it is removed (`--node-grace`,
+    /// `--lease-ttl`).
+    pub lifecycle: crate::registry::Lifecycle,
 }
 
 /// How long a node's client certificate is valid unless told otherwise
@@ -239,6 +242,7 @@ async fn open_registry(config: &ServerConfig) -> Result<Arc<Registry>, Error> {
         }
     };
     let registry = Registry::open(store, network).await?;
+    registry.set_lifecycle(config.lifecycle);
     tracing::info!(store = %registry.store(), network = %network.network, subnet_len = network.subnet_len, nodes = registry.nodes().len(), "registry open");
     Ok(registry)
 }
@@ -321,13 +325,17 @@ fn spawn_listeners(
     (stop, task)
 }
 
-/// How often expired join tokens are removed.
+/// How often expired join tokens and nodes are removed (more often with a
+/// lease TTL under four times this: a node goes at most a quarter of its
+/// TTL late).
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Removes expired join tokens, and pending machines gone quiet
-/// ([`crate::registry::PENDING_TTL`]), every [`SWEEP_EVERY`], until aborted.
+/// Removes expired join tokens, pending machines gone quiet
+/// ([`crate::registry::PENDING_TTL`]) and nodes not heard from for the
+/// lease TTL ([`Registry::expire`]), every [`SWEEP_EVERY`], until aborted.
 async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Registry>) {
-    let mut every = tokio::time::interval(SWEEP_EVERY);
+    let every = SWEEP_EVERY.min(registry.lifecycle().lease_ttl / 4).max(std::time::Duration::from_millis(100));
+    let mut every = tokio::time::interval(every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
@@ -343,6 +351,9 @@ async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Regist
                 }
             }
             Err(e) => tracing::warn!("forgetting quiet pending machines: {}", kiln_core::error_chain(&e)),
+        }
+        if let Err(e) = registry.expire().await {
+            tracing::warn!("removing nodes past the lease TTL: {}", kiln_core::error_chain(&e));
         }
     }
 }

@@ -156,6 +156,32 @@ pub struct Node {
     /// holds no lease, no credential, and is neither a peer nor scraped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// Its health when it was listed ([`Node::state_at`]; filled in by the
+    /// server when it lists nodes, not stored). Left out when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<NodeState>,
+}
+
+/// A node's health, as Kubernetes' node lifecycle names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Heard from (a registration or heartbeat) within the grace period.
+    Ready,
+    /// Not heard from for longer than the grace period: its lease is kept
+    /// until the lease TTL, but it is not counted as capacity.
+    NotReady,
+    /// Registered with no token: waits for `kiln nodes approve`.
+    Pending,
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Ready => "Ready",
+            NodeState::NotReady => "NotReady",
+            NodeState::Pending => "Pending",
+        })
+    }
 }
 
 /// Writes `None` as `""`: the spelling of "none" that [`Node::pool`]'s
@@ -340,6 +366,19 @@ fn count<T>(field: &'static str, list: &[T], max: usize) -> Result<(), RegisterE
 pub const METRICS_PORT: u16 = 9100;
 
 impl Node {
+    /// Its state at `now`, for a grace period of `grace`: Pending while it
+    /// waits for approval, NotReady once it has not been heard from for
+    /// longer than `grace`, else Ready.
+    pub fn state_at(&self, now: OffsetDateTime, grace: std::time::Duration) -> NodeState {
+        if self.pending {
+            NodeState::Pending
+        } else if now - self.last_seen > grace {
+            NodeState::NotReady
+        } else {
+            NodeState::Ready
+        }
+    }
+
     /// Where Prometheus scrapes this node: what it said, else its first
     /// IPv4 address (else first address) on [`METRICS_PORT`]; never an
     /// address [`is_scrapeable`] refuses, and nothing while it is pending.

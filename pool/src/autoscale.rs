@@ -4,7 +4,8 @@
 //! its nodes' agents export in node_exporter's names: `load1`
 //! (`node_load1`) or `cpu_busy` (the share of CPU time not idle, from
 //! `node_cpu_seconds_total` between two scrapes). The pool's mean over its
-//! registered nodes is compared with the policy's thresholds; a change of
+//! Ready nodes (heard from within the grace period; a NotReady node's
+//! figures are stale) is compared with the policy's thresholds; a change of
 //! `step` nodes (clamped to `min..=max`) is made at most once per
 //! `cooldown-secs`. Every decision carries its reason, for the log and for
 //! `--dry-run`.

@@ -8,7 +8,7 @@
 //! reply ([`PoolsHandle::scale`], [`PoolsHandle::stop`]) and reads what it
 //! publishes on a `watch` channel ([`Status`]). Each pass:
 //!
-//! 1. autoscale: every autoscaled pool's registered nodes are scraped at
+//! 1. autoscale: every autoscaled pool's Ready nodes are scraped at
 //!    once, and a change of replicas is stored through the control plane;
 //! 2. reconcile: the fleet is lent to one of tokio's blocking threads, where
 //!    libvirt's calls run ([`Fleet::reconcile`]), never on a tokio worker;
@@ -41,6 +41,9 @@ pub struct Registered {
     pub node: NodeId,
     /// Where its agent serves `/metrics` (`IP:PORT`), if it does.
     pub metrics: Option<String>,
+    /// Heard from within the grace period: only Ready nodes are counted
+    /// (and scraped) by the autoscaler.
+    pub ready: bool,
 }
 
 /// What the pool task needs from the control plane.
@@ -385,7 +388,7 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
             let Some(policy) = &pool.autoscale else { continue };
             let targets: Vec<(String, String)> = nodes
                 .iter()
-                .filter(|n| n.node.pool == pool.name)
+                .filter(|n| n.node.pool == pool.name && n.ready)
                 .filter_map(|n| Some((n.node.domain_name(), n.metrics.clone()?)))
                 .collect();
             let scrapes = scrape_all(&self.control, targets).await;

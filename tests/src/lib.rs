@@ -292,6 +292,19 @@ impl KilnServer {
         self.api_client_as(None).with_token(&self.join_token(None))
     }
 
+    /// `kiln ARGS --server API --state STATE` as the operator runs it
+    /// against this server: whether it succeeded, its stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(&binaries().kiln)
+            .args(args)
+            .args(["--server", &self.api])
+            .arg("--state")
+            .arg(&self.state)
+            .output()
+            .expect("kiln runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
     /// `GET /api/v1/nodes`.
     pub fn nodes(&self) -> Vec<kiln_core::Node> {
         block_on(self.api_client().nodes()).unwrap_or_else(|e| panic!("{}", chain(&e)))

@@ -238,3 +238,91 @@ fn exhausted_pod_network_is_a_clear_error_and_records_nothing() {
     let err = block_on(client.with_token(&first.token).heartbeat_node("someone-else")).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::FORBIDDEN));
 }
+
+/// The state `server` lists node `name` in, or `None` once it is gone.
+fn state_of(server: &KilnServer, name: &str) -> Option<kiln_core::NodeState> {
+    server.nodes().into_iter().find(|n| n.name == name).map(|n| n.state.expect("the server says each node's state"))
+}
+
+/// Kubernetes' node lifecycle and flannel's lease TTL, with a 2 s grace and
+/// a 6 s TTL: a node that stops heartbeating turns NotReady, frees its
+/// public IP for another, and is removed with its subnet released; one that
+/// keeps heartbeating stays Ready. Two live nodes on one public IP are
+/// refused (409, naming the holder). Run on the embedded store and on etcd.
+fn node_lifecycle(extra: &[&str]) {
+    use kiln_core::NodeState::{NotReady, Ready};
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::new(tmp.path(), &[&["--node-grace", "2s", "--lease-ttl", "6"][..], extra].concat());
+    let server = lab.start();
+    let client = server.joining_client();
+    let silent = register_until_answered(&client, &request(1));
+    let beating = register_until_answered(&client, &request(2));
+    let silent_subnet = silent.lease.as_ref().unwrap().subnet;
+    assert_eq!((state_of(&server, &silent.name), state_of(&server, &beating.name)), (Some(Ready), Some(Ready)));
+
+    // A third machine behind the same address as a live node: refused, and nothing recorded.
+    let mut twin = request(3);
+    twin.public_ip = request(1).public_ip;
+    twin.addresses[1] = request(1).public_ip.unwrap();
+    let e = block_on(client.register(&twin)).expect_err("a live node holds that public IP");
+    assert_eq!(e.status(), Some(StatusCode::CONFLICT), "{}", chain(&e));
+    let words = chain(&e);
+    assert!(words.contains(&silent.name) && words.contains("198.18.0.2"), "names the node and the address: {words}");
+    assert_eq!(server.nodes().len(), 2, "nothing recorded for the refused twin");
+    let (ok, table, err) = server.cli(&["nodes"]);
+    assert!(ok, "kiln nodes: {err}");
+    let row = table.lines().find(|l| l.starts_with(&silent.name)).unwrap_or_default();
+    assert!(
+        row.contains(" Ready ") && row.contains(&silent_subnet.to_string()) && row.contains(" 198.18.0.2 "),
+        "state, subnet, public IP:\n{table}"
+    );
+
+    // One node heartbeats every 500 ms; the other stops.
+    let stop = Arc::new(AtomicBool::new(false));
+    let heart = {
+        let node = server.api_client_as(None).with_token(&beating.token);
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                block_on(node.heartbeat()).expect("a live node's heartbeat");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let not_ready = wait_for(Duration::from_secs(10), || (state_of(&server, &silent.name) == Some(NotReady)).then_some(()));
+    assert!(not_ready.is_some(), "no heartbeat for the grace period: NotReady");
+    assert_eq!(state_of(&server, &beating.name), Some(Ready), "a heartbeating node stays Ready");
+    let (_, table, _) = server.cli(&["nodes"]);
+    assert!(table.lines().any(|l| l.starts_with(&silent.name) && l.contains(" NotReady ")), "{table}");
+    // Its public IP is free for another machine; its subnet is still its own.
+    let twin = register_until_answered(&client, &twin);
+    assert_ne!(twin.lease.as_ref().unwrap().subnet, silent_subnet, "a NotReady node keeps its subnet until the TTL");
+
+    // Past the lease TTL it is removed, with no restart, and its subnet is free again.
+    let gone = wait_for(Duration::from_secs(15), || state_of(&server, &silent.name).is_none().then_some(()));
+    assert!(gone.is_some(), "not heard from for the lease TTL: removed; log:\n{}", tail(&server.log(), 20));
+    // By kiln's sweep, or on etcd by its lease running out: whichever is first.
+    let log = server.log();
+    assert!(
+        log.contains("not heard from for the lease TTL") || log.contains("lease expired; node removed"),
+        "the removal is logged:\n{log}"
+    );
+    let peers = block_on(server.api_client_as(None).with_token(&beating.token).peers(0, Duration::ZERO)).unwrap();
+    assert!(!peers.peers.iter().any(|p| p.subnet == silent_subnet), "its lease left the peers");
+    assert_eq!(state_of(&server, &beating.name), Some(Ready), "the heartbeating node is kept");
+    let next = register_until_answered(&client, &request(4));
+    assert_eq!(next.lease.unwrap().subnet, silent_subnet, "the released subnet is leased again");
+    stop.store(true, Ordering::Relaxed);
+    heart.join().unwrap();
+}
+
+#[test]
+fn node_lifecycle_on_the_embedded_store() {
+    node_lifecycle(&[]);
+}
+
+#[test]
+fn node_lifecycle_on_etcd() {
+    let etcd = Etcd::start();
+    node_lifecycle(&["--etcd", &etcd.url]);
+}

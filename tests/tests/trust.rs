@@ -29,14 +29,7 @@ const OPERATOR_ROUTES: [(&str, &str); 9] = [
 
 /// `kiln ARGS --server API --state STATE`: success, stdout, stderr.
 fn kiln(server: &KilnServer, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(&binaries().kiln)
-        .args(args)
-        .args(["--server", &server.api])
-        .arg("--state")
-        .arg(&server.state)
-        .output()
-        .expect("kiln runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    server.cli(args)
 }
 
 /// `kiln token create ARGS --json`: the token and its info.
@@ -418,7 +411,8 @@ fn boot_tokens_are_one_use_and_bound_to_the_mac_and_strangers_wait_for_approval(
     assert_eq!((pending.subnet, pending.public_ip, pending.vtep_mac), (None, None, None), "no lease while pending: {pending:?}");
     let (ok, table, _) = kiln(&server, &["nodes"]);
     let row = table.lines().find(|l| l.starts_with(&pending.name)).unwrap_or_default();
-    assert!(ok && row.contains("pending"), "kiln nodes shows it pending:\n{table}");
+    assert!(ok && row.contains(" Pending "), "kiln nodes shows it Pending:\n{table}");
+    assert_eq!(server.nodes().iter().find(|n| n.name == pending.name).and_then(|n| n.state), Some(kiln_core::NodeState::Pending));
     let sd = block_on(server.api_client().sd()).unwrap();
     assert!(sd.iter().all(|g| g.labels.get("node") != Some(&pending.name)), "a pending node is not scraped: {sd:?}");
     std::thread::sleep(Duration::from_secs(6));

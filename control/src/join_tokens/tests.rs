@@ -341,7 +341,8 @@ fn registration(i: usize, mac: Mac) -> kiln_core::RegisterRequest {
         machine_id: format!("{i:032x}"),
         hostname: format!("n{i}"),
         macs: vec![mac],
-        addresses: vec![format!("192.0.2.{}", i % 250 + 1).parse().unwrap()],
+        // One address each: two live nodes never share one.
+        addresses: vec![format!("198.18.{}.{}", i / 250 % 256, i % 250 + 1).parse().unwrap()],
         cpus: 1,
         memory_bytes: 1,
         kernel: "6.1".into(),

@@ -826,6 +826,7 @@ mod tests {
             registered_at: now,
             last_seen: now,
             pending: false,
+            state: None,
         };
         NodeRecord { node, token_sha256: "00".into(), key_sha256: None }
     }

@@ -17,6 +17,8 @@ struct Memory {
     replicas: Mutex<BTreeMap<String, u32>>,
     registered: Mutex<Vec<Registered>>,
     deregistered: Mutex<Vec<NodeId>>,
+    /// What each metrics target answers; others fail.
+    metrics: Mutex<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +44,8 @@ impl ControlPlane for Arc<Memory> {
         self.replicas.lock().unwrap().insert(pool.to_string(), replicas);
         Ok(())
     }
-    async fn scrape(&self, _target: &str) -> Result<String, Closed> {
-        Err(Closed)
+    async fn scrape(&self, target: &str) -> Result<String, Closed> {
+        self.metrics.lock().unwrap().get(target).cloned().ok_or(Closed)
     }
 }
 
@@ -111,7 +113,7 @@ async fn the_task_scales_a_pool_through_its_handle_and_stores_the_replicas() {
     assert_eq!(handle.hosts_by_node().get(&node.domain_name()).map(String::as_str), Some("test:///default"));
 
     // The node registers; the pool grows to 3 and shrinks to 0 on command.
-    control.registered.lock().unwrap().push(Registered { node: node.clone(), metrics: None });
+    control.registered.lock().unwrap().push(Registered { node: node.clone(), metrics: None, ready: true });
     handle.scale("svc", 3).await.unwrap();
     assert_eq!(control.replicas.lock().unwrap().get("svc"), Some(&3), "stored before the answer");
     assert_eq!(handle.status()[0].desired, 3, "published before the answer");
@@ -143,4 +145,41 @@ async fn a_pool_whose_image_is_not_served_is_refused_naming_the_file() {
     let d = dir.path().to_path_buf();
     let e = tokio::task::spawn_blocking(move || Fleet::load(&d, "/nonexistent", Tiny).err().unwrap()).await.unwrap();
     assert!(e.to_string().contains("has no tiny.qcow2"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaler_counts_only_ready_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let _host = crate::TEST_DEFAULT_HOST.lock().unwrap_or_else(|e| e.into_inner());
+    pool_dir(dir.path(), "auto", "tiny", "network");
+    let policy = "\n[autoscale]\nmetric = \"load1\"\nscale-up-above = 2.0\nscale-down-below = 0.5\ncooldown-secs = 0\n";
+    let file = dir.path().join("auto.toml");
+    std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("replicas = 1", "replicas = 2") + policy).unwrap();
+    let fleet = tokio::task::spawn_blocking({
+        let d = dir.path().to_path_buf();
+        move || Fleet::load(&d, "/kiln-unit", Tiny)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let control = Arc::new(Memory::default());
+    let handle = start(fleet, control.clone(), config()).await.unwrap();
+    let s = until(&handle, "two nodes defined", |s| defined(s, "auto") == 2).await;
+    // Its two nodes register: a Ready one at load 1.0 (within 0.5..2.0),
+    // and a NotReady one whose scrape still answers 9.0: counted, it would
+    // scale the pool up.
+    for (i, (node, load, ready)) in s.members.values().zip([("1.0", true), ("9.0", false)]).map(|(n, (l, r))| (n, l, r)).enumerate() {
+        let target = format!("10.0.0.{i}:9100");
+        control.metrics.lock().unwrap().insert(target.clone(), format!("node_load1 {load}\n"));
+        control.registered.lock().unwrap().push(Registered { node: node.clone(), metrics: Some(target), ready });
+    }
+    let counted = |s: &Status| s.pools[0].autoscale.as_deref().is_some_and(|w| w.contains("over 1 node"));
+    let s = until(&handle, "a decision over the Ready node", counted).await;
+    let words = s.pools[0].autoscale.clone().unwrap();
+    assert_eq!(words, "hold at 2: mean load1 1.00 over 1 node within 0.5..2", "only the Ready node is counted");
+    // Once both are Ready, the mean is 5.0 and the pool grows.
+    control.registered.lock().unwrap()[1].ready = true;
+    until(&handle, "a scale up", |s| s.pools[0].desired == 3).await;
+    assert_eq!(control.replicas.lock().unwrap().get("auto"), Some(&3));
+    handle.stop().await;
 }
