@@ -91,10 +91,22 @@ pub struct ServeArgs {
     /// at its replicas through libvirt (`kiln scale`, `kiln pools`).
     #[arg(long)]
     pools: Option<PathBuf>,
-    /// The libvirt network pool nodes' NICs join (default: QEMU user
-    /// networking, where nodes reach this host's loopback at 10.0.2.2).
-    #[arg(long, value_name = "NETWORK")]
-    pool_network: Option<String>,
+    /// The libvirt network the nodes of a pool whose file names none join:
+    /// by default the one kiln makes (--kiln-network); `user` for QEMU user
+    /// networking (one disk node at most: every guest is 10.0.2.15).
+    #[arg(long, value_name = "NETWORK", default_value = kiln_pool::network::DEFAULT_NAME)]
+    pool_network: String,
+    /// The name of the libvirt network kiln makes on pools' hosts, whose
+    /// DHCP gives guests kiln's iPXE script; kiln serves on its address.
+    #[arg(long, value_name = "NAME", default_value = kiln_pool::network::DEFAULT_NAME)]
+    kiln_network: String,
+    /// Its subnet: this host is the first address, guests get the rest.
+    #[arg(long, value_name = "CIDR", default_value_t = kiln_pool::network::DEFAULT_SUBNET)]
+    kiln_network_subnet: kiln_core::Ipv4Cidr,
+    /// NAT from kiln's network to the host's other networks (default:
+    /// isolated: guests reach this host and each other only).
+    #[arg(long)]
+    kiln_network_nat: bool,
     /// Pool nodes' domain type: `qemu` (TCG), `kvm`, or `auto` (KVM when a
     /// guest runs under it here).
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
@@ -194,9 +206,14 @@ impl TryFrom<ServeArgs> for ServerConfig {
         };
         let pools = a.pools.map(|dir| kiln_control::pools::PoolsConfig {
             dir,
-            nic: a.pool_network.map_or(kiln_pool::Nic::User, kiln_pool::Nic::Network),
+            networks: kiln_pool::Networks {
+                default: a.pool_network,
+                kiln: kiln_pool::network::KilnNetwork { name: a.kiln_network, subnet: a.kiln_network_subnet, nat: a.kiln_network_nat },
+                ..Default::default()
+            },
             accel: a.pool_accel.resolve(&a.images),
             api_url: a.advertise_api.clone(),
+            kiln_api_url: a.advertise_api.clone(),
             interval: Duration::from_secs_f64(a.pool_interval.clamp(0.1, 3600.0)),
             autoscale_dry_run: a.autoscale_dry_run,
             storage_dir: a.pool_storage,

@@ -18,10 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_pool::domain::{Accel, Nic};
+use kiln_pool::domain::Accel;
 use kiln_pool::reconcile::Cause;
 use kiln_pool::service::{self, ControlPlane, Registered, StartError};
-use kiln_pool::{Fleet, LoadError, NodeId, NodeMedia, Pool, PoolsHandle, ServedImage, Settings};
+use kiln_pool::{Fleet, LoadError, Networks, NodeId, NodeMedia, Pool, PoolsHandle, ServedImage, Settings};
 use kiln_pxe::ImageStore;
 use kiln_pxe::ipxe::BootParams;
 use kiln_pxe::profile::{Catalog, Machine, Profile};
@@ -50,14 +50,20 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct PoolsConfig {
     /// Directory of pool files (`*.toml`).
     pub dir: PathBuf,
-    /// Where nodes' NICs are plugged.
-    pub nic: Nic,
+    /// Where nodes' NICs are plugged: the default network and the one kiln
+    /// makes (the server fills in its HTTP port, `--advertise` and
+    /// `--proxy-dhcp`).
+    pub networks: Networks,
     /// TCG or KVM.
     pub accel: Accel,
     /// The API's URL as disk nodes reach it (their seed's `kiln.server`);
     /// the server fills it in when not given (`--advertise-api`): the host's
     /// loopback as QEMU user networking shows it, `10.0.2.2`.
     pub api_url: Option<String>,
+    /// The API's URL as disk nodes on kiln's network reach it; the server
+    /// fills it in when not given (`--advertise-api`): the host's address
+    /// on that network.
+    pub kiln_api_url: Option<String>,
     /// Time between reconcile passes when nothing asks for one sooner.
     pub interval: Duration,
     /// Autoscalers decide and log, but change nothing (`--autoscale-dry-run`).
@@ -99,28 +105,33 @@ impl Minter {
 }
 
 /// Loads and checks the pools, connects to their hosts (on a blocking
-/// thread), and starts the pool task.
-pub async fn start(config: PoolsConfig, parts: Parts) -> Result<PoolsHandle, Error> {
+/// thread; kiln's network is made where it is wanted), and starts the pool
+/// task. Also returns the address of kiln's network on this machine when a
+/// pool's nodes are on it: the server serves there too.
+pub async fn start(config: PoolsConfig, parts: Parts) -> Result<(PoolsHandle, Option<std::net::Ipv4Addr>), Error> {
     let media = Media {
         images: parts.images,
         catalog: parts.catalog,
         minter: parts.minter,
         runtime: tokio::runtime::Handle::current(),
         api_url: config.api_url.clone().unwrap_or_default(),
+        kiln_network: config.networks.kiln.name.clone(),
+        kiln_api_url: config.kiln_api_url.clone().unwrap_or_default(),
     };
-    let (dir, storage) = (config.dir.clone(), config.storage_dir.clone());
-    let fleet = tokio::task::spawn_blocking(move || Fleet::load(&dir, &storage, media))
+    let (dir, storage, networks) = (config.dir.clone(), config.storage_dir.clone(), config.networks.clone());
+    let fleet = tokio::task::spawn_blocking(move || Fleet::load(&dir, &storage, &networks, media))
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    let here = fleet.kiln_network_here().then(|| config.networks.kiln.gateway());
     let names: Vec<String> = fleet.pools.iter().map(|p| p.name.clone()).collect();
     parts.registry.set_pool_of(Box::new(move |hostname: &str| NodeId::parse(hostname).filter(|n| names.contains(&n.pool)).map(|n| n.pool)));
     let control = Control { registry: parts.registry, scraper: kiln_client::metrics::Scraper::new(SCRAPE_TIMEOUT)? };
     let service_config = service::Config {
-        settings: Settings { accel: config.accel, nic: config.nic },
+        settings: Settings { accel: config.accel },
         interval: config.interval,
         autoscale_dry_run: config.autoscale_dry_run,
     };
-    Ok(service::start(fleet, control, service_config).await?)
+    Ok((service::start(fleet, control, service_config).await?, here))
 }
 
 /// A pool names a profile that the catalog no longer has.
@@ -160,6 +171,9 @@ struct Media {
     /// waits here for the token's mint.
     runtime: tokio::runtime::Handle,
     api_url: String,
+    /// The name of the network kiln makes, and the API's URL on it.
+    kiln_network: String,
+    kiln_api_url: String,
 }
 
 impl NodeMedia for Media {
@@ -184,7 +198,8 @@ impl NodeMedia for Media {
         // Every pool node is a machine kiln expects: its seed carries a
         // token minted for its MAC.
         let token = self.runtime.block_on(self.minter.mint(node.mac()))?;
-        let params = BootParams { base_url: &self.api_url, token: Some(&token), api_url: &self.api_url };
+        let api_url = if pool.network.as_ref() == Some(&self.kiln_network) { &self.kiln_api_url } else { &self.api_url };
+        let params = BootParams { base_url: api_url, token: Some(&token), api_url };
         let seed = self.catalog.seed(&profile, image, &machine, &params)?;
         Ok(seed.iso()?)
     }

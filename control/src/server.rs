@@ -195,6 +195,30 @@ struct TlsListener {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
+    /// The same API on other addresses (kiln's network).
+    more: Vec<tokio::net::TcpListener>,
+}
+
+/// A listener on kiln's network's address on this machine, `gateway`, at
+/// the port of the listener asked for at `asked` and bound at `at`: nodes
+/// there reach the boot server and the API at `gateway`. None when that
+/// listener is on every address already; a bind that fails is logged
+/// (nodes there cannot reach kiln) and skipped.
+async fn also_on_kiln_network(gateway: std::net::IpAddr, asked: SocketAddr, at: SocketAddr) -> Option<tokio::net::TcpListener> {
+    if asked.ip().is_unspecified() || asked.ip() == gateway {
+        return None;
+    }
+    let addr = SocketAddr::new(gateway, at.port());
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            tracing::info!("listening on {addr} too, for nodes on kiln's network");
+            Some(l)
+        }
+        Err(e) => {
+            tracing::warn!("cannot listen on {addr}, kiln's network's address here: {e}; nodes on it cannot reach this server");
+            None
+        }
+    }
 }
 
 /// Binds `addr`, naming it in the error.
@@ -255,12 +279,14 @@ async fn bind_api(config: &ServerConfig) -> Result<(TlsListener, ApiEndpoint, tl
     let (listener, addr) = bind(*listen).await?;
     let mut extra: Vec<String> = names.clone();
     extra.extend([config.advertise.as_deref(), advertise.as_deref()].into_iter().flatten().filter_map(url_host));
+    // Nodes on kiln's network reach the API at this machine's address there.
+    extra.extend(config.pools.as_ref().map(|p| p.networks.kiln.gateway().to_string()));
     let acceptor = ca.acceptor(&tls::server_names(*listen, &extra))?;
     let endpoint = match plain_nodes {
         true => ApiEndpoint::Plain,
         false => ApiEndpoint::Tls { port: addr.port(), advertise: advertise.clone() },
     };
-    Ok((TlsListener { listener, addr, acceptor }, endpoint, ca))
+    Ok((TlsListener { listener, addr, acceptor, more: Vec::new() }, endpoint, ca))
 }
 
 /// The routes as a listener serves them: rejections turned into JSON
@@ -273,13 +299,13 @@ fn served(routes: warp::filters::BoxedFilter<(warp::reply::Response,)>) -> warp:
 }
 
 /// Serves the API over TLS on `tls`, and the boot routes and artifacts on
-/// `listener` (with the nodes' routes too when `plain_nodes`), both through
+/// `plain` (with the nodes' routes too when `plain_nodes`), all through
 /// [`listen::serve`] within `limits` (the connection cap lowered to fit the
 /// descriptor limit, first raised to its hard limit). The sender stops both.
 fn spawn_listeners(
     api: Arc<Api>,
     images: Arc<ImageStore>,
-    listener: tokio::net::TcpListener,
+    plain: Vec<tokio::net::TcpListener>,
     tls: TlsListener,
     plain_nodes: bool,
     limits: listen::Limits,
@@ -313,8 +339,11 @@ fn spawn_listeners(
         };
         tokio::spawn(listen::serve(listener, acceptor, served(routes), table.clone(), stop, std::time::Duration::from_secs(5)))
     };
-    let tasks =
-        [spawn(listener, None, plain_routes), spawn(tls.listener, Some(tls.acceptor), routes.nodes.or(routes.operator).unify().boxed())];
+    let tls_routes = routes.nodes.or(routes.operator).unify().boxed();
+    let mut tasks: Vec<_> = plain.into_iter().map(|l| spawn(l, None, plain_routes.clone())).collect();
+    for l in std::iter::once(tls.listener).chain(tls.more) {
+        tasks.push(spawn(l, Some(tls.acceptor.clone()), tls_routes.clone()));
+    }
     let task = tokio::spawn(async move {
         let _ = stopped.await;
         let _ = stop_tx.send(true);
@@ -372,25 +401,37 @@ impl Server {
         let tokens = Arc::new(crate::join_tokens::JoinTokens::new(registry.store_handle())?);
         let minter = crate::pools::Minter { tokens: tokens.clone(), ttl: config.boot_token_ttl };
         let (listener, addr) = bind(config.listen).await?;
-        let (tls, api_endpoint, ca) = bind_api(&config).await?;
+        let mut plain = vec![listener];
+        let (mut tls, api_endpoint, ca) = bind_api(&config).await?;
         let ca = Arc::new(ca);
         if crate::operators::ensure_admin(&config.state, &ca)? {
             tracing::info!(cert = %crate::StateDir::new(&config.state).admin_cert().display(), "issued the operator certificate `admin`");
         }
         let pools = match config.pools.clone() {
             Some(mut pc) => {
+                let api_at = |host: &str| match config.api.plain_nodes {
+                    false => format!("https://{host}:{}", tls.addr.port()),
+                    true => format!("http://{host}:{}", addr.port()),
+                };
                 // Disk nodes on QEMU user networking reach this host's loopback at 10.0.2.2.
-                pc.api_url.get_or_insert_with(|| match config.api.plain_nodes {
-                    false => format!("https://10.0.2.2:{}", tls.addr.port()),
-                    true => format!("http://10.0.2.2:{}", addr.port()),
-                });
+                pc.api_url.get_or_insert_with(|| api_at("10.0.2.2"));
+                pc.kiln_api_url.get_or_insert_with(|| api_at(&pc.networks.kiln.gateway().to_string()));
+                pc.networks.http_port = addr.port();
+                pc.networks.advertise.clone_from(&config.advertise);
+                pc.networks.proxy_dhcp.clone_from(&config.proxy_dhcp);
                 let parts = crate::pools::Parts {
                     registry: registry.clone(),
                     images: images.clone(),
                     catalog: catalog.clone(),
                     minter: minter.clone(),
                 };
-                Some(crate::pools::start(pc, parts).await?)
+                let (pools, here) = crate::pools::start(pc, parts).await?;
+                if let Some(gateway) = here.map(std::net::IpAddr::V4) {
+                    plain.extend(also_on_kiln_network(gateway, config.listen, addr).await);
+                    let api = also_on_kiln_network(gateway, config.api.listen, tls.addr).await;
+                    tls.more.extend(api);
+                }
+                Some(pools)
             }
             None => None,
         };
@@ -410,7 +451,7 @@ impl Server {
             node_cert_ttl: config.node_cert_ttl,
         });
         let api_addr = tls.addr;
-        let (stop, task) = spawn_listeners(api, images.clone(), listener, tls, config.api.plain_nodes, config.http);
+        let (stop, task) = spawn_listeners(api, images.clone(), plain, tls, config.api.plain_nodes, config.http);
         let sweeper = tokio::spawn(sweep(tokens, registry.clone()));
         if config.auto_approve {
             tracing::warn!("--auto-approve: a machine that registers with no token joins at once (labs only)");

@@ -4,9 +4,11 @@
 //! [`Provisioner`] that makes disk nodes' overlays and seeds there.
 //!
 //! Loading refuses, naming the pool file and field, a pool whose image is
-//! not served or whose host cannot be reached, or whose nodes are larger
-//! than a host's memory; nothing is made on any host before every pool
-//! checks out. Everything here blocks (libvirt's C API): the pool task
+//! not served or whose host cannot be reached, whose nodes are larger
+//! than a host's memory, or whose nodes could not boot or reach each other
+//! on its network ([`Networks`]); nothing is made on any host before every
+//! pool checks out. Then kiln's storage pool and kiln's network
+//! ([`crate::network`]) are made on the hosts that lack them. Everything here blocks (libvirt's C API): the pool task
 //! ([`crate::service`]) runs it on tokio's blocking threads.
 //!
 //! What a node boots is the control plane's business: the image files and
@@ -18,8 +20,9 @@ use std::path::{Path, PathBuf};
 
 use crate::domain::BootMedia;
 use crate::hypervisor::{Hypervisor, Libvirt};
+use crate::network::{Ensured, KilnNetwork, is_local};
 use crate::reconcile::{Cause, Error as PassError, Provisioner, Registry, Report, Settings, reconcile};
-use crate::spec::{Boot, Pool};
+use crate::spec::{Boot, Pool, USER_NETWORK};
 use crate::volumes::Volumes;
 use crate::{NodeId, hypervisor};
 
@@ -42,6 +45,49 @@ pub trait NodeMedia: Send + Sync + 'static {
     fn served(&self) -> Vec<String>;
     /// `node`'s cidata seed, as an ISO image.
     fn seed(&self, pool: &Pool, node: &NodeId) -> Result<Vec<u8>, Cause>;
+}
+
+/// Where pools' NICs are plugged: the server's flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Networks {
+    /// The network of a pool whose file names none (`--pool-network`):
+    /// the one kiln makes, unless told otherwise.
+    pub default: String,
+    /// The network kiln makes (`--kiln-network`, `--kiln-network-subnet`,
+    /// `--kiln-network-nat`).
+    pub kiln: KilnNetwork,
+    /// The port kiln serves boot scripts on: guests on kiln's network on
+    /// this machine fetch `http://GATEWAY:PORT/boot.ipxe`.
+    pub http_port: u16,
+    /// `--advertise`: the base URL that guests on kiln's network on another
+    /// machine fetch `boot.ipxe` from.
+    pub advertise: Option<String>,
+    /// The interface kiln's proxyDHCP answers on (`--proxy-dhcp`).
+    pub proxy_dhcp: Option<String>,
+}
+
+impl Default for Networks {
+    fn default() -> Self {
+        Networks {
+            default: crate::network::DEFAULT_NAME.to_string(),
+            kiln: KilnNetwork::default(),
+            http_port: 8080,
+            advertise: None,
+            proxy_dhcp: None,
+        }
+    }
+}
+
+impl Networks {
+    /// The boot file kiln's network on `uri` gives: kiln's iPXE script at
+    /// the host's address on it for this machine, else at `--advertise`.
+    fn boot_url(&self, uri: &str) -> Option<String> {
+        if is_local(uri) {
+            Some(format!("http://{}:{}/boot.ipxe", self.kiln.gateway(), self.http_port))
+        } else {
+            self.advertise.as_ref().map(|a| format!("{}/boot.ipxe", a.trim_end_matches('/')))
+        }
+    }
 }
 
 /// Loading the pools failed.
@@ -79,6 +125,25 @@ pub enum LoadError {
         #[source]
         source: Box<hypervisor::Error>,
     },
+    /// A pool's nodes could not boot, or could not reach each other, on its network.
+    #[error("{file}: `network`: {reason}")]
+    Network {
+        /// The pool file.
+        file: PathBuf,
+        /// Why, naming the network and the host.
+        reason: String,
+    },
+    /// kiln's network could not be found or made on a host.
+    #[error("{file}: `hosts`: {uri}: cannot set up kiln's network (see --kiln-network)")]
+    KilnNetwork {
+        /// The pool file.
+        file: PathBuf,
+        /// The URI.
+        uri: String,
+        /// libvirt's answer.
+        #[source]
+        source: Box<hypervisor::Error>,
+    },
     /// A host's storage pool for kiln's files cannot be found or made.
     #[error("{file}: `hosts`: {uri}: cannot set up kiln's storage pool (see --pool-storage)")]
     Storage {
@@ -100,14 +165,17 @@ pub struct Fleet<M> {
     /// Each host's storage pool, on a connection of its own.
     volumes: BTreeMap<String, Volumes>,
     media: M,
+    /// Whether a pool's nodes are on kiln's network on this machine: the
+    /// server then serves on its address too.
+    kiln_network_here: bool,
 }
 
 impl<M: NodeMedia> Fleet<M> {
-    /// Loads the pool files in `dir`, connects to their hosts (making
-    /// kiln's storage pool at `storage_dir` on a host that has none) and
-    /// checks each pool against its hosts' memory and the images `media`
-    /// serves.
-    pub fn load(dir: &Path, storage_dir: &str, media: M) -> Result<Fleet<M>, LoadError> {
+    /// Loads the pool files in `dir`, connects to their hosts, checks each
+    /// pool against its hosts' memory, the images `media` serves and its
+    /// network, then makes kiln's storage pool at `storage_dir` and kiln's
+    /// network on the hosts that have none.
+    pub fn load(dir: &Path, storage_dir: &str, networks: &Networks, media: M) -> Result<Fleet<M>, LoadError> {
         // First parse with no memory limit, to learn the hosts; then check
         // each pool against its hosts' memory.
         let unchecked = crate::load_dir(dir, u64::MAX)?;
@@ -133,10 +201,12 @@ impl<M: NodeMedia> Fleet<M> {
                 })?;
                 smallest = smallest.min(mem.total_mib);
             }
-            let pool = Pool::from_file(&pool.file, smallest)?;
+            let mut pool = Pool::from_file(&pool.file, smallest)?;
             check_image(&pool, &media)?;
+            pool.network.get_or_insert_with(|| networks.default.clone());
             pools.push(pool);
         }
+        let kiln_network = check_networks(&pools, networks)?;
         // Only once every pool checks out: kiln's storage pool on each host
         // (made there if missing), so a refused start makes nothing.
         let mut volumes = BTreeMap::new();
@@ -150,7 +220,28 @@ impl<M: NodeMedia> Fleet<M> {
                 volumes.insert(uri.clone(), v);
             }
         }
-        Ok(Fleet { pools, hosts, volumes, media })
+        for (uri, (file, url)) in &kiln_network {
+            let ensured = networks.kiln.ensure(uri, url).map_err(|source| LoadError::KilnNetwork {
+                file: file.clone(),
+                uri: uri.clone(),
+                source: Box::new(source),
+            })?;
+            let (name, subnet) = (&networks.kiln.name, networks.kiln.subnet);
+            let mode = if networks.kiln.nat { "NAT" } else { "isolated" };
+            match ensured {
+                Ensured::Made => tracing::info!(host = %uri, %subnet, boot = %url, "pools: made libvirt network {name} ({mode})"),
+                Ensured::Started => tracing::info!(host = %uri, %subnet, boot = %url, "pools: started libvirt network {name}"),
+                Ensured::Found => tracing::debug!(host = %uri, "pools: libvirt network {name} is there"),
+            }
+        }
+        let kiln_network_here = kiln_network.keys().any(|uri| is_local(uri));
+        Ok(Fleet { pools, hosts, volumes, media, kiln_network_here })
+    }
+
+    /// Whether a pool's nodes are on kiln's network on this machine, whose
+    /// address there ([`KilnNetwork::gateway`]) the server must serve on.
+    pub fn kiln_network_here(&self) -> bool {
+        self.kiln_network_here
     }
 
     /// One reconcile pass ([`reconcile()`]) over the fleet.
@@ -161,6 +252,68 @@ impl<M: NodeMedia> Fleet<M> {
     fn volumes(&self, host: &str) -> Result<&Volumes, PassError> {
         self.volumes.get(host).ok_or_else(|| PassError::NotConnected { host: host.to_string() })
     }
+}
+
+/// Each pool's nodes must be able to boot and to reach each other on its
+/// network (the server's default filled in). Returns the hosts kiln's
+/// network is wanted on: host → (the first pool file using it, boot URL).
+fn check_networks(pools: &[Pool], networks: &Networks) -> Result<BTreeMap<String, (PathBuf, String)>, LoadError> {
+    let mut kiln = BTreeMap::new();
+    let mut on_user = 0u32;
+    for pool in pools {
+        let refuse = |reason: String| LoadError::Network { file: pool.file.clone(), reason };
+        let name = pool.network.as_deref().unwrap_or(USER_NETWORK);
+        if name == USER_NETWORK {
+            if pool.boot == Boot::Network {
+                return Err(refuse(
+                    "network boot on QEMU user networking: its DHCP gives iPXE no boot file, so the nodes would stop at \"Nothing to boot\"; leave `network` out for the network kiln makes".into(),
+                ));
+            }
+            on_user = on_user.saturating_add(pool.max);
+            if on_user > 1 {
+                return Err(refuse(format!(
+                    "QEMU user networking gives every node the address 10.0.2.15: {on_user} nodes could not reach one another, and only one would get a pod-network lease; leave `network` out for the network kiln makes"
+                )));
+            }
+        } else if name == networks.kiln.name {
+            if !networks.kiln.fits() {
+                return Err(refuse(format!("kiln's network's subnet {} is too small for guests (at most /29)", networks.kiln.subnet)));
+            }
+            for uri in &pool.hosts {
+                let Some(url) = networks.boot_url(uri) else {
+                    return Err(refuse(format!(
+                        "{uri} is another machine: its guests on kiln's network `{name}` cannot reach this server at {}; pass --advertise with an address they reach (with --kiln-network-nat), or name a network there",
+                        networks.kiln.gateway()
+                    )));
+                };
+                kiln.entry(uri.clone()).or_insert_with(|| (pool.file.clone(), url));
+            }
+        } else {
+            for uri in &pool.hosts {
+                check_named(pool, name, uri, networks).map_err(refuse)?;
+            }
+        }
+    }
+    Ok(kiln)
+}
+
+/// A network the pool names must be on `uri` and, for network boot, give
+/// a boot file or have kiln's proxyDHCP on its bridge.
+fn check_named(pool: &Pool, name: &str, uri: &str, networks: &Networks) -> Result<(), String> {
+    let facts = crate::network::inspect(uri, name).map_err(|e| format!("reading network `{name}`: {e}"))?;
+    let Some(facts) = facts else {
+        return Err(format!(
+            "{uri} has no libvirt network `{name}` (virsh net-list --all); leave `network` out for the network kiln makes"
+        ));
+    };
+    let proxied = networks.proxy_dhcp.is_some() && networks.proxy_dhcp == facts.bridge;
+    if pool.boot == Boot::Network && facts.boot_file.is_none() && !proxied {
+        let bridge = facts.bridge.as_deref().unwrap_or("its bridge");
+        return Err(format!(
+            "network boot on `{name}` ({uri}): its DHCP gives no boot file, so the nodes would stop at \"Nothing to boot\"; add <bootp file='http://…/boot.ipxe'/> to it, pass --proxy-dhcp {bridge}, or leave `network` out for the network kiln makes"
+        ));
+    }
+    Ok(())
 }
 
 /// A pool's image must be served, with a qcow2 for a disk pool.
@@ -215,5 +368,72 @@ impl<M: NodeMedia> Provisioner for Fleet<M> {
 
     fn console_log(&self, host: &str, node: &NodeId) -> Result<PathBuf, PassError> {
         Ok(self.volumes(host)?.console_log(node).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool `name` booting `boot` on `hosts`, with `extra` lines, its
+    /// network defaulted as a fleet does.
+    fn pool(name: &str, boot: &str, max: u32, hosts: &str, extra: &str) -> Pool {
+        let text = format!(
+            "image = \"tiny\"\nvcpus = 1\nmemory-mib = 128\nboot = \"{boot}\"\nmin = 0\nmax = {max}\nreplicas = 0\nhosts = [\"{hosts}\"]\n{extra}"
+        );
+        let mut p = Pool::from_str(&text, Path::new(&format!("/pools/{name}.toml")), 1024).unwrap();
+        p.network.get_or_insert_with(|| crate::network::DEFAULT_NAME.into());
+        p
+    }
+
+    fn refused(pools: &[Pool], networks: &Networks) -> String {
+        check_networks(pools, networks).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn pools_whose_nodes_could_not_boot_or_reach_each_other_are_refused() {
+        let nets = Networks::default();
+        let user = "network = \"user\"";
+        let e = refused(&[pool("a", "network", 2, "test:///default", user)], &nets);
+        assert!(e.starts_with("/pools/a.toml: `network`: network boot on QEMU user networking") && e.contains("Nothing to boot"), "{e}");
+        let e = refused(&[pool("b", "disk", 2, "test:///default", user)], &nets);
+        assert!(e.starts_with("/pools/b.toml: `network`: QEMU user networking gives every node the address 10.0.2.15: 2 nodes"), "{e}");
+        // One node alone on user networking has no peer to reach: allowed.
+        assert!(check_networks(&[pool("c", "disk", 1, "test:///default", user)], &nets).unwrap().is_empty());
+        let e = refused(&[pool("c", "disk", 1, "test:///default", user), pool("d", "disk", 1, "test:///default", user)], &nets);
+        assert!(e.starts_with("/pools/d.toml: `network`:") && e.contains("2 nodes"), "two pools count together: {e}");
+
+        // kiln's network, by default: wanted on the host, with kiln's boot script at its address.
+        let wanted = check_networks(&[pool("e", "network", 2, "test:///default", "")], &nets).unwrap();
+        let url = &wanted["test:///default"].1;
+        assert_eq!(url, "http://10.247.0.1:8080/boot.ipxe");
+        // On another machine, its guests reach kiln only at --advertise.
+        let remote = "qemu+ssh://root@b.example/system";
+        let e = refused(&[pool("f", "network", 2, remote, "")], &nets);
+        assert!(e.contains("is another machine") && e.contains("--advertise"), "{e}");
+        let advertised = Networks { advertise: Some("http://192.0.2.1:8080/".into()), ..Networks::default() };
+        let wanted = check_networks(&[pool("f", "network", 2, remote, "")], &advertised).unwrap();
+        assert_eq!(wanted[remote].1, "http://192.0.2.1:8080/boot.ipxe");
+        let tiny =
+            Networks { kiln: KilnNetwork { subnet: "10.247.0.0/30".parse().unwrap(), ..KilnNetwork::default() }, ..Networks::default() };
+        assert!(refused(&[pool("g", "network", 2, "test:///default", "")], &tiny).contains("too small"));
+    }
+
+    #[test]
+    fn a_named_network_must_be_there_and_give_network_boot_a_boot_file() {
+        let _host = crate::TEST_DEFAULT_HOST.lock().unwrap_or_else(|e| e.into_inner());
+        let uri = "test:///default";
+        let nets = Networks::default();
+        let e = refused(&[pool("a", "network", 2, uri, "network = \"nope\"")], &nets);
+        assert!(e.starts_with("/pools/a.toml: `network`: test:///default has no libvirt network `nope`"), "{e}");
+        // The test driver's `default` network has DHCP and no boot file.
+        let e = refused(&[pool("b", "network", 2, uri, "network = \"default\"")], &nets);
+        assert!(e.contains("its DHCP gives no boot file") && e.contains("--proxy-dhcp virbr0"), "{e}");
+        let proxied = Networks { proxy_dhcp: Some("virbr0".into()), ..Networks::default() };
+        assert!(check_networks(&[pool("b", "network", 2, uri, "network = \"default\"")], &proxied).unwrap().is_empty());
+        assert!(
+            check_networks(&[pool("c", "disk", 2, uri, "network = \"default\"")], &nets).unwrap().is_empty(),
+            "disk boot needs no boot file"
+        );
     }
 }

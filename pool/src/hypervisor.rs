@@ -51,6 +51,21 @@ pub enum Error {
         /// The node.
         node: NodeId,
     },
+    /// Something of that name is on the host and says otherwise than kiln
+    /// would: kiln leaves it alone.
+    #[error("{uri}: {what} is there with {found}, not {wanted}; kiln leaves it as it is: {fix}")]
+    Mismatch {
+        /// The host.
+        uri: String,
+        /// What it is (`network kiln`).
+        what: String,
+        /// What it says.
+        found: String,
+        /// What kiln would have made.
+        wanted: String,
+        /// What the operator can do.
+        fix: String,
+    },
     /// The domain exists but has no kiln metadata for this node: kiln leaves it alone.
     #[error("{uri}: domain `{name}` is not kiln's node {node}; not touching it")]
     NotKiln {

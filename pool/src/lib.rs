@@ -3,7 +3,7 @@
 //! accelerator type ([`Accel`]).
 //!
 //! It owns: pool files ([`spec`]), domain XML ([`domain`]), the libvirt
-//! boundary ([`hypervisor`], [`volumes`]), the pure reconcile plan
+//! boundary ([`hypervisor`], [`volumes`], [`network`]), the pure reconcile plan
 //! ([`plan()`]) and one pass of it ([`reconcile()`]), the hosts of a server's
 //! pools ([`fleet`]), the reconciler and autoscaler as one task behind a
 //! handle ([`service`]), and QEMU guests ([`qemu`]). It does not own the
@@ -12,7 +12,8 @@
 //!
 //! A pool is a TOML file (`pools/<name>.toml`, [`spec`]) saying which image
 //! its nodes boot, their size, disk or network boot, `min`/`max`/`replicas`,
-//! the libvirt hosts they spread across, and optionally an autoscale policy.
+//! the libvirt hosts they spread across, the network their NICs join (by
+//! default the one kiln makes, [`network`]), and optionally an autoscale policy.
 //! Each node is a libvirt domain named `kiln-<pool>-<n>` ([`NodeId`]) whose
 //! XML ([`domain`]) carries kiln's metadata element; a domain without it is
 //! not kiln's and nothing here ever lists, stops or removes it. The
@@ -37,6 +38,7 @@ pub mod autoscale;
 pub mod domain;
 pub mod fleet;
 pub mod hypervisor;
+pub mod network;
 pub mod plan;
 pub mod qemu;
 pub mod reconcile;
@@ -47,7 +49,7 @@ pub mod volumes;
 use std::fmt;
 
 pub use domain::{Accel, BootMedia, DomainSpec, Nic, XMLNS};
-pub use fleet::{Fleet, LoadError, NodeMedia, ServedImage};
+pub use fleet::{Fleet, LoadError, Networks, NodeMedia, ServedImage};
 pub use hypervisor::{HostMemory, Hypervisor, Libvirt, NodeDomain};
 pub use plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
 pub use reconcile::{Provisioner, Registry, Report, Settings, reconcile};

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use crate::NodeId;
-use crate::domain::{Accel, BootMedia, DomainSpec, Nic};
+use crate::domain::{Accel, BootMedia, DomainSpec};
 use crate::hypervisor::Hypervisor;
 use crate::plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
 use crate::spec::{Boot, Pool};
@@ -84,13 +84,11 @@ pub trait Registry {
     fn deregister(&self, node: &NodeId) -> Result<(), Error>;
 }
 
-/// How nodes are attached and run, the same for every pool of a server.
+/// How nodes run, the same for every pool of a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// TCG where KVM does not run, KVM where it does.
     pub accel: Accel,
-    /// Where each node's NIC is plugged.
-    pub nic: Nic,
 }
 
 /// What one pass did.
@@ -220,7 +218,7 @@ fn carry_out(
                 vcpus: pool.vcpus,
                 memory_mib: pool.memory_mib,
                 boot,
-                nic: settings.nic.clone(),
+                nic: pool.nic(),
                 mac: node.mac(),
                 console_log: provisioner.console_log(host, node)?,
             };
@@ -323,7 +321,7 @@ mod tests {
     }
 
     fn settings() -> Settings {
-        Settings { accel: Accel::Tcg, nic: Nic::User }
+        Settings { accel: Accel::Tcg }
     }
 
     fn count_on(hosts: &BTreeMap<String, Box<dyn Hypervisor + Send>>) -> Vec<usize> {

@@ -138,10 +138,18 @@ pub struct PoolSpec {
     /// libvirt URIs the nodes are spread across.
     #[serde(default = "default_hosts")]
     pub hosts: Vec<String>,
+    /// The libvirt network the nodes' NICs join: a network's name, or
+    /// [`USER_NETWORK`]; by default the server's (`--pool-network`, the
+    /// network kiln makes).
+    #[serde(default)]
+    pub network: Option<String>,
     /// Optional autoscaler policy.
     #[serde(default)]
     pub autoscale: Option<Autoscale>,
 }
+
+/// `network = "user"`: QEMU user networking instead of a libvirt network.
+pub const USER_NETWORK: &str = "user";
 
 /// A loaded and validated pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,8 +176,23 @@ pub struct Pool {
     pub replicas: u32,
     /// libvirt URIs, at least one, no repeats.
     pub hosts: Vec<String>,
+    /// The network its file names (a libvirt network, or [`USER_NETWORK`]);
+    /// the server's default is filled in when its hosts are loaded
+    /// ([`crate::Fleet::load`]).
+    pub network: Option<String>,
     /// Optional autoscaler policy.
     pub autoscale: Option<Autoscale>,
+}
+
+impl Pool {
+    /// Where its nodes' NICs are plugged ([`Pool::network`]; a pool not
+    /// loaded through a fleet, with none, is on QEMU user networking).
+    pub fn nic(&self) -> crate::Nic {
+        match self.network.as_deref() {
+            None | Some(USER_NETWORK) => crate::Nic::User,
+            Some(name) => crate::Nic::Network(name.to_string()),
+        }
+    }
 }
 
 impl Pool {
@@ -279,6 +302,11 @@ fn validate(spec: PoolSpec, path: &Path, host_memory_mib: u64) -> Result<Pool, E
             return Err(invalid(&format!("hosts[{i}]"), format!("{h:?} is listed twice")));
         }
     }
+    if let Some(n) = &spec.network
+        && !network_name_ok(n)
+    {
+        return Err(invalid("network", format!("{n:?} is not a libvirt network name (letters, digits, '-', '_', '.'; at most 64)")));
+    }
     if let Some(a) = &spec.autoscale {
         for (key, v) in [("autoscale.scale-up-above", a.scale_up_above), ("autoscale.scale-down-below", a.scale_down_below)] {
             if !v.is_finite() || v < 0.0 {
@@ -310,8 +338,15 @@ fn validate(spec: PoolSpec, path: &Path, host_memory_mib: u64) -> Result<Pool, E
         max: spec.max,
         replicas: spec.replicas,
         hosts: spec.hosts,
+        network: spec.network,
         autoscale: spec.autoscale,
     })
+}
+
+/// A libvirt network's name as kiln accepts one: it goes into domain and
+/// network XML (escaped) and into `virsh` hints.
+fn network_name_ok(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 #[cfg(test)]

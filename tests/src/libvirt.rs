@@ -143,20 +143,33 @@ impl Drop for Lab {
     }
 }
 
-/// `kiln serve --pools` in a lab's namespace (TCG, nodes on the lab's
-/// network), and the `kiln` CLI pointed at its API from there.
+/// `kiln serve --pools` in a lab's namespace (TCG), and the `kiln` CLI
+/// pointed at its API from there.
 pub struct PoolServer<'a> {
     lab: &'a Lab,
     images: PathBuf,
     state: PathBuf,
     /// The API's URL, as the namespace reaches it.
     pub api: String,
+    /// Nodes on the network kiln makes (its defaults), not the lab's.
+    kiln_network: bool,
 }
 
 impl<'a> PoolServer<'a> {
-    /// For `kiln serve` in `lab` with these images and state directory.
+    /// For `kiln serve` in `lab` with these images and state directory,
+    /// on the lab's bridge, its nodes on the lab's network (whose DHCP the
+    /// lab wrote to point at that bridge).
     pub fn new(lab: &'a Lab, images: &Path, state: &Path) -> Self {
-        PoolServer { lab, images: images.to_path_buf(), state: state.to_path_buf(), api: format!("https://{}:8443", lab.bridge_ip) }
+        let api = format!("https://{}:8443", lab.bridge_ip);
+        PoolServer { lab, images: images.to_path_buf(), state: state.to_path_buf(), api, kiln_network: false }
+    }
+
+    /// For `kiln serve` in `lab` as a user runs it: on loopback (the
+    /// namespace's) with no network flag, its nodes on the network kiln
+    /// makes on the lab's libvirtd, where kiln serves too.
+    pub fn on_kiln_network(lab: &'a Lab, images: &Path, state: &Path) -> Self {
+        let api = "https://127.0.0.1:8443".to_string();
+        PoolServer { lab, images: images.to_path_buf(), state: state.to_path_buf(), api, kiln_network: true }
     }
 
     /// Starts `kiln serve` with the pool files in `dir`, and `extra` arguments.
@@ -164,8 +177,13 @@ impl<'a> PoolServer<'a> {
         let lab = self.lab;
         let mut cmd = lab.command(&crate::binaries().kiln);
         cmd.arg("serve").arg("--images").arg(&self.images).arg("--state").arg(&self.state).arg("--pools").arg(dir);
-        cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
-        cmd.args(["--pool-network", &lab.network, "--pool-accel", "qemu"]).args(extra);
+        if self.kiln_network {
+            cmd.args(["--listen", &format!("127.0.0.1:{}", lab.http_port), "--api-listen", "127.0.0.1:8443"]);
+        } else {
+            cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
+            cmd.args(["--pool-network", &lab.network]);
+        }
+        cmd.args(["--pool-accel", "qemu"]).args(extra);
         crate::KilnServer::spawn(cmd, &self.state)
     }
 

@@ -183,11 +183,15 @@ fn tiny_in_a_lab(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, std::p
 }
 
 /// The real thing: a private libvirtd (in a network namespace the test
-/// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG; they
-/// PXE-boot the tiny image from `kiln serve` in that namespace and their
+/// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG. `kiln
+/// serve` runs with the shipped pool file and no network flag, as a user
+/// runs it: it makes its libvirt network `kiln` there, whose DHCP points
+/// PXE clients at its iPXE script on that network's address, where it
+/// serves too. The domains PXE-boot the tiny image from it and their
 /// agents register over TLS. 0 → 3 → 1, then 1 → 3 with `kiln serve`
-/// SIGKILLed in the middle and restarted, then 0: the nodes register and
-/// leave, and afterwards no kiln domain, overlay or lease is left.
+/// SIGKILLed in the middle and restarted (the network is found, not made
+/// again), then 0: the nodes register and leave, and afterwards no kiln
+/// domain, overlay or lease is left.
 #[test]
 fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     if kiln_tests::skip_e2e() {
@@ -199,8 +203,13 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     // The repo's own pools/tiny.toml, on the lab's libvirtd.
     let shipped = std::fs::read_to_string(kiln_tests::root().join("pools/tiny.toml")).expect("pools/tiny.toml");
     pool_file(&dir, "tiny", &format!("{shipped}hosts = [\"{}\"]\n", lab.uri));
-    let k = PoolServer::new(&lab, &images, &state);
+    let k = PoolServer::on_kiln_network(&lab, &images, &state);
     let mut server = k.serve(&dir, &[]);
+    let made = wait_for(Duration::from_secs(30), || server.log().contains("pools: made libvirt network kiln").then_some(()));
+    assert!(made.is_some(), "kiln makes its network:\n{}", tail(&server.log(), 20));
+    let xml = lab.virsh(&["net-dumpxml", "kiln"]);
+    assert!(xml.contains("<bootp file='http://10.247.0.1:8080/boot.ipxe'/>"), "its DHCP points at kiln:\n{xml}");
+    assert!(server.log().contains("listening on 10.247.0.1:8443 too"), "kiln serves on it:\n{}", tail(&server.log(), 20));
     let converge = |server: &KilnServer, want: usize, what: &str| {
         let start = std::time::Instant::now();
         let ok = wait_for(Duration::from_secs(240), || {

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::*;
-use crate::domain::{Accel, Nic};
+use crate::domain::Accel;
+use crate::fleet::Networks;
 
 /// An in-memory control plane: replicas, and every running domain counts
 /// as registered once it is listed here.
@@ -72,7 +73,7 @@ fn pool_dir(dir: &Path, name: &str, image: &str, boot: &str) {
 }
 
 fn config() -> Config {
-    Config { settings: Settings { accel: Accel::Tcg, nic: Nic::User }, interval: Duration::from_millis(50), autoscale_dry_run: false }
+    Config { settings: Settings { accel: Accel::Tcg }, interval: Duration::from_millis(50), autoscale_dry_run: false }
 }
 
 /// Waits until the published status satisfies `done`.
@@ -97,7 +98,7 @@ async fn the_task_scales_a_pool_through_its_handle_and_stores_the_replicas() {
     // The volumes test's directory: whichever test makes kiln's storage pool on the shared host makes it there.
     let fleet = tokio::task::spawn_blocking({
         let d = dir.path().to_path_buf();
-        move || Fleet::load(&d, "/kiln-unit", Tiny)
+        move || Fleet::load(&d, "/kiln-unit", &Networks::default(), Tiny)
     })
     .await
     .unwrap()
@@ -137,13 +138,13 @@ async fn a_pool_whose_image_is_not_served_is_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     pool_dir(dir.path(), "big", "worker", "disk");
     let d = dir.path().to_path_buf();
-    let e = tokio::task::spawn_blocking(move || Fleet::load(&d, "/nonexistent", Tiny).err().unwrap()).await.unwrap();
+    let e = tokio::task::spawn_blocking(move || Fleet::load(&d, "/nonexistent", &Networks::default(), Tiny).err().unwrap()).await.unwrap();
     let text = e.to_string();
     assert!(text.contains("big.toml") && text.contains("no image `worker` is served (images: tiny)"), "{text}");
 
     pool_dir(dir.path(), "big", "tiny", "disk");
     let d = dir.path().to_path_buf();
-    let e = tokio::task::spawn_blocking(move || Fleet::load(&d, "/nonexistent", Tiny).err().unwrap()).await.unwrap();
+    let e = tokio::task::spawn_blocking(move || Fleet::load(&d, "/nonexistent", &Networks::default(), Tiny).err().unwrap()).await.unwrap();
     assert!(e.to_string().contains("has no tiny.qcow2"), "{e}");
 }
 
@@ -157,7 +158,7 @@ async fn the_autoscaler_counts_only_ready_nodes() {
     std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("replicas = 1", "replicas = 2") + policy).unwrap();
     let fleet = tokio::task::spawn_blocking({
         let d = dir.path().to_path_buf();
-        move || Fleet::load(&d, "/kiln-unit", Tiny)
+        move || Fleet::load(&d, "/kiln-unit", &Networks::default(), Tiny)
     })
     .await
     .unwrap()
