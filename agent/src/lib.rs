@@ -14,13 +14,15 @@
 //! every retry; [`flannel`] sets up the node's part of the pod network
 //! (VXLAN device, peers, `subnet.env`, CNI conflist) from its lease;
 //! [`metrics`] exports node_exporter-compatible metrics on `/metrics`
-//! (`:9100` by default, or alone with `kiln-agent metrics`). A new duty is a
+//! (`:9100` by default, or alone with `kiln-agent metrics`); [`check`] takes
+//! part in `kiln check` with a test pod of the node's own conflist. A new duty is a
 //! module with its own loop, started from `main.rs`.
 //!
 //! Owns what runs on a node; does not talk HTTP by hand (kiln-client) or
 //! define the wire types (kiln-core).
 
 pub mod backoff;
+pub mod check;
 pub mod flannel;
 pub mod identity;
 pub mod metrics;

@@ -87,6 +87,10 @@ struct OverlayArgs {
     /// host-local's `dataDir` in the conflist: where pod address reservations are kept.
     #[arg(long, default_value = "/var/lib/cni/networks")]
     cni_ipam_dir: PathBuf,
+    /// Where the CNI plugins are: `kiln check`'s test pod runs them
+    /// (Debian's containernetworking-plugins puts them here).
+    #[arg(long, default_value = "/usr/lib/cni")]
+    cni_bin_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -271,6 +275,8 @@ struct Agent {
     /// Where metrics are served, when they are.
     metrics_addr: Option<SocketAddr>,
     overlay: Option<Arc<flannel::Overlay>>,
+    /// Where `kiln check`'s test pod comes from (with the overlay).
+    check: Option<kiln_agent::check::Config>,
 }
 
 impl Agent {
@@ -300,15 +306,26 @@ impl Agent {
             true => Some(NodeKey::load_or_create(&args.identity_dir).map_err(StartError::Key)?),
             false => None,
         };
+        let check = (!args.overlay.no_flannel).then(|| kiln_agent::check::Config {
+            conflist: kiln_agent::check::conflist(&args.overlay.cni_conf_dir),
+            cni_bin_dir: args.overlay.cni_bin_dir.clone(),
+        });
         let overlay = (!args.overlay.no_flannel).then(|| Arc::new(overlay(args.overlay, &roots, client.authority())));
         let image_digest = join.image_digest.map(|d| d.to_string()).unwrap_or_default();
-        Ok(Agent { roots, image_digest, client, builder, key, metrics_addr, overlay })
+        Ok(Agent { roots, image_digest, client, builder, key, metrics_addr, overlay, check })
     }
 
     /// Registers and stays registered until SIGTERM or SIGINT; then
     /// leaves the cluster and tears the overlay down.
     async fn run(self) -> ExitCode {
         let (publish, registered) = tokio::sync::watch::channel(None);
+        let (stop_check, check_stopped) = tokio::sync::oneshot::channel();
+        let check_task = match (&self.overlay, &self.check) {
+            (Some(o), Some(config)) => {
+                Some(tokio::spawn(kiln_agent::check::run(config.clone(), o.check_rounds(), registered.clone(), check_stopped)))
+            }
+            _ => None,
+        };
         let overlay_task = self.overlay.clone().map(|o| tokio::spawn(o.run(registered)));
         let joining = register::Joining { client: &self.client, builder: &self.builder, key: self.key.as_ref() };
         tokio::select! {
@@ -318,6 +335,11 @@ impl Agent {
         if let Some(task) = overlay_task {
             task.abort();
             let _ = task.await;
+        }
+        // A test pod of a check going on is removed.
+        let _ = stop_check.send(());
+        if let Some(task) = check_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
         let last = publish.borrow().clone();
         self.leave(last).await;

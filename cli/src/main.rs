@@ -5,6 +5,7 @@
 //! `kiln nodes` → the API (kiln-client), `kiln up` → all of them plus a
 //! QEMU guest (kiln-pool). It owns flags, their checks and printing; no work.
 
+mod check;
 mod output;
 mod serve;
 mod up;
@@ -55,6 +56,20 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Test the pod network: every Ready node's agent makes a test pod with
+    /// its CNI conflist, each pod sends to every other node's pod and
+    /// address, and the receivers report the source they saw. Prints the
+    /// matrix (ok, NAT, failed); exits non-zero unless every path is ok.
+    Check {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the verdicts.
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Set how many nodes a pool should have (`kiln serve --pools`).
     Scale {
@@ -259,6 +274,7 @@ fn main() -> ExitCode {
         Command::Up(_)
             | Command::Build { .. }
             | Command::Nodes { .. }
+            | Command::Check { .. }
             | Command::Scale { .. }
             | Command::Pools { .. }
             | Command::AdminCert { .. }
@@ -296,6 +312,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Nodes { action: None, api, json } => {
             let nodes = block_on(api.client()?.nodes())?;
             print(json, &nodes, |n| output::node_table(n))
+        }
+        Command::Check { api, json, timeout } => {
+            let result = block_on(check::run(&api.client()?, timeout))?;
+            print(json, &result, output::check_table)?;
+            Ok(if result.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Scale { pool, replicas, api } => {
             let status = block_on(api.client()?.scale(&pool, replicas))?;
@@ -375,9 +396,9 @@ fn build(
 }
 
 /// Runs one API call on a runtime of its own.
-fn block_on<T>(call: impl std::future::Future<Output = Result<T, kiln_client::Error>>) -> Result<T> {
+fn block_on<T, E: Into<anyhow::Error>>(call: impl std::future::Future<Output = Result<T, E>>) -> Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    Ok(runtime.block_on(call)?)
+    runtime.block_on(call).map_err(Into::into)
 }
 
 /// Prints `value` as pretty JSON, or as the table `table` makes of it.

@@ -239,6 +239,50 @@ pub fn node_table(nodes: &[Node]) -> String {
     table(rows)
 }
 
+/// A check's matrix: a row per sending node, a column per receiving node,
+/// each cell "to its pod / to the node" (ok, NAT and the source seen, or
+/// failed); then the nodes that failed their part.
+pub fn check_table(result: &kiln_core::CheckResult) -> String {
+    use kiln_core::{PathKind, Verdict};
+    let names: Vec<&str> = result.nodes.iter().map(|t| t.node.as_str()).collect();
+    let failed = result.paths.iter().filter(|p| p.verdict != Verdict::Ok).count();
+    let mut out = format!(
+        "check {}: {} node{}, {}\n",
+        cell(&result.id),
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        match (result.ok, failed) {
+            (true, _) => format!("all {} paths ok, no NAT", result.paths.len()),
+            (false, 0) => "failed".to_string(),
+            (false, n) => format!("{n} of {} paths not ok", result.paths.len()),
+        }
+    );
+    let mut header = vec!["FROM \\ TO (pod / node)".to_string()];
+    header.extend(names.iter().map(|n| cell(n)));
+    let mut rows = vec![header];
+    for from in &names {
+        let mut row = vec![cell(from)];
+        for to in &names {
+            let word = |kind| match result.paths.iter().find(|p| p.from == *from && p.to == *to && p.kind == kind) {
+                None => "-".to_string(),
+                Some(p) => match (p.verdict, p.seen) {
+                    (Verdict::Ok, _) => "ok".to_string(),
+                    (Verdict::Nat, Some(seen)) => format!("NAT({seen})"),
+                    (Verdict::Nat, None) => "NAT".to_string(),
+                    (Verdict::Failed, _) => "failed".to_string(),
+                },
+            };
+            row.push(if from == to { "-".to_string() } else { format!("{} / {}", word(PathKind::Pod), word(PathKind::Node)) });
+        }
+        rows.push(row);
+    }
+    out.push_str(&table(rows));
+    for e in &result.errors {
+        out.push_str(&format!("node {}: {}\n", cell(&e.node), escape(&e.error)));
+    }
+    out
+}
+
 /// Rows as aligned columns, two spaces apart.
 fn table(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();

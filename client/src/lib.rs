@@ -395,6 +395,32 @@ impl Client {
         json("POST /api/v1/tokens", url, builder.json(req)).await
     }
 
+    /// `POST /api/v1/checks` (an operator): starts a connectivity check of
+    /// every Ready node holding a lease; answers it as it starts.
+    pub async fn start_check(&self) -> Result<kiln_core::CheckResult, Error> {
+        let (url, builder) = self.request(Method::POST, "/api/v1/checks");
+        json("POST /api/v1/checks", url, builder).await
+    }
+
+    /// `GET /api/v1/checks/ID` (an operator): the check, running or done.
+    pub async fn check(&self, id: &str) -> Result<kiln_core::CheckResult, Error> {
+        let (url, builder) = self.request(Method::GET, &format!("/api/v1/checks/{id}"));
+        json("GET /api/v1/checks/ID", url, builder).await
+    }
+
+    /// `POST /api/v1/checks/ID/ready` (a node of the check): its test pod.
+    pub async fn check_ready(&self, id: &str, ready: &kiln_core::PodReady) -> Result<(), Error> {
+        let (url, builder) = self.request(Method::POST, &format!("/api/v1/checks/{id}/ready"));
+        send("POST /api/v1/checks/ID/ready", &url, builder.json(ready)).await.map(drop)
+    }
+
+    /// `POST /api/v1/checks/ID/report` (a node of the check): what its
+    /// receivers got.
+    pub async fn check_report(&self, id: &str, report: &kiln_core::CheckReport) -> Result<(), Error> {
+        let (url, builder) = self.request(Method::POST, &format!("/api/v1/checks/{id}/report"));
+        send("POST /api/v1/checks/ID/report", &url, builder.json(report)).await.map(drop)
+    }
+
     /// `GET /api/v1/tokens` (an operator): every join token, without secrets.
     pub async fn tokens(&self) -> Result<Vec<kiln_core::JoinTokenInfo>, Error> {
         let (url, builder) = self.request(Method::GET, "/api/v1/tokens");

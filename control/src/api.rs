@@ -50,6 +50,8 @@ use crate::registry::{Error as RegistryError, HEARTBEAT_INTERVAL_SECS, KeyCheck,
 use crate::tls::{ClientCert, Role};
 use crate::token;
 
+mod checks;
+
 /// Largest registration body accepted.
 const MAX_BODY: u64 = 64 * 1024;
 
@@ -81,6 +83,8 @@ pub struct Api {
     pub ca: Arc<crate::tls::Ca>,
     /// How long a node's certificate is valid (`--node-cert-ttl`).
     pub node_cert_ttl: std::time::Duration,
+    /// Connectivity checks (`kiln check`).
+    pub checks: Arc<crate::checks::Checks>,
 }
 
 impl Api {
@@ -167,7 +171,14 @@ impl RouteSets {
     pub fn new(api: &Arc<Api>) -> RouteSets {
         RouteSets {
             nodes: node_routes(api),
-            operator: listing_routes(api).or(pool_routes(api)).unify().or(token_routes(api)).unify().boxed(),
+            operator: listing_routes(api)
+                .or(pool_routes(api))
+                .unify()
+                .or(token_routes(api))
+                .unify()
+                .or(checks::operator_routes(api))
+                .unify()
+                .boxed(),
             boot: boot_routes(api),
         }
     }
@@ -234,7 +245,7 @@ fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(warp::query::<PeersQuery>())
         .then(|api: Arc<Api>, caller: Caller, q: PeersQuery| async move { peers(&api, &caller, q).await });
     let own = heartbeat_route.or(named_heartbeat).unify().or(leave_route).unify().or(named_leave).unify().or(renew).unify().boxed();
-    register.or(own).unify().or(peers).unify().boxed()
+    register.or(own).unify().or(peers).unify().or(checks::node_routes(api)).unify().boxed()
 }
 
 /// Long poll for the peers list: for the cluster's nodes only.
@@ -1036,6 +1047,7 @@ mod tests {
             sd_token: "sd".into(),
             revocations: Arc::new(crate::operators::Revocations::new(dir)),
             tokens,
+            checks: crate::checks::Checks::new(registry.clone()),
             registry,
             ca: Arc::new(crate::tls::Ca::load_or_create(dir).unwrap()),
             node_cert_ttl: std::time::Duration::from_secs(60),
@@ -1557,6 +1569,7 @@ mod tests {
             tokens: base.tokens.clone(),
             ca: base.ca.clone(),
             node_cert_ttl: base.node_cert_ttl,
+            checks: base.checks.clone(),
         });
         let routes = routes(api).recover(recover);
         let resp = warp::test::request()

@@ -27,6 +27,7 @@
 //! in [`api`] that the server composes.
 
 pub mod api;
+pub mod checks;
 pub mod join_tokens;
 pub mod listen;
 pub mod operators;

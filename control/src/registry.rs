@@ -173,6 +173,8 @@ struct State {
     in_flight: BTreeMap<String, (String, Option<Ipv4Cidr>, Option<IpAddr>)>,
     /// Leases in the store that are not kiln's nodes (a flanneld's).
     foreign: BTreeMap<Ipv4Cidr, Peer>,
+    /// The connectivity check the nodes are asked to take part in.
+    check: Option<kiln_core::CheckRound>,
 }
 
 impl State {
@@ -284,6 +286,13 @@ impl Registry {
     /// was last seen ([`HELD_WHILE_SEEN_WITHIN`]; tests shorten it).
     pub fn set_held_within(&self, within: std::time::Duration) {
         self.held_within.store(u64::try_from(within.as_millis()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Announces `round` of a connectivity check to the nodes (in the peers
+    /// watch; `None`: no check), waking every watcher.
+    pub fn set_check(&self, round: Option<kiln_core::CheckRound>) {
+        self.state.lock().expect("registry lock").check = round;
+        self.bump();
     }
 
     /// Sets when a node is NotReady and when it is removed.
@@ -745,7 +754,7 @@ impl Registry {
             })
             .collect();
         peers.extend(st.foreign.values().filter(|p| p.vtep_mac.0 != [0; 6]).cloned());
-        Peers { revision, peers }
+        Peers { revision, peers, check: st.check.clone() }
     }
 
     /// Waits until the revision passes `seen` or `timeout` elapses, then

@@ -449,6 +449,7 @@ impl Server {
             tokens: tokens.clone(),
             ca: ca.clone(),
             node_cert_ttl: config.node_cert_ttl,
+            checks: crate::checks::Checks::new(registry.clone()),
         });
         let api_addr = tls.addr;
         let (stop, task) = spawn_listeners(api, images.clone(), plain, tls, config.api.plain_nodes, config.http);

@@ -167,6 +167,10 @@ pub struct Peers {
     pub revision: u64,
     /// Every node holding a lease.
     pub peers: Vec<Peer>,
+    /// The connectivity check running now, if any (`kiln check`): what each
+    /// node's agent is asked to do for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::CheckRound>,
 }
 
 #[cfg(test)]

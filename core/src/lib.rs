@@ -28,6 +28,7 @@ macro_rules! serde_as_str {
     };
 }
 
+pub mod check;
 pub mod cmdline;
 pub mod digest;
 pub mod join;
@@ -39,6 +40,9 @@ pub mod node;
 pub mod pool;
 pub mod toml_file;
 
+pub use check::{
+    CheckPath, CheckPhase, CheckReport, CheckResult, CheckRound, CheckTarget, NodeError, PathKind, PodReady, Received, Verdict,
+};
 pub use cmdline::KernelCmdline;
 pub use digest::{Digest, DigestError};
 pub use join::{IMAGE_CA_PATH, JoinError, JoinParams, SEED_CMDLINE_PATH};

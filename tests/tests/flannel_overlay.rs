@@ -400,3 +400,110 @@ fn pods_talk_across_nodes_without_nat_embedded_store() {
 fn pods_talk_across_nodes_without_nat_etcd_store() {
     overlay_network_model(Store::Etcd);
 }
+
+/// `kiln check` in the lab, as the operator runs it: (success, stdout, stderr).
+fn kiln_check(lab: &Lab, server: &KilnServer, args: &[&str]) -> (bool, String, String) {
+    let out = lab
+        .ns
+        .command(&kiln_tests::binaries().kiln)
+        .arg("check")
+        .args(args)
+        .args(["--server", &server.api])
+        .arg("--state")
+        .arg(&server.state)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The paths of a check that are not `verdict`, as (from, to, kind).
+fn paths_not(result: &kiln_core::CheckResult, verdict: kiln_core::Verdict) -> Vec<(String, String, kiln_core::PathKind)> {
+    result.paths.iter().filter(|p| p.verdict != verdict).map(|p| (p.from.clone(), p.to.clone(), p.kind)).collect()
+}
+
+/// `kiln check` on three nodes of the lab, each a real agent making its
+/// test pod with its own conflist and the real CNI plugins: every path
+/// (pod → pod, pod → node) is ok and the receivers saw the senders' pod
+/// addresses; the pods are gone afterwards (no address reservation is
+/// left). Then the check must fail where the network is broken: VXLAN
+/// dropped into node 3 fails every path to its pod, and a MASQUERADE on
+/// node 1 shows as NAT, with the address seen.
+#[test]
+fn kiln_check_proves_the_network_model_and_finds_what_breaks_it() {
+    use kiln_core::{PathKind, Verdict};
+    if !preflight() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::new("flc");
+    let server = lab.serve(tmp.path(), API, &[]);
+    let token = lab.ns.run(|| server.join_token(None));
+    let mut nodes: Vec<Node> = (1..=3).map(|i| lab.node(i, tmp.path())).collect();
+    for node in &mut nodes {
+        node.start_agent(&server, &token);
+    }
+    for node in &nodes {
+        wait_up(node, &server);
+    }
+    let listed = lab_nodes(&lab, &server);
+    // Node i's name and subnet, by its address.
+    let of = |node: &Node| listed.iter().find(|n| n.public_ip == Some(IpAddr::V4(node.address))).expect("listed").clone();
+    let names: Vec<String> = nodes.iter().map(|n| of(n).name).collect();
+
+    let started = Instant::now();
+    let (ok, out, err) = kiln_check(&lab, &server, &["--json"]);
+    let result: kiln_core::CheckResult = serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln check --json: {e}: {out}{err}"));
+    eprintln!("kiln check: 3 nodes, {} paths in {} ms", result.paths.len(), started.elapsed().as_millis());
+    let logs = || nodes.iter().map(|n| tail(&n.log(), 10)).collect::<Vec<_>>().join("\n---\n");
+    assert!(ok && result.ok && result.done, "kiln check passes: {out}\n{err}\nagents:\n{}", logs());
+    assert_eq!(result.paths.len(), 12, "3 nodes × 2 others × (pod, node)");
+    assert!(paths_not(&result, Verdict::Ok).is_empty(), "{:?}", result.paths);
+    for t in &result.nodes {
+        let pod = t.pod_ip.expect("every node made its pod");
+        let subnet = listed.iter().find(|n| n.name == t.node).and_then(|n| n.subnet).expect("a lease");
+        let mask = u32::MAX << (32 - subnet.prefix);
+        assert_eq!(u32::from(pod) & mask, u32::from(subnet.addr), "{}'s test pod {pod} is in its subnet {subnet}", t.node);
+        for p in result.paths.iter().filter(|p| p.from == t.node) {
+            assert_eq!(p.seen, Some(IpAddr::V4(pod)), "the receiver saw the sender pod's own address: {p:?}");
+        }
+    }
+    // The pods are removed: host-local keeps no address for them.
+    let leftover = || {
+        nodes
+            .iter()
+            .flat_map(|n| walk(&n.dir.join("cni-ipam")))
+            .filter(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains("kiln-check")))
+            .count()
+    };
+    assert!(wait_for(Duration::from_secs(10), || (leftover() == 0).then_some(())).is_some(), "the test pods' addresses are released");
+    let (ok, table, _) = kiln_check(&lab, &server, &[]);
+    assert!(ok && table.contains("all 12 paths ok, no NAT") && table.contains("ok / ok"), "{table}");
+
+    // Break it: VXLAN into node 3 dropped; node 1 masquerades what its pods send off the pod network.
+    nodes[2].sh(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"]);
+    nodes[0].sh(&["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"]);
+    let (ok, out, err) = kiln_check(&lab, &server, &["--json"]);
+    let result: kiln_core::CheckResult = serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln check --json: {e}: {out}{err}"));
+    assert!(!ok && !result.ok, "a broken network fails the check: {out}");
+    let failed: Vec<_> =
+        result.paths.iter().filter(|p| p.verdict == Verdict::Failed).map(|p| (p.from.clone(), p.to.clone(), p.kind)).collect();
+    let want_failed = vec![(names[0].clone(), names[2].clone(), PathKind::Pod), (names[1].clone(), names[2].clone(), PathKind::Pod)];
+    assert_eq!(failed, want_failed, "every path into node 3's pod fails, nothing else: {:?}", result.paths);
+    let nat: Vec<_> = result.paths.iter().filter(|p| p.verdict == Verdict::Nat).collect();
+    assert_eq!(nat.len(), 2, "node 1's pod → nodes 2 and 3 is masqueraded: {:?}", result.paths);
+    for p in nat {
+        assert_eq!((p.from.as_str(), p.kind, p.seen), (names[0].as_str(), PathKind::Node, Some(IpAddr::V4(nodes[0].address))), "{p:?}");
+    }
+    let (ok, table, _) = kiln_check(&lab, &server, &[]);
+    assert!(!ok && table.contains("failed") && table.contains(&format!("NAT({})", nodes[0].address)), "the table shows it:\n{table}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
+}

@@ -112,6 +112,9 @@ pub struct Overlay {
     uplink: Mutex<Option<Uplink>>,
     /// The VTEP MAC sent by the last [`Overlay::prepare`].
     mac: Mutex<Option<Mac>>,
+    /// The connectivity check the peers watch last announced
+    /// ([`crate::check`] follows it).
+    rounds: watch::Sender<Option<kiln_core::CheckRound>>,
 }
 
 /// The VTEP MAC of a machine: the first six bytes of
@@ -128,7 +131,7 @@ impl Overlay {
     /// The overlay for a node whose control plane is at `server`
     /// (`host:port`, as [`kiln_client::Client::authority`] gives it).
     pub fn new(config: Config, server: &str) -> Overlay {
-        Overlay { config, server: server.to_string(), uplink: Mutex::new(None), mac: Mutex::new(None) }
+        Overlay { config, server: server.to_string(), uplink: Mutex::new(None), mac: Mutex::new(None), rounds: watch::channel(None).0 }
     }
 
     /// Finds the uplink and fills the registration's `public_ip`,
@@ -143,6 +146,12 @@ impl Overlay {
         *self.uplink.lock().unwrap_or_else(|e| e.into_inner()) = Some(up);
         *self.mac.lock().unwrap_or_else(|e| e.into_inner()) = Some(mac);
         Ok(())
+    }
+
+    /// The connectivity checks the peers watch announces (none while the
+    /// node holds no lease).
+    pub fn check_rounds(&self) -> watch::Receiver<Option<kiln_core::CheckRound>> {
+        self.rounds.subscribe()
     }
 
     fn subnet_env_path(&self) -> PathBuf {
@@ -176,6 +185,7 @@ impl Overlay {
             let current = registered.borrow_and_update().clone();
             let reg = match step(applied.as_ref().map(|a| (&a.lease, a.name.as_str())), current.as_ref()) {
                 Step::Idle | Step::Remove => {
+                    self.rounds.send_replace(None);
                     if let Some(old) = applied.take() {
                         warn!("flannel: node {} holds no lease any more; removing {} and the CNI files", old.name, old.device);
                         self.remove(&rtnl, &old.device).await;
@@ -217,6 +227,11 @@ impl Overlay {
                     Ok(peers) => {
                         backoff.reset();
                         revision = peers.revision;
+                        self.rounds.send_if_modified(|r| {
+                            let changed = *r != peers.check;
+                            r.clone_from(&peers.check);
+                            changed
+                        });
                         if let Err(e) = self.reconcile(&rtnl, &a, &peers.peers).await {
                             warn!("flannel: reconciling peers: {}", chain(&e));
                             revision = 0;
