@@ -239,3 +239,87 @@ fn cut(text: &mut String) {
         text.truncate(at);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::{CheckReport, PathKind, Received};
+
+    /// A registry with `n` Ready nodes holding leases, on a fresh embedded store.
+    async fn registry(dir: &std::path::Path, n: u8) -> Arc<Registry> {
+        let store = crate::store::embedded::DbStore::open(&crate::StateDir::new(dir).registry_db(), None).unwrap();
+        let net = crate::registry::NetworkConfig { network: "10.244.0.0/16".parse().unwrap(), subnet_len: 24, vni: 1 };
+        let reg = Registry::open(Arc::new(store), net).await.unwrap();
+        for i in 1..=n {
+            let ip: std::net::IpAddr = std::net::Ipv4Addr::new(192, 0, 2, i).into();
+            let req = kiln_core::RegisterRequest {
+                machine_id: format!("{i:032x}"),
+                hostname: format!("n{i}"),
+                macs: Vec::new(),
+                addresses: vec![ip],
+                cpus: 1,
+                memory_bytes: 1,
+                kernel: "6.1".into(),
+                agent_version: "t".into(),
+                image_digest: String::new(),
+                metrics: None,
+                public_ip: Some(ip),
+                vtep_mac: Some(format!("0e:00:00:00:00:{i:02x}").parse().unwrap()),
+                uplink_mtu: None,
+                csr: None,
+            };
+            reg.register(&req).await.unwrap();
+        }
+        reg
+    }
+
+    #[tokio::test]
+    async fn a_round_takes_only_its_nodes_answers_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let checks = Checks::new(registry(dir.path(), 2).await);
+        let started = checks.start().unwrap();
+        assert_eq!(started.nodes.len(), 2);
+        let id = started.id.clone();
+        assert_eq!(checks.start().unwrap_err(), Error::Busy(id.clone()), "one at a time");
+        let round = checks.registry.peers().check.expect("announced in the peers watch");
+        assert_eq!((round.id.as_str(), round.phase), (id.as_str(), CheckPhase::Prepare));
+
+        let pod = |ip: [u8; 4]| PodReady { pod_ip: Some(ip.into()), error: None };
+        assert_eq!(checks.ready(&id, "x", pod([10, 244, 9, 2])), Err(Error::NotInCheck { id: id.clone(), node: "x".into() }));
+        assert_eq!(checks.ready("c0", "n1", pod([10, 244, 1, 2])), Err(Error::NotWaiting("c0".into())));
+        let report = CheckReport { received: Vec::new() };
+        assert_eq!(checks.report(&id, "n1", report.clone()), Err(Error::NotWaiting(id.clone())), "no report before the probe phase");
+        checks.ready(&id, "n1", pod([10, 244, 1, 2])).unwrap();
+        assert!(matches!(checks.ready(&id, "n1", pod([10, 244, 1, 3])), Err(Error::Invalid(_))), "once");
+        assert!(matches!(checks.ready(&id, "n2", PodReady { pod_ip: None, error: None }), Err(Error::Invalid(_))));
+        checks.ready(&id, "n2", PodReady { pod_ip: None, error: Some("x".repeat(2000)) }).unwrap();
+
+        // Both answered: the probe phase is announced with n1's pod.
+        let probe = eventually(|| checks.registry.peers().check.filter(|r| r.phase == CheckPhase::Probe)).await;
+        assert_eq!(probe.nodes.iter().map(|t| t.pod_ip).collect::<Vec<_>>(), vec![Some([10, 244, 1, 2].into()), None]);
+        let from = |node: &str| Received { from: node.into(), to: PathKind::Node, source: [192, 0, 2, 2].into() };
+        let flood = CheckReport { received: (0..5).map(|_| from("n2")).collect() };
+        assert!(matches!(checks.report(&id, "n1", flood), Err(Error::Invalid(_))), "at most two datagrams per node of the round");
+        let stranger = CheckReport { received: vec![from("zz")] };
+        assert!(matches!(checks.report(&id, "n1", stranger), Err(Error::Invalid(_))), "only from the round's nodes");
+        checks.report(&id, "n1", CheckReport { received: vec![from("n2")] }).unwrap();
+
+        let done = eventually(|| checks.get(&id).filter(|r| r.done)).await;
+        assert!(!done.ok);
+        assert_eq!(done.errors.len(), 1, "{:?}", done.errors);
+        assert!(done.errors[0].error.starts_with("made no test pod: xxx") && done.errors[0].error.len() < 600, "cut: {:?}", done.errors);
+        assert!(checks.registry.peers().check.is_none(), "the round left the peers watch");
+        assert!(checks.start().is_ok(), "the next check may start");
+    }
+
+    /// Polls `f` every 10 ms for up to 5 s.
+    async fn eventually<T>(f: impl Fn() -> Option<T>) -> T {
+        for _ in 0..500 {
+            if let Some(v) = f() {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 5 s");
+    }
+}
