@@ -175,15 +175,19 @@ struct State {
     foreign: BTreeMap<Ipv4Cidr, Peer>,
     /// The connectivity check the nodes are asked to take part in.
     check: Option<kiln_core::CheckRound>,
+    /// Public IP of a lease → the nodes whose lease carries it (one, but
+    /// for a NotReady holder's replacement).
+    by_public_ip: HashMap<IpAddr, Vec<String>>,
 }
 
 impl State {
     fn insert(&mut self, record: NodeRecord) {
-        if let Some(old) = self.nodes.get(&record.node.name) {
-            self.tokens.remove(&old.token_sha256);
-        }
+        self.remove(&record.node.name);
         if let Some(subnet) = record.node.subnet {
             self.foreign.remove(&subnet);
+        }
+        if let (Some(_), Some(ip)) = (record.node.subnet, record.node.public_ip) {
+            self.by_public_ip.entry(ip).or_default().push(record.node.name.clone());
         }
         self.tokens.insert(record.token_sha256.clone(), record.node.name.clone());
         self.nodes.insert(record.node.name.clone(), record);
@@ -192,6 +196,14 @@ impl State {
     fn remove(&mut self, name: &str) -> Option<NodeRecord> {
         let record = self.nodes.remove(name)?;
         self.tokens.remove(&record.token_sha256);
+        if let Some(ip) = record.node.public_ip
+            && let Some(names) = self.by_public_ip.get_mut(&ip)
+        {
+            names.retain(|n| n != name);
+            if names.is_empty() {
+                self.by_public_ip.remove(&ip);
+            }
+        }
         Some(record)
     }
 
@@ -562,12 +574,8 @@ impl Registry {
     /// machine: as on QEMU user networking, where every guest is 10.0.2.15.
     fn public_ip_holder(&self, st: &State, name: &str, ip: IpAddr, now: OffsetDateTime) -> Option<String> {
         let grace = self.lifecycle().grace;
-        let live = st.nodes.values().find(|r| {
-            r.node.name != name
-                && r.node.subnet.is_some()
-                && r.node.public_ip == Some(ip)
-                && r.node.state_at(now, grace) == NodeState::Ready
-        });
+        let holders = st.by_public_ip.get(&ip).into_iter().flatten().filter(|n| n.as_str() != name);
+        let live = holders.filter_map(|n| st.nodes.get(n)).find(|r| r.node.state_at(now, grace) == NodeState::Ready);
         live.map(|r| r.node.name.clone())
             .or_else(|| st.in_flight.iter().find(|(n, (_, _, held))| n.as_str() != name && *held == Some(ip)).map(|(n, _)| n.clone()))
     }

@@ -102,8 +102,17 @@ fn assert_no_nat(what: &str, from_ns: &kiln_tests::Netns, from_ip: Option<Ipv4Ad
     assert!(expect_src.contains(&src), "{what}: the receiver saw {src}, not the sender's own address {expect_src:?} (NAT?)");
 }
 
-/// `kiln ARGS` in the lab's namespace against `server`'s API: its stdout.
+/// `kiln ARGS` in the lab's namespace against `server`'s API, which must
+/// succeed: its stdout.
 fn kiln_in_lab(lab: &Lab, server: &KilnServer, args: &[&str]) -> String {
+    let (ok, out, err) = kiln_in_lab_as_is(lab, server, args);
+    assert!(ok, "kiln {args:?}: {err}");
+    out
+}
+
+/// `kiln ARGS` in the lab's namespace against `server`'s API: (success,
+/// stdout, stderr).
+fn kiln_in_lab_as_is(lab: &Lab, server: &KilnServer, args: &[&str]) -> (bool, String, String) {
     let out = lab
         .ns
         .command(&kiln_tests::binaries().kiln)
@@ -113,8 +122,7 @@ fn kiln_in_lab(lab: &Lab, server: &KilnServer, args: &[&str]) -> String {
         .arg(&server.state)
         .output()
         .unwrap();
-    assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// `kiln nodes --json` in the lab.
@@ -401,19 +409,9 @@ fn pods_talk_across_nodes_without_nat_etcd_store() {
     overlay_network_model(Store::Etcd);
 }
 
-/// `kiln check` in the lab, as the operator runs it: (success, stdout, stderr).
+/// `kiln check ARGS` in the lab, as the operator runs it: (success, stdout, stderr).
 fn kiln_check(lab: &Lab, server: &KilnServer, args: &[&str]) -> (bool, String, String) {
-    let out = lab
-        .ns
-        .command(&kiln_tests::binaries().kiln)
-        .arg("check")
-        .args(args)
-        .args(["--server", &server.api])
-        .arg("--state")
-        .arg(&server.state)
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    kiln_in_lab_as_is(lab, server, &[&["check"][..], args].concat())
 }
 
 /// The paths of a check that are not `verdict`, as (from, to, kind).

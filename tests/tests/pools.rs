@@ -269,9 +269,10 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
 /// lab's mount namespace). Everything goes through libvirt's storage API:
 /// the golden image is uploaded into the host's `kiln` storage pool once,
 /// byte for byte; each node is a qcow2 overlay backed by it plus an
-/// uploaded cidata seed. 0 → 2, both register under their domain names
-/// over TLS; then 0 leaves no domain, overlay, seed, console log or lease,
-/// and the golden volume stays for the next node.
+/// uploaded cidata seed. 0 → 3, all register under their domain names
+/// over TLS, and `kiln check` passes between the three VMs (pod to pod and
+/// pod to node, no NAT); then 0 leaves no domain, overlay, seed, console
+/// log or lease, and the golden volume stays for the next node.
 #[test]
 fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     if kiln_tests::skip_e2e() {
@@ -299,10 +300,10 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     let server = k.serve(&dir, &["--advertise-api", &k.api]);
 
     let start = std::time::Instant::now();
-    k.cli_ok(&["scale", "worker", "2"]);
-    let up = wait_for(Duration::from_secs(420), || (k.registered("worker").len() == 2).then_some(()));
+    k.cli_ok(&["scale", "worker", "3"]);
+    let up = wait_for(Duration::from_secs(420), || (k.registered("worker").len() == 3).then_some(()));
     let in_storage = |name: &str| lab.host_path(&format!("{}/{name}", kiln_pool::volumes::DEFAULT_DIR));
-    let consoles: String = (0..2)
+    let consoles: String = (0..3)
         .map(|n| std::fs::read_to_string(in_storage(&format!("kiln-worker-{n}.log"))).unwrap_or_default())
         .map(|s| tail(&s, 15))
         .collect::<Vec<_>>()
@@ -313,13 +314,26 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
         k.registered("worker"),
         tail(&server.log(), 30)
     );
-    eprintln!("disk pool 0 → 2: both registered after {:.1} s", start.elapsed().as_secs_f64());
-    assert_eq!(k.registered("worker"), ["kiln-worker-0", "kiln-worker-1"]);
+    eprintln!("disk pool 0 → 3: all registered after {:.1} s", start.elapsed().as_secs_f64());
+    assert_eq!(k.registered("worker"), ["kiln-worker-0", "kiln-worker-1", "kiln-worker-2"]);
+    // Pods talk across the VMs without NAT: kiln check, each node's test
+    // pod made by its own conflist and Debian's CNI plugins in the image.
+    let check = std::time::Instant::now();
+    let (ok, out) = k.cli(&["check", "--json"]);
+    let result: kiln_core::CheckResult = serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln check --json: {e}: {out}"));
+    assert!(ok && result.ok && result.paths.len() == 12, "kiln check passes on the three VMs: {out}");
+    assert!(result.paths.iter().all(|p| p.verdict == kiln_core::Verdict::Ok), "{out}");
+    eprintln!(
+        "disk pool 0 → 3: kiln check passed ({} paths, no NAT) in {:.1} s, {:.1} s from the scale",
+        result.paths.len(),
+        check.elapsed().as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    );
     let goldens: Vec<String> = storage(&lab).into_iter().filter(|n| n.starts_with("golden-worker-") && n.ends_with(".qcow2")).collect();
     assert_eq!(goldens.len(), 1, "one golden volume on the host: {:?}", storage(&lab));
     let golden_volume = format!("{}/{}", kiln_pool::volumes::DEFAULT_DIR, goldens[0]);
     assert_eq!(sha256(&lab.host_path(&golden_volume)), sha256(&golden), "the golden volume is the image, byte for byte");
-    for n in 0..2 {
+    for n in 0..3 {
         let overlay = in_storage(&format!("kiln-worker-{n}.qcow2"));
         let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(&overlay).output().unwrap();
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
@@ -340,7 +354,7 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     // A golden volume whose upload never finished (no `.ok`) is uploaded
     // again; one of an older build that no overlay uses is deleted then.
     let uploads = || server.log().matches("pools: golden image uploaded").count();
-    assert_eq!(uploads(), 1, "one upload for two nodes");
+    assert_eq!(uploads(), 1, "one upload for three nodes");
     std::fs::remove_file(in_storage(&golden_ok)).unwrap();
     let stale = "golden-worker-0000000000000000.qcow2";
     std::fs::write(in_storage(stale), b"an older build").unwrap();

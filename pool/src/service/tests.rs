@@ -76,6 +76,13 @@ fn config() -> Config {
     Config { settings: Settings { accel: Accel::Tcg }, interval: Duration::from_millis(50), autoscale_dry_run: false }
 }
 
+/// The pools in `dir` on the test host, loaded as a server loads them.
+async fn load(dir: &Path) -> Fleet<Tiny> {
+    let d = dir.to_path_buf();
+    // The volumes test's directory: whichever test makes kiln's storage pool on the shared host makes it there.
+    tokio::task::spawn_blocking(move || Fleet::load(&d, "/kiln-unit", &Networks::default(), Tiny)).await.unwrap().unwrap()
+}
+
 /// Waits until the published status satisfies `done`.
 async fn until(handle: &PoolsHandle, what: &str, done: impl Fn(&Status) -> bool) -> Status {
     let mut rx = handle.watch();
@@ -95,14 +102,7 @@ async fn the_task_scales_a_pool_through_its_handle_and_stores_the_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let _host = crate::TEST_DEFAULT_HOST.lock().unwrap_or_else(|e| e.into_inner());
     pool_dir(dir.path(), "svc", "tiny", "network");
-    // The volumes test's directory: whichever test makes kiln's storage pool on the shared host makes it there.
-    let fleet = tokio::task::spawn_blocking({
-        let d = dir.path().to_path_buf();
-        move || Fleet::load(&d, "/kiln-unit", &Networks::default(), Tiny)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let fleet = load(dir.path()).await;
     let control = Arc::new(Memory::default());
     let handle = start(fleet, control.clone(), config()).await.unwrap();
     assert_eq!(control.replicas.lock().unwrap().get("svc"), Some(&1), "the file's replicas are stored at start");
@@ -156,13 +156,7 @@ async fn the_autoscaler_counts_only_ready_nodes() {
     let policy = "\n[autoscale]\nmetric = \"load1\"\nscale-up-above = 2.0\nscale-down-below = 0.5\ncooldown-secs = 0\n";
     let file = dir.path().join("auto.toml");
     std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("replicas = 1", "replicas = 2") + policy).unwrap();
-    let fleet = tokio::task::spawn_blocking({
-        let d = dir.path().to_path_buf();
-        move || Fleet::load(&d, "/kiln-unit", &Networks::default(), Tiny)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let fleet = load(dir.path()).await;
     let control = Arc::new(Memory::default());
     let handle = start(fleet, control.clone(), config()).await.unwrap();
     let s = until(&handle, "two nodes defined", |s| defined(s, "auto") == 2).await;

@@ -47,6 +47,13 @@ fn main() {
     let done = wait_for(Duration::from_secs(900), || (registered() == nodes).then_some(()));
     let to_registered = start.elapsed();
     assert!(done.is_some(), "{nodes} nodes did not register: {}\n{}", registered(), tail(&server.log(), 30));
+    // Then the pod network across the VMs (issue 14): kiln check.
+    let checking = Instant::now();
+    let (ok, out) = k.cli(&["check", "--json"]);
+    let check_time = checking.elapsed();
+    let to_checked = start.elapsed();
+    let check: kiln_core::CheckResult = serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln check --json: {e}: {out}"));
+    assert!(ok && check.ok, "kiln check failed on the pool's nodes: {out}");
 
     // From the server's log: each creation's time and each new overlay's and seed's size.
     let log = server.log();
@@ -117,5 +124,11 @@ fn main() {
     println!(
         "| `kiln scale worker {nodes}` → {nodes} registered (TCG, {nodes} × 1 vCPU, 1 GiB on 2 cores) | {:.1} s | | | |",
         to_registered.as_secs_f64()
+    );
+    println!(
+        "| then `kiln check` passed ({} paths, no NAT): the check; from the scale | {:.1} s; {:.1} s | | | |",
+        check.paths.len(),
+        check_time.as_secs_f64(),
+        to_checked.as_secs_f64()
     );
 }
