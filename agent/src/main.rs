@@ -72,7 +72,8 @@ struct OverlayArgs {
     /// Do not set up the pod network (no lease is asked for).
     #[arg(long)]
     no_flannel: bool,
-    /// Interface VXLAN traffic leaves by (default: the one towards the control plane).
+    /// Interface VXLAN traffic leaves by (default: `kiln.uplink=IFACE[:…]`
+    /// on the kernel command line, else the one towards the control plane).
     #[arg(long)]
     iface: Option<String>,
     /// The node's public IP, the VTEP's local address (default: --iface's address, or the source address towards the control plane).
@@ -249,6 +250,15 @@ fn join_params(server: Option<String>, token: Option<String>, cmdline: &Path) ->
         .map_err(|source| StartError::NoControlPlane { path: cmdline.to_path_buf(), source })
 }
 
+/// The interface `kiln.uplink=IFACE[:NET]` names on the kernel command
+/// line (`kiln up` puts its guests' VXLAN on a segment of their own).
+fn cmdline_uplink(cmdline: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(cmdline).ok()?;
+    let value = KernelCmdline::parse(&text).get("kiln.uplink")?.to_string();
+    let iface = value.split(':').next().unwrap_or_default();
+    (!iface.is_empty()).then(|| iface.to_string())
+}
+
 /// A discovery attempt failed; it is retried.
 #[derive(Debug, thiserror::Error)]
 enum DiscoveryError {
@@ -310,7 +320,11 @@ impl Agent {
             conflist: kiln_agent::check::conflist(&args.overlay.cni_conf_dir),
             cni_bin_dir: args.overlay.cni_bin_dir.clone(),
         });
-        let overlay = (!args.overlay.no_flannel).then(|| Arc::new(overlay(args.overlay, &roots, client.authority())));
+        let mut overlay_args = args.overlay;
+        if overlay_args.iface.is_none() {
+            overlay_args.iface = cmdline_uplink(&roots.cmdline);
+        }
+        let overlay = (!overlay_args.no_flannel).then(|| Arc::new(overlay(overlay_args, &roots, client.authority())));
         let image_digest = join.image_digest.map(|d| d.to_string()).unwrap_or_default();
         Ok(Agent { roots, image_digest, client, builder, key, metrics_addr, overlay, check })
     }

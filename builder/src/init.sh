@@ -11,6 +11,12 @@ while read -r mod; do
   insmod "/lib/modules/$mod" 2>/dev/null || echo "kiln-init: insmod $mod failed"
 done < /etc/kiln/modules
 ip link set lo up
+# kiln.uplink=IFACE:A.B.C.0/24 (kiln up's shared segment): IFACE gets
+# A.B.C.<its MAC's last byte>, no DHCP; the agent carries VXLAN over it.
+uplink=$(sed -n 's/.*kiln\.uplink=\([^ ]*\).*/\1/p' /proc/cmdline)
+up_if=${uplink%%:*}
+up_net=${uplink#*:}
+[ "$up_net" = "$uplink" ] && up_net=
 i=0
 while [ "$i" -lt 50 ] && [ -z "$(ls /sys/class/net | grep -v '^lo$')" ]; do sleep 0.1; i=$((i + 1)); done
 first_mac=
@@ -19,6 +25,11 @@ for dev in /sys/class/net/*; do
   [ "$nic" = lo ] && continue
   [ -z "$first_mac" ] && first_mac=$(cat "$dev/address")
   ip link set "$nic" up
+  if [ "$nic" = "$up_if" ] && [ -n "$up_net" ]; then
+    last=$(cut -d: -f6 "$dev/address")
+    ip addr add "${up_net%.*/*}.$((0x$last))/${up_net#*/}" dev "$nic"
+    continue
+  fi
   udhcpc -i "$nic" -s /etc/kiln/udhcpc.script -n -q -t 20 -T 1 >/dev/null 2>&1 &
 done
 wait

@@ -242,6 +242,8 @@ struct Inputs {
     libs: Vec<(PathBuf, Vec<u8>)>,
     kernel: PackageRef,
     busybox: PackageRef,
+    /// The packages of `[[initramfs.files]]`, in the spec's order.
+    extra: Vec<PackageRef>,
     key: String,
 }
 
@@ -267,10 +269,15 @@ impl Builder {
         })?;
         progress(Event::Phase { phase: "fetch".into(), detail: format!("{} {}", inputs.busybox.name, inputs.busybox.version) });
         let busybox_tree = archive.unpacked(&inputs.busybox, |_| Ok(()))?;
+        let mut extra_trees = Vec::new();
+        for pkg in &inputs.extra {
+            progress(Event::Phase { phase: "fetch".into(), detail: format!("{} {}", pkg.name, pkg.version) });
+            extra_trees.push(archive.unpacked(pkg, |_| Ok(()))?);
+        }
 
         progress(Event::Phase { phase: "initramfs".into(), detail: format!("{} modules", inputs.spec.kernel.modules.len()) });
         let kver = kernel_version(&kernel_tree, &inputs.kernel)?;
-        let initrd = self.initramfs(&inputs, &kernel_tree, &kver, &busybox_tree)?;
+        let initrd = self.initramfs(&inputs, &kernel_tree, &kver, &busybox_tree, &extra_trees)?;
         let vmlinuz = read(&kernel_tree.join(format!("boot/vmlinuz-{kver}")))?;
 
         progress(Event::Phase { phase: "write".into(), detail: dir.display().to_string() });
@@ -293,7 +300,7 @@ impl Builder {
                 spec: inputs.spec_digest.clone(),
                 agent: inputs.agent_digest.clone(),
                 kernel_package: inputs.kernel.clone(),
-                packages: vec![inputs.busybox.clone()],
+                packages: std::iter::once(inputs.busybox.clone()).chain(inputs.extra.iter().cloned()).collect(),
                 key: inputs.key.clone(),
             },
         };
@@ -321,11 +328,15 @@ impl Builder {
         let archive = Archive::new(&self.cache).with_lists(self.apt_lists.clone());
         let kernel = archive.resolve_kernel(&spec.kernel.package)?;
         let busybox = archive.resolve(&spec.initramfs.busybox_package)?.package;
+        let extra = spec.initramfs.files.iter().map(|f| archive.resolve(&f.package).map(|s| s.package)).collect::<Result<Vec<_>, _>>()?;
         let spec_digest = kiln_core::Digest::of(&spec_bytes).to_string();
         let agent_digest = kiln_core::Digest::of(&agent).to_string();
         let mut key_text = format!("{BUILDER_FORMAT}\n{spec_digest}\n{agent_digest}\n{}\n{}\n", kernel.sha256, busybox.sha256);
         for (path, bytes) in &libs {
             key_text.push_str(&format!("{} {}\n", path.display(), sha256_hex(bytes)));
+        }
+        for pkg in &extra {
+            key_text.push_str(&format!("{} {}\n", pkg.name, pkg.sha256));
         }
         if let Some(ca) = &self.ca {
             key_text.push_str(&format!("ca {}\n", sha256_hex(ca)));
@@ -333,10 +344,17 @@ impl Builder {
         key_text.push_str(&format!("{}\n{}\n", self.source_date_epoch, INIT_SCRIPT));
         key_text.push_str(UDHCPC_SCRIPT);
         let key = kiln_core::Digest::of(&key_text).to_string();
-        Ok(Inputs { spec, spec_digest, agent, agent_digest, libs, kernel, busybox, key })
+        Ok(Inputs { spec, spec_digest, agent, agent_digest, libs, kernel, busybox, extra, key })
     }
 
-    fn initramfs(&self, inputs: &Inputs, kernel_tree: &Path, kver: &str, busybox_tree: &Path) -> Result<Vec<u8>, Error> {
+    fn initramfs(
+        &self,
+        inputs: &Inputs,
+        kernel_tree: &Path,
+        kver: &str,
+        busybox_tree: &Path,
+        extra_trees: &[PathBuf],
+    ) -> Result<Vec<u8>, Error> {
         let mut entries = Tree::default();
         for dir in ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "etc", "root", "var"] {
             entries.put(dir, 0o755, cpio::Entry::Dir);
@@ -356,6 +374,22 @@ impl Builder {
         for (path, bytes) in &inputs.libs {
             let rel = path.to_string_lossy().trim_start_matches('/').to_string();
             entries.put(&rel, 0o755, cpio::Entry::File(bytes.clone()));
+        }
+
+        for ((files, pkg), tree) in inputs.spec.initramfs.files.iter().zip(&inputs.extra).zip(extra_trees) {
+            for rel in &files.paths {
+                let path = tree.join(rel);
+                let missing = || Error::MissingFile { package: pkg.name.clone(), what: rel.clone() };
+                let meta = std::fs::symlink_metadata(&path).map_err(|_| missing())?;
+                let entry = if meta.file_type().is_symlink() {
+                    let target = std::fs::read_link(&path).map_err(|_| missing())?;
+                    (0o777, cpio::Entry::Symlink(target.to_string_lossy().into_owned()))
+                } else {
+                    use std::os::unix::fs::PermissionsExt;
+                    (meta.permissions().mode() & 0o755, cpio::Entry::File(read(&path)?))
+                };
+                entries.put(rel, entry.0, entry.1);
+            }
         }
 
         let modules = module_load_order(kernel_tree, kver, &inputs.spec.kernel.modules, &inputs.kernel.name)?;

@@ -45,6 +45,20 @@ pub struct KernelSpec {
 pub struct InitramfsSpec {
     /// The Debian package providing `/bin/busybox` (statically linked).
     pub busybox_package: String,
+    /// Files taken from other Debian packages, at their paths.
+    #[serde(default)]
+    pub files: Vec<PackageFiles>,
+}
+
+/// `[[initramfs.files]]`: files of one Debian package, put in the
+/// initramfs at the paths they have in the package (a symlink stays one).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageFiles {
+    /// The package.
+    pub package: String,
+    /// Paths in it, relative (`usr/lib/cni/bridge`).
+    pub paths: Vec<String>,
 }
 
 impl ImageSpec {
@@ -71,6 +85,17 @@ impl ImageSpec {
         }
         if !package_ok(&self.initramfs.busybox_package) {
             return Err(invalid("initramfs.busybox-package", format!("{:?} is not a Debian package name", self.initramfs.busybox_package)));
+        }
+        for (i, f) in self.initramfs.files.iter().enumerate() {
+            if !package_ok(&f.package) {
+                return Err(invalid(&format!("initramfs.files[{i}].package"), format!("{:?} is not a Debian package name", f.package)));
+            }
+            if f.paths.is_empty() {
+                return Err(invalid(&format!("initramfs.files[{i}].paths"), "names no file".into()));
+            }
+            if let Some(bad) = f.paths.iter().find(|p| !relative_path_ok(p)) {
+                return Err(invalid(&format!("initramfs.files[{i}].paths"), format!("{bad:?} is not a relative path inside the package")));
+            }
         }
         for (i, m) in self.kernel.modules.iter().enumerate() {
             if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
@@ -334,6 +359,11 @@ impl WorkerSpec {
 
 fn name_ok(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-')
+}
+
+/// A path inside a package: relative, no `..`, nothing empty between slashes.
+fn relative_path_ok(p: &str) -> bool {
+    !p.is_empty() && !p.starts_with('/') && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..") && !p.contains('\0')
 }
 
 fn package_ok(s: &str) -> bool {

@@ -76,6 +76,10 @@ pub struct GuestSpec {
     pub firmware: Firmware,
     /// Run QEMU inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// A second NIC on a VDE switch (`vde_switch -s SOCK`): an L2 segment
+    /// shared with other guests that needs no root and touches no host
+    /// network. Its MAC and the switch's socket directory.
+    pub segment: Option<(Mac, PathBuf)>,
 }
 
 impl GuestSpec {
@@ -113,6 +117,10 @@ impl GuestSpec {
                 let rom = if *nic_rom { "" } else { ",romfile=" };
                 cmd.args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},bootindex=1{rom}", self.mac)]);
             }
+        }
+        if let Some((mac, sock)) = &self.segment {
+            cmd.arg("-netdev").arg(format!("vde,id=net1,sock={}", sock.display()));
+            cmd.args(["-device", &format!("virtio-net-pci,netdev=net1,mac={mac}")]);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         cmd
@@ -282,6 +290,7 @@ mod tests {
             serial_log: "/tmp/x.log".into(),
             firmware: Firmware::Bios,
             netns: None,
+            segment: None,
         }
     }
 

@@ -304,6 +304,7 @@ fn worker_image_boots_diskless_and_refuses_a_tampered_root() {
             serial_log: tmp.path().join(format!("{name}.serial.log")),
             firmware: qemu::Firmware::Bios,
             netns: None,
+            segment: None,
         };
         Guest::spawn(&spec).expect("QEMU starts")
     };

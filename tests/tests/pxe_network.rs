@@ -95,6 +95,7 @@ fn boot_on_a_real_network(firmware: Firmware, mac: &str, nic_rom: bool) {
         serial_log: tmp.path().join("serial.log"),
         firmware,
         netns: Some(ns.name.clone()),
+        segment: None,
     };
     let started = Instant::now();
     let mut guest = Guest::spawn(&spec).expect("QEMU starts");

@@ -106,6 +106,7 @@ fn build_serve_pxe_boot_register() {
         serial_log: tmp.path().join("serial.log"),
         firmware: qemu::Firmware::Bios,
         netns: None,
+        segment: None,
     };
     let started = Instant::now();
     let mut guest = Guest::spawn(&spec).expect("QEMU starts");
@@ -269,8 +270,9 @@ fn kiln_up_boots_registers_and_stops_on_ctrl_c() {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(240);
-        let (mut qemu_pid, mut approved) = (None, false);
-        let node = loop {
+        let mut qemu_pid = None;
+        let mut node = None;
+        let check = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let event = rx.recv_timeout(left).unwrap_or_else(|_| {
                 panic!(
@@ -281,12 +283,19 @@ fn kiln_up_boots_registers_and_stops_on_ctrl_c() {
             if event["event"] == "booting" {
                 qemu_pid = event["pid"].as_u64();
             }
-            approved |= event["event"] == "approved";
+            assert_ne!(event["event"], "approved", "{round} run: kiln up's guest is a machine it expects: it joins with a minted token");
             if event["event"] == "registered" {
-                break serde_json::from_value::<kiln_core::Node>(event["node"].clone()).expect("the node");
+                node = Some(serde_json::from_value::<kiln_core::Node>(event["node"].clone()).expect("the node"));
+            }
+            if event["event"] == "check" {
+                break event;
             }
         };
-        assert!(approved, "{round} run: kiln up approves its own guest, which waited as pending");
+        let node = node.expect("registered before the check");
+        assert_eq!(
+            check["ok"], true,
+            "{round} run: kiln check passes on one node (its test pod made by the tiny image's CNI plugins): {check}"
+        );
         assert_eq!(node.macs, ["52:54:00:4b:00:02".parse::<Mac>().unwrap()]);
         assert!(!node.pending && node.image_digest.starts_with("sha256:"), "{node:?}");
         assert!(std::time::SystemTime::from(node.registered_at) >= started, "{round} run: this run's guest, not an earlier one: {node:?}");
@@ -301,5 +310,72 @@ fn kiln_up_boots_registers_and_stops_on_ctrl_c() {
         assert!(status.success(), "kiln up exits cleanly: {status}");
         let gone = wait_for(Duration::from_secs(5), || (!Path::new(&format!("/proc/{qemu_pid}")).exists()).then_some(()));
         assert!(gone.is_some(), "the guest is stopped with kiln up");
+    }
+}
+
+/// `kiln up --nodes 3`: three guests of the tiny image, each with a second
+/// NIC on a vde_switch segment in the state directory, register (each
+/// with its own address on the segment as its VXLAN address), and kiln up's
+/// own `kiln check` passes for every pair with no NAT. Ctrl-C stops the
+/// guests and the switch.
+#[test]
+fn kiln_up_with_three_nodes_passes_its_check() {
+    if skip_e2e() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let _vm = vm_lock();
+    let started = Instant::now();
+    let mut cmd = Command::new(&binaries().kiln);
+    cmd.args(["up", "--json", "--nodes", "3", "--mac", "52:54:00:4b:01:01", "--memory", "256", "--cpus", "1", "--cache"])
+        .arg(cache_dir())
+        .arg("--state")
+        .arg(tmp.path().join("state"));
+    let mut up = Process::spawn(cmd, "kiln up --nodes 3");
+    let stdout = up.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let serials = || {
+        (0..3)
+            .map(|i| tmp.path().join(if i == 0 { "state/serial.log".to_string() } else { format!("state/serial-{i}.log") }))
+            .map(|p| tail(&std::fs::read_to_string(p).unwrap_or_default(), 15))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut pids, mut switch, mut nodes) = (Vec::new(), None, Vec::new());
+    let check = loop {
+        let event = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("kiln up --nodes 3 did not report a check; serial consoles:\n{}", serials()));
+        match event["event"].as_str() {
+            Some("booting") => pids.push(event["pid"].as_u64().expect("a guest's pid")),
+            Some("switch") => switch = event["pid"].as_u64(),
+            Some("registered") => nodes.push(serde_json::from_value::<kiln_core::Node>(event["node"].clone()).expect("a node")),
+            Some("check") => break event,
+            _ => {}
+        }
+    };
+    eprintln!("kiln up --nodes 3: check reported {:.1} s after the start (warm cache)", started.elapsed().as_secs_f64());
+    assert_eq!((pids.len(), nodes.len()), (3, 3), "three guests booted and registered");
+    let mut public: Vec<String> = nodes.iter().map(|n| n.public_ip.map(|ip| ip.to_string()).unwrap_or_default()).collect();
+    public.sort();
+    assert_eq!(public, ["10.79.0.10", "10.79.0.11", "10.79.0.12"], "each node's VXLAN address is its own on the segment: {nodes:?}");
+    let result: kiln_core::CheckResult = serde_json::from_value(check["result"].clone()).expect("the check's result");
+    assert!(check["ok"] == true && result.ok && result.paths.len() == 12, "kiln check passes on the three guests: {check}\n{}", serials());
+    assert!(result.paths.iter().all(|p| p.verdict == kiln_core::Verdict::Ok), "no NAT, nothing failed: {:?}", result.paths);
+
+    let status = up.signal_and_wait(Signal::SIGINT, Duration::from_secs(30)).expect("kiln up exits on Ctrl-C");
+    assert!(status.success(), "kiln up exits cleanly: {status}");
+    let switch = switch.expect("kiln up reports its switch's pid");
+    for pid in pids.iter().chain([&switch]) {
+        let gone = wait_for(Duration::from_secs(5), || (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()));
+        assert!(gone.is_some(), "process {pid} (a guest or the switch) is stopped with kiln up");
     }
 }

@@ -114,6 +114,7 @@ fn diskless(a: &Args) -> Vec<f64> {
                 serial_log: a.work.join(format!("{name}.serial.log")),
                 firmware: qemu::Firmware::Bios,
                 netns: None,
+                segment: None,
             };
             let start = Instant::now();
             let mut guest = Guest::spawn(&spec).expect("QEMU starts");
