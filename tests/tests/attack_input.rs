@@ -135,13 +135,15 @@ fn a_stored_hostile_node_prints_escaped_and_short() {
     node_of_old.image_digest = "sha256:\x1b[2J\r\nforged".into();
     node_of_old.kernel = "6".repeat(60 * 1024);
     node_of_old.macs = (0..3000).map(|i| format!("52:54:00:02:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap()).collect();
-    let node: kiln_core::Node = serde_json::from_value(serde_json::json!({
+    let mut node: kiln_core::Node = serde_json::from_value(serde_json::json!({
         "name": "old\u{1b}]0;owned\u{7}", "machine_id": node_of_old.machine_id, "hostname": node_of_old.hostname,
         "macs": node_of_old.macs, "addresses": node_of_old.addresses, "cpus": 1, "memory_bytes": 1,
         "kernel": node_of_old.kernel, "agent_version": "v", "image_digest": node_of_old.image_digest, "pool": "",
         "registered_at": "2026-01-01T00:00:00Z", "last_seen": "2026-01-01T00:00:00Z",
     }))
     .unwrap();
+    // Heard from just now: one silent for the lease TTL (24 h) is removed at start.
+    node.last_seen = std::time::SystemTime::now().into();
     let record = kiln_control::store::NodeRecord { node, token_sha256: "0".repeat(64), key_sha256: None };
     {
         let store = kiln_control::store::embedded::DbStore::open(&state.registry_db(), None).unwrap();
