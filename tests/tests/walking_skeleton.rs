@@ -245,6 +245,20 @@ fn serve_refuses_a_directory_without_images() {
     assert!(stderr.contains(&empty.display().to_string()) && stderr.contains("no image"), "{stderr}");
 }
 
+/// The JSON events `kiln up --json` prints, one per line, as they come.
+fn json_events(up: &mut Process) -> std::sync::mpsc::Receiver<serde_json::Value> {
+    let stdout = up.child.stdout.take().expect("kiln up's stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    rx
+}
+
 #[test]
 fn kiln_up_boots_registers_and_stops_on_ctrl_c() {
     if skip_e2e() {
@@ -260,15 +274,7 @@ fn kiln_up_boots_registers_and_stops_on_ctrl_c() {
         let mut cmd = Command::new(&binaries().kiln);
         cmd.args(["up", "--json", "--mac", "52:54:00:4b:00:02", "--cache"]).arg(cache_dir()).arg("--state").arg(tmp.path().join("state"));
         let mut up = Process::spawn(cmd, "kiln up");
-        let stdout = up.child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&line) {
-                    let _ = tx.send(v);
-                }
-            }
-        });
+        let rx = json_events(&mut up);
         let deadline = Instant::now() + Duration::from_secs(240);
         let mut qemu_pid = None;
         let mut node = None;
@@ -332,15 +338,7 @@ fn kiln_up_with_three_nodes_passes_its_check() {
         .arg("--state")
         .arg(tmp.path().join("state"));
     let mut up = Process::spawn(cmd, "kiln up --nodes 3");
-    let stdout = up.child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
+    let rx = json_events(&mut up);
     let serials = || {
         (0..3)
             .map(|i| tmp.path().join(if i == 0 { "state/serial.log".to_string() } else { format!("state/serial-{i}.log") }))
