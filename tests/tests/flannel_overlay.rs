@@ -483,9 +483,12 @@ fn kiln_check_proves_the_network_model_and_finds_what_breaks_it() {
     let (ok, out, err) = kiln_check(&lab, &server, &["--json"]);
     let result: kiln_core::CheckResult = serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln check --json: {e}: {out}{err}"));
     assert!(!ok && !result.ok, "a broken network fails the check: {out}");
-    let failed: Vec<_> =
+    let mut failed: Vec<_> =
         result.paths.iter().filter(|p| p.verdict == Verdict::Failed).map(|p| (p.from.clone(), p.to.clone(), p.kind)).collect();
-    let want_failed = vec![(names[0].clone(), names[2].clone(), PathKind::Pod), (names[1].clone(), names[2].clone(), PathKind::Pod)];
+    let mut want_failed = vec![(names[0].clone(), names[2].clone(), PathKind::Pod), (names[1].clone(), names[2].clone(), PathKind::Pod)];
+    // The server lists paths by node name; the nodes' names need not sort as their numbers do.
+    failed.sort();
+    want_failed.sort();
     assert_eq!(failed, want_failed, "every path into node 3's pod fails, nothing else: {:?}", result.paths);
     let nat: Vec<_> = result.paths.iter().filter(|p| p.verdict == Verdict::Nat).collect();
     assert_eq!(nat.len(), 2, "node 1's pod → nodes 2 and 3 is masqueraded: {:?}", result.paths);
