@@ -225,10 +225,16 @@ fn segment_mac(i: u8) -> Mac {
 /// their command line when they share a segment) and a group per guest's
 /// MAC, which makes each a machine kiln expects. Written afresh each run.
 fn write_profiles(state: &std::path::Path, guests: &[(Mac, Mac)], segment: bool) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = state.join("profiles");
     let _ = std::fs::remove_dir_all(&dir);
     for sub in ["profiles", "groups"] {
-        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        // Private, as everything in the state directory is.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
     }
     let args = if segment { format!("[\"kiln.uplink=eth1:{SEGMENT}\"]") } else { "[]".to_string() };
     let write = |path: PathBuf, text: String| std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()));
@@ -247,6 +253,8 @@ fn boot(args: &UpArgs, guests: &[(Mac, Mac)], accel: kiln_pool::Accel, port: u16
         let child = std::process::Command::new("vde_switch")
             .arg("-s")
             .arg(&sock)
+            // Private, as everything in the state directory is.
+            .args(["--dirmode", "0700", "--mode", "0600"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
