@@ -610,40 +610,36 @@ impl Registry {
 
     /// Forgets pending machines not heard from for `ttl`. Returns their names.
     pub async fn sweep_pending(&self, ttl: std::time::Duration) -> Result<Vec<String>, store::Error> {
-        let cutoff = OffsetDateTime::now_utc() - ttl;
-        let stale: Vec<String> = {
-            let st = self.state.lock().expect("registry lock");
-            st.nodes.values().filter(|r| r.node.pending && r.node.last_seen < cutoff).map(|r| r.node.name.clone()).collect()
-        };
-        let mut removed = Vec::new();
-        for name in stale {
-            if self.remove(&name).await?.is_some() {
-                removed.push(name);
-            }
-        }
-        Ok(removed)
+        Ok(self.remove_silent(true, ttl).await?.into_iter().map(|n| n.name).collect())
     }
 
     /// Removes the approved nodes not heard from for [`Lifecycle::lease_ttl`]
     /// and releases their subnets, on any store (on etcd their leases
     /// expire by themselves as well). Returns their names.
     pub async fn expire(&self) -> Result<Vec<String>, store::Error> {
-        let cutoff = OffsetDateTime::now_utc() - self.lifecycle().lease_ttl;
+        let mut removed = Vec::new();
+        for node in self.remove_silent(false, self.lifecycle().lease_ttl).await? {
+            tracing::warn!(node = ?node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "not heard from for the lease TTL; node removed, subnet released");
+            removed.push(node.name);
+        }
+        Ok(removed)
+    }
+
+    /// Removes the nodes, pending or approved as `pending` says, not heard
+    /// from for `silent`; a node heard from meanwhile is kept.
+    async fn remove_silent(&self, pending: bool, silent: std::time::Duration) -> Result<Vec<Node>, store::Error> {
+        let cutoff = OffsetDateTime::now_utc() - silent;
+        let quiet = |r: &NodeRecord| r.node.pending == pending && r.node.last_seen < cutoff;
         let stale: Vec<String> = {
             let st = self.state.lock().expect("registry lock");
-            st.nodes.values().filter(|r| !r.node.pending && r.node.last_seen < cutoff).map(|r| r.node.name.clone()).collect()
+            st.nodes.values().filter(|r| quiet(r)).map(|r| r.node.name.clone()).collect()
         };
         let mut removed = Vec::new();
         for name in stale {
-            // Unless it was heard from meanwhile.
-            let quiet = self.state.lock().expect("registry lock").nodes.get(&name).is_some_and(|r| r.node.last_seen < cutoff);
-            if !quiet {
+            if !self.state.lock().expect("registry lock").nodes.get(&name).is_some_and(quiet) {
                 continue;
             }
-            if let Some(node) = self.remove(&name).await? {
-                tracing::warn!(node = ?node.name, subnet = %node.subnet.map(|s| s.to_string()).unwrap_or_default(), "not heard from for the lease TTL; node removed, subnet released");
-                removed.push(name);
-            }
+            removed.extend(self.remove(&name).await?);
         }
         Ok(removed)
     }
