@@ -137,6 +137,10 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             tokio::task::spawn_blocking(move || qemu::probe_kvm("/dev/kvm".as_ref(), &kernel, Duration::from_secs(5), Some(&cache)))
                 .await?;
 
+        // One Ctrl-C listener for the whole run, polled from the first wait
+        // on: a signal between two waits is not lost.
+        let stop = output::shutdown_signal();
+        tokio::pin!(stop);
         let mut running = Running { guests: Vec::new(), switch: None };
         let booted = boot(&args, &guests, accel, port, &mut running);
         let started = Instant::now();
@@ -144,7 +148,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             Err(e) => Err(e),
             Ok(()) => tokio::select! {
                 r = wait_all(&server, &mut running.guests, &guests, Duration::from_secs(args.timeout), args.json) => r,
-                _ = output::shutdown_signal() => Err(anyhow::anyhow!("interrupted before the nodes registered")),
+                _ = &mut stop => Err(anyhow::anyhow!("interrupted before the nodes registered")),
             },
         };
         let outcome = match result {
@@ -153,7 +157,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
                 report_registered(&nodes, secs, args.json);
                 let checked = tokio::select! {
                     r = check(&server, &args.state, args.json) => Some(r),
-                    _ = output::shutdown_signal() => None,
+                    _ = &mut stop => None,
                 };
                 match checked {
                     // Ctrl-C during the check.
@@ -162,7 +166,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
                         if !args.json {
                             println!("image {digest} · Ctrl-C stops the guests and the server");
                         }
-                        output::shutdown_signal().await;
+                        (&mut stop).await;
                         Ok(ExitCode::SUCCESS)
                     }
                     Some(Ok(false)) => Ok(ExitCode::FAILURE),
