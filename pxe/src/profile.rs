@@ -29,7 +29,11 @@
 //!
 //! Templates are Jinja ([minijinja]) with strict undefined variables; they
 //! see `mac`, `mac_hyphen`, `uuid`, `hostname`, `serial`, `arch`, `labels`,
-//! `server`, `token`, `image`, `image_digest` and `profile`. `token` is a
+//! `server`, `api`, `token`, `kiln_cmdline`, `image`, `image_digest` and
+//! `profile`. `kiln_cmdline` is what kiln writes to `/etc/kiln/cmdline`
+//! when a profile has no user-data (the agent's API URL, token and image
+//! digest): a profile with its own user-data writes it there for a
+//! disk-booted image's agent to join. `token` is a
 //! one-use join token minted for the machine's MAC when kiln expects the
 //! machine (a pool's node, or a MAC a group selects), and empty otherwise:
 //! such a machine registers as pending until an operator approves it.
@@ -396,6 +400,7 @@ fn context(profile: &Profile, image: &Manifest, machine: &Machine, server: &Boot
         server => server.base_url.trim_end_matches('/'),
         api => server.api_url.trim_end_matches('/'),
         token => server.token.unwrap_or_default(),
+        kiln_cmdline => server.join(image).seed_file().trim_end(),
         image => image.name.clone(),
         image_digest => image.digest.to_string(),
         profile => profile.id.clone(),
@@ -534,6 +539,18 @@ mod tests {
         let seed = cat.seed(profile, images.get(&profile.image).unwrap(), &m, &unexpected).unwrap();
         assert!(seed.user_data.contains("kiln.server=http://10.0.2.2:8080 kiln.image_digest=sha256:"), "{}", seed.user_data);
         assert!(!seed.user_data.contains("kiln.token"), "{}", seed.user_data);
+
+        // A profile's own user-data writes the same file with `kiln_cmdline`.
+        let mut own = profile.clone();
+        own.user_data = Some("#cloud-config\nwrite_files: [{path: /etc/kiln/cmdline, content: \"{{ kiln_cmdline }}\"}]\n".into());
+        let seed = cat.seed(&own, images.get(&profile.image).unwrap(), &m, &server).unwrap();
+        let digest = images.get(&profile.image).unwrap().digest;
+        assert_eq!(
+            seed.user_data,
+            format!(
+                "#cloud-config\nwrite_files: [{{path: /etc/kiln/cmdline, content: \"kiln.server=http://10.0.2.2:8080 kiln.token=tok kiln.image_digest={digest}\"}}]\n"
+            )
+        );
 
         // A runtime template error (undefined variable) names the profile.
         let mut broken = profile.clone();

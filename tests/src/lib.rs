@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 
 pub mod etcd;
 pub mod golden;
+pub mod guest;
 pub mod libvirt;
 pub mod overlay;
 pub mod slowloris;

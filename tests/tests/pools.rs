@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use kiln_tests::guest::{Guest, SshKey};
 use kiln_tests::libvirt::PoolServer;
 use kiln_tests::{KilnServer, binaries, block_on, block_on_here, chain, fake_image, tail, wait_for};
 
@@ -263,16 +264,21 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
     drop(server);
 }
 
-/// A disk pool of the golden worker image on the same real libvirtd,
-/// reached as a remote host is, over TCP (`qemu+tcp://`), from a `kiln
-/// serve` that does not see the daemon's filesystem (it runs outside the
-/// lab's mount namespace). Everything goes through libvirt's storage API:
-/// the golden image is uploaded into the host's `kiln` storage pool once,
-/// byte for byte; each node is a qcow2 overlay backed by it plus an
-/// uploaded cidata seed. 0 → 3, all register under their domain names
-/// over TLS, and `kiln check` passes between the three VMs (pod to pod and
-/// pod to node, no NAT); then 0 leaves no domain, overlay, seed, console
-/// log or lease, and the golden volume stays for the next node.
+/// A disk pool of the golden worker image on the same real libvirtd, as
+/// a user runs it: on the network kiln makes, with no network flag and no
+/// DHCP option written by hand, and a profile whose user-data lets root in
+/// over SSH. Everything goes through libvirt's storage API: the golden
+/// image is uploaded into the host's `kiln` storage pool once, byte for
+/// byte; each node is a qcow2 overlay backed by it plus an uploaded cidata
+/// seed. 0 → 3: all register under their domain names over TLS at kiln's
+/// address on its network, and `kiln check` passes between the three VMs
+/// (pod to pod and pod to node, no NAT). Then by hand, over SSH: in each VM
+/// a pod made from `/etc/cni/net.d/10-flannel.conflist` pings the pod on
+/// every other VM, and each receiver sees the sender pod's own address.
+/// 3 → 1: the remaining VM drops the others' routes, neighbours and FDB
+/// entries; 1 → 2: the time from the new node's join to its FDB entry in
+/// the other VM. 0 leaves no domain, overlay, seed, console log or lease,
+/// and the golden volume stays for the next node.
 #[test]
 fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     if kiln_tests::skip_e2e() {
@@ -294,10 +300,14 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     let _vm = kiln_tests::vm_lock();
     let lab = kiln_tests::libvirt::Lab::up(&format!("kd{}", std::process::id() % 100_000), 8080);
     let dir = tmp.path().join("pools");
-    let text = "image = \"worker\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = 3\nreplicas = 0\n";
-    pool_file(&dir, "worker", &format!("{text}hosts = [\"{}\"]\n", lab.tcp_uri));
-    let k = PoolServer::new(&lab, &images, &state);
-    let server = k.serve(&dir, &["--advertise-api", &k.api]);
+    let catalog = tmp.path().join("catalog");
+    let key = SshKey::new(&tmp.path().join("ssh"));
+    key.profile(&catalog, "worker-ssh", "worker");
+    let text =
+        "image = \"worker\"\nprofile = \"worker-ssh\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = 3\nreplicas = 0\n";
+    pool_file(&dir, "worker", &format!("{text}hosts = [\"{}\"]\n", lab.uri));
+    let k = PoolServer::on_kiln_network(&lab, &images, &state);
+    let server = k.serve(&dir, &["--profiles", catalog.to_str().unwrap()]);
 
     let start = std::time::Instant::now();
     k.cli_ok(&["scale", "worker", "3"]);
@@ -316,6 +326,11 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     );
     eprintln!("disk pool 0 → 3: all registered after {:.1} s", start.elapsed().as_secs_f64());
     assert_eq!(k.registered("worker"), ["kiln-worker-0", "kiln-worker-1", "kiln-worker-2"]);
+    let nodes = worker_nodes(&k);
+    for n in &nodes {
+        let ip = n.public_ip.unwrap_or_else(|| panic!("{} has no public IP", n.name));
+        assert!(ip.to_string().starts_with("10.247.0."), "{} is on kiln's network (10.247.0.0/24): {ip}", n.name);
+    }
     // Pods talk across the VMs without NAT: kiln check, each node's test
     // pod made by its own conflist and Debian's CNI plugins in the image.
     let check = std::time::Instant::now();
@@ -342,6 +357,83 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
         let size = std::fs::metadata(&overlay).unwrap().len();
         eprintln!("kiln-worker-{n}: overlay {} KiB after boot (golden image {} MiB)", size >> 10, golden_size >> 20);
     }
+
+    // The same by hand, over SSH, as a user would check it.
+    let guests: Vec<Guest> = nodes.iter().map(|n| Guest::new(&lab, &key, n)).collect();
+    for g in &guests {
+        g.wait_for_ssh(Duration::from_secs(120));
+        let cmdline = g.sh("cat /etc/kiln/cmdline");
+        assert!(
+            cmdline.starts_with("kiln.server=https://10.247.0.1:8443 kiln.token="),
+            "{}'s agent joins at kiln's address on its network: {cmdline}",
+            g.name
+        );
+    }
+    let pods: Vec<std::net::Ipv4Addr> = guests.iter().map(|g| g.add_pod("pod")).collect();
+    for g in &guests {
+        g.listen("pod", 180);
+    }
+    for (i, from) in guests.iter().enumerate() {
+        for (j, to) in guests.iter().enumerate().filter(|(j, _)| *j != i) {
+            from.ping("pod", pods[j])
+                .unwrap_or_else(|e| panic!("the pod on {} pings the pod on {} ({}): {e}", from.name, to.name, pods[j]));
+        }
+    }
+    for (j, to) in guests.iter().enumerate() {
+        let seen = to.seen();
+        for (i, from) in guests.iter().enumerate().filter(|(i, _)| *i != j) {
+            assert!(
+                seen.contains(&pods[i]),
+                "the pod on {} sees the pod on {} as itself ({}), no NAT: it saw {seen:?}",
+                to.name,
+                from.name,
+                pods[i]
+            );
+        }
+    }
+    for (i, g) in guests.iter().enumerate() {
+        for peer in nodes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, n)| n) {
+            assert!(g.has_peer(peer), "{} holds {}'s route, neighbour and FDB entry: {:?}", g.name, peer.name, g.overlay_tables());
+        }
+    }
+    eprintln!("disk pool: over SSH, each of 3 pods pinged the other 2 and each receiver saw the sender pod's own address");
+
+    // 3 → 1: the remaining VM forgets the others.
+    k.cli_ok(&["scale", "worker", "1"]);
+    let one = wait_for(Duration::from_secs(120), || (k.registered("worker").len() == 1).then_some(()));
+    assert!(one.is_some(), "the pool did not scale to 1: {:?}", k.registered("worker"));
+    let remaining = worker_nodes(&k).remove(0);
+    let stays = guests.iter().find(|g| g.name == remaining.name).expect("the remaining node is one of the three");
+    let gone: Vec<&kiln_core::Node> = nodes.iter().filter(|n| n.name != remaining.name).collect();
+    let forgot = wait_for(Duration::from_secs(30), || gone.iter().all(|n| stays.lacks_peer(n)).then_some(()));
+    assert!(
+        forgot.is_some(),
+        "{} dropped the routes, neighbours and FDB entries of {:?}: {:?}",
+        stays.name,
+        gone.iter().map(|n| &n.name).collect::<Vec<_>>(),
+        stays.overlay_tables()
+    );
+
+    // 1 → 2: a join reaches the other VM's FDB (the figure in BENCHMARKS.md).
+    let mut watch = stays.watch_fdb();
+    k.cli_ok(&["scale", "worker", "2"]);
+    let two = wait_for(Duration::from_secs(300), || (k.registered("worker").len() == 2).then_some(()));
+    assert!(two.is_some(), "the pool did not scale to 2: {:?}\n{}", k.registered("worker"), tail(&server.log(), 20));
+    let joined = worker_nodes(&k).into_iter().find(|n| n.name != remaining.name).expect("the new node");
+    let public = joined.public_ip.expect("the new node's public IP");
+    let entry = watch.entry(&format!(" dst {public} "), Duration::from_secs(30));
+    let entry =
+        entry.unwrap_or_else(|| panic!("no FDB entry for {} ({public}) on {}: {:?}", joined.name, stays.name, stays.overlay_tables()));
+    let (offset, round_trip) = watch.offset();
+    let join = joined.registered_at.unix_timestamp_nanos() as f64 / 1e9;
+    eprintln!(
+        "disk pool 1 → 2: {} joined; its FDB entry on {} {:.0} ms later (clocks compared within ±{:.0} ms)",
+        joined.name,
+        stays.name,
+        (entry - offset - join) * 1000.0,
+        round_trip * 500.0
+    );
+    drop(watch);
 
     k.cli_ok(&["scale", "worker", "0"]);
     let down = wait_for(Duration::from_secs(60), || {
@@ -371,6 +463,13 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     assert!(left.is_some(), "the golden volume is whole again and the stale one is gone: {:?}", storage(&lab));
     assert_eq!(sha256(&lab.host_path(&golden_volume)), sha256(&golden), "the golden volume is the image, byte for byte");
     drop(server);
+}
+
+/// The worker pool's registered nodes, by name.
+fn worker_nodes(k: &PoolServer) -> Vec<kiln_core::Node> {
+    let mut nodes: Vec<kiln_core::Node> = k.nodes().into_iter().filter(|n| n.pool.as_deref() == Some("worker")).collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    nodes
 }
 
 /// A node as the autoscaler sees it: a real `kiln-agent metrics` serving a

@@ -1,13 +1,17 @@
 //! `bench/pools`: what provisioning a pool node costs, against a full copy
 //! of the golden image, and how long `kiln scale worker N` takes to N
 //! registered nodes under TCG, on a real libvirtd (the tests' lab: a
-//! private libvirtd in a network namespace this program makes and removes).
+//! private libvirtd in a network namespace this program makes and removes),
+//! on the libvirt network kiln makes by default; then `kiln check`, and one
+//! more node's join timed to its FDB entry in every other VM (read over
+//! SSH, with a key given through the pool's profile).
 //!
 //! Prints a Markdown section for BENCHMARKS.md. `NODES` (default 5).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kiln_tests::guest::{Guest, SshKey};
 use kiln_tests::libvirt::{Lab, PoolServer};
 use kiln_tests::{golden, tail, wait_for};
 
@@ -33,13 +37,19 @@ fn main() {
     let lab = Lab::up(&format!("kb{}", std::process::id() % 100_000), 8080);
     let dir = tmp.path().join("pools");
     std::fs::create_dir_all(&dir).unwrap();
+    // kiln's defaults (its own libvirt network), and a profile that lets
+    // the bench into each VM over SSH to watch its FDB.
+    let key = SshKey::new(&tmp.path().join("ssh"));
+    let catalog = tmp.path().join("catalog");
+    key.profile(&catalog, "worker-ssh", "worker");
     let pool = format!(
-        "image = \"worker\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = {nodes}\nreplicas = 0\nhosts = [\"{}\"]\n",
+        "image = \"worker\"\nprofile = \"worker-ssh\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = {}\nreplicas = 0\nhosts = [\"{}\"]\n",
+        nodes + 1,
         lab.uri
     );
     std::fs::write(dir.join("worker.toml"), pool).unwrap();
-    let k = PoolServer::new(&lab, &images, &state);
-    let server = k.serve(&dir, &["--advertise-api", &k.api, "--pool-interval", "1"]);
+    let k = PoolServer::on_kiln_network(&lab, &images, &state);
+    let server = k.serve(&dir, &["--profiles", catalog.to_str().unwrap(), "--pool-interval", "1"]);
     let registered = || k.registered("worker").len();
 
     let start = Instant::now();
@@ -54,6 +64,34 @@ fn main() {
     let to_checked = start.elapsed();
     let check: kiln_core::CheckResult = serde_json::from_str(&out).unwrap_or_else(|e| panic!("kiln check --json: {e}: {out}"));
     assert!(ok && check.ok, "kiln check failed on the pool's nodes: {out}");
+
+    // One more node joins: the time from its registration to its FDB
+    // entry in each of the others, on their clocks (read over SSH).
+    let before = k.nodes();
+    let guests: Vec<Guest> = before.iter().map(|n| Guest::new(&lab, &key, n)).collect();
+    let mut watches: Vec<_> = guests
+        .iter()
+        .map(|g| {
+            g.wait_for_ssh(Duration::from_secs(120));
+            g.watch_fdb()
+        })
+        .collect();
+    k.cli_ok(&["scale", "worker", &(nodes + 1).to_string()]);
+    let joined = wait_for(Duration::from_secs(600), || k.nodes().into_iter().find(|n| !before.iter().any(|b| b.name == n.name)));
+    let joined = joined.unwrap_or_else(|| panic!("node {} did not register\n{}", nodes + 1, tail(&server.log(), 30)));
+    let public = joined.public_ip.expect("the new node's public IP");
+    let join = joined.registered_at.unix_timestamp_nanos() as f64 / 1e9;
+    let mut fdb_ms = Vec::new();
+    let mut clock_error_ms: f64 = 0.0;
+    for (g, watch) in guests.iter().zip(&mut watches) {
+        let entry = watch.entry(&format!(" dst {public} "), Duration::from_secs(60));
+        let entry = entry.unwrap_or_else(|| panic!("no FDB entry for {} on {}", joined.name, g.name));
+        let (offset, round_trip) = watch.offset();
+        fdb_ms.push((entry - offset - join) * 1000.0);
+        clock_error_ms = clock_error_ms.max(round_trip * 500.0);
+    }
+    drop(watches);
+    fdb_ms.sort_by(f64::total_cmp);
 
     // From the server's log: each creation's time and each new overlay's and seed's size.
     let log = server.log();
@@ -130,5 +168,11 @@ fn main() {
         check.paths.len(),
         check_time.as_secs_f64(),
         to_checked.as_secs_f64()
+    );
+    println!(
+        "| node {} joins → its FDB entry in every other VM ({nodes}): median; last (clocks compared over SSH within ±{clock_error_ms:.0} ms) | {:.0} ms; {:.0} ms | | | ≤ 1 s |",
+        nodes + 1,
+        fdb_ms[fdb_ms.len() / 2],
+        fdb_ms[fdb_ms.len() - 1]
     );
 }
