@@ -89,9 +89,10 @@ impl<'a> Guest<'a> {
     /// Runs `remote` with `input` on its stdin: its stdout, or what failed.
     pub fn run_with(&self, remote: &str, input: &[u8]) -> Result<String, String> {
         let mut child = self.ssh(remote).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ssh runs");
-        child.stdin.take().expect("stdin").write_all(input).map_err(|e| format!("{}: {remote}: stdin: {e}", self.name))?;
+        // A refused login closes stdin early: what ssh said tells why.
+        let fed = child.stdin.take().expect("stdin").write_all(input);
         let out = child.wait_with_output().expect("ssh ends");
-        if out.status.success() {
+        if out.status.success() && fed.is_ok() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(format!("{}: {remote}: {}{}", self.name, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
