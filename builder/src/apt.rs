@@ -90,11 +90,7 @@ impl Archive {
 
     fn resolve_with_apt(&self, spec: &str) -> Result<Stanza, Error> {
         let name = spec.split('=').next().unwrap_or(spec);
-        let out = Command::new("apt-cache")
-            .args(["show", "--no-all-versions", spec])
-            .env("LC_ALL", "C")
-            .output()
-            .map_err(|source| Error::Spawn { program: "apt-cache".into(), source })?;
+        let out = crate::interrupt::output(Command::new("apt-cache").args(["show", "--no-all-versions", spec]).env("LC_ALL", "C"))?;
         let text = String::from_utf8_lossy(&out.stdout);
         match parse_stanza(&text) {
             Some(stanza) if out.status.success() => Ok(stanza),
@@ -130,12 +126,12 @@ impl Archive {
         }
         create_dir(&dir)?;
         let tmp = tempfile::Builder::new().prefix(".fetch-").tempdir_in(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
-        let out = Command::new("apt-get")
-            .args(["download", "-q", &format!("{}={}", pkg.name, pkg.version)])
-            .current_dir(tmp.path())
-            .env("LC_ALL", "C")
-            .output()
-            .map_err(|source| Error::Spawn { program: "apt-get".into(), source })?;
+        let out = crate::interrupt::output(
+            Command::new("apt-get")
+                .args(["download", "-q", &format!("{}={}", pkg.name, pkg.version)])
+                .current_dir(tmp.path())
+                .env("LC_ALL", "C"),
+        )?;
         if !out.status.success() {
             return Err(Error::Fetch { package: pkg.name.clone(), detail: String::from_utf8_lossy(&out.stderr).trim().to_string() });
         }
@@ -203,7 +199,7 @@ fn lists_stamp(lists: &Path) -> Option<String> {
 /// Runs a command, turning a failure into an error carrying its stderr.
 pub(crate) fn run(cmd: &mut Command) -> Result<(), Error> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd.output().map_err(|source| Error::Spawn { program: program.clone(), source })?;
+    let out = crate::interrupt::output(cmd)?;
     if out.status.success() {
         Ok(())
     } else {

@@ -73,15 +73,16 @@ impl BaseSource for Mmdebstrap {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // Its own process group, recorded beside the tree: if kiln is killed,
-        // mmdebstrap (which waits out its child on SIGTERM) would run on; the
-        // next build kills the group before it removes the leftover.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().map_err(|source| Error::Spawn { program: "mmdebstrap".into(), source })?;
+        // Its own process group (as every program a build runs), which
+        // Ctrl-C kills; recorded beside the tree too: if kiln itself is
+        // SIGKILLed, mmdebstrap (which waits out its child on SIGTERM) would
+        // run on, and the next build kills the group before it removes the
+        // leftover.
+        let mut running = crate::interrupt::spawn(&mut cmd)?;
         if let Some(dir) = tree.parent() {
-            let _ = std::fs::write(dir.join(PGID_FILE), child.id().to_string());
+            let _ = std::fs::write(dir.join(PGID_FILE), running.child().id().to_string());
         }
-        let out = child.wait_with_output().map_err(|source| Error::Spawn { program: "mmdebstrap".into(), source })?;
+        let out = running.wait_with_output()?;
         if !out.status.success() {
             return Err(Error::Command {
                 program: "mmdebstrap".into(),
@@ -226,12 +227,9 @@ fn kill_orphan(pgid: i32) {
 /// Checks that apt's index knows every package in `names`; the error names
 /// the first it does not.
 pub fn check_packages(names: &[String]) -> Result<(), Error> {
-    let out = Command::new("apt-cache")
-        .args(["show", "--no-all-versions", "--quiet=0"])
-        .args(names)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|source| Error::Spawn { program: "apt-cache".into(), source })?;
+    let out = crate::interrupt::output(
+        Command::new("apt-cache").args(["show", "--no-all-versions", "--quiet=0"]).args(names).env("LC_ALL", "C"),
+    )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     // apt-cache exits 0 when some were found: look at each name. An unknown
@@ -250,12 +248,12 @@ pub fn check_packages(names: &[String]) -> Result<(), Error> {
 /// sha256 of the `.deb` each came from when it is in `debs`.
 fn inventory(tree: &Path, debs: &Path, arch: &str, key: &Digest) -> Result<BaseInfo, Error> {
     let admin = tree.join("var/lib/dpkg");
-    let out = Command::new("dpkg-query")
-        .arg(format!("--admindir={}", admin.display()))
-        .args(["-W", "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n"])
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|source| Error::Spawn { program: "dpkg-query".into(), source })?;
+    let out = crate::interrupt::output(
+        Command::new("dpkg-query")
+            .arg(format!("--admindir={}", admin.display()))
+            .args(["-W", "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n"])
+            .env("LC_ALL", "C"),
+    )?;
     if !out.status.success() {
         return Err(Error::Command {
             program: "dpkg-query".into(),

@@ -256,16 +256,12 @@ pub fn create(disk: &Path, layout: &Layout, ids: &DiskIds, grub: &GrubImages) ->
          start={ROOT_START}, size={}, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid={}, name=\"root\"\n",
         ids.disk, ids.bios, ids.esp, layout.root_sectors, ids.root
     );
-    let mut child = Command::new("sfdisk")
-        .args(["-q", "--no-reread", "--no-tell-kernel"])
-        .arg(disk)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| Error::Spawn { program: "sfdisk".into(), source })?;
-    child.stdin.take().expect("piped").write_all(table.as_bytes()).map_err(io)?;
-    let out = child.wait_with_output().map_err(io)?;
+    let mut sfdisk = Command::new("sfdisk");
+    sfdisk.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(disk).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = crate::interrupt::spawn(&mut sfdisk)?;
+    let fed = child.child().stdin.take().expect("piped").write_all(table.as_bytes());
+    let out = child.wait_with_output()?;
+    fed.map_err(io)?;
     if !out.status.success() {
         return Err(Error::Command {
             program: "sfdisk".into(),

@@ -32,6 +32,7 @@ pub mod base;
 pub mod cpio;
 pub mod disk;
 pub mod diskless;
+pub mod interrupt;
 pub mod layer;
 pub mod spec;
 pub mod worker;
@@ -130,6 +131,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The build was stopped by a signal (Ctrl-C, SIGTERM); every program
+    /// it started is gone and its temporary directories are removed.
+    #[error("interrupted by {signal}")]
+    Interrupted {
+        /// `SIGINT` or `SIGTERM`.
+        signal: &'static str,
+    },
     /// Too little room to build, found before anything is written.
     #[error("not enough disk space on {path}: the build needs {needed_mib} MiB, {available_mib} MiB are free")]
     NoSpace {
@@ -179,6 +187,11 @@ pub enum Event {
         digest: kiln_core::Digest,
         /// Total bytes of its artifacts.
         bytes: u64,
+    },
+    /// A signal stopped the build ([`interrupt`]); nothing was changed.
+    Interrupted {
+        /// `SIGINT` or `SIGTERM`.
+        signal: String,
     },
 }
 
@@ -539,7 +552,7 @@ fn module_name(path: &str) -> String {
 /// The shared libraries a dynamically linked binary loads, as `ldd` resolves
 /// them on this host (the agent was linked here, against these).
 fn linked_libraries(binary: &Path) -> Result<Vec<PathBuf>, Error> {
-    let out = Command::new("ldd").arg(binary).output().map_err(|source| Error::Spawn { program: "ldd".into(), source })?;
+    let out = interrupt::output(Command::new("ldd").arg(binary))?;
     let text = String::from_utf8_lossy(&out.stdout);
     if text.contains("statically linked") || text.contains("not a dynamic executable") {
         return Ok(Vec::new());

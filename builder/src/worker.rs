@@ -54,14 +54,22 @@ pub fn build(
         return Ok(outcome);
     }
     let base = job.base(&resolved)?;
+    // Between phases, a stopped build goes no further (its programs see
+    // to themselves: `interrupt`).
+    let stop = crate::interrupt::check;
+    stop()?;
     let work = Locked::new(&builder.cache.join("work"), ".work-")?;
     let ids = DiskIds::from_key(&resolved.key);
     let tree = job.layers(&resolved, &base, &ids, work.path())?;
+    stop()?;
     let mut staging = Locked::new(out, &format!(".{}.tmp-", spec.name))?;
     let paths = Paths { work: work.path(), staging: staging.path(), raw: work.path().join("disk.raw"), tree };
     let mut artifacts = vec![job.disk_and_squashfs(&resolved, &base, &ids, &paths)?];
+    stop()?;
     artifacts.extend(job.boot_files(&resolved, &base.info.kernel_release, &paths)?);
+    stop()?;
     artifacts.push(job.convert(&paths)?);
+    stop()?;
     artifacts.sort_by(|a, b| a.name.cmp(&b.name));
     progress(Event::Phase { phase: "write".into(), detail: dir.display().to_string() });
     let manifest = job.manifest(resolved, &base.info, artifacts);

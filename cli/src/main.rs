@@ -389,10 +389,46 @@ fn build(
     json: bool,
 ) -> Result<ExitCode> {
     let builder = inputs.builder(state)?;
+    stop_build_on_signals()?;
     let progress = output::BuildProgress::new(json);
-    let outcome = builder.build(spec, out, &|e| progress.event(e)).with_context(|| format!("building {}", spec.display()))?;
+    let built = builder.build(spec, out, &|e| progress.event(e));
+    if let Some(signal) = kiln_builder::interrupt::stopped() {
+        // The build has unwound: its programs are gone, its temporary
+        // directories removed.
+        progress.event(kiln_builder::Event::Interrupted { signal: signal.as_str().into() });
+        eprintln!("kiln: build of {} interrupted by {signal}: the cache and {} are as they were", spec.display(), out.display());
+        return Ok(ExitCode::from(128 + signal as u8));
+    }
+    let outcome = built.with_context(|| format!("building {}", spec.display()))?;
     progress.finish(&outcome);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C and SIGTERM stop the build ([`kiln_builder::interrupt`]): every
+/// program it runs is killed and the build unwinds, removing its temporary
+/// directories; kiln then exits 130 or 143. Should the build still be busy
+/// in its own code 1.5 s later, kiln exits then anyway (the next build
+/// removes what is left). The handlers are in place before the build
+/// starts any program.
+fn stop_build_on_signals() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut int, mut term) = {
+        let _here = runtime.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let signal = tokio::select! {
+                _ = int.recv() => nix::sys::signal::Signal::SIGINT,
+                _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
+            };
+            kiln_builder::interrupt::stop(signal);
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            std::process::exit(128 + signal as i32);
+        })
+    });
+    Ok(())
 }
 
 /// Runs one API call on a runtime of its own.

@@ -72,6 +72,10 @@ impl BuildProgress {
             return;
         }
         let Some(bar) = &self.bar else { return };
+        if let Event::Interrupted { .. } = &event {
+            bar.abandon();
+            return;
+        }
         if let Event::Phase { phase, detail } = &event {
             if !bar.prefix().is_empty() {
                 bar.println(format!("  ✓ {:>9} {}", bar.prefix(), bar.message()));

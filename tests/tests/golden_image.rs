@@ -346,3 +346,105 @@ fn worker_image_boots_diskless_and_refuses_a_tampered_root() {
     assert!(!server.nodes().iter().any(|n| n.macs.contains(&mac)), "the tampered node never registered");
     guest.stop(Duration::from_secs(5));
 }
+
+/// The live processes of session `sid` (the build's: it runs under
+/// `setsid`), as `pid name`.
+fn session(sid: u32) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid pgrp session ...`; comm may hold spaces.
+            // A zombie is dead (an orphan's waits for init to reap it).
+            let (head, rest) = stat.rsplit_once(')')?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            (fields.first()? != &"Z" && fields.get(3)?.parse::<u32>().ok()? == sid).then(|| head.replacen(" (", " ", 1))
+        })
+        .collect()
+}
+
+/// Starts `kiln build SPEC --json` in a session of its own; returns it
+/// once a JSON event satisfies `at`, and the programs then running.
+fn build_until(spec: &Path, images: &Path, agent: Option<&Path>, at: impl Fn(&serde_json::Value) -> bool) -> (Process, Vec<String>) {
+    let inner = golden::build_command(spec, images, None, agent);
+    let mut cmd = Command::new("setsid");
+    cmd.arg(inner.get_program()).args(inner.get_args()).stderr(Stdio::piped());
+    let mut build = Process::spawn(cmd, "kiln build");
+    let stdout = build.child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    let reached = lines.by_ref().filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok()).any(|e| at(&e));
+    assert!(reached, "the build did not reach the phase it is to be interrupted in");
+    // Its programs are at work.
+    std::thread::sleep(Duration::from_secs(3));
+    std::thread::spawn(move || lines.for_each(drop));
+    let running = session(build.child.id());
+    (build, running)
+}
+
+/// Interrupts `build` with `signal`: within 2 s it exits `128 + signal`,
+/// and no process of its session is left.
+fn interrupt(mut build: Process, signal: Signal, running: &[String]) {
+    let sid = build.child.id();
+    let sent = Instant::now();
+    let status = build.signal_and_wait(signal, Duration::from_secs(10));
+    let exited = sent.elapsed();
+    let status = status.expect("kiln build exits");
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut build.child.stderr.take().unwrap(), &mut stderr);
+    assert_eq!(std::os::unix::process::ExitStatusExt::into_raw(status) >> 8, 128 + signal as i32, "exit code: {status}\n{stderr}");
+    assert!(stderr.contains(&format!("interrupted by {signal}")), "{stderr}");
+    let left = wait_for(Duration::from_secs(2).saturating_sub(sent.elapsed()), || session(sid).is_empty().then_some(()));
+    assert!(
+        left.is_some() && exited <= Duration::from_secs(2),
+        "{signal} ended kiln in {exited:?}; still running: {:?} (were running: {running:?})",
+        session(sid)
+    );
+    eprintln!("{signal}: kiln exited {} in {:.0} ms, stopping {running:?}", 128 + signal as i32, exited.as_secs_f64() * 1000.0);
+}
+
+/// Ctrl-C (SIGINT) while the file systems are made and SIGTERM while
+/// mmdebstrap makes a new base, as a supervisor sends it: kiln exits 130 or
+/// 143 within 2 s, no program it started is left, no temporary directory
+/// remains, the previous image is whole, and the next build succeeds.
+#[test]
+fn interrupted_build_stops_every_program_and_the_next_build_succeeds() {
+    if skip_e2e() {
+        return;
+    }
+    let _builds = one_build_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    build_ok(&images, None);
+    let before = manifest(&images);
+    let leftovers = |dir: &Path| -> Vec<String> {
+        let names =
+            std::fs::read_dir(dir).map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect());
+        names.unwrap_or_else(|_| Vec::new()).into_iter().filter(|n: &String| n.starts_with('.') && n != ".lock").collect()
+    };
+
+    // SIGINT in the middle of mksquashfs and mke2fs.
+    let agent = changed_agent(tmp.path(), "kiln-interrupted-build");
+    let (build, running) = build_until(&golden::worker_spec(), &images, Some(&agent), |e| e["phase"] == "filesystem");
+    assert!(running.iter().any(|p| p.ends_with(" mksquashfs")), "mksquashfs runs: {running:?}");
+    interrupt(build, Signal::SIGINT, &running);
+    assert_eq!(manifest(&images), before, "the previous image is whole");
+    assert_eq!(before.check(), Ok(()));
+    assert!(leftovers(&images).is_empty() && leftovers(&cache_dir().join("work")).is_empty(), "no temporary directory is left");
+    let (ev, _) = build_ok(&images, Some(&agent));
+    assert!(ev.iter().any(|e| e["phase"] == "base" && e["detail"].as_str().unwrap_or("").starts_with("cached")), "{ev:?}");
+    assert_ne!(manifest(&images).digest, before.digest);
+
+    // SIGTERM while mmdebstrap (apt, dpkg) makes a base the cache lacks.
+    let spec = spec_variant(tmp.path(), |t| t.replace("  \"iproute2\",\n", "  \"iproute2\",\n  \"less\",\n"));
+    let (build, running) =
+        build_until(&spec, &images, None, |e| e["phase"] == "base" && !e["detail"].as_str().unwrap_or("").starts_with("cached"));
+    assert!(running.iter().any(|p| p.contains("mmdebstrap")), "mmdebstrap runs: {running:?}");
+    interrupt(build, Signal::SIGTERM, &running);
+    assert!(leftovers(&cache_dir().join("base")).is_empty(), "no half-made base is left: {:?}", leftovers(&cache_dir().join("base")));
+    let start = Instant::now();
+    let (status, stdout, stderr) = golden::build(&spec, &images, None, None);
+    assert!(status.success(), "the next build makes the base: {}", tail(&stderr, 20));
+    assert!(events(&stdout).iter().any(|e| e["event"] == "built"), "{stdout}");
+    eprintln!("the interrupted base was made by the next build in {:.0} s", start.elapsed().as_secs_f64());
+}
