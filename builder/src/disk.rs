@@ -162,8 +162,7 @@ pub fn squashfs(tree: &Path, out: &Path, epoch: u32) -> Result<(), Error> {
         .args(["-noappend", "-quiet", "-no-progress", "-comp", "zstd", "-Xcompression-level", "3"])
         .args(["-mkfs-time", &epoch, "-all-time", &epoch])
         // mksquashfs refuses SOURCE_DATE_EPOCH beside -all-time.
-        .env_remove("SOURCE_DATE_EPOCH")
-        .stdout(Stdio::null()))
+        .env_remove("SOURCE_DATE_EPOCH"))
 }
 
 /// GRUB's boot images, made from the tree's GRUB packages.
@@ -295,9 +294,7 @@ pub fn esp(disk: &Path, layout: &Layout, efi: &[u8], epoch: u32, work: &Path) ->
         .args(["-F", "32", "-s", "1", "-n", "ESP", "--invariant"])
         .arg(format!("--offset={}", layout.esp_offset() / SECTOR))
         .arg(disk)
-        .arg((ESP_SECTORS * SECTOR / 1024).to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null()))?;
+        .arg((ESP_SECTORS * SECTOR / 1024).to_string()))?;
     let staged = work.join("esp");
     let boot = staged.join("EFI/BOOT");
     std::fs::create_dir_all(&boot).map_err(|source| Error::Io { path: boot.clone(), source })?;

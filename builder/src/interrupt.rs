@@ -59,10 +59,11 @@ pub fn spawn(cmd: &mut Command) -> Result<Running, Error> {
     BUILD.spawn(cmd)
 }
 
-/// Runs `cmd` to its end, as [`Command::output`] (stdin empty), in a group
-/// of its own.
+/// Runs `cmd` to its end, as [`Command::output`] (stdin empty, stdout and
+/// stderr collected), in a group of its own.
 pub fn output(cmd: &mut Command) -> Result<Output, Error> {
-    cmd.stdin(std::process::Stdio::null());
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     spawn(cmd)?.wait_with_output()
 }
 
@@ -139,10 +140,12 @@ mod tests {
     #[test]
     fn stop_kills_what_runs_and_refuses_what_comes() {
         static TEST: Stopper = Stopper::new();
-        let out = TEST.spawn(Command::new("sh").args(["-c", "echo $$ $(ps -o pgid= -p $$)"])).unwrap().wait_with_output().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo $$ $(ps -o pgid= -p $$)"]).stdout(std::process::Stdio::piped());
+        let out = TEST.spawn(&mut cmd).unwrap().wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut words = text.split_whitespace();
-        assert_eq!(words.next(), words.next(), "the program leads its own group: {text}");
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert!(words.len() == 2 && words[0] == words[1], "the program leads its own group: {text}");
         assert!(TEST.groups().is_empty(), "a finished program is forgotten");
 
         // A shell and its child, which ignores SIGINT and SIGTERM.

@@ -364,21 +364,27 @@ fn session(sid: u32) -> Vec<String> {
         .collect()
 }
 
-/// Starts `kiln build SPEC --json` in a session of its own; returns it
-/// once a JSON event satisfies `at`, and the programs then running.
-fn build_until(spec: &Path, images: &Path, agent: Option<&Path>, at: impl Fn(&serde_json::Value) -> bool) -> (Process, Vec<String>) {
-    let inner = golden::build_command(spec, images, None, agent);
+/// Starts `build` (a `kiln build … --json`) in a session of its own;
+/// returns it once a JSON event satisfies `at` and then a program `busy`
+/// names runs, with the programs then running.
+fn build_until(build: Command, at: impl Fn(&serde_json::Value) -> bool, busy: &[&str]) -> (Process, Vec<String>) {
     let mut cmd = Command::new("setsid");
-    cmd.arg(inner.get_program()).args(inner.get_args()).stderr(Stdio::piped());
+    cmd.arg(build.get_program()).args(build.get_args()).stderr(Stdio::piped());
+    for (key, value) in build.get_envs() {
+        if let Some(value) = value {
+            cmd.env(key, value);
+        }
+    }
     let mut build = Process::spawn(cmd, "kiln build");
     let stdout = build.child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
     let reached = lines.by_ref().filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok()).any(|e| at(&e));
     assert!(reached, "the build did not reach the phase it is to be interrupted in");
-    // Its programs are at work.
-    std::thread::sleep(Duration::from_secs(3));
     std::thread::spawn(move || lines.for_each(drop));
-    let running = session(build.child.id());
+    let sid = build.child.id();
+    let is_busy = |p: &String| busy.iter().any(|b| p.rsplit(' ').next() == Some(*b));
+    let running = wait_for(Duration::from_secs(120), || Some(session(sid)).filter(|r| r.iter().any(is_busy)));
+    let running = running.unwrap_or_else(|| panic!("none of {busy:?} ran: {:?}", session(sid)));
     (build, running)
 }
 
@@ -425,8 +431,8 @@ fn interrupted_build_stops_every_program_and_the_next_build_succeeds() {
 
     // SIGINT in the middle of mksquashfs and mke2fs.
     let agent = changed_agent(tmp.path(), "kiln-interrupted-build");
-    let (build, running) = build_until(&golden::worker_spec(), &images, Some(&agent), |e| e["phase"] == "filesystem");
-    assert!(running.iter().any(|p| p.ends_with(" mksquashfs")), "mksquashfs runs: {running:?}");
+    let rebuild = golden::build_command(&golden::worker_spec(), &images, None, Some(&agent));
+    let (build, running) = build_until(rebuild, |e| e["phase"] == "filesystem", &["mksquashfs"]);
     interrupt(build, Signal::SIGINT, &running);
     assert_eq!(manifest(&images), before, "the previous image is whole");
     assert_eq!(before.check(), Ok(()));
@@ -435,16 +441,41 @@ fn interrupted_build_stops_every_program_and_the_next_build_succeeds() {
     assert!(ev.iter().any(|e| e["phase"] == "base" && e["detail"].as_str().unwrap_or("").starts_with("cached")), "{ev:?}");
     assert_ne!(manifest(&images).digest, before.digest);
 
-    // SIGTERM while mmdebstrap (apt, dpkg) makes a base the cache lacks.
-    let spec = spec_variant(tmp.path(), |t| t.replace("  \"iproute2\",\n", "  \"iproute2\",\n  \"less\",\n"));
-    let (build, running) =
-        build_until(&spec, &images, None, |e| e["phase"] == "base" && !e["detail"].as_str().unwrap_or("").starts_with("cached"));
-    assert!(running.iter().any(|p| p.contains("mmdebstrap")), "mmdebstrap runs: {running:?}");
+    // SIGTERM while mmdebstrap (apt, dpkg) makes a base the cache lacks:
+    // one of its own, keyed on a SOURCE_DATE_EPOCH no other build uses,
+    // removed at the end.
+    let epoch = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 1_000_000_000).to_string();
+    let new_bases = NewBases(std::fs::read_dir(cache_dir().join("base")).unwrap().filter_map(Result::ok).map(|e| e.path()).collect());
+    let fresh = || {
+        let mut build = golden::build_command(&golden::worker_spec(), &tmp.path().join("epoch"), None, None);
+        build.env("SOURCE_DATE_EPOCH", &epoch);
+        build
+    };
+    let new_base = |e: &serde_json::Value| e["phase"] == "base" && !e["detail"].as_str().unwrap_or("").starts_with("cached");
+    let (build, running) = build_until(fresh(), new_base, &["dpkg", "apt-get"]);
     interrupt(build, Signal::SIGTERM, &running);
     assert!(leftovers(&cache_dir().join("base")).is_empty(), "no half-made base is left: {:?}", leftovers(&cache_dir().join("base")));
     let start = Instant::now();
-    let (status, stdout, stderr) = golden::build(&spec, &images, None, None);
-    assert!(status.success(), "the next build makes the base: {}", tail(&stderr, 20));
-    assert!(events(&stdout).iter().any(|e| e["event"] == "built"), "{stdout}");
+    let out = fresh().output().expect("kiln build runs");
+    assert!(out.status.success(), "the next build makes the base: {}", tail(&String::from_utf8_lossy(&out.stderr), 20));
+    let ev = events(&String::from_utf8_lossy(&out.stdout));
+    assert!(ev.iter().any(new_base) && ev.iter().any(|e| e["event"] == "built"), "{ev:?}");
     eprintln!("the interrupted base was made by the next build in {:.0} s", start.elapsed().as_secs_f64());
+    drop(new_bases);
+}
+
+/// On drop, removes the cached bases that are not in the list it was
+/// made with (a test's own, which no other build uses).
+struct NewBases(Vec<PathBuf>);
+
+impl Drop for NewBases {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(cache_dir().join("base")) else { return };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !self.0.contains(&path) && !name.starts_with('.') {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
 }
