@@ -3,7 +3,7 @@
 //! the agent's `/etc/kiln/cmdline`, as a profile with its own user-data
 //! must), and, inside each VM, pods made from the node's own
 //! `10-flannel.conflist`, pings between them, the overlay's tables, and
-//! FDB changes with the time they happened ([`guest_pod.py`]).
+//! FDB changes with the time they happened (`guest_pod.py`).
 //!
 //! The VMs are on a network inside the lab's namespace: every `ssh` runs
 //! there ([`Lab::command`]).
