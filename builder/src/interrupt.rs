@@ -27,7 +27,7 @@ use nix::unistd::Pid;
 use crate::Error;
 
 /// The build's programs, and whether it was stopped. One per process
-/// ([`BUILD`]), behind the free functions.
+/// (`BUILD`), behind the free functions.
 pub struct Stopper {
     /// The running programs' process groups (each led by the program).
     groups: Mutex<BTreeSet<i32>>,
