@@ -48,9 +48,17 @@ pub async fn shutdown_signal() {
 }
 
 /// Build progress: a spinner per phase on a terminal, JSON lines with `--json`.
+///
+/// Each phase is timed from its event to the next one's: a terminal shows
+/// it beside the phase when it ends; JSON adds `at_ms` (since the build
+/// started) to every event, and `phases_ms` (each phase's time, in order)
+/// to the last (`built`, `cached` or `interrupted`).
 pub struct BuildProgress {
     json: bool,
     bar: Option<ProgressBar>,
+    start: std::time::Instant,
+    /// Each phase so far, and when it started.
+    phases: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
 }
 
 impl BuildProgress {
@@ -62,13 +70,29 @@ impl BuildProgress {
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
         });
-        BuildProgress { json, bar }
+        BuildProgress { json, bar, start: std::time::Instant::now(), phases: std::sync::Mutex::new(Vec::new()) }
     }
 
     /// Shows one event.
     pub fn event(&self, event: Event) {
+        let now = std::time::Instant::now();
+        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        let ended = phases.last().map(|(_, started)| now - *started);
+        if let Event::Phase { phase, .. } = &event {
+            phases.push((phase.clone(), now));
+        }
+        let last = !matches!(event, Event::Phase { .. });
         if self.json {
-            println!("{}", serde_json::to_string(&event).expect("events serialise"));
+            let mut line = serde_json::to_value(&event).expect("events serialise");
+            line["at_ms"] = u64::try_from((now - self.start).as_millis()).unwrap_or(u64::MAX).into();
+            if last {
+                let ms = |i: usize, (name, started): &(String, std::time::Instant)| {
+                    let end = phases.get(i + 1).map_or(now, |(_, next)| *next);
+                    serde_json::json!({ "phase": name, "ms": u64::try_from((end - *started).as_millis()).unwrap_or(u64::MAX) })
+                };
+                line["phases_ms"] = phases.iter().enumerate().map(|(i, p)| ms(i, p)).collect();
+            }
+            println!("{line}");
             return;
         }
         let Some(bar) = &self.bar else { return };
@@ -77,26 +101,30 @@ impl BuildProgress {
             return;
         }
         if let Event::Phase { phase, detail } = &event {
-            if !bar.prefix().is_empty() {
-                bar.println(format!("  ✓ {:>9} {}", bar.prefix(), bar.message()));
+            if let Some(took) = ended.filter(|_| !bar.prefix().is_empty()) {
+                bar.println(format!("  ✓ {:>9} {} ({:.1} s)", bar.prefix(), bar.message(), took.as_secs_f64()));
             }
             bar.set_prefix(phase.clone());
             bar.set_message(detail.clone());
         }
     }
-
     /// Prints the result.
     pub fn finish(&self, outcome: &Outcome) {
         if let Some(bar) = &self.bar {
+            let phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, started)) = phases.last().filter(|_| !bar.prefix().is_empty()) {
+                bar.println(format!("  ✓ {:>9} {} ({:.1} s)", bar.prefix(), bar.message(), started.elapsed().as_secs_f64()));
+            }
             bar.finish_and_clear();
             let how = if outcome.cached { "up to date" } else { "built" };
             let bytes: u64 = outcome.manifest.artifacts.iter().map(|a| a.size).sum();
             println!(
-                "{} {how}: {} ({:.1} MiB) in {}",
+                "{} {how}: {} ({:.1} MiB) in {}, {:.1} s",
                 outcome.manifest.name,
                 outcome.manifest.digest,
                 bytes as f64 / 1048576.0,
-                outcome.dir.display()
+                outcome.dir.display(),
+                self.start.elapsed().as_secs_f64()
             );
         }
     }
