@@ -42,7 +42,7 @@ pub fn parse_stanza(text: &str) -> Option<Stanza> {
             }
         }
     }
-    Some(Stanza { package: PackageRef { name: name?, version: version?, sha256: sha256? }, depends })
+    Some(Stanza { package: PackageRef { name: name?, version: version?, sha256: sha256?, origin: None }, depends })
 }
 
 /// The archive, through `apt-cache` and `apt-get download`, with `.deb`s and

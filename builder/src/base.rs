@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::apt::{create_dir, file_sha256};
+use crate::repos::{Indexes, Repository};
 use crate::spec::BaseSpec;
 
 /// Bumped when the base made from the same spec changes.
@@ -35,8 +36,10 @@ pub trait BaseSource {
     /// A name for progress and errors.
     fn name(&self) -> &'static str;
     /// Fills `tree` (which does not exist yet) with the root filesystem.
+    /// `repositories` are `.sources` files of the spec's extra repositories
+    /// (their keys inline), to install from and to keep in the tree.
     /// `debs` is a directory to keep downloaded packages in between builds.
-    fn make(&self, spec: &BaseSpec, tree: &Path, debs: &Path, source_date_epoch: u32) -> Result<(), Error>;
+    fn make(&self, spec: &BaseSpec, repositories: &[PathBuf], tree: &Path, debs: &Path, source_date_epoch: u32) -> Result<(), Error>;
 }
 
 /// mmdebstrap, in unshare mode (its chroot's mounts live in its own
@@ -51,7 +54,7 @@ impl BaseSource for Mmdebstrap {
         "mmdebstrap"
     }
 
-    fn make(&self, spec: &BaseSpec, tree: &Path, debs: &Path, source_date_epoch: u32) -> Result<(), Error> {
+    fn make(&self, spec: &BaseSpec, repositories: &[PathBuf], tree: &Path, debs: &Path, source_date_epoch: u32) -> Result<(), Error> {
         create_dir(debs)?;
         let mut cmd = Command::new("nice");
         cmd.args(["-n", "10", "mmdebstrap", "--mode=unshare", "--variant=apt", "--quiet"])
@@ -68,6 +71,9 @@ impl BaseSource for Mmdebstrap {
             .arg(&spec.suite)
             .arg(tree)
             .args(sources(spec))
+            // Each a `.sources` file: mmdebstrap puts it in the tree's
+            // /etc/apt/sources.list.d/ under its own name.
+            .args(repositories)
             .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
             .env("LC_ALL", "C")
             .stdin(Stdio::null())
@@ -130,12 +136,13 @@ pub struct Base {
     pub info: BaseInfo,
 }
 
-/// The cache key of the base `spec` describes.
-pub fn key(spec: &BaseSpec, source: &dyn BaseSource, source_date_epoch: u32) -> Digest {
+/// The cache key of the base `spec` describes, with its extra
+/// repositories (`repos`, their keys read).
+pub fn key(spec: &BaseSpec, repos: &[Repository], source: &dyn BaseSource, source_date_epoch: u32) -> Digest {
     let mut packages = spec.packages.clone();
     packages.sort();
     packages.dedup();
-    let text = format!(
+    let mut text = format!(
         "{BASE_FORMAT}\n{}\n{}\n{}\n{}\n{}\n{source_date_epoch}\n",
         source.name(),
         spec.suite,
@@ -143,6 +150,11 @@ pub fn key(spec: &BaseSpec, source: &dyn BaseSource, source_date_epoch: u32) -> 
         sources(spec).join("\n"),
         packages.join(" ")
     );
+    // None: the key of a spec without repositories is what it always was.
+    for repo in repos {
+        text.push_str(&repo.key_text());
+        text.push('\n');
+    }
     Digest::of(text)
 }
 
@@ -160,8 +172,8 @@ fn base_dir(cache: &Path, key: &Digest) -> PathBuf {
 /// The base for `spec`: from the cache, or made by `source` (checking first
 /// that apt knows every package, so an unknown one is named before anything
 /// runs).
-pub fn ensure(cache: &Path, spec: &BaseSpec, source: &dyn BaseSource, source_date_epoch: u32) -> Result<Base, Error> {
-    let key = key(spec, source, source_date_epoch);
+pub fn ensure(cache: &Path, spec: &BaseSpec, repos: &[Repository], source: &dyn BaseSource, source_date_epoch: u32) -> Result<Base, Error> {
+    let key = key(spec, repos, source, source_date_epoch);
     if let Some(base) = cached(cache, &key) {
         return Ok(base);
     }
@@ -176,11 +188,18 @@ pub fn ensure(cache: &Path, spec: &BaseSpec, source: &dyn BaseSource, source_dat
         return Ok(base);
     }
     remove_leftovers(&parent)?;
-    check_packages(&spec.packages)?;
+    // The extra repositories are fetched (and their signatures checked)
+    // before anything is written.
+    let indexes = if repos.is_empty() { None } else { Some(Indexes::fetch(repos, &spec.arch)?) };
+    check_packages(&spec.packages, indexes.as_ref())?;
     let tmp = tempfile::Builder::new().prefix(".tmp-").tempdir_in(&parent).map_err(|source| Error::Io { path: parent.clone(), source })?;
     let tree = tmp.path().join("tree");
-    source.make(spec, &tree, &cache.join("debs").join(source.name()), source_date_epoch)?;
-    let info = inventory(&tree, &cache.join("debs").join(source.name()), &spec.arch, &key)?;
+    let repositories = indexes.as_ref().map_or(&[][..], |i| &i.sources[..]);
+    source.make(spec, repositories, &tree, &cache.join("debs").join(source.name()), source_date_epoch)?;
+    let mut info = inventory(&tree, &cache.join("debs").join(source.name()), &spec.arch, &key)?;
+    if let Some(indexes) = &indexes {
+        indexes.mark_origins(repos, &mut info.packages)?;
+    }
     let json = serde_json::to_vec_pretty(&info).expect("base info serialises");
     std::fs::write(tmp.path().join("base.json"), json).map_err(|source| Error::Io { path: tmp.path().join("base.json"), source })?;
     let dir = base_dir(cache, &key);
@@ -224,9 +243,9 @@ fn kill_orphan(pgid: i32) {
     }
 }
 
-/// Checks that apt's index knows every package in `names`; the error names
-/// the first it does not.
-pub fn check_packages(names: &[String]) -> Result<(), Error> {
+/// Checks that apt's index, or that of the extra repositories, knows every
+/// package in `names`; the error names the first neither does.
+pub fn check_packages(names: &[String], extra: Option<&Indexes>) -> Result<(), Error> {
     let out = crate::interrupt::output(
         Command::new("apt-cache").args(["show", "--no-all-versions", "--quiet=0"]).args(names).env("LC_ALL", "C"),
     )?;
@@ -235,7 +254,12 @@ pub fn check_packages(names: &[String]) -> Result<(), Error> {
     // apt-cache exits 0 when some were found: look at each name. An unknown
     // one gets `N: Unable to locate package foo` and no stanza.
     let found: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("Package: ")).collect();
-    match names.iter().find(|n| !found.contains(&n.as_str())) {
+    let elsewhere: Vec<String> = names.iter().filter(|n| !found.contains(&n.as_str())).cloned().collect();
+    let held = match extra {
+        Some(indexes) => indexes.holds(&elsewhere)?,
+        None => Vec::new(),
+    };
+    match elsewhere.iter().find(|n| !held.contains(n)) {
         None => Ok(()),
         Some(package) => {
             let detail = stderr.lines().find(|l| l.contains(package.as_str())).unwrap_or("not in apt's index").trim().to_string();
@@ -271,7 +295,7 @@ fn inventory(tree: &Path, debs: &Path, arch: &str, key: &Digest) -> Result<BaseI
         let deb = debs.join(format!("{name}_{}_{pkg_arch}.deb", version.replace(':', "%3a")));
         let sha256 = if deb.is_file() { file_sha256(&deb)? } else { String::new() };
         let name = if pkg_arch == "all" || pkg_arch == arch { name.to_string() } else { format!("{name}:{pkg_arch}") };
-        packages.push(PackageRef { name, version: version.to_string(), sha256 });
+        packages.push(PackageRef { name, version: version.to_string(), sha256, origin: None });
     }
     packages.sort_by(|a, b| a.name.cmp(&b.name));
     let boot = tree.join("boot");
@@ -313,19 +337,34 @@ mod tests {
             mirror: "http://deb.debian.org/debian".into(),
             security_mirror: Some("http://deb.debian.org/debian-security".into()),
             packages: packages.iter().map(|p| p.to_string()).collect(),
+            repositories: Vec::new(),
         }
     }
 
     #[test]
     fn key_follows_the_package_set_not_its_order() {
-        let k = |p: &[&str]| key(&spec(p), &Mmdebstrap, 0);
+        let k = |p: &[&str]| key(&spec(p), &[], &Mmdebstrap, 0);
         assert_eq!(k(&["a", "b"]), k(&["b", "a"]), "order");
         assert_eq!(k(&["a", "b"]), k(&["a", "b", "a"]), "duplicates");
         assert_ne!(k(&["a", "b"]), k(&["a", "c"]), "another package");
         let mut other = spec(&["a", "b"]);
         other.mirror = "http://mirror.example/debian".into();
-        assert_ne!(key(&other, &Mmdebstrap, 0), k(&["a", "b"]), "another mirror");
-        assert_ne!(key(&spec(&["a", "b"]), &Mmdebstrap, 1), k(&["a", "b"]), "another epoch");
+        assert_ne!(key(&other, &[], &Mmdebstrap, 0), k(&["a", "b"]), "another mirror");
+        assert_ne!(key(&spec(&["a", "b"]), &[], &Mmdebstrap, 1), k(&["a", "b"]), "another epoch");
+        let vendor = crate::repos::Repository {
+            spec: crate::spec::RepositorySpec {
+                uris: vec!["http://vendor.example/deb/".into()],
+                suites: vec!["stable".into()],
+                components: vec!["main".into()],
+                signed_by: "vendor.asc".into(),
+            },
+            key: "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nxjMEZ\n-----END PGP PUBLIC KEY BLOCK-----\n".into(),
+        };
+        let with = |r: &crate::repos::Repository| key(&spec(&["a", "b"]), std::slice::from_ref(r), &Mmdebstrap, 0);
+        assert_ne!(with(&vendor), k(&["a", "b"]), "a repository");
+        let mut other_key = vendor.clone();
+        other_key.key = other_key.key.replace("xjMEZ", "xjMEY");
+        assert_ne!(with(&other_key), with(&vendor), "another key");
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod disk;
 pub mod diskless;
 pub mod interrupt;
 pub mod layer;
+pub mod repos;
 pub mod spec;
 pub mod worker;
 
@@ -130,6 +131,15 @@ pub enum Error {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// An extra apt repository could not be used: unreachable, unsigned,
+    /// or signed with another key than its `signed-by`.
+    #[error("repository `{repository}`: {detail}")]
+    Repository {
+        /// `URI SUITE [COMPONENTS]`.
+        repository: String,
+        /// What apt said.
+        detail: String,
     },
     /// The build was stopped by a signal (Ctrl-C, SIGTERM); every program
     /// it started is gone and its temporary directories are removed.

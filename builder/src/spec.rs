@@ -6,7 +6,7 @@
 //! filesystem made into a bootable disk). [`Spec::from_file`] tells them
 //! apart by the table they have; to add a kind, add a variant there.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -190,8 +190,41 @@ pub struct BaseSpec {
     /// Where `SUITE-security` comes from; none: no security suite.
     #[serde(default)]
     pub security_mirror: Option<String>,
-    /// Packages installed on top of the `apt` variant (Essential + apt).
+    /// Packages installed on top of the `apt` variant (Essential + apt),
+    /// from Debian's archive or from `repositories`.
     pub packages: Vec<String>,
+    /// `[[base.repositories]]`: apt repositories beside Debian's (a
+    /// vendor's: Kubernetes', a container runtime's), each signed by its
+    /// own key.
+    #[serde(default)]
+    pub repositories: Vec<RepositorySpec>,
+}
+
+/// One `[[base.repositories]]`, with deb822's fields (`sources.list(5)`):
+/// `deb URI SUITE COMPONENTS…` for each URI and suite. A suite ending in
+/// `/` is a flat repository and takes no components.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RepositorySpec {
+    /// `http://` or `https://` URIs of one repository (mirrors of each other).
+    pub uris: Vec<String>,
+    /// Its suites (`stable`, `v1.33`, or `/` for a flat repository).
+    pub suites: Vec<String>,
+    /// Its components (`main`); none for a flat suite.
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// The key the repository is signed with, a file beside the spec
+    /// (OpenPGP, armored or binary); apt trusts it for this repository only.
+    pub signed_by: PathBuf,
+}
+
+impl RepositorySpec {
+    /// How errors name it: `URI SUITE [COMPONENTS]` of its first URI and suite.
+    pub fn describe(&self) -> String {
+        let mut words = vec![self.uris.first().cloned().unwrap_or_default(), self.suites.first().cloned().unwrap_or_default()];
+        words.extend(self.components.iter().cloned());
+        words.join(" ")
+    }
 }
 
 /// `[disk]`
@@ -295,6 +328,32 @@ impl WorkerSpec {
         for (key, m) in mirrors {
             if !(m.starts_with("http://") || m.starts_with("https://") || m.starts_with("file:/")) || m.chars().any(char::is_whitespace) {
                 return Err(invalid(key, format!("{m:?} is not an http(s):// or file:/ URL")));
+            }
+        }
+        for (i, r) in self.base.repositories.iter().enumerate() {
+            let key = |k: &str| format!("base.repositories[{i}].{k}");
+            let word_ok = |w: &String| !w.is_empty() && !w.chars().any(|c| c.is_whitespace() || c.is_control() || c == '#');
+            if r.uris.is_empty() {
+                return Err(invalid(&key("uris"), "names no URI".into()));
+            }
+            for u in &r.uris {
+                if !(u.starts_with("http://") || u.starts_with("https://")) || !word_ok(u) {
+                    return Err(invalid(&key("uris"), format!("{u:?} is not an http(s):// URL")));
+                }
+            }
+            if r.suites.is_empty() || !r.suites.iter().all(word_ok) {
+                return Err(invalid(&key("suites"), format!("{:?}: one or more suites, each one word", r.suites)));
+            }
+            let flat = r.suites.iter().any(|s| s.ends_with('/'));
+            if flat && !r.components.is_empty() {
+                return Err(invalid(&key("components"), "a flat suite (ending in '/') takes no components".into()));
+            }
+            if !flat && (r.components.is_empty() || !r.components.iter().all(word_ok)) {
+                return Err(invalid(&key("components"), format!("{:?}: one or more components, each one word", r.components)));
+            }
+            let signed_by = r.signed_by.to_string_lossy();
+            if r.signed_by.is_absolute() || !relative_path_ok(&signed_by) {
+                return Err(invalid(&key("signed-by"), format!("{signed_by:?} must be a file beside the spec (a relative path)")));
             }
         }
         for (i, p) in self.base.packages.iter().enumerate() {

@@ -30,6 +30,7 @@ use crate::base::{self, Base, BaseInfo, BaseSource, Mmdebstrap};
 use crate::disk::{self, DiskIds, Mke2fs};
 use crate::diskless;
 use crate::layer::{self, LayerInputs, Tree};
+use crate::repos::Repository;
 use crate::spec::WorkerSpec;
 use crate::{Archive, Builder, Error, Event, Outcome, sha256_hex};
 
@@ -99,6 +100,8 @@ struct Resolved {
     spec_digest: String,
     agent_digest: String,
     base_key: kiln_core::Digest,
+    /// `[[base.repositories]]`, their keys read.
+    repos: Vec<Repository>,
     archive: Archive,
     mke2fs: Mke2fs,
     busybox: PackageRef,
@@ -126,14 +129,22 @@ impl Job<'_> {
         let agent = self.builder.agent_bytes()?;
         let spec_digest = kiln_core::Digest::of(spec_bytes).to_string();
         let agent_digest = kiln_core::Digest::of(&agent).to_string();
-        let base_key = base::key(&self.spec.base, self.source, epoch);
+        let repos = self
+            .spec
+            .base
+            .repositories
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Repository::load(r, self.spec_path, &format!("base.repositories[{i}].signed-by")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let base_key = base::key(&self.spec.base, &repos, self.source, epoch);
         let archive = Archive::new(&self.builder.cache).with_lists(self.builder.apt_lists.clone());
         let mke2fs = Mke2fs::find(&archive)?;
         let busybox = archive.resolve(diskless::BUSYBOX_PACKAGE)?.package;
         let head =
             format!("{}\n{WORKER_FORMAT}\n{spec_digest}\n{agent_digest}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
         let key = self.cache_key(head, &busybox)?;
-        Ok(Resolved { agent, spec_digest, agent_digest, base_key, archive, mke2fs, busybox, key })
+        Ok(Resolved { agent, spec_digest, agent_digest, base_key, repos, archive, mke2fs, busybox, key })
     }
 
     /// The cache key: `key_text` (the digests above) with the files and
@@ -179,7 +190,7 @@ impl Job<'_> {
         });
         match cached_base {
             Some(b) => Ok(b),
-            None => base::ensure(cache, &spec.base, self.source, self.builder.source_date_epoch),
+            None => base::ensure(cache, &spec.base, &resolved.repos, self.source, self.builder.source_date_epoch),
         }
     }
 
@@ -266,12 +277,9 @@ impl Job<'_> {
     fn manifest(&self, resolved: Resolved, info: &BaseInfo, artifacts: Vec<Artifact>) -> Manifest {
         let spec = self.spec;
         let kver = &info.kernel_release;
-        let kernel_package = info
-            .packages
-            .iter()
-            .find(|p| p.name == format!("linux-image-{kver}"))
-            .cloned()
-            .unwrap_or_else(|| PackageRef { name: spec.kernel.package.clone(), version: kver.clone(), sha256: String::new() });
+        let kernel_package = info.packages.iter().find(|p| p.name == format!("linux-image-{kver}")).cloned().unwrap_or_else(|| {
+            PackageRef { name: spec.kernel.package.clone(), version: kver.clone(), sha256: String::new(), origin: None }
+        });
         let Resolved { spec_digest, agent_digest, busybox, key, .. } = resolved;
         let mut packages = info.packages.clone();
         if !packages.iter().any(|p| p.name == busybox.name) {

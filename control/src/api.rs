@@ -1026,7 +1026,7 @@ mod tests {
             inputs: kiln_core::InputDigests {
                 spec: "s".into(),
                 agent: "a".into(),
-                kernel_package: kiln_core::PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
+                kernel_package: kiln_core::PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into(), origin: None },
                 packages: vec![],
                 key: "k".into(),
             },

@@ -82,6 +82,10 @@ pub struct PackageRef {
     pub version: String,
     /// Hex sha256 of the `.deb`, as the archive's `Packages` index gives it.
     pub sha256: String,
+    /// The extra repository (`[[base.repositories]]`, its first URI) the
+    /// package came from; none for Debian's archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// What is inconsistent in a manifest (see [`Manifest::check`]).
@@ -180,7 +184,7 @@ mod tests {
             inputs: InputDigests {
                 spec: "sha256:0".into(),
                 agent: "sha256:1".into(),
-                kernel_package: PackageRef { name: "k".into(), version: "1".into(), sha256: "2".into() },
+                kernel_package: PackageRef { name: "k".into(), version: "1".into(), sha256: "2".into(), origin: None },
                 packages: vec![],
                 key: "sha256:3".into(),
             },

@@ -171,7 +171,7 @@ pub(crate) mod tests {
             inputs: InputDigests {
                 spec: "sha256:s".into(),
                 agent: "sha256:a".into(),
-                kernel_package: PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
+                kernel_package: PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into(), origin: None },
                 packages: vec![],
                 key: "sha256:k".into(),
             },

@@ -24,6 +24,7 @@ pub mod guest;
 pub mod libvirt;
 pub mod overlay;
 pub mod slowloris;
+pub mod static_files;
 pub mod tftp_client;
 
 /// The workspace root.
@@ -515,7 +516,7 @@ pub fn fake_image(dir: &Path, name: &str) -> kiln_core::Manifest {
         inputs: kiln_core::InputDigests {
             spec: "sha256:s".into(),
             agent: "sha256:a".into(),
-            kernel_package: kiln_core::PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into() },
+            kernel_package: kiln_core::PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into(), origin: None },
             packages: vec![],
             key: "sha256:k".into(),
         },

@@ -479,3 +479,79 @@ impl Drop for NewBases {
         }
     }
 }
+
+/// `[[base.repositories]]`: a vendor's signed apt repository, made here
+/// (`tests/lab/vendor-repo.sh`: a `.deb` from `dpkg-deb`, indexes from
+/// `apt-ftparchive`, a key from `gpg`) and served on loopback. Signed by
+/// another key than `signed-by`, unsigned, or unreachable, the build fails
+/// in seconds naming the repository, with nothing written. With its key,
+/// the package is installed, listed in the manifest with the repository as
+/// its origin, and the repository (key inline) stays in the image's apt
+/// sources.
+#[test]
+fn packages_come_from_a_signed_repository_of_the_users_own() {
+    if skip_e2e() {
+        return;
+    }
+    let _builds = one_build_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    let made = Command::new("bash").arg(root().join("tests/lab/vendor-repo.sh")).arg(tmp.path()).output().expect("bash runs");
+    assert!(made.status.success(), "vendor-repo.sh: {}", String::from_utf8_lossy(&made.stderr));
+    let www = kiln_tests::static_files::StaticFiles::serve(&tmp.path().join("www"));
+    let images = tmp.path().join("images");
+    let spec = |uri: &str, key: &str| {
+        let path = spec_variant(&tmp.path().join("spec"), |t| {
+            t.replace("  \"iproute2\",\n", "  \"iproute2\",\n  \"kiln-vendor-hello\",\n")
+                + &format!(
+                    "\n[[base.repositories]]\nuris = [\"{uri}\"]\nsuites = [\"stable\"]\ncomponents = [\"main\"]\nsigned-by = \"{key}\"\n"
+                )
+        });
+        std::fs::copy(tmp.path().join(key), tmp.path().join("spec").join(key)).unwrap();
+        path
+    };
+    let new_bases = NewBases(std::fs::read_dir(cache_dir().join("base")).unwrap().filter_map(Result::ok).map(|e| e.path()).collect());
+    binaries();
+
+    let repo = www.url("repo/");
+    for (uri, key, apt_says) in [
+        (repo.as_str(), "other.asc", "NO_PUBKEY"),
+        (&www.url("unsigned/"), "vendor.asc", "is not signed"),
+        ("http://127.0.0.1:1/repo/", "vendor.asc", "Could not connect"),
+    ] {
+        let start = Instant::now();
+        let (status, _, stderr) = golden::build(&spec(uri, key), &images, None, None);
+        assert!(!status.success(), "{uri} with {key} is refused");
+        assert!(
+            stderr.contains(&format!("repository `{uri} stable main`")) && stderr.contains(apt_says),
+            "the error names the repository and says why:\n{stderr}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(30), "found before the base is made ({:?})", start.elapsed());
+        assert!(!images.join("worker").exists(), "nothing written");
+    }
+
+    let (status, stdout, stderr) = golden::build(&spec(&repo, "vendor.asc"), &images, None, None);
+    assert!(status.success(), "the build with the vendor's key: {}", tail(&stderr, 20));
+    assert!(events(&stdout).iter().any(|e| e["event"] == "built"), "{stdout}");
+    let manifest = manifest(&images);
+    let vendor: Vec<String> =
+        manifest.inputs.packages.iter().filter_map(|p| Some(format!("{} {} {}", p.name, p.version, p.origin.as_deref()?))).collect();
+    assert_eq!(vendor, [format!("kiln-vendor-hello 1.0 {repo}")], "the vendor's package, and only it, comes from the repository");
+    assert!(manifest.inputs.packages.iter().any(|p| p.name == "systemd" && p.origin.is_none()), "Debian's packages have no origin");
+    let squashfs = images.join("worker/root.squashfs");
+    let cat = |path: &str| {
+        let out = Command::new("unsquashfs").arg("-cat").arg(&squashfs).arg(path).output().expect("unsquashfs runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(cat("usr/share/kiln-vendor-hello/hello"), "hello from the vendor\n", "the package is installed");
+    let list = Command::new("unsquashfs").arg("-l").arg(&squashfs).arg("etc/apt/sources.list.d").output().expect("unsquashfs runs");
+    let list = String::from_utf8_lossy(&list.stdout);
+    let sources = list.lines().find(|l| l.ends_with(".sources")).unwrap_or_else(|| panic!("no .sources file in the image: {list}"));
+    let sources = cat(sources.trim_start_matches("squashfs-root/"));
+    let key = std::fs::read_to_string(tmp.path().join("vendor.asc")).unwrap();
+    let key_line = key.lines().nth(2).unwrap_or_default();
+    assert!(
+        sources.contains(&format!("URIs: {repo}")) && sources.contains(&format!(" {key_line}")),
+        "the image keeps the repository, its key inline:\n{sources}"
+    );
+    drop(new_bases);
+}
