@@ -2,7 +2,8 @@
 //! once per key and kept in the cache as a directory tree.
 //!
 //! The key is made from what the tree is made of: suite, architecture,
-//! mirrors, the package list, the timestamp and the builder's format; a
+//! mirrors, the package list, the extra repositories with their keys
+//! ([`crate::repos`]), the timestamp and the builder's format; a
 //! build where only the agent or added files changed finds the tree here
 //! and never runs the [`BaseSource`] again. The tree is made under a
 //! temporary name and renamed into place, under a lock, so a build killed
