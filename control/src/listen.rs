@@ -22,7 +22,10 @@
 //! The cap: at most `max_connections` open connections. A new connection
 //! above the cap takes the place of the waiting connection that has waited
 //! longest, which is closed (a slowloris socket, typically: normal clients
-//! send their request at once). When none is waiting, the new one is
+//! send their request at once), among those that have not yet had a
+//! request answered first: a client's kept-alive connection between two
+//! requests outlives a storm of sockets that never finish one, and is
+//! closed for a newcomer only when no such socket is left. When none is waiting, the new one is
 //! closed at once. Busy connections are never closed for a newcomer, but
 //! at most three quarters of the cap may be busy: a request above that is
 //! answered `429 Too Many Requests` with `Retry-After`, so waiting slots,
@@ -144,13 +147,23 @@ struct Entry {
     conn: Arc<Connection>,
     depth: u32,
     waiting_since: u64,
+    /// A request of it has been answered.
+    served: bool,
+}
+
+impl Entry {
+    /// Its key in [`Table::waiting`].
+    fn waiting_key(&self) -> (bool, u64, u64) {
+        (self.served, self.waiting_since, self.conn.id)
+    }
 }
 
 #[derive(Default)]
 struct Table {
     entries: HashMap<u64, Entry>,
-    /// Waiting connections, longest waiting first: (since, id).
-    waiting: BTreeSet<(u64, u64)>,
+    /// Waiting connections, those never served first, then longest
+    /// waiting first: (served, since, id).
+    waiting: BTreeSet<(bool, u64, u64)>,
     busy: usize,
     next_id: u64,
     evicted: u64,
@@ -189,7 +202,7 @@ impl Connections {
         let now = self.now();
         let mut t = self.lock();
         if t.entries.len() >= self.limits.max_connections {
-            let Some((_, victim)) = t.waiting.pop_first() else {
+            let Some((_, _, victim)) = t.waiting.pop_first() else {
                 t.closed_at_once += 1;
                 self.log_pressure(&mut t);
                 return None;
@@ -202,8 +215,8 @@ impl Connections {
         }
         t.next_id += 1;
         let conn = Arc::new(Connection { id: t.next_id, state: AtomicU64::new(now), evicted: Notify::new() });
-        t.waiting.insert((now, conn.id));
-        t.entries.insert(conn.id, Entry { conn: conn.clone(), depth: 0, waiting_since: now });
+        t.waiting.insert((false, now, conn.id));
+        t.entries.insert(conn.id, Entry { conn: conn.clone(), depth: 0, waiting_since: now, served: false });
         Some(Slot { table: self.clone(), conn })
     }
 
@@ -232,7 +245,7 @@ impl Connections {
             if full {
                 return None;
             }
-            let key = (entry.waiting_since, conn.id);
+            let key = entry.waiting_key();
             entry.depth = 1;
             conn.state.store(BUSY, Ordering::Release);
             t.waiting.remove(&key);
@@ -251,8 +264,10 @@ impl Connections {
         entry.depth -= 1;
         if entry.depth == 0 {
             entry.waiting_since = now;
+            entry.served = true;
+            let key = entry.waiting_key();
             conn.state.store(now, Ordering::Release);
-            t.waiting.insert((now, conn.id));
+            t.waiting.insert(key);
             t.busy -= 1;
         }
     }
@@ -264,7 +279,7 @@ impl Connections {
         if entry.depth > 0 {
             t.busy -= 1;
         } else {
-            t.waiting.remove(&(entry.waiting_since, conn.id));
+            t.waiting.remove(&entry.waiting_key());
         }
     }
 }
@@ -645,6 +660,25 @@ mod tests {
         drop(fifth);
         let t = t.lock();
         assert!(t.entries.is_empty() && t.waiting.is_empty() && t.busy == 0, "every slot given back");
+    }
+
+    #[test]
+    fn a_connection_once_served_is_closed_after_those_never_served() {
+        let t = table(3);
+        let client = t.admit().expect("room");
+        drop(t.begin(&client.conn).expect("a request, answered"));
+        // Sockets that never finish a request, newer than the client's wait.
+        let storm: Vec<Slot> = (0..2).map(|_| t.admit().expect("room")).collect();
+        let newcomer = t.admit().expect("room is made");
+        assert!(t.lock().entries.contains_key(&client.conn.id), "the served client stays");
+        assert!(!t.lock().entries.contains_key(&storm[0].conn.id), "the oldest never-served socket goes");
+        let (a, b) = (t.admit().expect("room is made"), t.admit().expect("room is made"));
+        assert!(!t.lock().entries.contains_key(&storm[1].conn.id) && !t.lock().entries.contains_key(&newcomer.conn.id));
+        assert!(t.lock().entries.contains_key(&client.conn.id), "still the client stays, while never-served ones wait");
+        // The others busy: the served one is the only one waiting.
+        let _busy = (t.begin(&a.conn).expect("busy share"), t.begin(&b.conn).expect("busy share"));
+        let _last = t.admit().expect("the served one makes room");
+        assert!(!t.lock().entries.contains_key(&client.conn.id), "with no never-served one waiting, the served one makes room");
     }
 
     #[test]
