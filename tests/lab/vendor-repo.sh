@@ -10,6 +10,10 @@ dir=$1
 mkdir -p "$dir"
 cd "$dir"
 homes=()
+# On exit, whatever happened: stop the gpg-agent each home may have started.
+# A home whose agent never started (gpg failed before) has nothing to stop,
+# and gpgconf says so with an error; that must not hide the script's own
+# exit status, which the test checks.
 cleanup() { for h in "${homes[@]}"; do gpgconf --homedir "$h" --kill all 2>/dev/null || true; done; }
 trap cleanup EXIT
 
