@@ -248,6 +248,11 @@ pub struct Builder {
     /// The control plane's CA certificate (PEM), baked in at
     /// `/etc/kiln/ca.pem`: the only certificates the agent trusts.
     pub ca: Option<Vec<u8>>,
+    /// Generations of an image kept under `OUT/.generations/<name>/`, the
+    /// new one included ([`kiln_core::manifest::KEEP_GENERATIONS`] by
+    /// default): what a server still serves to nodes that booted an older
+    /// one, and what `kiln rollout undo` goes back to.
+    pub keep_generations: usize,
 }
 
 /// Bumped when the builder's output changes for the same inputs.
@@ -330,7 +335,7 @@ impl Builder {
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
         let mut all = files;
         all.push((MANIFEST_FILE, &json));
-        install_dir(out, &inputs.spec.name, &all)?;
+        install_dir(out, &inputs.spec.name, &all, self.keep_generations)?;
         Ok(Outcome::built(manifest, dir, progress))
     }
 
@@ -472,7 +477,7 @@ fn up_to_date(dir: &Path, key: &str) -> Option<Manifest> {
 /// rename when there was none), and removes the old one. Files are not
 /// fsynced here: a torn artifact after a crash fails its sha256 check, and
 /// the next build makes it again.
-fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])]) -> Result<(), Error> {
+fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])], keep: usize) -> Result<(), Error> {
     apt::create_dir(out)?;
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.tmp-"))
@@ -483,25 +488,103 @@ fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])]) -> Result<(), Er
         let mut f = std::fs::File::create(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|source| Error::Io { path: path.clone(), source })?;
     }
-    swap_in(out, name, tmp)
+    swap_in(out, name, tmp, keep)
 }
 
-/// Swaps the staged directory `tmp` (under `out`, every file written) in as
-/// `out/<name>` with one `renameat2(RENAME_EXCHANGE)` (or a plain rename
-/// when there was none), and removes the old one. Files are not fsynced
-/// here: a torn artifact after a crash fails its sha256 check, and the next
-/// build makes it again.
-pub(crate) fn swap_in(out: &Path, name: &str, tmp: tempfile::TempDir) -> Result<(), Error> {
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .map_err(|source| Error::Io { path: tmp.path().into(), source })?;
-    let dest = out.join(name);
+/// Makes the staged directory `tmp` (under `out`, every file and the
+/// manifest written) a generation of image `name`, and the current one:
+///
+/// 1. `tmp` is renamed to `out/.generations/<name>/<hex digest>/` (over an
+///    earlier generation of the same digest, which has the same bytes, with
+///    `renameat2(RENAME_EXCHANGE)`);
+/// 2. `out/<name>`, a symbolic link, is pointed at it by renaming a new link
+///    over it: one atomic step, so a reader sees the old generation or the
+///    new one, never a mix. An `out/<name>` that is still a directory (made
+///    by a kiln before generations) is exchanged for the link and kept as a
+///    generation of its own;
+/// 3. generations beyond the newest `keep` (by the time each became
+///    current) are removed, each renamed to a hidden name first so that no
+///    reader ever sees half of one.
+///
+/// A server that booted a node from an older generation keeps serving it
+/// from its own directory until it is removed. Files are not fsynced here: a
+/// torn artifact after a crash fails its sha256 check, and the next build
+/// makes it again.
+pub(crate) fn swap_in(out: &Path, name: &str, tmp: tempfile::TempDir, keep: usize) -> Result<(), Error> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| Error::Io { path, source }
+    };
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(io(tmp.path()))?;
+    let hex = generation_digest(tmp.path()).ok_or_else(|| Error::Io {
+        path: tmp.path().join(MANIFEST_FILE),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the staged manifest cannot be read back"),
+    })?;
+    let generations = kiln_core::manifest::generations_of(out, name);
+    std::fs::create_dir_all(&generations).map_err(io(&generations))?;
+    let dest = generations.join(&hex);
     if dest.exists() {
-        nix::fcntl::renameat2(nix::fcntl::AT_FDCWD, tmp.path(), nix::fcntl::AT_FDCWD, &dest, nix::fcntl::RenameFlags::RENAME_EXCHANGE)
-            .map_err(|e| Error::Io { path: dest.clone(), source: e.into() })?;
-        // `tmp` now holds the old image; dropping it removes it.
+        exchange(tmp.path(), &dest)?;
+        // `tmp` now holds the earlier copy of the same bytes; dropping it removes it.
+        drop(tmp);
     } else {
         let kept = tmp.keep();
-        std::fs::rename(&kept, &dest).map_err(|source| Error::Io { path: dest.clone(), source })?;
+        std::fs::rename(&kept, &dest).map_err(io(&dest))?;
+    }
+    // The time it became current orders generations for pruning.
+    std::fs::File::open(&dest).and_then(|d| d.set_modified(std::time::SystemTime::now())).map_err(io(&dest))?;
+
+    let link = out.join(name);
+    let staged = out.join(format!(".{name}.link-{}", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    let target = Path::new(kiln_core::manifest::GENERATIONS_DIR).join(name).join(&hex);
+    std::os::unix::fs::symlink(&target, &staged).map_err(io(&staged))?;
+    match std::fs::symlink_metadata(&link) {
+        Ok(m) if m.is_dir() => {
+            exchange(&staged, &link)?;
+            // `staged` is now the directory an older kiln wrote: keep it as a generation.
+            match generation_digest(&staged).map(|h| generations.join(h)) {
+                Some(old) if !old.exists() => std::fs::rename(&staged, &old).map_err(io(&old))?,
+                _ => std::fs::remove_dir_all(&staged).map_err(io(&staged))?,
+            }
+        }
+        _ => std::fs::rename(&staged, &link).map_err(io(&link))?,
+    }
+    prune_generations(&generations, &hex, keep)
+}
+
+/// The hex digest named by the manifest in `dir`, if it can be read.
+fn generation_digest(dir: &Path) -> Option<String> {
+    let bytes = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).ok()?;
+    Some(manifest.digest.hex())
+}
+
+/// Exchanges two paths with `renameat2(RENAME_EXCHANGE)`.
+fn exchange(a: &Path, b: &Path) -> Result<(), Error> {
+    nix::fcntl::renameat2(nix::fcntl::AT_FDCWD, a, nix::fcntl::AT_FDCWD, b, nix::fcntl::RenameFlags::RENAME_EXCHANGE)
+        .map_err(|e| Error::Io { path: b.to_path_buf(), source: e.into() })
+}
+
+/// Removes the generations in `dir` but `current` and the newest `keep - 1`
+/// others. A directory is renamed to a hidden name before it is removed.
+fn prune_generations(dir: &Path, current: &str, keep: usize) -> Result<(), Error> {
+    let io = |source| Error::Io { path: dir.to_path_buf(), source };
+    let mut others = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == current || name.starts_with('.') {
+            continue;
+        }
+        let modified = entry.metadata().and_then(|m| m.modified()).map_err(io)?;
+        others.push((modified, entry.path()));
+    }
+    others.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, path) in others.into_iter().skip(keep.saturating_sub(1)) {
+        let hidden = dir.join(format!(".{}.removing", path.file_name().unwrap_or_default().to_string_lossy()));
+        std::fs::rename(&path, &hidden).map_err(|source| Error::Io { path: path.clone(), source })?;
+        std::fs::remove_dir_all(&hidden).map_err(|source| Error::Io { path: hidden, source })?;
     }
     Ok(())
 }
@@ -597,6 +680,75 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stages a one-file image `name` whose file holds `bytes` under `out`,
+    /// as a build does, and returns its digest's hex.
+    fn stage(out: &Path, name: &str, bytes: &[u8]) -> (tempfile::TempDir, String) {
+        std::fs::create_dir_all(out).unwrap();
+        let tmp = tempfile::Builder::new().prefix(&format!(".{name}.tmp-")).tempdir_in(out).unwrap();
+        std::fs::write(tmp.path().join("vmlinuz"), bytes).unwrap();
+        let artifacts = vec![Artifact { name: "vmlinuz".into(), size: bytes.len() as u64, sha256: kiln_core::Digest::of(bytes).hex() }];
+        let manifest = Manifest {
+            name: name.into(),
+            digest: Manifest::compute_digest(&artifacts),
+            artifacts,
+            boot: BootSpec { kernel: "vmlinuz".into(), initrd: "vmlinuz".into(), cmdline: vec![], rootfs: None },
+            inputs: InputDigests {
+                spec: "sha256:s".into(),
+                agent: "sha256:a".into(),
+                kernel_package: PackageRef { name: "k".into(), version: "1".into(), sha256: "x".into(), origin: None },
+                packages: vec![],
+                key: "sha256:k".into(),
+            },
+        };
+        std::fs::write(tmp.path().join(MANIFEST_FILE), serde_json::to_vec(&manifest).unwrap()).unwrap();
+        (tmp, manifest.digest.hex())
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn each_build_is_a_generation_and_the_oldest_beyond_keep_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("images");
+        let generations = kiln_core::manifest::generations_of(&out, "tiny");
+
+        // An image directory an older kiln wrote becomes a generation too.
+        let (legacy, legacy_hex) = stage(&out, "tiny", b"zero");
+        std::fs::rename(legacy.keep(), out.join("tiny")).unwrap();
+
+        let mut made = vec![legacy_hex];
+        for bytes in [b"one".as_slice(), b"two", b"three"] {
+            let (tmp, hex) = stage(&out, "tiny", bytes);
+            swap_in(&out, "tiny", tmp, 3).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            made.push(hex.clone());
+            let link = std::fs::read_link(out.join("tiny")).unwrap();
+            assert_eq!(link, Path::new(".generations/tiny").join(&hex), "DIR/tiny names the new generation");
+            assert_eq!(std::fs::read(out.join("tiny/vmlinuz")).unwrap(), bytes);
+            assert_eq!(entries(&out), [".generations", "tiny"], "nothing staged is left beside the image");
+        }
+        let mut kept = made[1..].to_vec();
+        kept.sort();
+        assert_eq!(entries(&generations), kept, "the newest 3 are kept, the legacy one was the oldest");
+
+        // The same bytes again: the link moves back, nothing is added.
+        let (tmp, hex) = stage(&out, "tiny", b"one");
+        assert_eq!(hex, made[1]);
+        swap_in(&out, "tiny", tmp, 3).unwrap();
+        assert_eq!(std::fs::read_link(out.join("tiny")).unwrap(), Path::new(".generations/tiny").join(&hex));
+        assert_eq!(entries(&generations), kept);
+
+        // keep = 1: only the current one stays.
+        let (tmp, hex) = stage(&out, "tiny", b"four");
+        swap_in(&out, "tiny", tmp, 1).unwrap();
+        assert_eq!(entries(&generations), [hex]);
+    }
 
     #[test]
     fn module_order_puts_dependencies_first() {

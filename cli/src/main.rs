@@ -239,6 +239,11 @@ pub struct BuildInputs {
     /// The kiln-agent binary to bake in (default: beside this kiln binary).
     #[arg(long, env = "KILN_AGENT")]
     agent: Option<PathBuf>,
+    /// Generations of each image to keep under OUT/.generations/NAME/, the
+    /// new one included: older ones stay served to nodes booting them, and
+    /// `kiln rollout undo` goes back to the previous one.
+    #[arg(long, default_value_t = kiln_core::manifest::KEEP_GENERATIONS as u64, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    keep_generations: u64,
 }
 
 impl BuildInputs {
@@ -263,7 +268,14 @@ impl BuildInputs {
             }
         };
         let source_date_epoch = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-        Ok(kiln_builder::Builder { cache: self.cache.clone(), agent, source_date_epoch, apt_lists: Some("/var/lib/apt/lists".into()), ca })
+        Ok(kiln_builder::Builder {
+            cache: self.cache.clone(),
+            agent,
+            source_date_epoch,
+            apt_lists: Some("/var/lib/apt/lists".into()),
+            ca,
+            keep_generations: self.keep_generations as usize,
+        })
     }
 }
 

@@ -36,9 +36,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kiln_core::Manifest;
 use kiln_core::{HeartbeatResponse, RegisterRequest, RegisterResponse, ScaleRequest, SdTargetGroup};
-use kiln_pxe::ImageStore;
+use kiln_pxe::LiveImages;
 use kiln_pxe::ipxe::{BootParams, boot_script, bootstrap_script};
 use kiln_pxe::profile::{Catalog, Machine, Profile};
 use warp::filters::BoxedFilter;
@@ -61,8 +60,8 @@ pub struct Api {
     pub pools: Option<kiln_pool::PoolsHandle>,
     /// The registry.
     pub registry: Arc<Registry>,
-    /// The images served.
-    pub images: Arc<ImageStore>,
+    /// The images served, replaced when a build adds a generation.
+    pub images: Arc<LiveImages>,
     /// Profiles and groups.
     pub catalog: Arc<Catalog>,
     /// Mints the join token an expected machine's script or seed carries.
@@ -866,7 +865,8 @@ fn ipxe_reply(script: String) -> Response {
 struct Booting<'a> {
     group: String,
     profile: std::borrow::Cow<'a, Profile>,
-    image: &'a Manifest,
+    /// The generation it boots: every URL of its script names it.
+    image: Arc<kiln_pxe::store::Generation>,
     /// A pool's node, or a MAC a group selects by MAC: its script and seed
     /// carry a join token minted for its MAC. Any other machine gets none
     /// and registers as pending.
@@ -894,7 +894,7 @@ fn machine_profile<'a>(api: &'a Api, machine: &mut Machine) -> Result<Booting<'a
         }
     };
     let (group, profile, expected) = (group.0, group.1, group.2);
-    let image = api.images.get(&profile.image).ok_or_else(|| {
+    let image = api.images.current().image(&profile.image).map(|i| i.current.clone()).ok_or_else(|| {
         (StatusCode::INTERNAL_SERVER_ERROR, format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image))
     })?;
     Ok(Booting { group, profile, image, expected })
@@ -927,7 +927,7 @@ async fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, 
         Ok(token) => token,
         Err(answer) => return answer,
     };
-    let (group, profile, image) = (&booting.group, &booting.profile, booting.image);
+    let (group, profile, image) = (&booting.group, &booting.profile, &booting.image.manifest);
     tracing::info!(mac = ?machine.mac.map(|m| m.to_string()), group = %group, profile = %profile.id, image = %image.name, expected = booting.expected, "boot script");
     let api_url = api_url(&api.api_endpoint, &base);
     ipxe_reply(boot_script(
@@ -958,7 +958,7 @@ async fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Resp
     };
     let api_url = api_url(&api.api_endpoint, &base);
     let params = BootParams { base_url: &base, token: token.as_deref(), api_url: &api_url };
-    let seed = match api.catalog.seed(&booting.profile, booting.image, &machine, &params) {
+    let seed = match api.catalog.seed(&booting.profile, &booting.image.manifest, &machine, &params) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
@@ -1007,6 +1007,7 @@ mod tests {
     use super::*;
     use crate::store::embedded::DbStore;
     use kiln_core::Node;
+    use kiln_pxe::ImageStore;
 
     async fn api(dir: &std::path::Path) -> Arc<Api> {
         let images = dir.join("images");
@@ -1033,12 +1034,12 @@ mod tests {
         };
         std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
         let store = DbStore::open(&crate::StateDir::new(dir).registry_db(), None).unwrap();
-        let images = Arc::new(ImageStore::load(&images).unwrap());
+        let images = ImageStore::load(&images).unwrap();
         let registry = Registry::open(Arc::new(store), Default::default()).await.unwrap();
         let tokens = Arc::new(crate::join_tokens::JoinTokens::new(registry.store_handle()).unwrap());
         Arc::new(Api {
             catalog: Arc::new(Catalog::builtin(&images)),
-            images,
+            images: Arc::new(LiveImages::fixed(images)),
             minter: crate::pools::Minter { tokens: tokens.clone(), ttl: crate::join_tokens::MINTED_TTL },
             auto_approve: false,
             pools: None,
@@ -1511,7 +1512,8 @@ mod tests {
     #[tokio::test]
     async fn boot_chain_and_seeds() {
         let dir = tempfile::tempdir().unwrap();
-        let routes = routes(api(dir.path()).await).recover(recover);
+        let base = api(dir.path()).await;
+        let routes = routes(base.clone()).recover(recover);
         let get = |path: &str| warp::test::request().path(path).header("host", "10.0.2.2:8080");
         let resp = get("/boot.ipxe").reply(&routes).await;
         assert_eq!(resp.status(), 200);
@@ -1521,7 +1523,8 @@ mod tests {
         let resp = get("/ipxe?mac=52-54-00-ab-cd-ef&uuid=&arch=x86_64").reply(&routes).await;
         assert_eq!(resp.status(), 200);
         let text = String::from_utf8_lossy(resp.body());
-        assert!(text.contains("kernel http://10.0.2.2:8080/images/tiny/vmlinuz"), "{text}");
+        let hex = base.images.current().default_image().digest.hex();
+        assert!(text.contains(&format!("kernel http://10.0.2.2:8080/images/tiny/{hex}/vmlinuz")), "{text}");
         assert!(!text.contains("kiln.token"), "a machine no group selects by MAC gets no token: {text}");
         assert!(text.contains(" kiln.server=https://10.0.2.2:8443 "), "the agent gets the TLS API on the boot host: {text}");
         assert!(text.contains("ds=nocloud-net;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/"), "{text}");
@@ -1558,7 +1561,7 @@ mod tests {
         let api = Arc::new(Api {
             registry: base.registry.clone(),
             images: base.images.clone(),
-            catalog: Arc::new(Catalog::load(&cat, &base.images).unwrap()),
+            catalog: Arc::new(Catalog::load(&cat, &base.images.current()).unwrap()),
             minter: base.minter.clone(),
             auto_approve: false,
             pools: None,

@@ -22,7 +22,7 @@ use kiln_pool::domain::Accel;
 use kiln_pool::reconcile::Cause;
 use kiln_pool::service::{self, ControlPlane, Registered, StartError};
 use kiln_pool::{Fleet, LoadError, Networks, NodeId, NodeMedia, Pool, PoolsHandle, ServedImage, Settings};
-use kiln_pxe::ImageStore;
+use kiln_pxe::LiveImages;
 use kiln_pxe::ipxe::BootParams;
 use kiln_pxe::profile::{Catalog, Machine, Profile};
 
@@ -78,7 +78,7 @@ pub struct Parts {
     /// The registry (leases, stored replicas).
     pub registry: Arc<Registry>,
     /// The images served.
-    pub images: Arc<ImageStore>,
+    pub images: Arc<LiveImages>,
     /// Profiles, for pools that name one.
     pub catalog: Arc<Catalog>,
     /// Mints the join token a disk node's seed carries.
@@ -164,7 +164,7 @@ pub fn node_profile(catalog: &Catalog, pool: &Pool) -> Result<Profile, ProfileGo
 
 /// Images and seeds for the pool task.
 struct Media {
-    images: Arc<ImageStore>,
+    images: Arc<LiveImages>,
     catalog: Arc<Catalog>,
     minter: Minter,
     /// The server's runtime: seeds are made on a blocking thread, which
@@ -178,21 +178,24 @@ struct Media {
 
 impl NodeMedia for Media {
     fn image(&self, name: &str) -> Option<ServedImage> {
-        let image = self.images.get(name)?;
+        let images = self.images.current();
+        let generation = &images.image(name)?.current;
+        let image = &generation.manifest;
         let qcow2 = format!("{}.qcow2", image.name);
         Some(ServedImage {
             name: image.name.clone(),
             digest: image.digest,
-            qcow2: image.artifact(&qcow2).map(|_| self.images.root().join(&image.name).join(&qcow2)),
+            qcow2: image.artifact(&qcow2).map(|_| generation.dir().join(&qcow2)),
         })
     }
 
     fn served(&self) -> Vec<String> {
-        self.images.images().map(|m| m.name.clone()).collect()
+        self.images.current().images().map(|m| m.name.clone()).collect()
     }
 
     fn seed(&self, pool: &Pool, node: &NodeId) -> Result<Vec<u8>, Cause> {
-        let image = self.images.get(&pool.image).ok_or_else(|| kiln_pool::reconcile::Error::ImageGone { image: pool.image.clone() })?;
+        let images = self.images.current();
+        let image = images.get(&pool.image).ok_or_else(|| kiln_pool::reconcile::Error::ImageGone { image: pool.image.clone() })?;
         let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
         let profile = node_profile(&self.catalog, pool)?;
         // Every pool node is a machine kiln expects: its seed carries a

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln_pxe::ImageStore;
+use kiln_pxe::LiveImages;
 use kiln_pxe::dhcp::{ProxyConfig, ProxyDhcp};
 use kiln_pxe::profile::Catalog;
 use kiln_pxe::tftp::{TftpConfig, TftpServer};
@@ -175,7 +175,7 @@ pub struct Server {
     /// The CA certificate agents trust (`STATE/ca.pem`).
     pub ca: PathBuf,
     /// The images it serves.
-    pub images: Arc<ImageStore>,
+    pub images: Arc<LiveImages>,
     /// The registry.
     pub registry: Arc<Registry>,
     /// The TFTP server, when asked for.
@@ -187,6 +187,8 @@ pub struct Server {
     stop: tokio::sync::oneshot::Sender<()>,
     /// Removes expired join tokens.
     sweeper: tokio::task::JoinHandle<()>,
+    /// Looks for new image generations.
+    watcher: tokio::task::JoinHandle<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -304,7 +306,7 @@ fn served(routes: warp::filters::BoxedFilter<(warp::reply::Response,)>) -> warp:
 /// descriptor limit, first raised to its hard limit). The sender stops both.
 fn spawn_listeners(
     api: Arc<Api>,
-    images: Arc<ImageStore>,
+    images: Arc<LiveImages>,
     plain: Vec<tokio::net::TcpListener>,
     tls: TlsListener,
     plain_nodes: bool,
@@ -390,10 +392,10 @@ async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Regist
 impl Server {
     /// Loads images and state, binds, and starts serving in a task.
     pub async fn start(config: ServerConfig) -> Result<Server, Error> {
-        let images = Arc::new(ImageStore::load(&config.images)?);
+        let images = Arc::new(LiveImages::load(&config.images)?);
         let catalog = Arc::new(match &config.profiles {
-            Some(dir) => Catalog::load(dir, &images)?,
-            None => Catalog::builtin(&images),
+            Some(dir) => Catalog::load(dir, &images.current())?,
+            None => Catalog::builtin(&images.current()),
         });
         let sd_token = load_token(&config.state, crate::StateDir::sd_token)?;
         retire_bootstrap_token(&config.state);
@@ -458,13 +460,14 @@ impl Server {
             tracing::warn!("--auto-approve: a machine that registers with no token joins at once (labs only)");
         }
         tracing::info!("api: listening on https://{api_addr} (CA {})", crate::StateDir::new(&config.state).ca_cert().display());
-        for image in images.images() {
+        for image in images.current().images() {
             tracing::info!(image = %image.name, digest = %image.digest, "serving image");
         }
+        let watcher = tokio::spawn(images.clone().watch());
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
         let ca = ca.cert_path.clone();
-        let mut server = Server { addr, api_addr, ca, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task, sweeper };
+        let mut server = Server { addr, api_addr, ca, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task, sweeper, watcher };
         server.start_pxe(&config).await?;
         Ok(server)
     }
@@ -506,6 +509,7 @@ impl Server {
             t.shutdown().await;
         }
         self.sweeper.abort();
+        self.watcher.abort();
         let _ = self.stop.send(());
         let _ = self.task.await;
     }

@@ -8,6 +8,22 @@ use crate::Digest;
 /// File name of the manifest inside an image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// The directory under an output directory where every generation of every
+/// image is kept: `DIR/.generations/<name>/<hex digest>/`. `DIR/<name>` is a
+/// symbolic link to the current one, replaced atomically by each build; a
+/// generation's directory never changes once it is there, so its files are
+/// what its manifest says for as long as it is kept.
+pub const GENERATIONS_DIR: &str = ".generations";
+
+/// Generations of one image a build keeps by default: the one it makes
+/// and the two before it.
+pub const KEEP_GENERATIONS: usize = 3;
+
+/// `DIR/.generations/<name>`: where image `name`'s generations are.
+pub fn generations_of(out: &std::path::Path, name: &str) -> std::path::PathBuf {
+    out.join(GENERATIONS_DIR).join(name)
+}
+
 /// One built image: its artifacts, its own digest, and the digests of the
 /// inputs it was made from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,8 +1,16 @@
-//! `GET`/`HEAD /images/<name>/<file>`: artifacts streamed from disk.
+//! `GET`/`HEAD /images/<name>/<hex digest>/<file>`: a file of one
+//! generation of an image, the URL boot scripts name; and
+//! `/images/<name>/<file>`: the same file of the current generation.
+//!
+//! Each request takes the image snapshot of the moment
+//! ([`crate::store::LiveImages`]) and serves from the generation it names,
+//! whose directory never changes: the `ETag` is the sha256 of the bytes sent
+//! (a manifest's, of the bytes read with it), whatever a build does
+//! meanwhile. Every response carries `X-Kiln-Image-Digest`, the digest of
+//! the generation its bytes are from. A generation no longer kept is 404.
 //!
 //! The body is read in 512 KiB chunks, so memory stays flat whatever the
-//! file size. `ETag` is the artifact's sha256 (strong: the bytes are what the
-//! manifest says), and `If-None-Match` answers 304. `Range` serves one range
+//! file size. `If-None-Match` answers 304. `Range` serves one range
 //! (`a-b`, `a-`, or the suffix `-n`) as 206 with `Content-Range`, or 416 when
 //! it lies past the end; a request for several ranges gets the whole file
 //! (RFC 9110 lets a server ignore `Range`). `If-Range` with the current ETag
@@ -16,25 +24,44 @@ use warp::http::{HeaderValue, Method, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::ImageStore;
+use crate::store::{LiveImages, Served, Source};
 
 const CHUNK: usize = 512 * 1024;
 
-/// The artifact routes over `store`.
-pub fn routes(store: Arc<ImageStore>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("images" / String / String)
-        .and(warp::get().or(warp::head()).unify())
-        .and(warp::method())
-        .and(warp::header::headers_cloned())
-        .and_then(move |name: String, file: String, method: Method, headers: warp::http::HeaderMap| {
-            let store = store.clone();
+/// The header naming the generation a response's bytes are from.
+pub const IMAGE_DIGEST_HEADER: &str = "x-kiln-image-digest";
+
+/// The artifact routes over `images`.
+pub fn routes(images: Arc<LiveImages>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let current = warp::path!("images" / String / String).map(|name, file| (name, None, file));
+    let pinned = warp::path!("images" / String / String / String).map(|name, hex, file| (name, Some(hex), file));
+    current.or(pinned).unify().and(warp::get().or(warp::head()).unify()).and(warp::method()).and(warp::header::headers_cloned()).and_then(
+        move |(name, hex, file): (String, Option<String>, String), method: Method, headers: warp::http::HeaderMap| {
+            let store = images.current();
             async move {
                 let get = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
                 let conditions =
                     Conditions { if_none_match: get(header::IF_NONE_MATCH), range: get(header::RANGE), if_range: get(header::IF_RANGE) };
-                Ok::<_, Rejection>(serve(&store, &name, &file, &method, &conditions).await)
+                let generation = store.image(&name).and_then(|i| match &hex {
+                    Some(hex) => i.generation(hex),
+                    None => Some(&i.current),
+                });
+                let found = generation.and_then(|g| crate::store::served(g, &file).map(|s| (g.manifest.digest, s)));
+                let Some((digest, served)) = found else {
+                    return Ok::<_, Rejection>(match hex {
+                        Some(hex) if store.image(&name).is_some_and(|i| i.generation(&hex).is_none()) => {
+                            error(StatusCode::NOT_FOUND, &format!("image {name:?} keeps no generation {hex:?}"))
+                        }
+                        _ => error(StatusCode::NOT_FOUND, &format!("no artifact {file:?} in image {name:?}")),
+                    });
+                };
+                let mut resp = serve(&served, &name, &file, &method, &conditions).await;
+                resp.headers_mut()
+                    .insert(IMAGE_DIGEST_HEADER, HeaderValue::from_str(&digest.to_string()).expect("a digest is a valid header"));
+                Ok(resp)
             }
-        })
+        },
+    )
 }
 
 /// The request headers that shape an artifact response.
@@ -95,35 +122,47 @@ pub fn parse_range(header: Option<&str>, len: u64) -> RangeRequest {
     RangeRequest::Part { start: parsed.0, end: parsed.1 }
 }
 
-async fn serve(store: &ImageStore, name: &str, file: &str, method: &Method, cond: &Conditions<'_>) -> Response {
-    let Some((path, sha256)) = store.file(name, file) else {
-        return error(StatusCode::NOT_FOUND, &format!("no artifact {file:?} in image {name:?}"));
-    };
-    let etag = sha256.map(|s| format!("\"{s}\""));
-    if let (Some(etag), Some(inm)) = (&etag, cond.if_none_match)
+/// The body of a response: a file opened for it, or bytes in memory.
+enum Body {
+    File(tokio::fs::File),
+    Bytes(bytes::Bytes),
+}
+
+async fn serve(served: &Served, name: &str, file: &str, method: &Method, cond: &Conditions<'_>) -> Response {
+    let etag = format!("\"{}\"", served.sha256);
+    if let Some(inm) = cond.if_none_match
         && inm.split(',').any(|t| t.trim() == etag || t.trim() == "*")
     {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
-        resp.headers_mut().insert(header::ETAG, HeaderValue::from_str(etag).expect("hex is a valid header"));
+        resp.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
         return resp;
     }
 
-    let mut file_handle = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::error!(path = %path.display(), "opening artifact: {e}");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("artifact {name}/{file} cannot be read"));
+    let (body, len) = match &served.source {
+        Source::Bytes(bytes) => (Body::Bytes(bytes.clone()), bytes.len() as u64),
+        Source::File(path) => {
+            let handle = match tokio::fs::File::open(path).await {
+                Ok(f) => f,
+                // Removed since the snapshot was taken: the generation is no longer kept.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return error(StatusCode::NOT_FOUND, &format!("artifact {name}/{file}: its generation is no longer kept"));
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), "opening artifact: {e}");
+                    return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("artifact {name}/{file} cannot be read"));
+                }
+            };
+            match handle.metadata().await {
+                Ok(m) => (Body::File(handle), m.len()),
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("artifact {name}/{file}: {e}")),
+            }
         }
-    };
-    let len = match file_handle.metadata().await {
-        Ok(m) => m.len(),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("artifact {name}/{file}: {e}")),
     };
     // If-Range: the range holds only while the representation is the one the
     // client has (a strong ETag match; dates are never strong enough here).
     let range_allowed = match cond.if_range {
         None => true,
-        Some(v) => etag.as_deref() == Some(v.trim()),
+        Some(v) => etag == v.trim(),
     };
     let range = if range_allowed { parse_range(cond.range, len) } else { RangeRequest::Full };
     let (status, start, count) = match range {
@@ -135,15 +174,17 @@ async fn serve(store: &ImageStore, name: &str, file: &str, method: &Method, cond
             return resp;
         }
     };
-    let mut resp = if method == Method::HEAD {
-        Response::default()
-    } else {
-        if start > 0
-            && let Err(e) = file_handle.seek(std::io::SeekFrom::Start(start)).await
-        {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("artifact {name}/{file}: {e}"));
+    let mut resp = match body {
+        _ if method == Method::HEAD => Response::default(),
+        Body::Bytes(bytes) => Response::new(bytes.slice(start as usize..(start + count) as usize).into()),
+        Body::File(mut handle) => {
+            if start > 0
+                && let Err(e) = handle.seek(std::io::SeekFrom::Start(start)).await
+            {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("artifact {name}/{file}: {e}"));
+            }
+            warp::reply::stream(ReaderStream::with_capacity(handle.take(count), CHUNK)).into_response()
         }
-        warp::reply::stream(ReaderStream::with_capacity(file_handle.take(count), CHUNK)).into_response()
     };
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
@@ -155,9 +196,7 @@ async fn serve(store: &ImageStore, name: &str, file: &str, method: &Method, cond
     }
     let content_type = if file.ends_with(".json") { "application/json" } else { "application/octet-stream" };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    if let Some(etag) = etag {
-        headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
-    }
+    headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
     resp
 }
 
@@ -171,10 +210,57 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn every_generation_is_served_at_its_own_url_with_the_etag_of_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = crate::store::tests::write_generation(dir.path(), "tiny", b"kernel one");
+        let live = Arc::new(LiveImages::load(dir.path()).unwrap());
+        let api = routes(live.clone());
+        let get = |path: String| warp::test::request().path(&path).reply(&api);
+        let sha = |bytes: &[u8]| format!("\"{}\"", kiln_core::Digest::of(bytes).hex());
+
+        let two = crate::store::tests::write_generation(dir.path(), "tiny", b"kernel two");
+        let resp = get("/images/tiny/vmlinuz".into()).await;
+        assert_eq!(resp.body().as_ref(), b"kernel one", "served from the snapshot until it is refreshed");
+        assert_eq!(resp.headers()["etag"], sha(resp.body()).as_str());
+        live.refresh().unwrap();
+
+        for (path, m, bytes) in [
+            ("/images/tiny/vmlinuz".to_string(), &two, b"kernel two".as_slice()),
+            (format!("/images/tiny/{}/vmlinuz", two.digest.hex()), &two, b"kernel two"),
+            (format!("/images/tiny/{}/vmlinuz", one.digest.hex()), &one, b"kernel one"),
+        ] {
+            let resp = get(path.clone()).await;
+            assert_eq!(resp.status(), 200, "{path}");
+            assert_eq!(resp.body().as_ref(), bytes, "{path}");
+            assert_eq!(resp.headers()["etag"], sha(bytes).as_str(), "{path}: the ETag is the sha256 of the bytes sent");
+            assert_eq!(resp.headers()[IMAGE_DIGEST_HEADER], m.digest.to_string().as_str(), "{path}");
+            let resp = warp::test::request().path(&path).header("if-none-match", sha(b"kernel one")).reply(&api).await;
+            assert_eq!(resp.status() == 304, bytes == b"kernel one", "{path}: 304 only for the bytes the client holds");
+        }
+        let resp = get(format!("/images/tiny/{}/manifest.json", one.digest.hex())).await;
+        let served: kiln_core::Manifest = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(served, one, "an old generation's manifest");
+        assert_eq!(resp.headers()["etag"], sha(resp.body()).as_str());
+
+        let resp = get(format!("/images/tiny/{}/vmlinuz", "ab".repeat(32))).await;
+        assert_eq!(resp.status(), 404);
+        assert!(String::from_utf8_lossy(resp.body()).contains("keeps no generation"), "{:?}", resp.body());
+        let resp = get(format!("/images/tiny/{}/../vmlinuz", one.digest.hex())).await;
+        assert_eq!(resp.status(), 404, "only files a manifest lists");
+
+        // Removed from disk (pruned by a later build): 404, not the wrong bytes.
+        std::fs::remove_dir_all(dir.path().join(".generations/tiny").join(one.digest.hex())).unwrap();
+        let resp = get(format!("/images/tiny/{}/vmlinuz", one.digest.hex())).await;
+        assert_eq!(resp.status(), 404);
+        live.refresh().unwrap();
+        assert!(live.current().image("tiny").unwrap().older.is_empty());
+    }
+
+    #[tokio::test]
     async fn serves_listed_files_only() {
         let dir = tempfile::tempdir().unwrap();
         let m = crate::store::tests::write_image(dir.path(), "tiny");
-        let store = Arc::new(ImageStore::load(dir.path()).unwrap());
+        let store = Arc::new(LiveImages::load(dir.path()).unwrap());
         let api = routes(store);
 
         let resp = warp::test::request().path("/images/tiny/vmlinuz").reply(&api).await;

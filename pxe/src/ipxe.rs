@@ -50,7 +50,8 @@ pub fn bootstrap_script(base_url: &str) -> String {
     )
 }
 
-/// The script that boots `image`: its kernel with the image's own
+/// The script that boots `image` (one generation: every URL names its
+/// digest, `/images/<name>/<hex>/<file>`): its kernel with the image's own
 /// arguments, `extra_args` (the profile's), and `kiln.server`, `kiln.token`
 /// (when the machine has one), `kiln.image_digest`; with `mac`, also the NoCloud seed URL
 /// `ds=nocloud-net;s=BASE/cloud-init/MAC/`; for a diskless image, its root
@@ -58,7 +59,8 @@ pub fn bootstrap_script(base_url: &str) -> String {
 /// `initrd=` names the initrd for kernels started by UEFI's EFI stub.
 pub fn boot_script(image: &Manifest, extra_args: &[String], mac: Option<Mac>, params: &BootParams<'_>) -> String {
     let base = params.base_url.trim_end_matches('/');
-    let url = |file: &str| format!("{base}/images/{}/{file}", image.name);
+    // Every URL names the generation: a build finishing mid-boot cannot mix two.
+    let url = |file: &str| format!("{base}/images/{}/{}/{file}", image.name, image.digest.hex());
     let mut args = vec![format!("initrd={}", image.boot.initrd)];
     args.extend(image.boot.cmdline.iter().cloned());
     args.extend(extra_args.iter().cloned());
@@ -125,7 +127,11 @@ mod tests {
         );
         assert!(s.starts_with("#!ipxe\n"));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
-        assert!(kernel.starts_with("kernel http://10.0.2.2:8080/images/tiny/vmlinuz initrd=initrd.img console=ttyS0 quiet "), "{kernel}");
+        let hex = m.digest.hex();
+        assert!(
+            kernel.starts_with(&format!("kernel http://10.0.2.2:8080/images/tiny/{hex}/vmlinuz initrd=initrd.img console=ttyS0 quiet ")),
+            "{kernel}"
+        );
         for want in [
             " kiln.server=https://10.0.2.2:8443 ",
             " kiln.token=tok ",
@@ -136,7 +142,9 @@ mod tests {
         }
         assert!(kernel.ends_with(" || goto kernel_failed"), "{kernel}");
         assert!(
-            s.contains("\ninitrd http://10.0.2.2:8080/images/tiny/initrd.img || goto initrd_failed\nboot || goto boot_failed\n"),
+            s.contains(&format!(
+                "\ninitrd http://10.0.2.2:8080/images/tiny/{hex}/initrd.img || goto initrd_failed\nboot || goto boot_failed\n"
+            )),
             "{s}"
         );
         assert!(s.contains(":kernel_failed\necho kiln: kernel download failed, retrying in 3 s\nsleep 3\ngoto kernel\n"), "{s}");
@@ -153,7 +161,7 @@ mod tests {
         m.boot.rootfs = Some("root.squashfs".into());
         let s = boot_script(&m, &[], None, &params);
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
-        assert!(kernel.contains(" kiln.rootfs=http://10.0.2.2:8080/images/worker/root.squashfs "), "{kernel}");
+        assert!(kernel.contains(&format!(" kiln.rootfs=http://10.0.2.2:8080/images/worker/{}/root.squashfs ", m.digest.hex())), "{kernel}");
         assert!(kernel.contains(&format!(" kiln.rootfs_sha256={} ", "ab".repeat(32))), "{kernel}");
     }
 }

@@ -259,7 +259,7 @@ fn killed_build_leaves_the_cache_and_the_previous_image_usable() {
         .unwrap()
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
+        .filter(|n| n.starts_with('.') && n != kiln_core::manifest::GENERATIONS_DIR)
         .collect();
     assert!(staged.is_empty(), "no staging directories left in the output: {staged:?}");
 }
@@ -426,7 +426,11 @@ fn interrupted_build_stops_every_program_and_the_next_build_succeeds() {
     let leftovers = |dir: &Path| -> Vec<String> {
         let names =
             std::fs::read_dir(dir).map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect());
-        names.unwrap_or_else(|_| Vec::new()).into_iter().filter(|n: &String| n.starts_with('.') && n != ".lock").collect()
+        names
+            .unwrap_or_else(|_| Vec::new())
+            .into_iter()
+            .filter(|n: &String| n.starts_with('.') && n != ".lock" && n != kiln_core::manifest::GENERATIONS_DIR)
+            .collect()
     };
 
     // SIGINT in the middle of mksquashfs and mke2fs.

@@ -191,8 +191,11 @@ fn cached_rebuild_is_a_hit_and_builds_are_reproducible() {
     let (status, stdout, _) = kiln_build(&tiny_spec(), &a);
     assert!(status.success() && stdout.contains("\"event\":\"built\""), "{stdout}");
     assert_eq!(read_manifest(&a).digest, first.digest);
-    let leftovers: Vec<_> = std::fs::read_dir(&a).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
-    assert_eq!(leftovers, vec![std::ffi::OsString::from("tiny")], "no temporary directory is left behind");
+    let mut leftovers: Vec<_> = std::fs::read_dir(&a).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+    leftovers.sort();
+    assert_eq!(leftovers, [".generations", "tiny"], "no temporary directory is left behind");
+    let kept: Vec<_> = std::fs::read_dir(a.join(".generations/tiny")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert_eq!(kept, [first.digest.hex().as_str()], "one generation: the repair rewrote it");
 }
 
 #[test]
