@@ -580,7 +580,7 @@ fn prune_generations(dir: &Path, current: &str, keep: usize) -> Result<(), Error
         let modified = entry.metadata().and_then(|m| m.modified()).map_err(io)?;
         others.push((modified, entry.path()));
     }
-    others.sort_by(|a, b| b.0.cmp(&a.0));
+    others.sort_by_key(|o| std::cmp::Reverse(o.0));
     for (_, path) in others.into_iter().skip(keep.saturating_sub(1)) {
         let hidden = dir.join(format!(".{}.removing", path.file_name().unwrap_or_default().to_string_lossy()));
         std::fs::rename(&path, &hidden).map_err(|source| Error::Io { path: path.clone(), source })?;
