@@ -88,6 +88,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A pool's rolling replacement of nodes not on its image's current
+    /// generation (`[rollout]` in the pool file): its status, pause,
+    /// resume, and undo (back to the previous generation, still kept).
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutCommand,
+    },
     /// Make, list and delete join tokens (`ID.SECRET`), what machines
     /// register with.
     Token {
@@ -125,6 +132,48 @@ enum NodesAction {
     Delete {
         /// The node.
         name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `kiln rollout`'s actions.
+#[derive(Subcommand, Debug)]
+enum RolloutCommand {
+    /// Where the pool's rollout is: target generation, nodes up to date,
+    /// out of date and Ready. Exits 0 once complete (with `--wait`, waits
+    /// for that), 1 otherwise.
+    Status {
+        /// The pool.
+        pool: String,
+        /// Wait up to this long for the rollout to complete.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+        /// Print the pool's status as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Keep out-of-date nodes as they are (scaling still works).
+    Pause {
+        /// The pool.
+        pool: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Go on replacing out-of-date nodes.
+    Resume {
+        /// The pool.
+        pool: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Roll the pool back to the generation before the one it runs (kept by
+    /// `kiln build --keep-generations`), until the image gets a new one.
+    Undo {
+        /// The pool.
+        pool: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -289,6 +338,7 @@ fn main() -> ExitCode {
             | Command::Check { .. }
             | Command::Scale { .. }
             | Command::Pools { .. }
+            | Command::Rollout { .. }
             | Command::AdminCert { .. }
             | Command::Token { .. }
     );
@@ -344,8 +394,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::AdminCert { action, state } => admin_cert(&state, action),
         Command::Token { action } => token(action),
+        Command::Rollout { action } => rollout(action),
         Command::Up(args) => up::run(args),
     }
+}
+
+/// `kiln rollout status|pause|resume|undo`.
+fn rollout(command: RolloutCommand) -> Result<ExitCode> {
+    use kiln_core::pool::RolloutAction;
+    let (pool, api, action) = match command {
+        RolloutCommand::Status { pool, wait, json, api } => {
+            let client = api.client()?;
+            let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+            let status = loop {
+                let pools = block_on(client.pools())?;
+                let status = pools.into_iter().find(|p| p.name == pool).ok_or_else(|| anyhow::anyhow!("no pool `{pool}`"))?;
+                if output::rollout_complete(&status) || std::time::Instant::now() >= deadline {
+                    break status;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            };
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&status)?),
+                false => println!("{}", output::rollout_line(&status)),
+            }
+            return Ok(if output::rollout_complete(&status) { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        }
+        RolloutCommand::Pause { pool, api } => (pool, api, RolloutAction::Pause),
+        RolloutCommand::Resume { pool, api } => (pool, api, RolloutAction::Resume),
+        RolloutCommand::Undo { pool, api } => (pool, api, RolloutAction::Undo),
+    };
+    let status = block_on(api.client()?.rollout(&pool, action))?;
+    println!("{}", output::rollout_line(&status));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln token create|list|delete`.

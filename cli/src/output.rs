@@ -168,7 +168,23 @@ pub fn token_table(tokens: &[kiln_core::JoinTokenInfo]) -> String {
 /// Pools as an aligned table: one row per pool and host.
 pub fn pool_table(pools: &[kiln_core::PoolStatus]) -> String {
     let mut rows = vec![
-        ["POOL", "IMAGE", "BOOT", "DESIRED", "MIN-MAX", "HOST", "DEFINED", "RUNNING", "BOOTING", "REGISTERED"].map(String::from).to_vec(),
+        [
+            "POOL",
+            "IMAGE",
+            "BOOT",
+            "DESIRED",
+            "MIN-MAX",
+            "READY",
+            "UP-TO-DATE",
+            "OUT-OF-DATE",
+            "HOST",
+            "DEFINED",
+            "RUNNING",
+            "BOOTING",
+            "REGISTERED",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     for p in pools {
         for h in &p.hosts {
@@ -178,6 +194,9 @@ pub fn pool_table(pools: &[kiln_core::PoolStatus]) -> String {
                 p.boot.clone(),
                 p.desired.to_string(),
                 format!("{}-{}", p.min, p.max),
+                p.ready.to_string(),
+                p.up_to_date.to_string(),
+                p.out_of_date.to_string(),
                 h.host.clone(),
                 h.defined.to_string(),
                 h.running.to_string(),
@@ -188,6 +207,9 @@ pub fn pool_table(pools: &[kiln_core::PoolStatus]) -> String {
     }
     let mut out = table(rows);
     for p in pools {
+        if p.out_of_date > 0 || p.rollout.paused || p.rollout.undone_to.is_some() {
+            out.push_str(&format!("{}\n", rollout_line(p)));
+        }
         if let Some(a) = &p.autoscale {
             out.push_str(&format!("{}: autoscale: {a}\n", p.name));
         }
@@ -263,7 +285,10 @@ pub fn node_table(nodes: &[Node]) -> String {
             list_cell(&n.addresses),
             n.subnet.map_or_else(|| "-".into(), |s| s.to_string()),
             n.public_ip.map_or_else(|| "-".into(), |ip| ip.to_string()),
-            escape(&short_digest(&n.image_digest)),
+            match n.out_of_date {
+                Some(true) => format!("{} (out of date)", escape(&short_digest(&n.image_digest))),
+                _ => escape(&short_digest(&n.image_digest)),
+            },
             ago(n.registered_at),
             ago(n.last_seen),
         ]);
@@ -328,6 +353,41 @@ fn table(rows: Vec<Vec<String>>) -> String {
 }
 
 /// `sha256:0123456789ab…` → `sha256:0123456789ab`.
+/// A pool's rollout is complete: every node wanted is there, on the
+/// target generation, and Ready.
+pub fn rollout_complete(p: &kiln_core::PoolStatus) -> bool {
+    p.out_of_date == 0 && p.up_to_date == p.desired && p.ready >= p.desired
+}
+
+/// One line on a pool's rollout, as `kiln rollout` prints it.
+pub fn rollout_line(p: &kiln_core::PoolStatus) -> String {
+    let target = p.target.map_or_else(|| "none (image not served)".to_string(), |t| short_digest(&t.to_string()));
+    let state = if p.rollout.paused {
+        "paused".to_string()
+    } else if rollout_complete(p) {
+        "complete".to_string()
+    } else if p.out_of_date > 0 {
+        "rolling".to_string()
+    } else {
+        "scaling".to_string()
+    };
+    let mut line = format!(
+        "pool {}: {state}: target {target}{}; {} desired, {} up to date, {} out of date, {} ready (max-surge {}, max-unavailable {})",
+        p.name,
+        if p.rollout.undone_to.is_some() { " (undone to the previous generation)" } else { "" },
+        p.desired,
+        p.up_to_date,
+        p.out_of_date,
+        p.ready,
+        p.rollout.max_surge,
+        p.rollout.max_unavailable,
+    );
+    if let Some(min) = p.rollout.min_ready_seen {
+        line.push_str(&format!("; fewest ready while rolling: {min}"));
+    }
+    line
+}
+
 pub fn short_digest(d: &str) -> String {
     d.chars().take(19).collect()
 }
@@ -352,6 +412,7 @@ mod tests {
             metrics: None,
             pool: None,
             host: None,
+            out_of_date: None,
             subnet: None,
             public_ip: None,
             vtep_mac: None,

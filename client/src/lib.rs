@@ -388,6 +388,13 @@ impl Client {
         json("POST /api/v1/pools/NAME/scale", url, builder.json(&ScaleRequest { replicas })).await
     }
 
+    /// `POST /api/v1/pools/NAME/rollout` (an operator): pauses, resumes or
+    /// undoes the pool's rollout; answers its status.
+    pub async fn rollout(&self, pool: &str, action: kiln_core::pool::RolloutAction) -> Result<PoolStatus, Error> {
+        let (url, builder) = self.request(Method::POST, &format!("/api/v1/pools/{pool}/rollout"));
+        json("POST /api/v1/pools/NAME/rollout", url, builder.json(&kiln_core::pool::RolloutRequest { action })).await
+    }
+
     /// `POST /api/v1/tokens` (an operator): a join token; its secret is in
     /// the answer only.
     pub async fn create_token(&self, req: &kiln_core::CreateTokenRequest) -> Result<kiln_core::CreateTokenResponse, Error> {

@@ -13,10 +13,12 @@
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
 //! | `DELETE /api/v1/nodes/<name>` | operator | the node, gone: its machine id free to join again with another key |
 //! | `GET /api/v1/pools`, `POST /api/v1/pools/<name>/scale` | operator | the pools; a pool's replicas set |
+//! | `POST /api/v1/pools/<name>/rollout` | operator | `{"action": "pause"\|"resume"\|"undo"}`: a pool's rollout paused, resumed, or sent back to the previous generation |
 //! | `POST /api/v1/tokens`, `GET /api/v1/tokens`, `DELETE /api/v1/tokens/<id>` | operator | a join token made (its secret shown once), listed (never the secret), deleted |
 //! | `GET /boot.ipxe` | — | iPXE bootstrap: chains to `/ipxe` with the machine's attributes |
 //! | `GET /ipxe?mac=..&uuid=..&arch=..` | — | the machine's profile as an iPXE script |
 //! | `GET /cloud-init/<mac>/<file>` | — | the machine's NoCloud seed (`meta-data`, `user-data`, `network-config`, `vendor-data`) |
+//! | `GET /cloud-init/<mac>/<hex>/<file>` | — | the same, for the image generation `hex` (boot scripts name this one) |
 //!
 //! "operator": a client certificate of the control plane's CA with the
 //! operator role ([`crate::operators`]), not revoked: 401 without a client
@@ -266,9 +268,15 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         |api: Arc<Api>, peer: Option<Arc<ClientCert>>, page: PageQuery| {
             api.clone().for_operator(peer.as_deref(), || {
                 let hosts = api.pools.as_ref().map(|p| p.hosts_by_node()).unwrap_or_default();
+                let targets: BTreeMap<String, kiln_core::Digest> = api
+                    .pools
+                    .as_ref()
+                    .map(|p| p.status().into_iter().filter_map(|s| Some((s.name, s.target?))).collect())
+                    .unwrap_or_default();
                 let (now, grace) = (time::OffsetDateTime::now_utc(), api.registry.lifecycle().grace);
                 json_array(JsonPages::new(api, page, move |mut n: kiln_core::Node| {
                     n.host = hosts.get(&n.name).cloned();
+                    n.out_of_date = n.pool.as_ref().and_then(|p| targets.get(p)).map(|t| n.image_digest.parse::<kiln_core::Digest>().ok() != Some(*t));
                     n.state = Some(n.state_at(now, grace));
                     Some(n)
                 }))
@@ -353,7 +361,19 @@ fn pool_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
                 Err(denied) => denied.into_response(),
             }
         });
-    status.or(scale).unify().boxed()
+    let rollout = warp::path!("api" / "v1" / "pools" / String / "rollout")
+        .and(warp::post())
+        .and(with(api))
+        .and(peer())
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .then(|name: String, api: Arc<Api>, peer: Option<Arc<ClientCert>>, body: warp::hyper::body::Bytes| async move {
+            match api.operator(peer.as_deref()) {
+                Ok(operator) => pool_rollout(&api, &name, &operator, &body).await,
+                Err(denied) => denied.into_response(),
+            }
+        });
+    status.or(scale).unify().or(rollout).unify().boxed()
 }
 
 /// Join tokens: made, listed and deleted by operators.
@@ -445,9 +465,17 @@ fn boot_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         },
     );
     let seed = warp::path!("cloud-init" / String / String).and(warp::get()).and(with(api)).and(host()).then(
-        |mac: String, file: String, api: Arc<Api>, host: Option<String>| async move { seed_file(&api, host.as_deref(), &mac, &file).await },
+        |mac: String, file: String, api: Arc<Api>, host: Option<String>| async move {
+            seed_file(&api, host.as_deref(), &mac, None, &file).await
+        },
     );
-    boot.or(ipxe).unify().or(seed).unify().boxed()
+    // The seed of one generation, as boot scripts name it.
+    let pinned_seed = warp::path!("cloud-init" / String / String / String).and(warp::get()).and(with(api)).and(host()).then(
+        |mac: String, hex: String, file: String, api: Arc<Api>, host: Option<String>| async move {
+            seed_file(&api, host.as_deref(), &mac, Some(&hex), &file).await
+        },
+    );
+    boot.or(ipxe).unify().or(seed).unify().or(pinned_seed).unify().boxed()
 }
 
 /// A node's service-discovery group: its metrics target, labelled with its
@@ -856,6 +884,28 @@ async fn scale_pool(api: &Api, name: &str, operator: &str, body: &[u8]) -> Respo
     }
 }
 
+async fn pool_rollout(api: &Api, name: &str, operator: &str, body: &[u8]) -> Response {
+    let req: kiln_core::pool::RolloutRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e} (expected {{\"action\": \"pause\"|\"resume\"|\"undo\"}})")),
+    };
+    let Some(pools) = &api.pools else { return error(StatusCode::NOT_FOUND, "this server runs no pools (kiln serve --pools DIR)") };
+    match pools.rollout(name, req.action).await {
+        Ok(status) => {
+            tracing::info!(operator = ?operator, pool = ?name, action = ?req.action, "audit: pool rollout");
+            warp::reply::json(&status).into_response()
+        }
+        Err(e @ kiln_pool::RolloutError::NoPool(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ (kiln_pool::RolloutError::NothingToUndo { .. } | kiln_pool::RolloutError::NoImage { .. })) => {
+            error(StatusCode::CONFLICT, &e.to_string())
+        }
+        Err(e) => {
+            tracing::error!("rollout of {name:?}: {:?}", kiln_core::error_chain(&e));
+            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
+    }
+}
+
 fn ipxe_reply(script: String) -> Response {
     warp::reply::with_header(script, "content-type", "text/plain; charset=utf-8").into_response()
 }
@@ -874,12 +924,17 @@ struct Booting<'a> {
 }
 
 /// The profile and image for `machine`: a pool's node boots its pool's
-/// image under its own name; any other machine by its group. 404 when no
-/// group matches, 500 when its profile names an image that is gone.
-fn machine_profile<'a>(api: &'a Api, machine: &mut Machine) -> Result<Booting<'a>, (StatusCode, String)> {
+/// image under its own name, in the generation the pool runs (its
+/// rollout's target); any other machine by its group, in the current
+/// generation; `generation` (a digest's hex) asks for that one. 404 when no
+/// group matches or the generation is not kept, 500 when its profile names
+/// an image that is gone.
+fn machine_profile<'a>(api: &'a Api, machine: &mut Machine, generation: Option<&str>) -> Result<Booting<'a>, (StatusCode, String)> {
     let member = api.pools.as_ref().zip(machine.mac).and_then(|(pools, mac)| pools.member(mac));
+    let mut target = None;
     let group = match member {
         Some((node, pool)) => {
+            target = api.pools.as_ref().and_then(|p| p.target(&pool.name));
             machine.hostname = Some(node.domain_name());
             let mut profile =
                 crate::pools::node_profile(&api.catalog, pool).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -894,9 +949,18 @@ fn machine_profile<'a>(api: &'a Api, machine: &mut Machine) -> Result<Booting<'a
         }
     };
     let (group, profile, expected) = (group.0, group.1, group.2);
-    let image = api.images.current().image(&profile.image).map(|i| i.current.clone()).ok_or_else(|| {
+    let images = api.images.current();
+    let served = images.image(&profile.image).ok_or_else(|| {
         (StatusCode::INTERNAL_SERVER_ERROR, format!("profile `{}` names image `{}`, which is gone", profile.id, profile.image))
     })?;
+    let image = match (generation, target) {
+        (Some(hex), _) => served
+            .generation(hex)
+            .ok_or_else(|| (StatusCode::NOT_FOUND, format!("image `{}` keeps no generation {hex:?}", profile.image)))?,
+        (None, Some(digest)) => served.generation(&digest.hex()).unwrap_or(&served.current),
+        (None, None) => &served.current,
+    }
+    .clone();
     Ok(Booting { group, profile, image, expected })
 }
 
@@ -919,7 +983,7 @@ async fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, 
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
     };
-    let booting = match machine_profile(api, &mut machine) {
+    let booting = match machine_profile(api, &mut machine, None) {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),
     };
@@ -938,7 +1002,7 @@ async fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, 
     ))
 }
 
-async fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Response {
+async fn seed_file(api: &Api, host: Option<&str>, mac: &str, generation: Option<&str>, file: &str) -> Response {
     let base = match base_url(api, host) {
         Ok(base) => base,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
@@ -947,7 +1011,7 @@ async fn seed_file(api: &Api, host: Option<&str>, mac: &str, file: &str) -> Resp
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
     };
-    let booting = match machine_profile(api, &mut machine) {
+    let booting = match machine_profile(api, &mut machine, generation) {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),
     };
@@ -1333,6 +1397,7 @@ mod tests {
             ("GET", "/api/v1/groups"),
             ("GET", "/api/v1/pools"),
             ("POST", "/api/v1/pools/tiny/scale"),
+            ("POST", "/api/v1/pools/tiny/rollout"),
         ];
         // (who, certificate, bearer token, status)
         let callers = [
@@ -1342,8 +1407,9 @@ mod tests {
             ("a revoked operator", Some(cert(Role::Operator, "eve", &revoked.serial)), None, 403),
         ];
         for (method, path) in routes_and_methods {
+            let body = if path.ends_with("/rollout") { r#"{"action": "pause"}"# } else { r#"{"replicas": 1}"# };
             for (who, cert, token, want) in &callers {
-                let mut req = warp::test::request().method(method).path(path).body(r#"{"replicas": 1}"#);
+                let mut req = warp::test::request().method(method).path(path).body(body);
                 if let Some(c) = cert {
                     req = req.extension(c.clone());
                 }
@@ -1353,8 +1419,8 @@ mod tests {
                 let resp = req.reply(&routes).await;
                 assert_eq!(resp.status(), *want, "{method} {path} by {who}: {:?}", resp.body());
             }
-            let resp = as_operator().method(method).path(path).body(r#"{"replicas": 1}"#).reply(&routes).await;
-            let want = if path.ends_with("/scale") { 404 } else { 200 };
+            let resp = as_operator().method(method).path(path).body(body).reply(&routes).await;
+            let want = if path.ends_with("/scale") || path.ends_with("/rollout") { 404 } else { 200 };
             assert_eq!(resp.status(), want, "{method} {path} by an operator (no pools here: 404 to scale): {:?}", resp.body());
             let resp = warp::test::request()
                 .method(method)
@@ -1527,7 +1593,7 @@ mod tests {
         assert!(text.contains(&format!("kernel http://10.0.2.2:8080/images/tiny/{hex}/vmlinuz")), "{text}");
         assert!(!text.contains("kiln.token"), "a machine no group selects by MAC gets no token: {text}");
         assert!(text.contains(" kiln.server=https://10.0.2.2:8443 "), "the agent gets the TLS API on the boot host: {text}");
-        assert!(text.contains("ds=nocloud-net;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/"), "{text}");
+        assert!(text.contains(&format!("ds=nocloud-net;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/{hex}/")), "{text}");
 
         let resp = get("/ipxe?mac=nonsense").reply(&routes).await;
         assert_eq!(resp.status(), 400, "a bad MAC is the client's fault");
@@ -1539,6 +1605,12 @@ mod tests {
         }
         let resp = get("/cloud-init/52-54-00-ab-cd-ef/passwords").reply(&routes).await;
         assert_eq!(resp.status(), 404);
+        // The seed a boot script names is its generation's.
+        let resp = get(&format!("/cloud-init/52-54-00-ab-cd-ef/{hex}/user-data")).reply(&routes).await;
+        assert_eq!(resp.status(), 200);
+        assert!(String::from_utf8_lossy(resp.body()).contains(&format!("kiln.image_digest=sha256:{hex}")), "{:?}", resp.body());
+        let resp = get(&format!("/cloud-init/52-54-00-ab-cd-ef/{}/user-data", "ab".repeat(32))).reply(&routes).await;
+        assert_eq!(resp.status(), 404, "a generation not kept");
 
         let resp = get("/api/v1/profiles").extension(cert(Role::Operator, "admin", "01")).reply(&routes).await;
         let profiles: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();

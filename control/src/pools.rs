@@ -177,9 +177,13 @@ struct Media {
 }
 
 impl NodeMedia for Media {
-    fn image(&self, name: &str) -> Option<ServedImage> {
+    fn image(&self, name: &str, digest: Option<&kiln_core::Digest>) -> Option<ServedImage> {
         let images = self.images.current();
-        let generation = &images.image(name)?.current;
+        let image = images.image(name)?;
+        let generation = match digest {
+            Some(d) => image.generation(&d.hex())?,
+            None => &image.current,
+        };
         let image = &generation.manifest;
         let qcow2 = format!("{}.qcow2", image.name);
         Some(ServedImage {
@@ -193,9 +197,17 @@ impl NodeMedia for Media {
         self.images.current().images().map(|m| m.name.clone()).collect()
     }
 
-    fn seed(&self, pool: &Pool, node: &NodeId) -> Result<Vec<u8>, Cause> {
+    fn generations(&self, name: &str) -> Vec<kiln_core::Digest> {
         let images = self.images.current();
-        let image = images.get(&pool.image).ok_or_else(|| kiln_pool::reconcile::Error::ImageGone { image: pool.image.clone() })?;
+        let Some(image) = images.image(name) else { return Vec::new() };
+        std::iter::once(&image.current).chain(&image.older).map(|g| g.manifest.digest).collect()
+    }
+
+    fn seed(&self, pool: &Pool, node: &NodeId, digest: &kiln_core::Digest) -> Result<Vec<u8>, Cause> {
+        let images = self.images.current();
+        let gone = || kiln_pool::reconcile::Error::ImageGone { image: pool.image.clone() };
+        let generation = images.image(&pool.image).and_then(|i| i.generation(&digest.hex())).ok_or_else(gone)?;
+        let image = &generation.manifest;
         let machine = Machine { mac: Some(node.mac()), hostname: Some(node.domain_name()), ..Default::default() };
         let profile = node_profile(&self.catalog, pool)?;
         // Every pool node is a machine kiln expects: its seed carries a
@@ -250,6 +262,14 @@ impl ControlPlane for Control {
 
     async fn set_replicas(&self, pool: &str, replicas: u32) -> Result<(), ControlError> {
         Ok(self.registry.store_handle().set_replicas(pool, replicas).await?)
+    }
+
+    async fn rollouts(&self) -> Result<BTreeMap<String, kiln_core::pool::RolloutRecord>, ControlError> {
+        Ok(self.registry.store_handle().rollouts().await?)
+    }
+
+    async fn set_rollout(&self, pool: &str, record: &kiln_core::pool::RolloutRecord) -> Result<(), ControlError> {
+        Ok(self.registry.store_handle().set_rollout(pool, record).await?)
     }
 
     async fn scrape(&self, target: &str) -> Result<String, ControlError> {

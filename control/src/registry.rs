@@ -478,6 +478,7 @@ impl Registry {
                         metrics: req.metrics.clone(),
                         pool: existing.as_ref().and_then(|n| n.pool.clone()).or_else(|| self.pool_of.get().and_then(|f| f(&req.hostname))),
                         host: None,
+                        out_of_date: None,
                         subnet,
                         public_ip: subnet.and(public_ip),
                         vtep_mac: subnet.and(req.vtep_mac),

@@ -137,6 +137,11 @@ pub struct Node {
     /// `""` reads back as `None`.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "empty_as_none")]
     pub host: Option<String>,
+    /// For a pool's node, whether its image generation is not the one its
+    /// pool runs now: it will be replaced by a rollout (filled in by the
+    /// server when it lists nodes; not stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_of_date: Option<bool>,
     /// Its pod subnet, when it holds a lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<crate::Ipv4Cidr>,

@@ -97,6 +97,10 @@ pub struct DomainSpec {
     pub mac: Mac,
     /// The file the serial console is logged to.
     pub console_log: PathBuf,
+    /// The image generation the node is made from, kept in the metadata
+    /// (`image="sha256:…"`) so that a rollout knows each node's generation
+    /// before it registers.
+    pub image: Option<kiln_core::Digest>,
 }
 
 type W = Writer<Vec<u8>>;
@@ -113,11 +117,16 @@ impl DomainSpec {
         w.create_element("domain").with_attribute(("type", self.accel.domain_type())).write_inner_content(|w| {
             text(w, "name", &self.node.domain_name())?;
             w.create_element("metadata").write_inner_content(|w| {
-                w.create_element("kiln:node")
+                let image = self.image.map(|d| d.to_string());
+                let element = w
+                    .create_element("kiln:node")
                     .with_attribute(("xmlns:kiln", XMLNS))
                     .with_attribute(("pool", self.node.pool.as_str()))
-                    .with_attribute(("node", self.node.index.to_string().as_str()))
-                    .write_empty()?;
+                    .with_attribute(("node", self.node.index.to_string().as_str()));
+                match &image {
+                    Some(image) => element.with_attribute(("image", image.as_str())).write_empty()?,
+                    None => element.write_empty()?,
+                };
                 Ok(())
             })?;
             w.create_element("memory").with_attribute(("unit", "MiB")).write_text_content(BytesText::new(&self.memory_mib.to_string()))?;
@@ -209,6 +218,12 @@ impl NodeId {
     /// [`XMLNS`]: `<node pool=".." node=".."/>` (libvirt drops the prefix).
     /// `None` when it is malformed or in another namespace.
     pub fn from_metadata(xml: &str) -> Option<NodeId> {
+        Self::from_metadata_with_image(xml).map(|(node, _)| node)
+    }
+
+    /// [`NodeId::from_metadata`], with the image generation the metadata
+    /// names (`None` for a domain made before kiln recorded it).
+    pub fn from_metadata_with_image(xml: &str) -> Option<(NodeId, Option<kiln_core::Digest>)> {
         let mut reader = NsReader::from_str(xml);
         loop {
             match reader.read_resolved_event().ok()? {
@@ -229,7 +244,9 @@ impl NodeId {
         let mut reader = NsReader::from_str(xml);
         loop {
             match reader.read_resolved_event().ok()? {
-                (ResolveResult::Bound(n), Event::Start(e) | Event::Empty(e)) if n.as_ref() == XMLNS => return node_attributes(&e),
+                (ResolveResult::Bound(n), Event::Start(e) | Event::Empty(e)) if n.as_ref() == XMLNS => {
+                    return node_attributes(&e).map(|(n, _)| n);
+                }
                 (_, Event::Eof) => return None,
                 _ => {}
             }
@@ -237,23 +254,24 @@ impl NodeId {
     }
 }
 
-/// `pool` and `node` of a `<node>` element.
-fn node_attributes(e: &BytesStart) -> Option<NodeId> {
+/// `pool`, `node` and `image` (when there is one) of a `<node>` element.
+fn node_attributes(e: &BytesStart) -> Option<(NodeId, Option<kiln_core::Digest>)> {
     if e.local_name().as_ref() != "node" {
         return None;
     }
-    let (mut pool, mut index) = (None, None);
+    let (mut pool, mut index, mut image) = (None, None, None);
     for a in e.attributes() {
         let a = a.ok()?;
         let value = a.normalized_value(XmlVersion::Implicit1_0).ok()?;
         match a.key.as_ref() {
             "pool" => pool = Some(value.into_owned()),
             "node" => index = value.parse::<u32>().ok(),
+            "image" => image = value.parse::<kiln_core::Digest>().ok(),
             _ => {}
         }
     }
     let pool = pool.filter(|p| crate::spec::name_ok(p))?;
-    Some(NodeId { pool, index: index? })
+    Some((NodeId { pool, index: index? }, image))
 }
 
 #[cfg(test)]
@@ -271,6 +289,7 @@ mod tests {
             boot,
             nic,
             console_log: PathBuf::from("/var/log/kiln/kiln-tiny-3.log"),
+            image: None,
         }
     }
 

@@ -39,12 +39,17 @@ pub struct ServedImage {
 
 /// What nodes boot, from the control plane: images and per-node seeds.
 pub trait NodeMedia: Send + Sync + 'static {
-    /// The image `name`, if it is served.
-    fn image(&self, name: &str) -> Option<ServedImage>;
+    /// The image `name`, if it is served: generation `digest` of it, or
+    /// the current one when `None`.
+    fn image(&self, name: &str, digest: Option<&kiln_core::Digest>) -> Option<ServedImage>;
     /// The names of every image served (for an error that names them).
     fn served(&self) -> Vec<String>;
-    /// `node`'s cidata seed, as an ISO image.
-    fn seed(&self, pool: &Pool, node: &NodeId) -> Result<Vec<u8>, Cause>;
+    /// The generations of image `name` served, newest first (the current
+    /// one first); empty when it is not served.
+    fn generations(&self, name: &str) -> Vec<kiln_core::Digest>;
+    /// `node`'s cidata seed, as an ISO image, for generation `image` of its
+    /// pool's image.
+    fn seed(&self, pool: &Pool, node: &NodeId, image: &kiln_core::Digest) -> Result<Vec<u8>, Cause>;
 }
 
 /// Where pools' NICs are plugged: the server's flags.
@@ -245,8 +250,20 @@ impl<M: NodeMedia> Fleet<M> {
     }
 
     /// One reconcile pass ([`reconcile()`]) over the fleet.
-    pub fn reconcile(&self, replicas: &BTreeMap<String, u32>, registry: &dyn Registry, settings: &Settings) -> Report {
-        reconcile(&self.pools, replicas, &self.hosts, self, registry, settings)
+    pub fn reconcile(
+        &self,
+        replicas: &BTreeMap<String, u32>,
+        targets: &BTreeMap<String, crate::reconcile::Target>,
+        registry: &dyn Registry,
+        settings: &Settings,
+    ) -> Report {
+        reconcile(&self.pools, replicas, targets, &self.hosts, self, registry, settings)
+    }
+
+    /// The generations of image `name` a pool may run, newest first: the
+    /// current one, then those kept.
+    pub fn generations(&self, name: &str) -> Vec<kiln_core::Digest> {
+        self.media.generations(name)
     }
 
     fn volumes(&self, host: &str) -> Result<&Volumes, PassError> {
@@ -318,7 +335,7 @@ fn check_named(pool: &Pool, name: &str, uri: &str, networks: &Networks) -> Resul
 
 /// A pool's image must be served, with a qcow2 for a disk pool.
 fn check_image(pool: &Pool, media: &impl NodeMedia) -> Result<(), LoadError> {
-    let Some(image) = media.image(&pool.image) else {
+    let Some(image) = media.image(&pool.image, None) else {
         return Err(LoadError::NoImage { file: pool.file.clone(), image: pool.image.clone(), served: media.served().join(", ") });
     };
     if pool.boot == Boot::Disk && image.qcow2.is_none() {
@@ -337,9 +354,9 @@ impl<M: NodeMedia> Provisioner for Fleet<M> {
         self.volumes(host)?.nodes().map_err(storage(host))
     }
 
-    fn make(&self, host: &str, pool: &Pool, node: &NodeId) -> Result<BootMedia, PassError> {
+    fn make(&self, host: &str, pool: &Pool, node: &NodeId, digest: Option<&kiln_core::Digest>) -> Result<BootMedia, PassError> {
         let gone = || PassError::ImageGone { image: pool.image.clone() };
-        let image = self.media.image(&pool.image).ok_or_else(gone)?;
+        let image = self.media.image(&pool.image, digest).ok_or_else(gone)?;
         let local = image.qcow2.clone().ok_or_else(gone)?;
         let capacity = crate::volumes::qcow2_virtual_size(&local)
             .map_err(|source| storage(host)(hypervisor::Error::Local { what: format!("reading {}", local.display()), source }))?;
@@ -348,7 +365,7 @@ impl<M: NodeMedia> Provisioner for Fleet<M> {
         // while libvirt makes the overlay.
         let media = &self.media;
         let disks = std::thread::scope(|scope| {
-            let seed = scope.spawn(|| media.seed(pool, node));
+            let seed = scope.spawn(|| media.seed(pool, node, &image.digest));
             let start = std::time::Instant::now();
             let golden = v.golden(&image.name, &image.digest, &local)?;
             if let Some(bytes) = golden.uploaded {
@@ -368,6 +385,10 @@ impl<M: NodeMedia> Provisioner for Fleet<M> {
 
     fn console_log(&self, host: &str, node: &NodeId) -> Result<PathBuf, PassError> {
         Ok(self.volumes(host)?.console_log(node).into())
+    }
+
+    fn prune(&self, host: &str, pool: &Pool, keep: &kiln_core::Digest) -> Result<(), PassError> {
+        self.volumes(host)?.prune_golden_except(&pool.image, keep).map_err(storage(host))
     }
 }
 

@@ -85,6 +85,8 @@ pub struct NodeDomain {
     pub node: NodeId,
     /// True while the domain runs (or is paused); false when defined but shut off.
     pub running: bool,
+    /// The image generation its metadata records, if it does.
+    pub image: Option<kiln_core::Digest>,
 }
 
 /// A host's memory, MiB.
@@ -161,7 +163,7 @@ impl Libvirt {
             Err(e) => return Err(self.err(format!("looking up {name}"))(e)),
         };
         match metadata(&dom) {
-            Ok(Some(n)) if &n == node => Ok(Some(dom)),
+            Ok(Some((n, _))) if &n == node => Ok(Some(dom)),
             Ok(_) => Err(Error::NotKiln { uri: self.uri.clone(), name, node: node.clone() }),
             Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
             Err(e) => Err(self.err(format!("reading {name}'s metadata"))(e)),
@@ -182,9 +184,9 @@ impl Libvirt {
 }
 
 /// The kiln node in a domain's metadata; `Ok(None)` when it has none.
-fn metadata(dom: &Domain) -> Result<Option<NodeId>, virt::error::Error> {
+fn metadata(dom: &Domain) -> Result<Option<(NodeId, Option<kiln_core::Digest>)>, virt::error::Error> {
     match dom.get_metadata(virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(XMLNS), 0) {
-        Ok(xml) => Ok(NodeId::from_metadata(&xml)),
+        Ok(xml) => Ok(NodeId::from_metadata_with_image(&xml)),
         Err(e) if e.code() == ErrorNumber::NoDomainMetadata => Ok(None),
         Err(e) => Err(e),
     }
@@ -206,7 +208,7 @@ impl Hypervisor for Libvirt {
         let domains = self.conn.list_all_domains(0).map_err(self.err("listing domains"))?;
         let mut out = Vec::new();
         for dom in domains {
-            let node = match metadata(&dom) {
+            let (node, image) = match metadata(&dom) {
                 Ok(Some(n)) => n,
                 Ok(None) => continue,
                 // Removed since the listing.
@@ -224,7 +226,7 @@ impl Hypervisor for Libvirt {
                 Err(e) if e.code() == ErrorNumber::NoDomain => continue,
                 Err(e) => return Err(self.err(format!("reading {node}'s state"))(e)),
             };
-            out.push(NodeDomain { node, running });
+            out.push(NodeDomain { node, running, image });
         }
         out.sort_by(|a, b| a.node.cmp(&b.node));
         Ok(out)
@@ -302,6 +304,7 @@ mod tests {
             boot: BootMedia::Disk { overlay: format!("/nonexistent/{node}.qcow2").into(), seed: format!("/nonexistent/{node}.iso").into() },
             nic: Nic::Network("default".into()),
             console_log: format!("/nonexistent/{node}.log").into(),
+            image: None,
             node,
         }
     }

@@ -12,8 +12,9 @@
 //! The rules, per pool:
 //! - a node is kept on one host of the pool's list; a copy on another host,
 //!   or a node on a host the pool no longer lists, is removed;
-//! - scaling down removes stopped nodes first, then from the host with the
-//!   most nodes, its newest (highest-numbered) node first;
+//! - scaling down removes stopped nodes first, then those not Ready, then
+//!   from the host with the most nodes, its newest (highest-numbered) node
+//!   first;
 //! - scaling up adds to the host with the fewest nodes (the earlier in the
 //!   pool's list on a tie), numbering new nodes above every number in use;
 //! - nodes are not moved just to even out the spread: creating and removing
@@ -22,6 +23,16 @@
 //! - an overlay no kept domain uses (a crash between making it and defining
 //!   the domain) is deleted, and a registered node with no kept domain is
 //!   deregistered (its lease released).
+//!
+//! - **rolling replacement**: a kept node whose image generation (from its
+//!   domain's metadata) is not the pool's target is out of date. Unless the
+//!   rollout is paused, out-of-date nodes are replaced as Cluster API's
+//!   MachineDeployments are: new nodes of the target are made while the
+//!   pool has fewer than `replicas + max_surge` nodes (and fewer than
+//!   `replicas` new ones); an out-of-date node is removed only while at
+//!   least `replicas - max_unavailable` nodes stay Ready (those not Ready
+//!   go first: they count for nothing). With the defaults, 1 and 0, a new
+//!   node is Ready before each old one goes.
 //!
 //! Pools not in the desired list are left entirely alone: a pool is retired
 //! by scaling it to zero first.
@@ -39,6 +50,28 @@ pub struct Desired {
     pub replicas: u32,
     /// The hosts (libvirt URIs) the nodes spread across, in preference order.
     pub hosts: Vec<String>,
+    /// The image generation its nodes should run; `None`: any (no rollout).
+    pub image: Option<kiln_core::Digest>,
+    /// How out-of-date nodes are replaced.
+    pub rollout: Rollout,
+}
+
+/// How a pool's out-of-date nodes are replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rollout {
+    /// Nodes the pool may have above its replicas while it rolls.
+    pub max_surge: u32,
+    /// Ready nodes the pool may have below its replicas while it rolls.
+    pub max_unavailable: u32,
+    /// Paused: out-of-date nodes are kept (scaling still works).
+    pub paused: bool,
+}
+
+impl Default for Rollout {
+    /// Cluster API's defaults: one node above, none below.
+    fn default() -> Self {
+        Rollout { max_surge: 1, max_unavailable: 0, paused: false }
+    }
 }
 
 /// A kiln domain as found on a host.
@@ -50,6 +83,8 @@ pub struct HostDomain {
     pub node: NodeId,
     /// True if the domain runs; false if it is defined but shut off.
     pub running: bool,
+    /// The image generation it was made from (its metadata), if recorded.
+    pub image: Option<kiln_core::Digest>,
 }
 
 /// A node's overlay disk (and seed) as found on a host.
@@ -70,6 +105,8 @@ pub struct Observed {
     pub overlays: Vec<Overlay>,
     /// Nodes registered with the control plane (holding a lease).
     pub registered: Vec<NodeId>,
+    /// Those of them heard from within the grace period: Ready.
+    pub ready: Vec<NodeId>,
 }
 
 /// One step of a plan, in the order [`plan()`] returns them: deregistering
@@ -108,6 +145,8 @@ pub enum Action {
         host: String,
         /// The node.
         node: NodeId,
+        /// The image generation to make it from (the pool's target).
+        image: Option<kiln_core::Digest>,
     },
 }
 
@@ -153,18 +192,52 @@ fn plan_pool(d: &Desired, observed: &Observed, actions: &mut BTreeSet<Action>) {
         *count.entry(k.host.as_str()).or_default() += 1;
     }
 
-    // Scale down: stopped first, then the busiest host's newest node.
     let replicas = d.replicas as usize;
-    while kept.len() > replicas {
-        let (i, _) = kept
-            .iter()
-            .enumerate()
-            .max_by_key(|(_, k)| (!k.running, count[k.host.as_str()], k.node.index))
-            .expect("more kept nodes than replicas, so at least one");
+    let outdated = |k: &HostDomain| d.image.is_some() && k.image != d.image;
+    let ready = |k: &HostDomain| observed.ready.contains(&k.node);
+    let mut remove = |kept: &mut Vec<&HostDomain>, i: usize, count: &mut BTreeMap<&str, u32>| {
         let victim = kept.swap_remove(i);
         *count.get_mut(victim.host.as_str()).expect("counted above") -= 1;
         actions.insert(Action::Remove { host: victim.host.clone(), node: victim.node.clone() });
-    }
+    };
+    // Which node goes first when there are too many: stopped, not Ready,
+    // then the busiest host's newest.
+    let victim = |kept: &[&HostDomain], count: &BTreeMap<&str, u32>, of: &dyn Fn(&HostDomain) -> bool| {
+        kept.iter()
+            .enumerate()
+            .filter(|(_, k)| of(k))
+            .max_by_key(|(_, k)| (!k.running, !ready(k), count[k.host.as_str()], k.node.index))
+            .map(|(i, _)| i)
+    };
+    let to_make = if !d.rollout.paused && kept.iter().any(|k| outdated(k)) {
+        // Rolling: out-of-date nodes go while enough stay Ready.
+        let min_ready = replicas.saturating_sub(d.rollout.max_unavailable as usize);
+        let mut ready_now = kept.iter().filter(|k| ready(k)).count();
+        while let Some(i) = victim(&kept, &count, &|k| outdated(k)) {
+            if ready(kept[i]) {
+                if ready_now <= min_ready {
+                    break;
+                }
+                ready_now -= 1;
+            }
+            remove(&mut kept, i, &mut count);
+        }
+        // Up-to-date nodes beyond the replicas (scaled down mid-rollout) go too.
+        while kept.iter().filter(|k| !outdated(k)).count() > replicas {
+            let i = victim(&kept, &count, &|k| !outdated(k)).expect("more up-to-date nodes than replicas");
+            remove(&mut kept, i, &mut count);
+        }
+        let up_to_date = kept.iter().filter(|k| !outdated(k)).count();
+        let room = (replicas + d.rollout.max_surge as usize).saturating_sub(kept.len());
+        replicas.saturating_sub(up_to_date).min(room)
+    } else {
+        // Scale down: stopped first, then the busiest host's newest node.
+        while kept.len() > replicas {
+            let i = victim(&kept, &count, &|_| true).expect("more kept nodes than replicas, so at least one");
+            remove(&mut kept, i, &mut count);
+        }
+        replicas - kept.len()
+    };
 
     for k in kept.iter().filter(|k| !k.running) {
         actions.insert(Action::Start { host: k.host.clone(), node: k.node.clone() });
@@ -180,15 +253,13 @@ fn plan_pool(d: &Desired, observed: &Observed, actions: &mut BTreeSet<Action>) {
         .filter(|n| ours(n))
         .map(|n| n.index);
     let mut next = in_use.max().map_or(0, |m| m.saturating_add(1));
-    let mut created: Vec<(String, NodeId)> = Vec::new();
     if !d.hosts.is_empty() {
-        for _ in kept.len()..replicas {
+        for _ in 0..to_make {
             let host = d.hosts.iter().min_by_key(|h| count[h.as_str()]).expect("hosts is not empty");
             *count.get_mut(host.as_str()).expect("every listed host is counted") += 1;
             let node = NodeId::new(d.pool.clone(), next);
             next = next.saturating_add(1);
-            created.push((host.clone(), node.clone()));
-            actions.insert(Action::Create { host: host.clone(), node });
+            actions.insert(Action::Create { host: host.clone(), node, image: d.image });
         }
     }
 
@@ -237,7 +308,8 @@ impl std::fmt::Display for Action {
             Action::Remove { host, node } => write!(f, "remove {node} from {host}"),
             Action::DeleteOverlay { host, node } => write!(f, "delete the leftover overlay of {node} on {host}"),
             Action::Start { host, node } => write!(f, "start {node} on {host}"),
-            Action::Create { host, node } => write!(f, "create {node} on {host}"),
+            Action::Create { host, node, image: None } => write!(f, "create {node} on {host}"),
+            Action::Create { host, node, image: Some(image) } => write!(f, "create {node} on {host} from {image}"),
         }
     }
 }
@@ -249,8 +321,13 @@ impl Observed {
         let mut next = self.clone();
         for a in actions {
             match a {
-                Action::Deregister { node } => next.registered.retain(|n| n != node),
+                Action::Deregister { node } => {
+                    next.registered.retain(|n| n != node);
+                    next.ready.retain(|n| n != node);
+                }
                 Action::Remove { host, node } => {
+                    next.registered.retain(|n| n != node);
+                    next.ready.retain(|n| n != node);
                     next.domains.retain(|d| !(&d.host == host && &d.node == node));
                     next.overlays.retain(|o| !(&o.host == host && &o.node == node));
                 }
@@ -260,10 +337,10 @@ impl Observed {
                         d.running = true;
                     }
                 }
-                Action::Create { host, node } => {
+                Action::Create { host, node, image } => {
                     next.overlays.retain(|o| !(&o.host == host && &o.node == node));
                     next.overlays.push(Overlay { host: host.clone(), node: node.clone() });
-                    next.domains.push(HostDomain { host: host.clone(), node: node.clone(), running: true });
+                    next.domains.push(HostDomain { host: host.clone(), node: node.clone(), running: true, image: *image });
                 }
             }
         }
@@ -279,7 +356,13 @@ mod tests {
     const B: &str = "qemu+ssh://b/system";
 
     fn want(pool: &str, replicas: u32, hosts: &[&str]) -> Desired {
-        Desired { pool: pool.into(), replicas, hosts: hosts.iter().map(|h| h.to_string()).collect() }
+        Desired {
+            pool: pool.into(),
+            replicas,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            image: None,
+            rollout: Rollout::default(),
+        }
     }
 
     fn n(i: u32) -> NodeId {
@@ -287,7 +370,7 @@ mod tests {
     }
 
     fn dom(host: &str, i: u32, running: bool) -> HostDomain {
-        HostDomain { host: host.into(), node: n(i), running }
+        HostDomain { host: host.into(), node: n(i), running, image: None }
     }
 
     fn overlay(host: &str, i: u32) -> Overlay {
@@ -295,7 +378,7 @@ mod tests {
     }
 
     fn create(host: &str, i: u32) -> Action {
-        Action::Create { host: host.into(), node: n(i) }
+        Action::Create { host: host.into(), node: n(i), image: None }
     }
 
     fn remove(host: &str, i: u32) -> Action {
@@ -308,7 +391,111 @@ mod tests {
             domains: domains.iter().map(|&(h, i)| dom(h, i, true)).collect(),
             overlays: domains.iter().map(|&(h, i)| overlay(h, i)).collect(),
             registered: domains.iter().map(|&(_, i)| n(i)).collect(),
+            ready: domains.iter().map(|&(_, i)| n(i)).collect(),
         }
+    }
+
+    /// Every domain has registered and is Ready.
+    fn all_ready(o: &mut Observed) {
+        for d in &o.domains {
+            if !o.registered.contains(&d.node) {
+                o.registered.push(d.node.clone());
+                o.ready.push(d.node.clone());
+            }
+        }
+    }
+
+    fn digest(s: &str) -> kiln_core::Digest {
+        kiln_core::Digest::of(s)
+    }
+
+    /// Rolls `observed` to `desired`'s image pass by pass, each new node
+    /// Ready before the next pass; checks after every pass that the pool
+    /// kept at least `min_ready` Ready nodes and at most `max_total`
+    /// nodes, and returns the passes' plans.
+    fn roll(desired: &Desired, observed: &mut Observed, min_ready: usize, max_total: usize) -> Vec<Vec<Action>> {
+        let mut passes = Vec::new();
+        for _ in 0..20 {
+            let actions = plan(std::slice::from_ref(desired), observed);
+            if actions.is_empty() {
+                return passes;
+            }
+            *observed = observed.apply(&actions);
+            let ready = observed.domains.iter().filter(|d| observed.ready.contains(&d.node)).count();
+            assert!(ready >= min_ready, "{ready} Ready after {actions:?}");
+            assert!(observed.domains.len() <= max_total, "{} nodes after {actions:?}", observed.domains.len());
+            assert_eq!(plan(std::slice::from_ref(desired), observed), [], "not idempotent after {actions:?}");
+            all_ready(observed);
+            passes.push(actions);
+        }
+        panic!("no end to the rollout: {passes:?}");
+    }
+
+    #[test]
+    fn a_rollout_replaces_every_node_with_a_ready_one_first() {
+        let (old, new) = (digest("one"), digest("two"));
+        let mut observed = settled(&[(A, 0), (A, 1), (A, 2)]);
+        for d in &mut observed.domains {
+            d.image = Some(old);
+        }
+        let mut d = want("w", 3, &[A]);
+        d.image = Some(new);
+
+        // Paused: out-of-date nodes stay.
+        d.rollout.paused = true;
+        assert_eq!(plan(std::slice::from_ref(&d), &observed), []);
+        d.rollout.paused = false;
+
+        // First pass: a new node, nothing removed while it is not Ready.
+        let first = plan(std::slice::from_ref(&d), &observed);
+        assert_eq!(first, [Action::Create { host: A.into(), node: n(3), image: Some(new) }]);
+        let passes = roll(&d, &mut observed, 3, 4);
+        assert_eq!(passes.len(), 4, "one node surges at a time: {passes:?}");
+        assert!(observed.domains.iter().all(|x| x.image == Some(new)), "{observed:?}");
+        assert_eq!(observed.domains.len(), 3);
+        assert_eq!(per_host(&observed, A), [3, 4, 5]);
+
+        // Back (undo): the same way.
+        d.image = Some(old);
+        roll(&d, &mut observed, 3, 4);
+        assert!(observed.domains.iter().all(|x| x.image == Some(old)));
+    }
+
+    #[test]
+    fn max_unavailable_replaces_in_place_and_not_ready_nodes_go_first() {
+        let (old, new) = (digest("one"), digest("two"));
+        let mut observed = settled(&[(A, 0), (A, 1), (B, 2)]);
+        for d in &mut observed.domains {
+            d.image = Some(old);
+        }
+        let mut d = want("w", 3, &[A, B]);
+        d.image = Some(new);
+        d.rollout = Rollout { max_surge: 0, max_unavailable: 1, paused: false };
+        let first = plan(std::slice::from_ref(&d), &observed);
+        let kinds: Vec<&str> = first
+            .iter()
+            .filter_map(|a| match a {
+                Action::Remove { .. } => Some("remove"),
+                Action::Create { .. } => Some("create"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kinds, ["remove", "create"], "one out, one in: {first:?}");
+        roll(&d, &mut observed, 2, 3);
+        assert!(observed.domains.iter().all(|x| x.image == Some(new)));
+
+        // With no room to lose a Ready node, an old node that is not Ready still goes.
+        let mut observed = settled(&[(A, 0), (A, 1), (A, 2)]);
+        for d in &mut observed.domains {
+            d.image = Some(old);
+        }
+        observed.ready.retain(|n| n.index != 0);
+        let mut d = want("w", 3, &[A]);
+        d.image = Some(new);
+        d.rollout = Rollout { max_surge: 1, max_unavailable: 0, paused: false };
+        let first = plan(std::slice::from_ref(&d), &observed);
+        assert!(first.contains(&remove(A, 0)) && first.iter().filter(|a| matches!(a, Action::Remove { .. })).count() == 1, "{first:?}");
+        assert_eq!(first.iter().filter(|a| matches!(a, Action::Create { .. })).count(), 2, "room for two: {first:?}");
     }
 
     /// Plans, checks the plan of its own result is empty (also once the new
@@ -317,11 +504,7 @@ mod tests {
         let actions = plan(desired, observed);
         let mut after = observed.apply(&actions);
         assert_eq!(plan(desired, &after), [], "{case}: not idempotent after {actions:?}");
-        for d in &after.domains {
-            if !after.registered.contains(&d.node) {
-                after.registered.push(d.node.clone());
-            }
-        }
+        all_ready(&mut after);
         assert_eq!(plan(desired, &after), [], "{case}: not idempotent once registered");
         (actions, after)
     }
@@ -378,7 +561,11 @@ mod tests {
 
         let o = settled(&[(A, 0), (B, 1), (B, 2), (B, 3), (B, 4)]);
         let (actions, _) = step("1 + 4 + 0, 7 wanted", &[want("w", 7, &[A, B, "test:///c"])], &o);
-        assert_eq!(actions, [create(A, 6), Action::Create { host: "test:///c".into(), node: n(5) }], "emptiest first, then list order");
+        assert_eq!(
+            actions,
+            [create(A, 6), Action::Create { host: "test:///c".into(), node: n(5), image: None }],
+            "emptiest first, then list order"
+        );
     }
 
     #[test]
@@ -392,6 +579,7 @@ mod tests {
             domains: vec![dom(A, 0, true), dom(B, 1, false)],
             overlays: vec![overlay(A, 0), overlay(B, 1), overlay(A, 2), overlay(B, 7)],
             registered: vec![n(0), n(7)],
+            ready: vec![n(0), n(7)],
         };
         let (actions, after) = step("crashed 0 -> 4", &[want("w", 4, &hosts)], &o);
         assert_eq!(
@@ -424,6 +612,7 @@ mod tests {
             domains: vec![dom(A, 0, false), dom(B, 0, true), dom("test:///old", 1, true)],
             overlays: vec![overlay(A, 0), overlay(B, 0), Overlay { host: "test:///old".into(), node: n(1) }],
             registered: vec![n(0), n(1)],
+            ready: vec![],
         };
         let (actions, after) = step("copies", &[want("w", 2, &[A, B])], &o);
         assert_eq!(
@@ -438,9 +627,10 @@ mod tests {
     fn other_pools_are_left_alone() {
         let other = NodeId::new("other", 0);
         let o = Observed {
-            domains: vec![HostDomain { host: A.into(), node: other.clone(), running: false }],
+            domains: vec![HostDomain { host: A.into(), node: other.clone(), running: false, image: None }],
             overlays: vec![Overlay { host: A.into(), node: NodeId::new("other", 1) }],
             registered: vec![NodeId::new("other", 2)],
+            ready: vec![],
         };
         let (actions, _) = step("other pool", &[want("w", 1, &[A])], &o);
         assert_eq!(actions, [create(A, 0)], "numbers are per pool, and nothing of `other` is touched");

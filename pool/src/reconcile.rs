@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use crate::NodeId;
 use crate::domain::{Accel, BootMedia, DomainSpec};
 use crate::hypervisor::Hypervisor;
-use crate::plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
+use crate::plan::{Action, Desired, HostDomain, Observed, Overlay, Rollout, plan};
 use crate::spec::{Boot, Pool};
 use kiln_core::error_chain as chain;
 
@@ -68,18 +68,25 @@ pub trait Provisioner {
     /// The nodes that have an overlay (or seed) on `host`.
     fn overlays(&self, host: &str) -> Result<Vec<NodeId>, Error>;
     /// Makes `node`'s overlay and seed on `host` (replacing any) for a
-    /// disk-booted `pool`, and says where they are.
-    fn make(&self, host: &str, pool: &Pool, node: &NodeId) -> Result<BootMedia, Error>;
+    /// disk-booted `pool`, from generation `image` of its image (the
+    /// current one when `None`), and says where they are.
+    fn make(&self, host: &str, pool: &Pool, node: &NodeId, image: Option<&kiln_core::Digest>) -> Result<BootMedia, Error>;
     /// Deletes `node`'s overlay and seed on `host`; succeeds when there are none.
     fn delete(&self, host: &str, node: &NodeId) -> Result<(), Error>;
     /// The file `node`'s serial console is logged to on `host`.
     fn console_log(&self, host: &str, node: &NodeId) -> Result<std::path::PathBuf, Error>;
+    /// After nodes of disk-booted `pool` were removed from `host`: deletes
+    /// the golden volumes of its image no overlay uses, but generation `keep`'s.
+    fn prune(&self, _host: &str, _pool: &Pool, _keep: &kiln_core::Digest) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// The control plane's view of the nodes.
 pub trait Registry {
-    /// Pool nodes registered now (holding a lease).
-    fn registered(&self) -> Result<Vec<NodeId>, Error>;
+    /// Pool nodes registered now (holding a lease), each with whether it
+    /// is Ready (heard from within the grace period).
+    fn registered(&self) -> Result<Vec<(NodeId, bool)>, Error>;
     /// Removes `node` and releases its lease; succeeds when it is not registered.
     fn deregister(&self, node: &NodeId) -> Result<(), Error>;
 }
@@ -116,11 +123,22 @@ impl Report {
     }
 }
 
+/// The generation a pool's nodes should run, and whether its rollout is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// The image generation.
+    pub image: kiln_core::Digest,
+    /// Paused: out-of-date nodes are kept.
+    pub paused: bool,
+}
+
 /// One pass for `pools`, each wanting `replicas[pool]` nodes (its file's
-/// `replicas` when absent), on `hosts` (every URI the pools name, opened).
+/// `replicas` when absent) of generation `targets[pool]` (any, when
+/// absent), on `hosts` (every URI the pools name, opened).
 pub fn reconcile(
     pools: &[Pool],
     replicas: &BTreeMap<String, u32>,
+    targets: &BTreeMap<String, Target>,
     hosts: &BTreeMap<String, Box<dyn Hypervisor + Send>>,
     provisioner: &dyn Provisioner,
     registry: &dyn Registry,
@@ -136,9 +154,12 @@ pub fn reconcile(
             continue;
         };
         match hv.list() {
-            Ok(domains) => {
-                observed.domains.extend(domains.into_iter().map(|d| HostDomain { host: uri.clone(), node: d.node, running: d.running }))
-            }
+            Ok(domains) => observed.domains.extend(domains.into_iter().map(|d| HostDomain {
+                host: uri.clone(),
+                node: d.node,
+                running: d.running,
+                image: d.image,
+            })),
             Err(e) => {
                 report.failed.push((None, chain(&e)));
                 unseen.push(uri.clone());
@@ -154,7 +175,10 @@ pub fn reconcile(
         }
     }
     match registry.registered() {
-        Ok(nodes) => observed.registered = nodes,
+        Ok(nodes) => {
+            observed.ready = nodes.iter().filter(|(_, ready)| *ready).map(|(n, _)| n.clone()).collect();
+            observed.registered = nodes.into_iter().map(|(n, _)| n).collect();
+        }
         Err(e) => {
             // Without the registry, leases cannot be released: plan nothing.
             report.failed.push((None, chain(&e)));
@@ -167,7 +191,20 @@ pub fn reconcile(
     let desired: Vec<Desired> = pools
         .iter()
         .filter(|p| !p.hosts.iter().any(|h| unseen.contains(h)))
-        .map(|p| Desired { pool: p.name.clone(), replicas: replicas.get(&p.name).copied().unwrap_or(p.replicas), hosts: p.hosts.clone() })
+        .map(|p| {
+            let target = targets.get(&p.name);
+            Desired {
+                pool: p.name.clone(),
+                replicas: replicas.get(&p.name).copied().unwrap_or(p.replicas),
+                hosts: p.hosts.clone(),
+                image: target.map(|t| t.image),
+                rollout: Rollout {
+                    max_surge: p.rollout.max_surge,
+                    max_unavailable: p.rollout.max_unavailable,
+                    paused: target.is_some_and(|t| t.paused),
+                },
+            }
+        })
         .collect();
     for action in plan(&desired, &observed) {
         let start = std::time::Instant::now();
@@ -182,6 +219,21 @@ pub fn reconcile(
         }
     }
     report.after = observed.apply(&report.done);
+    // Golden volumes of generations no node uses any more (a rollout's end).
+    let mut removed_from: std::collections::BTreeSet<(&str, &str)> = std::collections::BTreeSet::new();
+    for action in &report.done {
+        if let Action::Remove { host, node } = action {
+            removed_from.insert((host.as_str(), node.pool.as_str()));
+        }
+    }
+    for (host, pool) in removed_from {
+        let (Some(p), Some(t)) = (by_name.get(pool), targets.get(pool)) else { continue };
+        if p.boot == Boot::Disk
+            && let Err(e) = provisioner.prune(host, p, &t.image)
+        {
+            report.failed.push((None, chain(&e)));
+        }
+    }
     report
 }
 
@@ -204,11 +256,11 @@ fn carry_out(
         }
         Action::DeleteOverlay { host, node } => provisioner.delete(host, node).map(|()| Vec::new()),
         Action::Start { host, node } => hv(host)?.start(node).map(|()| Vec::new()).map_err(Error::from),
-        Action::Create { host, node } => {
+        Action::Create { host, node, image } => {
             let pool = pools.get(node.pool.as_str()).ok_or_else(|| Error::NoPool { pool: node.pool.clone() })?;
             let t = std::time::Instant::now();
             let boot = match pool.boot {
-                Boot::Disk => provisioner.make(host, pool, node)?,
+                Boot::Disk => provisioner.make(host, pool, node, image.as_ref())?,
                 Boot::Network => BootMedia::Network,
             };
             let storage = t.elapsed();
@@ -221,6 +273,7 @@ fn carry_out(
                 nic: pool.nic(),
                 mac: node.mac(),
                 console_log: provisioner.console_log(host, node)?,
+                image: *image,
             };
             let hv = hv(host)?;
             let t = std::time::Instant::now();
@@ -263,7 +316,7 @@ mod tests {
                 })
                 .collect())
         }
-        fn make(&self, host: &str, _pool: &Pool, node: &NodeId) -> Result<BootMedia, Error> {
+        fn make(&self, host: &str, _pool: &Pool, node: &NodeId, _image: Option<&kiln_core::Digest>) -> Result<BootMedia, Error> {
             let storage = |e: std::io::Error| Error::Storage { host: host.to_string(), source: e.into() };
             std::fs::create_dir_all(self.dir(host)).map_err(storage)?;
             let overlay = self.dir(host).join(format!("{node}.qcow2"));
@@ -286,8 +339,8 @@ mod tests {
     struct Nodes(RefCell<BTreeSet<NodeId>>, RefCell<Vec<NodeId>>);
 
     impl Registry for Nodes {
-        fn registered(&self) -> Result<Vec<NodeId>, Error> {
-            Ok(self.0.borrow().iter().cloned().collect())
+        fn registered(&self) -> Result<Vec<(NodeId, bool)>, Error> {
+            Ok(self.0.borrow().iter().map(|n| (n.clone(), true)).collect())
         }
         fn deregister(&self, node: &NodeId) -> Result<(), Error> {
             if self.0.borrow_mut().remove(node) {
@@ -337,7 +390,15 @@ mod tests {
         let files = Files(dir.path().join("overlays"));
         let nodes = Nodes::default();
         let pass = |n: u32| {
-            let r = reconcile(std::slice::from_ref(&p), &BTreeMap::from([("worker".into(), n)]), &hosts, &files, &nodes, &settings());
+            let r = reconcile(
+                std::slice::from_ref(&p),
+                &BTreeMap::from([("worker".into(), n)]),
+                &BTreeMap::new(),
+                &hosts,
+                &files,
+                &nodes,
+                &settings(),
+            );
             assert!(r.failed.is_empty(), "{:?}", r.failed);
             r
         };
@@ -379,10 +440,18 @@ mod tests {
         let nodes = Nodes::default();
         // A crash after making node 0's overlay, before defining its domain;
         // and a node registered whose domain is gone.
-        files.make(&uri, &p, &NodeId::new("worker", 0)).unwrap();
+        files.make(&uri, &p, &NodeId::new("worker", 0), None).unwrap();
         nodes.0.borrow_mut().insert(NodeId::new("worker", 7));
 
-        let r = reconcile(std::slice::from_ref(&p), &BTreeMap::from([("worker".into(), 2)]), &hosts, &files, &nodes, &settings());
+        let r = reconcile(
+            std::slice::from_ref(&p),
+            &BTreeMap::from([("worker".into(), 2)]),
+            &BTreeMap::new(),
+            &hosts,
+            &files,
+            &nodes,
+            &settings(),
+        );
         assert!(r.failed.is_empty(), "{:?}", r.failed);
         let listed: BTreeSet<u32> = hosts[&uri].list().unwrap().into_iter().map(|d| d.node.index).collect();
         assert_eq!(listed.len(), 2);
@@ -390,7 +459,16 @@ mod tests {
         assert!(!files.overlays(&uri).unwrap().contains(&NodeId::new("worker", 0)), "the leaked overlay is deleted");
         assert!(!nodes.0.borrow().contains(&NodeId::new("worker", 7)), "the orphaned lease is released");
         assert!(
-            reconcile(std::slice::from_ref(&p), &BTreeMap::from([("worker".into(), 2)]), &hosts, &files, &nodes, &settings()).converged()
+            reconcile(
+                std::slice::from_ref(&p),
+                &BTreeMap::from([("worker".into(), 2)]),
+                &BTreeMap::new(),
+                &hosts,
+                &files,
+                &nodes,
+                &settings()
+            )
+            .converged()
         );
     }
 
@@ -400,7 +478,15 @@ mod tests {
         let hosts = hosts(dir.path());
         let uri = hosts.keys().next().unwrap().clone();
         let p = pool(dir.path(), "network", 2, &[&uri, "qemu+ssh://nowhere.invalid/system"]);
-        let r = reconcile(std::slice::from_ref(&p), &BTreeMap::new(), &hosts, &Files(dir.path().join("o")), &Nodes::default(), &settings());
+        let r = reconcile(
+            std::slice::from_ref(&p),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &hosts,
+            &Files(dir.path().join("o")),
+            &Nodes::default(),
+            &settings(),
+        );
         assert!(r.done.is_empty(), "{:?}", r.done);
         assert!(r.failed.iter().any(|(a, e)| a.is_none() && e.contains("nowhere.invalid")), "{:?}", r.failed);
         assert!(hosts[&uri].list().unwrap().is_empty());

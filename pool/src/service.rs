@@ -24,13 +24,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_core::pool::{Pin, RolloutAction, RolloutRecord};
 use kiln_core::{HostStatus, Mac, PoolStatus};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::NodeId;
 use crate::autoscale::{CpuTimes, decide, load1_from_scrape};
 use crate::fleet::{Fleet, NodeMedia};
-use crate::reconcile::{Error as PassError, Registry, Report, Settings};
+use crate::reconcile::{Error as PassError, Registry, Report, Settings, Target};
 use crate::spec::{Boot, Metric, Pool};
 use kiln_core::error_chain as chain;
 
@@ -58,6 +59,10 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn replicas(&self) -> impl Future<Output = Result<BTreeMap<String, u32>, Self::Error>> + Send;
     /// Stores `pool`'s desired replicas.
     fn set_replicas(&self, pool: &str, replicas: u32) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// The stored rollout settings (pause, undo), by pool.
+    fn rollouts(&self) -> impl Future<Output = Result<BTreeMap<String, RolloutRecord>, Self::Error>> + Send;
+    /// Stores `pool`'s rollout settings.
+    fn set_rollout(&self, pool: &str, record: &RolloutRecord) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// The text of `http://TARGET/metrics`, within a bounded time.
     fn scrape(&self, target: &str) -> impl Future<Output = Result<String, Self::Error>> + Send;
 }
@@ -107,6 +112,38 @@ pub enum ScaleError {
     Stopped,
 }
 
+/// A rollout request that cannot be done.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// No such pool.
+    #[error("no pool `{0}`")]
+    NoPool(String),
+    /// No generation older than the target is kept.
+    #[error("pool `{pool}`: image `{image}` keeps no generation older than {target}")]
+    NothingToUndo {
+        /// The pool.
+        pool: String,
+        /// Its image.
+        image: String,
+        /// The generation it runs now.
+        target: kiln_core::Digest,
+    },
+    /// The image is not served: there is nothing to roll to.
+    #[error("pool `{pool}`: image `{image}` is not served")]
+    NoImage {
+        /// The pool.
+        pool: String,
+        /// Its image.
+        image: String,
+    },
+    /// The store refused.
+    #[error("storing the rollout")]
+    Store(#[source] crate::reconcile::Cause),
+    /// The pool task has stopped.
+    #[error("the pool task has stopped")]
+    Stopped,
+}
+
 /// What the task publishes after each pass and each change.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
@@ -121,6 +158,7 @@ pub struct Status {
 
 enum Command {
     Scale { pool: String, replicas: u32, reply: oneshot::Sender<Result<(), ScaleError>> },
+    Rollout { pool: String, action: RolloutAction, reply: oneshot::Sender<Result<PoolStatus, RolloutError>> },
     Stop { reply: oneshot::Sender<()> },
 }
 
@@ -151,9 +189,23 @@ impl PoolsHandle {
         answer.await.map_err(|_| ScaleError::Stopped)?
     }
 
+    /// Pauses, resumes or undoes `pool`'s rollout (stored first), wakes
+    /// the reconciler, and answers the pool's state.
+    pub async fn rollout(&self, pool: &str, action: RolloutAction) -> Result<PoolStatus, RolloutError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Rollout { pool: pool.to_string(), action, reply };
+        self.commands.send(command).await.map_err(|_| RolloutError::Stopped)?;
+        answer.await.map_err(|_| RolloutError::Stopped)?
+    }
+
     /// Each pool's state, as last published.
     pub fn status(&self) -> Vec<PoolStatus> {
         self.status.borrow().pools.clone()
+    }
+
+    /// The image generation `pool`'s nodes should run, as last published.
+    pub fn target(&self, pool: &str) -> Option<kiln_core::Digest> {
+        self.status.borrow().pools.iter().find(|s| s.name == pool)?.target
     }
 
     /// The host each pool node's domain was last seen on, by node name.
@@ -194,6 +246,7 @@ pub async fn start<C: ControlPlane, M: NodeMedia>(fleet: Fleet<M>, control: C, c
         }
         tracing::info!(pool = %pool.name, image = %pool.image, hosts = ?pool.hosts, desired = replicas[&pool.name], "pool loaded");
     }
+    let rollouts = control.rollouts().await.map_err(store)?;
     let pools: Arc<[Pool]> = fleet.pools.clone().into();
     let last: Vec<PoolStatus> = pools.iter().map(empty_status).collect();
     let (publish, status) = watch::channel(Status::default());
@@ -204,6 +257,9 @@ pub async fn start<C: ControlPlane, M: NodeMedia>(fleet: Fleet<M>, control: C, c
         fleet: Some(fleet),
         config,
         replicas,
+        rollouts,
+        generations: BTreeMap::new(),
+        rolling: BTreeMap::new(),
         auto: BTreeMap::new(),
         last,
         publish,
@@ -232,6 +288,12 @@ struct Task<C, M> {
     fleet: Option<Fleet<M>>,
     config: Config,
     replicas: BTreeMap<String, u32>,
+    /// Each pool's stored rollout settings.
+    rollouts: BTreeMap<String, RolloutRecord>,
+    /// Each pool's image generations at the last pass, newest first.
+    generations: BTreeMap<String, Vec<kiln_core::Digest>>,
+    /// Pools being rolled, with the fewest Ready nodes seen meanwhile.
+    rolling: BTreeMap<String, (bool, u32)>,
     auto: BTreeMap<String, AutoState>,
     /// Each pool's counts from the last pass.
     last: Vec<PoolStatus>,
@@ -266,8 +328,14 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
                     command = self.inbox.recv() => match command {
                         None => return None,
                         Some(Command::Stop { reply }) => return Some(reply),
-                        // A scale wakes the reconciler at once.
+                        // A scale or a rollout change wakes the reconciler at once.
                         Some(Command::Scale { pool, replicas, reply }) => if self.answer(&pool, replicas, reply).await { break },
+                        Some(Command::Rollout { pool, action, reply }) => {
+                            let result = self.rollout(&pool, action).await;
+                            let changed = result.is_ok();
+                            let _ = reply.send(result);
+                            if changed { break }
+                        }
                     },
                     () = tokio::time::sleep_until(deadline) => break,
                 }
@@ -296,15 +364,62 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
         Ok(())
     }
 
+    /// The generation each pool's nodes should run: the image's current
+    /// one, unless an undo pinned an older one that is still kept and the
+    /// image has had no new generation since.
+    fn targets(&self) -> BTreeMap<String, Target> {
+        let mut out = BTreeMap::new();
+        for pool in self.pools.iter() {
+            let gens = self.generations.get(&pool.name).map(Vec::as_slice).unwrap_or_default();
+            let Some(current) = gens.first() else { continue };
+            let record = self.rollouts.get(&pool.name).cloned().unwrap_or_default();
+            let image = match record.pin {
+                Some(pin) if pin.while_current == *current && gens.contains(&pin.image) => pin.image,
+                _ => *current,
+            };
+            out.insert(pool.name.clone(), Target { image, paused: record.paused });
+        }
+        out
+    }
+
+    async fn rollout(&mut self, pool: &str, action: RolloutAction) -> Result<PoolStatus, RolloutError> {
+        let p = self.pools.iter().find(|p| p.name == pool).ok_or_else(|| RolloutError::NoPool(pool.to_string()))?;
+        let mut record = self.rollouts.get(pool).cloned().unwrap_or_default();
+        match action {
+            RolloutAction::Pause => record.paused = true,
+            RolloutAction::Resume => record.paused = false,
+            RolloutAction::Undo => {
+                let no_image = || RolloutError::NoImage { pool: pool.to_string(), image: p.image.clone() };
+                let gens = self.generations.get(pool).filter(|g| !g.is_empty()).ok_or_else(no_image)?;
+                let target = self.targets().get(pool).ok_or_else(no_image)?.image;
+                let at = gens.iter().position(|g| *g == target).unwrap_or(0);
+                let previous = gens.get(at + 1).ok_or_else(|| RolloutError::NothingToUndo {
+                    pool: pool.to_string(),
+                    image: p.image.clone(),
+                    target,
+                })?;
+                record.pin = Some(Pin { image: *previous, while_current: gens[0] });
+            }
+        }
+        self.control.set_rollout(pool, &record).await.map_err(|e| RolloutError::Store(Box::new(e)))?;
+        tracing::info!(pool, ?action, paused = record.paused, undone_to = ?record.pin.map(|p| p.image), "rollout");
+        self.rollouts.insert(pool.to_string(), record);
+        self.publish();
+        Ok(self.publish.borrow().pools.iter().find(|s| s.name == pool).cloned().expect("every pool has a status"))
+    }
+
     /// One reconcile pass on a blocking thread, answering commands
     /// meanwhile; the stop request that came during it, if one did.
     async fn pass(&mut self) -> Option<oneshot::Sender<()>> {
         let fleet = self.fleet.take().expect("the fleet is home between passes");
+        self.generations = self.pools.iter().map(|p| (p.name.clone(), fleet.generations(&p.image))).collect();
+        let targets = self.targets();
+        let pass_targets = targets.clone();
         let replicas = self.replicas.clone();
         let settings = self.config.settings.clone();
         let leases = Leases { control: self.control.clone(), runtime: tokio::runtime::Handle::current(), pools: self.pools.clone() };
         let mut job = tokio::task::spawn_blocking(move || {
-            let report = fleet.reconcile(&replicas, &leases, &settings);
+            let report = fleet.reconcile(&replicas, &pass_targets, &leases, &settings);
             (fleet, report)
         });
         let mut stop = None;
@@ -314,17 +429,18 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
                 Some(command) = self.inbox.recv(), if stop.is_none() => match command {
                     Command::Stop { reply } => stop = Some(reply),
                     Command::Scale { pool, replicas, reply } => { self.answer(&pool, replicas, reply).await; }
+                    Command::Rollout { pool, action, reply } => { let _ = reply.send(self.rollout(&pool, action).await); }
                 },
             }
         };
         self.fleet = Some(fleet);
         log_report(&report);
-        self.record(&report);
+        self.record(&report, &targets);
         stop
     }
 
     /// Counts what the hosts have after a pass, and publishes it.
-    fn record(&mut self, report: &Report) {
+    fn record(&mut self, report: &Report, targets: &BTreeMap<String, Target>) {
         let after = &report.after;
         let mut members = BTreeMap::new();
         let mut node_hosts = BTreeMap::new();
@@ -336,6 +452,11 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
             let Some(h) = s.hosts.iter_mut().find(|h| h.host == d.host) else { continue };
             h.defined += 1;
             h.running += u32::from(d.running);
+            match targets.get(&s.name) {
+                Some(t) if d.image != Some(t.image) => s.out_of_date += 1,
+                _ => s.up_to_date += 1,
+            }
+            s.ready += u32::from(after.ready.contains(&d.node));
             if after.registered.contains(&d.node) {
                 h.registered += 1;
                 s.registered += 1;
@@ -347,6 +468,19 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
             let pool = action.as_ref().map(|a| a.node().pool.clone());
             for s in status.iter_mut().filter(|s| pool.as_ref().is_none_or(|p| *p == s.name)) {
                 s.errors.push(error.clone());
+            }
+        }
+        for s in &mut status {
+            // The fewest Ready nodes while out-of-date ones are replaced, from
+            // the pass that found the first one to the pass that found none.
+            let rolling = s.out_of_date > 0 && !targets.get(&s.name).is_some_and(|t| t.paused);
+            match (rolling, self.rolling.get_mut(&s.name)) {
+                (true, Some(seen)) if seen.0 => seen.1 = seen.1.min(s.ready),
+                (true, _) => {
+                    self.rolling.insert(s.name.clone(), (true, s.ready));
+                }
+                (false, Some(seen)) => seen.0 = false,
+                (false, None) => {}
             }
         }
         self.last = status;
@@ -363,9 +497,16 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
 
     fn publish_with(&mut self, members: BTreeMap<Mac, NodeId>, node_hosts: BTreeMap<String, String>) {
         let mut pools = self.last.clone();
+        let targets = self.targets();
         for s in &mut pools {
             s.desired = self.replicas.get(&s.name).copied().unwrap_or(s.desired);
             s.autoscale = self.auto.get(&s.name).and_then(|a| a.last.clone());
+            let target = targets.get(&s.name);
+            s.target = target.map(|t| t.image);
+            let record = self.rollouts.get(&s.name).cloned().unwrap_or_default();
+            s.rollout.paused = record.paused;
+            s.rollout.undone_to = record.pin.map(|p| p.image).filter(|i| target.is_some_and(|t| t.image == *i));
+            s.rollout.min_ready_seen = self.rolling.get(&s.name).map(|r| r.1);
         }
         self.publish.send_replace(Status { pools, members, node_hosts });
     }
@@ -495,6 +636,12 @@ fn empty_status(p: &Pool) -> PoolStatus {
         hosts: p.hosts.iter().map(|h| HostStatus { host: h.clone(), ..Default::default() }).collect(),
         errors: Vec::new(),
         autoscale: None,
+        rollout: kiln_core::pool::RolloutStatus {
+            max_surge: p.rollout.max_surge,
+            max_unavailable: p.rollout.max_unavailable,
+            ..Default::default()
+        },
+        ..Default::default()
     }
 }
 
@@ -508,9 +655,9 @@ struct Leases<C> {
 }
 
 impl<C: ControlPlane> Registry for Leases<C> {
-    fn registered(&self) -> Result<Vec<NodeId>, PassError> {
+    fn registered(&self) -> Result<Vec<(NodeId, bool)>, PassError> {
         let nodes = self.runtime.block_on(self.control.registered()).map_err(|e| PassError::Registry(Box::new(e)))?;
-        Ok(nodes.into_iter().map(|r| r.node).filter(|n| self.pools.iter().any(|p| p.name == n.pool)).collect())
+        Ok(nodes.into_iter().filter(|r| self.pools.iter().any(|p| p.name == r.node.pool)).map(|r| (r.node, r.ready)).collect())
     }
 
     fn deregister(&self, node: &NodeId) -> Result<(), PassError> {

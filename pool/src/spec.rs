@@ -96,6 +96,29 @@ pub struct Autoscale {
     pub cooldown_secs: u64,
 }
 
+/// `[rollout]`: how nodes not on the pool's current image generation are
+/// replaced (Cluster API's MachineDeployment rolling update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RolloutSpec {
+    /// Nodes the pool may have above its replicas while it rolls.
+    #[serde(default = "default_max_surge")]
+    pub max_surge: u32,
+    /// Ready nodes the pool may have below its replicas while it rolls.
+    #[serde(default)]
+    pub max_unavailable: u32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        RolloutSpec { max_surge: default_max_surge(), max_unavailable: 0 }
+    }
+}
+
+fn default_max_surge() -> u32 {
+    1
+}
+
 fn default_step() -> u32 {
     1
 }
@@ -146,6 +169,9 @@ pub struct PoolSpec {
     /// Optional autoscaler policy.
     #[serde(default)]
     pub autoscale: Option<Autoscale>,
+    /// How out-of-date nodes are replaced (max-surge 1, max-unavailable 0).
+    #[serde(default)]
+    pub rollout: RolloutSpec,
 }
 
 /// `network = "user"`: QEMU user networking instead of a libvirt network.
@@ -182,6 +208,8 @@ pub struct Pool {
     pub network: Option<String>,
     /// Optional autoscaler policy.
     pub autoscale: Option<Autoscale>,
+    /// How out-of-date nodes are replaced.
+    pub rollout: RolloutSpec,
 }
 
 impl Pool {
@@ -326,6 +354,12 @@ fn validate(spec: PoolSpec, path: &Path, host_memory_mib: u64) -> Result<Pool, E
             return Err(invalid("autoscale.step", "must be at least 1".into()));
         }
     }
+    if spec.rollout.max_surge == 0 && spec.rollout.max_unavailable == 0 {
+        return Err(invalid("rollout.max-unavailable", "max-surge and max-unavailable cannot both be 0: nothing could be replaced".into()));
+    }
+    if spec.rollout.max_surge > spec.max {
+        return Err(invalid("rollout.max-surge", format!("{} is more than max ({})", spec.rollout.max_surge, spec.max)));
+    }
     Ok(Pool {
         name,
         file: path.to_path_buf(),
@@ -340,6 +374,7 @@ fn validate(spec: PoolSpec, path: &Path, host_memory_mib: u64) -> Result<Pool, E
         hosts: spec.hosts,
         network: spec.network,
         autoscale: spec.autoscale,
+        rollout: spec.rollout,
     })
 }
 
@@ -449,6 +484,10 @@ cooldown-secs = 60
                 "autoscale.scale-up-above",
             ),
             ("zero step", "[autoscale]\nmetric = \"load1\"\nscale-up-above = 2.0\nscale-down-below = 0.5\nstep = 0", "autoscale.step"),
+            ("no room to roll", "[rollout]\nmax-surge = 0", "rollout.max-unavailable"),
+            ("surge above max", "[rollout]\nmax-surge = 50", "rollout.max-surge"),
+            ("negative surge", "[rollout]\nmax-surge = -1", "rollout.max-surge"),
+            ("unknown rollout key", "[rollout]\nmin-ready = 2", "rollout.min-ready"),
         ];
         for (case, change, key) in cases {
             let text = patch(GOOD, change);

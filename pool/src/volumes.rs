@@ -188,7 +188,7 @@ impl Volumes {
     /// its path on the host. Golden volumes of `image` at other digests
     /// that no overlay uses are deleted.
     pub fn golden(&self, image: &str, digest: &kiln_core::Digest, local: &Path) -> Result<Golden, Error> {
-        let name = format!("golden-{image}-{}.qcow2", &digest.hex()[..16]);
+        let name = golden_name(image, digest);
         let ok = format!("{name}.ok");
         // No refresh: the volumes kiln made are known to libvirt without
         // one, and the pass that calls this has refreshed the pool once.
@@ -206,6 +206,13 @@ impl Volumes {
         let path = self.path(&vol, &name)?;
         self.prune_golden(image, &name)?;
         Ok(Golden { path, uploaded: Some(len) })
+    }
+
+    /// Deletes `image`'s golden volumes other than the one of generation
+    /// `keep` that no overlay is backed by (after a rollout removed the last
+    /// node of an older generation).
+    pub fn prune_golden_except(&self, image: &str, keep: &kiln_core::Digest) -> Result<(), Error> {
+        self.prune_golden(image, &golden_name(image, keep))
     }
 
     /// Deletes `image`'s golden volumes other than `keep` that no overlay is backed by.
@@ -314,6 +321,11 @@ fn raw_volume(name: &str, len: u64) -> String {
         "<volume><name>{name}</name><capacity unit='bytes'>{len}</capacity><allocation unit='bytes'>0</allocation>\
          <target><format type='raw'/></target></volume>"
     )
+}
+
+/// The golden volume of generation `digest` of `image`.
+fn golden_name(image: &str, digest: &kiln_core::Digest) -> String {
+    format!("golden-{image}-{}.qcow2", &digest.hex()[..16])
 }
 
 /// The virtual size of the qcow2 image at `path`, from its header.

@@ -20,6 +20,7 @@ fn spec(pool: &str, index: u32, boot: BootMedia, nic: Nic) -> DomainSpec {
     DomainSpec {
         mac: node.mac(),
         console_log: format!("/var/lib/libvirt/images/kiln/{}.log", node.domain_name()).into(),
+        image: None,
         node,
         accel: Accel::Tcg,
         vcpus: 2,

@@ -54,7 +54,7 @@ pub fn bootstrap_script(base_url: &str) -> String {
 /// digest, `/images/<name>/<hex>/<file>`): its kernel with the image's own
 /// arguments, `extra_args` (the profile's), and `kiln.server`, `kiln.token`
 /// (when the machine has one), `kiln.image_digest`; with `mac`, also the NoCloud seed URL
-/// `ds=nocloud-net;s=BASE/cloud-init/MAC/`; for a diskless image, its root
+/// `ds=nocloud-net;s=BASE/cloud-init/MAC/HEX/` (the seed of that generation); for a diskless image, its root
 /// filesystem's URL and sha256 (`kiln.rootfs`, `kiln.rootfs_sha256`).
 /// `initrd=` names the initrd for kernels started by UEFI's EFI stub.
 pub fn boot_script(image: &Manifest, extra_args: &[String], mac: Option<Mac>, params: &BootParams<'_>) -> String {
@@ -72,7 +72,9 @@ pub fn boot_script(image: &Manifest, extra_args: &[String], mac: Option<Mac>, pa
     if let Some(mac) = mac {
         // `nocloud-net`: cloud-init before 24.1 takes `ds=nocloud` for a
         // local seed and ignores an http:// one.
-        args.push(format!("ds=nocloud-net;s={base}/cloud-init/{}/", mac.hyphenated()));
+        // The seed names the generation too: its `kiln.image_digest` is the
+        // one this script boots, whatever a build does meanwhile.
+        args.push(format!("ds=nocloud-net;s={base}/cloud-init/{}/{}/", mac.hyphenated(), image.digest.hex()));
     }
     format!(
         "#!ipxe\n\
@@ -136,7 +138,7 @@ mod tests {
             " kiln.server=https://10.0.2.2:8443 ",
             " kiln.token=tok ",
             &format!(" kiln.image_digest={} ", m.digest),
-            " ds=nocloud-net;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/ ",
+            &format!(" ds=nocloud-net;s=http://10.0.2.2:8080/cloud-init/52-54-00-ab-cd-ef/{hex}/ "),
         ] {
             assert!(kernel.contains(want), "{kernel} lacks {want:?}");
         }

@@ -10,7 +10,9 @@
 //! journal, printed on the serial console by cloud-init's runcmd, shows it.
 //! The same image boots diskless over the network (iPXE, then the root
 //! filesystem fetched and checked by kiln's initramfs script) and registers
-//! over TLS; a tampered root filesystem is refused.
+//! over TLS, while the image is rebuilt under the running server: every
+//! boot gets one generation's bytes, and the next boot the new generation;
+//! a tampered root filesystem is refused.
 //!
 //! The first build makes the base (mmdebstrap, about two minutes here) in
 //! the shared test cache; later runs reuse it.
@@ -264,31 +266,67 @@ fn killed_build_leaves_the_cache_and_the_previous_image_usable() {
     assert!(staged.is_empty(), "no staging directories left in the output: {staged:?}");
 }
 
+/// What an iPXE boot of the default profile fetched over HTTP from `base`
+/// (as iPXE does: the script, then the kernel, the initrd, and the root
+/// filesystem the initramfs fetches), checked file by file: the digest
+/// its script named, once every file it named was checked.
+fn boot_over_http(client: &reqwest::blocking::Client, base: &str, mac: &str) -> kiln_core::Digest {
+    let script = client.get(format!("{base}/ipxe?mac={mac}&arch=x86_64")).send().unwrap().error_for_status().unwrap().text().unwrap();
+    let kernel_line = script.lines().find(|l| l.starts_with("kernel ")).unwrap_or_else(|| panic!("no kernel line: {script}"));
+    let words: Vec<&str> = kernel_line.split_whitespace().collect();
+    let arg = |key: &str| words.iter().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {kernel_line}"));
+    let digest: kiln_core::Digest = arg("kiln.image_digest=").parse().unwrap();
+    let initrd = script.lines().find_map(|l| l.strip_prefix("initrd ")).and_then(|l| l.split_whitespace().next()).unwrap();
+    let hex = digest.hex();
+    let manifest: Manifest = client.get(format!("{base}/images/worker/{hex}/manifest.json")).send().unwrap().json().unwrap();
+    assert_eq!(manifest.digest, digest);
+    for url in [words[1], initrd, arg("kiln.rootfs=")] {
+        assert!(url.starts_with(&format!("{base}/images/worker/{hex}/")), "{url} names the script's generation");
+        let resp = client.get(url).send().unwrap();
+        assert_eq!(resp.status(), 200, "{url}");
+        let etag = resp.headers()["etag"].to_str().unwrap().trim_matches('"').to_string();
+        let bytes = resp.bytes().unwrap();
+        let sha = kiln_core::Digest::of(&bytes).hex();
+        assert_eq!(etag, sha, "{url}: the ETag is the sha256 of the bytes sent");
+        let file = url.rsplit('/').next().unwrap();
+        assert_eq!(manifest.artifact(file).unwrap().sha256, sha, "{url}: the bytes of the generation the script named");
+    }
+    assert_eq!(arg("kiln.rootfs_sha256="), manifest.artifact("root.squashfs").unwrap().sha256);
+    digest
+}
+
 /// Diskless: the same image boots over the network with no disk at all.
 /// iPXE (the NIC's ROM) loads the kernel and the initrd from `kiln serve`;
 /// kiln's script in the initrd fetches `root.squashfs` over HTTP, checks
 /// its sha256 and boots from it in RAM; the agent, trusting the CA baked
 /// into the image, registers over TLS under the hostname the server's
-/// NoCloud seed gave it. Then a root filesystem that no longer matches its
-/// manifest is refused before it is mounted.
+/// NoCloud seed gave it.
+///
+/// The image is rebuilt (another agent) while the first guest boots and an
+/// HTTP client boots as iPXE does in a loop: each boot gets every file from
+/// the one generation its script named, with the sha256 of the bytes as
+/// their ETag, and the next guest boots the new generation with no restart
+/// of `kiln serve`. Then a root filesystem that no longer matches its
+/// manifest is refused.
 #[test]
-fn worker_image_boots_diskless_and_refuses_a_tampered_root() {
+fn worker_image_boots_diskless_through_a_rebuild_and_refuses_a_tampered_root() {
     if skip_e2e() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     let state = tmp.path().join("state");
-    {
-        let _builds = one_build_at_a_time();
-        let mut cmd = golden::build_command(&golden::worker_spec(), &images, None, None);
+    // Builds, then the VM: the order the other tests take these locks in.
+    let _builds = one_build_at_a_time();
+    let build = |agent: Option<&Path>| {
+        let mut cmd = golden::build_command(&golden::worker_spec(), &images, None, agent);
         let out = cmd.arg("--state").arg(&state).output().expect("kiln build runs");
         assert!(out.status.success(), "kiln build --state failed:\n{}", tail(&String::from_utf8_lossy(&out.stderr), 30));
-    }
-    let m = manifest(&images);
-    assert_eq!(m.boot.rootfs.as_deref(), Some("root.squashfs"), "the manifest names the diskless root");
-    assert!(m.boot.cmdline.iter().any(|a| a == "boot=kiln"), "{:?}", m.boot.cmdline);
-    let rootfs_sha = m.artifact("root.squashfs").unwrap().sha256.clone();
+    };
+    build(None);
+    let one = manifest(&images);
+    assert_eq!(one.boot.rootfs.as_deref(), Some("root.squashfs"), "the manifest names the diskless root");
+    assert!(one.boot.cmdline.iter().any(|a| a == "boot=kiln"), "{:?}", one.boot.cmdline);
 
     let server = KilnServer::start(&images, &state);
     let _vm = vm_lock();
@@ -308,24 +346,78 @@ fn worker_image_boots_diskless_and_refuses_a_tampered_root() {
         };
         Guest::spawn(&spec).expect("QEMU starts")
     };
+    let registered = |guest: &mut Guest, mac: Mac| {
+        let start = Instant::now();
+        let node = wait_for(Duration::from_secs(300), || {
+            assert!(guest.exited().is_none(), "QEMU exited; serial:\n{}", tail(&guest.serial(), 40));
+            server.nodes().into_iter().find(|n| n.macs.contains(&mac))
+        })
+        .unwrap_or_else(|| {
+            panic!("the diskless guest did not register; serial:\n{}\nserver:\n{}", tail(&guest.serial(), 60), tail(&server.log(), 20))
+        });
+        eprintln!("diskless: boot to registered over the network: {:?}", start.elapsed());
+        node
+    };
 
-    let mac: Mac = "52:54:00:d1:5c:01".parse().unwrap();
-    let start = Instant::now();
-    let mut guest = boot("kiln-e2e-diskless", &mac.to_string());
-    let node = wait_for(Duration::from_secs(300), || {
-        assert!(guest.exited().is_none(), "QEMU exited; serial:\n{}", tail(&guest.serial(), 40));
-        server.nodes().into_iter().find(|n| n.macs.contains(&mac))
-    })
-    .unwrap_or_else(|| {
-        panic!("the diskless guest did not register; serial:\n{}\nserver:\n{}", tail(&guest.serial(), 60), tail(&server.log(), 20))
+    // A guest and an HTTP client boot while the image is rebuilt.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    /// Stops the loop however the scope ends, so that a failure cannot hang it.
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let (node, two, http_boots) = std::thread::scope(|s| {
+        let stopping = Stop(&stop);
+        let looping = s.spawn(|| {
+            let client = reqwest::blocking::Client::new();
+            let mut digests = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                digests.push(boot_over_http(&client, &server.url, "52-54-00-d1-5c-77"));
+            }
+            digests
+        });
+        let mac: Mac = "52:54:00:d1:5c:01".parse().unwrap();
+        let mut guest = boot("kiln-e2e-diskless", &mac.to_string());
+        build(Some(&changed_agent(tmp.path(), "kiln-rebuilt-under-serve")));
+        let two = manifest(&images);
+        // The server takes the new generation up while serving.
+        let client = reqwest::blocking::Client::new();
+        let current = || client.get(format!("{}/images/worker/manifest.json", server.url)).send().unwrap().json::<Manifest>().unwrap();
+        let noticed = wait_for(Duration::from_secs(5), || (current().digest == two.digest).then_some(()));
+        assert!(noticed.is_some(), "kiln serve did not serve the new generation within 5 s:\n{}", tail(&server.log(), 20));
+        let node = registered(&mut guest, mac);
+        guest.stop(Duration::from_secs(5));
+        // Let the loop boot the new generation at least once.
+        std::thread::sleep(Duration::from_secs(2));
+        drop(stopping);
+        (node, two, looping.join().expect("every HTTP boot got one generation's bytes"))
     });
-    eprintln!("diskless: boot to registered over the network: {:?}", start.elapsed());
-    let serial = guest.serial();
+    assert_ne!(two.digest, one.digest, "another agent, another generation");
+    assert!(http_boots.contains(&one.digest) && http_boots.contains(&two.digest), "the HTTP boots saw both generations: {http_boots:?}");
+    eprintln!("diskless: {} HTTP boots during the rebuild, each of one generation", http_boots.len());
+    let first = if node.image_digest == one.digest { &one } else { &two };
+    assert_eq!(node.image_digest, first.digest, "the guest booted one of the two generations: {}", node.image_digest);
+    let serial = std::fs::read_to_string(tmp.path().join("kiln-e2e-diskless.serial.log")).unwrap();
+    let rootfs_sha = &first.artifact("root.squashfs").unwrap().sha256;
     assert!(serial.contains(&format!("kiln: root filesystem sha256 {rootfs_sha} verified")), "{}", tail(&serial, 60));
-    assert_eq!(node.image_digest, m.digest, "the node booted the image we built");
     assert_eq!(node.hostname, "node-d15c01", "the hostname from the server's NoCloud seed");
     assert!(server.api.starts_with("https://"), "the agent registered over TLS");
+
+    // The next boot gets the new generation, from the same server.
+    let mac: Mac = "52:54:00:d1:5c:03".parse().unwrap();
+    let mut guest = boot("kiln-e2e-diskless-rebuilt", &mac.to_string());
+    let node = registered(&mut guest, mac);
+    assert_eq!(node.image_digest, two.digest, "a boot after the rebuild gets the new generation");
+    let rootfs_sha = two.artifact("root.squashfs").unwrap().sha256.clone();
+    assert!(guest.serial().contains(&format!("kiln: root filesystem sha256 {rootfs_sha} verified")), "{}", tail(&guest.serial(), 60));
     guest.stop(Duration::from_secs(5));
+    // The previous generation is still served, at its own URL.
+    let old =
+        reqwest::blocking::Client::new().head(format!("{}/images/worker/{}/root.squashfs", server.url, one.digest.hex())).send().unwrap();
+    assert_eq!(old.status(), 200);
+    assert_eq!(old.headers()["etag"].to_str().unwrap(), format!("\"{}\"", one.artifact("root.squashfs").unwrap().sha256));
 
     // A root filesystem changed after its manifest was written is refused.
     let path = images.join("worker/root.squashfs");

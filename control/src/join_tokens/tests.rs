@@ -289,6 +289,12 @@ impl Store for Failing {
     fn set_replicas(&self, _: &str, _: u32) -> StoreFuture<'_, ()> {
         Box::pin(async { Err(store::Error::Closed) })
     }
+    fn rollouts(&self) -> StoreFuture<'_, BTreeMap<String, kiln_core::pool::RolloutRecord>> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
+    fn set_rollout(&self, _: &str, _: &kiln_core::pool::RolloutRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async { Err(store::Error::Closed) })
+    }
     fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
         Box::pin(async { Err(store::Error::Closed) })
     }

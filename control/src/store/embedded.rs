@@ -28,6 +28,8 @@ use super::{Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 /// Desired replicas by pool.
 const POOLS: TableDefinition<&str, u32> = TableDefinition::new("pool_replicas");
+/// Rollout settings by pool (a `RolloutRecord` as JSON).
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("pool_rollouts");
 /// Join tokens by ID.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
 
@@ -40,6 +42,7 @@ enum Op {
     PutSpending(Box<NodeRecord>, Spend),
     Remove(String),
     Replicas(String, u32),
+    Rollout(String, Vec<u8>),
     CreateToken(Box<TokenRecord>),
     RemoveToken(Box<TokenRecord>),
 }
@@ -96,6 +99,7 @@ impl DbStore {
         let txn = db.begin_write().map_err(|e| db_error(path, e))?;
         {
             txn.open_table(POOLS).map_err(|e| db_error(path, e))?;
+            txn.open_table(ROLLOUTS).map_err(|e| db_error(path, e))?;
             txn.open_table(TOKENS).map_err(|e| db_error(path, e))?;
             let mut table = txn.open_table(NODES).map_err(|e| db_error(path, e))?;
             if !existed && let Some(json) = legacy_json {
@@ -184,6 +188,7 @@ fn write_loop(db: &Database, path: &Path, queue: &mpsc::Receiver<Pending>) {
 struct Tables<'t> {
     nodes: redb::Table<'t, &'static str, &'static [u8]>,
     pools: redb::Table<'t, &'static str, u32>,
+    rollouts: redb::Table<'t, &'static str, &'static [u8]>,
     tokens: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
@@ -191,7 +196,12 @@ fn commit(db: &Database, batch: &[Pending]) -> Result<Vec<Outcome>, redb::Error>
     let txn = db.begin_write()?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
-        let mut t = Tables { nodes: txn.open_table(NODES)?, pools: txn.open_table(POOLS)?, tokens: txn.open_table(TOKENS)? };
+        let mut t = Tables {
+            nodes: txn.open_table(NODES)?,
+            pools: txn.open_table(POOLS)?,
+            rollouts: txn.open_table(ROLLOUTS)?,
+            tokens: txn.open_table(TOKENS)?,
+        };
         for p in batch {
             outcomes.push(apply(&mut t, &p.op)?);
         }
@@ -212,6 +222,9 @@ fn apply(t: &mut Tables<'_>, op: &Op) -> Result<Outcome, redb::Error> {
         }
         Op::Replicas(pool, n) => {
             t.pools.insert(pool.as_str(), *n)?;
+        }
+        Op::Rollout(pool, json) => {
+            t.rollouts.insert(pool.as_str(), json.as_slice())?;
         }
         Op::CreateToken(record) => return create_token(t, record).map(Outcome::Token),
         Op::RemoveToken(record) => return Ok(Outcome::Token(t.tokens.remove(record.info.id.as_str())?.is_some())),
@@ -324,6 +337,28 @@ impl Store for DbStore {
         self.write(Op::Replicas(pool.to_string(), replicas))
     }
 
+    fn rollouts(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, kiln_core::pool::RolloutRecord>> {
+        let result = self.read(|txn| {
+            let mut out = std::collections::BTreeMap::new();
+            let table = txn.open_table(ROLLOUTS).map_err(|e| db_error(&self.path, e))?;
+            for entry in table.iter().map_err(|e| db_error(&self.path, e))? {
+                let (k, v) = entry.map_err(|e| db_error(&self.path, e))?;
+                let record = serde_json::from_slice(v.value()).map_err(|source| Error::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("pool {:?}'s rollout", k.value()),
+                    source,
+                })?;
+                out.insert(k.value().to_string(), record);
+            }
+            Ok(out)
+        });
+        Box::pin(async move { result })
+    }
+
+    fn set_rollout(&self, pool: &str, record: &kiln_core::pool::RolloutRecord) -> StoreFuture<'_, ()> {
+        self.write(Op::Rollout(pool.to_string(), serde_json::to_vec(record).expect("a rollout record serialises")))
+    }
+
     fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
         let result = self.read(|txn| {
             let table = txn.open_table(TOKENS).map_err(|e| db_error(&self.path, e))?;
@@ -370,7 +405,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn pool_replicas_survive_a_reopen() {
+    async fn pool_replicas_and_rollouts_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = crate::StateDir::new(dir.path()).registry_db();
         {
@@ -379,11 +414,20 @@ mod tests {
             store.set_replicas("tiny", 3).await.unwrap();
             store.set_replicas("worker", 2).await.unwrap();
             store.set_replicas("tiny", 1).await.unwrap();
+            assert!(store.rollouts().await.unwrap().is_empty());
+            store.set_rollout("tiny", &pinned()).await.unwrap();
         }
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "the database is private");
         let store = DbStore::open(&path, None).unwrap();
         let got = store.replicas().await.unwrap();
         assert_eq!(got, std::collections::BTreeMap::from([("tiny".to_string(), 1), ("worker".to_string(), 2)]));
+        assert_eq!(store.rollouts().await.unwrap(), std::collections::BTreeMap::from([("tiny".to_string(), pinned())]));
+    }
+
+    /// A paused rollout pinned to an older generation.
+    fn pinned() -> kiln_core::pool::RolloutRecord {
+        let pin = kiln_core::pool::Pin { image: kiln_core::Digest::of("old"), while_current: kiln_core::Digest::of("new") };
+        kiln_core::pool::RolloutRecord { paused: true, pin: Some(pin) }
     }
 }

@@ -6,6 +6,7 @@
 //! | `PREFIX/subnets/10.244.1.0-24` | flannel's lease: `{"PublicIP": "192.0.2.10", "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": "0e:..."}}`, on an etcd lease with flannel's TTL (24 h) |
 //! | `/kiln/nodes/<name>` | kiln's node record (facts and token hash) |
 //! | `/kiln/pools/<pool>` | the pool's desired replicas (`kiln scale`), a decimal number |
+//! | `/kiln/rollouts/<pool>` | the pool's rollout settings (`kiln rollout pause\|resume\|undo`), a `RolloutRecord` as JSON |
 //! | `/kiln/join-tokens/<id>` | a join token: its public part and its secret's sha256 (a `TokenRecord`) |
 //!
 //! `PREFIX` is flannel's default `/coreos.com/network`. A stock flanneld
@@ -50,6 +51,8 @@ pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 pub const NODES_PREFIX: &str = "/kiln/nodes/";
 /// Where each pool's desired replicas are kept (a decimal number).
 pub const POOLS_PREFIX: &str = "/kiln/pools/";
+/// Where each pool's rollout settings are kept (JSON).
+pub const ROLLOUTS_PREFIX: &str = "/kiln/rollouts/";
 /// Where kiln keeps its join tokens, by ID.
 pub const TOKENS_PREFIX: &str = "/kiln/join-tokens/";
 /// Leases granted ahead for registrations in a burst.
@@ -712,6 +715,30 @@ impl Store for EtcdStore {
         })
     }
 
+    fn rollouts(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, kiln_core::pool::RolloutRecord>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let resp = client.get(ROLLOUTS_PREFIX, Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
+            let mut out = std::collections::BTreeMap::new();
+            for kv in resp.kvs() {
+                let key = String::from_utf8_lossy(kv.key());
+                let record = serde_json::from_slice(kv.value()).map_err(|e| self.bad_value(kv.key(), "a kiln rollout record")(e.into()))?;
+                out.insert(key.trim_start_matches(ROLLOUTS_PREFIX).to_string(), record);
+            }
+            Ok(out)
+        })
+    }
+
+    fn set_rollout(&self, pool: &str, record: &kiln_core::pool::RolloutRecord) -> StoreFuture<'_, ()> {
+        let key = format!("{ROLLOUTS_PREFIX}{pool}");
+        let value = serde_json::to_vec(record).expect("a rollout record serialises");
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            client.put(key, value, None).await.map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
     fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
         Box::pin(self.read_tokens())
     }
@@ -820,6 +847,7 @@ mod tests {
             metrics: None,
             pool: None,
             host: None,
+            out_of_date: None,
             subnet: "10.244.1.0/24".parse().ok(),
             public_ip: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))),
             vtep_mac: "0e:11:22:33:44:55".parse().ok(),

@@ -246,6 +246,10 @@ pub trait Store: Send + Sync {
     fn replicas(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u32>>;
     /// Sets `pool`'s desired replicas.
     fn set_replicas(&self, pool: &str, replicas: u32) -> StoreFuture<'_, ()>;
+    /// Every pool's rollout settings (`kiln rollout pause|resume|undo`).
+    fn rollouts(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, kiln_core::pool::RolloutRecord>>;
+    /// Sets `pool`'s rollout settings.
+    fn set_rollout(&self, pool: &str, record: &kiln_core::pool::RolloutRecord) -> StoreFuture<'_, ()>;
     /// Every join token, as last written.
     fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>>;
     /// The join token `id`, read now (on etcd: a get of its key).

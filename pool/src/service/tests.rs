@@ -17,6 +17,7 @@ use crate::fleet::Networks;
 struct Memory {
     replicas: Mutex<BTreeMap<String, u32>>,
     registered: Mutex<Vec<Registered>>,
+    rollouts: Mutex<BTreeMap<String, RolloutRecord>>,
     deregistered: Mutex<Vec<NodeId>>,
     /// What each metrics target answers; others fail.
     metrics: Mutex<BTreeMap<String, String>>,
@@ -45,6 +46,13 @@ impl ControlPlane for Arc<Memory> {
         self.replicas.lock().unwrap().insert(pool.to_string(), replicas);
         Ok(())
     }
+    async fn rollouts(&self) -> Result<BTreeMap<String, RolloutRecord>, Closed> {
+        Ok(self.rollouts.lock().unwrap().clone())
+    }
+    async fn set_rollout(&self, pool: &str, record: &RolloutRecord) -> Result<(), Closed> {
+        self.rollouts.lock().unwrap().insert(pool.to_string(), record.clone());
+        Ok(())
+    }
     async fn scrape(&self, target: &str) -> Result<String, Closed> {
         self.metrics.lock().unwrap().get(target).cloned().ok_or(Closed)
     }
@@ -54,14 +62,17 @@ impl ControlPlane for Arc<Memory> {
 struct Tiny;
 
 impl NodeMedia for Tiny {
-    fn image(&self, name: &str) -> Option<crate::fleet::ServedImage> {
+    fn image(&self, name: &str, _digest: Option<&kiln_core::Digest>) -> Option<crate::fleet::ServedImage> {
         (name == "tiny").then(|| crate::fleet::ServedImage { name: name.into(), digest: kiln_core::Digest::of(b"tiny"), qcow2: None })
     }
     fn served(&self) -> Vec<String> {
         vec!["tiny".into()]
     }
-    fn seed(&self, _pool: &Pool, _node: &NodeId) -> Result<Vec<u8>, crate::reconcile::Cause> {
+    fn seed(&self, _pool: &Pool, _node: &NodeId, _image: &kiln_core::Digest) -> Result<Vec<u8>, crate::reconcile::Cause> {
         Ok(Vec::new())
+    }
+    fn generations(&self, name: &str) -> Vec<kiln_core::Digest> {
+        self.image(name, None).map(|i| i.digest).into_iter().collect()
     }
 }
 
@@ -176,5 +187,111 @@ async fn the_autoscaler_counts_only_ready_nodes() {
     control.registered.lock().unwrap()[1].ready = true;
     until(&handle, "a scale up", |s| s.pools[0].desired == 3).await;
     assert_eq!(control.replicas.lock().unwrap().get("auto"), Some(&3));
+    handle.stop().await;
+}
+
+/// The network image `tiny`, whose generations (newest first) a test changes.
+#[derive(Clone, Default)]
+struct Rebuilt(Arc<Mutex<Vec<kiln_core::Digest>>>);
+
+impl NodeMedia for Rebuilt {
+    fn image(&self, name: &str, digest: Option<&kiln_core::Digest>) -> Option<crate::fleet::ServedImage> {
+        let gens = self.0.lock().unwrap();
+        let digest = match digest {
+            Some(d) => *gens.iter().find(|g| *g == d)?,
+            None => *gens.first()?,
+        };
+        (name == "tiny").then(|| crate::fleet::ServedImage { name: name.into(), digest, qcow2: None })
+    }
+    fn served(&self) -> Vec<String> {
+        vec!["tiny".into()]
+    }
+    fn seed(&self, _pool: &Pool, _node: &NodeId, _image: &kiln_core::Digest) -> Result<Vec<u8>, crate::reconcile::Cause> {
+        Ok(Vec::new())
+    }
+    fn generations(&self, name: &str) -> Vec<kiln_core::Digest> {
+        if name == "tiny" { self.0.lock().unwrap().clone() } else { Vec::new() }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_generation_rolls_the_pool_and_pause_and_undo_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let _host = crate::TEST_DEFAULT_HOST.lock().unwrap_or_else(|e| e.into_inner());
+    pool_dir(dir.path(), "roll", "tiny", "network");
+    let file = dir.path().join("roll.toml");
+    std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("replicas = 1", "replicas = 3")).unwrap();
+    let (one, two, three) = (kiln_core::Digest::of("one"), kiln_core::Digest::of("two"), kiln_core::Digest::of("three"));
+    let media = Rebuilt::default();
+    media.0.lock().unwrap().push(one);
+    let d = dir.path().to_path_buf();
+    let m = media.clone();
+    let fleet = tokio::task::spawn_blocking(move || Fleet::load(&d, "/kiln-unit", &Networks::default(), m)).await.unwrap().unwrap();
+    let control = Arc::new(Memory::default());
+    let handle = start(fleet, control.clone(), config()).await.unwrap();
+
+    // Every node defined registers, Ready, a moment later.
+    let registrar = {
+        let (handle, control) = (handle.clone(), control.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let members: Vec<NodeId> = handle.watch().borrow().members.values().cloned().collect();
+                *control.registered.lock().unwrap() =
+                    members.into_iter().map(|node| Registered { node, metrics: None, ready: true }).collect();
+            }
+        })
+    };
+    let pool = |s: &Status| s.pools[0].clone();
+    let on = |target: kiln_core::Digest| {
+        move |s: &Status| {
+            let p = &s.pools[0];
+            p.target == Some(target) && p.up_to_date == 3 && p.out_of_date == 0 && p.ready == 3 && defined(s, "roll") == 3
+        }
+    };
+    until(&handle, "three Ready nodes of the first generation", on(one)).await;
+
+    // A new generation: the pool rolls to it, never above 4 nodes nor below 3 Ready.
+    let mut rx = handle.watch();
+    media.0.lock().unwrap().insert(0, two);
+    let watcher = tokio::spawn(async move {
+        let mut worst = (0, u32::MAX);
+        while rx.changed().await.is_ok() {
+            let s = rx.borrow_and_update().clone();
+            worst = (worst.0.max(defined(&s, "roll")), worst.1.min(s.pools[0].ready));
+            if on(two)(&s) {
+                return worst;
+            }
+        }
+        worst
+    });
+    let (most, fewest_ready) = tokio::time::timeout(Duration::from_secs(30), watcher).await.expect("the rollout ends").unwrap();
+    assert!(most <= 4, "max-surge 1: at most 4 nodes, saw {most}");
+    assert!(fewest_ready >= 3, "max-unavailable 0: never below 3 Ready, saw {fewest_ready}");
+    assert_eq!(pool(&handle.watch().borrow()).rollout.min_ready_seen, Some(3));
+
+    // Undo goes back to the previous generation, and is stored.
+    let s = handle.rollout("roll", RolloutAction::Undo).await.unwrap();
+    assert_eq!(s.target, Some(one));
+    assert_eq!(s.rollout.undone_to, Some(one));
+    assert_eq!(control.rollouts.lock().unwrap()["roll"].pin, Some(Pin { image: one, while_current: two }));
+    until(&handle, "back on the first generation", on(one)).await;
+    let e = handle.rollout("roll", RolloutAction::Undo).await.unwrap_err();
+    assert!(e.to_string().contains("keeps no generation older than"), "{e}");
+
+    // Paused, a new generation waits; resumed, the pool rolls to it (the pin no longer holds).
+    handle.rollout("roll", RolloutAction::Pause).await.unwrap();
+    media.0.lock().unwrap().insert(0, three);
+    let s = until(&handle, "three out of date, paused", |s| s.pools[0].out_of_date == 3 && s.pools[0].target == Some(three)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool(&handle.watch().borrow()).out_of_date, 3, "nothing replaced while paused: {:?}", s.pools[0]);
+    assert!(control.rollouts.lock().unwrap()["roll"].paused);
+    handle.rollout("roll", RolloutAction::Resume).await.unwrap();
+    until(&handle, "on the third generation", on(three)).await;
+
+    assert!(matches!(handle.rollout("nope", RolloutAction::Pause).await, Err(RolloutError::NoPool(_))));
+    registrar.abort();
+    handle.scale("roll", 0).await.unwrap();
+    until(&handle, "no node left", |s| defined(s, "roll") == 0).await;
     handle.stop().await;
 }
