@@ -465,6 +465,141 @@ fn disk_pool_of_the_golden_image_scales_on_a_real_libvirtd() {
     drop(server);
 }
 
+/// A rolling replacement on the lab's libvirtd, as a user runs one: a disk
+/// pool of three golden nodes (`[rollout]` max-surge 1, max-unavailable
+/// 0); the image is rebuilt with another agent while `kiln serve` runs; the
+/// pool rolls to the new generation, each new node Ready before an old one
+/// goes. A sampler reads the Ready nodes every second: never fewer than
+/// three. `kiln serve` is SIGKILLed after the first replacement and
+/// restarted: the rollout finishes. At the end every node runs the new
+/// generation, and no overlay or golden volume of the old one is left.
+/// Then `kiln rollout undo` goes back to the previous generation, the
+/// same way.
+#[test]
+fn disk_pool_rolls_to_a_rebuilt_image_through_a_restart_and_back() {
+    if kiln_tests::skip_e2e() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    let state = tmp.path().join("state");
+    let build = |agent: Option<&Path>| {
+        let mut cmd = kiln_tests::golden::build_command(&kiln_tests::golden::worker_spec(), &images, None, agent);
+        let out = cmd.arg("--state").arg(&state).output().expect("kiln build runs");
+        assert!(out.status.success(), "kiln build images/worker.toml: {}", tail(&String::from_utf8_lossy(&out.stderr), 20));
+        let m: kiln_core::Manifest = serde_json::from_slice(&std::fs::read(images.join("worker/manifest.json")).unwrap()).unwrap();
+        m.digest
+    };
+    let one = build(None);
+
+    let _vm = kiln_tests::vm_lock();
+    let lab = kiln_tests::libvirt::Lab::up(&format!("kr{}", std::process::id() % 100_000), 8080);
+    let dir = tmp.path().join("pools");
+    let text = "image = \"worker\"\nvcpus = 1\nmemory-mib = 1024\nboot = \"disk\"\nmin = 0\nmax = 4\nreplicas = 3\n\
+                [rollout]\nmax-surge = 1\nmax-unavailable = 0\n";
+    pool_file(&dir, "worker", &format!("hosts = [\"{}\"]\n{text}", lab.uri));
+    let k = PoolServer::on_kiln_network(&lab, &images, &state);
+    let mut server = k.serve(&dir, &[]);
+    let pool = |k: &PoolServer| -> Option<kiln_core::PoolStatus> {
+        let (ok, out) = k.cli(&["pools", "--json"]);
+        ok.then(|| serde_json::from_str::<Vec<kiln_core::PoolStatus>>(&out).ok()?.into_iter().next())?
+    };
+    let settled = |k: &PoolServer, target: kiln_core::Digest| {
+        let p = pool(k)?;
+        let nodes = worker_nodes(k);
+        let on_target = nodes.iter().filter(|n| n.image_digest == target.to_string() && n.out_of_date == Some(false)).count();
+        (p.target == Some(target) && p.out_of_date == 0 && p.ready == 3 && on_target == 3 && k.domains("worker") == 3).then_some(())
+    };
+    let up = wait_for(Duration::from_secs(420), || settled(&k, one));
+    assert!(up.is_some(), "three nodes of the first generation: {:?}\n{}", pool(&k), tail(&server.log(), 30));
+    let golden_of = |d: kiln_core::Digest| format!("golden-worker-{}.qcow2", &d.hex()[..16]);
+    assert!(storage(&lab).contains(&golden_of(one)), "{:?}", storage(&lab));
+
+    // Every second: how many of the pool's nodes are Ready (when the API answers).
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<(f64, usize)>::new()));
+    let sampler = {
+        let (stop, samples, api, state) = (stop.clone(), samples.clone(), k.api.clone(), state.clone());
+        let command = lab.command(&binaries().kiln);
+        let program = command.get_program().to_owned();
+        let prefix: Vec<std::ffi::OsString> = command.get_args().map(|a| a.to_owned()).collect();
+        let start = std::time::Instant::now();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let out = Command::new(&program).args(&prefix).args(["nodes", "--json", "--server", &api]).arg("--state").arg(&state).output();
+                let nodes = out.ok().filter(|o| o.status.success()).and_then(|o| serde_json::from_slice::<Vec<kiln_core::Node>>(&o.stdout).ok());
+                if let Some(nodes) = nodes {
+                    let ready = nodes.iter().filter(|n| n.pool.as_deref() == Some("worker") && n.state == Some(kiln_core::NodeState::Ready)).count();
+                    samples.lock().unwrap().push((start.elapsed().as_secs_f64(), ready));
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+
+    // A rebuild with another agent, under the running server.
+    let agent = tmp.path().join("kiln-agent");
+    let mut bytes = std::fs::read(&binaries().agent).unwrap();
+    bytes.extend_from_slice(b"kiln-rollout-test");
+    std::fs::write(&agent, bytes).unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let two = build(Some(&agent));
+    assert_ne!(two, one);
+    let start = std::time::Instant::now();
+    let marked = wait_for(Duration::from_secs(30), || {
+        let table = k.cli_ok(&["nodes"]);
+        (table.matches("(out of date)").count() == 3).then_some(table)
+    });
+    assert!(marked.is_some(), "kiln nodes marks the three nodes out of date: {}", k.cli_ok(&["nodes"]));
+
+    // SIGKILL after the first replacement; the restarted server finishes the rollout.
+    let first = wait_for(Duration::from_secs(400), || pool(&k).filter(|p| p.up_to_date >= 1 && p.out_of_date <= 2 && p.ready >= 3));
+    assert!(first.is_some(), "no first replacement: {:?}\n{}", pool(&k), tail(&server.log(), 30));
+    server.process.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5)).expect("kiln serve dies on SIGKILL");
+    let server = k.serve(&dir, &[]);
+    let done = wait_for(Duration::from_secs(900), || settled(&k, two));
+    let took = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert!(done.is_some(), "the rollout did not finish after the restart: {:?}\n{}", pool(&k), tail(&server.log(), 40));
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
+    let fewest = samples.iter().map(|s| s.1).min().unwrap_or(0);
+    assert!(samples.len() > 30, "sampled every second: {} samples", samples.len());
+    assert!(fewest >= 3, "never fewer than 3 Ready nodes: {samples:?}");
+    eprintln!(
+        "rollout of 3 golden disk nodes under TCG: {:.1} s from the rebuild to all 3 Ready on the new generation, through a SIGKILL of kiln serve; fewest Ready seen {fewest} ({} samples, 1 s apart)",
+        took.as_secs_f64(),
+        samples.len()
+    );
+    let (ok, status) = k.cli(&["rollout", "status", "worker"]);
+    assert!(ok && status.contains("complete"), "kiln rollout status: {status}");
+    let old_golden = wait_for(Duration::from_secs(30), || (!storage(&lab).contains(&golden_of(one))).then_some(()));
+    assert!(old_golden.is_some(), "the old golden volume is removed: {:?}", storage(&lab));
+    let overlays: Vec<String> = storage(&lab).into_iter().filter(|n| n.starts_with("kiln-worker-") && n.ends_with(".qcow2")).collect();
+    let names: Vec<String> = worker_nodes(&k).iter().map(|n| format!("{}.qcow2", n.name)).collect();
+    assert_eq!(overlays, names, "only the new nodes' overlays are left");
+    for name in ["kiln-worker-0", "kiln-worker-1", "kiln-worker-2"] {
+        assert!(!names.contains(&format!("{name}.qcow2")), "{name}, of the first generation, is gone: {names:?}");
+    }
+
+    // Undo: back to the first generation, still kept.
+    let out = k.cli_ok(&["rollout", "undo", "worker"]);
+    assert!(out.contains("undone to the previous generation"), "{out}");
+    let back = wait_for(Duration::from_secs(900), || settled(&k, one));
+    assert!(back.is_some(), "the undo did not finish: {:?}\n{}", pool(&k), tail(&server.log(), 40));
+    let (ok, status) = k.cli(&["rollout", "status", "worker", "--json"]);
+    let status: kiln_core::PoolStatus = serde_json::from_str(&status).unwrap();
+    assert!(ok && status.rollout.undone_to == Some(one), "{status:?}");
+    assert!(status.rollout.min_ready_seen.is_some_and(|m| m >= 3), "{status:?}");
+    let old_golden = wait_for(Duration::from_secs(30), || (!storage(&lab).contains(&golden_of(two))).then_some(()));
+    assert!(old_golden.is_some(), "the second generation's golden volume is removed: {:?}", storage(&lab));
+
+    k.cli_ok(&["scale", "worker", "0"]);
+    let down = wait_for(Duration::from_secs(120), || (k.domains("worker") == 0 && k.registered("worker").is_empty()).then_some(()));
+    assert!(down.is_some(), "the pool did not scale to 0: {}", lab.virsh(&["list", "--all"]));
+    drop(server);
+}
+
 /// The worker pool's registered nodes, by name.
 fn worker_nodes(k: &PoolServer) -> Vec<kiln_core::Node> {
     let mut nodes: Vec<kiln_core::Node> = k.nodes().into_iter().filter(|n| n.pool.as_deref() == Some("worker")).collect();
