@@ -12,8 +12,11 @@
 //!    busybox, kiln-agent and the libraries it links, the kernel modules the
 //!    spec names with what `modules.dep` says they need, and an init script.
 //! 4. **write**: artifacts and `manifest.json` go into a temporary directory
-//!    beside the output, which is then swapped in with one atomic rename: a
-//!    build killed at any point leaves the previous image and the cache whole.
+//!    beside the output, which becomes a generation of the image
+//!    (`OUT/.generations/<name>/<hex digest>/`); the link `OUT/<name>` is
+//!    then pointed at it with one atomic rename (`swap_in`): a build
+//!    killed at any point leaves the previous image and the cache whole, and
+//!    a server reading the previous generation keeps reading it.
 //!
 //! A worker spec (`[base]`, e.g. `images/worker.toml`) takes the other road,
 //! [`worker`]: a cached Debian base tree ([`base`]), kiln's layers on a

@@ -21,7 +21,11 @@
 //! `virt` crate; tests use libvirt's in-process `test:///default` driver).
 //! [`plan()`] is the reconciler's brain, a pure function: desired replicas
 //! and what the hosts have → the actions that make them match, so it is
-//! tested without any hypervisor and is idempotent by construction.
+//! tested without any hypervisor and is idempotent by construction. The
+//! same plan rolls a pool to its image's current generation (`[rollout]`:
+//! max-surge, max-unavailable): each domain's metadata records the
+//! generation it was made from, so a rollout, like scaling, is read back
+//! from the hosts and survives a restart of the server.
 //!
 //! Dependencies, and why each is here:
 //! - `kiln-core`: [`kiln_core::Mac`], the MAC type the rest of kiln matches nodes by.
