@@ -276,7 +276,8 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
                 let (now, grace) = (time::OffsetDateTime::now_utc(), api.registry.lifecycle().grace);
                 json_array(JsonPages::new(api, page, move |mut n: kiln_core::Node| {
                     n.host = hosts.get(&n.name).cloned();
-                    n.out_of_date = n.pool.as_ref().and_then(|p| targets.get(p)).map(|t| n.image_digest.parse::<kiln_core::Digest>().ok() != Some(*t));
+                    n.out_of_date =
+                        n.pool.as_ref().and_then(|p| targets.get(p)).map(|t| n.image_digest.parse::<kiln_core::Digest>().ok() != Some(*t));
                     n.state = Some(n.state_at(now, grace));
                     Some(n)
                 }))

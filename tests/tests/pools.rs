@@ -526,10 +526,15 @@ fn disk_pool_rolls_to_a_rebuilt_image_through_a_restart_and_back() {
         let start = std::time::Instant::now();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let out = Command::new(&program).args(&prefix).args(["nodes", "--json", "--server", &api]).arg("--state").arg(&state).output();
-                let nodes = out.ok().filter(|o| o.status.success()).and_then(|o| serde_json::from_slice::<Vec<kiln_core::Node>>(&o.stdout).ok());
+                let out =
+                    Command::new(&program).args(&prefix).args(["nodes", "--json", "--server", &api]).arg("--state").arg(&state).output();
+                let nodes =
+                    out.ok().filter(|o| o.status.success()).and_then(|o| serde_json::from_slice::<Vec<kiln_core::Node>>(&o.stdout).ok());
                 if let Some(nodes) = nodes {
-                    let ready = nodes.iter().filter(|n| n.pool.as_deref() == Some("worker") && n.state == Some(kiln_core::NodeState::Ready)).count();
+                    let ready = nodes
+                        .iter()
+                        .filter(|n| n.pool.as_deref() == Some("worker") && n.state == Some(kiln_core::NodeState::Ready))
+                        .count();
                     samples.lock().unwrap().push((start.elapsed().as_secs_f64(), ready));
                 }
                 std::thread::sleep(Duration::from_secs(1));
