@@ -507,7 +507,7 @@ fn disk_pool_rolls_to_a_rebuilt_image_through_a_restart_and_back() {
     let settled = |k: &PoolServer, target: kiln_core::Digest| {
         let p = pool(k)?;
         let nodes = worker_nodes(k);
-        let on_target = nodes.iter().filter(|n| n.image_digest == target.to_string() && n.out_of_date == Some(false)).count();
+        let on_target = nodes.iter().filter(|n| n.image_digest == target && n.out_of_date == Some(false)).count();
         (p.target == Some(target) && p.out_of_date == 0 && p.ready == 3 && on_target == 3 && k.domains("worker") == 3).then_some(())
     };
     let up = wait_for(Duration::from_secs(420), || settled(&k, one));
