@@ -338,7 +338,7 @@ impl Builder {
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
         let mut all = files;
         all.push((MANIFEST_FILE, &json));
-        install_dir(out, &inputs.spec.name, &all, self.keep_generations)?;
+        install_dir(out, &inputs.spec.name, &manifest.digest, &all, self.keep_generations)?;
         Ok(Outcome::built(manifest, dir, progress))
     }
 
@@ -480,7 +480,7 @@ fn up_to_date(dir: &Path, key: &str) -> Option<Manifest> {
 /// rename when there was none), and removes the old one. Files are not
 /// fsynced here: a torn artifact after a crash fails its sha256 check, and
 /// the next build makes it again.
-fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])], keep: usize) -> Result<(), Error> {
+fn install_dir(out: &Path, name: &str, digest: &kiln_core::Digest, files: &[(&str, &[u8])], keep: usize) -> Result<(), Error> {
     apt::create_dir(out)?;
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.tmp-"))
@@ -491,11 +491,12 @@ fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])], keep: usize) -> 
         let mut f = std::fs::File::create(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|source| Error::Io { path: path.clone(), source })?;
     }
-    swap_in(out, name, tmp, keep)
+    swap_in(out, name, digest, tmp, keep)
 }
 
 /// Makes the staged directory `tmp` (under `out`, every file and the
-/// manifest written) a generation of image `name`, and the current one:
+/// manifest of `digest` written) a generation of image `name`, and the
+/// current one:
 ///
 /// 1. `tmp` is renamed to `out/.generations/<name>/<hex digest>/` (over an
 ///    earlier generation of the same digest, which has the same bytes, with
@@ -513,16 +514,13 @@ fn install_dir(out: &Path, name: &str, files: &[(&str, &[u8])], keep: usize) -> 
 /// from its own directory until it is removed. Files are not fsynced here: a
 /// torn artifact after a crash fails its sha256 check, and the next build
 /// makes it again.
-pub(crate) fn swap_in(out: &Path, name: &str, tmp: tempfile::TempDir, keep: usize) -> Result<(), Error> {
+pub(crate) fn swap_in(out: &Path, name: &str, digest: &kiln_core::Digest, tmp: tempfile::TempDir, keep: usize) -> Result<(), Error> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source: std::io::Error| Error::Io { path, source }
     };
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(io(tmp.path()))?;
-    let hex = generation_digest(tmp.path()).ok_or_else(|| Error::Io {
-        path: tmp.path().join(MANIFEST_FILE),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the staged manifest cannot be read back"),
-    })?;
+    let hex = digest.hex();
     let generations = kiln_core::manifest::generations_of(out, name);
     std::fs::create_dir_all(&generations).map_err(io(&generations))?;
     let dest = generations.join(&hex);
@@ -556,7 +554,8 @@ pub(crate) fn swap_in(out: &Path, name: &str, tmp: tempfile::TempDir, keep: usiz
     prune_generations(&generations, &hex, keep)
 }
 
-/// The hex digest named by the manifest in `dir`, if it can be read.
+/// The hex digest named by the manifest in `dir` (an image directory an
+/// older kiln wrote), if it can be read.
 fn generation_digest(dir: &Path) -> Option<String> {
     let bytes = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
     let manifest: Manifest = serde_json::from_slice(&bytes).ok()?;
@@ -728,7 +727,7 @@ mod tests {
         let mut made = vec![legacy_hex];
         for bytes in [b"one".as_slice(), b"two", b"three"] {
             let (tmp, hex) = stage(&out, "tiny", bytes);
-            swap_in(&out, "tiny", tmp, 3).unwrap();
+            swap_in(&out, "tiny", &kiln_core::Digest::from_hex(&hex).unwrap(), tmp, 3).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(20));
             made.push(hex.clone());
             let link = std::fs::read_link(out.join("tiny")).unwrap();
@@ -743,13 +742,13 @@ mod tests {
         // The same bytes again: the link moves back, nothing is added.
         let (tmp, hex) = stage(&out, "tiny", b"one");
         assert_eq!(hex, made[1]);
-        swap_in(&out, "tiny", tmp, 3).unwrap();
+        swap_in(&out, "tiny", &kiln_core::Digest::from_hex(&hex).unwrap(), tmp, 3).unwrap();
         assert_eq!(std::fs::read_link(out.join("tiny")).unwrap(), Path::new(".generations/tiny").join(&hex));
         assert_eq!(entries(&generations), kept);
 
         // keep = 1: only the current one stays.
         let (tmp, hex) = stage(&out, "tiny", b"four");
-        swap_in(&out, "tiny", tmp, 1).unwrap();
+        swap_in(&out, "tiny", &kiln_core::Digest::from_hex(&hex).unwrap(), tmp, 1).unwrap();
         assert_eq!(entries(&generations), [hex]);
     }
 

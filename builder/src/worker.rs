@@ -77,7 +77,7 @@ pub fn build(
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     let mpath = paths.staging.join(MANIFEST_FILE);
     std::fs::write(&mpath, json).map_err(|source| Error::Io { path: mpath, source })?;
-    crate::swap_in(out, &spec.name, staging.take()?, builder.keep_generations)?;
+    crate::swap_in(out, &spec.name, &manifest.digest, staging.take()?, builder.keep_generations)?;
     drop(work);
     Ok(Outcome::built(manifest, dir, progress))
 }
