@@ -299,11 +299,6 @@ impl ImageStore {
     pub fn file(&self, name: &str, file: &str) -> Option<Served> {
         served(&self.images.get(name)?.current, file)
     }
-
-    /// `file` of the generation of image `name` whose digest's hex is `hex`.
-    pub fn file_of(&self, name: &str, hex: &str, file: &str) -> Option<Served> {
-        served(self.images.get(name)?.generation(hex)?, file)
-    }
 }
 
 /// `file` of `generation`, only if its manifest lists it (or it is the
@@ -501,7 +496,8 @@ pub(crate) mod tests {
         // A snapshot taken before still names the old generation's files.
         let Source::File(path) = before.file("tiny", "vmlinuz").unwrap().source else { panic!("a file") };
         assert_eq!(std::fs::read(path).unwrap(), b"kernel one");
-        assert_eq!(now.file_of("tiny", &one.digest.hex(), "vmlinuz").unwrap().sha256, one.artifact("vmlinuz").unwrap().sha256);
+        let kept = now.image("tiny").unwrap().generation(&one.digest.hex()).unwrap();
+        assert_eq!(served(kept, "vmlinuz").unwrap().sha256, one.artifact("vmlinuz").unwrap().sha256);
 
         // A generation that does not load leaves the snapshot in place.
         let staged = dir.path().join(".generations/tiny/broken");
