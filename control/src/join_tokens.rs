@@ -207,9 +207,14 @@ impl JoinTokens {
     /// (from 2 s to a year; [`MINTED_TTL`] is the default) from its
     /// window's start. Returns `ID.SECRET`.
     pub async fn mint_for_mac(&self, mac: Mac, ttl: Duration) -> Result<String, Error> {
+        self.mint_for_mac_at(mac, ttl, OffsetDateTime::now_utc()).await
+    }
+
+    /// [`Self::mint_for_mac`] as at `now`, which picks the window: tests
+    /// hold it still so that a window's end cannot fall inside them.
+    pub(crate) async fn mint_for_mac_at(&self, mac: Mac, ttl: Duration, now: OffsetDateTime) -> Result<String, Error> {
         let ttl = ttl.clamp(Duration::from_secs(2), Duration::from_secs(TTL_MAX_SECS));
         let half = ttl.as_secs() / 2;
-        let now = OffsetDateTime::now_utc();
         let window = u64::try_from(now.unix_timestamp()).unwrap_or_default() / half;
         let start = OffsetDateTime::from_unix_timestamp(i64::try_from(window * half).unwrap_or_default()).unwrap_or(now);
         for n in 0..MINTED_PER_WINDOW {

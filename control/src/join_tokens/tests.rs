@@ -153,12 +153,14 @@ pub(crate) async fn at_once(a: Arc<JoinTokens>, b: Arc<JoinTokens>) {
 /// the seed of one boot carry the same), then the next; other MACs' and
 /// operators' tokens are others.
 pub(crate) async fn minting_is_stable_until_used(tokens: &JoinTokens) {
+    // One window throughout, wherever the clock is when the test runs.
+    let now = OffsetDateTime::now_utc();
     let (operator, _) = tokens.create(&request(None, None), Some(mac(3))).await.unwrap();
-    let first = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
-    let other = tokens.mint_for_mac(mac(4), MINTED_TTL).await.unwrap();
+    let first = tokens.mint_for_mac_at(mac(3), MINTED_TTL, now).await.unwrap();
+    let other = tokens.mint_for_mac_at(mac(4), MINTED_TTL, now).await.unwrap();
     assert_ne!(first, other, "each MAC its own");
     for _ in 0..20 {
-        assert_eq!(tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap(), first, "the same token while unused");
+        assert_eq!(tokens.mint_for_mac_at(mac(3), MINTED_TTL, now).await.unwrap(), first, "the same token while unused");
     }
     let listed = tokens.list().await.unwrap();
     let bound: Vec<_> = listed.iter().filter(|i| i.mac == Some(mac(3))).collect();
@@ -170,18 +172,18 @@ pub(crate) async fn minting_is_stable_until_used(tokens: &JoinTokens) {
     assert!(matches!(consume(tokens, &first, None, &[mac(4)]).await, Err(Refused::WrongMachine { .. })));
     consume(tokens, &first, None, &[mac(3)]).await.expect("the minted token joins its machine");
     assert!(matches!(consume(tokens, &first, None, &[mac(3)]).await, Err(Refused::UsedUp(_))), "once");
-    let next = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
+    let next = tokens.mint_for_mac_at(mac(3), MINTED_TTL, now).await.unwrap();
     assert_ne!(next, first, "used, the next render gets the next token");
-    assert_eq!(tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap(), next, "and keeps it");
+    assert_eq!(tokens.mint_for_mac_at(mac(3), MINTED_TTL, now).await.unwrap(), next, "and keeps it");
     consume(tokens, &next, None, &[mac(3)]).await.expect("the next one joins");
     consume(tokens, &other, None, &[mac(4)]).await.expect("another MAC's token stays");
     consume(tokens, &operator, None, &[mac(3)]).await.expect("the operator's token for the MAC stays");
     // Every token of a window used: the MAC gets none until the next.
     for _ in 2..MINTED_PER_WINDOW {
-        let t = tokens.mint_for_mac(mac(3), MINTED_TTL).await.unwrap();
+        let t = tokens.mint_for_mac_at(mac(3), MINTED_TTL, now).await.unwrap();
         consume(tokens, &t, None, &[mac(3)]).await.unwrap();
     }
-    assert!(matches!(tokens.mint_for_mac(mac(3), MINTED_TTL).await, Err(Error::MintedOut(m)) if m == mac(3)));
+    assert!(matches!(tokens.mint_for_mac_at(mac(3), MINTED_TTL, now).await, Err(Error::MintedOut(m)) if m == mac(3)));
 }
 
 /// A server restarted draws a new key: the tokens it minted before still join.
