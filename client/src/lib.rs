@@ -353,12 +353,17 @@ impl Client {
         json("POST /api/v1/nodes/NAME/leave", url, builder).await
     }
 
-    /// `GET /api/v1/peers?revision=N&timeout=S`, the peers watch (a node
-    /// token): answers once the registry's revision passes `revision`, or
-    /// after `wait` with the peers as they are. The request's limit is
-    /// `wait` plus 10 s.
-    pub async fn peers(&self, revision: u64, wait: Duration) -> Result<Peers, Error> {
-        let path = format!("/api/v1/peers?revision={revision}&timeout={}", wait.as_secs());
+    /// `GET /api/v1/peers?revision=N&epoch=E&timeout=S`, the peers watch
+    /// (a node's call): answers once the registry's revision passes
+    /// `revision`, or after `wait`. With `since` (the epoch and revision of
+    /// the last answer) the answer is the changes since then, unless the
+    /// server sends the whole list ([`Peers::delta`]); without, the whole
+    /// list. The request's limit is `wait` plus 10 s.
+    pub async fn peers(&self, since: Option<(u64, u64)>, wait: Duration) -> Result<Peers, Error> {
+        let path = match since {
+            Some((epoch, revision)) => format!("/api/v1/peers?revision={revision}&epoch={epoch}&timeout={}", wait.as_secs()),
+            None => format!("/api/v1/peers?revision=0&timeout={}", wait.as_secs()),
+        };
         let (url, builder) = self.request(Method::GET, &path);
         json("GET /api/v1/peers", url, builder.timeout(wait + Duration::from_secs(10))).await
     }

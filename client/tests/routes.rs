@@ -27,7 +27,8 @@ async fn serve() -> SocketAddr {
     let peers = warp::path!("api" / "v1" / "peers").and(warp::query::<std::collections::BTreeMap<String, String>>()).map(
         |q: std::collections::BTreeMap<String, String>| {
             let revision: u64 = q["revision"].parse().unwrap();
-            warp::reply::json(&serde_json::json!({"revision": revision + 1, "peers": []}))
+            let epoch: u64 = q["epoch"].parse().unwrap();
+            warp::reply::json(&serde_json::json!({"revision": revision + 1, "epoch": epoch, "delta": true, "peers": []}))
         },
     );
     let boot =
@@ -58,8 +59,8 @@ async fn typed_answers_token_and_host() {
     let hb = client.with_token("node-token").heartbeat().await.unwrap();
     assert_eq!((hb.name.as_str(), hb.heartbeat_interval_secs), ("n1", 7));
 
-    let peers = client.peers(41, Duration::from_secs(1)).await.unwrap();
-    assert_eq!(peers.revision, 42, "the revision is sent as the query");
+    let peers = client.peers(Some((7, 41)), Duration::from_secs(1)).await.unwrap();
+    assert_eq!((peers.epoch, peers.revision, peers.delta), (7, 42, true), "the epoch and revision are sent as the query");
 
     let script = client.boot_ipxe().await.unwrap();
     assert!(script.contains("chain http://10.0.2.2:8080/ipxe"), "the Host header is the one given: {script}");

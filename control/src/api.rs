@@ -7,7 +7,7 @@
 //! | `POST /api/v1/nodes/<name>/heartbeat` | that node (another node: 403) | [`HeartbeatResponse`] |
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | that node (another node: 403) | the node, gone; its lease released |
 //! | `POST /api/v1/nodes/<name>/renew` | that node's certificate | [`kiln_core::NodeCertificate`] for the same key ([`kiln_core::RenewRequest`]) |
-//! | `GET /api/v1/peers?revision=N&timeout=S` | node | long poll: [`kiln_core::Peers`] once the revision passes N |
+//! | `GET /api/v1/peers?revision=N&epoch=E&timeout=S` | node | long poll: [`kiln_core::Peers`] once the revision passes N: the changes since N under epoch E, else the whole list |
 //! | `GET /api/v1/nodes?after=NAME&limit=N` | operator | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
 //! | `GET /api/v1/sd` | operator, or the SD token (`STATE/sd-token`) | Prometheus HTTP service discovery: one target group per node (streamed) |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
@@ -255,7 +255,7 @@ async fn peers(api: &Api, caller: &Caller, q: PeersQuery) -> Response {
         return denied.into_response();
     }
     let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
-    let json = api.registry.watch_peers_json(q.revision.unwrap_or(0), timeout).await;
+    let json = api.registry.watch_peers_json(q.revision.unwrap_or(0), q.epoch, timeout).await;
     let mut resp = Response::new(json.into());
     resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/json"));
     resp
@@ -695,10 +695,11 @@ async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crat
     }
 }
 
-/// `?revision=N&timeout=S` of the peers watch.
+/// `?revision=N&epoch=E&timeout=S` of the peers watch.
 #[derive(Debug, serde::Deserialize)]
 struct PeersQuery {
     revision: Option<u64>,
+    epoch: Option<u64>,
     timeout: Option<u64>,
 }
 

@@ -21,6 +21,8 @@ use time::OffsetDateTime;
 use crate::store::{self, Change, NodeRecord, Renewal, Store};
 use crate::token;
 
+mod peer_log;
+
 /// Seconds between heartbeats that the registry asks agents for.
 pub const HEARTBEAT_INTERVAL_SECS: u64 = 10;
 
@@ -161,12 +163,25 @@ pub enum KeyCheck {
     OtherKey,
 }
 
-/// What the registry holds in memory.
-#[derive(Default)]
+/// What the registry holds in memory, indexed so that a registration, a
+/// heartbeat or a lease change costs the same whatever the cluster's size.
 struct State {
     nodes: BTreeMap<String, NodeRecord>,
     /// Token hash → node name.
     tokens: HashMap<String, String>,
+    /// Machine id, lower-case → node name.
+    by_machine: HashMap<String, String>,
+    /// Subnet → the node that holds it.
+    by_subnet: HashMap<Ipv4Cidr, String>,
+    /// Nodes waiting for approval.
+    pending: usize,
+    /// Every subnet index below this one is held by a node or a foreign
+    /// lease: where the search for a free subnet starts.
+    free_from: u64,
+    /// The pod network and subnet length, to index subnets.
+    network: NetworkConfig,
+    /// What changed for the peers watch.
+    log: peer_log::PeerLog,
     /// Registrations being written: name → (machine id, subnet, public
     /// IP of a lease). Their names, subnets and public IPs are taken for
     /// everyone else meanwhile.
@@ -181,21 +196,77 @@ struct State {
 }
 
 impl State {
+    fn new(network: NetworkConfig, revision: u64) -> Self {
+        State {
+            nodes: BTreeMap::new(),
+            tokens: HashMap::new(),
+            by_machine: HashMap::new(),
+            by_subnet: HashMap::new(),
+            pending: 0,
+            free_from: 1,
+            network,
+            log: peer_log::PeerLog::new(revision, peer_log::HISTORY),
+            in_flight: BTreeMap::new(),
+            foreign: BTreeMap::new(),
+            check: None,
+            by_public_ip: HashMap::new(),
+        }
+    }
+
+    /// Adds or replaces the record of `record.node.name`; its lease
+    /// replaces a foreign one on the same subnet.
     fn insert(&mut self, record: NodeRecord) {
-        self.remove(&record.node.name);
-        if let Some(subnet) = record.node.subnet {
-            self.foreign.remove(&subnet);
-        }
-        if let (Some(_), Some(ip)) = (record.node.subnet, record.node.public_ip) {
-            self.by_public_ip.entry(ip).or_default().push(record.node.name.clone());
-        }
-        self.tokens.insert(record.token_sha256.clone(), record.node.name.clone());
-        self.nodes.insert(record.node.name.clone(), record);
+        let old = self.nodes.get(&record.node.name).and_then(|r| r.node.subnet);
+        let touched: Vec<Ipv4Cidr> = old.into_iter().chain(record.node.subnet).collect();
+        self.logged(&touched, |st| {
+            st.unindex(&record.node.name);
+            if let Some(subnet) = record.node.subnet {
+                st.foreign.remove(&subnet);
+                st.by_subnet.insert(subnet, record.node.name.clone());
+                if let Some(ip) = record.node.public_ip {
+                    st.by_public_ip.entry(ip).or_default().push(record.node.name.clone());
+                }
+            }
+            st.by_machine.insert(record.node.machine_id.to_ascii_lowercase(), record.node.name.clone());
+            st.pending += usize::from(record.node.pending);
+            st.tokens.insert(record.token_sha256.clone(), record.node.name.clone());
+            st.nodes.insert(record.node.name.clone(), record);
+        });
     }
 
     fn remove(&mut self, name: &str) -> Option<NodeRecord> {
+        let subnet = self.nodes.get(name)?.node.subnet;
+        let mut removed = None;
+        self.logged(&Vec::from_iter(subnet), |st| removed = st.unindex(name));
+        removed
+    }
+
+    fn insert_foreign(&mut self, peer: Peer) {
+        self.logged(&[peer.subnet], |st| {
+            st.foreign.insert(peer.subnet, peer);
+        });
+    }
+
+    fn remove_foreign(&mut self, subnet: Ipv4Cidr) -> Option<Peer> {
+        let mut removed = None;
+        self.logged(&[subnet], |st| removed = st.foreign.remove(&subnet));
+        removed
+    }
+
+    /// Takes the record of `name` out of the maps and indexes (no log).
+    fn unindex(&mut self, name: &str) -> Option<NodeRecord> {
         let record = self.nodes.remove(name)?;
         self.tokens.remove(&record.token_sha256);
+        let machine = record.node.machine_id.to_ascii_lowercase();
+        if self.by_machine.get(&machine).is_some_and(|n| n == name) {
+            self.by_machine.remove(&machine);
+        }
+        self.pending -= usize::from(record.node.pending);
+        if let Some(subnet) = record.node.subnet
+            && self.by_subnet.get(&subnet).is_some_and(|n| n == name)
+        {
+            self.by_subnet.remove(&subnet);
+        }
         if let Some(ip) = record.node.public_ip
             && let Some(names) = self.by_public_ip.get_mut(&ip)
         {
@@ -205,6 +276,53 @@ impl State {
             }
         }
         Some(record)
+    }
+
+    /// Runs `change` and logs what it did to the peers at `subnets` (a
+    /// subnet freed lowers where the search for a free one starts).
+    fn logged(&mut self, subnets: &[Ipv4Cidr], change: impl FnOnce(&mut Self)) {
+        let before: Vec<Option<Peer>> = subnets.iter().map(|s| self.peer_at(*s)).collect();
+        change(self);
+        for (subnet, before) in subnets.iter().zip(before) {
+            let after = self.peer_at(*subnet);
+            if after != before {
+                self.log.push(match after {
+                    Some(peer) => peer_log::Event::Put(peer),
+                    None => peer_log::Event::Left(*subnet),
+                });
+            }
+            if !self.subnet_held(*subnet)
+                && let Some(i) = self.index_of(*subnet)
+            {
+                self.free_from = self.free_from.min(i);
+            }
+        }
+    }
+
+    /// The peer the watch lists at `subnet`: a node's complete lease, or
+    /// a foreign one with a VTEP MAC.
+    fn peer_at(&self, subnet: Ipv4Cidr) -> Option<Peer> {
+        if let Some(n) = self.by_subnet.get(&subnet).and_then(|name| self.nodes.get(name)).map(|r| &r.node) {
+            return Some(Peer { name: n.name.clone(), subnet, public_ip: n.public_ip?, vtep_mac: n.vtep_mac? });
+        }
+        self.foreign.get(&subnet).filter(|p| p.vtep_mac.0 != [0; 6]).cloned()
+    }
+
+    /// Whether a node or a foreign lease holds `subnet`.
+    fn subnet_held(&self, subnet: Ipv4Cidr) -> bool {
+        self.by_subnet.contains_key(&subnet) || self.foreign.contains_key(&subnet)
+    }
+
+    /// `subnet`'s index in the pod network, if it is one of its subnets.
+    fn index_of(&self, subnet: Ipv4Cidr) -> Option<u64> {
+        let net = self.network.network;
+        (subnet.prefix == self.network.subnet_len && net.contains(&subnet))
+            .then(|| u64::from(u32::from(subnet.addr) - u32::from(net.addr)) >> (32 - u32::from(subnet.prefix)))
+    }
+
+    /// The node of `machine_id` (any case).
+    fn by_machine(&self, machine_id: &str) -> Option<&NodeRecord> {
+        self.by_machine.get(&machine_id.to_ascii_lowercase()).and_then(|name| self.nodes.get(name))
     }
 
     fn by_token(&self, node_token: &str) -> Option<&NodeRecord> {
@@ -231,9 +349,13 @@ pub struct Registry {
     network: NetworkConfig,
     state: Mutex<State>,
     revision: tokio::sync::watch::Sender<u64>,
-    /// The peers list as JSON for one revision: a join answers every
-    /// watching agent at once, and they all get the same bytes, made once.
-    peers_json: Mutex<Option<(u64, bytes::Bytes)>>,
+    /// Names this run's revisions ([`Peers::epoch`]): random at each start.
+    epoch: u64,
+    /// The peers watch's answers as JSON at one revision, by the revision
+    /// they answer from (`u64::MAX`: the whole list): a join answers every
+    /// watching agent at once, and those at the same revision all get the
+    /// same bytes, made once.
+    peers_json: Mutex<(u64, HashMap<u64, bytes::Bytes>)>,
     /// Which pool a registering node belongs to, by its hostname (set by
     /// the pools, whose nodes are named `kiln-<pool>-<n>`).
     pool_of: std::sync::OnceLock<PoolOf>,
@@ -252,13 +374,14 @@ impl Registry {
     /// from inside a tokio runtime.
     pub async fn open(store: Arc<dyn Store>, network: NetworkConfig) -> Result<Arc<Self>, store::Error> {
         let loaded = store.load().await?;
-        let mut state = State::default();
+        let mut state = State::new(network, 1);
         for record in loaded.records {
             state.insert(record);
         }
         for peer in loaded.foreign {
-            state.foreign.insert(peer.subnet, peer);
+            state.insert_foreign(peer);
         }
+        state.log.seal(1);
         let (revision, _) = tokio::sync::watch::channel(1);
         let changes = store.watch();
         let registry = Arc::new(Registry {
@@ -266,7 +389,8 @@ impl Registry {
             network,
             state: Mutex::new(state),
             revision,
-            peers_json: Mutex::new(None),
+            epoch: rand::random::<u64>() >> 11,
+            peers_json: Mutex::new((0, HashMap::new())),
             pool_of: std::sync::OnceLock::new(),
             held_within: std::sync::atomic::AtomicU64::new(HELD_WHILE_SEEN_WITHIN.as_secs() * 1000),
             lifecycle: Mutex::new(Lifecycle::default()),
@@ -303,8 +427,9 @@ impl Registry {
     /// Announces `round` of a connectivity check to the nodes (in the peers
     /// watch; `None`: no check), waking every watcher.
     pub fn set_check(&self, round: Option<kiln_core::CheckRound>) {
-        self.state.lock().expect("registry lock").check = round;
-        self.bump();
+        let mut st = self.state.lock().expect("registry lock");
+        st.check = round;
+        self.publish(&mut st, true);
     }
 
     /// Sets when a node is NotReady and when it is removed.
@@ -338,8 +463,7 @@ impl Registry {
         if st.nodes.get(&record.node.name).is_some_and(|r| r.token_sha256 == record.token_sha256) {
             st.remove(&record.node.name);
         }
-        drop(st);
-        self.bump();
+        self.publish(&mut st, false);
         Ok(Some(record.node))
     }
 
@@ -353,8 +477,16 @@ impl Registry {
         self.store.describe()
     }
 
-    fn bump(&self) {
-        self.revision.send_modify(|r| *r += 1);
+    /// Gives the changes `st` logged the next revision, waking every
+    /// watcher; with `always`, moves the revision even with none (the
+    /// check round changed).
+    fn publish(&self, st: &mut State, always: bool) {
+        if !always && !st.log.has_unsealed() {
+            return;
+        }
+        let next = *self.revision.borrow() + 1;
+        st.log.seal(next);
+        self.revision.send_replace(next);
     }
 
     /// A change another writer made to the store.
@@ -375,24 +507,22 @@ impl Registry {
                     }
                 }
                 Change::LeasePut(peer) => {
-                    let ours = st.nodes.values().any(|r| r.node.subnet == Some(peer.subnet))
-                        || st.in_flight.values().any(|(_, s, _)| *s == Some(peer.subnet));
+                    let ours = st.by_subnet.contains_key(&peer.subnet) || st.in_flight.values().any(|(_, s, _)| *s == Some(peer.subnet));
                     if ours || st.foreign.get(&peer.subnet) == Some(&peer) {
                         return;
                     }
                     tracing::info!(subnet = %peer.subnet, public_ip = %peer.public_ip, "foreign lease (flanneld) joined");
-                    st.foreign.insert(peer.subnet, peer);
+                    st.insert_foreign(peer);
                 }
                 Change::LeaseDeleted(subnet) => {
-                    if st.foreign.remove(&subnet).is_none() {
-                        let name = st.nodes.values().find(|r| r.node.subnet == Some(subnet)).map(|r| r.node.name.clone());
-                        let Some(name) = name else { return };
+                    if st.remove_foreign(subnet).is_none() {
+                        let Some(name) = st.by_subnet.get(&subnet).cloned() else { return };
                         expired = st.remove(&name);
                     }
                 }
             }
+            self.publish(&mut st, false);
         }
-        self.bump();
         if let Some(record) = expired {
             tracing::warn!(node = ?record.node.name, subnet = ?record.node.subnet, "lease expired; node removed");
             if let Err(e) = self.store.remove(record).await {
@@ -430,12 +560,12 @@ impl Registry {
         loop {
             let now = OffsetDateTime::now_utc();
             let token = token::generate();
-            let (record, existing, fresh, _guard) = {
+            let (record, fresh, _guard) = {
                 let mut st = self.state.lock().expect("registry lock");
                 if st.in_flight.values().any(|(m, _, _)| *m == machine_id) {
                     return Err(Error::Busy(machine_id));
                 }
-                let held = st.nodes.values().find(|r| r.node.machine_id.eq_ignore_ascii_case(&machine_id));
+                let held = st.by_machine(&machine_id);
                 let existing_key = held.and_then(|r| r.key_sha256.clone());
                 let existing = held.map(|r| r.node.clone());
                 let pending = self.admit(&st, held, key, &admission, now)?;
@@ -452,7 +582,7 @@ impl Registry {
                         }
                         match kept {
                             Some(kept) => Some(kept),
-                            None => Some(self.free_subnet(&st, &refused)?),
+                            None => Some(self.free_subnet(&mut st, &refused)?),
                         }
                     }
                 };
@@ -491,7 +621,7 @@ impl Registry {
                     key_sha256: key.map(str::to_string).or(existing_key),
                 };
                 let fresh = subnet.is_some() && subnet != kept;
-                (record, existing, fresh, InFlightGuard { registry: self, name })
+                (record, fresh, InFlightGuard { registry: self, name })
             };
             let written = match &admission {
                 Admission::Spending(spend) => match self.store.put_spending(record.clone(), fresh, spend.clone()).await {
@@ -512,12 +642,10 @@ impl Registry {
                 Err(e) => return Err(e.into()),
             }
             let node = record.node.clone();
-            self.state.lock().expect("registry lock").insert(record);
-            let peer_changed =
-                existing.as_ref().is_none_or(|n| (n.subnet, n.public_ip, n.vtep_mac) != (node.subnet, node.public_ip, node.vtep_mac));
-            if peer_changed {
-                self.bump();
-            }
+            let mut st = self.state.lock().expect("registry lock");
+            st.insert(record);
+            self.publish(&mut st, false);
+            drop(st);
             let lease = node.subnet.map(|subnet| Lease {
                 network: self.network.network,
                 subnet,
@@ -544,8 +672,11 @@ impl Registry {
             return match admission {
                 Admission::Token | Admission::Spending(_) | Admission::Unvouched { auto_approve: true } => Ok(false),
                 Admission::Unvouched { auto_approve: false } => {
-                    let waiting = st.nodes.values().filter(|r| r.node.pending).count();
-                    if waiting >= MAX_PENDING { Err(Error::TooManyPending(waiting)) } else { Ok(true) }
+                    if st.pending >= MAX_PENDING {
+                        Err(Error::TooManyPending(st.pending))
+                    } else {
+                        Ok(true)
+                    }
                 }
             };
         };
@@ -586,9 +717,7 @@ impl Registry {
     pub fn is_holder(&self, machine_id: &str, key: Option<&str>) -> bool {
         let Some(key) = key else { return false };
         let st = self.state.lock().expect("registry lock");
-        st.nodes
-            .values()
-            .any(|r| r.node.machine_id.eq_ignore_ascii_case(machine_id) && !r.node.pending && r.key_sha256.as_deref() == Some(key))
+        st.by_machine(machine_id).is_some_and(|r| !r.node.pending && r.key_sha256.as_deref() == Some(key))
     }
 
     /// Approves the pending node `name`: its next registration gets its
@@ -605,6 +734,7 @@ impl Registry {
         // Unless it registered again meanwhile.
         if st.nodes.get(name).is_some_and(|r| r.token_sha256 == record.token_sha256) {
             st.insert(record.clone());
+            self.publish(&mut st, false);
         }
         Ok(Some((record.node, true)))
     }
@@ -646,20 +776,18 @@ impl Registry {
     }
 
     /// The lowest subnet, from the second on, that no node, registration in
-    /// flight or foreign lease holds.
-    fn free_subnet(&self, st: &State, refused: &std::collections::BTreeSet<Ipv4Cidr>) -> Result<Ipv4Cidr, Error> {
+    /// flight or foreign lease holds. The search starts at the lowest index
+    /// that may be free ([`State::free_from`]): a wave of joins costs each
+    /// one a step, not a scan of every lease.
+    fn free_subnet(&self, st: &mut State, refused: &std::collections::BTreeSet<Ipv4Cidr>) -> Result<Ipv4Cidr, Error> {
         let net = self.network.network;
         let len = self.network.subnet_len;
         let count = net.subnet_count(len);
-        let taken: std::collections::BTreeSet<Ipv4Cidr> = st
-            .nodes
-            .values()
-            .filter_map(|r| r.node.subnet)
-            .chain(st.in_flight.values().filter_map(|(_, s, _)| *s))
-            .chain(st.foreign.keys().copied())
-            .chain(refused.iter().copied())
-            .collect();
-        (1..count).filter_map(|i| net.subnet(len, i)).find(|s| !taken.contains(s)).ok_or(Error::Exhausted {
+        while st.free_from < count && net.subnet(len, st.free_from).is_some_and(|s| st.subnet_held(s)) {
+            st.free_from += 1;
+        }
+        let busy = |s: &Ipv4Cidr| st.subnet_held(*s) || refused.contains(s) || st.in_flight.values().any(|(_, f, _)| f.as_ref() == Some(s));
+        (st.free_from.max(1)..count).filter_map(|i| net.subnet(len, i)).find(|s| !busy(s)).ok_or(Error::Exhausted {
             network: net,
             len,
             count: count.saturating_sub(1),
@@ -701,33 +829,42 @@ impl Registry {
         match self.store.renew(updated.clone()).await? {
             Renewal::Live => Ok(Some(updated.node)),
             Renewal::Expired => {
-                let removed = self.state.lock().expect("registry lock").remove(&updated.node.name);
+                let removed = {
+                    let mut st = self.state.lock().expect("registry lock");
+                    let removed = st.remove(&updated.node.name);
+                    self.publish(&mut st, false);
+                    removed
+                };
                 if let Some(record) = removed {
                     self.store.remove(record).await?;
-                    self.bump();
                 }
                 Ok(None)
             }
         }
     }
 
-    /// [`Registry::watch_peers`], as JSON: serialised once per revision.
-    pub async fn watch_peers_json(&self, seen: u64, timeout: std::time::Duration) -> bytes::Bytes {
-        let mut rx = self.revision.subscribe();
-        if seen <= *rx.borrow() {
-            let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > seen)).await;
-        }
-        let current = *rx.borrow();
-        if let Some((rev, json)) = &*self.peers_json.lock().expect("peers cache lock")
-            && *rev == current
+    /// [`Registry::watch_peers`], as JSON: serialised once per revision
+    /// and revision asked from, whoever asks.
+    pub async fn watch_peers_json(&self, seen: u64, epoch: Option<u64>, timeout: std::time::Duration) -> bytes::Bytes {
+        let from = self.wait_for_change(seen, epoch, timeout).await;
+        let current = *self.revision.borrow();
         {
-            return json.clone();
+            let cache = self.peers_json.lock().expect("peers cache lock");
+            if cache.0 == current
+                && let Some(json) = cache.1.get(&from.unwrap_or(u64::MAX))
+            {
+                return json.clone();
+            }
         }
-        let peers = self.peers();
+        let peers = self.answer(from);
         let json = bytes::Bytes::from(serde_json::to_vec(&peers).expect("peers serialise"));
         let mut cache = self.peers_json.lock().expect("peers cache lock");
-        if cache.as_ref().is_none_or(|(rev, _)| *rev < peers.revision) {
-            *cache = Some((peers.revision, json.clone()));
+        if cache.0 < peers.revision {
+            *cache = (peers.revision, HashMap::new());
+        }
+        // Watchers are at a few revisions at most; a bound all the same.
+        if cache.0 == peers.revision && cache.1.len() < 64 {
+            cache.1.insert(from.unwrap_or(u64::MAX), json.clone());
         }
         json
     }
@@ -748,8 +885,44 @@ impl Registry {
 
     /// Every leased node (and foreign lease) and the current revision.
     pub fn peers(&self) -> Peers {
+        self.answer(None)
+    }
+
+    /// Waits until the revision passes `seen` or `timeout` elapses, then
+    /// answers with the peers: a long poll, so agents learn of joins and
+    /// leaves at once without polling. With this run's `epoch` the answer
+    /// is the changes since `seen`, else the whole list ([`Peers`]).
+    ///
+    /// A `seen` from another epoch, or above the current revision, is
+    /// answered at once with the whole list. Without an epoch (an agent
+    /// from before deltas), the whole list once the revision passes `seen`.
+    pub async fn watch_peers(&self, seen: u64, epoch: Option<u64>, timeout: std::time::Duration) -> Peers {
+        let from = self.wait_for_change(seen, epoch, timeout).await;
+        self.answer(from)
+    }
+
+    /// Waits as [`Registry::watch_peers`] does; the revision to answer
+    /// from, or `None` for the whole list.
+    async fn wait_for_change(&self, seen: u64, epoch: Option<u64>, timeout: std::time::Duration) -> Option<u64> {
+        let mut rx = self.revision.subscribe();
+        let current = *rx.borrow();
+        let from = (epoch == Some(self.epoch) && seen <= current).then_some(seen);
+        if seen <= current && (from.is_some() || epoch.is_none()) {
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > seen)).await;
+        }
+        from
+    }
+
+    /// The peers at the current revision: the changes since `from` when
+    /// the log still has them all and they are fewer than the peers, else
+    /// every peer.
+    fn answer(&self, from: Option<u64>) -> Peers {
         let st = self.state.lock().expect("registry lock");
         let revision = *self.revision.borrow();
+        let peers_now = st.by_subnet.len() + st.foreign.len();
+        if let Some(delta) = from.and_then(|from| st.log.since(from, peers_now)) {
+            return Peers { revision, epoch: self.epoch, delta: true, peers: delta.put, left: delta.left, check: st.check.clone() };
+        }
         let mut peers: Vec<Peer> = st
             .nodes
             .values()
@@ -759,21 +932,7 @@ impl Registry {
             })
             .collect();
         peers.extend(st.foreign.values().filter(|p| p.vtep_mac.0 != [0; 6]).cloned());
-        Peers { revision, peers, check: st.check.clone() }
-    }
-
-    /// Waits until the revision passes `seen` or `timeout` elapses, then
-    /// answers with the peers: a long poll, so agents learn of joins and
-    /// leaves at once without polling.
-    ///
-    /// A `seen` above the current revision (the agent watched a server that
-    /// has since restarted and counts from 1 again) is answered at once.
-    pub async fn watch_peers(&self, seen: u64, timeout: std::time::Duration) -> Peers {
-        let mut rx = self.revision.subscribe();
-        if seen <= *rx.borrow() {
-            let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > seen)).await;
-        }
-        self.peers()
+        Peers { revision, epoch: self.epoch, delta: false, peers, left: Vec::new(), check: st.check.clone() }
     }
 }
 
@@ -1015,10 +1174,10 @@ mod tests {
     async fn watch_returns_at_once_on_a_join() {
         let dir = tempfile::tempdir().unwrap();
         let reg = open(&crate::StateDir::new(dir.path()).registry_db(), "10.244.0.0/16").await;
-        let seen = reg.peers().revision;
+        let now = reg.peers();
         let waiter = {
             let reg = reg.clone();
-            tokio::spawn(async move { reg.watch_peers(seen, std::time::Duration::from_secs(30)).await })
+            tokio::spawn(async move { reg.watch_peers(now.revision, Some(now.epoch), std::time::Duration::from_secs(30)).await })
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let started = std::time::Instant::now();
@@ -1027,6 +1186,66 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(1), "the watch answers on the join, not at its timeout");
         assert_eq!(peers.peers.len(), 1);
         assert_eq!(peers.peers[0].subnet.to_string(), "10.244.1.0/24");
-        assert!(peers.revision > seen);
+        assert!(peers.revision > now.revision);
+    }
+
+    /// Each watcher gets the changes since its revision, whatever the
+    /// cluster's size; the whole list from another epoch, or on a first call.
+    #[tokio::test]
+    async fn the_watch_sends_changes_not_the_whole_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(&crate::StateDir::new(dir.path()).registry_db(), "10.244.0.0/16").await;
+        let ids: Vec<char> = ('a'..='z').chain('1'..='4').collect();
+        for (i, id) in ids.iter().enumerate() {
+            reg.register(&request(*id, &format!("w{i}"))).await.unwrap();
+        }
+        let zero = std::time::Duration::ZERO;
+        let whole = reg.watch_peers(0, None, zero).await;
+        assert!(!whole.delta && whole.peers.len() == 30, "a first call: the whole list");
+        let (epoch, seen) = (whole.epoch, whole.revision);
+        // One join: one peer.
+        let (joined, _, _) = reg.register(&request('9', "late")).await.unwrap();
+        let delta = reg.watch_peers(seen, Some(epoch), zero).await;
+        assert!(delta.delta && delta.left.is_empty(), "{delta:?}");
+        assert_eq!(delta.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), [joined.name.as_str()]);
+        let bytes = reg.watch_peers_json(seen, Some(epoch), zero).await;
+        assert!(bytes.len() < 300, "a join is one small message: {} bytes", bytes.len());
+        // One leave: one subnet.
+        let subnet = joined.subnet.unwrap();
+        reg.remove(&joined.name).await.unwrap();
+        let left = reg.watch_peers(delta.revision, Some(epoch), zero).await;
+        assert!(left.delta && left.peers.is_empty() && left.left == [subnet], "{left:?}");
+        // Joined and left since: left.
+        let both = reg.watch_peers(seen, Some(epoch), zero).await;
+        assert!(both.delta && both.peers.is_empty() && both.left == [subnet], "{both:?}");
+        // Re-registering with nothing changed is no change: the revision stays.
+        reg.register(&request('a', "w0")).await.unwrap();
+        assert_eq!(reg.peers().revision, left.revision, "a re-registration with the same lease moves nothing");
+        // Another epoch (a restarted server) or a revision from the future: the whole list.
+        for (rev, ep) in [(left.revision, epoch ^ 1), (left.revision + 5, epoch)] {
+            let answer = reg.watch_peers(rev, Some(ep), std::time::Duration::from_secs(30)).await;
+            assert!(!answer.delta && answer.peers.len() == 30, "at once, the whole list: {rev} {ep}");
+        }
+    }
+
+    /// The lowest free subnet is found from where the last search stopped,
+    /// and a released one is found again.
+    #[tokio::test]
+    async fn the_lowest_free_subnet_is_leased_after_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(&crate::StateDir::new(dir.path()).registry_db(), "10.244.0.0/16").await;
+        let mut names = Vec::new();
+        for (i, id) in ('a'..='j').enumerate() {
+            let (node, _, lease) = reg.register(&request(id, &format!("w{i}"))).await.unwrap();
+            assert_eq!(lease.unwrap().subnet.to_string(), format!("10.244.{}.0/24", i + 1));
+            names.push(node.name);
+        }
+        reg.remove(&names[6]).await.unwrap();
+        reg.remove(&names[2]).await.unwrap();
+        let reg = &reg;
+        let subnet = |id| async move { reg.register(&request(id, "new")).await.unwrap().2.unwrap().subnet.to_string() };
+        assert_eq!(subnet('k').await, "10.244.3.0/24", "the lowest released");
+        assert_eq!(subnet('l').await, "10.244.7.0/24", "then the next");
+        assert_eq!(subnet('m').await, "10.244.11.0/24", "then past the last");
     }
 }

@@ -159,14 +159,33 @@ pub struct Peer {
     pub vtep_mac: Mac,
 }
 
-/// `GET /api/v1/peers?revision=N`: answered when the registry's revision
-/// passes `N` (or at the long-poll timeout), with every leased node.
+/// `GET /api/v1/peers?revision=N&epoch=E`: answered when the registry's
+/// revision passes `N` (or at the long-poll timeout).
+///
+/// A watcher that names the epoch and revision of its last answer gets
+/// the changes since then (`delta`): `peers` holds the peers that joined or
+/// changed, by subnet, and `left` the subnets no peer holds any more. It
+/// gets the whole list instead (no `delta`: replace what you hold) on its
+/// first call, when the server's epoch is not the one it names (another
+/// server, or one restarted), and when `N` is older than the history the
+/// server keeps, as etcd answers a watch from a compacted revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peers {
     /// The registry's revision: bumped by every join, change and leave.
     pub revision: u64,
-    /// Every node holding a lease.
+    /// Which run of which server counts these revisions: a revision means
+    /// nothing under another epoch.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The changes since the revision asked for, not the whole list.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delta: bool,
+    /// Every node holding a lease; with `delta`, those that joined or
+    /// changed.
     pub peers: Vec<Peer>,
+    /// With `delta`: the subnets whose peers left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left: Vec<Ipv4Cidr>,
     /// The connectivity check running now, if any (`kiln check`): what each
     /// node's agent is asked to do for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

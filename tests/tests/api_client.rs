@@ -24,7 +24,7 @@ fn every_route_through_the_client() {
     assert_eq!(block_on(node.heartbeat_node("node-7")).unwrap().name, "node-7");
     let err = block_on(node.heartbeat_node("someone-else")).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "{err}");
-    let peers = block_on(node.peers(0, Duration::ZERO)).unwrap();
+    let peers = block_on(node.peers(None, Duration::ZERO)).unwrap();
     assert!(peers.peers.iter().any(|p| p.subnet == lease.subnet), "the node is among the peers: {peers:?}");
 
     // The listings.

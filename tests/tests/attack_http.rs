@@ -79,11 +79,12 @@ fn the_cap_closes_the_longest_waiting_connection_and_answers_429_above_its_busy_
     // request is answered 429 with Retry-After; once they end, 200 again.
     let answer = block_on(server.joining_client().register(&node_request(1))).expect("registration");
     let node = server.api_client_as(None).with_token(&answer.token);
-    let revision = block_on(node.peers(0, Duration::ZERO)).expect("peers").revision;
+    let now = block_on(node.peers(None, Duration::ZERO)).expect("peers");
+    let since = Some((now.epoch, now.revision));
     let polls: Vec<_> = (0..6)
         .map(|_| {
             let node = node.clone();
-            std::thread::spawn(move || block_on(node.peers(revision, Duration::from_secs(15))))
+            std::thread::spawn(move || block_on(node.peers(since, Duration::from_secs(15))))
         })
         .collect();
     let client = server.client();

@@ -178,16 +178,18 @@ fn etcd_store_survives_sigkill_and_etcd_restart_with_flannel_schema() {
     assert!(value["BackendData"]["VtepMAC"].as_str().unwrap().starts_with("0e:00:00:00:"), "{value}");
 
     // The flanneld is one of kiln's peers (peers answer node tokens only).
-    // (revision, wait) of the peers watch; (0, 0 s) answers at once.
-    let get_peers = |revision: u64, wait: Duration| -> Option<Peers> {
+    // (since, wait) of the peers watch; (None, 0 s) answers at once with
+    // the whole list.
+    let get_peers = |since: Option<(u64, u64)>, wait: Duration| -> Option<Peers> {
         let me = register_until_answered(&server.joining_client(), &request(0)).token;
-        block_on(server.api_client_as(None).with_token(&me).peers(revision, wait)).ok()
+        block_on(server.api_client_as(None).with_token(&me).peers(since, wait)).ok()
     };
-    let err = block_on(server.api_client_as(None).peers(0, Duration::ZERO)).unwrap_err();
+    let err = block_on(server.api_client_as(None).peers(None, Duration::ZERO)).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED), "no peers without a node token");
-    let err = block_on(server.api_client().peers(0, Duration::ZERO)).unwrap_err();
+    let err = block_on(server.api_client().peers(None, Duration::ZERO)).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "an operator is not a node");
-    let peers = get_peers(0, Duration::ZERO).expect("peers");
+    let peers = get_peers(None, Duration::ZERO).expect("peers");
+    assert!(!peers.delta, "the whole list");
     assert_eq!(peers.peers.len(), NODES + 1);
     assert!(peers.peers.iter().any(|p| p.subnet == flannel_subnet && p.vtep_mac.to_string() == "aa:bb:cc:00:00:09"));
 
@@ -197,22 +199,25 @@ fn etcd_store_survives_sigkill_and_etcd_restart_with_flannel_schema() {
     reregister_all(&server, &answers);
     assert_none_lost(&server, &answers);
 
-    // A flanneld that joins later is seen through the watch at once, and
-    // one that leaves is gone.
-    let rev = peers.revision;
+    // A flanneld that joins later is seen through the watch at once, as a
+    // change, and one that leaves is gone.
+    let now = get_peers(None, Duration::ZERO).expect("peers");
+    let since = Some((now.epoch, now.revision));
     let late = r#"{"PublicIP":"203.0.113.10","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:0a"}}"#;
     etcd.ctl(&["put", "/coreos.com/network/subnets/10.244.250.0-24", late]).unwrap();
+    let late: Ipv4Cidr = "10.244.250.0/24".parse().unwrap();
     let seen = wait_for(Duration::from_secs(5), || {
-        let p = get_peers(rev, Duration::from_secs(2))?;
-        p.peers.iter().any(|p| p.subnet.to_string() == "10.244.250.0/24").then_some(())
-    });
-    assert!(seen.is_some(), "a flanneld's new lease shows among the peers; log:\n{}", tail(&server.log(), 20));
+        let p = get_peers(since, Duration::from_secs(2))?;
+        p.peers.iter().any(|p| p.subnet == late).then_some(p)
+    })
+    .unwrap_or_else(|| panic!("a flanneld's new lease shows among the peers; log:\n{}", tail(&server.log(), 20)));
+    assert!(seen.delta && seen.peers.len() <= 2, "as a change, not the whole list: {seen:?}");
     etcd.ctl(&["del", "/coreos.com/network/subnets/10.244.250.0-24"]).unwrap();
-    let gone = wait_for(Duration::from_secs(5), || {
-        let p = get_peers(0, Duration::ZERO)?;
-        (!p.peers.iter().any(|p| p.subnet.to_string() == "10.244.250.0/24")).then_some(())
-    });
-    assert!(gone.is_some(), "a flanneld's lease that is deleted leaves the peers");
+    let since = Some((seen.epoch, seen.revision));
+    let left = wait_for(Duration::from_secs(5), || get_peers(since, Duration::from_secs(2)).filter(|p| p.left.contains(&late)));
+    assert!(left.is_some_and(|p| p.delta), "a deleted lease is a change: its subnet left");
+    let gone = get_peers(None, Duration::ZERO).expect("peers");
+    assert!(!gone.peers.iter().any(|p| p.subnet == late), "a flanneld's lease that is deleted leaves the peers");
 }
 
 #[test]
@@ -307,7 +312,7 @@ fn node_lifecycle(extra: &[&str]) {
         log.contains("not heard from for the lease TTL") || log.contains("lease expired; node removed"),
         "the removal is logged:\n{log}"
     );
-    let peers = block_on(server.api_client_as(None).with_token(&beating.token).peers(0, Duration::ZERO)).unwrap();
+    let peers = block_on(server.api_client_as(None).with_token(&beating.token).peers(None, Duration::ZERO)).unwrap();
     assert!(!peers.peers.iter().any(|p| p.subnet == silent_subnet), "its lease left the peers");
     assert_eq!(state_of(&server, &beating.name), Some(Ready), "the heartbeating node is kept");
     let next = register_until_answered(&client, &request(4));

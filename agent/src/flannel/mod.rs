@@ -176,7 +176,10 @@ impl Overlay {
             }
         };
         let mut applied: Option<Applied> = None;
-        let mut revision = 0u64;
+        // The epoch and revision of the last answer, and the peers it left
+        // us with: the next answer is the changes since.
+        let mut since: Option<(u64, u64)> = None;
+        let mut held = reconcile::Held::default();
         // Peers watch errors: retried soon, a join must not wait. Device
         // errors (say, a kernel without vxlan): retried slowly.
         let mut backoff = Backoff::new(Duration::from_secs(5));
@@ -199,7 +202,7 @@ impl Overlay {
                 Step::Apply(reg, lease) => match self.apply_lease(&rtnl, &reg.name, &lease, applied.as_ref()).await {
                     Ok(a) => {
                         applied = Some(a);
-                        revision = 0;
+                        since = None;
                         setup_backoff.reset();
                         reg
                     }
@@ -221,26 +224,27 @@ impl Overlay {
                     if r.is_err() {
                         return;
                     }
-                    revision = 0;
+                    since = None;
                 }
-                answer = node.peers(revision, Duration::from_secs(30)) => match answer {
+                answer = node.peers(since, Duration::from_secs(30)) => match answer {
                     Ok(peers) => {
                         backoff.reset();
-                        revision = peers.revision;
+                        since = Some((peers.epoch, peers.revision));
                         self.rounds.send_if_modified(|r| {
                             let changed = *r != peers.check;
                             r.clone_from(&peers.check);
                             changed
                         });
-                        if let Err(e) = self.reconcile(&rtnl, &a, &peers.peers).await {
+                        let change = held.apply(peers);
+                        if let Err(e) = self.reconcile(&rtnl, &a, &change).await {
                             warn!("flannel: reconciling peers: {}", chain(&e));
-                            revision = 0;
+                            since = None;
                             backoff.wait().await;
                         }
                     }
                     Err(e) => {
                         warn!("flannel: peers watch: {} (retrying in {:?})", chain(&e), backoff.peek());
-                        revision = 0;
+                        since = None;
                         backoff.wait().await;
                     }
                 },
@@ -280,13 +284,19 @@ impl Overlay {
     }
 
     /// Brings the device's entries in line with `peers`.
-    async fn reconcile(&self, rtnl: &Rtnl, a: &Applied, peers: &[kiln_core::Peer]) -> Result<(), Error> {
+    /// Makes the device's entries follow `change`: for a whole list, from
+    /// what the kernel holds; for a delta, from the entries of the peers
+    /// it replaced, so a join costs one peer's entries, not a dump.
+    async fn reconcile(&self, rtnl: &Rtnl, a: &Applied, change: &reconcile::Change) -> Result<(), Error> {
         let own = reconcile::Own { name: a.name.clone(), subnet: a.lease.subnet, network: a.lease.network };
-        let (want, skipped) = reconcile::desired(&own, peers);
+        let (want, skipped) = reconcile::desired(&own, &change.after);
         for s in skipped {
             warn!("flannel: peer {} left out: {}", s.name, s.reason);
         }
-        let installed = rtnl.entries(a.index, &a.lease.network).await?;
+        let installed = match change.whole {
+            true => rtnl.entries(a.index, &a.lease.network).await?,
+            false => reconcile::desired(&own, &change.before).0,
+        };
         let plan = reconcile::plan(&installed, &want);
         if plan.is_empty() {
             return Ok(());

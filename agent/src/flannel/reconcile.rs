@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use kiln_core::{Ipv4Cidr, Mac, Peer};
+use kiln_core::{Ipv4Cidr, Mac, Peer, Peers};
 
 /// An onlink route to a peer's subnet through its VTEP address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,6 +85,45 @@ pub fn desired(own: &Own, peers: &[Peer]) -> (Entries, Vec<Skipped>) {
         out.fdb.insert((p.vtep_mac, public));
     }
     (out, skipped)
+}
+
+/// The peers the agent holds, by subnet: the last whole list the watch
+/// sent, with every change since applied.
+#[derive(Debug, Default)]
+pub struct Held {
+    peers: BTreeMap<Ipv4Cidr, Peer>,
+}
+
+/// What one answer of the peers watch changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// A whole list: `after` is every peer, and the kernel's entries are
+    /// what it replaces.
+    pub whole: bool,
+    /// For a delta: the peers held before at the subnets it touched.
+    pub before: Vec<Peer>,
+    /// The peers held now at those subnets (every peer for a whole list).
+    pub after: Vec<Peer>,
+}
+
+impl Held {
+    /// Applies an answer of the peers watch ([`Peers`]): a whole list
+    /// replaces what is held, a delta puts and removes its subnets.
+    pub fn apply(&mut self, answer: Peers) -> Change {
+        if !answer.delta {
+            self.peers = answer.peers.into_iter().map(|p| (p.subnet, p)).collect();
+            return Change { whole: true, before: Vec::new(), after: self.peers.values().cloned().collect() };
+        }
+        let mut change = Change::default();
+        for subnet in &answer.left {
+            change.before.extend(self.peers.remove(subnet));
+        }
+        for peer in answer.peers {
+            change.before.extend(self.peers.insert(peer.subnet, peer.clone()));
+            change.after.push(peer);
+        }
+        change
+    }
 }
 
 /// The changes that turn one set of entries into another.
@@ -163,6 +202,33 @@ mod tests {
         assert!(e.fdb.contains(&("02:00:00:00:00:02".parse().unwrap(), "192.0.2.2".parse().unwrap())));
         let names: Vec<&str> = skipped.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["v6", "far"]);
+    }
+
+    /// A delta's plan, made from the peers it replaced, is the plan the
+    /// whole list would give against entries in step with the old list.
+    #[test]
+    fn a_delta_plans_what_the_whole_list_would() {
+        let whole = |peers: Vec<Peer>| Peers { revision: 1, epoch: 7, delta: false, peers, left: vec![], check: None };
+        let mut held = Held::default();
+        let first = held.apply(whole(peers()));
+        assert!(first.whole && first.after.len() == 3, "{first:?}");
+        // c moves to another host, b leaves, d joins: one answer.
+        let moved = peer("c", "10.244.3.0/24", "192.0.2.33", "02:00:00:00:00:33");
+        let joined = peer("d", "10.244.4.0/24", "192.0.2.4", "02:00:00:00:00:04");
+        let b = peers()[1].subnet;
+        let delta = Peers { revision: 2, epoch: 7, delta: true, peers: vec![moved.clone(), joined.clone()], left: vec![b], check: None };
+        let change = held.apply(delta);
+        assert!(!change.whole);
+        assert_eq!(change.before, vec![peers()[1].clone(), peers()[2].clone()], "b and the old c");
+        assert_eq!(change.after, vec![moved.clone(), joined.clone()]);
+        let from_delta = plan(&desired(&own(), &change.before).0, &desired(&own(), &change.after).0);
+        let now = vec![peers()[0].clone(), moved, joined];
+        let from_whole = plan(&desired(&own(), &peers()).0, &desired(&own(), &now).0);
+        assert_eq!(from_delta, from_whole);
+        assert_eq!(held.apply(whole(now.clone())).after, now, "what is held is the new list");
+        // A subnet that left and was never held changes nothing.
+        let stray = Peers { revision: 3, epoch: 7, delta: true, peers: vec![], left: vec!["10.244.9.0/24".parse().unwrap()], check: None };
+        assert_eq!(held.apply(stray), Change::default());
     }
 
     #[test]

@@ -339,15 +339,15 @@ async fn heartbeats(clients: Arc<Vec<Client>>, a: &Args) -> serde_json::Value {
 /// peers; one more node joins; milliseconds from its registration to the
 /// last watch answered with it.
 async fn convergence(load: &Load, clients: Arc<Vec<Client>>, a: &Args) -> f64 {
-    let peers = clients[0].peers(0, Duration::ZERO).await.unwrap_or_else(|e| panic!("peers: {}", chain(&e)));
-    let revision = peers.revision;
+    let peers = clients[0].peers(None, Duration::ZERO).await.unwrap_or_else(|e| panic!("peers: {}", chain(&e)));
+    let (epoch, revision) = (peers.epoch, peers.revision);
     let joiner = a.offset + 2 * a.agents;
     let joiner_name = format!("sim-{joiner}");
     let mut watchers = Vec::new();
     for i in 0..a.agents {
         let clients = clients.clone();
         watchers.push(tokio::spawn(async move {
-            let watch = clients[i].peers(revision, Duration::from_secs(60)).await;
+            let watch = clients[i].peers(Some((epoch, revision)), Duration::from_secs(60)).await;
             let arrived = Instant::now();
             (arrived, watch.unwrap_or_else(|e| panic!("watch: {}", chain(&e))))
         }));
