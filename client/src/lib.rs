@@ -119,6 +119,17 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// A streamed answer went wrong: a line that does not parse or is too
+    /// long, the stream cut in a line, or silent for too long.
+    #[error("{route}: {url}: {reason}")]
+    Stream {
+        /// The route, `METHOD /path`.
+        route: &'static str,
+        /// The URL asked.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -368,6 +379,21 @@ impl Client {
         json("GET /api/v1/peers", url, builder.timeout(wait + Duration::from_secs(10))).await
     }
 
+    /// `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S`, the
+    /// peers watch as a stream lasting `lasting`: [`PeersStream::next`]
+    /// gives its answers, the first at once (the changes since `since`,
+    /// else the whole list), then one for each change.
+    pub async fn watch_peers(&self, since: Option<(u64, u64)>, lasting: Duration) -> Result<PeersStream, Error> {
+        let (revision, epoch) = match since {
+            Some((epoch, revision)) => (revision, format!("&epoch={epoch}")),
+            None => (0, String::new()),
+        };
+        let path = format!("/api/v1/peers?watch=true&revision={revision}{epoch}&timeout={}", lasting.as_secs());
+        let (url, builder) = self.request(Method::GET, &path);
+        let resp = send(WATCH_ROUTE, &url, builder.timeout(lasting + PeersStream::SILENCE)).await?;
+        Ok(PeersStream { resp, url, buf: Vec::new(), scanned: 0 })
+    }
+
     /// `GET /api/v1/nodes`: every registered node.
     pub async fn nodes(&self) -> Result<Vec<Node>, Error> {
         let (url, builder) = self.request(Method::GET, "/api/v1/nodes");
@@ -509,6 +535,55 @@ impl Client {
             headers.insert(reqwest::header::HOST, value);
         }
         headers
+    }
+}
+
+/// The route of [`Client::watch_peers`], in its errors.
+const WATCH_ROUTE: &str = "GET /api/v1/peers?watch=true";
+
+/// A streamed peers watch ([`Client::watch_peers`]).
+#[derive(Debug)]
+pub struct PeersStream {
+    resp: Response,
+    url: String,
+    /// Bytes received and not yet given as an answer.
+    buf: Vec<u8>,
+    /// How much of `buf` holds no newline.
+    scanned: usize,
+}
+
+impl PeersStream {
+    /// The server sends a line at least every 30 s: twice that with none
+    /// and the stream is dead.
+    pub const SILENCE: Duration = Duration::from_secs(60);
+    /// The longest line taken: a whole list of 100,000 peers fits.
+    pub const MAX_LINE: usize = 64 << 20;
+
+    /// The next answer, or `None` once the server has ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Peers>, Error> {
+        let fail = |reason: String| Error::Stream { route: WATCH_ROUTE, url: self.url.clone(), reason };
+        loop {
+            if let Some(at) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                let end = self.scanned + at;
+                let peers = serde_json::from_slice(&self.buf[..end]);
+                self.buf.drain(..=end);
+                self.scanned = 0;
+                return peers.map(Some).map_err(|e| fail(format!("a line that is not a peers answer: {e}")));
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > Self::MAX_LINE {
+                return Err(fail(format!("a line longer than {} bytes", Self::MAX_LINE)));
+            }
+            let chunk = tokio::time::timeout(Self::SILENCE, self.resp.chunk())
+                .await
+                .map_err(|_| fail(format!("nothing for {} s", Self::SILENCE.as_secs())))?
+                .map_err(|source| Error::Answer { route: WATCH_ROUTE, url: self.url.clone(), source })?;
+            match chunk {
+                Some(bytes) => self.buf.extend_from_slice(bytes.as_ref()),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Err(fail("the stream ended inside a line".into())),
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | that node (another node: 403) | the node, gone; its lease released |
 //! | `POST /api/v1/nodes/<name>/renew` | that node's certificate | [`kiln_core::NodeCertificate`] for the same key ([`kiln_core::RenewRequest`]) |
 //! | `GET /api/v1/peers?revision=N&epoch=E&timeout=S` | node | long poll: [`kiln_core::Peers`] once the revision passes N: the changes since N under epoch E, else the whole list |
+//! | `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S` | node | the same as a stream: one [`kiln_core::Peers`] a line, each the changes since the line before, for S seconds |
 //! | `GET /api/v1/nodes?after=NAME&limit=N` | operator | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
 //! | `GET /api/v1/sd` | operator, or the SD token (`STATE/sd-token`) | Prometheus HTTP service discovery: one target group per node (streamed) |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
@@ -249,16 +250,62 @@ fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
     register.or(own).unify().or(peers).unify().or(checks::node_routes(api)).unify().boxed()
 }
 
-/// Long poll for the peers list: for the cluster's nodes only.
+/// A streamed peers watch sends a line at least this often, changes or
+/// not: a node that hears nothing for twice as long knows the stream is
+/// dead.
+pub const WATCH_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The peers watch, for the cluster's nodes only: a long poll, or with
+/// `watch=true` a stream of lines for `timeout` seconds (300 by default,
+/// at most an hour), each line the changes since the one before.
 async fn peers(api: &Api, caller: &Caller, q: PeersQuery) -> Response {
     if let Err(denied) = authorize(api, caller, None) {
         return denied.into_response();
     }
-    let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
-    let json = api.registry.watch_peers_json(q.revision.unwrap_or(0), q.epoch, timeout).await;
-    let mut resp = Response::new(json.into());
-    resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/json"));
+    let (seen, epoch) = (q.revision.unwrap_or(0), q.epoch);
+    let (mut resp, content_type) = if q.watch.unwrap_or(false) {
+        let lasting = std::time::Duration::from_secs(q.timeout.unwrap_or(300).min(3600));
+        (peers_stream(api.registry.clone(), seen, epoch, lasting), "application/x-ndjson")
+    } else {
+        let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
+        (Response::new(api.registry.watch_peers_json(seen, epoch, timeout).await.1.into()), "application/json")
+    };
+    resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static(content_type));
     resp
+}
+
+/// The body of a streamed peers watch: its first line at once (the
+/// changes since `seen` under `epoch`, else the whole list), then a line
+/// for each change of revision (those that came while the node read the
+/// last line come together) or after [`WATCH_KEEPALIVE`] of none, until
+/// `lasting` has passed. One line waits at most: a node that does not
+/// read holds one line, and the listener closes it after its idle time.
+fn peers_stream(registry: Arc<Registry>, seen: u64, epoch: Option<u64>, lasting: std::time::Duration) -> Response {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + lasting;
+        let (mut seen, mut epoch, mut wait) = (seen, epoch, std::time::Duration::ZERO);
+        let mut first = true;
+        loop {
+            let (revision, line) = tokio::select! {
+                answer = registry.watch_peers_json(seen, epoch, wait) => answer,
+                () = tx.closed() => return,
+            };
+            let over = tokio::time::Instant::now() >= deadline;
+            // At its end, the stream says nothing more unless something changed.
+            if over && !first && epoch == Some(registry.epoch()) && revision == seen {
+                return;
+            }
+            if tx.send(line).await.is_err() || over {
+                return;
+            }
+            first = false;
+            (seen, epoch) = (revision, Some(registry.epoch()));
+            wait = deadline.saturating_duration_since(tokio::time::Instant::now()).min(WATCH_KEEPALIVE);
+        }
+    });
+    let lines = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|line| line.map(Ok::<_, std::convert::Infallible>)));
+    warp::reply::stream(lines).into_response()
 }
 
 /// What the cluster has: nodes, service discovery, profiles and groups.
@@ -695,11 +742,12 @@ async fn record_registration(api: &Api, req: &RegisterRequest, csr: Option<&crat
     }
 }
 
-/// `?revision=N&epoch=E&timeout=S` of the peers watch.
+/// `?revision=N&epoch=E&timeout=S&watch=true` of the peers watch.
 #[derive(Debug, serde::Deserialize)]
 struct PeersQuery {
     revision: Option<u64>,
     epoch: Option<u64>,
+    watch: Option<bool>,
     timeout: Option<u64>,
 }
 

@@ -96,11 +96,11 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// These limits with the connection cap lowered, if needed, below
-    /// `nofile` descriptors less a reserve (half of them, at least 256),
-    /// which also holds the sockets being closed ([`Limits::max_sockets`]).
+    /// These limits with the connection cap lowered, if needed, so that
+    /// [`Limits::max_sockets`] (the cap and the sockets being closed) and
+    /// a reserve of 256 (files, the store, TFTP) fit in `nofile` descriptors.
     pub fn fit(self, nofile: u64) -> Limits {
-        let room = nofile.saturating_sub(FD_RESERVE.max(nofile / 2)).max(8);
+        let room = (nofile.saturating_sub(FD_RESERVE) * 4 / 5).max(8);
         Limits { max_connections: self.max_connections.min(usize::try_from(room).unwrap_or(usize::MAX)), ..self }
     }
 
@@ -696,9 +696,10 @@ mod tests {
     #[test]
     fn the_cap_fits_the_descriptor_limit() {
         let l = Limits::default();
-        assert_eq!(l.fit(1024).max_connections, 512, "1024 descriptors: half kept");
+        assert_eq!(l.fit(1024).max_connections, 614, "1024 descriptors: the reserve, and a quarter more for closing sockets");
+        assert!(l.fit(1024).max_sockets() + 256 <= 1024);
         assert_eq!(l.fit(1 << 20).max_connections, 4096, "plenty of descriptors: the cap as asked");
-        assert_eq!(l.fit(300).max_connections, 44, "a reserve of at least 256");
+        assert_eq!(l.fit(300).max_connections, 35, "a reserve of 256");
         assert_eq!(l.fit(10).max_connections, 8, "never below 8");
     }
 }

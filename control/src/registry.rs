@@ -843,9 +843,10 @@ impl Registry {
         }
     }
 
-    /// [`Registry::watch_peers`], as JSON: serialised once per revision
+    /// [`Registry::watch_peers`], as one line of JSON (a newline at its
+    /// end), and the revision it answers at: serialised once per revision
     /// and revision asked from, whoever asks.
-    pub async fn watch_peers_json(&self, seen: u64, epoch: Option<u64>, timeout: std::time::Duration) -> bytes::Bytes {
+    pub async fn watch_peers_json(&self, seen: u64, epoch: Option<u64>, timeout: std::time::Duration) -> (u64, bytes::Bytes) {
         let from = self.wait_for_change(seen, epoch, timeout).await;
         let current = *self.revision.borrow();
         {
@@ -853,11 +854,13 @@ impl Registry {
             if cache.0 == current
                 && let Some(json) = cache.1.get(&from.unwrap_or(u64::MAX))
             {
-                return json.clone();
+                return (current, json.clone());
             }
         }
         let peers = self.answer(from);
-        let json = bytes::Bytes::from(serde_json::to_vec(&peers).expect("peers serialise"));
+        let mut line = serde_json::to_vec(&peers).expect("peers serialise");
+        line.push(b'\n');
+        let json = bytes::Bytes::from(line);
         let mut cache = self.peers_json.lock().expect("peers cache lock");
         if cache.0 < peers.revision {
             *cache = (peers.revision, HashMap::new());
@@ -866,7 +869,12 @@ impl Registry {
         if cache.0 == peers.revision && cache.1.len() < 64 {
             cache.1.insert(from.unwrap_or(u64::MAX), json.clone());
         }
-        json
+        (peers.revision, json)
+    }
+
+    /// This run's epoch ([`Peers::epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Every node, by name.
@@ -1208,7 +1216,7 @@ mod tests {
         let delta = reg.watch_peers(seen, Some(epoch), zero).await;
         assert!(delta.delta && delta.left.is_empty(), "{delta:?}");
         assert_eq!(delta.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), [joined.name.as_str()]);
-        let bytes = reg.watch_peers_json(seen, Some(epoch), zero).await;
+        let (_, bytes) = reg.watch_peers_json(seen, Some(epoch), zero).await;
         assert!(bytes.len() < 300, "a join is one small message: {} bytes", bytes.len());
         // One leave: one subnet.
         let subnet = joined.subnet.unwrap();

@@ -27,6 +27,27 @@ fn every_route_through_the_client() {
     let peers = block_on(node.peers(None, Duration::ZERO)).unwrap();
     assert!(peers.peers.iter().any(|p| p.subnet == lease.subnet), "the node is among the peers: {peers:?}");
 
+    // The streamed watch: the whole list at once, then each change as it
+    // happens, on the one connection.
+    block_on(async {
+        let mut stream = node.watch_peers(None, Duration::from_secs(20)).await.unwrap();
+        let first = stream.next().await.unwrap().expect("a first line at once");
+        assert!(!first.delta && first.peers.iter().any(|p| p.subnet == lease.subnet), "{first:?}");
+        let other = boot.register(&node_request(8)).await.unwrap();
+        let joined = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("the join, at once").unwrap().unwrap();
+        assert!(joined.delta && joined.left.is_empty(), "a change, not the whole list: {joined:?}");
+        assert_eq!(joined.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["node-8"]);
+        let other = server.api_client_as(None).with_token(&other.token);
+        let gone = other.leave_node("node-8").await.unwrap();
+        let left = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("the leave, at once").unwrap().unwrap();
+        assert!(left.delta && left.peers.is_empty() && left.left == [gone.subnet.unwrap()], "{left:?}");
+        // From the last revision under this epoch: nothing new, at once.
+        let mut again = node.watch_peers(Some((left.epoch, left.revision)), Duration::from_secs(1)).await.unwrap();
+        let resumed = again.next().await.unwrap().expect("a first line");
+        assert!(resumed.delta && resumed.peers.is_empty() && resumed.left.is_empty(), "{resumed:?}");
+        assert!(again.next().await.unwrap().is_none(), "the stream ends after its time");
+    });
+
     // The listings.
     let nodes = block_on(server.api_client().nodes()).unwrap();
     assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["node-7"]);

@@ -176,8 +176,10 @@ impl Overlay {
             }
         };
         let mut applied: Option<Applied> = None;
-        // The epoch and revision of the last answer, and the peers it left
-        // us with: the next answer is the changes since.
+        // The peers watch (a stream), the epoch and revision of its last
+        // answer, and the peers it left us with: the next answer is the
+        // changes since.
+        let mut stream: Option<kiln_client::PeersStream> = None;
         let mut since: Option<(u64, u64)> = None;
         let mut held = reconcile::Held::default();
         // Peers watch errors: retried soon, a join must not wait. Device
@@ -202,7 +204,7 @@ impl Overlay {
                 Step::Apply(reg, lease) => match self.apply_lease(&rtnl, &reg.name, &lease, applied.as_ref()).await {
                     Ok(a) => {
                         applied = Some(a);
-                        since = None;
+                        (stream, since) = (None, None);
                         setup_backoff.reset();
                         reg
                     }
@@ -224,10 +226,11 @@ impl Overlay {
                     if r.is_err() {
                         return;
                     }
-                    since = None;
+                    (stream, since) = (None, None);
                 }
-                answer = node.peers(since, Duration::from_secs(30)) => match answer {
-                    Ok(peers) => {
+                answer = next_peers(&node, &mut stream, since) => match answer {
+                    Ok(None) => stream = None,
+                    Ok(Some(peers)) => {
                         backoff.reset();
                         since = Some((peers.epoch, peers.revision));
                         self.rounds.send_if_modified(|r| {
@@ -238,13 +241,13 @@ impl Overlay {
                         let change = held.apply(peers);
                         if let Err(e) = self.reconcile(&rtnl, &a, &change).await {
                             warn!("flannel: reconciling peers: {}", chain(&e));
-                            since = None;
+                            (stream, since) = (None, None);
                             backoff.wait().await;
                         }
                     }
                     Err(e) => {
                         warn!("flannel: peers watch: {} (retrying in {:?})", chain(&e), backoff.peek());
-                        since = None;
+                        (stream, since) = (None, None);
                         backoff.wait().await;
                     }
                 },
@@ -338,6 +341,23 @@ impl Overlay {
             Err(e) => warn!("flannel: {}", chain(&e)),
         }
     }
+}
+
+/// How long one peers watch stream lasts before the agent opens the next.
+const WATCH_LASTS: Duration = Duration::from_secs(300);
+
+/// The next answer of the peers watch: from the open stream, or from a new
+/// one (from `since`) when none is open. `None`: the stream ended.
+async fn next_peers(
+    node: &kiln_client::Client,
+    stream: &mut Option<kiln_client::PeersStream>,
+    since: Option<(u64, u64)>,
+) -> Result<Option<kiln_core::Peers>, kiln_client::Error> {
+    let open = match stream {
+        Some(open) => open,
+        None => stream.insert(node.watch_peers(since, WATCH_LASTS).await?),
+    };
+    open.next().await
 }
 
 /// What the overlay loop does next, given what is installed (lease and

@@ -25,7 +25,15 @@
 //! `--join-token`: registrations carry this join token (`--token` does the
 //! same: any token the server takes for registration).
 //!
+//! `--cluster`: issue 16's figures instead (see [`cluster`]): `--agents`
+//! nodes that all hold the peers watch and heartbeat every 10 s, then a
+//! wave of `--wave` joins and leaves at `--rate`; `--server-pid` to read
+//! the server's CPU and memory.
+//!
 //! Prints one JSON object.
+
+#[path = "control-load/cluster.rs"]
+mod cluster;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +52,9 @@ struct Args {
     seconds: u64,
     offset: usize,
     rate: f64,
+    cluster: bool,
+    wave: usize,
+    server_pid: Option<u32>,
 }
 
 fn args() -> Args {
@@ -58,6 +69,9 @@ fn args() -> Args {
         seconds: 10,
         offset: 0,
         rate: 200.0,
+        cluster: false,
+        wave: 100,
+        server_pid: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +87,9 @@ fn args() -> Args {
             "--seconds" => a.seconds = value().parse().expect("--seconds N"),
             "--offset" => a.offset = value().parse().expect("--offset N"),
             "--rate" => a.rate = value().parse().expect("--rate PER_SECOND"),
+            "--cluster" => a.cluster = true,
+            "--wave" => a.wave = value().parse().expect("--wave N"),
+            "--server-pid" => a.server_pid = Some(value().parse().expect("--server-pid PID")),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -178,15 +195,22 @@ impl Load {
     /// (a pool of its own), else `pooled` with its token.
     fn node_client(&self, pooled: &Client, node: &Registered) -> Client {
         match &node.identity {
-            Some(identity) => Client::builder(&self.api)
-                .ca_pem(self.ca.as_deref())
-                .identity_pem(Some(identity))
-                .timeout(Duration::from_secs(120))
-                .no_proxy()
-                .build()
-                .unwrap_or_else(|e| panic!("{}", chain(&e))),
+            Some(_) => self.identity_client(node, false),
             None => pooled.with_token(&node.token),
         }
+    }
+
+    /// A client of the node's own: its certificate when it has one, else
+    /// its token; with `fresh`, a new connection for every call.
+    fn identity_client(&self, node: &Registered, fresh: bool) -> Client {
+        let b = Client::builder(&self.api)
+            .ca_pem(self.ca.as_deref())
+            .identity_pem(node.identity.as_deref())
+            .token(&node.token)
+            .timeout(Duration::from_secs(120))
+            .no_proxy();
+        let b = if fresh { b.fresh_connections() } else { b };
+        b.build().unwrap_or_else(|e| panic!("{}", chain(&e)))
     }
 }
 
@@ -213,10 +237,14 @@ async fn main() {
         b.build().unwrap_or_else(|e| panic!("{}", chain(&e)))
     };
     let made = Instant::now();
-    let keys = if a.csr { node_keys(2 * a.agents + 1) } else { Vec::new() };
+    let count = if a.cluster { 2 * a.agents + a.wave } else { 2 * a.agents + 1 };
+    let keys = if a.csr { node_keys(count) } else { Vec::new() };
     eprintln!("{} keys and CSRs made in {:.2} s (not timed)", keys.len(), made.elapsed().as_secs_f64());
     let load = Arc::new(Load { api: a.api.clone(), ca: ca.clone(), keys: Arc::new(keys), offset: a.offset, fresh: client(false) });
     let pooled = client(true);
+    if a.cluster {
+        return cluster::run(&a, load).await;
+    }
 
     // 1. Registration throughput, closed loop.
     let semaphore = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
