@@ -877,6 +877,16 @@ impl Registry {
         self.epoch
     }
 
+    /// How many nodes are registered, pending ones included.
+    pub fn len(&self) -> usize {
+        self.state.lock().expect("registry lock").nodes.len()
+    }
+
+    /// Whether no node is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Every node, by name.
     pub fn nodes(&self) -> Vec<Node> {
         self.state.lock().expect("registry lock").nodes.values().map(|r| r.node.clone()).collect()

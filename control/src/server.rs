@@ -303,7 +303,8 @@ fn served(routes: warp::filters::BoxedFilter<(warp::reply::Response,)>) -> warp:
 /// Serves the API over TLS on `tls`, and the boot routes and artifacts on
 /// `plain` (with the nodes' routes too when `plain_nodes`), all through
 /// [`listen::serve`] within `limits` (the connection cap lowered to fit the
-/// descriptor limit, first raised to its hard limit). The sender stops both.
+/// descriptor limit, first raised to its hard limit). The sender stops both;
+/// the cap in effect is returned with them.
 fn spawn_listeners(
     api: Arc<Api>,
     images: Arc<LiveImages>,
@@ -311,7 +312,7 @@ fn spawn_listeners(
     tls: TlsListener,
     plain_nodes: bool,
     limits: listen::Limits,
-) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>, usize) {
     let nofile = listen::raise_nofile_limit().unwrap_or_else(|e| {
         tracing::warn!("reading the descriptor limit: {e}");
         1024
@@ -353,7 +354,7 @@ fn spawn_listeners(
             let _ = t.await;
         }
     });
-    (stop, task)
+    (stop, task, fitted.max_connections)
 }
 
 /// How often expired join tokens and nodes are removed (more often with a
@@ -364,7 +365,9 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// Removes expired join tokens, pending machines gone quiet
 /// ([`crate::registry::PENDING_TTL`]) and nodes not heard from for the
 /// lease TTL ([`Registry::expire`]), every [`SWEEP_EVERY`], until aborted.
-async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Registry>) {
+/// Says so when the nodes' connections (two a node: the peers watch and
+/// heartbeats) would pass the connection cap `cap`.
+async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Registry>, cap: usize) {
     let every = SWEEP_EVERY.min(registry.lifecycle().lease_ttl / 4).max(std::time::Duration::from_millis(100));
     let mut every = tokio::time::interval(every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -385,6 +388,14 @@ async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Regist
         }
         if let Err(e) = registry.expire().await {
             tracing::warn!("removing nodes past the lease TTL: {}", kiln_core::error_chain(&e));
+        }
+        let nodes = registry.len();
+        if 2 * nodes > cap {
+            tracing::warn!(
+                nodes,
+                cap,
+                "the nodes hold two connections each (peers watch, heartbeats): more than the connection cap; raise --max-connections (and the descriptor limit)"
+            );
         }
     }
 }
@@ -454,8 +465,8 @@ impl Server {
             checks: crate::checks::Checks::new(registry.clone()),
         });
         let api_addr = tls.addr;
-        let (stop, task) = spawn_listeners(api, images.clone(), plain, tls, config.api.plain_nodes, config.http);
-        let sweeper = tokio::spawn(sweep(tokens, registry.clone()));
+        let (stop, task, cap) = spawn_listeners(api, images.clone(), plain, tls, config.api.plain_nodes, config.http);
+        let sweeper = tokio::spawn(sweep(tokens, registry.clone(), cap));
         if config.auto_approve {
             tracing::warn!("--auto-approve: a machine that registers with no token joins at once (labs only)");
         }
