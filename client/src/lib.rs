@@ -559,7 +559,10 @@ impl PeersStream {
     /// The longest line taken: a whole list of 100,000 peers fits.
     pub const MAX_LINE: usize = 64 << 20;
 
-    /// The next answer, or `None` once the server has ended the stream.
+    /// The next answer, or `None` once the server has ended the stream. A
+    /// server that does not stream (an older kiln) gives one answer and
+    /// ends: a watch that reopens with the last revision is then its long
+    /// poll.
     pub async fn next(&mut self) -> Result<Option<Peers>, Error> {
         let fail = |reason: String| Error::Stream { route: WATCH_ROUTE, url: self.url.clone(), reason };
         loop {
@@ -580,8 +583,15 @@ impl PeersStream {
                 .map_err(|source| Error::Answer { route: WATCH_ROUTE, url: self.url.clone(), source })?;
             match chunk {
                 Some(bytes) => self.buf.extend_from_slice(bytes.as_ref()),
-                None if self.buf.is_empty() => return Ok(None),
-                None => return Err(fail("the stream ended inside a line".into())),
+                None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
+                // A server from before streams answers once, as a long
+                // poll, without a newline: that answer, then the end.
+                None => {
+                    let last = std::mem::take(&mut self.buf);
+                    self.scanned = 0;
+                    let peers = serde_json::from_slice(&last);
+                    return peers.map(Some).map_err(|e| fail(format!("the stream ended inside a line: {e}")));
+                }
             }
         }
     }

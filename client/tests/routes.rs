@@ -61,6 +61,11 @@ async fn typed_answers_token_and_host() {
 
     let peers = client.peers(Some((7, 41)), Duration::from_secs(1)).await.unwrap();
     assert_eq!((peers.epoch, peers.revision, peers.delta), (7, 42, true), "the epoch and revision are sent as the query");
+    // This server does not stream (as a kiln from before streams): its one
+    // answer, with no newline, is the watch's one line, then the end.
+    let mut stream = client.watch_peers(Some((7, 41)), Duration::from_secs(1)).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().map(|p| p.revision), Some(42));
+    assert!(stream.next().await.unwrap().is_none(), "then the stream ends");
 
     let script = client.boot_ipxe().await.unwrap();
     assert!(script.contains("chain http://10.0.2.2:8080/ipxe"), "the Host header is the one given: {script}");
