@@ -206,6 +206,9 @@ pub fn pool_table(pools: &[kiln_core::PoolStatus]) -> String {
         }
     }
     let mut out = table(rows);
+    if let Some(leader) = pools.iter().find_map(|p| p.leader.as_ref()) {
+        out.push_str(&leader_line(leader));
+    }
     for p in pools {
         if p.out_of_date > 0 || p.rollout.paused || p.rollout.undone_to.is_some() {
             out.push_str(&format!("{}\n", rollout_line(p)));
@@ -218,6 +221,15 @@ pub fn pool_table(pools: &[kiln_core::PoolStatus]) -> String {
         }
     }
     out
+}
+
+/// Which server leads the pools, when servers on one etcd elect one.
+fn leader_line(leader: &kiln_core::pool::Leader) -> String {
+    match (&leader.server, leader.here) {
+        (Some(name), true) => format!("leader: {} (this server)\n", escape(name)),
+        (Some(name), false) => format!("leader: {} (another server: this one only watches)\n", escape(name)),
+        (None, _) => "leader: none now (an election is under way, or etcd is out of reach)\n".to_string(),
+    }
 }
 
 /// Most characters a cell of `kiln nodes` shows; a longer value is cut

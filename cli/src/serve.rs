@@ -117,6 +117,15 @@ pub struct ServeArgs {
     /// Seconds between reconcile (and autoscale) passes; `kiln scale` wakes it at once.
     #[arg(long, default_value_t = 5.0)]
     pool_interval: f64,
+    /// This server's name among the servers on one etcd, which elect the
+    /// one that runs the pools (`kiln pools` shows the leader's); default:
+    /// the host name.
+    #[arg(long)]
+    name: Option<String>,
+    /// With --etcd and --pools: the election lease's TTL, how long a
+    /// leader that died keeps the other servers from taking over. At least 3 s.
+    #[arg(long, default_value = "10s", value_parser = secs_or_duration, value_name = "TTL")]
+    leader_ttl: Duration,
     /// Where kiln makes its libvirt storage pool `kiln` (overlays, seeds,
     /// golden images, console logs) on a host that has none: a path on
     /// each host.
@@ -196,6 +205,9 @@ impl TryFrom<ServeArgs> for ServerConfig {
         if a.subnet_len < a.pod_network.prefix || a.subnet_len > 30 {
             anyhow::bail!("--subnet-len {} must be between the pod network's prefix ({}) and 30", a.subnet_len, a.pod_network.prefix);
         }
+        if a.leader_ttl < Duration::from_secs(3) {
+            anyhow::bail!("--leader-ttl must be at least 3 s (the lease is renewed every third of it)");
+        }
         if a.max_connections < 4 || a.header_timeout == 0 || a.idle_timeout == 0 {
             anyhow::bail!("--max-connections must be at least 4, --header-timeout and --idle-timeout at least 1 s");
         }
@@ -204,6 +216,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             header_timeout: Duration::from_secs(a.header_timeout),
             idle_timeout: Duration::from_secs(a.idle_timeout),
         };
+        let name = a.name.clone().unwrap_or_else(host_name);
         let pools = a.pools.map(|dir| kiln_control::pools::PoolsConfig {
             dir,
             networks: kiln_pool::Networks {
@@ -217,6 +230,8 @@ impl TryFrom<ServeArgs> for ServerConfig {
             interval: Duration::from_secs_f64(a.pool_interval.clamp(0.1, 3600.0)),
             autoscale_dry_run: a.autoscale_dry_run,
             storage_dir: a.pool_storage,
+            name: name.clone(),
+            leader_ttl: a.leader_ttl,
         });
         let api = ApiListen { listen: a.api_listen, advertise: a.advertise_api, names: a.tls_names, plain_nodes: a.plain_http };
         let store = if a.etcd.is_empty() {
@@ -226,6 +241,8 @@ impl TryFrom<ServeArgs> for ServerConfig {
                 endpoints: a.etcd,
                 prefix: a.etcd_prefix,
                 ttl: a.lease_ttl.max(Duration::from_secs(1)),
+                grace: a.node_grace.max(Duration::from_secs(1)),
+                name: name.clone(),
             })
         };
         Ok(ServerConfig {
@@ -252,6 +269,11 @@ impl TryFrom<ServeArgs> for ServerConfig {
             },
         })
     }
+}
+
+/// This machine's host name (`--name`'s default).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "kiln".into())
 }
 
 /// Serves until SIGINT or SIGTERM, then shuts down gracefully.

@@ -320,12 +320,12 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
                     .as_ref()
                     .map(|p| p.status().into_iter().filter_map(|s| Some((s.name, s.target?))).collect())
                     .unwrap_or_default();
-                let (now, grace) = (time::OffsetDateTime::now_utc(), api.registry.lifecycle().grace);
+                let registry = api.registry.clone();
                 json_array(JsonPages::new(api, page, move |mut n: kiln_core::Node| {
                     n.host = hosts.get(&n.name).cloned();
                     n.out_of_date =
                         n.pool.as_ref().and_then(|p| targets.get(p)).map(|t| n.image_digest.parse::<kiln_core::Digest>().ok() != Some(*t));
-                    n.state = Some(n.state_at(now, grace));
+                    n.state = Some(registry.state_of(&n));
                     Some(n)
                 }))
             })
@@ -1033,6 +1033,9 @@ async fn machine_script(api: &Api, host: Option<&str>, query: &BTreeMap<String, 
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
     };
+    if let (Some(pools), Some(mac)) = (&api.pools, machine.mac) {
+        pools.observe_for(mac).await;
+    }
     let booting = match machine_profile(api, &mut machine, None) {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),
@@ -1061,6 +1064,9 @@ async fn seed_file(api: &Api, host: Option<&str>, mac: &str, generation: Option<
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &kiln_core::error_chain(&e)),
     };
+    if let (Some(pools), Some(mac)) = (&api.pools, machine.mac) {
+        pools.observe_for(mac).await;
+    }
     let booting = match machine_profile(api, &mut machine, generation) {
         Ok(found) => found,
         Err((status, message)) => return error(status, &message),

@@ -22,6 +22,8 @@
 //!   kiln-pxe on plain HTTP plus the API over TLS, with its state directory.
 //! - [`pools`]: what the pool task (kiln-pool) needs of the control plane:
 //!   registered nodes, leases, stored replicas, images and seeds.
+//! - [`leader`]: which of the servers on one etcd runs the pools, elected
+//!   on an etcd lease.
 //!
 //! A new store implements [`store::Store`]; a new endpoint is a filter
 //! in [`api`] that the server composes.
@@ -29,6 +31,7 @@
 pub mod api;
 pub mod checks;
 pub mod join_tokens;
+pub mod leader;
 pub mod listen;
 pub mod operators;
 pub mod pools;

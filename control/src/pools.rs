@@ -71,6 +71,12 @@ pub struct PoolsConfig {
     /// Where kiln's storage pool is made on a host that has none
     /// (`--pool-storage`; a path on each host).
     pub storage_dir: String,
+    /// This server's name among those on one etcd (`--name`): the value
+    /// it campaigns with, which `kiln pools` shows for the leader.
+    pub name: String,
+    /// The election lease's TTL (`--leader-ttl`): how long a killed
+    /// leader keeps the others from leading ([`crate::leader`]).
+    pub leader_ttl: Duration,
 }
 
 /// What the pools need of the rest of the server.
@@ -108,7 +114,11 @@ impl Minter {
 /// thread; kiln's network is made where it is wanted), and starts the pool
 /// task. Also returns the address of kiln's network on this machine when a
 /// pool's nodes are on it: the server serves there too.
-pub async fn start(config: PoolsConfig, parts: Parts) -> Result<(PoolsHandle, Option<std::net::Ipv4Addr>), Error> {
+pub async fn start(
+    config: PoolsConfig,
+    parts: Parts,
+    leadership: Option<tokio::sync::watch::Receiver<kiln_pool::Lead>>,
+) -> Result<(PoolsHandle, Option<std::net::Ipv4Addr>), Error> {
     let media = Media {
         images: parts.images,
         catalog: parts.catalog,
@@ -130,6 +140,7 @@ pub async fn start(config: PoolsConfig, parts: Parts) -> Result<(PoolsHandle, Op
         settings: Settings { accel: config.accel },
         interval: config.interval,
         autoscale_dry_run: config.autoscale_dry_run,
+        leadership,
     };
     Ok((service::start(fleet, control, service_config).await?, here))
 }

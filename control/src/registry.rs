@@ -193,6 +193,9 @@ struct State {
     /// Public IP of a lease → the nodes whose lease carries it (one, but
     /// for a NotReady holder's replacement).
     by_public_ip: HashMap<IpAddr, Vec<String>>,
+    /// Nodes another server sharing the store heard from within the grace
+    /// period ([`Change::Alive`]): Ready here too.
+    alive: std::collections::HashSet<String>,
 }
 
 impl State {
@@ -210,6 +213,7 @@ impl State {
             foreign: BTreeMap::new(),
             check: None,
             by_public_ip: HashMap::new(),
+            alive: Default::default(),
         }
     }
 
@@ -365,6 +369,14 @@ pub struct Registry {
     lifecycle: Mutex<Lifecycle>,
 }
 
+/// `node`'s state at `now`, heard from here or (in `st.alive`) by another server.
+fn state_in(st: &State, node: &Node, now: OffsetDateTime, grace: std::time::Duration) -> NodeState {
+    match node.state_at(now, grace) {
+        NodeState::NotReady if st.alive.contains(&node.name) => NodeState::Ready,
+        state => state,
+    }
+}
+
 /// A node's pool from its hostname.
 pub type PoolOf = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -381,6 +393,7 @@ impl Registry {
         for peer in loaded.foreign {
             state.insert_foreign(peer);
         }
+        state.alive = loaded.alive.into_iter().collect();
         state.log.seal(1);
         let (revision, _) = tokio::sync::watch::channel(1);
         let changes = store.watch();
@@ -442,9 +455,12 @@ impl Registry {
         *self.lifecycle.lock().expect("lifecycle lock")
     }
 
-    /// `node`'s state now ([`Node::state_at`] with [`Lifecycle::grace`]).
+    /// `node`'s state now: [`Node::state_at`] with [`Lifecycle::grace`],
+    /// but Ready when another server on the store heard from it within
+    /// the grace period.
     pub fn state_of(&self, node: &Node) -> NodeState {
-        node.state_at(OffsetDateTime::now_utc(), self.lifecycle().grace)
+        let grace = self.lifecycle().grace;
+        state_in(&self.state.lock().expect("registry lock"), node, OffsetDateTime::now_utc(), grace)
     }
 
     /// Sets how a registering node's pool is found from its hostname (once).
@@ -513,6 +529,14 @@ impl Registry {
                     }
                     tracing::info!(subnet = %peer.subnet, public_ip = %peer.public_ip, "foreign lease (flanneld) joined");
                     st.insert_foreign(peer);
+                }
+                Change::Alive { name, live } => {
+                    // Readiness only: the peers do not change.
+                    match live {
+                        true => st.alive.insert(name),
+                        false => st.alive.remove(&name),
+                    };
+                    return;
                 }
                 Change::LeaseDeleted(subnet) => {
                     if st.remove_foreign(subnet).is_none() {
@@ -707,7 +731,7 @@ impl Registry {
     fn public_ip_holder(&self, st: &State, name: &str, ip: IpAddr, now: OffsetDateTime) -> Option<String> {
         let grace = self.lifecycle().grace;
         let holders = st.by_public_ip.get(&ip).into_iter().flatten().filter(|n| n.as_str() != name);
-        let live = holders.filter_map(|n| st.nodes.get(n)).find(|r| r.node.state_at(now, grace) == NodeState::Ready);
+        let live = holders.filter_map(|n| st.nodes.get(n)).find(|r| state_in(st, &r.node, now, grace) == NodeState::Ready);
         live.map(|r| r.node.name.clone())
             .or_else(|| st.in_flight.iter().find(|(n, (_, _, held))| n.as_str() != name && *held == Some(ip)).map(|(n, _)| n.clone()))
     }

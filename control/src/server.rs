@@ -184,6 +184,8 @@ pub struct Server {
     pub proxy_dhcp: Option<ProxyDhcp>,
     /// The pool task, when asked for.
     pub pools: Option<kiln_pool::PoolsHandle>,
+    /// The election of the server that leads the pools, on etcd.
+    election: Option<crate::leader::Election>,
     stop: tokio::sync::oneshot::Sender<()>,
     /// Removes expired join tokens.
     sweeper: tokio::task::JoinHandle<()>,
@@ -420,6 +422,7 @@ impl Server {
         if crate::operators::ensure_admin(&config.state, &ca)? {
             tracing::info!(cert = %crate::StateDir::new(&config.state).admin_cert().display(), "issued the operator certificate `admin`");
         }
+        let mut election = None;
         let pools = match config.pools.clone() {
             Some(mut pc) => {
                 let api_at = |host: &str| match config.api.plain_nodes {
@@ -438,7 +441,12 @@ impl Server {
                     catalog: catalog.clone(),
                     minter: minter.clone(),
                 };
-                let (pools, here) = crate::pools::start(pc, parts).await?;
+                // Servers on one etcd elect the one that changes the hosts.
+                if let StoreConfig::Etcd(etcd) = &config.store {
+                    election = Some(crate::leader::Election::start(etcd.endpoints.clone(), pc.name.clone(), pc.leader_ttl));
+                }
+                let leadership = election.as_ref().map(crate::leader::Election::lead);
+                let (pools, here) = crate::pools::start(pc, parts, leadership).await?;
                 if let Some(gateway) = here.map(std::net::IpAddr::V4) {
                     plain.extend(also_on_kiln_network(gateway, config.listen, addr).await);
                     let api = also_on_kiln_network(gateway, config.api.listen, tls.addr).await;
@@ -478,7 +486,8 @@ impl Server {
         tracing::info!(profiles = catalog.profiles().count(), groups = catalog.groups().count(), "profiles loaded");
         tracing::info!("http: listening on {addr}");
         let ca = ca.cert_path.clone();
-        let mut server = Server { addr, api_addr, ca, images, registry, tftp: None, proxy_dhcp: None, pools, stop, task, sweeper, watcher };
+        let mut server =
+            Server { addr, api_addr, ca, images, registry, tftp: None, proxy_dhcp: None, pools, election, stop, task, sweeper, watcher };
         server.start_pxe(&config).await?;
         Ok(server)
     }
@@ -512,6 +521,10 @@ impl Server {
     pub async fn shutdown(self) {
         if let Some(p) = &self.pools {
             p.stop().await;
+        }
+        // After the pools' last pass: the next server leads at once.
+        if let Some(e) = self.election {
+            e.resign().await;
         }
         if let Some(p) = self.proxy_dhcp {
             p.shutdown().await;

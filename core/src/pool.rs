@@ -63,6 +63,21 @@ pub struct PoolStatus {
     /// Ready nodes seen while it ran.
     #[serde(default)]
     pub rollout: RolloutStatus,
+    /// The server that runs the reconciler and the autoscaler, when
+    /// servers share an etcd and elect one; absent with one server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<Leader>,
+}
+
+/// Which of the servers on one etcd leads the pools, as the one asked sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leader {
+    /// The leader's name (`kiln serve --name`); `None` while no server
+    /// holds the election (it is being held, or etcd is out of reach).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// The server that answered leads.
+    pub here: bool,
 }
 
 /// The body of `POST /api/v1/pools/NAME/scale`.

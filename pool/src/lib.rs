@@ -57,7 +57,7 @@ pub use fleet::{Fleet, LoadError, Networks, NodeMedia, ServedImage};
 pub use hypervisor::{HostMemory, Hypervisor, Libvirt, NodeDomain};
 pub use plan::{Action, Desired, HostDomain, Observed, Overlay, plan};
 pub use reconcile::{Provisioner, Registry, Report, Settings, reconcile};
-pub use service::{ControlPlane, PoolsHandle, RolloutError, ScaleError, Status};
+pub use service::{ControlPlane, Lead, PoolsHandle, RolloutError, ScaleError, Status};
 pub use spec::{Autoscale, Boot, Metric, Pool, PoolSpec, load_dir};
 pub use volumes::Volumes;
 

@@ -89,6 +89,11 @@ pub trait Registry {
     fn registered(&self) -> Result<Vec<(NodeId, bool)>, Error>;
     /// Removes `node` and releases its lease; succeeds when it is not registered.
     fn deregister(&self, node: &NodeId) -> Result<(), Error>;
+    /// Whether this server may change the hosts now (it leads, or is
+    /// alone): asked before the plan and before each of its actions.
+    fn acts(&self) -> bool {
+        true
+    }
 }
 
 /// How nodes run, the same for every pool of a server.
@@ -187,6 +192,11 @@ pub fn reconcile(
         }
     }
 
+    if !registry.acts() {
+        // Another server leads: observe only.
+        report.after = observed;
+        return report;
+    }
     let by_name: BTreeMap<&str, &Pool> = pools.iter().map(|p| (p.name.as_str(), p)).collect();
     let desired: Vec<Desired> = pools
         .iter()
@@ -207,6 +217,10 @@ pub fn reconcile(
         })
         .collect();
     for action in plan(&desired, &observed) {
+        if !registry.acts() {
+            report.failed.push((None, "no longer the leader: the rest of the pass is left to the server that leads".into()));
+            break;
+        }
         let start = std::time::Instant::now();
         let result = carry_out(&action, &by_name, hosts, provisioner, registry, settings);
         match result {

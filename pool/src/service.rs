@@ -76,6 +76,51 @@ pub struct Config {
     pub interval: Duration,
     /// Autoscalers decide and log, but change nothing.
     pub autoscale_dry_run: bool,
+    /// Who may act on the hosts, when servers share a store and elect one
+    /// ([`Lead`]); `None`: this server alone.
+    pub leadership: Option<watch::Receiver<Lead>>,
+}
+
+/// Which server may change the hosts, as this one knows it. A server
+/// that does not lead still observes every pass (its `kiln pools`, the
+/// boot scripts of network nodes), but neither creates, starts nor
+/// removes anything, and its autoscaler does not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lead {
+    /// This server, while its election lease lasts: until `until`, a time
+    /// before the lease's expiry as the store counts it.
+    Here {
+        /// This server's name.
+        server: String,
+        /// When the lease may have expired, unless renewed first.
+        until: Instant,
+    },
+    /// Another server, by its name.
+    Elsewhere(String),
+    /// No server holds the election now (one is being held, or the store
+    /// is out of reach).
+    Nobody,
+}
+
+impl Lead {
+    /// Whether this server may act now.
+    pub fn acts(&self) -> bool {
+        matches!(self, Lead::Here { until, .. } if Instant::now() < *until)
+    }
+
+    /// As `kiln pools` shows it.
+    pub fn status(&self) -> kiln_core::pool::Leader {
+        match self {
+            Lead::Here { server, .. } => kiln_core::pool::Leader { server: Some(server.clone()), here: true },
+            Lead::Elsewhere(server) => kiln_core::pool::Leader { server: Some(server.clone()), here: false },
+            Lead::Nobody => kiln_core::pool::Leader::default(),
+        }
+    }
+}
+
+/// Whether a server may act: always alone, else while it leads.
+fn acts(leadership: &Option<watch::Receiver<Lead>>) -> bool {
+    leadership.as_ref().is_none_or(|l| l.borrow().acts())
 }
 
 /// Starting the task failed.
@@ -157,10 +202,29 @@ pub struct Status {
 }
 
 enum Command {
-    Scale { pool: String, replicas: u32, reply: oneshot::Sender<Result<(), ScaleError>> },
-    Rollout { pool: String, action: RolloutAction, reply: oneshot::Sender<Result<PoolStatus, RolloutError>> },
-    Stop { reply: oneshot::Sender<()> },
+    Scale {
+        pool: String,
+        replicas: u32,
+        reply: oneshot::Sender<Result<(), ScaleError>>,
+    },
+    Rollout {
+        pool: String,
+        action: RolloutAction,
+        reply: oneshot::Sender<Result<PoolStatus, RolloutError>>,
+    },
+    Stop {
+        reply: oneshot::Sender<()>,
+    },
+    /// Answered after the next pass has looked at the hosts.
+    Observe {
+        reply: oneshot::Sender<()>,
+    },
 }
+
+/// How long a boot request waits for the hosts to be looked at again.
+const OBSERVE_WAIT: Duration = Duration::from_secs(10);
+/// Passes asked for by boot requests come no closer together than this.
+const OBSERVE_GAP: Duration = Duration::from_secs(1);
 
 /// The running pool task, as the API and the server hold it.
 #[derive(Clone)]
@@ -220,6 +284,26 @@ impl PoolsHandle {
         Some((node, pool))
     }
 
+    /// Before a boot request of a machine with `mac` is answered: when no
+    /// node known has that MAC but one of a pool's could (a node's MAC
+    /// comes from its name), waits until the task has looked at the hosts
+    /// again (at most [`OBSERVE_WAIT`]). A node another server made, or
+    /// one made in the pass under way, boots as its pool's, not as an
+    /// unknown machine. Requests that come together share one pass.
+    pub async fn observe_for(&self, mac: Mac) {
+        let could_be = || self.pools.iter().any(|p| (0..p.max).any(|i| NodeId::new(p.name.as_str(), i).mac() == mac));
+        if self.member(mac).is_some() || !could_be() {
+            return;
+        }
+        let (reply, done) = oneshot::channel();
+        let asked = async {
+            if self.commands.send(Command::Observe { reply }).await.is_ok() {
+                let _ = done.await;
+            }
+        };
+        let _ = tokio::time::timeout(OBSERVE_WAIT, asked).await;
+    }
+
     /// A receiver of every status the task publishes.
     pub fn watch(&self) -> watch::Receiver<Status> {
         self.status.clone()
@@ -251,7 +335,13 @@ pub async fn start<C: ControlPlane, M: NodeMedia>(fleet: Fleet<M>, control: C, c
     let last: Vec<PoolStatus> = pools.iter().map(empty_status).collect();
     let (publish, status) = watch::channel(Status::default());
     let (commands, inbox) = mpsc::channel(16);
+    let leadership = config.leadership.clone();
     let mut task = Task {
+        acted: acts(&leadership),
+        leadership,
+        lead_open: true,
+        observers: Vec::new(),
+        passed: Instant::now(),
         pools: pools.clone(),
         control: Arc::new(control),
         fleet: Some(fleet),
@@ -282,6 +372,15 @@ struct AutoState {
 }
 
 struct Task<C, M> {
+    /// Who may act ([`Config::leadership`]), and whether its sender is still there.
+    leadership: Option<watch::Receiver<Lead>>,
+    lead_open: bool,
+    /// Whether this server could act at the last change of the leadership.
+    acted: bool,
+    /// Boot requests waiting for the next pass ([`PoolsHandle::observe_for`]).
+    observers: Vec<oneshot::Sender<()>>,
+    /// When the last pass ended.
+    passed: Instant,
     pools: Arc<[Pool]>,
     control: Arc<C>,
     /// Home between passes; lent to a blocking thread during one.
@@ -322,12 +421,19 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
             if let Some(reply) = self.pass().await {
                 return Some(reply);
             }
-            let deadline = tokio::time::Instant::now() + self.config.interval;
+            let mut deadline = tokio::time::Instant::now() + self.config.interval;
+            if !self.observers.is_empty() {
+                deadline = deadline.min((self.passed + OBSERVE_GAP).into());
+            }
             loop {
                 tokio::select! {
                     command = self.inbox.recv() => match command {
                         None => return None,
                         Some(Command::Stop { reply }) => return Some(reply),
+                        Some(Command::Observe { reply }) => {
+                            self.observers.push(reply);
+                            deadline = deadline.min((self.passed + OBSERVE_GAP).into());
+                        }
                         // A scale or a rollout change wakes the reconciler at once.
                         Some(Command::Scale { pool, replicas, reply }) => if self.answer(&pool, replicas, reply).await { break },
                         Some(Command::Rollout { pool, action, reply }) => {
@@ -338,8 +444,37 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
                         }
                     },
                     () = tokio::time::sleep_until(deadline) => break,
+                    // Leading from now: a pass at once (a failover's takeover).
+                    () = lead_changed(&mut self.leadership, &mut self.lead_open) => {
+                        let (was, now) = (self.acted, acts(&self.leadership));
+                        self.acted = now;
+                        self.publish();
+                        if now && !was {
+                            break;
+                        }
+                    }
                 }
             }
+        }
+    }
+
+    /// The replicas and rollout settings as stored now: another server on
+    /// the same store may have changed them (`kiln scale` answered there),
+    /// or led before this one. On an error, the ones known are kept.
+    async fn reread(&mut self) {
+        match self.control.replicas().await {
+            Ok(stored) => {
+                for (pool, n) in stored {
+                    if self.pools.iter().any(|p| p.name == pool) {
+                        self.replicas.insert(pool, n);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("pools: reading the stored replicas: {}", chain(&e)),
+        }
+        match self.control.rollouts().await {
+            Ok(stored) => self.rollouts = stored,
+            Err(e) => tracing::warn!("pools: reading the stored rollouts: {}", chain(&e)),
         }
     }
 
@@ -411,18 +546,25 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
     /// One reconcile pass on a blocking thread, answering commands
     /// meanwhile; the stop request that came during it, if one did.
     async fn pass(&mut self) -> Option<oneshot::Sender<()>> {
+        self.reread().await;
         let fleet = self.fleet.take().expect("the fleet is home between passes");
         self.generations = self.pools.iter().map(|p| (p.name.clone(), fleet.generations(&p.image))).collect();
         let targets = self.targets();
         let pass_targets = targets.clone();
         let replicas = self.replicas.clone();
         let settings = self.config.settings.clone();
-        let leases = Leases { control: self.control.clone(), runtime: tokio::runtime::Handle::current(), pools: self.pools.clone() };
+        let leases = Leases {
+            control: self.control.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            pools: self.pools.clone(),
+            leadership: self.leadership.clone(),
+        };
         let mut job = tokio::task::spawn_blocking(move || {
             let report = fleet.reconcile(&replicas, &pass_targets, &leases, &settings);
             (fleet, report)
         });
         let mut stop = None;
+        let mut later = Vec::new();
         let (fleet, report) = loop {
             tokio::select! {
                 done = &mut job => break done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
@@ -430,12 +572,18 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
                     Command::Stop { reply } => stop = Some(reply),
                     Command::Scale { pool, replicas, reply } => { self.answer(&pool, replicas, reply).await; }
                     Command::Rollout { pool, action, reply } => { let _ = reply.send(self.rollout(&pool, action).await); }
+                    // This pass may have listed the hosts already: the next one answers.
+                    Command::Observe { reply } => later.push(reply),
                 },
             }
         };
         self.fleet = Some(fleet);
         log_report(&report);
         self.record(&report, &targets);
+        self.passed = Instant::now();
+        for waiting in std::mem::replace(&mut self.observers, later) {
+            let _ = waiting.send(());
+        }
         stop
     }
 
@@ -507,6 +655,7 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
             s.rollout.paused = record.paused;
             s.rollout.undone_to = record.pin.map(|p| p.image).filter(|i| target.is_some_and(|t| t.image == *i));
             s.rollout.min_ready_seen = self.rolling.get(&s.name).map(|r| r.1);
+            s.leader = self.leadership.as_ref().map(|l| l.borrow().status());
         }
         self.publish.send_replace(Status { pools, members, node_hosts });
     }
@@ -515,7 +664,7 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
     /// a dry run) store the new replicas. Every change is logged with its
     /// reason; so is a dry run's would-be change.
     async fn autoscale(&mut self) {
-        if self.pools.iter().all(|p| p.autoscale.is_none()) {
+        if self.pools.iter().all(|p| p.autoscale.is_none()) || !acts(&self.leadership) {
             return;
         }
         let nodes = match self.control.registered().await {
@@ -562,6 +711,21 @@ impl<C: ControlPlane, M: NodeMedia> Task<C, M> {
             }
         }
         self.publish();
+    }
+}
+
+/// Returns when the leadership changes; never when there is none to
+/// follow (one server) or its sender is gone (the server is stopping: the
+/// last lead known stays, and a lease of this server's runs out by itself).
+async fn lead_changed(leadership: &mut Option<watch::Receiver<Lead>>, open: &mut bool) {
+    match leadership {
+        Some(l) if *open => {
+            if l.changed().await.is_err() {
+                *open = false;
+                std::future::pending::<()>().await;
+            }
+        }
+        _ => std::future::pending::<()>().await,
     }
 }
 
@@ -652,9 +816,14 @@ struct Leases<C> {
     control: Arc<C>,
     runtime: tokio::runtime::Handle,
     pools: Arc<[Pool]>,
+    leadership: Option<watch::Receiver<Lead>>,
 }
 
 impl<C: ControlPlane> Registry for Leases<C> {
+    fn acts(&self) -> bool {
+        acts(&self.leadership)
+    }
+
     fn registered(&self) -> Result<Vec<(NodeId, bool)>, PassError> {
         let nodes = self.runtime.block_on(self.control.registered()).map_err(|e| PassError::Registry(Box::new(e)))?;
         Ok(nodes.into_iter().filter(|r| self.pools.iter().any(|p| p.name == r.node.pool)).map(|r| (r.node, r.ready)).collect())

@@ -37,12 +37,22 @@ impl Etcd {
     /// Starts etcd on the loopback of `netns` (this host's when `None`) and
     /// waits until it answers `etcdctl endpoint health`.
     pub fn start_in(netns: Option<&Netns>) -> Etcd {
+        Self::start_in_named(netns.map(|n| n.name.as_str()))
+    }
+
+    /// Starts etcd on the loopback of the namespace named `netns` (one
+    /// the test made some other way: a lab's), or this host's.
+    pub fn start_in_named(netns: Option<&str>) -> Etcd {
         let data = tempfile::Builder::new().prefix("kiln-etcd-").tempdir().expect("a temp dir for etcd");
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let mut cmd = match netns {
-            Some(ns) => ns.command(ETCD),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, ETCD]);
+                c
+            }
             None => Command::new(ETCD),
         };
         cmd.args(["--name", "kiln-test"])
@@ -56,7 +66,7 @@ impl Etcd {
         let argv: Vec<std::ffi::OsString> =
             std::iter::once(cmd.get_program().to_owned()).chain(cmd.get_args().map(|a| a.to_owned())).collect();
         let process = Process::spawn_logged(cmd, "etcd", &log);
-        let etcd = Etcd { process, url, netns: netns.map(|n| n.name.clone()), log, cmd: argv, _data: data };
+        let etcd = Etcd { process, url, netns: netns.map(String::from), log, cmd: argv, _data: data };
         etcd.wait_healthy();
         etcd
     }

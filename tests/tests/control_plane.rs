@@ -331,3 +331,50 @@ fn node_lifecycle_on_etcd() {
     let etcd = Etcd::start();
     node_lifecycle(&["--etcd", &etcd.url]);
 }
+
+/// Two servers on one etcd, as on two machines (the second's state
+/// directory a copy of the first's: the same CA): a node that heartbeats
+/// to one only is Ready on the other past the grace period (`/kiln/alive/`,
+/// on the first server's liveness lease), and NotReady on both soon after
+/// it stops.
+#[test]
+fn a_node_heartbeating_to_one_server_is_ready_on_every_server() {
+    use kiln_core::NodeState::{NotReady, Ready};
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let on_etcd = |name: &'static str| ["--etcd", etcd.url.as_str(), "--node-grace", "4s", "--name", name];
+    let a_lab = Lab::new(tmp.path(), &on_etcd("a"));
+    let a = a_lab.start();
+    let b_state = tmp.path().join("state-b");
+    let copied = std::process::Command::new("cp").arg("-a").arg(&a_lab.state).arg(&b_state).status().unwrap();
+    assert!(copied.success());
+    let b_api = format!("127.0.0.1:{}", free_port());
+    let b = KilnServer::start_with(&a_lab.images, &b_state, &[&["--api-listen", b_api.as_str()][..], &on_etcd("b")].concat());
+
+    let node = register_until_answered(&a.joining_client(), &request(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let heart = {
+        let client = a.api_client_as(None).with_token(&node.token);
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                block_on(client.heartbeat()).expect("a live node's heartbeat");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(state_of(&a, &node.name), Some(Ready));
+    assert_eq!(state_of(&b, &node.name), Some(Ready), "heard from by a within the grace period: Ready on b too");
+    assert_eq!(etcd.keys(kiln_control::store::etcd::ALIVE_PREFIX), [format!("/kiln/alive/{}", node.name)]);
+
+    stop.store(true, Ordering::Relaxed);
+    heart.join().unwrap();
+    let stopped = std::time::Instant::now();
+    let not_ready = wait_for(Duration::from_secs(15), || (state_of(&b, &node.name) == Some(NotReady)).then(|| stopped.elapsed()));
+    let took = not_ready.unwrap_or_else(|| panic!("silent: never NotReady on b; b:\n{}", tail(&b.log(), 20)));
+    eprintln!("a node silent on a: NotReady on b after {:.1} s (grace 4 s)", took.as_secs_f64());
+    assert!(took >= Duration::from_secs(3), "not before the grace period: {took:?}");
+    assert_eq!(state_of(&a, &node.name), Some(NotReady));
+    assert!(etcd.keys(kiln_control::store::etcd::ALIVE_PREFIX).is_empty(), "its key is gone");
+}

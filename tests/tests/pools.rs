@@ -184,55 +184,78 @@ fn tiny_in_a_lab(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, std::p
 }
 
 /// The real thing: a private libvirtd (in a network namespace the test
-/// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG. `kiln
-/// serve` runs with the shipped pool file and no network flag, as a user
-/// runs it: it makes its libvirt network `kiln` there, whose DHCP points
-/// PXE clients at its iPXE script on that network's address, where it
-/// serves too. The domains PXE-boot the tiny image from it and their
-/// agents register over TLS. 0 → 3 → 1, then 1 → 3 with `kiln serve`
-/// SIGKILLed in the middle and restarted (the network is found, not made
-/// again), then 0: the nodes register and leave, and afterwards no kiln
-/// domain, overlay or lease is left.
+/// made, see [`kiln_tests::libvirt`]) runs kiln's domains under TCG, and
+/// two `kiln serve` share one etcd, as two machines would: `a`, then `b`
+/// (its own state directory, with a copy of the CA). Both run the shipped
+/// pool file with no network flag, as a user runs it: `a` makes the libvirt
+/// network `kiln` there, whose DHCP points PXE clients at its iPXE script
+/// on that network's address, where both serve. The domains PXE-boot the
+/// tiny image and their agents register over TLS.
+///
+/// `a` leads; `kiln pools` says so on both. 0 → 3 asked of `b` (which does
+/// not lead) is made by `a`; 3 → 1; then 1 → 3 asked of `a` with `a`
+/// SIGKILLed in the middle: `b` takes over within the election's TTL and
+/// a pass and finishes it, `a` comes back (as a user's supervisor restarts
+/// it) and does not lead. Each node is made once (no name twice in the
+/// servers' logs, no libvirt error), none is lost, and at 0 no kiln
+/// domain, console log or lease is left.
 #[test]
-fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
+fn network_pool_scales_on_a_real_libvirtd_and_fails_over_between_two_servers() {
     if kiln_tests::skip_e2e() {
         return;
     }
     let _vm = kiln_tests::vm_lock();
     let (tmp, images, state, lab) = tiny_in_a_lab("kp");
+    let etcd = kiln_tests::etcd::Etcd::start_in_named(Some(&lab.netns));
     let dir = tmp.path().join("pools");
     // The repo's own pools/tiny.toml, on the lab's libvirtd.
     let shipped = std::fs::read_to_string(kiln_tests::root().join("pools/tiny.toml")).expect("pools/tiny.toml");
     pool_file(&dir, "tiny", &format!("{shipped}hosts = [\"{}\"]\n", lab.uri));
     let k = PoolServer::on_kiln_network(&lab, &images, &state);
-    let mut server = k.serve(&dir, &[]);
-    let made = wait_for(Duration::from_secs(30), || server.log().contains("pools: made libvirt network kiln").then_some(()));
-    assert!(made.is_some(), "kiln makes its network:\n{}", tail(&server.log(), 20));
+    let on_etcd = |name: &'static str| ["--etcd", etcd.url.as_str(), "--name", name].map(String::from);
+    let serve = |k: &PoolServer, name: &'static str| k.serve(&dir, &on_etcd(name).iter().map(String::as_str).collect::<Vec<_>>());
+    let mut a = serve(&k, "a");
+    let made = wait_for(Duration::from_secs(30), || a.log().contains("pools: made libvirt network kiln").then_some(()));
+    assert!(made.is_some(), "kiln makes its network:\n{}", tail(&a.log(), 20));
     let xml = lab.virsh(&["net-dumpxml", "kiln"]);
     assert!(xml.contains("<bootp file='http://10.247.0.1:8080/boot.ipxe'/>"), "its DHCP points at kiln:\n{xml}");
-    assert!(server.log().contains("listening on 10.247.0.1:8443 too"), "kiln serves on it:\n{}", tail(&server.log(), 20));
-    let converge = |server: &KilnServer, want: usize, what: &str| {
+    assert!(a.log().contains("listening on 10.247.0.1:8443 too"), "kiln serves on it:\n{}", tail(&a.log(), 20));
+    let leads = |s: &KilnServer| s.log().contains("leader election: leading the pools");
+    assert!(wait_for(Duration::from_secs(20), || leads(&a).then_some(())).is_some(), "a leads:\n{}", tail(&a.log(), 20));
+    let kb = k.beside(&tmp.path().join("state-b"), 8081, 8444);
+    let b = serve(&kb, "b");
+    let says = |k: &PoolServer, want: &str| {
+        let said = wait_for(Duration::from_secs(20), || k.cli(&["pools"]).1.contains(want).then_some(()));
+        assert!(said.is_some(), "kiln pools does not say {want:?}:\n{}", k.cli(&["pools"]).1);
+    };
+    says(&kb, "leader: a (another server");
+    says(&k, "leader: a (this server)");
+    assert!(b.log().contains("listening on 10.247.0.1:8444 too"), "b serves on kiln's network too:\n{}", tail(&b.log(), 20));
+
+    let converge = |a: &KilnServer, want: usize, what: &str| {
         let start = std::time::Instant::now();
         let ok = wait_for(Duration::from_secs(240), || {
-            (k.registered("tiny").len() == want && k.domains("tiny") == want && k.pool()["registered"] == want as u64).then_some(())
+            (k.registered("tiny").len() == want && k.domains("tiny") == want && kb.pool()["registered"] == want as u64).then_some(())
         });
         assert!(
             ok.is_some(),
-            "{what}: not {want} registered nodes: nodes {:?}, pool {}, virsh {}\nserver:\n{}",
+            "{what}: not {want} registered nodes: nodes {:?}, pool {}, virsh {}\na:\n{}\nb:\n{}",
             k.nodes().iter().map(|n| &n.name).collect::<Vec<_>>(),
-            k.pool(),
+            kb.pool(),
             lab.virsh(&["list", "--all"]),
-            tail(&server.log(), 30)
+            tail(&a.log(), 30),
+            tail(&b.log(), 30)
         );
         eprintln!("{what}: converged in {:.1} s", start.elapsed().as_secs_f64());
     };
 
-    let (ok, out) = k.cli(&["scale", "tiny", "3"]);
+    let (ok, out) = kb.cli(&["scale", "tiny", "3"]);
     assert!(ok, "{out}");
-    converge(&server, 3, "0 → 3");
+    converge(&a, 3, "0 → 3 asked of the server that does not lead");
     let mut names: Vec<String> = k.nodes().into_iter().map(|n| n.name).collect();
     names.sort();
     assert_eq!(names, ["kiln-tiny-0", "kiln-tiny-1", "kiln-tiny-2"], "each node registers under its domain's name");
+    assert!(!b.log().contains("action=create"), "the server that does not lead makes nothing:\n{}", b.log());
     let (ok, table) = k.cli(&["nodes"]);
     assert!(
         ok && table.lines().filter(|l| l.contains("kiln-tiny-") && l.contains(" tiny ") && l.contains(&lab.uri)).count() == 3,
@@ -241,27 +264,62 @@ fn network_pool_scales_on_a_real_libvirtd_and_nodes_register_and_leave() {
 
     let (ok, out) = k.cli(&["scale", "tiny", "1"]);
     assert!(ok, "{out}");
-    converge(&server, 1, "3 → 1");
+    converge(&a, 1, "3 → 1");
     assert_eq!(k.nodes()[0].name, "kiln-tiny-0", "the newest nodes go first");
 
-    // kill -9 in the middle of scaling up: the restarted server finishes
-    // the job (it keeps nothing in memory it needs), leaking nothing.
-    let creations = || server.log().matches("action=create").count();
-    let before = creations();
+    // kill -9 of the leader in the middle of scaling up, as soon as its
+    // first new domain is there: the other takes over and finishes the
+    // job (nothing it needs is in a's memory).
+    let creations = |s: &KilnServer| s.log().lines().filter(|l| l.contains("action=create")).map(String::from).collect::<Vec<_>>();
     let (ok, out) = k.cli(&["scale", "tiny", "3"]);
     assert!(ok, "{out}");
-    let started = wait_for(Duration::from_secs(30), || (creations() > before).then_some(()));
-    assert!(started.is_some(), "scaling up did not start:\n{}", tail(&server.log(), 20));
-    server.process.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5)).expect("kiln serve dies on SIGKILL");
-    server = k.serve(&dir, &[]);
-    converge(&server, 3, "1 → 3 through a SIGKILL");
+    let started = wait_for(Duration::from_secs(30), || (k.domains("tiny") > 1).then_some(()));
+    assert!(started.is_some(), "scaling up did not start:\n{}", tail(&a.log(), 20));
+    a.process.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5)).expect("kiln serve dies on SIGKILL");
+    let killed = std::time::Instant::now();
+    // What a left, each domain with its UUID: none is made again.
+    let uuids = || -> Vec<(String, String)> {
+        let names = lab.virsh(&["list", "--all", "--name"]);
+        let mut v: Vec<(String, String)> = names
+            .lines()
+            .filter(|l| l.starts_with("kiln-tiny-"))
+            .map(|n| (n.to_string(), lab.virsh(&["domuuid", n]).trim().to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let left = uuids();
+    eprintln!("a was killed with {} of 3 domains defined", left.len());
+    // Back at once, as a supervisor restarts it: it serves, and waits its turn.
+    let a2 = serve(&k, "a");
+    let took_over = wait_for(Duration::from_secs(60), || leads(&b).then(|| killed.elapsed()));
+    let took_over = took_over.unwrap_or_else(|| panic!("b never led:\n{}", tail(&b.log(), 30)));
+    eprintln!("failover: a killed → b leads in {:.1} s", took_over.as_secs_f64());
+    assert!(took_over <= Duration::from_secs(10 + 5), "within the election's TTL (10 s) and a pass (5 s): {took_over:?}");
+    converge(&a2, 3, "1 → 3 through the leader's SIGKILL");
+    eprintln!("failover: a killed → 3 registered in {:.1} s", killed.elapsed().as_secs_f64());
+    says(&k, "leader: b (another server");
+    says(&kb, "leader: b (this server)");
+    // Each node made once: those a left are the same domains, b made the
+    // rest, and a, back, made none.
+    let after = uuids();
+    assert!(left.iter().all(|d| after.contains(d)), "a domain a made was made again: {left:?} → {after:?}");
+    let name = |l: &String| l.split("action=create ").nth(1).and_then(|r| r.split_whitespace().next()).map(String::from);
+    let mut by_b: Vec<String> = creations(&b).iter().filter_map(name).collect();
+    by_b.sort();
+    let missing: Vec<String> = after.iter().map(|d| d.0.clone()).filter(|n| !left.iter().any(|l| &l.0 == n)).collect();
+    assert_eq!(by_b, missing, "b made exactly the nodes a had not");
+    assert!(creations(&a2).is_empty(), "a, back and not leading, made nothing:\n{}", a2.log());
+    for s in [&a2, &b] {
+        assert!(!s.log().contains("already exists"), "no domain made twice:\n{}", s.log());
+    }
 
     let (ok, out) = k.cli(&["scale", "tiny", "0"]);
     assert!(ok, "{out}");
-    converge(&server, 0, "3 → 0");
+    converge(&a2, 0, "3 → 0");
     assert!(k.nodes().is_empty(), "no lease is left");
     storage_becomes(&lab, &[], "no console log is left");
-    drop(server);
+    drop((a, a2, b));
 }
 
 /// A disk pool of the golden worker image on the same real libvirtd, as

@@ -295,7 +295,7 @@ impl Store for DbStore {
                 })?;
                 records.push(record);
             }
-            Ok(Loaded { records, foreign: Vec::new() })
+            Ok(Loaded { records, foreign: Vec::new(), alive: Vec::new() })
         })();
         Box::pin(async move { result })
     }

@@ -8,6 +8,8 @@
 //! | `/kiln/pools/<pool>` | the pool's desired replicas (`kiln scale`), a decimal number |
 //! | `/kiln/rollouts/<pool>` | the pool's rollout settings (`kiln rollout pause\|resume\|undo`), a `RolloutRecord` as JSON |
 //! | `/kiln/join-tokens/<id>` | a join token: its public part and its secret's sha256 (a `TokenRecord`) |
+//! | `/kiln/alive/<name>` | the name of a server that heard from the node within the grace period, on that server's liveness lease (`alive`) |
+//! | `/kiln/leader/<lease>` | a server's place in the election of the one that runs the pools (`crate::leader`) |
 //!
 //! `PREFIX` is flannel's default `/coreos.com/network`. A stock flanneld
 //! pointed at the same etcd and prefix sees kiln's nodes as its peers, and
@@ -43,7 +45,10 @@ use kiln_core::NetworkConfig;
 
 use super::{Change, Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture, TokenRecord};
 
+mod alive;
 mod spend;
+
+pub use alive::ALIVE_PREFIX;
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -128,12 +133,23 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// TTL of subnet leases.
     pub ttl: Duration,
+    /// A node not heard from for this long is NotReady (`--node-grace`):
+    /// the TTL of this server's liveness lease.
+    pub grace: Duration,
+    /// This server's name (`--name`), written in the liveness keys it holds.
+    pub name: String,
 }
 
 impl EtcdConfig {
     /// flannel's defaults at `endpoints`.
     pub fn new(endpoints: Vec<String>) -> Self {
-        EtcdConfig { endpoints, prefix: DEFAULT_PREFIX.into(), ttl: DEFAULT_TTL }
+        EtcdConfig {
+            endpoints,
+            prefix: DEFAULT_PREFIX.into(),
+            ttl: DEFAULT_TTL,
+            grace: crate::registry::Lifecycle::default().grace,
+            name: "kiln".into(),
+        }
     }
 }
 
@@ -156,6 +172,16 @@ pub struct EtcdStore {
     /// The revision of this store's last write of each key: the watch
     /// skips events at or below it (this process's own writes, or older).
     written: std::sync::Arc<Mutex<HashMap<String, i64>>>,
+    /// The nodes' liveness keys this server holds, and its lease.
+    alive: std::sync::Arc<alive::Alive>,
+    /// Renews that lease and deletes the keys of silent nodes.
+    alive_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.alive_task.abort();
+    }
 }
 
 impl EtcdStore {
@@ -200,7 +226,14 @@ impl EtcdStore {
             }
             found
         };
+        let alive = std::sync::Arc::new(alive::Alive::new(config.grace, config.name.clone()));
+        let alive_task = tokio::spawn({
+            let (alive, client) = (alive.clone(), client.clone());
+            async move { alive.run(client).await }
+        });
         let store = EtcdStore {
+            alive,
+            alive_task,
             config,
             client,
             vni: network.vni,
@@ -395,6 +428,7 @@ impl EtcdStore {
 
     async fn keep_alive(&self, record: &NodeRecord) -> Result<Renewal, Error> {
         let name = &record.node.name;
+        self.alive.heard(&self.client, name).await.map_err(|e| self.err(e))?;
         let due = {
             let leases = self.leases.lock().expect("leases lock");
             match leases.get(name) {
@@ -432,6 +466,7 @@ impl EtcdStore {
         let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
         let resp = client.txn(Txn::new().and_then(ops)).await.map_err(|e| self.err(e))?;
         self.wrote(resp.header().map(|h| h.revision()), keys);
+        self.alive.gone(&client, name).await;
         let lease = self.leases.lock().expect("leases lock").remove(name);
         if let Some((id, _)) = lease {
             let _ = client.lease_revoke(id).await;
@@ -456,20 +491,27 @@ impl EtcdStore {
             .await
             .map_err(|e| self.err(e))?;
         let mut foreign = Vec::new();
-        let mut leases = self.leases.lock().expect("leases lock");
-        for kv in subnets.kvs() {
-            let Some(peer) = self.parse_lease(kv) else { continue };
-            match records.iter().find(|r| r.node.subnet == Some(peer.subnet)) {
-                Some(r) => {
-                    // Renewed at the first heartbeat.
-                    leases.insert(r.node.name.clone(), (kv.lease(), Instant::now() - self.renew_every()));
+        {
+            let mut leases = self.leases.lock().expect("leases lock");
+            for kv in subnets.kvs() {
+                let Some(peer) = self.parse_lease(kv) else { continue };
+                match records.iter().find(|r| r.node.subnet == Some(peer.subnet)) {
+                    Some(r) => {
+                        // Renewed at the first heartbeat.
+                        leases.insert(r.node.name.clone(), (kv.lease(), Instant::now() - self.renew_every()));
+                    }
+                    None => foreign.push(peer),
                 }
-                None => foreign.push(peer),
             }
         }
-        drop(leases);
+        let alive = client
+            .get(ALIVE_PREFIX, Some(GetOptions::new().with_prefix().with_revision(revision).with_keys_only()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let alive =
+            alive.kvs().iter().filter_map(|kv| Some(String::from_utf8_lossy(kv.key()).strip_prefix(ALIVE_PREFIX)?.to_string())).collect();
         self.start_watch(revision + 1);
-        Ok(Loaded { records, foreign })
+        Ok(Loaded { records, foreign, alive })
     }
 
     fn parse_lease(&self, kv: &KeyValue) -> Option<Peer> {
@@ -501,7 +543,8 @@ impl EtcdStore {
     fn start_watch(&self, revision: i64) {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.changes.lock().expect("changes lock") = Some(rx);
-        for prefix in [NODES_PREFIX.to_string(), self.subnets_prefix()] {
+        for prefix in [NODES_PREFIX.to_string(), self.subnets_prefix(), ALIVE_PREFIX.to_string()] {
+            let alive = self.alive.clone();
             let client = self.client.clone();
             let tx = tx.clone();
             let subnets_prefix = self.subnets_prefix();
@@ -534,7 +577,13 @@ impl EtcdStore {
                                     if written.lock().expect("written lock").get(&key).is_some_and(|&at| at >= kv.mod_revision()) {
                                         continue;
                                     }
-                                    let change = if prefix == subnets_prefix {
+                                    let change = if prefix == ALIVE_PREFIX {
+                                        let name = key.strip_prefix(ALIVE_PREFIX).unwrap_or_default().to_string();
+                                        // This server's own keys say nothing it does not know.
+                                        let put = event.event_type() == EventType::Put;
+                                        let live = alive.seen(&name, put.then(|| kv.lease()));
+                                        Some(Change::Alive { name, live })
+                                    } else if prefix == subnets_prefix {
                                         lessor.change(event.event_type(), kv)
                                     } else {
                                         node_change(event.event_type(), kv)
@@ -767,7 +816,7 @@ impl Store for EtcdStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -801,7 +850,7 @@ mod tests {
     /// directory, killed when dropped.
     pub(crate) struct LoopbackEtcd {
         child: std::process::Child,
-        url: String,
+        pub(crate) url: String,
         _data: tempfile::TempDir,
     }
 

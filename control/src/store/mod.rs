@@ -194,6 +194,9 @@ pub struct Loaded {
     pub records: Vec<NodeRecord>,
     /// Leases held by others: nodes of a stock flanneld sharing the store.
     pub foreign: Vec<Peer>,
+    /// Nodes some server sharing the store heard from within the grace
+    /// period (etcd's `/kiln/alive/`); empty for a store of one server.
+    pub alive: Vec<String>,
 }
 
 /// Something another writer changed in the store.
@@ -208,6 +211,14 @@ pub enum Change {
     LeasePut(Peer),
     /// A subnet lease was removed or expired.
     LeaseDeleted(kiln_core::Ipv4Cidr),
+    /// Another server heard from the node within the grace period
+    /// (`live`), or no other server has any more.
+    Alive {
+        /// The node.
+        name: String,
+        /// Heard from.
+        live: bool,
+    },
 }
 
 /// What renewing a node's lease found.

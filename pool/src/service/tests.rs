@@ -84,7 +84,7 @@ fn pool_dir(dir: &Path, name: &str, image: &str, boot: &str) {
 }
 
 fn config() -> Config {
-    Config { settings: Settings { accel: Accel::Tcg }, interval: Duration::from_millis(50), autoscale_dry_run: false }
+    Config { settings: Settings { accel: Accel::Tcg }, interval: Duration::from_millis(50), autoscale_dry_run: false, leadership: None }
 }
 
 /// The pools in `dir` on the test host, loaded as a server loads them.
@@ -294,4 +294,63 @@ async fn a_new_generation_rolls_the_pool_and_pause_and_undo_are_stored() {
     handle.scale("roll", 0).await.unwrap();
     until(&handle, "no node left", |s| defined(s, "roll") == 0).await;
     handle.stop().await;
+}
+
+/// Two servers on one store: only the one that leads changes the host;
+/// the other observes (its status counts the same domains) and takes
+/// over when it is elected, making nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_changes_the_hosts_and_the_next_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let _host = crate::TEST_DEFAULT_HOST.lock().unwrap_or_else(|e| e.into_inner());
+    pool_dir(dir.path(), "two", "tiny", "network");
+    let control = Arc::new(Memory::default());
+    control.replicas.lock().unwrap().insert("two".into(), 0);
+    let here = |name: &str| Lead::Here { server: name.into(), until: Instant::now() + Duration::from_secs(3600) };
+    let (lead_a, a_sees) = watch::channel(here("a"));
+    let (lead_b, b_sees) = watch::channel(Lead::Elsewhere("a".into()));
+    let a = start(load(dir.path()).await, control.clone(), Config { leadership: Some(a_sees), ..config() }).await.unwrap();
+    // The other passes only when asked: by a command, a lead, or a boot request.
+    let slow = Config { leadership: Some(b_sees), interval: Duration::from_secs(3600), ..config() };
+    let b = start(load(dir.path()).await, control.clone(), slow).await.unwrap();
+
+    // Scaled through the server that does not lead: stored, and the leader makes the nodes.
+    b.scale("two", 3).await.unwrap();
+    let made = until(&a, "the leader makes 3", |s| defined(s, "two") == 3).await;
+    // A node the other has not seen yet boots as its pool's there too: the
+    // boot request waits for a look at the hosts.
+    for (mac, node) in &made.members {
+        b.observe_for(*mac).await;
+        assert_eq!(b.member(*mac).map(|(n, _)| n), Some(node.clone()), "{node} is known to the other server once it boots");
+    }
+    let stranger = Mac([0x52, 0x54, 0x00, 0xde, 0xad, 0x01]);
+    b.observe_for(stranger).await;
+    assert!(b.member(stranger).is_none());
+    let seen = b.watch().borrow().clone();
+    assert_eq!(defined(&seen, "two"), 3);
+    assert_eq!(seen.pools[0].leader, Some(kiln_core::pool::Leader { server: Some("a".into()), here: false }));
+    assert_eq!(a.status()[0].leader, Some(kiln_core::pool::Leader { server: Some("a".into()), here: true }));
+    let members = seen.members.clone();
+
+    // The leader is gone; until the other is elected, nothing changes.
+    a.stop().await;
+    drop(lead_a);
+    lead_b.send_replace(Lead::Nobody);
+    b.scale("two", 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(defined(&b.watch().borrow(), "two"), 3, "a server that does not lead removes nothing");
+    // A lead whose lease may have run out acts no more than none.
+    lead_b.send_replace(Lead::Here { server: "b".into(), until: Instant::now() - Duration::from_secs(1) });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(defined(&b.watch().borrow(), "two"), 3, "a lapsed lead removes nothing");
+
+    // Elected: it acts at once on what the hosts hold, the newest nodes go first.
+    lead_b.send_replace(here("b"));
+    let s = until(&b, "the new leader scales to 1", |s| defined(s, "two") == 1).await;
+    let first = NodeId::new("two", 0);
+    assert_eq!(s.members.values().collect::<Vec<_>>(), [&first], "the newest go first: the first node stays");
+    assert_eq!(members.get(&first.mac()), Some(&first), "the one the first leader made");
+    b.scale("two", 0).await.unwrap();
+    until(&b, "no node left", |s| defined(s, "two") == 0).await;
+    b.stop().await;
 }

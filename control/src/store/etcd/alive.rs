@@ -1,0 +1,160 @@
+//! Which nodes some server has heard from lately, shared by every server
+//! on one etcd, so a node heartbeating to one server is Ready on all of
+//! them (the leader's rollouts and autoscaler count Ready nodes).
+//!
+//! `/kiln/alive/<name>` is there while a server has heard from the node
+//! within the grace period (`--node-grace`). Its value is the server's
+//! name; it is attached to that server's own liveness lease (TTL: the
+//! grace period), one lease a server, kept alive every quarter of it.
+//!
+//! - A heartbeat to a server that does not hold the node's key puts it
+//!   there, on its lease: a write when a node comes alive or moves to
+//!   another server, none while it keeps heartbeating to the same one.
+//! - Every quarter of the grace period, each server deletes the keys it
+//!   holds of nodes silent there for the grace period (only if still on
+//!   its lease: another server may hold it now).
+//! - A server that dies renews nothing: its lease ends within the grace
+//!   period, and with it every key it held.
+//!
+//! So a node that goes silent is NotReady everywhere within the grace
+//! period and a quarter of it. This is Kubernetes' node lease (the kubelet
+//! renews `coordination.k8s.io` Leases) turned round: the renewals are one
+//! etcd lease's, a server's, not a write per node.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+
+/// Where the keys are.
+pub const ALIVE_PREFIX: &str = "/kiln/alive/";
+
+/// This server's side: its lease and the keys it holds.
+pub(super) struct Alive {
+    /// The grace period: the lease's TTL, and how long a node may be silent.
+    grace: Duration,
+    /// The name written in each key held.
+    server: String,
+    /// This server's liveness lease, once granted.
+    lease: Mutex<Option<i64>>,
+    /// Held while the lease is granted: one grant at a time.
+    granting: tokio::sync::Mutex<()>,
+    /// Nodes whose key this server holds → when it last heard from each.
+    held: Mutex<HashMap<String, Instant>>,
+}
+
+fn key(name: &str) -> String {
+    format!("{ALIVE_PREFIX}{name}")
+}
+
+impl Alive {
+    pub(super) fn new(grace: Duration, server: String) -> Alive {
+        Alive {
+            grace: grace.max(Duration::from_secs(4)),
+            server,
+            lease: Mutex::default(),
+            granting: Default::default(),
+            held: Mutex::default(),
+        }
+    }
+
+    /// A heartbeat from `name` reached this server: its key is put on
+    /// this server's lease unless this server holds it already.
+    pub(super) async fn heard(&self, client: &Client, name: &str) -> Result<(), etcd_client::Error> {
+        if let Some(at) = self.held.lock().expect("alive lock").get_mut(name) {
+            *at = Instant::now();
+            return Ok(());
+        }
+        let lease = self.lease(client).await?;
+        client.clone().put(key(name), self.server.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
+        self.held.lock().expect("alive lock").insert(name.to_string(), Instant::now());
+        Ok(())
+    }
+
+    /// The node's key was put on `lease` (`None`: deleted). True when
+    /// another server holds it now; when it is gone or another's, this
+    /// server holds it no more.
+    pub(super) fn seen(&self, name: &str, lease: Option<i64>) -> bool {
+        let ours = lease.is_some() && lease == self.current();
+        if !ours {
+            self.held.lock().expect("alive lock").remove(name);
+        }
+        lease.is_some() && !ours
+    }
+
+    /// The node left (or was removed): its key goes now, not after the grace period.
+    pub(super) async fn gone(&self, client: &Client, name: &str) {
+        if self.held.lock().expect("alive lock").remove(name).is_some() {
+            let _ = self.delete_if_ours(client, name).await;
+        }
+    }
+
+    fn current(&self) -> Option<i64> {
+        *self.lease.lock().expect("alive lock")
+    }
+
+    /// This server's lease, granted (and kept alive by [`Alive::run`]) the first time.
+    async fn lease(&self, client: &Client) -> Result<i64, etcd_client::Error> {
+        if let Some(id) = self.current() {
+            return Ok(id);
+        }
+        let _one = self.granting.lock().await;
+        if let Some(id) = self.current() {
+            return Ok(id);
+        }
+        let id = client.clone().lease_grant(self.grace.as_secs() as i64, None).await?.id();
+        *self.lease.lock().expect("alive lock") = Some(id);
+        Ok(id)
+    }
+
+    async fn delete_if_ours(&self, client: &Client, name: &str) -> Result<(), etcd_client::Error> {
+        let Some(lease) = self.current() else { return Ok(()) };
+        let k = key(name);
+        let txn = Txn::new().when([Compare::lease(k.as_str(), CompareOp::Equal, lease)]).and_then([TxnOp::delete(k.as_str(), None)]);
+        client.clone().txn(txn).await.map(drop)
+    }
+
+    /// Every quarter of the grace period: renews this server's lease (a
+    /// new one, and every key put again at the next heartbeat, if it was
+    /// lost), and deletes the keys of nodes silent here for the grace period.
+    pub(super) async fn run(&self, client: Client) {
+        loop {
+            tokio::time::sleep(self.grace / 4).await;
+            if let Some(id) = self.current()
+                && !renew(&client, id).await
+            {
+                tracing::warn!(
+                    lease = format!("{id:x}"),
+                    "etcd: this server's liveness lease was lost; nodes' keys go back at their next heartbeat"
+                );
+                *self.lease.lock().expect("alive lock") = None;
+                self.held.lock().expect("alive lock").clear();
+                continue;
+            }
+            let quiet: Vec<String> = {
+                let mut held = self.held.lock().expect("alive lock");
+                let quiet: Vec<String> = held.iter().filter(|(_, at)| at.elapsed() > self.grace).map(|(n, _)| n.clone()).collect();
+                for name in &quiet {
+                    held.remove(name);
+                }
+                quiet
+            };
+            for name in quiet {
+                if let Err(e) = self.delete_if_ours(&client, &name).await {
+                    tracing::warn!(node = %name, "etcd: deleting a silent node's liveness key: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// One keep-alive of `lease`; false when it is gone or etcd did not answer.
+async fn renew(client: &Client, lease: i64) -> bool {
+    let renewed = async {
+        let (mut keeper, mut acks) = client.clone().lease_keep_alive(lease).await?;
+        keeper.keep_alive().await?;
+        acks.message().await
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(5), renewed).await, Ok(Ok(Some(ack))) if ack.ttl() > 0)
+}
