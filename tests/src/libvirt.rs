@@ -153,8 +153,8 @@ pub struct PoolServer<'a> {
     pub api: String,
     /// Nodes on the network kiln makes (its defaults), not the lab's.
     kiln_network: bool,
-    /// The HTTP and API ports `kiln serve` listens on.
-    ports: (u16, u16),
+    /// The loopback address `kiln serve` listens on (on kiln's network).
+    ip: String,
 }
 
 impl<'a> PoolServer<'a> {
@@ -163,7 +163,7 @@ impl<'a> PoolServer<'a> {
     /// lab wrote to point at that bridge).
     pub fn new(lab: &'a Lab, images: &Path, state: &Path) -> Self {
         let api = format!("https://{}:8443", lab.bridge_ip);
-        PoolServer { lab, images: images.to_path_buf(), state: state.to_path_buf(), api, kiln_network: false, ports: (lab.http_port, 8443) }
+        PoolServer { lab, images: images.to_path_buf(), state: state.to_path_buf(), api, kiln_network: false, ip: "127.0.0.1".into() }
     }
 
     /// For `kiln serve` in `lab` as a user runs it: on loopback (the
@@ -171,23 +171,25 @@ impl<'a> PoolServer<'a> {
     /// makes on the lab's libvirtd, where kiln serves too.
     pub fn on_kiln_network(lab: &'a Lab, images: &Path, state: &Path) -> Self {
         let api = "https://127.0.0.1:8443".to_string();
-        PoolServer { lab, images: images.to_path_buf(), state: state.to_path_buf(), api, kiln_network: true, ports: (lab.http_port, 8443) }
+        PoolServer { lab, images: images.to_path_buf(), state: state.to_path_buf(), api, kiln_network: true, ip: "127.0.0.1".into() }
     }
 
-    /// A second server beside this one, as on another machine: on kiln's
-    /// network too, at the HTTP and API ports given, with its own state
+    /// A second server beside this one, as on another machine: at the
+    /// same ports on another loopback address `ip`, with its own state
     /// directory `state` holding a copy of this one's (the same CA: nodes
     /// trust both, and this one's operator certificate is good there).
-    pub fn beside(&self, state: &Path, http_port: u16, api_port: u16) -> PoolServer<'a> {
+    /// kiln's network's address is one only: the server that binds it
+    /// first serves nodes there, as a virtual IP would.
+    pub fn beside(&self, state: &Path, ip: &str) -> PoolServer<'a> {
         let copied = Command::new("cp").arg("-a").arg(&self.state).arg(state).status().expect("cp runs");
         assert!(copied.success(), "copying {} to {}", self.state.display(), state.display());
         PoolServer {
             lab: self.lab,
             images: self.images.clone(),
             state: state.to_path_buf(),
-            api: format!("https://127.0.0.1:{api_port}"),
+            api: format!("https://{ip}:8443"),
             kiln_network: self.kiln_network,
-            ports: (http_port, api_port),
+            ip: ip.into(),
         }
     }
 
@@ -197,10 +199,10 @@ impl<'a> PoolServer<'a> {
         let mut cmd = lab.command(&crate::binaries().kiln);
         cmd.arg("serve").arg("--images").arg(&self.images).arg("--state").arg(&self.state).arg("--pools").arg(dir);
         if self.kiln_network {
-            cmd.args(["--listen", &format!("127.0.0.1:{}", self.ports.0), "--api-listen", &format!("127.0.0.1:{}", self.ports.1)]);
+            let ip = &self.ip;
+            cmd.args(["--listen", &format!("{ip}:{}", lab.http_port), "--api-listen", &format!("{ip}:8443"), "--tls-name", ip]);
         } else {
-            let ip = &lab.bridge_ip;
-            cmd.args(["--listen", &format!("{ip}:{}", self.ports.0), "--api-listen", &format!("{ip}:{}", self.ports.1)]);
+            cmd.args(["--listen", &format!("{}:{}", lab.bridge_ip, lab.http_port), "--api-listen", &format!("{}:8443", lab.bridge_ip)]);
             cmd.args(["--pool-network", &lab.network]);
         }
         cmd.args(["--pool-accel", "qemu"]).args(extra);
