@@ -28,7 +28,8 @@
 //! `--cluster`: issue 16's figures instead (see [`cluster`]): `--agents`
 //! nodes that all hold the peers watch and heartbeat every 10 s, then a
 //! wave of `--wave` joins and leaves at `--rate`; `--server-pid` to read
-//! the server's CPU and memory.
+//! the server's CPU and memory; `--fresh-heartbeats`: each heartbeat on a
+//! new connection.
 //!
 //! Prints one JSON object.
 
@@ -53,6 +54,7 @@ struct Args {
     offset: usize,
     rate: f64,
     cluster: bool,
+    fresh_heartbeats: bool,
     wave: usize,
     server_pid: Option<u32>,
 }
@@ -70,6 +72,7 @@ fn args() -> Args {
         offset: 0,
         rate: 200.0,
         cluster: false,
+        fresh_heartbeats: false,
         wave: 100,
         server_pid: None,
     };
@@ -82,6 +85,7 @@ fn args() -> Args {
             "--token" => a.token = value(),
             "--join-token" => a.join_token = Some(value()),
             "--csr" => a.csr = true,
+            "--fresh-heartbeats" => a.fresh_heartbeats = true,
             "--agents" => a.agents = value().parse().expect("--agents N"),
             "--concurrency" => a.concurrency = value().parse().expect("--concurrency N"),
             "--seconds" => a.seconds = value().parse().expect("--seconds N"),
