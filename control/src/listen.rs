@@ -332,10 +332,6 @@ struct Watched<S> {
     read_sleep: Option<Pin<Box<Sleep>>>,
     write_since: Option<Instant>,
     write_sleep: Option<Pin<Box<Sleep>>>,
-    /// HTTP/2: between requests, frames that are not a request (window
-    /// updates, pings, settings) come and go; only the first request after
-    /// accept is held to the head's time, later waits to the idle one.
-    h2: bool,
 }
 
 impl<S> Watched<S> {
@@ -350,7 +346,6 @@ impl<S> Watched<S> {
             read_sleep: None,
             write_since: None,
             write_sleep: None,
-            h2: false,
         }
     }
 
@@ -380,7 +375,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         }
         match polled {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before && this.head_since.is_none() && !this.h2 {
+                if buf.filled().len() > before && this.head_since.is_none() {
                     this.head_since = Some(Instant::now());
                 }
                 Poll::Ready(Ok(()))
@@ -544,28 +539,11 @@ fn http1(limits: &Limits) -> hyper::server::conn::http1::Builder {
     b
 }
 
-/// hyper's HTTP/2 server for a TLS connection that chose it (ALPN `h2`),
-/// with the head's size limit and at most [`MAX_STREAMS`] requests at
-/// once on it.
-fn http2() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-    b.timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(MAX_HEAD as u32)
-        .keep_alive_interval(None);
-    b
-}
-
-/// Requests in flight at once on one HTTP/2 connection (an agent has two:
-/// its peers watch and a heartbeat).
-pub const MAX_STREAMS: u32 = 8;
-
 /// What every connection of one listener shares.
 struct Listener {
     tls: Option<tokio_rustls::TlsAcceptor>,
     routes: Routes,
     http: hyper::server::conn::http1::Builder,
-    h2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
     what: &'static str,
 }
 
@@ -581,7 +559,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let what = if tls.is_some() { "api" } else { "http" };
-    let shared = Arc::new(Listener { tls, routes, http: http1(&table.limits), h2: http2(), what });
+    let shared = Arc::new(Listener { tls, routes, http: http1(&table.limits), what });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut last_error: Option<Instant> = None;
     tokio::pin!(stop);
@@ -625,8 +603,7 @@ pub async fn serve(
     let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
 }
 
-/// One connection: its TLS handshake if any, then HTTP/1.1 (or HTTP/2,
-/// when the TLS client chose it) until it closes.
+/// One connection: its TLS handshake if any, then HTTP/1.1 until it closes.
 async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -651,14 +628,8 @@ async fn connection(
             // rustls verified the chain against the CA; the leaf says who.
             let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first());
             service.peer = leaf.and_then(|der| crate::tls::ClientCert::from_der(der)).map(Arc::new);
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let mut watched = Watched::new(tls, slot, accepted);
-            watched.h2 = h2;
-            let io = hyper_util::rt::TokioIo::new(watched);
-            match h2 {
-                true => watcher.watch(shared.h2.serve_connection(io, service)).await,
-                false => watcher.watch(shared.http.serve_connection(io, service)).await,
-            }
+            let io = hyper_util::rt::TokioIo::new(Watched::new(tls, slot, accepted));
+            watcher.watch(shared.http.serve_connection(io, service)).await
         }
     };
     if let Err(e) = result {

@@ -392,11 +392,11 @@ async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Regist
             tracing::warn!("removing nodes past the lease TTL: {}", kiln_core::error_chain(&e));
         }
         let nodes = registry.len();
-        if nodes > cap - cap / 4 {
+        if 2 * nodes > cap {
             tracing::warn!(
                 nodes,
                 cap,
-                "each node holds a connection busy with its peers watch (HTTP/2 carries its heartbeats on it): more than the three quarters of the connection cap that may be busy; raise --max-connections (and the descriptor limit)"
+                "the nodes hold two connections each (peers watch, heartbeats): more than the connection cap; raise --max-connections (and the descriptor limit)"
             );
         }
     }

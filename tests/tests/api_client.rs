@@ -80,38 +80,3 @@ fn every_route_through_the_client() {
     let err = block_on(node.heartbeat()).unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED), "a node that left is unknown: {err}");
 }
-
-/// Connections to `port` established on this machine's loopback, as the
-/// server's side counts them (`ss`).
-fn connections_to(port: &str) -> usize {
-    let out = std::process::Command::new("ss").args(["-tnH", "state", "established", "sport", "=", &format!(":{port}")]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
-}
-
-/// The API speaks HTTP/2 to a client that asks (ALPN): an agent's peers
-/// watch and its heartbeats share one connection, so a node costs the
-/// server one connection, not two.
-#[test]
-fn a_node_holds_one_connection_for_its_watch_and_its_heartbeats() {
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    fake_image(&images, "tiny");
-    let server = KilnServer::start(&images, &tmp.path().join("state"));
-    let port = server.api.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
-    let answer = {
-        let boot = server.joining_client();
-        block_on(boot.register(&node_request(7))).unwrap()
-    };
-    let closed = kiln_tests::wait_for(Duration::from_secs(10), || (connections_to(&port) == 0).then_some(()));
-    assert!(closed.is_some(), "the registration's connection closes with its client: {}", connections_to(&port));
-    let node = server.api_client_as(None).with_token(&answer.token);
-    block_on(async {
-        let mut stream = node.watch_peers(None, Duration::from_secs(20)).await.unwrap();
-        stream.next().await.unwrap().expect("a first line at once");
-        for _ in 0..3 {
-            node.heartbeat().await.unwrap();
-        }
-        node.peers(None, Duration::ZERO).await.unwrap();
-        assert_eq!(connections_to(&port), 1, "the watch, three heartbeats and a listing on one connection");
-    });
-}

@@ -28,8 +28,7 @@
 //! `--cluster`: issue 16's figures instead (see [`cluster`]): `--agents`
 //! nodes that all hold the peers watch and heartbeat every 10 s, then a
 //! wave of `--wave` joins and leaves at `--rate`; `--server-pid` to read
-//! the server's CPU and memory; `--fresh-heartbeats`: each heartbeat on a
-//! new connection.
+//! the server's CPU and memory.
 //!
 //! Prints one JSON object.
 
@@ -54,7 +53,6 @@ struct Args {
     offset: usize,
     rate: f64,
     cluster: bool,
-    fresh_heartbeats: bool,
     wave: usize,
     server_pid: Option<u32>,
 }
@@ -72,7 +70,6 @@ fn args() -> Args {
         offset: 0,
         rate: 200.0,
         cluster: false,
-        fresh_heartbeats: false,
         wave: 100,
         server_pid: None,
     };
@@ -85,7 +82,6 @@ fn args() -> Args {
             "--token" => a.token = value(),
             "--join-token" => a.join_token = Some(value()),
             "--csr" => a.csr = true,
-            "--fresh-heartbeats" => a.fresh_heartbeats = true,
             "--agents" => a.agents = value().parse().expect("--agents N"),
             "--concurrency" => a.concurrency = value().parse().expect("--concurrency N"),
             "--seconds" => a.seconds = value().parse().expect("--seconds N"),
