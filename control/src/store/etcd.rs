@@ -428,7 +428,7 @@ impl EtcdStore {
 
     async fn keep_alive(&self, record: &NodeRecord) -> Result<Renewal, Error> {
         let name = &record.node.name;
-        self.alive.heard(&self.client, name).await.map_err(|e| self.err(e))?;
+        self.alive.heard(&self.client, name);
         let due = {
             let leases = self.leases.lock().expect("leases lock");
             match leases.get(name) {

@@ -22,7 +22,7 @@
 //! etcd lease's, a server's, not a write per node.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
@@ -60,16 +60,30 @@ impl Alive {
     }
 
     /// A heartbeat from `name` reached this server: its key is put on
-    /// this server's lease unless this server holds it already.
-    pub(super) async fn heard(&self, client: &Client, name: &str) -> Result<(), etcd_client::Error> {
-        if let Some(at) = self.held.lock().expect("alive lock").get_mut(name) {
-            *at = Instant::now();
-            return Ok(());
+    /// this server's lease unless this server holds it already. The put
+    /// runs on its own, so the heartbeat's answer does not wait for etcd
+    /// (after a server's start every node's first heartbeat puts one);
+    /// when it fails, the next heartbeat tries again.
+    pub(super) fn heard(self: &Arc<Self>, client: &Client, name: &str) {
+        {
+            let mut held = self.held.lock().expect("alive lock");
+            if let Some(at) = held.get_mut(name) {
+                *at = Instant::now();
+                return;
+            }
+            held.insert(name.to_string(), Instant::now());
         }
-        let lease = self.lease(client).await?;
-        client.clone().put(key(name), self.server.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
-        self.held.lock().expect("alive lock").insert(name.to_string(), Instant::now());
-        Ok(())
+        let (alive, client, name) = (self.clone(), client.clone(), name.to_string());
+        tokio::spawn(async move {
+            let put = async {
+                let lease = alive.lease(&client).await?;
+                client.clone().put(key(&name), alive.server.as_str(), Some(PutOptions::new().with_lease(lease))).await
+            };
+            if let Err(e) = put.await {
+                alive.held.lock().expect("alive lock").remove(&name);
+                tracing::debug!(node = %name, "etcd: putting a node's liveness key: {e}");
+            }
+        });
     }
 
     /// The node's key was put on `lease` (`None`: deleted). True when
