@@ -287,7 +287,7 @@ impl PoolsHandle {
     /// Before a boot request of a machine with `mac` is answered: when no
     /// node known has that MAC but one of a pool's could (a node's MAC
     /// comes from its name), waits until the task has looked at the hosts
-    /// again (at most [`OBSERVE_WAIT`]). A node another server made, or
+    /// again (at most 10 s). A node another server made, or
     /// one made in the pass under way, boots as its pool's, not as an
     /// unknown machine. Requests that come together share one pass.
     pub async fn observe_for(&self, mac: Mac) {
