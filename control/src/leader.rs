@@ -77,6 +77,15 @@ impl Drop for Election {
     }
 }
 
+/// `call`, given [`CALL`] to answer; an error or the timeout, in words.
+async fn within<T, E: std::fmt::Display>(what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, End> {
+    match tokio::time::timeout(CALL, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(End::Lost(format!("{what}: {e}"))),
+        Err(e) => Err(End::Lost(format!("{what}: {e}"))),
+    }
+}
+
 /// Why a term (one lease) ended.
 enum End {
     /// Asked to stop.
@@ -138,16 +147,14 @@ async fn term(
     let secs = ttl.as_secs() as i64;
     let lost = |what: &str, e: &dyn std::fmt::Display| End::Lost(format!("{what}: {e}"));
     let sent = Instant::now();
-    let lease = match tokio::time::timeout(CALL, client.lease_grant(secs, None)).await {
-        Ok(Ok(r)) => r.id(),
-        Ok(Err(e)) => return (lost("granting a lease", &e), None),
-        Err(e) => return (lost("granting a lease", &e), None),
+    let lease = match within("granting a lease", client.lease_grant(secs, None)).await {
+        Ok(r) => r.id(),
+        Err(end) => return (end, None),
     };
     let mut until = sent + ttl * 2 / 3;
-    let (mut keeper, mut acks) = match tokio::time::timeout(CALL, client.lease_keep_alive(lease)).await {
-        Ok(Ok(k)) => k,
-        Ok(Err(e)) => return (lost("keeping the lease alive", &e), Some(lease)),
-        Err(e) => return (lost("keeping the lease alive", &e), Some(lease)),
+    let (mut keeper, mut acks) = match within("keeping the lease alive", client.lease_keep_alive(lease)).await {
+        Ok(k) => k,
+        Err(end) => return (end, Some(lease)),
     };
     let mut campaigner = client.clone();
     let name = server.to_string();
@@ -173,21 +180,19 @@ async fn term(
                     keeper.keep_alive().await?;
                     acks.message().await
                 };
-                match tokio::time::timeout(CALL, renewed).await {
-                    Ok(Ok(Some(ack))) if ack.ttl() > 0 => until = sent + ttl * 2 / 3,
-                    Ok(Ok(_)) => return (End::Lost("the lease expired".into()), Some(lease)),
-                    Ok(Err(e)) => return (lost("renewing the lease", &e), Some(lease)),
-                    Err(e) => return (lost("renewing the lease", &e), Some(lease)),
+                match within("renewing the lease", renewed).await {
+                    Ok(Some(ack)) if ack.ttl() > 0 => until = sent + ttl * 2 / 3,
+                    Ok(_) => return (End::Lost("the lease expired".into()), Some(lease)),
+                    Err(end) => return (end, Some(lease)),
                 }
                 match &key {
                     // Still this server's: an operator may have deleted it.
-                    Some(key) => match tokio::time::timeout(CALL, client.get(key.clone(), None)).await {
-                        Ok(Ok(r)) if r.count() > 0 => {
+                    Some(key) => match within("reading this server's key", client.get(key.clone(), None)).await {
+                        Ok(r) if r.count() > 0 => {
                             publish.send_replace(Lead::Here { server: server.to_string(), until });
                         }
-                        Ok(Ok(_)) => return (End::Lost("this server's key in the election is gone".into()), Some(lease)),
-                        Ok(Err(e)) => return (lost("reading this server's key", &e), Some(lease)),
-                        Err(e) => return (lost("reading this server's key", &e), Some(lease)),
+                        Ok(_) => return (End::Lost("this server's key in the election is gone".into()), Some(lease)),
+                        Err(end) => return (end, Some(lease)),
                     },
                     None => {
                         let now = match tokio::time::timeout(CALL, client.leader(ELECTION)).await {
