@@ -249,6 +249,16 @@ fn state_of(server: &KilnServer, name: &str) -> Option<kiln_core::NodeState> {
     server.nodes().into_iter().find(|n| n.name == name).map(|n| n.state.expect("the server says each node's state"))
 }
 
+/// A node's heartbeats every 500 ms through `node`, on a thread, until `stop`.
+fn heartbeats(node: Client, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            block_on(node.heartbeat()).expect("a live node's heartbeat");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
+}
+
 /// Kubernetes' node lifecycle and flannel's lease TTL, with a 2 s grace and
 /// a 6 s TTL: a node that stops heartbeating turns NotReady, frees its
 /// public IP for another, and is removed with its subnet released; one that
@@ -284,16 +294,7 @@ fn node_lifecycle(extra: &[&str]) {
 
     // One node heartbeats every 500 ms; the other stops.
     let stop = Arc::new(AtomicBool::new(false));
-    let heart = {
-        let node = server.api_client_as(None).with_token(&beating.token);
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                block_on(node.heartbeat()).expect("a live node's heartbeat");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        })
-    };
+    let heart = heartbeats(server.api_client_as(None).with_token(&beating.token), stop.clone());
     let not_ready = wait_for(Duration::from_secs(10), || (state_of(&server, &silent.name) == Some(NotReady)).then_some(()));
     assert!(not_ready.is_some(), "no heartbeat for the grace period: NotReady");
     assert_eq!(state_of(&server, &beating.name), Some(Ready), "a heartbeating node stays Ready");
@@ -353,16 +354,7 @@ fn a_node_heartbeating_to_one_server_is_ready_on_every_server() {
 
     let node = register_until_answered(&a.joining_client(), &request(1));
     let stop = Arc::new(AtomicBool::new(false));
-    let heart = {
-        let client = a.api_client_as(None).with_token(&node.token);
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                block_on(client.heartbeat()).expect("a live node's heartbeat");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        })
-    };
+    let heart = heartbeats(a.api_client_as(None).with_token(&node.token), stop.clone());
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(state_of(&a, &node.name), Some(Ready));
     assert_eq!(state_of(&b, &node.name), Some(Ready), "heard from by a within the grace period: Ready on b too");
