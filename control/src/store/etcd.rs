@@ -18,7 +18,8 @@
 //! planes (or kiln and flanneld) never lease the same subnet.
 //!
 //! Heartbeats renew the etcd lease when a renewal is due (every
-//! [`RENEW_EVERY`] at most), not on each heartbeat. A node that stops
+//! [`RENEW_EVERY`] at most), not on each heartbeat, and do not wait for it:
+//! one task renews the leases due together (`renew`). A node that stops
 //! heartbeating loses its lease after the TTL, as with flannel; the watch
 //! reports it and the registry forgets the node.
 //!
@@ -46,6 +47,7 @@ use kiln_core::NetworkConfig;
 use super::{Change, Error, Loaded, NodeRecord, Renewal, Spend, Spent, Store, StoreFuture, TokenRecord};
 
 mod alive;
+mod renew;
 mod spend;
 
 pub use alive::ALIVE_PREFIX;
@@ -174,13 +176,16 @@ pub struct EtcdStore {
     written: std::sync::Arc<Mutex<HashMap<String, i64>>>,
     /// The nodes' liveness keys this server holds, and its lease.
     alive: std::sync::Arc<alive::Alive>,
-    /// Renews that lease and deletes the keys of silent nodes.
-    alive_task: tokio::task::JoinHandle<()>,
+    /// Nodes' lease renewals that heartbeats queued.
+    renewals: std::sync::Arc<renew::Renewals>,
+    /// Puts and sweeps the liveness keys, renews this server's lease and
+    /// the nodes' leases.
+    background: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for EtcdStore {
     fn drop(&mut self) {
-        self.alive_task.abort();
+        self.background.abort();
     }
 }
 
@@ -227,22 +232,27 @@ impl EtcdStore {
             found
         };
         let alive = std::sync::Arc::new(alive::Alive::new(config.grace, config.name.clone()));
-        let alive_task = tokio::spawn({
-            let (alive, client) = (alive.clone(), client.clone());
-            async move { alive.run(client).await }
+        let (leases, written) = (std::sync::Arc::default(), std::sync::Arc::default());
+        let renewals = std::sync::Arc::new(renew::Renewals::new(std::sync::Arc::clone(&leases), std::sync::Arc::clone(&written)));
+        let background = tokio::spawn({
+            let (alive, renewals, client) = (alive.clone(), renewals.clone(), client.clone());
+            async move {
+                tokio::join!(alive.run(client.clone()), alive.put_pending(client.clone()), renewals.run(client));
+            }
         });
         let store = EtcdStore {
             alive,
-            alive_task,
+            renewals,
+            background,
             config,
             client,
             vni: network.vni,
-            leases: Default::default(),
+            leases,
             spends: spend::Turns::new(),
             last_tokens: Default::default(),
             stock: Default::default(),
             changes: Mutex::new(None),
-            written: Default::default(),
+            written,
         };
         Ok((store, network))
     }
@@ -428,32 +438,21 @@ impl EtcdStore {
 
     async fn keep_alive(&self, record: &NodeRecord) -> Result<Renewal, Error> {
         let name = &record.node.name;
-        self.alive.heard(&self.client, name);
-        let due = {
-            let leases = self.leases.lock().expect("leases lock");
-            match leases.get(name) {
-                Some((id, at)) if at.elapsed() >= self.renew_every() => Some(*id),
-                Some(_) => None,
-                None if record.node.subnet.is_some() => return Ok(Renewal::Expired),
-                None => None,
+        self.alive.heard(name);
+        // A renewal due is queued (`renew`): the heartbeat does not wait for etcd.
+        let mut leases = self.leases.lock().expect("leases lock");
+        match leases.get_mut(name) {
+            Some((lease, at)) if at.elapsed() >= self.renew_every() => {
+                let before = std::mem::replace(at, Instant::now());
+                let record = serde_json::to_string(record).expect("records serialise");
+                self.renewals.queue(renew::Due { name: name.clone(), lease: *lease, record, before });
+                Ok(Renewal::Live)
             }
-        };
-        let Some(id) = due else { return Ok(Renewal::Live) };
-        let mut client = self.client.clone();
-        let (mut keeper, mut stream) = client.lease_keep_alive(id).await.map_err(|e| self.err(e))?;
-        keeper.keep_alive().await.map_err(|e| self.err(e))?;
-        let answer = stream.message().await.map_err(|e| self.err(e))?;
-        if answer.is_none_or(|a| a.ttl() <= 0) {
-            self.leases.lock().expect("leases lock").remove(name);
-            return Ok(Renewal::Expired);
+            // No lease: the last renewal found it gone; a node without a
+            // subnet never had one.
+            None if record.node.subnet.is_some() => Ok(Renewal::Expired),
+            _ => Ok(Renewal::Live),
         }
-        self.leases.lock().expect("leases lock").insert(name.clone(), (id, Instant::now()));
-        // The node record's last_seen is written with each renewal.
-        let node_value = serde_json::to_string(record).expect("records serialise");
-        let key = format!("{NODES_PREFIX}{name}");
-        let resp = client.put(key.as_str(), node_value, None).await.map_err(|e| self.err(e))?;
-        self.wrote(resp.header().map(|h| h.revision()), [key]);
-        Ok(Renewal::Live)
     }
 
     async fn delete(&self, record: &NodeRecord) -> Result<(), Error> {
@@ -933,6 +932,97 @@ pub(crate) mod tests {
         let key = store.subnet_key("10.244.1.0/24".parse().unwrap());
         let got = store.client.clone().get(key.as_str(), None).await.unwrap();
         assert_eq!(got.kvs().first().map(|kv| kv.lease()), Some(second), "the subnet key is on the new lease");
+    }
+
+    /// A heartbeat with a renewal due is answered at once; the renewal,
+    /// made behind it, keeps the lease alive and writes the node's record.
+    /// A lease etcd lost: the heartbeat after the renewal that finds it
+    /// gone answers Expired (the node registers again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn renewals_run_behind_the_heartbeats() {
+        let etcd = LoopbackEtcd::start();
+        drop(connect(&etcd).await); // once etcd answers
+        // TTL 8 s: a renewal is due every 2 s.
+        let config = EtcdConfig { ttl: Duration::from_secs(8), ..EtcdConfig::new(vec![etcd.url.clone()]) };
+        let (store, _) = EtcdStore::connect(config, NetworkConfig::default()).await.unwrap();
+        let mut record = leased_record();
+        store.write(&record, true).await.unwrap();
+        let lease = store.leases.lock().unwrap()["a"].0;
+        let ttl = |store: &EtcdStore| {
+            let mut client = store.client.clone();
+            async move { client.lease_time_to_live(lease, None).await.unwrap().ttl() }
+        };
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let before = ttl(&store).await;
+        record.node.cpus = 7; // what the node said since: the renewal writes it
+        assert_eq!(store.keep_alive(&record).await.unwrap(), Renewal::Live, "a renewal was due");
+        let key = format!("{NODES_PREFIX}a");
+        let mut written = false;
+        for _ in 0..50 {
+            let got = store.client.clone().get(key.as_str(), None).await.unwrap();
+            let record: Option<NodeRecord> = got.kvs().first().map(|kv| serde_json::from_slice(kv.value()).unwrap());
+            if record.is_some_and(|r| r.node.cpus == 7) {
+                written = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(written, "the renewal wrote the record within 5 s");
+        assert!(ttl(&store).await > before, "the lease was renewed: TTL back up from {before} s");
+        // The lease lost behind the store's back.
+        store.client.clone().lease_revoke(lease).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(store.keep_alive(&record).await.unwrap(), Renewal::Live, "the renewal is queued; it finds the lease gone");
+        let mut expired = false;
+        for _ in 0..50 {
+            if store.keep_alive(&record).await.unwrap() == Renewal::Expired {
+                expired = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(expired, "a heartbeat after the failed renewal says Expired within 5 s");
+    }
+
+    /// 300 nodes heard at once (a server's start) are put in at most 3
+    /// writes, each on this server's lease; a node gone before its put
+    /// keeps no key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn liveness_keys_are_put_together() {
+        let etcd = LoopbackEtcd::start();
+        let store = connect(&etcd).await;
+        let mut client = store.client.clone();
+        let revision = |r: etcd_client::GetResponse| r.header().map(|h| h.revision()).unwrap();
+        let before = revision(client.get("/", None).await.unwrap());
+        let names: Vec<String> = (0..300).map(|i| format!("n{i}")).collect();
+        for name in &names {
+            store.alive.heard(name);
+        }
+        store.alive.gone(&store.client, "n7").await;
+        let prefix = || Some(GetOptions::new().with_prefix());
+        let mut got = None;
+        for _ in 0..100 {
+            let r = client.get(ALIVE_PREFIX, prefix()).await.unwrap();
+            if r.kvs().len() >= 299 {
+                got = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let got = got.expect("the 299 keys are put within 5 s");
+        let keys: std::collections::BTreeSet<String> = got.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect();
+        assert!(!keys.contains(&format!("{ALIVE_PREFIX}n7")), "the node gone before its put has no key");
+        assert_eq!(keys.len(), 299, "every other node has its key");
+        let lease = store.alive.current().expect("the server's liveness lease");
+        assert!(
+            got.kvs().iter().all(|kv| kv.lease() == lease && kv.value() == store.config.name.as_bytes()),
+            "on the server's lease, with its name"
+        );
+        // The lease's grant is no write. At most: the first node alone (the
+        // task woke before the others were heard), 128, 128, the rest, and
+        // n7's delete if its put was under way.
+        let writes = revision(got) - before;
+        assert!(writes <= 5, "300 keys in {writes} writes: batched, not one a node");
     }
 
     /// Join tokens on etcd: every behaviour of the embedded store's test,
