@@ -50,6 +50,41 @@ mod alive;
 mod renew;
 mod spend;
 
+/// What request handlers leave for one background task, which takes it a
+/// batch at a time (the liveness keys to put, the leases to renew).
+struct Queue<T> {
+    items: Mutex<Vec<T>>,
+    wake: tokio::sync::Notify,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Queue { items: Mutex::default(), wake: Default::default() }
+    }
+}
+
+impl<T> Queue<T> {
+    fn push(&self, item: T) {
+        self.items.lock().expect("queue lock").push(item);
+        self.wake.notify_one();
+    }
+
+    /// The oldest `max` items at most, once there are any.
+    async fn next(&self, max: usize) -> Vec<T> {
+        loop {
+            {
+                let mut items = self.items.lock().expect("queue lock");
+                if !items.is_empty() {
+                    let n = items.len().min(max);
+                    return items.drain(..n).collect();
+                }
+            }
+            // A push since the look above left its wake-up: no item is missed.
+            self.wake.notified().await;
+        }
+    }
+}
+
 pub use alive::ALIVE_PREFIX;
 
 /// flannel's default etcd prefix.

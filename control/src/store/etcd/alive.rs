@@ -52,9 +52,7 @@ pub(super) struct Alive {
     /// Nodes whose key this server holds → when it last heard from each.
     held: Mutex<HashMap<String, Instant>>,
     /// Held nodes whose key is not put yet, in the order heard.
-    pending: Mutex<Vec<String>>,
-    /// Wakes [`Alive::put_pending`].
-    wake: tokio::sync::Notify,
+    pending: super::Queue<String>,
 }
 
 fn key(name: &str) -> String {
@@ -69,8 +67,7 @@ impl Alive {
             lease: Mutex::default(),
             granting: Default::default(),
             held: Mutex::default(),
-            pending: Mutex::default(),
-            wake: Default::default(),
+            pending: Default::default(),
         }
     }
 
@@ -87,8 +84,7 @@ impl Alive {
             }
             held.insert(name.to_string(), Instant::now());
         }
-        self.pending.lock().expect("alive lock").push(name.to_string());
-        self.wake.notify_one();
+        self.pending.push(name.to_string());
     }
 
     /// Puts the keys [`Alive::heard`] asked for, as they come: all those
@@ -96,47 +92,37 @@ impl Alive {
     /// etcd's log, one watch event batch back), one transaction at a time.
     pub(super) async fn put_pending(&self, client: Client) {
         loop {
-            self.wake.notified().await;
-            loop {
-                let batch: Vec<String> = {
-                    let mut pending = self.pending.lock().expect("alive lock");
-                    let n = pending.len().min(PUTS_PER_TXN);
-                    let held = self.held.lock().expect("alive lock");
-                    pending.drain(..n).filter(|name| held.contains_key(name)).collect()
-                };
-                if batch.is_empty() {
-                    if self.pending.lock().expect("alive lock").is_empty() {
-                        break;
-                    }
-                    continue;
+            let mut batch = self.pending.next(PUTS_PER_TXN).await;
+            batch.retain(|name| self.held.lock().expect("alive lock").contains_key(name));
+            if batch.is_empty() {
+                continue;
+            }
+            let put = async {
+                let lease = self.lease(&client).await?;
+                let with_lease = || Some(PutOptions::new().with_lease(lease));
+                let puts: Vec<TxnOp> = batch.iter().map(|n| TxnOp::put(key(n), self.server.as_str(), with_lease())).collect();
+                client.clone().txn(Txn::new().and_then(puts)).await
+            };
+            let failed = match tokio::time::timeout(CALL_TIMEOUT, put).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("etcd did not answer".to_string()),
+            };
+            if let Some(e) = failed {
+                let mut held = self.held.lock().expect("alive lock");
+                for name in &batch {
+                    held.remove(name);
                 }
-                let put = async {
-                    let lease = self.lease(&client).await?;
-                    let with_lease = || Some(PutOptions::new().with_lease(lease));
-                    let puts: Vec<TxnOp> = batch.iter().map(|n| TxnOp::put(key(n), self.server.as_str(), with_lease())).collect();
-                    client.clone().txn(Txn::new().and_then(puts)).await
-                };
-                let failed = match tokio::time::timeout(CALL_TIMEOUT, put).await {
-                    Ok(Ok(_)) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(_) => Some("etcd did not answer".to_string()),
-                };
-                if let Some(e) = failed {
-                    let mut held = self.held.lock().expect("alive lock");
-                    for name in &batch {
-                        held.remove(name);
-                    }
-                    tracing::debug!(nodes = batch.len(), "etcd: putting nodes' liveness keys: {e}");
-                    continue;
-                }
-                // A node that left while its key was being put: the key goes.
-                let left: Vec<&String> = {
-                    let held = self.held.lock().expect("alive lock");
-                    batch.iter().filter(|name| !held.contains_key(*name)).collect()
-                };
-                for name in left {
-                    let _ = self.delete_if_ours(&client, name).await;
-                }
+                tracing::debug!(nodes = batch.len(), "etcd: putting nodes' liveness keys: {e}");
+                continue;
+            }
+            // A node that left while its key was being put: the key goes.
+            let left: Vec<&String> = {
+                let held = self.held.lock().expect("alive lock");
+                batch.iter().filter(|name| !held.contains_key(*name)).collect()
+            };
+            for name in left {
+                let _ = self.delete_if_ours(&client, name).await;
             }
         }
     }

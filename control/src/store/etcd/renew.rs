@@ -45,8 +45,7 @@ pub(super) struct Due {
 
 /// The queue, and what the task that works it shares with the store.
 pub(super) struct Renewals {
-    queue: Mutex<Vec<Due>>,
-    wake: tokio::sync::Notify,
+    queue: super::Queue<Due>,
     /// The store's table: node → its lease and when it was last renewed.
     pub leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
     /// The store's record of its own writes, for the watch to skip.
@@ -55,31 +54,20 @@ pub(super) struct Renewals {
 
 impl Renewals {
     pub(super) fn new(leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>, written: Arc<Mutex<HashMap<String, i64>>>) -> Renewals {
-        Renewals { queue: Mutex::default(), wake: Default::default(), leases, written }
+        Renewals { queue: Default::default(), leases, written }
     }
 
     /// Queues `due` (its table entry already says renewed now, so later
     /// heartbeats do not queue it again).
     pub(super) fn queue(&self, due: Due) {
-        self.queue.lock().expect("renewals lock").push(due);
-        self.wake.notify_one();
+        self.queue.push(due);
     }
 
     /// Works the queue, forever.
     pub(super) async fn run(&self, client: Client) {
         loop {
-            self.wake.notified().await;
-            loop {
-                let round: Vec<Due> = {
-                    let mut queue = self.queue.lock().expect("renewals lock");
-                    let n = queue.len().min(PER_ROUND);
-                    queue.drain(..n).collect()
-                };
-                if round.is_empty() {
-                    break;
-                }
-                self.renew(&client, round).await;
-            }
+            let round = self.queue.next(PER_ROUND).await;
+            self.renew(&client, round).await;
         }
     }
 
