@@ -46,7 +46,8 @@ pub trait BaseSource {
 /// mmdebstrap, in unshare mode (its chroot's mounts live in its own
 /// namespaces; nothing is mounted on the host), `apt` variant plus the
 /// spec's packages, reproducible with `SOURCE_DATE_EPOCH` (but for the SSH
-/// host keys openssh-server's postinst makes, which are removed).
+/// host keys openssh-server's postinst makes, which are removed). Debian's
+/// initramfs is made once, at the end, not twice ([`INITRAMFS_ONCE`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mmdebstrap;
 
@@ -69,6 +70,8 @@ impl BaseSource for Mmdebstrap {
             // openssh-server's postinst made host keys: every node would share them.
             // cloud-init makes each node its own at first boot.
             .arg("--customize-hook=rm -f \"$1\"/etc/ssh/ssh_host_*")
+            // Debian's initramfs, made once (see INITRD below).
+            .arg(format!("--customize-hook=chroot \"$1\" sh -c '{INITRAMFS_ONCE}'"))
             .arg(&spec.suite)
             .arg(tree)
             .args(sources(spec))
@@ -76,6 +79,13 @@ impl BaseSource for Mmdebstrap {
             // /etc/apt/sources.list.d/ under its own name.
             .args(repositories)
             .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+            // Installing a kernel and initramfs-tools together makes the
+            // initramfs twice (the kernel's postinst, then initramfs-tools'
+            // trigger), 8 s each. With INITRD=No the kernel's hook makes
+            // none, the trigger finds none to update, and the customize
+            // hook makes it once, with the links to it in `/` the kernel's
+            // postinst would have made: the same tree, byte for byte.
+            .env("INITRD", "No")
             .env("LC_ALL", "C")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -100,6 +110,12 @@ impl BaseSource for Mmdebstrap {
         Ok(())
     }
 }
+
+/// Run in the finished tree: Debian's initramfs of each kernel, and the
+/// `/initrd.img` links (what the kernel's postinst does without INITRD=No).
+const INITRAMFS_ONCE: &str = "unset INITRD; command -v update-initramfs >/dev/null || exit 0; \
+    for v in $(ls /lib/modules 2>/dev/null); do [ -e /boot/vmlinuz-$v ] || continue; \
+    update-initramfs -c -k $v >&2 && linux-update-symlinks install $v /boot/vmlinuz-$v >&2 || exit 1; done";
 
 /// Beside a tree being made: the process group of the program making it.
 const PGID_FILE: &str = "pgid";

@@ -12,8 +12,10 @@
 //! 3. **layers**: a hard-linked copy of the base, with kiln's layers ([`crate::layer`]).
 //! 4. **disk**: GRUB images, GPT disk, ESP ([`crate::disk`]); meanwhile
 //!    the squashfs is made in another thread.
-//! 5. **filesystem**: the ext4 root, made in place in the disk.
-//! 6. **convert**: qcow2.
+//! 5. **filesystem**: the ext4 root, made in place in the disk; the kernel
+//!    and initrd.
+//! 6. **convert**: qcow2, begun as soon as the disk is whole, beside the
+//!    squashfs if it is still being made.
 //! 7. **write**: artifacts and manifest staged beside the output and swapped in.
 //!
 //! Work files live in `CACHE/work/.work-*` (the same file system as the
@@ -65,11 +67,7 @@ pub fn build(
     stop()?;
     let mut staging = Locked::new(out, &format!(".{}.tmp-", spec.name))?;
     let paths = Paths { work: work.path(), staging: staging.path(), raw: work.path().join("disk.raw"), tree };
-    let mut artifacts = vec![job.disk_and_squashfs(&resolved, &base, &ids, &paths)?];
-    stop()?;
-    artifacts.extend(job.boot_files(&resolved, &base.info.kernel_release, &paths)?);
-    stop()?;
-    artifacts.push(job.convert(&paths)?);
+    let mut artifacts = job.artifacts(&resolved, &base, &ids, &paths)?;
     stop()?;
     artifacts.sort_by(|a, b| a.name.cmp(&b.name));
     progress(Event::Phase { phase: "write".into(), detail: dir.display().to_string() });
@@ -216,17 +214,19 @@ impl Job<'_> {
         Ok(tree_path)
     }
 
-    /// **disk** and **filesystem**: the raw disk (GRUB, GPT, ESP, the ext4
-    /// root made in place), while another thread makes the squashfs, whose
-    /// artifact is returned.
-    fn disk_and_squashfs(&self, resolved: &Resolved, base: &Base, ids: &DiskIds, paths: &Paths<'_>) -> Result<Artifact, Error> {
+    /// **disk**, **filesystem** and **convert**, on both cores: one thread
+    /// makes the squashfs (CPU-bound) from the layered tree; the other the
+    /// raw disk (GRUB, GPT, ESP, the ext4 root made in place), the kernel
+    /// and initrd, then the qcow2, started as soon as the disk is whole,
+    /// beside the squashfs if it is still being made. Once the squashfs is
+    /// done, the tree is removed while the qcow2 is written.
+    fn artifacts(&self, resolved: &Resolved, base: &Base, ids: &DiskIds, paths: &Paths<'_>) -> Result<Vec<Artifact>, Error> {
         let epoch = self.builder.source_date_epoch;
         let root_mib = self.spec.disk.root_size_mib.unwrap_or_else(|| default_root_mib(base.info.bytes));
         let layout = disk::Layout::new(root_mib);
         let (tree, raw, staging) = (&paths.tree, &paths.raw, paths.staging);
-        // The squashfs (CPU-bound) is made beside the disk (mostly I/O).
         let squashfs = staging.join("root.squashfs");
-        let (disk_result, squashfs_result) = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let sq = s.spawn(|| disk::squashfs(tree, &squashfs, epoch).and_then(|()| artifact(staging, "root.squashfs")));
             let disk = (|| {
                 (self.progress)(Event::Phase { phase: "disk".into(), detail: "GRUB (BIOS + UEFI), GPT, ESP".into() });
@@ -234,12 +234,20 @@ impl Job<'_> {
                 disk::create(raw, &layout, ids, &grub)?;
                 disk::esp(raw, &layout, &grub.efi, epoch, paths.work)?;
                 (self.progress)(Event::Phase { phase: "filesystem".into(), detail: format!("ext4 {root_mib} MiB in place; squashfs") });
-                resolved.mke2fs.make(tree, raw, layout.root_offset(), root_mib, &ids.root, "root", epoch)
+                resolved.mke2fs.make(tree, raw, layout.root_offset(), root_mib, &ids.root, "root", epoch)?;
+                crate::interrupt::check()?;
+                self.boot_files(resolved, &base.info.kernel_release, paths)
             })();
-            (disk, sq.join().expect("the squashfs thread does not panic"))
-        });
-        disk_result?;
-        squashfs_result
+            let qcow2 = disk.map(|boot| (boot, self.convert(s, paths)));
+            let squashfs = sq.join().expect("the squashfs thread does not panic");
+            // The layered tree is done with: its ~20k entries go while the qcow2 is written.
+            let _ = std::fs::remove_dir_all(tree);
+            let (boot, qcow2) = qcow2?;
+            let qcow2 = qcow2.join().expect("the qcow2 thread does not panic");
+            let mut artifacts = vec![squashfs?, qcow2?];
+            artifacts.extend(boot);
+            Ok(artifacts)
+        })
     }
 
     /// The kernel, and Debian's initramfs with kiln's diskless boot script
@@ -260,16 +268,15 @@ impl Job<'_> {
         Ok([vmlinuz, artifact(staging, "initrd.img")?])
     }
 
-    /// **convert**: the raw disk to `<name>.qcow2`, while the layered tree,
-    /// done with, is removed.
-    fn convert(&self, paths: &Paths<'_>) -> Result<Artifact, Error> {
+    /// **convert**: the raw disk to `<name>.qcow2`, on a thread of `scope`.
+    fn convert<'s>(
+        &self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        paths: &'s Paths<'_>,
+    ) -> std::thread::ScopedJoinHandle<'s, Result<Artifact, Error>> {
         let qcow2_name = format!("{}.qcow2", self.spec.name);
         (self.progress)(Event::Phase { phase: "convert".into(), detail: qcow2_name.clone() });
-        // The layered tree is done with: unlink its ~20k entries meanwhile.
-        std::thread::scope(|s| {
-            s.spawn(|| std::fs::remove_dir_all(&paths.tree));
-            disk::convert(&paths.raw, &paths.staging.join(&qcow2_name)).and_then(|()| artifact(paths.staging, &qcow2_name))
-        })
+        scope.spawn(move || disk::convert(&paths.raw, &paths.staging.join(&qcow2_name)).and_then(|()| artifact(paths.staging, &qcow2_name)))
     }
 
     /// The manifest of `artifacts` (sorted by name), with the SBOM: every
