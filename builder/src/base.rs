@@ -47,7 +47,7 @@ pub trait BaseSource {
 /// namespaces; nothing is mounted on the host), `apt` variant plus the
 /// spec's packages, reproducible with `SOURCE_DATE_EPOCH` (but for the SSH
 /// host keys openssh-server's postinst makes, which are removed). Debian's
-/// initramfs is made once, at the end, not twice ([`INITRAMFS_ONCE`]).
+/// initramfs is made once, at the end, not twice (`INITRAMFS_ONCE`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mmdebstrap;
 
