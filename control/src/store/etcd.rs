@@ -50,6 +50,9 @@ mod alive;
 mod renew;
 mod spend;
 
+/// How long one etcd call of a background task may take before it counts as failed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What request handlers leave for one background task, which takes it a
 /// batch at a time (the liveness keys to put, the leases to renew).
 struct Queue<T> {
@@ -476,16 +479,16 @@ impl EtcdStore {
         self.alive.heard(name);
         // A renewal due is queued (`renew`): the heartbeat does not wait for etcd.
         let mut leases = self.leases.lock().expect("leases lock");
-        match leases.get_mut(name) {
-            Some((lease, at)) if at.elapsed() >= self.renew_every() => {
+        match (leases.get_mut(name), record.node.subnet) {
+            (Some((lease, at)), Some(subnet)) if at.elapsed() >= self.renew_every() => {
                 let before = std::mem::replace(at, Instant::now());
-                let record = serde_json::to_string(record).expect("records serialise");
-                self.renewals.queue(renew::Due { name: name.clone(), lease: *lease, record, before });
+                let (subnet_key, record) = (self.subnet_key(subnet), serde_json::to_string(record).expect("records serialise"));
+                self.renewals.queue(renew::Due { name: name.clone(), lease: *lease, record, subnet_key, before });
                 Ok(Renewal::Live)
             }
             // No lease: the last renewal found it gone; a node without a
             // subnet never had one.
-            None if record.node.subnet.is_some() => Ok(Renewal::Expired),
+            (None, Some(_)) => Ok(Renewal::Expired),
             _ => Ok(Renewal::Live),
         }
     }
@@ -497,11 +500,12 @@ impl EtcdStore {
         if let Some(subnet) = record.node.subnet {
             keys.push(self.subnet_key(subnet));
         }
+        // Out of the table first: a renewal under way writes nothing back.
+        let lease = self.leases.lock().expect("leases lock").remove(name);
         let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
         let resp = client.txn(Txn::new().and_then(ops)).await.map_err(|e| self.err(e))?;
         self.wrote(resp.header().map(|h| h.revision()), keys);
         self.alive.gone(&client, name).await;
-        let lease = self.leases.lock().expect("leases lock").remove(name);
         if let Some((id, _)) = lease {
             let _ = client.lease_revoke(id).await;
         }

@@ -241,7 +241,8 @@ pub trait Store: Send + Sync {
     /// `fresh_subnet`: the subnet was just chosen and must not be leased
     /// by anyone yet ([`Error::Taken`] if it is).
     fn put(&self, record: NodeRecord, fresh_subnet: bool) -> StoreFuture<'_, ()>;
-    /// Records a heartbeat: renews the node's lease (and its `last_seen`).
+    /// Records a heartbeat: renews the node's lease (and its `last_seen`),
+    /// at once or, on etcd, behind the heartbeat's answer.
     fn renew(&self, record: NodeRecord) -> StoreFuture<'_, Renewal>;
     /// Removes the record of `record.node.name` and releases its lease (no
     /// error if there is none).

@@ -36,9 +36,6 @@ pub const ALIVE_PREFIX: &str = "/kiln/alive/";
 /// Keys put in one transaction at most (etcd's `--max-txn-ops` is 128 by default).
 const PUTS_PER_TXN: usize = 128;
 
-/// How long one etcd call may take before it counts as failed.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// This server's side: its lease and the keys it holds.
 pub(super) struct Alive {
     /// The grace period: the lease's TTL, and how long a node may be silent.
@@ -94,6 +91,10 @@ impl Alive {
         loop {
             let mut batch = self.pending.next(PUTS_PER_TXN).await;
             batch.retain(|name| self.held.lock().expect("alive lock").contains_key(name));
+            // etcd refuses a txn that names a key twice (a node heard again
+            // after its key went, its first put still waiting).
+            batch.sort_unstable();
+            batch.dedup();
             if batch.is_empty() {
                 continue;
             }
@@ -103,7 +104,7 @@ impl Alive {
                 let puts: Vec<TxnOp> = batch.iter().map(|n| TxnOp::put(key(n), self.server.as_str(), with_lease())).collect();
                 client.clone().txn(Txn::new().and_then(puts)).await
             };
-            let failed = match tokio::time::timeout(CALL_TIMEOUT, put).await {
+            let failed = match tokio::time::timeout(super::CALL_TIMEOUT, put).await {
                 Ok(Ok(_)) => None,
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("etcd did not answer".to_string()),
@@ -132,8 +133,13 @@ impl Alive {
     /// server holds it no more.
     pub(super) fn seen(&self, name: &str, lease: Option<i64>) -> bool {
         let ours = lease.is_some() && lease == self.current();
-        if !ours {
-            self.held.lock().expect("alive lock").remove(name);
+        let mut held = self.held.lock().expect("alive lock");
+        if ours {
+            // A put whose answer was lost (counted failed) still landed:
+            // held from now, so the sweep deletes it if the node is silent.
+            held.entry(name.to_string()).or_insert_with(Instant::now);
+        } else {
+            held.remove(name);
         }
         lease.is_some() && !ours
     }
@@ -177,7 +183,7 @@ impl Alive {
         loop {
             tokio::time::sleep(self.grace / 4).await;
             if let Some(id) = self.current()
-                && !renew(&client, id).await
+                && !matches!(super::renew::keep_alive(&client, id).await, super::renew::Kept::Live)
             {
                 tracing::warn!(
                     lease = format!("{id:x}"),
@@ -202,14 +208,4 @@ impl Alive {
             }
         }
     }
-}
-
-/// One keep-alive of `lease`; false when it is gone or etcd did not answer.
-async fn renew(client: &Client, lease: i64) -> bool {
-    let renewed = async {
-        let (mut keeper, mut acks) = client.clone().lease_keep_alive(lease).await?;
-        keeper.keep_alive().await?;
-        acks.message().await
-    };
-    matches!(tokio::time::timeout(CALL_TIMEOUT, renewed).await, Ok(Ok(Some(ack))) if ack.ttl() > 0)
 }

@@ -3,7 +3,9 @@
 //! A heartbeat whose node's lease is due for renewal ([`super::RENEW_EVERY`])
 //! queues it and is answered at once. One task renews what is queued: up to
 //! [`PER_ROUND`] leases a round, [`AT_ONCE`] keep-alives in flight, then the
-//! renewed nodes' records (their `last_seen`) in one transaction.
+//! renewed nodes' records (their `last_seen`) in one transaction, each put
+//! only while the node's subnet key is still on the lease renewed (a node
+//! removed or registered again meanwhile keeps what it has).
 //!
 //! Nodes that registered together fall due together: 10,000 nodes that
 //! joined in a few seconds all renew in the same few seconds each minute.
@@ -18,9 +20,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use etcd_client::{Client, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use futures_util::StreamExt;
 
 use super::NODES_PREFIX;
@@ -30,15 +32,14 @@ use super::NODES_PREFIX;
 const PER_ROUND: usize = 128;
 /// Keep-alives in flight at once.
 const AT_ONCE: usize = 32;
-/// How long one etcd call may take before it counts as failed.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// One node's renewal, queued by a heartbeat.
 pub(super) struct Due {
     pub name: String,
     pub lease: i64,
     /// The node's record as of the heartbeat, to put once renewed.
     pub record: String,
+    /// The node's subnet key, on `lease`: the record is put only while it is.
+    pub subnet_key: String,
     /// When the lease was renewed before (the table says now once queued).
     pub before: Instant,
 }
@@ -72,7 +73,10 @@ impl Renewals {
     }
 
     async fn renew(&self, client: &Client, round: Vec<Due>) {
-        let kept: Vec<(Due, Kept)> = futures_util::stream::iter(round)
+        // A node queued twice (a round slower than the renewal period):
+        // its newest record only; etcd refuses a txn that names a key twice.
+        let round: HashMap<String, Due> = round.into_iter().map(|due| (due.name.clone(), due)).collect();
+        let kept: Vec<(Due, Kept)> = futures_util::stream::iter(round.into_values())
             .map(|due| async move {
                 let kept = keep_alive(client, due.lease).await;
                 (due, kept)
@@ -101,10 +105,19 @@ impl Renewals {
         if live.is_empty() {
             return;
         }
-        // The records' last_seen, written with the renewals.
+        // The records' last_seen, written with the renewals, each only if
+        // its subnet is still on the lease renewed: not over a node removed
+        // or registered again meanwhile.
         let keys: Vec<String> = live.iter().map(|due| format!("{NODES_PREFIX}{}", due.name)).collect();
-        let puts: Vec<TxnOp> = keys.iter().zip(&live).map(|(key, due)| TxnOp::put(key.as_str(), due.record.as_str(), None)).collect();
-        match tokio::time::timeout(CALL_TIMEOUT, client.clone().txn(Txn::new().and_then(puts))).await {
+        let puts: Vec<TxnOp> = keys
+            .iter()
+            .zip(&live)
+            .map(|(key, due)| {
+                let still = Compare::lease(due.subnet_key.as_str(), CompareOp::Equal, due.lease);
+                TxnOp::txn(Txn::new().when([still]).and_then([TxnOp::put(key.as_str(), due.record.as_str(), None)]))
+            })
+            .collect();
+        match tokio::time::timeout(super::CALL_TIMEOUT, client.clone().txn(Txn::new().and_then(puts))).await {
             Ok(Ok(resp)) => {
                 let Some(revision) = resp.header().map(|h| h.revision()) else { return };
                 let mut written = self.written.lock().expect("written lock");
@@ -121,7 +134,7 @@ impl Renewals {
 }
 
 /// What one keep-alive found.
-enum Kept {
+pub(super) enum Kept {
     Live,
     /// etcd has no such lease (it expired, or was revoked).
     Gone,
@@ -130,8 +143,8 @@ enum Kept {
 
 /// One keep-alive of `lease`: opening the keep-alive stream sends one and
 /// waits for its answer.
-async fn keep_alive(client: &Client, lease: i64) -> Kept {
-    match tokio::time::timeout(CALL_TIMEOUT, client.clone().lease_keep_alive(lease)).await {
+pub(super) async fn keep_alive(client: &Client, lease: i64) -> Kept {
+    match tokio::time::timeout(super::CALL_TIMEOUT, client.clone().lease_keep_alive(lease)).await {
         Ok(Ok(_)) => Kept::Live,
         // etcd-client's words for an answer with no TTL left.
         Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e == "lease not found" => Kept::Gone,
