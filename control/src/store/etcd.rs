@@ -50,6 +50,17 @@ mod alive;
 mod renew;
 mod spend;
 
+/// Notes that `keys` were written at `revision`, for the watch to skip
+/// (the store's own writes; see `EtcdStore::written`).
+fn note_written(written: &Mutex<HashMap<String, i64>>, revision: Option<i64>, keys: impl IntoIterator<Item = String>) {
+    let Some(revision) = revision else { return };
+    let mut written = written.lock().expect("written lock");
+    for key in keys {
+        let at = written.entry(key).or_default();
+        *at = (*at).max(revision);
+    }
+}
+
 /// How long one etcd call of a background task may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -410,12 +421,7 @@ impl EtcdStore {
 
     /// Remembers that this process wrote `keys` at `revision`.
     fn wrote(&self, revision: Option<i64>, keys: impl IntoIterator<Item = String>) {
-        let Some(revision) = revision else { return };
-        let mut written = self.written.lock().expect("written lock");
-        for key in keys {
-            let at = written.entry(key).or_default();
-            *at = (*at).max(revision);
-        }
+        note_written(&self.written, revision, keys);
     }
 
     fn ttl_secs(&self) -> i64 {
@@ -1023,8 +1029,8 @@ pub(crate) mod tests {
         assert!(expired, "a heartbeat after the failed renewal says Expired within 5 s");
     }
 
-    /// 300 nodes heard at once (a server's start) are put in at most 3
-    /// writes, each on this server's lease; a node gone before its put
+    /// 300 nodes heard at once (a server's start) are put in a few
+    /// writes (at most 5), each on this server's lease; a node gone before its put
     /// keeps no key.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn liveness_keys_are_put_together() {

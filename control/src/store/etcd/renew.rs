@@ -48,9 +48,9 @@ pub(super) struct Due {
 pub(super) struct Renewals {
     queue: super::Queue<Due>,
     /// The store's table: node → its lease and when it was last renewed.
-    pub leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
+    leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
     /// The store's record of its own writes, for the watch to skip.
-    pub written: Arc<Mutex<HashMap<String, i64>>>,
+    written: Arc<Mutex<HashMap<String, i64>>>,
 }
 
 impl Renewals {
@@ -118,14 +118,7 @@ impl Renewals {
             })
             .collect();
         match tokio::time::timeout(super::CALL_TIMEOUT, client.clone().txn(Txn::new().and_then(puts))).await {
-            Ok(Ok(resp)) => {
-                let Some(revision) = resp.header().map(|h| h.revision()) else { return };
-                let mut written = self.written.lock().expect("written lock");
-                for key in keys {
-                    let at = written.entry(key).or_default();
-                    *at = (*at).max(revision);
-                }
-            }
+            Ok(Ok(resp)) => super::note_written(&self.written, resp.header().map(|h| h.revision()), keys),
             // The leases are renewed; the records wait for the next renewal.
             Ok(Err(e)) => tracing::warn!(nodes = live.len(), "etcd: writing renewed nodes' records: {e}"),
             Err(_) => tracing::warn!(nodes = live.len(), "etcd: writing renewed nodes' records: etcd did not answer"),

@@ -211,13 +211,7 @@ async fn settle(w: &Writer, mut group: Vec<Waiter>) {
                 last.insert(id.clone(), (next.clone(), at));
             }
             for waiter in admitted {
-                if let Some(at) = revision {
-                    let mut written = w.written.lock().expect("written lock");
-                    for k in &waiter.keys {
-                        let seen = written.entry(k.clone()).or_default();
-                        *seen = (*seen).max(at);
-                    }
-                }
+                super::note_written(&w.written, revision, waiter.keys.iter().cloned());
                 if let Some(lease) = waiter.lease {
                     // Renewed on the schedule of its grant (its TTL runs from then).
                     w.leases.lock().expect("leases lock").insert(waiter.name.clone(), lease);
