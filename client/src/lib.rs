@@ -382,7 +382,10 @@ impl Client {
     /// `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S`, the
     /// peers watch as a stream lasting `lasting`: [`PeersStream::next`]
     /// gives its answers, the first at once (the changes since `since`,
-    /// else the whole list), then one for each change.
+    /// else the whole list), then one for each change. It asks to switch
+    /// the connection to `kiln-peers` (`Upgrade`), so the lines come on
+    /// the bare connection and the server keeps no HTTP state for it; a
+    /// server that does not switch streams them in its answer's body.
     pub async fn watch_peers(&self, since: Option<(u64, u64)>, lasting: Duration) -> Result<PeersStream, Error> {
         let (revision, epoch) = match since {
             Some((epoch, revision)) => (revision, format!("&epoch={epoch}")),
@@ -390,8 +393,17 @@ impl Client {
         };
         let path = format!("/api/v1/peers?watch=true&revision={revision}{epoch}&timeout={}", lasting.as_secs());
         let (url, builder) = self.request(Method::GET, &path);
-        let resp = send(WATCH_ROUTE, &url, builder.timeout(lasting + PeersStream::SILENCE)).await?;
-        Ok(PeersStream { resp, url, buf: Vec::new(), scanned: 0 })
+        let builder = builder
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, PEERS_PROTOCOL)
+            .timeout(lasting + PeersStream::SILENCE);
+        let resp = builder.send().await.map_err(|source| Error::Transport { route: WATCH_ROUTE, url: url.clone(), source })?;
+        let from = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            Lines::Switched(resp.upgrade().await.map_err(|source| Error::Transport { route: WATCH_ROUTE, url: url.clone(), source })?)
+        } else {
+            Lines::Body(checked(WATCH_ROUTE, &url, resp).await?)
+        };
+        Ok(PeersStream { from, url, buf: Vec::new(), scanned: 0 })
     }
 
     /// `GET /api/v1/nodes`: every registered node.
@@ -541,10 +553,40 @@ impl Client {
 /// The route of [`Client::watch_peers`], in its errors.
 const WATCH_ROUTE: &str = "GET /api/v1/peers?watch=true";
 
+/// The protocol a peers watch asks its connection to switch to
+/// (`Upgrade: kiln-peers`): the lines, with no HTTP framing, on the bare
+/// connection; the node sends nothing more on it.
+pub const PEERS_PROTOCOL: &str = "kiln-peers";
+
+/// Where a peers watch's lines come from.
+#[derive(Debug)]
+enum Lines {
+    /// The connection switched to [`PEERS_PROTOCOL`].
+    Switched(reqwest::Upgraded),
+    /// An answer's body (a server that does not switch).
+    Body(Response),
+}
+
+impl Lines {
+    /// The next bytes, `None` at the end.
+    async fn chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        match self {
+            Lines::Switched(io) => {
+                use tokio::io::AsyncReadExt;
+                let mut chunk = vec![0; 16 * 1024];
+                let n = io.read(&mut chunk).await.map_err(|e| format!("reading: {e}"))?;
+                chunk.truncate(n);
+                Ok((n > 0).then_some(chunk))
+            }
+            Lines::Body(resp) => resp.chunk().await.map(|c| c.map(|b| b.to_vec())).map_err(|e| format!("reading: {}", chain(&e))),
+        }
+    }
+}
+
 /// A streamed peers watch ([`Client::watch_peers`]).
 #[derive(Debug)]
 pub struct PeersStream {
-    resp: Response,
+    from: Lines,
     url: String,
     /// Bytes received and not yet given as an answer.
     buf: Vec<u8>,
@@ -558,6 +600,12 @@ impl PeersStream {
     pub const SILENCE: Duration = Duration::from_secs(60);
     /// The longest line taken: a whole list of 100,000 peers fits.
     pub const MAX_LINE: usize = 64 << 20;
+
+    /// The server switched the connection to [`PEERS_PROTOCOL`] (else the
+    /// lines come in its answer's body).
+    pub fn switched(&self) -> bool {
+        matches!(self.from, Lines::Switched(_))
+    }
 
     /// The next answer, or `None` once the server has ended the stream. A
     /// server that does not stream (an older kiln) gives one answer and
@@ -577,12 +625,12 @@ impl PeersStream {
             if self.buf.len() > Self::MAX_LINE {
                 return Err(fail(format!("a line longer than {} bytes", Self::MAX_LINE)));
             }
-            let chunk = tokio::time::timeout(Self::SILENCE, self.resp.chunk())
+            let chunk = tokio::time::timeout(Self::SILENCE, self.from.chunk())
                 .await
                 .map_err(|_| fail(format!("nothing for {} s", Self::SILENCE.as_secs())))?
-                .map_err(|source| Error::Answer { route: WATCH_ROUTE, url: self.url.clone(), source })?;
+                .map_err(fail)?;
             match chunk {
-                Some(bytes) => self.buf.extend_from_slice(bytes.as_ref()),
+                Some(bytes) => self.buf.extend_from_slice(&bytes),
                 None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
                 // A server from before streams answers once, as a long
                 // poll, without a newline: that answer, then the end.
@@ -600,6 +648,11 @@ impl PeersStream {
 /// Sends `builder`; a 2xx answer, or the error naming `route` and `url`.
 async fn send(route: &'static str, url: &str, builder: RequestBuilder) -> Result<Response, Error> {
     let resp = builder.send().await.map_err(|source| Error::Transport { route, url: url.to_string(), source })?;
+    checked(route, url, resp).await
+}
+
+/// `resp` if 2xx, else the error naming `route` and `url`.
+async fn checked(route: &'static str, url: &str, resp: Response) -> Result<Response, Error> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);

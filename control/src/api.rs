@@ -8,7 +8,7 @@
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | that node (another node: 403) | the node, gone; its lease released |
 //! | `POST /api/v1/nodes/<name>/renew` | that node's certificate | [`kiln_core::NodeCertificate`] for the same key ([`kiln_core::RenewRequest`]) |
 //! | `GET /api/v1/peers?revision=N&epoch=E&timeout=S` | node | long poll: [`kiln_core::Peers`] once the revision passes N: the changes since N under epoch E, else the whole list |
-//! | `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S` | node | the same as a stream: one [`kiln_core::Peers`] a line, each the changes since the line before, for S seconds |
+//! | `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S` | node | the same as a stream: one [`kiln_core::Peers`] a line, each the changes since the line before, for S seconds; with `Connection: upgrade` and `Upgrade: kiln-peers`, the lines follow a 101 answer on the bare connection ([`PEERS_PROTOCOL`]) |
 //! | `GET /api/v1/nodes?after=NAME&limit=N` | operator | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
 //! | `GET /api/v1/sd` | operator, or the SD token (`STATE/sd-token`) | Prometheus HTTP service discovery: one target group per node (streamed) |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
@@ -245,7 +245,12 @@ fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(with(api))
         .and(caller())
         .and(warp::query::<PeersQuery>())
-        .then(|api: Arc<Api>, caller: Caller, q: PeersQuery| async move { peers(&api, &caller, q).await });
+        .and(warp::ext::optional::<crate::listen::Upgrade>())
+        .and(warp::header::optional::<String>("upgrade"))
+        .then(|api: Arc<Api>, caller: Caller, q: PeersQuery, offer: Option<crate::listen::Upgrade>, asked: Option<String>| async move {
+            let offer = offer.filter(|_| asked.is_some_and(|p| p.eq_ignore_ascii_case(PEERS_PROTOCOL)));
+            peers(&api, &caller, q, offer).await
+        });
     let own = heartbeat_route.or(named_heartbeat).unify().or(leave_route).unify().or(named_leave).unify().or(renew).unify().boxed();
     register.or(own).unify().or(peers).unify().or(checks::node_routes(api)).unify().boxed()
 }
@@ -255,17 +260,34 @@ fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
 /// dead.
 pub const WATCH_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The protocol (`Upgrade: kiln-peers`) of a peers watch whose lines
+/// follow a `101 Switching Protocols` on the bare connection, not in an
+/// HTTP body: the server then holds no HTTP state for the watch (hyper's
+/// two 8 KiB buffers a connection), and the node sends nothing more on it.
+pub const PEERS_PROTOCOL: &str = "kiln-peers";
+
 /// The peers watch, for the cluster's nodes only: a long poll, or with
 /// `watch=true` a stream of lines for `timeout` seconds (300 by default,
-/// at most an hour), each line the changes since the one before.
-async fn peers(api: &Api, caller: &Caller, q: PeersQuery) -> Response {
+/// at most an hour), each line the changes since the one before; in an
+/// HTTP body, or on the connection itself when it asked for
+/// [`PEERS_PROTOCOL`] (`offer`).
+async fn peers(api: &Api, caller: &Caller, q: PeersQuery, offer: Option<crate::listen::Upgrade>) -> Response {
     if let Err(denied) = authorize(api, caller, None) {
         return denied.into_response();
     }
     let (seen, epoch) = (q.revision.unwrap_or(0), q.epoch);
     let (mut resp, content_type) = if q.watch.unwrap_or(false) {
         let lasting = std::time::Duration::from_secs(q.timeout.unwrap_or(300).min(3600));
-        (peers_stream(api.registry.clone(), seen, epoch, lasting), "application/x-ndjson")
+        let lines = Lines::new(api.registry.clone(), seen, epoch, lasting);
+        if let Some(offer) = offer {
+            offer.accept(Box::new(move |io| Box::pin(peers_session(lines, io))));
+            let mut resp = Response::new(bytes::Bytes::new().into());
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut().insert("connection", warp::http::HeaderValue::from_static("upgrade"));
+            resp.headers_mut().insert("upgrade", warp::http::HeaderValue::from_static(PEERS_PROTOCOL));
+            return resp;
+        }
+        (peers_stream(lines), "application/x-ndjson")
     } else {
         let timeout = std::time::Duration::from_secs(q.timeout.unwrap_or(30).min(300));
         (Response::new(api.registry.watch_peers_json(seen, epoch, timeout).await.1.into()), "application/json")
@@ -274,38 +296,88 @@ async fn peers(api: &Api, caller: &Caller, q: PeersQuery) -> Response {
     resp
 }
 
-/// The body of a streamed peers watch: its first line at once (the
-/// changes since `seen` under `epoch`, else the whole list), then a line
-/// for each change of revision (those that came while the node read the
-/// last line come together) or after [`WATCH_KEEPALIVE`] of none, until
-/// `lasting` has passed. One line waits at most: a node that does not
-/// read holds one line, and the listener closes it after its idle time.
-fn peers_stream(registry: Arc<Registry>, seen: u64, epoch: Option<u64>, lasting: std::time::Duration) -> Response {
+/// The lines of one streamed peers watch: the first at once (the changes
+/// since `seen` under `epoch`, else the whole list), then one for each
+/// change of revision (those that came while the node read the last line
+/// come together) or after [`WATCH_KEEPALIVE`] of none, until `lasting`
+/// has passed.
+struct Lines {
+    registry: Arc<Registry>,
+    deadline: tokio::time::Instant,
+    seen: u64,
+    epoch: Option<u64>,
+    wait: std::time::Duration,
+    first: bool,
+    over: bool,
+}
+
+impl Lines {
+    fn new(registry: Arc<Registry>, seen: u64, epoch: Option<u64>, lasting: std::time::Duration) -> Lines {
+        let deadline = tokio::time::Instant::now() + lasting;
+        Lines { registry, deadline, seen, epoch, wait: std::time::Duration::ZERO, first: true, over: false }
+    }
+
+    /// The next line, or `None` once the watch has lasted its time.
+    /// Cancel-safe: a line not taken is made again.
+    async fn next(&mut self) -> Option<bytes::Bytes> {
+        if self.over {
+            return None;
+        }
+        let (revision, line) = self.registry.watch_peers_json(self.seen, self.epoch, self.wait).await;
+        let now = tokio::time::Instant::now();
+        self.over = now >= self.deadline;
+        // At its end, the stream says nothing more unless something changed.
+        if self.over && !self.first && self.epoch == Some(self.registry.epoch()) && revision == self.seen {
+            return None;
+        }
+        self.first = false;
+        (self.seen, self.epoch) = (revision, Some(self.registry.epoch()));
+        self.wait = self.deadline.saturating_duration_since(now).min(WATCH_KEEPALIVE);
+        Some(line)
+    }
+}
+
+/// A streamed peers watch as an HTTP body. One line waits at most: a node
+/// that does not read holds one line, and the listener closes it after
+/// its idle time.
+fn peers_stream(mut lines: Lines) -> Response {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
     tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + lasting;
-        let (mut seen, mut epoch, mut wait) = (seen, epoch, std::time::Duration::ZERO);
-        let mut first = true;
         loop {
-            let (revision, line) = tokio::select! {
-                answer = registry.watch_peers_json(seen, epoch, wait) => answer,
+            let line = tokio::select! {
+                line = lines.next() => line,
                 () = tx.closed() => return,
             };
-            let over = tokio::time::Instant::now() >= deadline;
-            // At its end, the stream says nothing more unless something changed.
-            if over && !first && epoch == Some(registry.epoch()) && revision == seen {
+            let Some(line) = line else { return };
+            if tx.send(line).await.is_err() {
                 return;
             }
-            if tx.send(line).await.is_err() || over {
-                return;
-            }
-            first = false;
-            (seen, epoch) = (revision, Some(registry.epoch()));
-            wait = deadline.saturating_duration_since(tokio::time::Instant::now()).min(WATCH_KEEPALIVE);
         }
     });
     let lines = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|line| line.map(Ok::<_, std::convert::Infallible>)));
     warp::reply::stream(lines).into_response()
+}
+
+/// A peers watch on a connection that switched to [`PEERS_PROTOCOL`]: the
+/// lines written as they come; a write the node does not read for the
+/// listener's idle time ends it. The node sends nothing: its first byte,
+/// or its close, ends the watch. At the end the TLS session is closed
+/// (`close_notify`), so the node knows the stream ended and was not cut.
+async fn peers_session(mut lines: Lines, io: hyper::upgrade::Upgraded) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut io = hyper_util::rt::TokioIo::new(io);
+    let mut unread = [0u8; 16];
+    loop {
+        let line = tokio::select! {
+            line = lines.next() => line,
+            _ = io.read(&mut unread) => return,
+        };
+        let Some(line) = line else { break };
+        if io.write_all(&line).await.is_err() || io.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = io.shutdown().await;
 }
 
 /// What the cluster has: nodes, service discovery, profiles and groups.

@@ -31,6 +31,13 @@
 //! answered `429 Too Many Requests` with `Retry-After`, so waiting slots,
 //! and with them room for new clients, always remain.
 //!
+//! A request that asks to switch protocols (`Connection: upgrade`) finds
+//! an [`Upgrade`] in its extensions. A route that takes it answers 101 and
+//! leaves there what runs on the connection afterwards: hyper lets the
+//! connection go (and its buffers with it), and the connection stays in
+//! the table, busy, until that ends. The peers watch runs so
+//! (`crate::api`).
+//!
 //! Sizes: a request head (start line and headers) over [`MAX_HEAD`] is
 //! answered 431 (by hyper), a request target over [`MAX_URI`] 414.
 //!
@@ -296,7 +303,8 @@ impl Drop for Slot {
     }
 }
 
-/// A request in flight; dropped with its answer's body.
+/// A request in flight; dropped with its answer's body (or, for a
+/// connection that switched protocols, when what runs on it ends).
 struct Busy {
     table: Arc<Connections>,
     conn: Arc<Connection>,
@@ -501,6 +509,36 @@ struct Guarded {
     /// The connection's verified client certificate, put in each request's
     /// extensions for the routes.
     peer: Option<Arc<crate::tls::ClientCert>>,
+    /// Set when a route answered 101: what the connection runs next.
+    switched: Arc<Mutex<Option<Switched>>>,
+}
+
+/// What runs on a connection after it switched protocols, given its
+/// byte stream (the TLS session, still under [`Watched`]'s write limit).
+pub type Session = Box<dyn FnOnce(hyper::upgrade::Upgraded) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// In the extensions of a request that asks to switch protocols: a route
+/// that answers `101 Switching Protocols` leaves its [`Session`] here.
+#[derive(Clone, Default)]
+pub struct Upgrade(Arc<Mutex<Option<Session>>>);
+
+impl Upgrade {
+    /// Runs `session` on the connection once the 101 answer is written.
+    pub fn accept(&self, session: Session) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(session);
+    }
+
+    fn take(&self) -> Option<Session> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A connection that answered 101: hyper's upgrade, the session to run
+/// on it, and the busy slot it holds meanwhile.
+struct Switched {
+    on: hyper::upgrade::OnUpgrade,
+    session: Session,
+    _busy: Busy,
 }
 
 impl Service<Request<Incoming>> for Guarded {
@@ -521,11 +559,24 @@ impl Service<Request<Incoming>> for Guarded {
             resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
             return Box::pin(std::future::ready(Ok(answer(resp, None))));
         };
+        let offer = req.headers().contains_key(hyper::header::UPGRADE).then(|| {
+            let offer = Upgrade::default();
+            req.extensions_mut().insert(offer.clone());
+            (hyper::upgrade::on(&mut req), offer)
+        });
         let limit = self.table.limits.header_timeout;
         let routes = hyper_util::service::TowerToHyperService::new(warp::service(self.routes.clone()));
         let fut = routes.call(req.map(|body| TimedBody { body, limit, sleep: None }));
+        let switched = self.switched.clone();
         Box::pin(async move {
             let resp = fut.await?;
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some((on, offer)) = offer
+                && let Some(session) = offer.take()
+            {
+                *switched.lock().unwrap_or_else(|e| e.into_inner()) = Some(Switched { on, session, _busy: busy });
+                return Ok(answer(resp, None));
+            }
             Ok(answer(resp, Some(busy)))
         })
     }
@@ -560,7 +611,8 @@ pub async fn serve(
 ) {
     let what = if tls.is_some() { "api" } else { "http" };
     let shared = Arc::new(Listener { tls, routes, http: http1(&table.limits), what });
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Told when the server stops; `closed()` once every connection ended.
+    let (stopping, stop_rx) = tokio::sync::watch::channel(());
     let mut last_error: Option<Instant> = None;
     tokio::pin!(stop);
     loop {
@@ -589,18 +641,42 @@ pub async fn serve(
         // client's delayed ACK: 40 ms per request.
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
-        let watcher = graceful.watcher();
+        let stop = stop_rx.clone();
         tokio::spawn(async move {
             let _socket = permit;
             let conn = slot.conn.clone();
             tokio::select! {
                 () = conn.evicted.notified() => tracing::debug!(%peer, "{}: closed for a newcomer at the cap", shared.what),
-                () = connection(tcp, peer, &slot, accepted, &shared, watcher) => {}
+                () = connection(tcp, peer, &slot, accepted, &shared, stop) => {}
             }
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    drop(stop_rx);
+    stopping.send_replace(());
+    let _ = tokio::time::timeout(grace, stopping.closed()).await;
+}
+
+/// HTTP/1.1 on one connection until it closes, switches protocols, or
+/// the server stops (then its request in flight is finished first).
+async fn http<I>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: Guarded,
+    stop: &mut tokio::sync::watch::Receiver<()>,
+) -> hyper::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = http.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        done = conn.as_mut() => done,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
 }
 
 /// One connection: its TLS handshake if any, then HTTP/1.1 until it closes.
@@ -610,14 +686,21 @@ async fn connection(
     slot: &Slot,
     accepted: Instant,
     shared: &Listener,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut stop: tokio::sync::watch::Receiver<()>,
 ) {
-    let mut service = Guarded { routes: shared.routes.clone(), table: slot.table.clone(), conn: slot.conn.clone(), peer: None };
+    let switched = Arc::new(Mutex::new(None));
+    let mut service = Guarded {
+        routes: shared.routes.clone(),
+        table: slot.table.clone(),
+        conn: slot.conn.clone(),
+        peer: None,
+        switched: switched.clone(),
+    };
     let what = shared.what;
     let result = match &shared.tls {
         None => {
             let io = hyper_util::rt::TokioIo::new(Watched::new(tcp, slot, accepted));
-            watcher.watch(shared.http.serve_connection(io, service)).await
+            http(&shared.http, io, service, &mut stop).await
         }
         Some(acceptor) => {
             let tls = match tokio::time::timeout(slot.table.limits.header_timeout, acceptor.accept(tcp)).await {
@@ -629,11 +712,19 @@ async fn connection(
             let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first());
             service.peer = leaf.and_then(|der| crate::tls::ClientCert::from_der(der)).map(Arc::new);
             let io = hyper_util::rt::TokioIo::new(Watched::new(tls, slot, accepted));
-            watcher.watch(shared.http.serve_connection(io, service)).await
+            http(&shared.http, io, service, &mut stop).await
         }
     };
     if let Err(e) = result {
-        tracing::debug!(%peer, "{what}: connection: {e}");
+        return tracing::debug!(%peer, "{what}: connection: {e}");
+    }
+    let Some(Switched { on, session, _busy }) = switched.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+    match on.await {
+        Ok(io) => tokio::select! {
+            () = session(io) => {}
+            _ = stop.changed() => {}
+        },
+        Err(e) => tracing::debug!(%peer, "{what}: switching protocols: {e}"),
     }
 }
 

@@ -31,6 +31,7 @@ fn every_route_through_the_client() {
     // happens, on the one connection.
     block_on(async {
         let mut stream = node.watch_peers(None, Duration::from_secs(20)).await.unwrap();
+        assert!(stream.switched(), "kiln serve switches the watch's connection to kiln-peers");
         let first = stream.next().await.unwrap().expect("a first line at once");
         assert!(!first.delta && first.peers.iter().any(|p| p.subnet == lease.subnet), "{first:?}");
         let other = boot.register(&node_request(8)).await.unwrap();

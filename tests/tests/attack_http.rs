@@ -105,6 +105,60 @@ fn the_cap_closes_the_longest_waiting_connection_and_answers_429_above_its_busy_
     assert_eq!(resp.status(), 200, "room again after {:?}", started.elapsed());
 }
 
+/// A watch whose connection switched to `kiln-peers` keeps its place in the
+/// table: it counts in the busy share while it lasts and gives it back when
+/// the node goes; and, busy, it is not closed as idle while nothing changes.
+#[test]
+fn a_switched_watch_is_busy_while_it_lasts_and_outlives_the_idle_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_under_ulimit(tmp.path(), &["--max-connections", "8", "--idle-timeout", "2"]);
+    let answer = block_on(server.joining_client().register(&node_request(1))).expect("registration");
+    let node = server.api_client_as(None).with_token(&answer.token);
+    let operator = server.api_client();
+    let joining = server.joining_client();
+    block_on(async {
+        let mut watches = Vec::new();
+        for _ in 0..6 {
+            let mut watch = node.watch_peers(None, Duration::from_secs(60)).await.expect("a watch");
+            assert!(watch.switched(), "the watch's connection switched to kiln-peers");
+            watch.next().await.expect("its first line").expect("a first line at once");
+            watches.push(watch);
+        }
+        let err = operator.nodes().await.expect_err("six watches are the busy share of 8");
+        assert_eq!(err.status().map(|s| s.as_u16()), Some(429), "{err}");
+        // One node goes: its slot comes back.
+        watches.pop();
+        answered(&operator, 1).await;
+
+        // Twice the idle timeout with nothing to say, then a join: every
+        // watch left is still open and hears it.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        joining.register(&node_request(2)).await.expect("a second node");
+        for (i, watch) in watches.iter_mut().enumerate() {
+            let line = tokio::time::timeout(ANSWER_WITHIN, watch.next()).await.unwrap_or_else(|_| panic!("watch {i}: the join in time"));
+            let line = line.unwrap_or_else(|e| panic!("watch {i} after the idle timeout: {}", kiln_tests::chain(&e))).expect("a line");
+            assert_eq!(line.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["node-2"], "watch {i}");
+        }
+
+        drop(watches);
+        answered(&operator, 2).await;
+    });
+}
+
+/// `GET /api/v1/nodes` answers (within 10 s of 429s) with `count` nodes.
+async fn answered(operator: &kiln_client::Client, count: usize) {
+    let started = Instant::now();
+    loop {
+        match operator.nodes().await {
+            Ok(nodes) => break assert_eq!(nodes.len(), count),
+            Err(e) if started.elapsed() < Duration::from_secs(10) && e.status().map(|s| s.as_u16()) == Some(429) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("a watch's slot is not given back: {}", kiln_tests::chain(&e)),
+        }
+    }
+}
+
 #[test]
 fn oversized_and_unlengthed_requests_get_411_413_414_431() {
     let tmp = tempfile::tempdir().unwrap();
