@@ -5,8 +5,9 @@
 //! A machine that booted with no token is answered "pending": it registers
 //! again every few seconds (as the answer asks) with the same key until an
 //! operator approves it (`kiln nodes approve`), and then goes on as any node;
-//! then `POST {server}/api/v1/heartbeat` at the interval the server asks
-//! for. Over TLS the registration carries a certificate signing request for
+//! then a heartbeat at the interval the server asks for: on the node's
+//! peers watch while one is open (its connection switched to `kiln-peers`,
+//! kiln-client's `Client::heartbeat`), else `POST {server}/api/v1/heartbeat`. Over TLS the registration carries a certificate signing request for
 //! the node's own key ([`crate::node_key`]), and every later call presents
 //! the certificate the server answered with (mutual TLS), renewed at two
 //! thirds of its lifetime (`POST /api/v1/nodes/NAME/renew`). A heartbeat

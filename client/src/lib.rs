@@ -32,6 +32,7 @@
 
 pub mod metrics;
 
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use kiln_core::{HeartbeatResponse, Node, Peers, PoolStatus, RegisterRequest, RegisterResponse, ScaleRequest, SdTargetGroup};
@@ -246,7 +247,7 @@ impl Builder {
             http = http.pool_max_idle_per_host(0);
         }
         let http = http.build().map_err(|source| Error::Build { url: base.clone(), source })?;
-        Ok(Client { http, base, authority, token: self.token, host: self.host, timeout: None })
+        Ok(Client { http, base, authority, token: self.token, host: self.host, timeout: None, watch: Arc::default() })
     }
 }
 
@@ -271,6 +272,9 @@ pub struct Client {
     host: Option<String>,
     /// A limit for this handle's requests, instead of the builder's.
     timeout: Option<Duration>,
+    /// The last peers watch this client (or a clone) opened on a switched
+    /// connection, while it is open: [`Client::heartbeat`] goes there.
+    watch: Arc<Mutex<Option<Weak<WatchLink>>>>,
 }
 
 impl Client {
@@ -292,7 +296,7 @@ impl Client {
 
     /// The same client (and connection pool) sending `token` instead.
     pub fn with_token(&self, token: &str) -> Client {
-        Client { token: Some(token.to_string()), ..self.clone() }
+        Client { token: Some(token.to_string()), watch: Arc::default(), ..self.clone() }
     }
 
     /// The same client with `timeout` for each of its requests.
@@ -318,8 +322,26 @@ impl Client {
         json("POST /api/v1/register", url, builder.json(req)).await
     }
 
-    /// `POST /api/v1/heartbeat` with the client's token (a node token).
+    /// The node's heartbeat: on its open peers watch when the server
+    /// switched it to [`PEERS_PROTOCOL`] (no new request), else, or when
+    /// the watch gives no answer, `POST /api/v1/heartbeat` as the client
+    /// (its certificate or node token).
     pub async fn heartbeat(&self) -> Result<HeartbeatResponse, Error> {
+        let link = self.watch.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(Weak::upgrade);
+        if let Some(link) = link
+            && let Ok(beat) = link.heartbeat().await
+        {
+            let url = format!("{}/api/v1/peers?watch=true", self.base);
+            return match (beat.status, beat.answer) {
+                (200, Some(answer)) => Ok(answer),
+                (status, _) => Err(Error::Status {
+                    route: WATCH_HEARTBEAT_ROUTE,
+                    url,
+                    status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    message: beat.error.unwrap_or_default(),
+                }),
+            };
+        }
         let (url, builder) = self.request(Method::POST, "/api/v1/heartbeat");
         json("POST /api/v1/heartbeat", url, builder).await
     }
@@ -399,7 +421,13 @@ impl Client {
             .timeout(lasting + PeersStream::SILENCE);
         let resp = builder.send().await.map_err(|source| Error::Transport { route: WATCH_ROUTE, url: url.clone(), source })?;
         let from = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            Lines::Switched(resp.upgrade().await.map_err(|source| Error::Transport { route: WATCH_ROUTE, url: url.clone(), source })?)
+            let io = resp.upgrade().await.map_err(|source| Error::Transport { route: WATCH_ROUTE, url: url.clone(), source })?;
+            let (read, write) = tokio::io::split(io);
+            let link = Arc::new(WatchLink { write: tokio::sync::Mutex::new(write), answer: Mutex::new(None), closed: Default::default() });
+            let (tx, lines) = tokio::sync::mpsc::channel(4);
+            let reader = Reader(tokio::spawn(read_switched(read, tx, Arc::downgrade(&link))));
+            *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&link));
+            Lines::Switched { lines, _reader: reader, _link: link }
         } else {
             Lines::Body(checked(WATCH_ROUTE, &url, resp).await?)
         };
@@ -553,16 +581,22 @@ impl Client {
 /// The route of [`Client::watch_peers`], in its errors.
 const WATCH_ROUTE: &str = "GET /api/v1/peers?watch=true";
 
+/// The route of a heartbeat sent on a switched peers watch, in its errors.
+const WATCH_HEARTBEAT_ROUTE: &str = "heartbeat on GET /api/v1/peers?watch=true";
+
 /// The protocol a peers watch asks its connection to switch to
 /// (`Upgrade: kiln-peers`): the lines, with no HTTP framing, on the bare
-/// connection; the node sends nothing more on it.
+/// connection, where the node's heartbeats go too
+/// ([`kiln_core::WATCH_HEARTBEAT`], answered by a
+/// [`kiln_core::WatchHeartbeat`] line among the peers lines).
 pub const PEERS_PROTOCOL: &str = "kiln-peers";
 
 /// Where a peers watch's lines come from.
 #[derive(Debug)]
 enum Lines {
-    /// The connection switched to [`PEERS_PROTOCOL`].
-    Switched(reqwest::Upgraded),
+    /// The connection switched to [`PEERS_PROTOCOL`]: its peers lines, as
+    /// the reader task splits them from the heartbeats' answers.
+    Switched { lines: tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>, _reader: Reader, _link: Arc<WatchLink> },
     /// An answer's body (a server that does not switch).
     Body(Response),
 }
@@ -571,14 +605,122 @@ impl Lines {
     /// The next bytes, `None` at the end.
     async fn chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
         match self {
-            Lines::Switched(io) => {
-                use tokio::io::AsyncReadExt;
-                let mut chunk = vec![0; 16 * 1024];
-                let n = io.read(&mut chunk).await.map_err(|e| format!("reading: {e}"))?;
-                chunk.truncate(n);
-                Ok((n > 0).then_some(chunk))
-            }
+            Lines::Switched { lines, .. } => lines.recv().await.transpose(),
             Lines::Body(resp) => resp.chunk().await.map(|c| c.map(|b| b.to_vec())).map_err(|e| format!("reading: {}", chain(&e))),
+        }
+    }
+}
+
+/// The task reading a switched watch, stopped with the watch.
+#[derive(Debug)]
+struct Reader(tokio::task::JoinHandle<()>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The sending side of a switched peers watch, and the heartbeat waiting
+/// for its answer (one at a time).
+#[derive(Debug)]
+struct WatchLink {
+    write: tokio::sync::Mutex<tokio::io::WriteHalf<reqwest::Upgraded>>,
+    answer: Mutex<Option<tokio::sync::oneshot::Sender<Vec<u8>>>>,
+    /// The watch ended, or a heartbeat on it failed: heartbeats go as
+    /// requests until the next watch.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl WatchLink {
+    /// How long a heartbeat on the watch waits for its answer; then the
+    /// client asks with a request instead.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    async fn heartbeat(&self) -> Result<kiln_core::WatchHeartbeatAnswer, String> {
+        use tokio::io::AsyncWriteExt;
+        let mut write = self.write.lock().await;
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("the watch ended".into());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        let asked = async {
+            write.write_all(kiln_core::WATCH_HEARTBEAT).await.map_err(|e| format!("writing: {e}"))?;
+            write.flush().await.map_err(|e| format!("writing: {e}"))?;
+            let line = rx.await.map_err(|_| "the watch ended".to_string())?;
+            serde_json::from_slice::<kiln_core::WatchHeartbeat>(&line).map(|l| l.heartbeat).map_err(|e| format!("its answer: {e}"))
+        };
+        let answer = tokio::time::timeout(Self::WAIT, asked).await.map_err(|_| format!("no answer in {} s", Self::WAIT.as_secs()));
+        if !matches!(answer, Ok(Ok(_))) {
+            self.close();
+        }
+        answer?
+    }
+
+    /// No more heartbeats on this watch; the one waiting, if any, fails.
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.answer.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// The answer to the heartbeat waiting, if one is.
+    fn answered(&self, line: Vec<u8>) {
+        if let Some(tx) = self.answer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = tx.send(line);
+        }
+    }
+}
+
+/// Reads a switched watch until it ends: its peers lines to `lines` (then
+/// how it ended, if not cleanly), the heartbeats' answers to `link`, which
+/// is closed at the end.
+async fn read_switched(
+    read: tokio::io::ReadHalf<reqwest::Upgraded>,
+    lines: tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>,
+    link: Weak<WatchLink>,
+) {
+    let ended = split_switched(read, &lines, &link).await;
+    if let Some(link) = link.upgrade() {
+        link.close();
+    }
+    if let Some(reason) = ended {
+        let _ = lines.send(Err(reason)).await;
+    }
+}
+
+/// [`read_switched`]'s loop: `Some` reason when the watch did not end
+/// cleanly.
+async fn split_switched(
+    mut read: tokio::io::ReadHalf<reqwest::Upgraded>,
+    lines: &tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>,
+    link: &Weak<WatchLink>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut scanned = 0;
+    loop {
+        while let Some(at) = buf[scanned..].iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=scanned + at).collect();
+            scanned = 0;
+            if line.starts_with(kiln_core::WATCH_HEARTBEAT_PREFIX) {
+                if let Some(link) = link.upgrade() {
+                    link.answered(line);
+                }
+            } else if lines.send(Ok(line)).await.is_err() {
+                return None;
+            }
+        }
+        scanned = buf.len();
+        if buf.len() > PeersStream::MAX_LINE {
+            return Some(format!("a line longer than {} bytes", PeersStream::MAX_LINE));
+        }
+        buf.reserve(16 * 1024);
+        match read.read_buf(&mut buf).await {
+            Ok(0) if buf.is_empty() => return None,
+            Ok(0) => return Some("the stream ended inside a line".to_string()),
+            Ok(_) => {}
+            Err(e) => return Some(format!("reading: {e}")),
         }
     }
 }
@@ -604,7 +746,7 @@ impl PeersStream {
     /// The server switched the connection to [`PEERS_PROTOCOL`] (else the
     /// lines come in its answer's body).
     pub fn switched(&self) -> bool {
-        matches!(self.from, Lines::Switched(_))
+        matches!(self.from, Lines::Switched { .. })
     }
 
     /// The next answer, or `None` once the server has ended the stream. A

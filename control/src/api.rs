@@ -8,7 +8,7 @@
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | that node (another node: 403) | the node, gone; its lease released |
 //! | `POST /api/v1/nodes/<name>/renew` | that node's certificate | [`kiln_core::NodeCertificate`] for the same key ([`kiln_core::RenewRequest`]) |
 //! | `GET /api/v1/peers?revision=N&epoch=E&timeout=S` | node | long poll: [`kiln_core::Peers`] once the revision passes N: the changes since N under epoch E, else the whole list |
-//! | `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S` | node | the same as a stream: one [`kiln_core::Peers`] a line, each the changes since the line before, for S seconds; with `Connection: upgrade` and `Upgrade: kiln-peers`, the lines follow a 101 answer on the bare connection ([`PEERS_PROTOCOL`]) |
+//! | `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S` | node | the same as a stream: one [`kiln_core::Peers`] a line, each the changes since the line before, for S seconds; with `Connection: upgrade` and `Upgrade: kiln-peers`, the lines follow a 101 answer on the bare connection, where the node also heartbeats ([`PEERS_PROTOCOL`]) |
 //! | `GET /api/v1/nodes?after=NAME&limit=N` | operator | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
 //! | `GET /api/v1/sd` | operator, or the SD token (`STATE/sd-token`) | Prometheus HTTP service discovery: one target group per node (streamed) |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
@@ -121,6 +121,12 @@ impl Api {
 /// A request refused: 401 or 403 for its credential (500 when the CA
 /// fails), and why.
 struct Denied(StatusCode, String);
+
+/// A 503: the registry's store could not record `what`.
+fn store_failed(e: &crate::store::Error, what: &str) -> Denied {
+    tracing::error!("registry store: {}", kiln_core::error_chain(e));
+    Denied(StatusCode::SERVICE_UNAVAILABLE, format!("the registry could not record the {what}; retry"))
+}
 
 impl Denied {
     fn into_response(self) -> Response {
@@ -249,7 +255,7 @@ fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(warp::header::optional::<String>("upgrade"))
         .then(|api: Arc<Api>, caller: Caller, q: PeersQuery, offer: Option<crate::listen::Upgrade>, asked: Option<String>| async move {
             let offer = offer.filter(|_| asked.is_some_and(|p| p.eq_ignore_ascii_case(PEERS_PROTOCOL)));
-            peers(&api, &caller, q, offer).await
+            peers(&api, caller, q, offer).await
         });
     let own = heartbeat_route.or(named_heartbeat).unify().or(leave_route).unify().or(named_leave).unify().or(renew).unify().boxed();
     register.or(own).unify().or(peers).unify().or(checks::node_routes(api)).unify().boxed()
@@ -263,7 +269,11 @@ pub const WATCH_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(
 /// The protocol (`Upgrade: kiln-peers`) of a peers watch whose lines
 /// follow a `101 Switching Protocols` on the bare connection, not in an
 /// HTTP body: the server then holds no HTTP state for the watch (hyper's
-/// two 8 KiB buffers a connection), and the node sends nothing more on it.
+/// two 8 KiB buffers a connection). On it the node may send one line,
+/// [`kiln_core::WATCH_HEARTBEAT`], to heartbeat: the answer, a
+/// [`kiln_core::WatchHeartbeat`] line, comes among the peers lines. So a
+/// node holds one connection, and heartbeats with no new request (no TLS
+/// handshake, no request head).
 pub const PEERS_PROTOCOL: &str = "kiln-peers";
 
 /// The peers watch, for the cluster's nodes only: a long poll, or with
@@ -271,8 +281,8 @@ pub const PEERS_PROTOCOL: &str = "kiln-peers";
 /// at most an hour), each line the changes since the one before; in an
 /// HTTP body, or on the connection itself when it asked for
 /// [`PEERS_PROTOCOL`] (`offer`).
-async fn peers(api: &Api, caller: &Caller, q: PeersQuery, offer: Option<crate::listen::Upgrade>) -> Response {
-    if let Err(denied) = authorize(api, caller, None) {
+async fn peers(api: &Arc<Api>, caller: Caller, q: PeersQuery, offer: Option<crate::listen::Upgrade>) -> Response {
+    if let Err(denied) = authorize(api, &caller, None) {
         return denied.into_response();
     }
     let (seen, epoch) = (q.revision.unwrap_or(0), q.epoch);
@@ -280,7 +290,8 @@ async fn peers(api: &Api, caller: &Caller, q: PeersQuery, offer: Option<crate::l
         let lasting = std::time::Duration::from_secs(q.timeout.unwrap_or(300).min(3600));
         let lines = Lines::new(api.registry.clone(), seen, epoch, lasting);
         if let Some(offer) = offer {
-            offer.accept(Box::new(move |io| Box::pin(peers_session(lines, io))));
+            let api = api.clone();
+            offer.accept(Box::new(move |io| Box::pin(peers_session(api, caller, lines, io))));
             let mut resp = Response::new(bytes::Bytes::new().into());
             *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             resp.headers_mut().insert("connection", warp::http::HeaderValue::from_static("upgrade"));
@@ -360,24 +371,64 @@ fn peers_stream(mut lines: Lines) -> Response {
 
 /// A peers watch on a connection that switched to [`PEERS_PROTOCOL`]: the
 /// lines written as they come; a write the node does not read for the
-/// listener's idle time ends it. The node sends nothing: its first byte,
-/// or its close, ends the watch. At the end the TLS session is closed
+/// listener's idle time ends it. The node may only heartbeat
+/// ([`kiln_core::WATCH_HEARTBEAT`], answered at most once a second: a
+/// faster node waits); anything else, a line longer than that, or its
+/// close, ends the watch. At the end the TLS session is closed
 /// (`close_notify`), so the node knows the stream ended and was not cut.
-async fn peers_session(mut lines: Lines, io: hyper::upgrade::Upgraded) {
+async fn peers_session(api: Arc<Api>, caller: Caller, mut lines: Lines, io: hyper::upgrade::Upgraded) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut io = hyper_util::rt::TokioIo::new(io);
-    let mut unread = [0u8; 16];
+    let mut asked = [0u8; 16];
+    let mut held = 0;
+    let mut last_beat: Option<tokio::time::Instant> = None;
     loop {
-        let line = tokio::select! {
-            line = lines.next() => line,
-            _ = io.read(&mut unread) => return,
-        };
-        let Some(line) = line else { break };
-        if io.write_all(&line).await.is_err() || io.flush().await.is_err() {
-            return;
+        let mut out = Vec::new();
+        tokio::select! {
+            line = lines.next() => match line {
+                Some(line) => out.push(line),
+                None => break,
+            },
+            read = io.read(&mut asked[held..]) => {
+                match read {
+                    Ok(n) if n > 0 => held += n,
+                    _ => return,
+                }
+                while let Some(end) = asked[..held].iter().position(|b| *b == b'\n') {
+                    if asked[..=end] != *kiln_core::WATCH_HEARTBEAT {
+                        return tracing::debug!("peers watch: the node sent something other than a heartbeat");
+                    }
+                    asked.copy_within(end + 1..held, 0);
+                    held -= end + 1;
+                    if let Some(at) = last_beat {
+                        tokio::time::sleep_until(at + std::time::Duration::from_secs(1)).await;
+                    }
+                    last_beat = Some(tokio::time::Instant::now());
+                    out.push(watch_heartbeat(&api, &caller).await);
+                }
+                if held == asked.len() {
+                    return tracing::debug!("peers watch: a line from the node longer than a heartbeat");
+                }
+            }
+        }
+        for line in out {
+            if io.write_all(&line).await.is_err() || io.flush().await.is_err() {
+                return;
+            }
         }
     }
     let _ = io.shutdown().await;
+}
+
+/// A heartbeat asked on a peers watch, answered as a line of it.
+async fn watch_heartbeat(api: &Api, caller: &Caller) -> bytes::Bytes {
+    let heartbeat = match beat(api, caller, None).await {
+        Ok(answer) => kiln_core::WatchHeartbeatAnswer { status: 200, answer: Some(answer), error: None },
+        Err(Denied(status, error)) => kiln_core::WatchHeartbeatAnswer { status: status.as_u16(), answer: None, error: Some(error) },
+    };
+    let mut line = serde_json::to_vec(&kiln_core::WatchHeartbeat { heartbeat }).expect("a heartbeat's answer serialises");
+    line.push(b'\n');
+    line.into()
 }
 
 /// What the cluster has: nodes, service discovery, profiles and groups.
@@ -874,8 +925,7 @@ fn authorize(api: &Api, caller: &Caller, claimed: Option<&str>) -> Result<String
 
 /// The answer when the registry's store failed to record `what`.
 fn registry_store_error(e: &crate::store::Error, what: &str) -> Response {
-    tracing::error!("registry store: {}", kiln_core::error_chain(e));
-    error(StatusCode::SERVICE_UNAVAILABLE, &format!("the registry could not record the {what}; retry"))
+    store_failed(e, what).into_response()
 }
 
 async fn leave(api: &Api, caller: &Caller, claimed: Option<&str>) -> Response {
@@ -894,16 +944,19 @@ async fn leave(api: &Api, caller: &Caller, claimed: Option<&str>) -> Response {
 }
 
 async fn heartbeat(api: &Api, caller: &Caller, claimed: Option<&str>) -> Response {
-    let name = match authorize(api, caller, claimed) {
-        Ok(name) => name,
-        Err(denied) => return denied.into_response(),
-    };
+    match beat(api, caller, claimed).await {
+        Ok(answer) => warp::reply::json(&answer).into_response(),
+        Err(denied) => denied.into_response(),
+    }
+}
+
+/// A heartbeat of the calling node (`claimed`: the node the route names).
+async fn beat(api: &Api, caller: &Caller, claimed: Option<&str>) -> Result<HeartbeatResponse, Denied> {
+    let name = authorize(api, caller, claimed)?;
     match api.registry.heartbeat(&name).await {
-        Ok(Some(node)) => {
-            warp::reply::json(&HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }).into_response()
-        }
-        Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node; register again"),
-        Err(e) => registry_store_error(&e, "heartbeat"),
+        Ok(Some(node)) => Ok(HeartbeatResponse { name: node.name, heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS }),
+        Ok(None) => Err(Denied(StatusCode::UNAUTHORIZED, "unknown node; register again".into())),
+        Err(e) => Err(store_failed(&e, "heartbeat")),
     }
 }
 

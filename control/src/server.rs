@@ -392,11 +392,13 @@ async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Regist
             tracing::warn!("removing nodes past the lease TTL: {}", kiln_core::error_chain(&e));
         }
         let nodes = registry.len();
-        if 2 * nodes > cap {
+        // Each node's peers watch (which carries its heartbeats) is a busy
+        // connection: at most three quarters of the cap are.
+        if 4 * nodes > 3 * cap {
             tracing::warn!(
                 nodes,
                 cap,
-                "the nodes hold two connections each (peers watch, heartbeats): more than the connection cap; raise --max-connections (and the descriptor limit)"
+                "the nodes' peers watches (a busy connection each) are more than the three quarters of the connection cap that may be busy; raise --max-connections (and the descriptor limit)"
             );
         }
     }

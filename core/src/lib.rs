@@ -50,7 +50,10 @@ pub use join_token::{CreateTokenRequest, CreateTokenResponse, JoinSecret, JoinTo
 pub use lease::{Backend, CidrError, Ipv4Cidr, Lease, NetworkConfig, Peer, Peers};
 pub use mac::Mac;
 pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, ManifestError, PackageRef};
-pub use node::{HeartbeatResponse, Node, NodeCertificate, NodeState, RegisterRequest, RegisterResponse, RenewRequest, SdTargetGroup};
+pub use node::{
+    HeartbeatResponse, Node, NodeCertificate, NodeState, RegisterRequest, RegisterResponse, RenewRequest, SdTargetGroup, WATCH_HEARTBEAT,
+    WATCH_HEARTBEAT_PREFIX, WatchHeartbeat, WatchHeartbeatAnswer,
+};
 pub use pool::{HostStatus, PoolStatus, ScaleRequest};
 
 /// Kernel command-line key carrying the control plane's base URL.

@@ -101,6 +101,35 @@ pub struct HeartbeatResponse {
     pub heartbeat_interval_secs: u64,
 }
 
+/// The line a node sends on a peers watch switched to `kiln-peers` to
+/// heartbeat, as `POST /api/v1/heartbeat` would, with no new request.
+pub const WATCH_HEARTBEAT: &[u8] = b"heartbeat\n";
+
+/// How a [`WatchHeartbeat`] line begins, among the watch's peers lines.
+pub const WATCH_HEARTBEAT_PREFIX: &[u8] = b"{\"heartbeat\":";
+
+/// The server's answer to [`WATCH_HEARTBEAT`]: one line on the watch,
+/// between its peers lines, `{"heartbeat":{"status":200,"answer":{..}}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchHeartbeat {
+    /// What `POST /api/v1/heartbeat` would have answered.
+    pub heartbeat: WatchHeartbeatAnswer,
+}
+
+/// What a [`WatchHeartbeat`] holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchHeartbeatAnswer {
+    /// The HTTP status the route would have answered (200; 401 for a node
+    /// the server no longer knows; 503 when the store fails).
+    pub status: u16,
+    /// With 200, the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<HeartbeatResponse>,
+    /// Otherwise the server's explanation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// A registered node, as `GET /api/v1/nodes` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {

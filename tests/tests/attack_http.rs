@@ -108,6 +108,8 @@ fn the_cap_closes_the_longest_waiting_connection_and_answers_429_above_its_busy_
 /// A watch whose connection switched to `kiln-peers` keeps its place in the
 /// table: it counts in the busy share while it lasts and gives it back when
 /// the node goes; and, busy, it is not closed as idle while nothing changes.
+/// The node's heartbeats go on its watch: no request, so they are answered
+/// while requests get 429.
 #[test]
 fn a_switched_watch_is_busy_while_it_lasts_and_outlives_the_idle_timeout() {
     let tmp = tempfile::tempdir().unwrap();
@@ -126,6 +128,8 @@ fn a_switched_watch_is_busy_while_it_lasts_and_outlives_the_idle_timeout() {
         }
         let err = operator.nodes().await.expect_err("six watches are the busy share of 8");
         assert_eq!(err.status().map(|s| s.as_u16()), Some(429), "{err}");
+        let beat = node.heartbeat().await.unwrap_or_else(|e| panic!("a heartbeat on the watch, not a request: {}", kiln_tests::chain(&e)));
+        assert_eq!(beat.name, "node-1");
         // One node goes: its slot comes back.
         watches.pop();
         answered(&operator, 1).await;
@@ -157,6 +161,69 @@ async fn answered(operator: &kiln_client::Client, count: usize) {
             Err(e) => panic!("a watch's slot is not given back: {}", kiln_tests::chain(&e)),
         }
     }
+}
+
+/// What a node may send on its switched watch: heartbeats, at most one a
+/// second answered (a faster one waits). Anything else, or a line longer
+/// than a heartbeat, closes the connection.
+#[test]
+fn a_switched_watch_takes_heartbeats_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_under_ulimit(tmp.path(), &[]);
+    let answer = block_on(server.joining_client().register(&node_request(1))).expect("registration");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(server.ca.as_ref().expect("the API's CA")).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_only([ca]).build().unwrap();
+    let url = format!("{}/api/v1/peers?watch=true&timeout=60", server.api);
+    block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let open = || async {
+            let resp = http
+                .get(&url)
+                .bearer_auth(&answer.token)
+                .header("connection", "upgrade")
+                .header("upgrade", "kiln-peers")
+                .send()
+                .await
+                .expect("the watch");
+            assert_eq!(resp.status().as_u16(), 101, "the connection switches");
+            let mut io = resp.upgrade().await.expect("the switched connection");
+            let first = read_line(&mut io).await;
+            let whole: kiln_core::Peers = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+            assert!(!whole.delta, "the whole list first: {first}");
+            io
+        };
+        // Two heartbeats at once: both answered, the second a second later.
+        let mut io = open().await;
+        io.write_all(b"heartbeat\nheartbeat\n").await.unwrap();
+        let started = Instant::now();
+        let (one, two) = (read_line(&mut io).await, read_line(&mut io).await);
+        for line in [&one, &two] {
+            let beat: kiln_core::WatchHeartbeat = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert_eq!((beat.heartbeat.status, beat.heartbeat.answer.map(|a| a.name)), (200, Some("node-1".into())), "{line}");
+        }
+        assert!(started.elapsed() >= Duration::from_millis(900), "the second waits its second: {:?}", started.elapsed());
+        // Anything else, or a line longer than a heartbeat: closed.
+        for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[b'h'; 64][..]] {
+            let mut io = open().await;
+            io.write_all(junk).await.unwrap();
+            let mut rest = Vec::new();
+            let closed = tokio::time::timeout(ANSWER_WITHIN, io.read_to_end(&mut rest)).await;
+            assert!(closed.is_ok(), "{:?}: the server closes the watch", String::from_utf8_lossy(junk));
+        }
+    });
+}
+
+/// One line of a switched watch, without its newline.
+async fn read_line(io: &mut reqwest::Upgraded) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while tokio::time::timeout(ANSWER_WITHIN * 2, io.read_exact(&mut byte)).await.expect("a line in time").expect("a line") > 0
+        && byte[0] != b'\n'
+    {
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).expect("UTF-8")
 }
 
 #[test]

@@ -14,12 +14,10 @@
 //!    leave) being sent to the last of the watching nodes holding the
 //!    change, and the bytes each watcher received per change.
 //!
-//! A simulated node heartbeats on a new connection each time (a TLS
-//! handshake with its certificate), where the agent keeps a second
-//! connection alive for them: two connections a node would take 2 × 10,000
-//! descriptors on each side, over this machine's limit of 20000 a
-//! process, which cannot be raised here. So heartbeats cost the server
-//! more here than they do with real agents.
+//! A simulated node heartbeats as the agent does: on its watch's
+//! connection, switched to `kiln-peers` (kiln-client's `heartbeat`), so a
+//! node holds one connection and a heartbeat is no new request. When the
+//! watch is not open, kiln-client heartbeats with a request instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -116,7 +114,6 @@ pub async fn run(a: &Args, load: Arc<Load>) {
     for (i, node) in nodes.iter().enumerate() {
         let agent = Agent {
             client: watching(node, false),
-            beating: watching(node, true),
             since,
             first_beat: tokio::time::Instant::now() + HEARTBEAT.mul_f64(i as f64 / n as f64),
             seen: seen.clone(),
@@ -219,13 +216,10 @@ pub async fn run(a: &Args, load: Arc<Load>) {
 }
 
 /// One simulated node after its registration: it holds the streamed
-/// peers watch on its own kept-alive connection, and heartbeats every
-/// 10 s on a new connection each time (see the module's docs).
+/// peers watch on its own connection, and heartbeats every 10 s on it.
 struct Agent {
-    /// The node's client for its watch.
+    /// The node's client, for its watch and its heartbeats.
     client: Client,
-    /// The node's client for heartbeats: a new connection for each.
-    beating: Client,
     since: (u64, u64),
     first_beat: tokio::time::Instant,
     seen: Arc<Mutex<Seen>>,
@@ -262,7 +256,7 @@ impl Agent {
                 () = tokio::time::sleep_until(beat) => {
                     beat += HEARTBEAT;
                     let t = Instant::now();
-                    match self.beating.heartbeat().await {
+                    match self.client.heartbeat().await {
                         Ok(_) => self.beats.lock().expect("beats lock").push(t.elapsed().as_secs_f64() * 1000.0),
                         Err(e) => self.error(&e).await,
                     }
