@@ -431,7 +431,7 @@ impl Client {
         } else {
             Lines::Body(checked(WATCH_ROUTE, &url, resp).await?)
         };
-        Ok(PeersStream { from, url, buf: Vec::new(), scanned: 0 })
+        Ok(PeersStream { from, url, buf: Vec::new(), scanned: 0, last_line: 0 })
     }
 
     /// `GET /api/v1/nodes`: every registered node.
@@ -601,16 +601,6 @@ enum Lines {
     Body(Response),
 }
 
-impl Lines {
-    /// The next bytes, `None` at the end.
-    async fn chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
-        match self {
-            Lines::Switched { lines, .. } => lines.recv().await.transpose(),
-            Lines::Body(resp) => resp.chunk().await.map(|c| c.map(|b| b.to_vec())).map_err(|e| format!("reading: {}", chain(&e))),
-        }
-    }
-}
-
 /// The task reading a switched watch, stopped with the watch.
 #[derive(Debug)]
 struct Reader(tokio::task::JoinHandle<()>);
@@ -734,6 +724,8 @@ pub struct PeersStream {
     buf: Vec<u8>,
     /// How much of `buf` holds no newline.
     scanned: usize,
+    /// The bytes of the last answer's line.
+    last_line: usize,
 }
 
 impl PeersStream {
@@ -742,6 +734,12 @@ impl PeersStream {
     pub const SILENCE: Duration = Duration::from_secs(60);
     /// The longest line taken: a whole list of 100,000 peers fits.
     pub const MAX_LINE: usize = 64 << 20;
+
+    /// The size of the last answer [`PeersStream::next`] gave, as it came
+    /// (its JSON and newline).
+    pub fn last_line_bytes(&self) -> usize {
+        self.last_line
+    }
 
     /// The server switched the connection to [`PEERS_PROTOCOL`] (else the
     /// lines come in its answer's body).
@@ -755,22 +753,37 @@ impl PeersStream {
     /// poll.
     pub async fn next(&mut self) -> Result<Option<Peers>, Error> {
         let fail = |reason: String| Error::Stream { route: WATCH_ROUTE, url: self.url.clone(), reason };
+        let silent = || fail(format!("nothing for {} s", Self::SILENCE.as_secs()));
+        let resp = match &mut self.from {
+            Lines::Switched { lines, .. } => {
+                return match tokio::time::timeout(Self::SILENCE, lines.recv()).await.map_err(|_| silent())? {
+                    None => Ok(None),
+                    Some(Err(reason)) => Err(fail(reason)),
+                    Some(Ok(line)) => {
+                        self.last_line = line.len();
+                        serde_json::from_slice(&line).map(Some).map_err(|e| fail(format!("a line that is not a peers answer: {e}")))
+                    }
+                };
+            }
+            Lines::Body(resp) => resp,
+        };
         loop {
             if let Some(at) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
                 let end = self.scanned + at;
                 let peers = serde_json::from_slice(&self.buf[..end]);
                 self.buf.drain(..=end);
                 self.scanned = 0;
+                self.last_line = end + 1;
                 return peers.map(Some).map_err(|e| fail(format!("a line that is not a peers answer: {e}")));
             }
             self.scanned = self.buf.len();
             if self.buf.len() > Self::MAX_LINE {
                 return Err(fail(format!("a line longer than {} bytes", Self::MAX_LINE)));
             }
-            let chunk = tokio::time::timeout(Self::SILENCE, self.from.chunk())
+            let chunk = tokio::time::timeout(Self::SILENCE, resp.chunk())
                 .await
-                .map_err(|_| fail(format!("nothing for {} s", Self::SILENCE.as_secs())))?
-                .map_err(fail)?;
+                .map_err(|_| silent())?
+                .map_err(|e| fail(format!("reading: {}", chain(&e))))?;
             match chunk {
                 Some(bytes) => self.buf.extend_from_slice(&bytes),
                 None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
@@ -779,6 +792,7 @@ impl PeersStream {
                 None => {
                     let last = std::mem::take(&mut self.buf);
                     self.scanned = 0;
+                    self.last_line = last.len();
                     let peers = serde_json::from_slice(&last);
                     return peers.map(Some).map_err(|e| fail(format!("the stream ended inside a line: {e}")));
                 }

@@ -281,15 +281,30 @@ impl Agent {
             if peers.peers.is_empty() && peers.left.is_empty() {
                 continue;
             }
-            let bytes = serde_json::to_vec(&peers).expect("peers serialise").len() as u64 + 1;
+            let bytes = stream.as_ref().map_or(0, |s| s.last_line_bytes()) as u64;
             let mut s = self.seen.lock().expect("seen lock");
             s.bytes += bytes;
             s.answers += 1;
-            let keys = peers.peers.iter().map(|p| format!("+{}", p.name)).chain(peers.left.iter().map(|l| format!("-{l}")));
-            for key in keys {
-                let entry = s.changes.entry(key).or_insert((0, arrived));
-                entry.0 += 1;
-                entry.1 = entry.1.max(arrived);
+            // Keys made without allocating for changes already counted.
+            let mut key = String::new();
+            for (sign, what) in peers
+                .peers
+                .iter()
+                .map(|p| ('+', &p.name as &dyn std::fmt::Display))
+                .chain(peers.left.iter().map(|l| ('-', l as &dyn std::fmt::Display)))
+            {
+                use std::fmt::Write;
+                key.clear();
+                let _ = write!(key, "{sign}{what}");
+                match s.changes.get_mut(key.as_str()) {
+                    Some(entry) => {
+                        entry.0 += 1;
+                        entry.1 = entry.1.max(arrived);
+                    }
+                    None => {
+                        s.changes.insert(key.clone(), (1, arrived));
+                    }
+                }
             }
         }
     }
