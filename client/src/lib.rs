@@ -323,7 +323,7 @@ impl Client {
     }
 
     /// The node's heartbeat: on its open peers watch when the server
-    /// switched it to [`PEERS_PROTOCOL`] (no new request), else, or when
+    /// switched it to [`kiln_core::PEERS_PROTOCOL`] (no new request), else, or when
     /// the watch gives no answer, `POST /api/v1/heartbeat` as the client
     /// (its certificate or node token).
     pub async fn heartbeat(&self) -> Result<HeartbeatResponse, Error> {
@@ -417,17 +417,17 @@ impl Client {
         let (url, builder) = self.request(Method::GET, &path);
         let builder = builder
             .header(reqwest::header::CONNECTION, "upgrade")
-            .header(reqwest::header::UPGRADE, PEERS_PROTOCOL)
+            .header(reqwest::header::UPGRADE, kiln_core::PEERS_PROTOCOL)
             .timeout(lasting + PeersStream::SILENCE);
         let resp = builder.send().await.map_err(|source| Error::Transport { route: WATCH_ROUTE, url: url.clone(), source })?;
         let from = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let io = resp.upgrade().await.map_err(|source| Error::Transport { route: WATCH_ROUTE, url: url.clone(), source })?;
             let (read, write) = tokio::io::split(io);
-            let link = Arc::new(WatchLink { write: tokio::sync::Mutex::new(write), answer: Mutex::new(None), closed: Default::default() });
+            let link = Arc::new(WatchLink { write: tokio::sync::Mutex::new(write), answer: Mutex::default() });
             let (tx, lines) = tokio::sync::mpsc::channel(4);
-            let reader = Reader(tokio::spawn(read_switched(read, tx, Arc::downgrade(&link))));
+            let task = tokio::spawn(read_switched(read, tx, Arc::downgrade(&link)));
             *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&link));
-            Lines::Switched { lines, _reader: reader, _link: link }
+            Lines::Switched { lines, _reader: Reader { task, link } }
         } else {
             Lines::Body(checked(WATCH_ROUTE, &url, resp).await?)
         };
@@ -584,30 +584,29 @@ const WATCH_ROUTE: &str = "GET /api/v1/peers?watch=true";
 /// The route of a heartbeat sent on a switched peers watch, in its errors.
 const WATCH_HEARTBEAT_ROUTE: &str = "heartbeat on GET /api/v1/peers?watch=true";
 
-/// The protocol a peers watch asks its connection to switch to
-/// (`Upgrade: kiln-peers`): the lines, with no HTTP framing, on the bare
-/// connection, where the node's heartbeats go too
-/// ([`kiln_core::WATCH_HEARTBEAT`], answered by a
-/// [`kiln_core::WatchHeartbeat`] line among the peers lines).
-pub const PEERS_PROTOCOL: &str = "kiln-peers";
-
 /// Where a peers watch's lines come from.
 #[derive(Debug)]
 enum Lines {
-    /// The connection switched to [`PEERS_PROTOCOL`]: its peers lines, as
+    /// The connection switched to [`kiln_core::PEERS_PROTOCOL`]: its peers lines, as
     /// the reader task splits them from the heartbeats' answers.
-    Switched { lines: tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>, _reader: Reader, _link: Arc<WatchLink> },
+    Switched { lines: tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>, _reader: Reader },
     /// An answer's body (a server that does not switch).
     Body(Response),
 }
 
-/// The task reading a switched watch, stopped with the watch.
+/// The task reading a switched watch, and its link: when the watch is
+/// dropped the task stops and the link closes (a heartbeat waiting on it
+/// fails at once, and goes as a request).
 #[derive(Debug)]
-struct Reader(tokio::task::JoinHandle<()>);
+struct Reader {
+    task: tokio::task::JoinHandle<()>,
+    link: Arc<WatchLink>,
+}
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
+        self.link.close();
     }
 }
 
@@ -616,10 +615,18 @@ impl Drop for Reader {
 #[derive(Debug)]
 struct WatchLink {
     write: tokio::sync::Mutex<tokio::io::WriteHalf<reqwest::Upgraded>>,
-    answer: Mutex<Option<tokio::sync::oneshot::Sender<Vec<u8>>>>,
-    /// The watch ended, or a heartbeat on it failed: heartbeats go as
-    /// requests until the next watch.
-    closed: std::sync::atomic::AtomicBool,
+    /// The heartbeat waiting, or `Closed`: the watch ended, or a heartbeat
+    /// on it failed or was given up, so heartbeats go as requests until
+    /// the next watch.
+    answer: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+enum Waiting {
+    #[default]
+    Nobody,
+    Beat(tokio::sync::oneshot::Sender<Vec<u8>>),
+    Closed,
 }
 
 impl WatchLink {
@@ -630,11 +637,17 @@ impl WatchLink {
     async fn heartbeat(&self) -> Result<kiln_core::WatchHeartbeatAnswer, String> {
         use tokio::io::AsyncWriteExt;
         let mut write = self.write.lock().await;
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err("the watch ended".into());
-        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        {
+            let mut waiting = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*waiting, Waiting::Closed) {
+                return Err("the watch ended".into());
+            }
+            *waiting = Waiting::Beat(tx);
+        }
+        // Given up half-way (the caller dropped this future), a heartbeat
+        // leaves a line cut or an answer to come: the link is closed.
+        let mut cut = CloseUnlessDone { link: self, done: false };
         let asked = async {
             write.write_all(kiln_core::WATCH_HEARTBEAT).await.map_err(|e| format!("writing: {e}"))?;
             write.flush().await.map_err(|e| format!("writing: {e}"))?;
@@ -642,49 +655,72 @@ impl WatchLink {
             serde_json::from_slice::<kiln_core::WatchHeartbeat>(&line).map(|l| l.heartbeat).map_err(|e| format!("its answer: {e}"))
         };
         let answer = tokio::time::timeout(Self::WAIT, asked).await.map_err(|_| format!("no answer in {} s", Self::WAIT.as_secs()));
-        if !matches!(answer, Ok(Ok(_))) {
-            self.close();
-        }
-        answer?
-    }
-
-    /// No more heartbeats on this watch; the one waiting, if any, fails.
-    fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
-        self.answer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let answer = answer.and_then(|a| a);
+        cut.done = answer.is_ok();
+        answer
     }
 
     /// The answer to the heartbeat waiting, if one is.
     fn answered(&self, line: Vec<u8>) {
-        if let Some(tx) = self.answer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let mut waiting = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Waiting::Beat(tx) = std::mem::take(&mut *waiting) {
             let _ = tx.send(line);
+        }
+    }
+
+    /// No more heartbeats on this watch; the one waiting, if any, fails.
+    fn close(&self) {
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Waiting::Closed;
+    }
+}
+
+/// Closes its link when dropped, unless `done`.
+struct CloseUnlessDone<'a> {
+    link: &'a WatchLink,
+    done: bool,
+}
+
+impl Drop for CloseUnlessDone<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.link.close();
         }
     }
 }
 
 /// Reads a switched watch until it ends: its peers lines to `lines` (then
 /// how it ended, if not cleanly), the heartbeats' answers to `link`, which
-/// is closed at the end.
+/// is closed at the end. It goes on reading while the watch's reader is
+/// behind (up to [`BEHIND`] lines), so a heartbeat's answer is not held
+/// behind unread peers lines.
 async fn read_switched(
     read: tokio::io::ReadHalf<reqwest::Upgraded>,
     lines: tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>,
     link: Weak<WatchLink>,
 ) {
-    let ended = split_switched(read, &lines, &link).await;
+    let mut held = std::collections::VecDeque::new();
+    let ended = split_switched(read, &lines, &link, &mut held).await;
     if let Some(link) = link.upgrade() {
         link.close();
     }
-    if let Some(reason) = ended {
-        let _ = lines.send(Err(reason)).await;
+    for line in held.into_iter().map(Ok).chain(ended.map(Err)) {
+        if lines.send(line).await.is_err() {
+            return;
+        }
     }
 }
 
+/// Peers lines a switched watch's reader task holds for a reader that is
+/// behind; past it, it stops reading.
+const BEHIND: usize = 64;
+
 /// [`read_switched`]'s loop: `Some` reason when the watch did not end
-/// cleanly.
+/// cleanly. Lines not yet handed over are left in `held`.
 async fn split_switched(
     mut read: tokio::io::ReadHalf<reqwest::Upgraded>,
     lines: &tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>,
     link: &Weak<WatchLink>,
+    held: &mut std::collections::VecDeque<Vec<u8>>,
 ) -> Option<String> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
@@ -697,8 +733,8 @@ async fn split_switched(
                 if let Some(link) = link.upgrade() {
                     link.answered(line);
                 }
-            } else if lines.send(Ok(line)).await.is_err() {
-                return None;
+            } else {
+                held.push_back(line);
             }
         }
         scanned = buf.len();
@@ -706,11 +742,17 @@ async fn split_switched(
             return Some(format!("a line longer than {} bytes", PeersStream::MAX_LINE));
         }
         buf.reserve(16 * 1024);
-        match read.read_buf(&mut buf).await {
-            Ok(0) if buf.is_empty() => return None,
-            Ok(0) => return Some("the stream ended inside a line".to_string()),
-            Ok(_) => {}
-            Err(e) => return Some(format!("reading: {e}")),
+        tokio::select! {
+            room = lines.reserve(), if !held.is_empty() => match room {
+                Ok(room) => room.send(Ok(held.pop_front().expect("a line held"))),
+                Err(_) => return None,
+            },
+            read = read.read_buf(&mut buf), if held.len() < BEHIND => match read {
+                Ok(0) if buf.is_empty() => return None,
+                Ok(0) => return Some("the stream ended inside a line".to_string()),
+                Ok(_) => {}
+                Err(e) => return Some(format!("reading: {e}")),
+            },
         }
     }
 }
@@ -741,7 +783,7 @@ impl PeersStream {
         self.last_line
     }
 
-    /// The server switched the connection to [`PEERS_PROTOCOL`] (else the
+    /// The server switched the connection to [`kiln_core::PEERS_PROTOCOL`] (else the
     /// lines come in its answer's body).
     pub fn switched(&self) -> bool {
         matches!(self.from, Lines::Switched { .. })
@@ -780,10 +822,11 @@ impl PeersStream {
             if self.buf.len() > Self::MAX_LINE {
                 return Err(fail(format!("a line longer than {} bytes", Self::MAX_LINE)));
             }
-            let chunk = tokio::time::timeout(Self::SILENCE, resp.chunk())
-                .await
-                .map_err(|_| silent())?
-                .map_err(|e| fail(format!("reading: {}", chain(&e))))?;
+            let chunk = tokio::time::timeout(Self::SILENCE, resp.chunk()).await.map_err(|_| silent())?.map_err(|source| Error::Answer {
+                route: WATCH_ROUTE,
+                url: self.url.clone(),
+                source,
+            })?;
             match chunk {
                 Some(bytes) => self.buf.extend_from_slice(&bytes),
                 None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),

@@ -8,7 +8,7 @@
 //! | `POST /api/v1/leave`, `/api/v1/nodes/<name>/leave` | that node (another node: 403) | the node, gone; its lease released |
 //! | `POST /api/v1/nodes/<name>/renew` | that node's certificate | [`kiln_core::NodeCertificate`] for the same key ([`kiln_core::RenewRequest`]) |
 //! | `GET /api/v1/peers?revision=N&epoch=E&timeout=S` | node | long poll: [`kiln_core::Peers`] once the revision passes N: the changes since N under epoch E, else the whole list |
-//! | `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S` | node | the same as a stream: one [`kiln_core::Peers`] a line, each the changes since the line before, for S seconds; with `Connection: upgrade` and `Upgrade: kiln-peers`, the lines follow a 101 answer on the bare connection, where the node also heartbeats ([`PEERS_PROTOCOL`]) |
+//! | `GET /api/v1/peers?watch=true&revision=N&epoch=E&timeout=S` | node | the same as a stream: one [`kiln_core::Peers`] a line, each the changes since the line before, for S seconds; with `Connection: upgrade` and `Upgrade: kiln-peers`, the lines follow a 101 answer on the bare connection, where the node also heartbeats ([`kiln_core::PEERS_PROTOCOL`]) |
 //! | `GET /api/v1/nodes?after=NAME&limit=N` | operator | `[Node]` by name: every node, or `N` after `NAME`; streamed a page at a time |
 //! | `GET /api/v1/sd` | operator, or the SD token (`STATE/sd-token`) | Prometheus HTTP service discovery: one target group per node (streamed) |
 //! | `GET /api/v1/profiles`, `/api/v1/groups` | operator | the loaded profiles and groups |
@@ -254,7 +254,7 @@ fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(warp::ext::optional::<crate::listen::Upgrade>())
         .and(warp::header::optional::<String>("upgrade"))
         .then(|api: Arc<Api>, caller: Caller, q: PeersQuery, offer: Option<crate::listen::Upgrade>, asked: Option<String>| async move {
-            let offer = offer.filter(|_| asked.is_some_and(|p| p.eq_ignore_ascii_case(PEERS_PROTOCOL)));
+            let offer = offer.filter(|_| asked.is_some_and(|p| p.eq_ignore_ascii_case(kiln_core::PEERS_PROTOCOL)));
             peers(&api, caller, q, offer).await
         });
     let own = heartbeat_route.or(named_heartbeat).unify().or(leave_route).unify().or(named_leave).unify().or(renew).unify().boxed();
@@ -266,21 +266,11 @@ fn node_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
 /// dead.
 pub const WATCH_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The protocol (`Upgrade: kiln-peers`) of a peers watch whose lines
-/// follow a `101 Switching Protocols` on the bare connection, not in an
-/// HTTP body: the server then holds no HTTP state for the watch (hyper's
-/// two 8 KiB buffers a connection). On it the node may send one line,
-/// [`kiln_core::WATCH_HEARTBEAT`], to heartbeat: the answer, a
-/// [`kiln_core::WatchHeartbeat`] line, comes among the peers lines. So a
-/// node holds one connection, and heartbeats with no new request (no TLS
-/// handshake, no request head).
-pub const PEERS_PROTOCOL: &str = "kiln-peers";
-
 /// The peers watch, for the cluster's nodes only: a long poll, or with
 /// `watch=true` a stream of lines for `timeout` seconds (300 by default,
 /// at most an hour), each line the changes since the one before; in an
 /// HTTP body, or on the connection itself when it asked for
-/// [`PEERS_PROTOCOL`] (`offer`).
+/// [`kiln_core::PEERS_PROTOCOL`] (`offer`).
 async fn peers(api: &Arc<Api>, caller: Caller, q: PeersQuery, offer: Option<crate::listen::Upgrade>) -> Response {
     if let Err(denied) = authorize(api, &caller, None) {
         return denied.into_response();
@@ -291,11 +281,11 @@ async fn peers(api: &Arc<Api>, caller: Caller, q: PeersQuery, offer: Option<crat
         let lines = Lines::new(api.registry.clone(), seen, epoch, lasting);
         if let Some(offer) = offer {
             let api = api.clone();
-            offer.accept(Box::new(move |io| Box::pin(peers_session(api, caller, lines, io))));
+            offer.accept(Box::new(move |io, stopped| Box::pin(peers_session(api, caller, lines, io, stopped))));
             let mut resp = Response::new(bytes::Bytes::new().into());
             *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             resp.headers_mut().insert("connection", warp::http::HeaderValue::from_static("upgrade"));
-            resp.headers_mut().insert("upgrade", warp::http::HeaderValue::from_static(PEERS_PROTOCOL));
+            resp.headers_mut().insert("upgrade", warp::http::HeaderValue::from_static(kiln_core::PEERS_PROTOCOL));
             return resp;
         }
         (peers_stream(lines), "application/x-ndjson")
@@ -317,24 +307,28 @@ struct Lines {
     deadline: tokio::time::Instant,
     seen: u64,
     epoch: Option<u64>,
-    wait: std::time::Duration,
+    /// When the next line is due, changes or not.
+    due: tokio::time::Instant,
     first: bool,
     over: bool,
 }
 
 impl Lines {
     fn new(registry: Arc<Registry>, seen: u64, epoch: Option<u64>, lasting: std::time::Duration) -> Lines {
-        let deadline = tokio::time::Instant::now() + lasting;
-        Lines { registry, deadline, seen, epoch, wait: std::time::Duration::ZERO, first: true, over: false }
+        let now = tokio::time::Instant::now();
+        Lines { registry, deadline: now + lasting, seen, epoch, due: now, first: true, over: false }
     }
 
     /// The next line, or `None` once the watch has lasted its time.
-    /// Cancel-safe: a line not taken is made again.
+    /// Cancel-safe: a line not taken is made again, and when the next one
+    /// is due does not move (a heartbeat between two lines of a switched
+    /// watch does not put off its keepalive).
     async fn next(&mut self) -> Option<bytes::Bytes> {
         if self.over {
             return None;
         }
-        let (revision, line) = self.registry.watch_peers_json(self.seen, self.epoch, self.wait).await;
+        let wait = self.due.saturating_duration_since(tokio::time::Instant::now());
+        let (revision, line) = self.registry.watch_peers_json(self.seen, self.epoch, wait).await;
         let now = tokio::time::Instant::now();
         self.over = now >= self.deadline;
         // At its end, the stream says nothing more unless something changed.
@@ -343,7 +337,7 @@ impl Lines {
         }
         self.first = false;
         (self.seen, self.epoch) = (revision, Some(self.registry.epoch()));
-        self.wait = self.deadline.saturating_duration_since(now).min(WATCH_KEEPALIVE);
+        self.due = self.deadline.min(now + WATCH_KEEPALIVE);
         Some(line)
     }
 }
@@ -369,14 +363,15 @@ fn peers_stream(mut lines: Lines) -> Response {
     warp::reply::stream(lines).into_response()
 }
 
-/// A peers watch on a connection that switched to [`PEERS_PROTOCOL`]: the
+/// A peers watch on a connection that switched to [`kiln_core::PEERS_PROTOCOL`]: the
 /// lines written as they come; a write the node does not read for the
 /// listener's idle time ends it. The node may only heartbeat
 /// ([`kiln_core::WATCH_HEARTBEAT`], answered at most once a second: a
 /// faster node waits); anything else, a line longer than that, or its
-/// close, ends the watch. At the end the TLS session is closed
-/// (`close_notify`), so the node knows the stream ended and was not cut.
-async fn peers_session(api: Arc<Api>, caller: Caller, mut lines: Lines, io: hyper::upgrade::Upgraded) {
+/// close, ends the watch. At its end, or when the server stops, the TLS
+/// session is closed (`close_notify`), so the node knows the stream ended
+/// and was not cut.
+async fn peers_session(api: Arc<Api>, caller: Caller, mut lines: Lines, io: hyper::upgrade::Upgraded, mut stopped: crate::listen::Stopped) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut io = hyper_util::rt::TokioIo::new(io);
     let mut asked = [0u8; 16];
@@ -385,6 +380,7 @@ async fn peers_session(api: Arc<Api>, caller: Caller, mut lines: Lines, io: hype
     loop {
         let mut out = Vec::new();
         tokio::select! {
+            () = &mut stopped => break,
             line = lines.next() => match line {
                 Some(line) => out.push(line),
                 None => break,
@@ -486,7 +482,7 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
                     warp::reply::json(&node).into_response()
                 }
                 Ok(None) => error(StatusCode::NOT_FOUND, &format!("no node {name:?}")),
-                Err(e) => registry_store_error(&e, "deletion"),
+                Err(e) => store_failed(&e, "deletion").into_response(),
             }
         },
     );
@@ -503,7 +499,7 @@ fn listing_routes(api: &Arc<Api>) -> BoxedFilter<(Response,)> {
                 }
                 Ok(Some((node, false))) => warp::reply::json(&node).into_response(),
                 Ok(None) => error(StatusCode::NOT_FOUND, &format!("no node {name:?}")),
-                Err(e) => registry_store_error(&e, "approval"),
+                Err(e) => store_failed(&e, "approval").into_response(),
             }
         },
     );
@@ -923,11 +919,6 @@ fn authorize(api: &Api, caller: &Caller, claimed: Option<&str>) -> Result<String
     }
 }
 
-/// The answer when the registry's store failed to record `what`.
-fn registry_store_error(e: &crate::store::Error, what: &str) -> Response {
-    store_failed(e, what).into_response()
-}
-
 async fn leave(api: &Api, caller: &Caller, claimed: Option<&str>) -> Response {
     let name = match authorize(api, caller, claimed) {
         Ok(name) => name,
@@ -939,7 +930,7 @@ async fn leave(api: &Api, caller: &Caller, claimed: Option<&str>) -> Response {
             warp::reply::json(&node).into_response()
         }
         Ok(None) => error(StatusCode::UNAUTHORIZED, "unknown node; register again"),
-        Err(e) => registry_store_error(&e, "leave"),
+        Err(e) => store_failed(&e, "leave").into_response(),
     }
 }
 

@@ -31,7 +31,7 @@
 //! answered `429 Too Many Requests` with `Retry-After`, so waiting slots,
 //! and with them room for new clients, always remain.
 //!
-//! A request that asks to switch protocols (`Connection: upgrade`) finds
+//! A request that asks to switch protocols (an `Upgrade` header) finds
 //! an [`Upgrade`] in its extensions. A route that takes it answers 101 and
 //! leaves there what runs on the connection afterwards: hyper lets the
 //! connection go (and its buffers with it), and the connection stays in
@@ -514,8 +514,13 @@ struct Guarded {
 }
 
 /// What runs on a connection after it switched protocols, given its
-/// byte stream (the TLS session, still under [`Watched`]'s write limit).
-pub type Session = Box<dyn FnOnce(hyper::upgrade::Upgraded) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+/// byte stream (the TLS session, still under the listener's write limit)
+/// and a future that resolves when the server stops (the session then
+/// ends promptly).
+pub type Session = Box<dyn FnOnce(hyper::upgrade::Upgraded, Stopped) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Resolves when the server stops.
+pub type Stopped = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// In the extensions of a request that asks to switch protocols: a route
 /// that answers `101 Switching Protocols` leaves its [`Session`] here.
@@ -611,8 +616,8 @@ pub async fn serve(
 ) {
     let what = if tls.is_some() { "api" } else { "http" };
     let shared = Arc::new(Listener { tls, routes, http: http1(&table.limits), what });
-    // Told when the server stops; `closed()` once every connection ended.
-    let (stopping, stop_rx) = tokio::sync::watch::channel(());
+    // Set when the server stops; `closed()` once every connection ended.
+    let (stopping, stop_rx) = tokio::sync::watch::channel(false);
     let mut last_error: Option<Instant> = None;
     tokio::pin!(stop);
     loop {
@@ -653,8 +658,13 @@ pub async fn serve(
     }
     drop(listener);
     drop(stop_rx);
-    stopping.send_replace(());
+    stopping.send_replace(true);
     let _ = tokio::time::timeout(grace, stopping.closed()).await;
+}
+
+/// Resolves once the server stops (or has gone).
+async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 /// HTTP/1.1 on one connection until it closes, switches protocols, or
@@ -663,7 +673,7 @@ async fn http<I>(
     http: &hyper::server::conn::http1::Builder,
     io: I,
     service: Guarded,
-    stop: &mut tokio::sync::watch::Receiver<()>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> hyper::Result<()>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -672,7 +682,7 @@ where
     tokio::pin!(conn);
     tokio::select! {
         done = conn.as_mut() => done,
-        _ = stop.changed() => {
+        () = until_stopped(stop) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -686,7 +696,7 @@ async fn connection(
     slot: &Slot,
     accepted: Instant,
     shared: &Listener,
-    mut stop: tokio::sync::watch::Receiver<()>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let switched = Arc::new(Mutex::new(None));
     let mut service = Guarded {
@@ -719,11 +729,9 @@ async fn connection(
         return tracing::debug!(%peer, "{what}: connection: {e}");
     }
     let Some(Switched { on, session, _busy }) = switched.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+    let stopped = Box::pin(async move { until_stopped(&mut stop).await });
     match on.await {
-        Ok(io) => tokio::select! {
-            () = session(io) => {}
-            _ = stop.changed() => {}
-        },
+        Ok(io) => session(io, stopped).await,
         Err(e) => tracing::debug!(%peer, "{what}: switching protocols: {e}"),
     }
 }

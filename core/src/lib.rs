@@ -51,8 +51,8 @@ pub use lease::{Backend, CidrError, Ipv4Cidr, Lease, NetworkConfig, Peer, Peers}
 pub use mac::Mac;
 pub use manifest::{Artifact, BootSpec, InputDigests, Manifest, ManifestError, PackageRef};
 pub use node::{
-    HeartbeatResponse, Node, NodeCertificate, NodeState, RegisterRequest, RegisterResponse, RenewRequest, SdTargetGroup, WATCH_HEARTBEAT,
-    WATCH_HEARTBEAT_PREFIX, WatchHeartbeat, WatchHeartbeatAnswer,
+    HeartbeatResponse, Node, NodeCertificate, NodeState, PEERS_PROTOCOL, RegisterRequest, RegisterResponse, RenewRequest, SdTargetGroup,
+    WATCH_HEARTBEAT, WATCH_HEARTBEAT_PREFIX, WatchHeartbeat, WatchHeartbeatAnswer,
 };
 pub use pool::{HostStatus, PoolStatus, ScaleRequest};
 

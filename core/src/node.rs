@@ -101,6 +101,15 @@ pub struct HeartbeatResponse {
     pub heartbeat_interval_secs: u64,
 }
 
+/// The protocol (`Upgrade: kiln-peers`) of a peers watch whose lines
+/// follow a `101 Switching Protocols` on the bare connection, not in an
+/// HTTP body: the server then holds no HTTP state for the watch (hyper's
+/// two 8 KiB buffers a connection). On it the node may send one line,
+/// [`WATCH_HEARTBEAT`], to heartbeat: the answer, a [`WatchHeartbeat`]
+/// line, comes among the peers lines. So a node holds one connection, and
+/// heartbeats with no new request (no TLS handshake, no request head).
+pub const PEERS_PROTOCOL: &str = "kiln-peers";
+
 /// The line a node sends on a peers watch switched to `kiln-peers` to
 /// heartbeat, as `POST /api/v1/heartbeat` would, with no new request.
 pub const WATCH_HEARTBEAT: &[u8] = b"heartbeat\n";

@@ -163,6 +163,37 @@ async fn answered(operator: &kiln_client::Client, count: usize) {
     }
 }
 
+/// A node that heartbeats on its switched watch every few seconds, in a
+/// cluster where nothing changes, still gets the watch's keepalive line
+/// every 30 s: its heartbeats do not put it off.
+#[test]
+fn heartbeats_do_not_put_off_the_watch_keepalive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_under_ulimit(tmp.path(), &[]);
+    let answer = block_on(server.joining_client().register(&node_request(1))).expect("registration");
+    let node = server.api_client_as(None).with_token(&answer.token);
+    block_on(async {
+        let mut watch = node.watch_peers(None, Duration::from_secs(120)).await.expect("a watch");
+        assert!(watch.switched());
+        watch.next().await.expect("its first line").expect("a first line at once");
+        let opened = Instant::now();
+        let beating = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                node.heartbeat().await.unwrap_or_else(|e| panic!("a heartbeat on the watch: {}", kiln_tests::chain(&e)));
+            }
+        };
+        let keepalive = tokio::select! {
+            line = tokio::time::timeout(Duration::from_secs(40), watch.next()) => line,
+            () = beating => unreachable!("the heartbeats go on"),
+        };
+        let line = keepalive.expect("a keepalive line within 40 s").expect("the watch reads").expect("a line");
+        assert!(line.delta && line.peers.is_empty() && line.left.is_empty(), "nothing changed: {line:?}");
+        let after = opened.elapsed();
+        assert!(after >= Duration::from_secs(29) && after <= Duration::from_secs(33), "the keepalive after 30 s, not {after:?}");
+    });
+}
+
 /// What a node may send on its switched watch: heartbeats, at most one a
 /// second answered (a faster one waits). Anything else, or a line longer
 /// than a heartbeat, closes the connection.
