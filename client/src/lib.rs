@@ -660,10 +660,13 @@ impl WatchLink {
         answer
     }
 
-    /// The answer to the heartbeat waiting, if one is.
+    /// The answer to the heartbeat waiting, if one is. A late answer to a
+    /// link already closed leaves it closed.
     fn answered(&self, line: Vec<u8>) {
         let mut waiting = self.answer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Waiting::Beat(tx) = std::mem::take(&mut *waiting) {
+        if matches!(*waiting, Waiting::Beat(_))
+            && let Waiting::Beat(tx) = std::mem::take(&mut *waiting)
+        {
             let _ = tx.send(line);
         }
     }
