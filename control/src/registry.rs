@@ -448,6 +448,14 @@ impl Registry {
     /// Sets when a node is NotReady and when it is removed.
     pub fn set_lifecycle(&self, lifecycle: Lifecycle) {
         *self.lifecycle.lock().expect("lifecycle lock") = lifecycle;
+        self.store.set_lease_ttl(lifecycle.lease_ttl);
+    }
+
+    /// Writes the `last_seen` that heartbeats left in memory only
+    /// ([`Store::settle`]): for a server that stops.
+    pub async fn settle(&self) -> Result<(), store::Error> {
+        let records: Vec<NodeRecord> = self.state.lock().expect("registry lock").nodes.values().cloned().collect();
+        self.store.settle(records).await
     }
 
     /// When a node is NotReady and when it is removed.
@@ -1069,6 +1077,35 @@ mod tests {
         assert_eq!(lease.unwrap().subnet, lease_a.subnet, "and so do leases");
         let bytes = std::fs::read(&path).unwrap();
         assert!(!bytes.windows(token_a2.len()).any(|w| w == token_a2.as_bytes()), "tokens are stored hashed");
+    }
+
+    #[tokio::test]
+    async fn heartbeats_are_written_a_quarter_ttl_apart_and_settled_at_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::StateDir::new(dir.path()).registry_db();
+        let reg = open(&path, "10.244.0.0/16").await;
+        reg.set_lifecycle(Lifecycle { grace: std::time::Duration::from_millis(400), lease_ttl: std::time::Duration::from_millis(800) });
+        let (_, token, _) = reg.register(&request('a', "worker")).await.unwrap();
+        let store = reg.store_handle();
+        let stored = || async { store.load().await.unwrap().records[0].node.last_seen };
+        let registered = stored().await;
+
+        let heard = heartbeat(&reg, &token).await.unwrap().last_seen;
+        assert!(heard > registered);
+        assert_eq!(stored().await, registered, "a heartbeat right after the registration's write is not written");
+
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let heard = heartbeat(&reg, &token).await.unwrap().last_seen;
+        assert_eq!(stored().await, heard, "a quarter of the TTL (200 ms) later, it is");
+
+        let heard = heartbeat(&reg, &token).await.unwrap().last_seen;
+        assert!(stored().await < heard, "the next one is not");
+        reg.settle().await.unwrap();
+        assert_eq!(stored().await, heard, "a stop writes what is behind");
+        drop(store);
+        drop(reg);
+        let reopened = open(&path, "10.244.0.0/16").await;
+        assert_eq!(reopened.nodes()[0].last_seen, heard, "and a restart finds it");
     }
 
     #[tokio::test]

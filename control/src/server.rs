@@ -367,8 +367,9 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// Removes expired join tokens, pending machines gone quiet
 /// ([`crate::registry::PENDING_TTL`]) and nodes not heard from for the
 /// lease TTL ([`Registry::expire`]), every [`SWEEP_EVERY`], until aborted.
-/// Says so when the nodes' connections (two a node: the peers watch and
-/// heartbeats) would pass the connection cap `cap`.
+/// Says so when the nodes' peers watches (one busy connection a node,
+/// which carries its heartbeats too) would pass the busy share of the
+/// connection cap `cap`.
 async fn sweep(tokens: Arc<crate::join_tokens::JoinTokens>, registry: Arc<Registry>, cap: usize) {
     let every = SWEEP_EVERY.min(registry.lifecycle().lease_ttl / 4).max(std::time::Duration::from_millis(100));
     let mut every = tokio::time::interval(every);
@@ -538,5 +539,8 @@ impl Server {
         self.watcher.abort();
         let _ = self.stop.send(());
         let _ = self.task.await;
+        if let Err(e) = self.registry.settle().await {
+            tracing::warn!("could not write the nodes' last heartbeats: {}", kiln_core::error_chain(&e));
+        }
     }
 }

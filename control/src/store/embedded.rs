@@ -10,6 +10,11 @@
 //! A state directory from before the database (`nodes.json`) is imported
 //! once, on first open.
 //!
+//! A heartbeat is written when the node's last write is
+//! [`super::RENEW_EVERY`] old (a quarter of the lease TTL if shorter); until
+//! then it is only in the registry's memory, and [`Store::settle`] writes
+//! what is behind when the server stops.
+//!
 //! Join tokens are in table `join_tokens` (ID → JSON [`TokenRecord`]). A use is
 //! counted in the writer thread: its transaction reads the token, checks it
 //! is still the one the caller read (the same secret hash) and that the
@@ -17,8 +22,10 @@
 //! one, so two uses of a one-use token cannot both be counted, and
 //! concurrent uses of one token never have to retry.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
@@ -66,6 +73,16 @@ pub struct DbStore {
     db: std::sync::Arc<Database>,
     writer: Option<mpsc::Sender<Pending>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// By node: when its record was last written, and whether a heartbeat
+    /// since is not.
+    written: Mutex<HashMap<String, Written>>,
+    /// A heartbeat is written when the last write is this old.
+    renew_every: Mutex<Duration>,
+}
+
+struct Written {
+    at: Instant,
+    behind: bool,
 }
 
 impl Drop for DbStore {
@@ -117,7 +134,14 @@ impl DbStore {
             .name("kiln-store".into())
             .spawn(move || write_loop(&thread_db, &thread_path, &queue))
             .map_err(|source| Error::Io { path: path.into(), source })?;
-        Ok(DbStore { path: path.into(), db, writer: Some(writer), thread: Some(thread) })
+        Ok(DbStore {
+            path: path.into(),
+            db,
+            writer: Some(writer),
+            thread: Some(thread),
+            written: Mutex::default(),
+            renew_every: Mutex::new(super::RENEW_EVERY),
+        })
     }
 
     fn submit(&self, op: Op) -> StoreFuture<'_, Outcome> {
@@ -127,6 +151,11 @@ impl DbStore {
             sent.map_err(|_| Error::Closed)?;
             result.await.map_err(|_| Error::Closed)?
         })
+    }
+
+    /// Notes that `name`'s whole record is being written now.
+    fn wrote(&self, name: &str) {
+        self.written.lock().expect("written lock").insert(name.to_string(), Written { at: Instant::now(), behind: false });
     }
 
     /// A write whose answer is only `Ok`.
@@ -303,15 +332,60 @@ impl Store for DbStore {
     fn put(&self, record: NodeRecord, _fresh_subnet: bool) -> StoreFuture<'_, ()> {
         // One process owns the file: the registry's lock already keeps
         // subnets unique.
+        self.wrote(&record.node.name);
         self.write(Op::Put(Box::new(record)))
     }
 
     fn renew(&self, record: NodeRecord) -> StoreFuture<'_, Renewal> {
+        let every = *self.renew_every.lock().expect("renew_every lock");
+        let due = {
+            let mut written = self.written.lock().expect("written lock");
+            match written.get_mut(&record.node.name) {
+                Some(w) if w.at.elapsed() < every => {
+                    w.behind = true;
+                    false
+                }
+                _ => {
+                    written.insert(record.node.name.clone(), Written { at: Instant::now(), behind: false });
+                    true
+                }
+            }
+        };
+        if !due {
+            return Box::pin(async { Ok(Renewal::Live) });
+        }
+        let name = record.node.name.clone();
         let write = self.write(Op::Put(Box::new(record)));
-        Box::pin(async move { write.await.map(|()| Renewal::Live) })
+        Box::pin(async move {
+            let result = write.await;
+            if result.is_err() {
+                // Due again at the next heartbeat.
+                self.written.lock().expect("written lock").remove(&name);
+            }
+            result.map(|()| Renewal::Live)
+        })
+    }
+
+    fn set_lease_ttl(&self, ttl: Duration) {
+        *self.renew_every.lock().expect("renew_every lock") = super::RENEW_EVERY.min(ttl / 4);
+    }
+
+    fn settle(&self, records: Vec<NodeRecord>) -> StoreFuture<'_, ()> {
+        let behind: Vec<NodeRecord> = {
+            let written = self.written.lock().expect("written lock");
+            records.into_iter().filter(|r| written.get(&r.node.name).is_some_and(|w| w.behind)).collect()
+        };
+        let writes: Vec<_> = behind.into_iter().map(|r| self.put(r, false)).collect();
+        Box::pin(async move {
+            for w in writes {
+                w.await?;
+            }
+            Ok(())
+        })
     }
 
     fn remove(&self, record: NodeRecord) -> StoreFuture<'_, ()> {
+        self.written.lock().expect("written lock").remove(&record.node.name);
         self.write(Op::Remove(record.node.name))
     }
 
@@ -386,6 +460,7 @@ impl Store for DbStore {
     }
 
     fn put_spending(&self, record: NodeRecord, _fresh_subnet: bool, spend: Spend) -> StoreFuture<'_, Spent> {
+        self.wrote(&record.node.name);
         let write = self.submit(Op::PutSpending(Box::new(record), spend));
         Box::pin(async move {
             match write.await? {

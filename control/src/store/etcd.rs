@@ -128,9 +128,7 @@ struct LeaseStock {
 
 /// flannel's lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// A heartbeat renews the lease when the last renewal is this old (or a
-/// quarter of the TTL, if that is shorter).
-pub const RENEW_EVERY: Duration = Duration::from_secs(60);
+pub use super::RENEW_EVERY;
 
 /// flannel's network config (`PREFIX/config`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

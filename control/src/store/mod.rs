@@ -14,6 +14,14 @@
 //! in memory and writes through; a store that others write to as well
 //! (etcd) reports their changes through [`Store::watch`].
 //!
+//! Heartbeats are the exception, on both stores: a node's `last_seen` is
+//! written when its last write is [`RENEW_EVERY`] old (or a quarter of the
+//! lease TTL, if that is shorter), not on every heartbeat. 10,000 nodes
+//! heartbeating every 10 s would otherwise be 1,000 writes a second, every
+//! one of them in the way of the registrations. After a crash, a node's
+//! `last_seen` is at most that old; on the embedded store, a server that
+//! stops cleanly writes what is behind first ([`Store::settle`]).
+//!
 //! Join tokens ([`TokenRecord`]) are not kept in memory: the
 //! `join_tokens` module reads them through on every use, so a token
 //! another server made on the same etcd is seen at once. A use is counted
@@ -30,6 +38,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod embedded;
 pub mod etcd;
+
+/// A heartbeat writes the node's `last_seen` (and on etcd renews its lease)
+/// when the last write is this old, or a quarter of the TTL if that is
+/// shorter.
+pub const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A node as the registry keeps it: the public record and its token's hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,9 +254,19 @@ pub trait Store: Send + Sync {
     /// `fresh_subnet`: the subnet was just chosen and must not be leased
     /// by anyone yet ([`Error::Taken`] if it is).
     fn put(&self, record: NodeRecord, fresh_subnet: bool) -> StoreFuture<'_, ()>;
-    /// Records a heartbeat: renews the node's lease (and its `last_seen`),
-    /// at once or, on etcd, behind the heartbeat's answer.
+    /// Records a heartbeat: renews the node's lease and writes its
+    /// `last_seen` when the last write is [`RENEW_EVERY`] old (on etcd,
+    /// behind the heartbeat's answer).
     fn renew(&self, record: NodeRecord) -> StoreFuture<'_, Renewal>;
+    /// Sets how long the registry keeps a silent node
+    /// ([`crate::registry::Lifecycle::lease_ttl`]): a heartbeat's write is
+    /// due after a quarter of it, if that is shorter than [`RENEW_EVERY`].
+    fn set_lease_ttl(&self, _ttl: std::time::Duration) {}
+    /// Writes what heartbeats left behind: the `last_seen` of `records`
+    /// heard from since their last write. Called when the server stops.
+    fn settle(&self, _records: Vec<NodeRecord>) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Removes the record of `record.node.name` and releases its lease (no
     /// error if there is none).
     fn remove(&self, record: NodeRecord) -> StoreFuture<'_, ()>;
