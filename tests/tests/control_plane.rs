@@ -264,7 +264,7 @@ fn heartbeats(node: Client, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()
 /// public IP for another, and is removed with its subnet released; one that
 /// keeps heartbeating stays Ready. Two live nodes on one public IP are
 /// refused (409, naming the holder). Run on the embedded store and on etcd.
-fn node_lifecycle(extra: &[&str]) {
+fn node_lifecycle(extra: &[&str]) -> (KilnServer, Lab, String, tempfile::TempDir) {
     use kiln_core::NodeState::{NotReady, Ready};
     let tmp = tempfile::tempdir().unwrap();
     let lab = Lab::new(tmp.path(), &[&["--node-grace", "2s", "--lease-ttl", "6"][..], extra].concat());
@@ -320,11 +320,25 @@ fn node_lifecycle(extra: &[&str]) {
     assert_eq!(next.lease.unwrap().subnet, silent_subnet, "the released subnet is leased again");
     stop.store(true, Ordering::Relaxed);
     heart.join().unwrap();
+    (server, lab, beating.token, tmp)
 }
 
 #[test]
 fn node_lifecycle_on_the_embedded_store() {
-    node_lifecycle(&[]);
+    let (mut server, lab, token, _tmp) = node_lifecycle(&[]);
+    // Heartbeats are written 1.5 s apart (a quarter of the 6 s TTL): of two
+    // heartbeats in a row the second is in memory only. A server stopped
+    // with SIGTERM writes it first, so a restart finds the node last seen
+    // at that heartbeat.
+    let node = server.api_client_as(None).with_token(&token);
+    block_on(node.heartbeat()).unwrap();
+    let beating = block_on(node.heartbeat()).unwrap().name;
+    let heard = server.nodes().into_iter().find(|n| n.name == beating).expect("the heartbeating node").last_seen;
+    let status = server.process.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "kiln serve stops on SIGTERM: {status:?}\n{}", tail(&server.log(), 20));
+    let again = lab.start();
+    let kept = again.nodes().into_iter().find(|n| n.name == beating).expect("the node survives the restart").last_seen;
+    assert_eq!(kept, heard, "the last heartbeat was written at the stop");
 }
 
 #[test]
