@@ -196,6 +196,9 @@ struct State {
     /// Nodes another server sharing the store heard from within the grace
     /// period ([`Change::Alive`]): Ready here too.
     alive: std::collections::HashSet<String>,
+    /// When this registry was opened. A node's silence counts from then at
+    /// the earliest ([`State::silent_since`]).
+    opened: OffsetDateTime,
 }
 
 impl State {
@@ -214,7 +217,19 @@ impl State {
             check: None,
             by_public_ip: HashMap::new(),
             alive: Default::default(),
+            opened: OffsetDateTime::now_utc(),
         }
+    }
+
+    /// Since when `node` counts as silent: its `last_seen`, but not before
+    /// this registry opened. The store has a heartbeat a minute apart at
+    /// most ([`store::RENEW_EVERY`]), and a server that was down heard
+    /// nothing: as Kubernetes' node controller, a restarted server gives
+    /// every node its grace period again rather than take a live node for
+    /// a silent one (and let another machine take its machine id or its
+    /// public IP).
+    fn silent_since(&self, node: &Node) -> OffsetDateTime {
+        node.last_seen.max(self.opened)
     }
 
     /// Adds or replaces the record of `record.node.name`; its lease
@@ -372,7 +387,7 @@ pub struct Registry {
 /// `node`'s state at `now`, heard from here or (in `st.alive`) by another server.
 fn state_in(st: &State, node: &Node, now: OffsetDateTime, grace: std::time::Duration) -> NodeState {
     match node.state_at(now, grace) {
-        NodeState::NotReady if st.alive.contains(&node.name) => NodeState::Ready,
+        NodeState::NotReady if st.alive.contains(&node.name) || now - st.silent_since(node) <= grace => NodeState::Ready,
         state => state,
     }
 }
@@ -465,7 +480,8 @@ impl Registry {
 
     /// `node`'s state now: [`Node::state_at`] with [`Lifecycle::grace`],
     /// but Ready when another server on the store heard from it within
-    /// the grace period.
+    /// the grace period, or this registry opened less than the grace
+    /// period ago ([`State::silent_since`]).
     pub fn state_of(&self, node: &Node) -> NodeState {
         let grace = self.lifecycle().grace;
         state_in(&self.state.lock().expect("registry lock"), node, OffsetDateTime::now_utc(), grace)
@@ -714,7 +730,7 @@ impl Registry {
         };
         let node = &held.node;
         let same_key = held.key_sha256.as_deref() == key;
-        let silent = now - node.last_seen;
+        let silent = now - st.silent_since(node);
         let within = self.held_within.load(std::sync::atomic::Ordering::Relaxed);
         let quiet = silent >= time::Duration::milliseconds(i64::try_from(within).unwrap_or(i64::MAX));
         let refuse = || Error::Held { machine_id: node.machine_id.clone(), name: node.name.clone() };
@@ -792,14 +808,18 @@ impl Registry {
     /// from for `silent`; a node heard from meanwhile is kept.
     async fn remove_silent(&self, pending: bool, silent: std::time::Duration) -> Result<Vec<Node>, store::Error> {
         let cutoff = OffsetDateTime::now_utc() - silent;
-        let quiet = |r: &NodeRecord| r.node.pending == pending && r.node.last_seen < cutoff;
+        let quiet = |st: &State, r: &NodeRecord| r.node.pending == pending && st.silent_since(&r.node) < cutoff;
         let stale: Vec<String> = {
             let st = self.state.lock().expect("registry lock");
-            st.nodes.values().filter(|r| quiet(r)).map(|r| r.node.name.clone()).collect()
+            st.nodes.values().filter(|r| quiet(&st, r)).map(|r| r.node.name.clone()).collect()
         };
         let mut removed = Vec::new();
         for name in stale {
-            if !self.state.lock().expect("registry lock").nodes.get(&name).is_some_and(quiet) {
+            let still = {
+                let st = self.state.lock().expect("registry lock");
+                st.nodes.get(&name).is_some_and(|r| quiet(&st, r))
+            };
+            if !still {
                 continue;
             }
             removed.extend(self.remove(&name).await?);
@@ -1084,7 +1104,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = crate::StateDir::new(dir.path()).registry_db();
         let reg = open(&path, "10.244.0.0/16").await;
-        reg.set_lifecycle(Lifecycle { grace: std::time::Duration::from_millis(400), lease_ttl: std::time::Duration::from_millis(800) });
+        // Written 2 s apart: room for a slow machine between the steps.
+        reg.set_lifecycle(Lifecycle { grace: std::time::Duration::from_secs(4), lease_ttl: std::time::Duration::from_secs(8) });
         let (_, token, _) = reg.register(&request('a', "worker")).await.unwrap();
         let store = reg.store_handle();
         let stored = || async { store.load().await.unwrap().records[0].node.last_seen };
@@ -1094,9 +1115,9 @@ mod tests {
         assert!(heard > registered);
         assert_eq!(stored().await, registered, "a heartbeat right after the registration's write is not written");
 
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
         let heard = heartbeat(&reg, &token).await.unwrap().last_seen;
-        assert_eq!(stored().await, heard, "a quarter of the TTL (200 ms) later, it is");
+        assert_eq!(stored().await, heard, "a quarter of the TTL (2 s) later, it is");
 
         let heard = heartbeat(&reg, &token).await.unwrap().last_seen;
         assert!(stored().await < heard, "the next one is not");
@@ -1106,6 +1127,58 @@ mod tests {
         drop(reg);
         let reopened = open(&path, "10.244.0.0/16").await;
         assert_eq!(reopened.nodes()[0].last_seen, heard, "and a restart finds it");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_server_gives_every_node_its_grace_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::StateDir::new(dir.path()).registry_db();
+        let reg = open(&path, "10.244.0.0/16").await;
+        reg.register(&request('a', "worker")).await.unwrap();
+        // As a crash leaves it: the last heartbeat written two minutes ago.
+        let store = reg.store_handle();
+        let mut record = store.load().await.unwrap().records.remove(0);
+        record.node.last_seen -= time::Duration::minutes(2);
+        store.put(record.clone(), false).await.unwrap();
+        drop((store, reg));
+
+        let reopened = open(&path, "10.244.0.0/16").await;
+        let grace = std::time::Duration::from_millis(300);
+        reopened.set_lifecycle(Lifecycle { grace, lease_ttl: std::time::Duration::from_millis(600) });
+        let node = &reopened.nodes()[0];
+        assert_eq!(node.last_seen, record.node.last_seen, "what the store says is shown as it is");
+        assert_eq!(reopened.state_of(node), NodeState::Ready, "silent for two minutes, but the server was not there to hear");
+        assert!(reopened.expire().await.unwrap().is_empty(), "nor is it removed for the TTL at once");
+        tokio::time::sleep(grace + std::time::Duration::from_millis(50)).await;
+        assert_eq!(reopened.state_of(node), NodeState::NotReady, "silent for the grace since the start: NotReady");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(reopened.expire().await.unwrap(), ["worker"], "and for the TTL: removed");
+    }
+
+    #[tokio::test]
+    async fn a_late_heartbeat_or_removal_does_not_undo_a_removal_or_a_registration_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::StateDir::new(dir.path()).registry_db();
+        let reg = open(&path, "10.244.0.0/16").await;
+        // Every heartbeat is due for a write.
+        reg.set_lifecycle(Lifecycle { grace: std::time::Duration::from_secs(1), lease_ttl: std::time::Duration::from_millis(4) });
+        reg.register(&request('a', "worker")).await.unwrap();
+        let store = reg.store_handle();
+        let old = store.load().await.unwrap().records.remove(0);
+        reg.remove("worker").await.unwrap().expect("removed");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(store.renew(old.clone()).await.unwrap(), Renewal::Live);
+        assert!(store.load().await.unwrap().records.is_empty(), "a heartbeat that raced the removal does not bring the node back");
+
+        reg.register(&request('a', "worker")).await.unwrap();
+        let new = store.load().await.unwrap().records.remove(0);
+        assert_ne!(new.token_sha256, old.token_sha256);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        store.renew(old.clone()).await.unwrap();
+        store.remove(old).await.unwrap();
+        let kept = store.load().await.unwrap().records;
+        assert_eq!(kept.len(), 1, "a late removal of the first registration keeps the second");
+        assert_eq!(kept[0].token_sha256, new.token_sha256, "and a late heartbeat of the first does not overwrite it");
     }
 
     #[tokio::test]

@@ -327,18 +327,32 @@ fn node_lifecycle(extra: &[&str]) -> (KilnServer, Lab, String, tempfile::TempDir
 fn node_lifecycle_on_the_embedded_store() {
     let (mut server, lab, token, _tmp) = node_lifecycle(&[]);
     // Heartbeats are written 1.5 s apart (a quarter of the 6 s TTL): of two
-    // heartbeats in a row the second is in memory only. A server stopped
-    // with SIGTERM writes it first, so a restart finds the node last seen
-    // at that heartbeat.
-    let node = server.api_client_as(None).with_token(&token);
-    block_on(node.heartbeat()).unwrap();
-    let beating = block_on(node.heartbeat()).unwrap().name;
-    let heard = server.nodes().into_iter().find(|n| n.name == beating).expect("the heartbeating node").last_seen;
+    // heartbeats in a row the second is in memory only.
+    let two_heartbeats = |server: &KilnServer| {
+        let node = server.api_client_as(None).with_token(&token);
+        block_on(node.heartbeat()).unwrap();
+        let name = block_on(node.heartbeat()).unwrap().name;
+        let heard = server.nodes().into_iter().find(|n| n.name == name).expect("the heartbeating node").last_seen;
+        (name, heard)
+    };
+    let last_seen = |server: &KilnServer, name: &str| server.nodes().into_iter().find(|n| n.name == name).map(|n| n.last_seen);
+
+    // A crash loses it; the restarted server still takes the node for
+    // live: it counts the silence from its own start.
+    let (name, heard) = two_heartbeats(&server);
+    assert!(server.process.signal_and_wait(Signal::SIGKILL, Duration::from_secs(10)).is_some());
+    let mut server = lab.start();
+    assert_eq!(state_of(&server, &name), Some(kiln_core::NodeState::Ready), "Ready within the grace period after the restart");
+    let kept = last_seen(&server, &name).expect("the node survives the crash");
+    assert!(kept < heard, "the second heartbeat was in memory only: {kept} against {heard}");
+
+    // A stop with SIGTERM writes it first, so a restart finds the node
+    // last seen at that heartbeat.
+    let (name, heard) = two_heartbeats(&server);
     let status = server.process.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "kiln serve stops on SIGTERM: {status:?}\n{}", tail(&server.log(), 20));
     let again = lab.start();
-    let kept = again.nodes().into_iter().find(|n| n.name == beating).expect("the node survives the restart").last_seen;
-    assert_eq!(kept, heard, "the last heartbeat was written at the stop");
+    assert_eq!(last_seen(&again, &name), Some(heard), "the last heartbeat was written at the stop");
 }
 
 #[test]

@@ -47,7 +47,13 @@ enum Op {
     Put(Box<NodeRecord>),
     /// A node put with one use of the token that admits it.
     PutSpending(Box<NodeRecord>, Spend),
-    Remove(String),
+    /// A heartbeat's record, put only over the same registration (the same
+    /// token hash): a heartbeat that races a removal or a registration
+    /// again does not bring back, or overwrite, what those wrote.
+    Renew(Box<NodeRecord>),
+    /// A node removed: its name and token hash (a registration again
+    /// meanwhile, with a new token, is kept).
+    Remove(String, String),
     Replicas(String, u32),
     Rollout(String, Vec<u8>),
     CreateToken(Box<TokenRecord>),
@@ -153,7 +159,7 @@ impl DbStore {
         })
     }
 
-    /// Notes that `name`'s whole record is being written now.
+    /// Notes that `name`'s whole record was just written.
     fn wrote(&self, name: &str) {
         self.written.lock().expect("written lock").insert(name.to_string(), Written { at: Instant::now(), behind: false });
     }
@@ -246,8 +252,16 @@ fn apply(t: &mut Tables<'_>, op: &Op) -> Result<Outcome, redb::Error> {
             t.nodes.insert(record.node.name.as_str(), value.as_slice())?;
         }
         Op::PutSpending(record, spend) => return put_spending(t, record, spend).map(Outcome::Spent),
-        Op::Remove(name) => {
-            t.nodes.remove(name.as_str())?;
+        Op::Renew(record) => {
+            if same_registration(t, &record.node.name, &record.token_sha256)? {
+                let value = serde_json::to_vec(record).expect("records serialise");
+                t.nodes.insert(record.node.name.as_str(), value.as_slice())?;
+            }
+        }
+        Op::Remove(name, token_sha256) => {
+            if same_registration(t, name, token_sha256)? {
+                t.nodes.remove(name.as_str())?;
+            }
         }
         Op::Replicas(pool, n) => {
             t.pools.insert(pool.as_str(), *n)?;
@@ -259,6 +273,13 @@ fn apply(t: &mut Tables<'_>, op: &Op) -> Result<Outcome, redb::Error> {
         Op::RemoveToken(record) => return Ok(Outcome::Token(t.tokens.remove(record.info.id.as_str())?.is_some())),
     }
     Ok(Outcome::Done)
+}
+
+/// Whether node `name`'s stored record has the token hash `token_sha256`.
+/// A record that does not parse is not the same (`load` names it).
+fn same_registration(t: &Tables<'_>, name: &str, token_sha256: &str) -> Result<bool, redb::Error> {
+    let Some(value) = t.nodes.get(name)? else { return Ok(false) };
+    Ok(serde_json::from_slice::<NodeRecord>(value.value()).is_ok_and(|r| r.token_sha256 == token_sha256))
 }
 
 fn create_token(t: &mut Tables<'_>, record: &TokenRecord) -> Result<bool, redb::Error> {
@@ -332,8 +353,13 @@ impl Store for DbStore {
     fn put(&self, record: NodeRecord, _fresh_subnet: bool) -> StoreFuture<'_, ()> {
         // One process owns the file: the registry's lock already keeps
         // subnets unique.
-        self.wrote(&record.node.name);
-        self.write(Op::Put(Box::new(record)))
+        let name = record.node.name.clone();
+        let write = self.write(Op::Put(Box::new(record)));
+        Box::pin(async move {
+            write.await?;
+            self.wrote(&name);
+            Ok(())
+        })
     }
 
     fn renew(&self, record: NodeRecord) -> StoreFuture<'_, Renewal> {
@@ -355,7 +381,7 @@ impl Store for DbStore {
             return Box::pin(async { Ok(Renewal::Live) });
         }
         let name = record.node.name.clone();
-        let write = self.write(Op::Put(Box::new(record)));
+        let write = self.write(Op::Renew(Box::new(record)));
         Box::pin(async move {
             let result = write.await;
             if result.is_err() {
@@ -375,7 +401,7 @@ impl Store for DbStore {
             let written = self.written.lock().expect("written lock");
             records.into_iter().filter(|r| written.get(&r.node.name).is_some_and(|w| w.behind)).collect()
         };
-        let writes: Vec<_> = behind.into_iter().map(|r| self.put(r, false)).collect();
+        let writes: Vec<_> = behind.into_iter().map(|r| self.write(Op::Renew(Box::new(r)))).collect();
         Box::pin(async move {
             for w in writes {
                 w.await?;
@@ -386,7 +412,7 @@ impl Store for DbStore {
 
     fn remove(&self, record: NodeRecord) -> StoreFuture<'_, ()> {
         self.written.lock().expect("written lock").remove(&record.node.name);
-        self.write(Op::Remove(record.node.name))
+        self.write(Op::Remove(record.node.name, record.token_sha256))
     }
 
     fn describe(&self) -> String {
@@ -460,11 +486,16 @@ impl Store for DbStore {
     }
 
     fn put_spending(&self, record: NodeRecord, _fresh_subnet: bool, spend: Spend) -> StoreFuture<'_, Spent> {
-        self.wrote(&record.node.name);
+        let name = record.node.name.clone();
         let write = self.submit(Op::PutSpending(Box::new(record), spend));
         Box::pin(async move {
             match write.await? {
-                Outcome::Spent(spent) => Ok(spent),
+                Outcome::Spent(spent) => {
+                    if spent.is_ok() {
+                        self.wrote(&name);
+                    }
+                    Ok(spent)
+                }
                 _ => unreachable!("a put with a spend answers Outcome::Spent"),
             }
         })

@@ -14,13 +14,16 @@
 //! in memory and writes through; a store that others write to as well
 //! (etcd) reports their changes through [`Store::watch`].
 //!
-//! Heartbeats are the exception, on both stores: a node's `last_seen` is
-//! written when its last write is [`RENEW_EVERY`] old (or a quarter of the
-//! lease TTL, if that is shorter), not on every heartbeat. 10,000 nodes
-//! heartbeating every 10 s would otherwise be 1,000 writes a second, every
-//! one of them in the way of the registrations. After a crash, a node's
-//! `last_seen` is at most that old; on the embedded store, a server that
-//! stops cleanly writes what is behind first ([`Store::settle`]).
+//! Heartbeats are the exception: 10,000 nodes heartbeating every 10 s
+//! would be 1,000 writes a second, every one of them in the way of the
+//! registrations. On the embedded store a heartbeat writes the node's
+//! `last_seen` when its last write is [`RENEW_EVERY`] old (or a quarter of
+//! the lease TTL, if that is shorter); on etcd, when its subnet lease is
+//! renewed, as often (a node with no lease: never). So after a crash the
+//! store's `last_seen` may be behind; the registry counts a node's silence
+//! from its own start at the earliest, so no live node is taken for a
+//! silent one. On the embedded store a server that stops cleanly writes
+//! what is behind first ([`Store::settle`]).
 //!
 //! Join tokens ([`TokenRecord`]) are not kept in memory: the
 //! `join_tokens` module reads them through on every use, so a token
