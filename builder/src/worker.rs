@@ -37,7 +37,7 @@ use crate::spec::WorkerSpec;
 use crate::{Archive, Builder, Error, Event, Outcome, sha256_hex};
 
 /// Bumped when a worker image made from the same inputs changes.
-const WORKER_FORMAT: &str = "kiln-worker/2";
+const WORKER_FORMAT: &str = "kiln-worker/1";
 const MIB: u64 = 1 << 20;
 
 /// Builds the worker image `spec` (read from `spec_path`, whose bytes are
