@@ -480,8 +480,8 @@ impl Registry {
 
     /// `node`'s state now: [`Node::state_at`] with [`Lifecycle::grace`],
     /// but Ready when another server on the store heard from it within
-    /// the grace period, or this registry opened less than the grace
-    /// period ago ([`State::silent_since`]).
+    /// the grace period; its silence counts from this registry's start at
+    /// the earliest.
     pub fn state_of(&self, node: &Node) -> NodeState {
         let grace = self.lifecycle().grace;
         state_in(&self.state.lock().expect("registry lock"), node, OffsetDateTime::now_utc(), grace)
