@@ -85,6 +85,8 @@ impl DiskIds {
 #[derive(Debug, Clone)]
 pub struct Mke2fs {
     program: PathBuf,
+    /// The same e2fsprogs' `debugfs`, which adds a file to a made file system.
+    debugfs: PathBuf,
     lib_path: Option<String>,
     /// `mke2fs 1.47.2` (what it prints), for the cache key.
     pub version: String,
@@ -96,18 +98,67 @@ impl Mke2fs {
         if let Some(version) = mke2fs_version(Path::new("mke2fs"), None)
             && version_at_least(&version, (1, 47, 1))
         {
-            return Ok(Mke2fs { program: "mke2fs".into(), lib_path: None, version });
+            return Ok(Mke2fs { program: "mke2fs".into(), debugfs: "debugfs".into(), lib_path: None, version });
         }
         let mut trees = Vec::new();
         for spec in E2FSPROGS_BACKPORTS {
             let pkg = archive.resolve(spec)?.package;
-            trees.push(archive.unpacked(&pkg, |_| Ok(()))?);
+            let tree = archive.unpacked(&pkg, |_| Ok(()))?;
+            // Absolute: debugfs runs in the work directory.
+            trees.push(std::path::absolute(&tree).map_err(|source| Error::Io { path: tree, source })?);
         }
-        let program = trees[0].join("sbin/mke2fs");
+        let (program, debugfs) = (trees[0].join("sbin/mke2fs"), trees[0].join("sbin/debugfs"));
         let lib_path = trees.iter().map(|t| t.join("lib/x86_64-linux-gnu").display().to_string()).collect::<Vec<_>>().join(":");
         let version = mke2fs_version(&program, Some(&lib_path))
             .ok_or_else(|| Error::MissingFile { package: "e2fsprogs (bookworm-backports)".into(), what: "a working sbin/mke2fs".into() })?;
-        Ok(Mke2fs { program, lib_path: Some(lib_path), version })
+        Ok(Mke2fs { program, debugfs, lib_path: Some(lib_path), version })
+    }
+
+    /// Writes the file `local` (a name in `dir`) as `dest` (absolute, its
+    /// directory already there, the name not), mode `mode`, owner 0:0, into
+    /// the ext4 file system at byte `offset` of `dir/image`, with `debugfs
+    /// -w`: no mount, no loop device. Every time it sets is `epoch` (set
+    /// on the file by hand too: an epoch of 0 means "no fake time" to
+    /// e2fsprogs), so the same inputs give the same bytes. debugfs exits 0 whatever its
+    /// commands did: anything it prints to stderr but its banner is an
+    /// error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_file(&self, dir: &Path, image: &str, offset: u64, local: &str, dest: &str, mode: u32, epoch: u32) -> Result<(), Error> {
+        let (parent, name) =
+            dest.rsplit_once('/').filter(|(p, n)| p.starts_with('/') && !n.is_empty()).unwrap_or_else(|| panic!("{dest} must be absolute"));
+        for word in [image, local, parent, name] {
+            assert!(!word.is_empty() && word.bytes().all(|b| b.is_ascii_graphic() && b != b'"'), "debugfs argument {word:?}");
+        }
+        let commands = format!(
+            "cd {parent}\nwrite {local} {name}\nsif {name} mode 0{mode:o}\nsif {name} uid 0\nsif {name} gid 0\n\
+             sif {name} mtime @{epoch}\nsif {name} ctime @{epoch}\nsif {name} atime @{epoch}\nsif {name} crtime @{epoch}\n",
+            mode = 0o100000 | mode
+        );
+        let script = dir.join("debugfs.commands");
+        std::fs::write(&script, commands).map_err(|source| Error::Io { path: script, source })?;
+        let mut cmd = Command::new(&self.debugfs);
+        if let Some(l) = &self.lib_path {
+            cmd.env("LD_LIBRARY_PATH", l);
+        }
+        cmd.current_dir(dir)
+            .args(["-w", "-f", "debugfs.commands"])
+            .arg(format!("{image}?offset={offset}"))
+            .env("SOURCE_DATE_EPOCH", epoch.to_string())
+            .env("E2FSPROGS_FAKE_TIME", epoch.to_string());
+        let out = crate::interrupt::output(&mut cmd)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Its first line is its banner, `debugfs 1.47.2 (1-Jan-2025)`.
+        let banner = |l: &str| l.starts_with("debugfs ") && l.ends_with(')') && !l.contains(": ");
+        let errors: Vec<&str> =
+            stderr.lines().enumerate().filter(|(i, l)| !(l.trim().is_empty() || *i == 0 && banner(l))).map(|(_, l)| l).collect();
+        if !out.status.success() || !errors.is_empty() {
+            return Err(Error::Command {
+                program: format!("{} (writing {dest} into {} at byte {offset})", self.debugfs.display(), dir.join(image).display()),
+                status: out.status.to_string(),
+                stderr: errors.join("\n"),
+            });
+        }
+        Ok(())
     }
 
     /// Makes an ext4 file system of `size_mib` holding `tree`, at byte
@@ -315,6 +366,67 @@ pub fn convert(raw: &Path, qcow2: &Path) -> Result<(), Error> {
     run(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(qcow2))
 }
 
+/// Copies the sparse file `from` to `to` region by region (`SEEK_DATA`,
+/// `SEEK_HOLE`, `copy_file_range`): a 2 GiB raw disk holding 600 MB costs
+/// 600 MB, and a file system that shares extents (XFS, btrfs) shares them.
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), Error> {
+    use nix::unistd::{Whence, lseek};
+    let src = File::open(from).map_err(|source| Error::Io { path: from.into(), source })?;
+    let dst = File::create(to).map_err(|source| Error::Io { path: to.into(), source })?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: nix::Error| Error::Io { path, source: e.into() }
+    };
+    let len = src.metadata().map_err(|source| Error::Io { path: from.into(), source })?.len() as i64;
+    dst.set_len(len as u64).map_err(|source| Error::Io { path: to.into(), source })?;
+    let mut at = 0i64;
+    while at < len {
+        crate::interrupt::check()?;
+        let start = match lseek(&src, at, Whence::SeekData) {
+            Ok(s) => s,
+            Err(nix::Error::ENXIO) => break, // only a hole is left
+            Err(e) => return Err(io(from)(e)),
+        };
+        let end = lseek(&src, start, Whence::SeekHole).map_err(io(from))?;
+        let (mut off_in, mut off_out) = (start, start);
+        while off_in < end {
+            // 64 MiB at a time: a stopped build stops within one.
+            crate::interrupt::check()?;
+            let chunk = ((end - off_in) as usize).min(64 << 20);
+            let n = match nix::fcntl::copy_file_range(&src, Some(&mut off_in), &dst, Some(&mut off_out), chunk) {
+                Ok(n) => n,
+                // A file system that cannot: through a buffer.
+                Err(nix::Error::EXDEV | nix::Error::EOPNOTSUPP | nix::Error::ENOSYS | nix::Error::EINVAL) => {
+                    copy_range(&src, &dst, off_in as u64, chunk).map_err(|source| Error::Io { path: to.into(), source })?;
+                    off_in += chunk as i64;
+                    off_out += chunk as i64;
+                    chunk
+                }
+                Err(e) => return Err(Error::Io { path: format!("{} → {}", from.display(), to.display()).into(), source: e.into() }),
+            };
+            if n == 0 {
+                return Err(Error::Io { path: from.into(), source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof) });
+            }
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes at `offset` of `src` to the same offset of `dst`.
+fn copy_range(src: &File, dst: &File, offset: u64, len: usize) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(1 << 20)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len());
+        src.read_exact_at(&mut buf[..n], offset + done as u64)?;
+        dst.write_all_at(&buf[..n], offset + done as u64)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Bytes free for an unprivileged writer on the file system of `path`, and its device.
 pub fn free_space(path: &Path) -> Result<(u64, u64), Error> {
     let st = nix::sys::statvfs::statvfs(path).map_err(|e| Error::Io { path: path.into(), source: e.into() })?;
@@ -336,6 +448,29 @@ mod tests {
         assert!("89ab".contains(&a[19..20]), "variant: {a}");
         let ids = DiskIds::from_key("sha256:0");
         assert_ne!(ids.disk, ids.root);
+    }
+
+    #[test]
+    fn a_sparse_copy_has_the_same_bytes_and_the_same_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from.raw"), dir.path().join("to.raw"));
+        let f = File::create(&from).unwrap();
+        f.set_len(1 << 30).unwrap();
+        f.write_all_at(b"first data", 4096).unwrap();
+        f.write_all_at(&vec![7u8; 3 << 20], 512 << 20).unwrap();
+        f.write_all_at(b"last", (1 << 30) - 4).unwrap();
+        drop(f);
+        copy_sparse(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap(), "the same bytes");
+        let (a, b) = (std::fs::metadata(&from).unwrap(), std::fs::metadata(&to).unwrap());
+        assert_eq!(b.len(), 1 << 30);
+        assert!(
+            b.blocks() * 512 <= a.blocks() * 512 + (1 << 20),
+            "holes kept: {} bytes allocated for {}",
+            b.blocks() * 512,
+            a.blocks() * 512
+        );
     }
 
     #[test]

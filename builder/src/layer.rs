@@ -1,5 +1,5 @@
 //! The layers kiln puts on a cached base tree to make a worker's root
-//! filesystem: the agent and its unit, the spec's files, users and units,
+//! filesystem: the agent's unit, the spec's files, users and units,
 //! and the settings every worker needs (empty machine id, cloud-init on
 //! NoCloud only, the root filesystem by UUID, DHCP on every NIC, GRUB's
 //! configuration).
@@ -11,6 +11,11 @@
 //! file systems are made with `SOURCE_DATE_EPOCH`, which clamps them.
 //!
 //! To add something every worker gets, add it to [`apply`].
+//!
+//! The agent binary itself is not a layer: it goes in last, at
+//! [`AGENT_PATH`], into the made file system (`crate::disk::Mke2fs::add_file`)
+//! and the initrd (`crate::diskless::with_agent`), so that a build with a
+//! new agent reuses everything made from the tree.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +24,9 @@ use std::process::Command;
 use crate::Error;
 use crate::apt::run;
 use crate::spec::{WorkerSpec, parse_mode};
+
+/// Where the agent is in a worker's root.
+pub const AGENT_PATH: &str = "/usr/bin/kiln-agent";
 
 /// The agent's systemd unit.
 pub const AGENT_UNIT: &str = include_str!("kiln-agent.service");
@@ -138,8 +146,6 @@ pub fn wanted_by(unit: &str) -> Vec<String> {
 pub struct LayerInputs<'a> {
     /// The spec's directory: `source =` paths are relative to it.
     pub spec_dir: &'a Path,
-    /// The kiln-agent binary.
-    pub agent: &'a [u8],
     /// The root filesystem's UUID.
     pub root_uuid: &'a str,
     /// The kernel release in `/boot`.
@@ -168,7 +174,6 @@ pub fn apply(tree: &Tree, spec: &WorkerSpec, inputs: &LayerInputs<'_>, file: &Pa
         "/etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service",
     )?;
 
-    tree.write("/usr/bin/kiln-agent", inputs.agent, 0o755)?;
     tree.write("/usr/lib/systemd/system/kiln-agent.service", AGENT_UNIT.as_bytes(), 0o644)?;
     tree.enable("kiln-agent.service", AGENT_UNIT, "/usr/lib/systemd/system/kiln-agent.service")?;
     tree.mkdir("/etc/kiln")?;
@@ -378,7 +383,6 @@ mod tests {
         };
         let inputs = LayerInputs {
             spec_dir: &Path::new(env!("CARGO_MANIFEST_DIR")).join("../images"),
-            agent: b"\x7fELF",
             root_uuid: "00000000-0000-4000-8000-000000000000",
             kernel_release: "6.1.0-1-cloud-amd64",
             ca: Some(b"-----BEGIN CERTIFICATE-----\n"),

@@ -151,6 +151,17 @@ pub enum Error {
         /// `SIGINT` or `SIGTERM`.
         signal: &'static str,
     },
+    /// A file of kiln's cache is not what was recorded when it was made
+    /// (its sha256 differs): the cache entry is removed and made again.
+    #[error("{path}: the cached file's sha256 is {got}, not {want} as recorded")]
+    DamagedCache {
+        /// The cached file.
+        path: PathBuf,
+        /// Its sha256 now.
+        got: String,
+        /// Its sha256 when it was made.
+        want: String,
+    },
     /// Too little room to build, found before anything is written.
     #[error("not enough disk space on {path}: the build needs {needed_mib} MiB, {available_mib} MiB are free")]
     NoSpace {

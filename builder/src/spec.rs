@@ -383,6 +383,11 @@ impl WorkerSpec {
         for (i, f) in self.files.iter().enumerate() {
             let key = |k: &str| format!("files[{i}].{k}");
             image_path_ok(&f.path).map_err(|m| invalid(&key("path"), m.to_string()))?;
+            // `/bin` is a link to `/usr/bin` in the tree (merged /usr).
+            if [crate::layer::AGENT_PATH, "/bin/kiln-agent"].contains(&f.path.as_str()) {
+                let why = format!("{} is where kiln puts its agent (`kiln build --agent PATH` picks another agent)", f.path);
+                return Err(invalid(&key("path"), why));
+            }
             one_source(&f.source, &f.content).map_err(|m| invalid(&key("source"), m.to_string()))?;
             parse_mode(&f.mode).map_err(|m| invalid(&key("mode"), m.to_string()))?;
         }
@@ -521,6 +526,15 @@ mod tests {
         for (case, text, want_key) in cases {
             let (key, message) = err(text);
             assert_eq!(&key, want_key, "case {case}: message {message}");
+        }
+    }
+
+    #[test]
+    fn a_file_where_the_agent_goes_is_refused_by_its_key() {
+        for path in ["/usr/bin/kiln-agent", "/bin/kiln-agent"] {
+            let text = format!("{}\n[[files]]\npath = \"{path}\"\ncontent = \"x\"\n", include_str!("../../images/worker.toml"));
+            let e = Spec::from_str(&text, Path::new("images/w.toml")).expect_err("refused").to_string();
+            assert!(e.contains("images/w.toml") && e.contains("files[1].path") && e.contains("agent"), "{e}");
         }
     }
 

@@ -3,30 +3,48 @@
 //! `root.squashfs` (network boot, diskless: [`crate::diskless`]), and `manifest.json` whose
 //! `inputs.packages` lists every installed package (the image's SBOM).
 //!
+//! An image is made in two steps: the **system**, everything but the agent
+//! (the raw disk, the squashfs, the kernel, the initrd), cached in
+//! `CACHE/systems/<name>/<key>/` and keyed on the base and the spec; then
+//! the agent, written into a copy of the system's disk and appended to its
+//! initrd. A new agent, the most common rebuild, makes no file system: it
+//! reuses the system as it is. A cold build takes the same two steps, so
+//! that it and a rebuild give the same bytes.
+//!
 //! Phases, each reported as an [`Event::Phase`]:
 //! 1. **resolve**: hash the spec, the files it adds and the agent; with the
-//!    base's key and the tools' versions they make the image's cache key.
-//!    An image whose manifest has that key and whose artifacts match their
-//!    sha256 is a cache hit (no-op build).
+//!    base's key and the tools' versions they make the system's key, and
+//!    with the agent the image's cache key. An image whose manifest has
+//!    that key and whose artifacts match their sha256 is a cache hit
+//!    (no-op build).
 //! 2. **base**: the cached base tree ([`crate::base`]), made if missing.
-//! 3. **layers**: a hard-linked copy of the base, with kiln's layers ([`crate::layer`]).
-//! 4. **disk**: GRUB images, GPT disk, ESP ([`crate::disk`]); meanwhile
-//!    the squashfs is made in another thread.
-//! 5. **filesystem**: the ext4 root, made in place in the disk; the kernel
-//!    and initrd.
-//! 6. **convert**: qcow2, begun as soon as the disk is whole, beside the
-//!    squashfs if it is still being made.
-//! 7. **write**: artifacts and manifest staged beside the output and swapped in.
+//! 3. **system** (`cached KEY`) when the system is in the cache; else:
+//!    - **layers**: a hard-linked copy of the base, with kiln's layers
+//!      ([`crate::layer`]);
+//!    - **disk**: GRUB images, GPT disk, ESP ([`crate::disk`]); meanwhile
+//!      the squashfs is made in another thread;
+//!    - **filesystem**: the ext4 root, made in place in the disk; the
+//!      kernel and initrd.
+//! 4. **agent**: a copy of the system's raw disk (its data only) with the
+//!    agent written into the ext4 root (`debugfs`), and the initrd with the
+//!    agent's archive after it ([`crate::diskless::with_agent`]).
+//! 5. **convert**: the qcow2; meanwhile the squashfs and the kernel are
+//!    copied into the output, checked against the sha256 recorded when
+//!    they were made (a damaged system is made again).
+//! 6. **write**: the manifest staged beside the output, all swapped in.
 //!
 //! Work files live in `CACHE/work/.work-*` (the same file system as the
 //! base, for hard links) and artifacts are staged in `DIR/.<name>.tmp-*`,
 //! each held by a lock while its build runs; a build removes the ones whose
-//! build is gone, so a killed build leaves nothing behind for long.
+//! build is gone, so a killed build leaves nothing behind for long. A
+//! system is made in the work directory and renamed into the cache whole;
+//! the cache keeps each image name's [`SYSTEMS_KEPT`] latest.
 
 use std::path::{Path, PathBuf};
 
 use kiln_core::manifest::MANIFEST_FILE;
 use kiln_core::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
+use serde::{Deserialize, Serialize};
 
 use crate::base::{self, Base, BaseInfo, BaseSource, Mmdebstrap};
 use crate::disk::{self, DiskIds, Mke2fs};
@@ -37,7 +55,9 @@ use crate::spec::WorkerSpec;
 use crate::{Archive, Builder, Error, Event, Outcome, sha256_hex};
 
 /// Bumped when a worker image made from the same inputs changes.
-const WORKER_FORMAT: &str = "kiln-worker/1";
+const WORKER_FORMAT: &str = "kiln-worker/2";
+/// How many systems of one image name the cache keeps (the latest used).
+pub const SYSTEMS_KEPT: usize = 2;
 const MIB: u64 = 1 << 20;
 
 /// Builds the worker image `spec` (read from `spec_path`, whose bytes are
@@ -62,18 +82,32 @@ pub fn build(
     let stop = crate::interrupt::check;
     stop()?;
     let work = Locked::new(&builder.cache.join("work"), ".work-")?;
-    let ids = DiskIds::from_key(&resolved.key);
-    let tree = job.layers(&resolved, &base, &ids, work.path())?;
-    stop()?;
     let mut staging = Locked::new(out, &format!(".{}.tmp-", spec.name))?;
-    let paths = Paths { work: work.path(), staging: staging.path(), raw: work.path().join("disk.raw"), tree };
-    let mut artifacts = job.artifacts(&resolved, &base, &ids, &paths)?;
+    let mut artifacts = match System::cached(&builder.cache, &spec.name, &resolved.system_key) {
+        Some(system) => {
+            progress(Event::Phase { phase: "system".into(), detail: format!("cached {}", &resolved.system_key.hex()[..12]) });
+            match job.finish(&resolved, &system, work.path(), staging.path()) {
+                // Damaged since it was made (the disk, a hand): made again.
+                Err(e @ Error::DamagedCache { .. }) => {
+                    progress(Event::Phase { phase: "system".into(), detail: format!("{e}: made again") });
+                    system.remove();
+                    let system = job.system(&resolved, &base, work.path())?;
+                    job.finish(&resolved, &system, work.path(), staging.path())?
+                }
+                other => other?,
+            }
+        }
+        None => {
+            let system = job.system(&resolved, &base, work.path())?;
+            job.finish(&resolved, &system, work.path(), staging.path())?
+        }
+    };
     stop()?;
     artifacts.sort_by(|a, b| a.name.cmp(&b.name));
     progress(Event::Phase { phase: "write".into(), detail: dir.display().to_string() });
     let manifest = job.manifest(resolved, &base.info, artifacts);
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-    let mpath = paths.staging.join(MANIFEST_FILE);
+    let mpath = staging.path().join(MANIFEST_FILE);
     std::fs::write(&mpath, json).map_err(|source| Error::Io { path: mpath, source })?;
     crate::swap_in(out, &spec.name, &manifest.digest, staging.take()?, builder.keep_generations)?;
     drop(work);
@@ -98,6 +132,8 @@ struct Resolved {
     spec_digest: String,
     agent_digest: String,
     base_key: kiln_core::Digest,
+    /// The system's key: the image's inputs but the agent.
+    system_key: kiln_core::Digest,
     /// `[[base.repositories]]`, their keys read.
     repos: Vec<Repository>,
     archive: Archive,
@@ -107,16 +143,105 @@ struct Resolved {
     key: String,
 }
 
-/// Where one build's files are.
+/// Where the files of a system being made are.
 struct Paths<'a> {
     /// The work directory (`CACHE/work/.work-*`).
     work: &'a Path,
-    /// The staged image directory (`DIR/.<name>.tmp-*`).
-    staging: &'a Path,
-    /// The raw disk, in the work directory.
+    /// The system's directory, in the work directory until it is whole.
+    made: &'a Path,
+    /// The raw disk, in `made`.
     raw: PathBuf,
     /// The layered root tree, in the work directory.
     tree: PathBuf,
+}
+
+/// A worker image but its agent, cached in `CACHE/systems/<name>/<key hex>/`:
+/// `disk.raw` (sparse: GPT, GRUB, ESP and the ext4 root without the
+/// agent), and the files listed in [`SystemInfo::files`].
+struct System {
+    dir: PathBuf,
+    info: SystemInfo,
+    /// Shared, on `system.json`, while a build uses it: eviction passes it by.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// `system.json`: what a [`System`] holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct SystemInfo {
+    /// The system's key (`sha256:`).
+    key: String,
+    /// Where the ext4 root starts in `disk.raw`, in bytes.
+    root_offset: u64,
+    /// `disk.raw`'s length.
+    disk_bytes: u64,
+    /// `root.squashfs`, `vmlinuz`, and `initrd.img` (the last without the
+    /// agent's archive), as the image's artifacts list them.
+    files: Vec<Artifact>,
+}
+
+const SYSTEM_INFO: &str = "system.json";
+const SYSTEM_DISK: &str = "disk.raw";
+
+impl System {
+    /// The system `key` of image `name` if the cache holds it whole (every
+    /// file there, at the size recorded), marked as used just now.
+    fn cached(cache: &Path, name: &str, key: &kiln_core::Digest) -> Option<System> {
+        let dir = systems_dir(cache, name).join(key.hex());
+        let file = std::fs::File::options().read(true).write(true).open(dir.join(SYSTEM_INFO)).ok()?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).ok()?;
+        let info: SystemInfo = serde_json::from_reader(&*lock).ok()?;
+        let size = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).ok();
+        let whole =
+            info.key == *key && size(SYSTEM_DISK) == Some(info.disk_bytes) && info.files.iter().all(|a| size(&a.name) == Some(a.size));
+        if !whole {
+            return None;
+        }
+        let _ = lock.set_modified(std::time::SystemTime::now());
+        Some(System { dir, info, _lock: lock })
+    }
+
+    /// Takes the system out of the cache.
+    fn remove(self) {
+        remove_aside(&self.dir);
+    }
+}
+
+/// Removes `dir` after renaming it to a hidden name beside it, so that a
+/// removal cut short leaves no half system under a key.
+fn remove_aside(dir: &Path) {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let hidden = dir.with_file_name(format!(".{name}.removing-{}", std::process::id()));
+    if std::fs::rename(dir, &hidden).is_ok() {
+        let _ = std::fs::remove_dir_all(hidden);
+    }
+}
+
+fn systems_dir(cache: &Path, name: &str) -> PathBuf {
+    cache.join("systems").join(name)
+}
+
+/// Removes the systems in `parent` but the [`SYSTEMS_KEPT`] used last
+/// (`keep` among them), passing by those a build is using; and what a
+/// removal cut short left.
+fn evict_systems(parent: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let mut systems = Vec::new();
+    for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            let _ = std::fs::remove_dir_all(&path);
+        } else if path != keep {
+            let used = std::fs::metadata(path.join(SYSTEM_INFO)).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            systems.push((used, path));
+        }
+    }
+    systems.sort_by_key(|s| std::cmp::Reverse(s.0));
+    for (_, old) in systems.into_iter().skip(SYSTEMS_KEPT - 1) {
+        let in_use = std::fs::File::open(old.join(SYSTEM_INFO))
+            .is_ok_and(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err());
+        if !in_use {
+            remove_aside(&old);
+        }
+    }
 }
 
 impl Job<'_> {
@@ -139,16 +264,16 @@ impl Job<'_> {
         let archive = Archive::new(&self.builder.cache).with_lists(self.builder.apt_lists.clone());
         let mke2fs = Mke2fs::find(&archive)?;
         let busybox = archive.resolve(diskless::BUSYBOX_PACKAGE)?.package;
-        let head =
-            format!("{}\n{WORKER_FORMAT}\n{spec_digest}\n{agent_digest}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
-        let key = self.cache_key(head, &busybox)?;
-        Ok(Resolved { agent, spec_digest, agent_digest, base_key, repos, archive, mke2fs, busybox, key })
+        let head = format!("{}\n{WORKER_FORMAT}\n{spec_digest}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
+        let system_key = self.system_key(head, &busybox)?;
+        let key = kiln_core::Digest::of(format!("{system_key}\nagent {agent_digest}\n")).to_string();
+        Ok(Resolved { agent, spec_digest, agent_digest, base_key, system_key, repos, archive, mke2fs, busybox, key })
     }
 
-    /// The cache key: `key_text` (the digests above) with the files and
+    /// The system's key: `key_text` (the digests above) with the files and
     /// units the spec adds, the CA, the initrd's busybox and kiln's own
     /// texts baked into the image.
-    fn cache_key(&self, mut key_text: String, busybox: &PackageRef) -> Result<String, Error> {
+    fn system_key(&self, mut key_text: String, busybox: &PackageRef) -> Result<kiln_core::Digest, Error> {
         let spec_dir = self.spec_dir();
         for (i, f) in self.spec.files.iter().enumerate() {
             let bytes = layer::source_bytes(spec_dir, &f.source, &f.content, self.spec_path, &format!("files[{i}].source"))?;
@@ -166,7 +291,7 @@ impl Job<'_> {
             key_text.push_str(&sha256_hex(text.as_bytes()));
             key_text.push('\n');
         }
-        Ok(kiln_core::Digest::of(&key_text).to_string())
+        Ok(kiln_core::Digest::of(&key_text))
     }
 
     fn spec_dir(&self) -> &Path {
@@ -194,18 +319,17 @@ impl Job<'_> {
 
     /// **layers**: a hard-linked copy of the base in `work`, with kiln's
     /// layers; returns its path.
-    fn layers(&self, resolved: &Resolved, base: &Base, ids: &DiskIds, work: &Path) -> Result<PathBuf, Error> {
+    fn layers(&self, base: &Base, ids: &DiskIds, work: &Path) -> Result<PathBuf, Error> {
         let spec = self.spec;
         (self.progress)(Event::Phase {
             phase: "layers".into(),
-            detail: format!("agent, {} files, {} users, {} units", spec.files.len(), spec.users.len(), spec.units.len()),
+            detail: format!("{} files, {} users, {} units", spec.files.len(), spec.users.len(), spec.units.len()),
         });
         let tree_path = work.join("tree");
         layer::link_copy(&base.tree, &tree_path)?;
         let tree = Tree::new(&tree_path);
         let inputs = LayerInputs {
             spec_dir: self.spec_dir(),
-            agent: &resolved.agent,
             root_uuid: &ids.root,
             kernel_release: &base.info.kernel_release,
             ca: self.builder.ca.as_deref(),
@@ -214,20 +338,59 @@ impl Job<'_> {
         Ok(tree_path)
     }
 
-    /// **disk**, **filesystem** and **convert**, on both cores: one thread
-    /// makes the squashfs (CPU-bound) from the layered tree; the other the
-    /// raw disk (GRUB, GPT, ESP, the ext4 root made in place), the kernel
-    /// and initrd, then the qcow2, started as soon as the disk is whole,
-    /// beside the squashfs if it is still being made. Once the squashfs is
-    /// done, the tree is removed while the qcow2 is written.
-    fn artifacts(&self, resolved: &Resolved, base: &Base, ids: &DiskIds, paths: &Paths<'_>) -> Result<Vec<Artifact>, Error> {
+    /// **layers**, **disk** and **filesystem**: the system, made in `work`
+    /// and renamed into the cache whole.
+    fn system(&self, resolved: &Resolved, base: &Base, work: &Path) -> Result<System, Error> {
+        let ids = DiskIds::from_key(&resolved.system_key.to_string());
+        let tree = self.layers(base, &ids, work)?;
+        crate::interrupt::check()?;
+        let made = work.join("system");
+        apt_create_dir(&made)?;
+        let paths = Paths { work, made: &made, raw: made.join(SYSTEM_DISK), tree };
+        let (root_offset, files) = self.system_files(resolved, base, &ids, &paths)?;
+        let disk_bytes = std::fs::metadata(&paths.raw).map_err(|source| Error::Io { path: paths.raw.clone(), source })?.len();
+        let info = SystemInfo { key: resolved.system_key.to_string(), root_offset, disk_bytes, files };
+        let info_path = made.join(SYSTEM_INFO);
+        let json = serde_json::to_vec_pretty(&info).expect("system info serialises");
+        std::fs::write(&info_path, json).map_err(|source| Error::Io { path: info_path.clone(), source })?;
+        // On the disk before it is in the cache: a power cut must not leave
+        // a torn file of the right size there, trusted from then on.
+        for name in info.files.iter().map(|a| a.name.as_str()).chain([SYSTEM_DISK, SYSTEM_INFO, "."]) {
+            let path = made.join(name);
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|source| Error::Io { path, source })?;
+        }
+        let file = std::fs::File::open(&info_path).map_err(|source| Error::Io { path: info_path.clone(), source })?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared)
+            .map_err(|(_, e)| Error::Io { path: info_path.clone(), source: e.into() })?;
+        let parent = systems_dir(&self.builder.cache, &self.spec.name);
+        apt_create_dir(&parent)?;
+        let dir = parent.join(resolved.system_key.hex());
+        if std::fs::rename(&made, &dir).is_err() {
+            // Another build made the same system meanwhile: that one is as
+            // good. Anything else there under that key is not a system: aside.
+            if let Some(system) = System::cached(&self.builder.cache, &self.spec.name, &resolved.system_key) {
+                return Ok(system);
+            }
+            remove_aside(&dir);
+            std::fs::rename(&made, &dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+        }
+        let _ = std::fs::File::open(&parent).and_then(|f| f.sync_all());
+        evict_systems(&parent, &dir);
+        Ok(System { dir, info, _lock: lock })
+    }
+
+    /// **disk** and **filesystem**, on both cores: one thread makes the
+    /// squashfs (CPU-bound) from the layered tree; the other the raw disk
+    /// (GRUB, GPT, ESP, the ext4 root made in place), the kernel and
+    /// initrd. Returns the root's offset in the disk and the files made.
+    fn system_files(&self, resolved: &Resolved, base: &Base, ids: &DiskIds, paths: &Paths<'_>) -> Result<(u64, Vec<Artifact>), Error> {
         let epoch = self.builder.source_date_epoch;
         let root_mib = self.spec.disk.root_size_mib.unwrap_or_else(|| default_root_mib(base.info.bytes));
         let layout = disk::Layout::new(root_mib);
-        let (tree, raw, staging) = (&paths.tree, &paths.raw, paths.staging);
-        let squashfs = staging.join("root.squashfs");
+        let (tree, raw, made) = (&paths.tree, &paths.raw, paths.made);
+        let squashfs = made.join("root.squashfs");
         std::thread::scope(|s| {
-            let sq = s.spawn(|| disk::squashfs(tree, &squashfs, epoch).and_then(|()| artifact(staging, "root.squashfs")));
+            let sq = s.spawn(|| disk::squashfs(tree, &squashfs, epoch).and_then(|()| artifact(made, "root.squashfs")));
             let disk = (|| {
                 (self.progress)(Event::Phase { phase: "disk".into(), detail: "GRUB (BIOS + UEFI), GPT, ESP".into() });
                 let grub = disk::grub_images(tree, paths.work, &ids.root)?;
@@ -238,14 +401,50 @@ impl Job<'_> {
                 crate::interrupt::check()?;
                 self.boot_files(resolved, &base.info.kernel_release, paths)
             })();
-            let qcow2 = disk.map(|boot| (boot, self.convert(s, paths)));
             let squashfs = sq.join().expect("the squashfs thread does not panic");
-            // The layered tree is done with: its ~20k entries go while the qcow2 is written.
-            let _ = std::fs::remove_dir_all(tree);
-            let (boot, qcow2) = qcow2?;
+            let mut files = vec![squashfs?];
+            files.extend(disk?);
+            Ok((layout.root_offset(), files))
+        })
+    }
+
+    /// **agent** and **convert**: the agent written into a copy of the
+    /// system's disk and appended to its initrd, the qcow2 converted from
+    /// that disk while the system's other files are copied into `staging`
+    /// and the layered tree, if any, is removed. Returns every artifact.
+    fn finish(&self, resolved: &Resolved, system: &System, work: &Path, staging: &Path) -> Result<Vec<Artifact>, Error> {
+        let epoch = self.builder.source_date_epoch;
+        (self.progress)(Event::Phase { phase: "agent".into(), detail: format!("{} into the root and the initrd", layer::AGENT_PATH) });
+        let raw = work.join(SYSTEM_DISK);
+        disk::copy_sparse(&system.dir.join(SYSTEM_DISK), &raw)?;
+        let local = work.join("kiln-agent");
+        std::fs::write(&local, &resolved.agent).map_err(|source| Error::Io { path: local, source })?;
+        resolved.mke2fs.add_file(work, SYSTEM_DISK, system.info.root_offset, "kiln-agent", layer::AGENT_PATH, 0o755, epoch)?;
+        crate::interrupt::check()?;
+        let qcow2_name = format!("{}.qcow2", self.spec.name);
+        (self.progress)(Event::Phase { phase: "convert".into(), detail: qcow2_name.clone() });
+        std::thread::scope(|s| {
+            let qcow2 = s.spawn(|| disk::convert(&raw, &staging.join(&qcow2_name)).and_then(|()| artifact(staging, &qcow2_name)));
+            // The layered tree of a system just made: its ~20k entries go meanwhile.
+            s.spawn(|| std::fs::remove_dir_all(work.join("tree")));
+            let files = system.info.files.iter().map(|a| {
+                let (from, to) = (system.dir.join(&a.name), staging.join(&a.name));
+                if a.name != "initrd.img" {
+                    return copy_checked(&from, &to, &a.sha256).map(|()| a.clone());
+                }
+                let initrd = std::fs::read(&from).map_err(|source| Error::Io { path: from.clone(), source })?;
+                let got = sha256_hex(&initrd);
+                if got != a.sha256 {
+                    return Err(Error::DamagedCache { path: from, got, want: a.sha256.clone() });
+                }
+                let initrd = diskless::with_agent(initrd, &resolved.agent, epoch)?;
+                std::fs::write(&to, &initrd).map_err(|source| Error::Io { path: to.clone(), source })?;
+                Ok(Artifact { name: a.name.clone(), size: initrd.len() as u64, sha256: sha256_hex(&initrd) })
+            });
+            let files = files.collect::<Result<Vec<_>, Error>>();
             let qcow2 = qcow2.join().expect("the qcow2 thread does not panic");
-            let mut artifacts = vec![squashfs?, qcow2?];
-            artifacts.extend(boot);
+            let mut artifacts = files?;
+            artifacts.push(qcow2?);
             Ok(artifacts)
         })
     }
@@ -253,7 +452,7 @@ impl Job<'_> {
     /// The kernel, and Debian's initramfs with kiln's diskless boot script
     /// after it, staged as `vmlinuz` and `initrd.img`.
     fn boot_files(&self, resolved: &Resolved, kver: &str, paths: &Paths<'_>) -> Result<[Artifact; 2], Error> {
-        let (tree, staging, busybox) = (&paths.tree, paths.staging, &resolved.busybox);
+        let (tree, staging, busybox) = (&paths.tree, paths.made, &resolved.busybox);
         let vmlinuz = tree.join(format!("boot/vmlinuz-{kver}"));
         std::fs::copy(&vmlinuz, staging.join("vmlinuz")).map_err(|source| Error::Io { path: vmlinuz.clone(), source })?;
         let vmlinuz = artifact(staging, "vmlinuz")?;
@@ -266,17 +465,6 @@ impl Job<'_> {
         let initrd_path = staging.join("initrd.img");
         std::fs::write(&initrd_path, initrd).map_err(|source| Error::Io { path: initrd_path, source })?;
         Ok([vmlinuz, artifact(staging, "initrd.img")?])
-    }
-
-    /// **convert**: the raw disk to `<name>.qcow2`, on a thread of `scope`.
-    fn convert<'s>(
-        &self,
-        scope: &'s std::thread::Scope<'s, '_>,
-        paths: &'s Paths<'_>,
-    ) -> std::thread::ScopedJoinHandle<'s, Result<Artifact, Error>> {
-        let qcow2_name = format!("{}.qcow2", self.spec.name);
-        (self.progress)(Event::Phase { phase: "convert".into(), detail: qcow2_name.clone() });
-        scope.spawn(move || disk::convert(&paths.raw, &paths.staging.join(&qcow2_name)).and_then(|()| artifact(paths.staging, &qcow2_name)))
     }
 
     /// The manifest of `artifacts` (sorted by name), with the SBOM: every
@@ -308,6 +496,32 @@ impl Job<'_> {
     }
 }
 
+/// Copies the cached file `from` to `to` (a copy, not a link: an output is
+/// never the cache's own file), checking on the way that its sha256 is
+/// still `want`.
+fn copy_checked(from: &Path, to: &Path, want: &str) -> Result<(), Error> {
+    use sha2::Digest;
+    use std::io::{Read, Write};
+    let mut src = std::fs::File::open(from).map_err(|source| Error::Io { path: from.into(), source })?;
+    let mut dst = std::fs::File::create(to).map_err(|source| Error::Io { path: to.into(), source })?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        crate::interrupt::check()?;
+        let n = src.read(&mut buf).map_err(|source| Error::Io { path: from.into(), source })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        dst.write_all(&buf[..n]).map_err(|source| Error::Io { path: to.into(), source })?;
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != want {
+        return Err(Error::DamagedCache { path: from.into(), got, want: want.into() });
+    }
+    Ok(())
+}
+
 /// The staged file `name`'s artifact entry: its size and sha256.
 fn artifact(staging: &Path, name: &str) -> Result<Artifact, Error> {
     let path = staging.join(name);
@@ -334,8 +548,9 @@ fn check_space(cache: &Path, out: &Path, base_bytes: Option<u64>, spec: &WorkerS
     // Before the base is made its size is a guess: bookworm with these packages is ~550 MB.
     let tree = base_bytes.unwrap_or(700 * MIB);
     let root = spec.disk.root_size_mib.map_or(tree * 5 / 4, |m| (m * MIB).min(tree * 5 / 4));
-    // cache: the base (when missing, with its .debs), the ext4 image and the raw disk.
-    let need_cache = if base_bytes.is_some() { 0 } else { tree + 300 * MIB } + 2 * root + 100 * MIB;
+    // cache: the base (when missing, with its .debs), the system (its raw
+    // disk and squashfs) and the work copy of its disk.
+    let need_cache = if base_bytes.is_some() { 0 } else { tree + 300 * MIB } + 2 * root + tree / 2 + 100 * MIB;
     // out: qcow2, squashfs (about half the tree), kernel and initrd; and the old image until the swap.
     let need_out = root + tree / 2 + 100 * MIB;
     let (free_cache, dev_cache) = disk::free_space(cache)?;
@@ -423,6 +638,33 @@ mod tests {
         assert_eq!(default_root_mib(550 * MIB), 1280);
         assert_eq!(default_root_mib(0), 512);
         assert!(default_root_mib(2000 * MIB) * MIB > 2000 * MIB * 4 / 3);
+    }
+
+    #[test]
+    fn eviction_keeps_the_latest_used_and_those_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let system = |name: &str, age_secs: u64| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            let f = std::fs::File::create(d.join(SYSTEM_INFO)).unwrap();
+            f.set_modified(now - std::time::Duration::from_secs(age_secs)).unwrap();
+            d
+        };
+        let new = system("new", 0);
+        let recent = system("recent", 10);
+        let old = system("old", 20);
+        let in_use = system("in-use", 30);
+        let half_removed = system(".gone.removing-1", 40);
+        let _lock =
+            nix::fcntl::Flock::lock(std::fs::File::open(in_use.join(SYSTEM_INFO)).unwrap(), nix::fcntl::FlockArg::LockShared).unwrap();
+        evict_systems(dir.path(), &new);
+        assert!(new.exists() && recent.exists(), "the new one and the latest other are kept");
+        assert!(!old.exists(), "an older one goes");
+        assert!(in_use.exists(), "one a build holds stays");
+        assert!(!half_removed.exists(), "what a cut-short removal left goes");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 3, "{left:?}");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The golden worker image (issue 3), end to end: `kiln build
 //! images/worker.toml` makes a qcow2 (plus kernel, initrd and squashfs) with
 //! no VM, no mount and no loop device; a second build is a no-op; a build
-//! from the same cached base gives the same bytes; a build after an agent
-//! change reuses the base; bad input is named; a killed build leaves the
+//! from the same cached base gives the same bytes, and so does a rebuild
+//! that reuses the cached system; a build after an agent change reuses the
+//! base and the system and carries the new agent; bad input is named; a killed build leaves the
 //! cache usable; and a qcow2 overlay of the image boots from the disk alone
 //! (SeaBIOS and OVMF, under TCG) with a NoCloud seed, its agent registers
 //! with `kiln serve --plain-http` over restricted QEMU user networking
@@ -48,10 +49,30 @@ fn events(stdout: &str) -> Vec<serde_json::Value> {
 /// Builds the worker image into `images`, asserting success; returns the
 /// JSON events and how long it took.
 fn build_ok(images: &Path, agent: Option<&Path>) -> (Vec<serde_json::Value>, Duration) {
+    build_spec_ok(&golden::worker_spec(), images, agent)
+}
+
+/// [`build_ok`] of the spec `spec`.
+fn build_spec_ok(spec: &Path, images: &Path, agent: Option<&Path>) -> (Vec<serde_json::Value>, Duration) {
     let start = Instant::now();
-    let (status, stdout, stderr) = golden::build(&golden::worker_spec(), images, None, agent);
-    assert!(status.success(), "kiln build images/worker.toml failed:\n{}", tail(&stderr, 30));
+    let (status, stdout, stderr) = golden::build(spec, images, None, agent);
+    assert!(status.success(), "kiln build {} failed:\n{}", spec.display(), tail(&stderr, 30));
     (events(&stdout), start.elapsed())
+}
+
+/// Whether the build's events say it found `phase` in the cache.
+fn reused(ev: &[serde_json::Value], phase: &str) -> bool {
+    ev.iter().any(|e| e["phase"] == phase && e["detail"].as_str().unwrap_or("").starts_with("cached"))
+}
+
+/// `what` and the time now: a text no earlier run of the tests used.
+fn unique(what: &str) -> String {
+    format!("{what} {}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
+}
+
+/// A copy of worker.toml whose /etc/motd is `text`: another system to make.
+fn motd_variant(dir: &Path, text: &str) -> PathBuf {
+    spec_variant(dir, |t| t.replace("source = \"worker/motd\"", &format!("content = \"{text}\\n\"")))
 }
 
 /// A copy of the release agent that differs in its bytes (a trailing
@@ -97,15 +118,20 @@ fn worker_image_builds_reproducibly_and_boots_to_registered() {
     eprintln!("no-op rebuild: {noop:?}");
     assert_eq!(ev.last().unwrap()["event"], "cached", "{ev:?}");
 
-    // Reproducible: a full build from the same cached base, elsewhere, gives the same bytes.
-    let again = tmp.path().join("again");
-    let (ev, t) = build_ok(&again, None);
-    eprintln!("rebuild from the cached base: {t:?}");
-    assert!(ev.iter().any(|e| e["phase"] == "base" && e["detail"].as_str().unwrap_or("").starts_with("cached")), "base reused: {ev:?}");
-    let m2 = manifest(&again);
-    assert_eq!(m.artifacts, m2.artifacts, "two builds from the same inputs and base give identical artifacts");
-    assert_eq!(m.digest, m2.digest);
-    drop(again);
+    // Reproducible: a full build from the same cached base, elsewhere (the
+    // cached system removed, so it is made again), gives the same bytes;
+    // and so does one more that reuses the system just made.
+    std::fs::remove_dir_all(cache_dir().join("systems/worker")).unwrap();
+    for (again, system_reused) in [("again", false), ("again-cached-system", true)] {
+        let again = tmp.path().join(again);
+        let (ev, t) = build_ok(&again, None);
+        eprintln!("build from the cached base, system reused {system_reused}: {t:?}");
+        assert!(reused(&ev, "base"), "base reused: {ev:?}");
+        assert_eq!(reused(&ev, "system"), system_reused, "{ev:?}");
+        let m2 = manifest(&again);
+        assert_eq!(m.artifacts, m2.artifacts, "two builds from the same inputs and base give identical artifacts");
+        assert_eq!(m.digest, m2.digest);
+    }
 
     // Boot: a qcow2 overlay of the golden image, a cidata seed, kiln serve with plain HTTP.
     let state = tmp.path().join("state");
@@ -157,11 +183,54 @@ fn warm_rebuild_after_an_agent_change_reuses_the_base() {
     let agent = changed_agent(tmp.path(), "kiln-warm-rebuild");
     let (ev, warm) = build_ok(&images, Some(&agent));
     eprintln!("warm rebuild after an agent change: {warm:?}");
-    assert!(ev.iter().any(|e| e["phase"] == "base" && e["detail"].as_str().unwrap_or("").starts_with("cached")), "base reused: {ev:?}");
+    assert!(reused(&ev, "base") && reused(&ev, "system"), "base and system reused: {ev:?}");
+    assert!(!ev.iter().any(|e| e["phase"] == "filesystem"), "no file system made: {ev:?}");
     let after = manifest(&images);
     assert_ne!(before.inputs.agent, after.inputs.agent);
     assert_ne!(before.digest, after.digest, "a new agent is a new image");
     assert_eq!(before.inputs.packages, after.inputs.packages, "the same base");
+    assert_eq!(before.artifact("root.squashfs"), after.artifact("root.squashfs"), "the squashfs is reused as it is");
+    assert_eq!(after.check(), Ok(()));
+
+    // The new agent is what the disk's root holds, and what the initrd
+    // brings to a diskless root; e2fsck finds the root file system clean.
+    let want = std::fs::read(&agent).unwrap();
+    let raw = tmp.path().join("worker.raw");
+    let out = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(images.join("worker/worker.qcow2")).arg(&raw).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The root partition's offset (LBA 135168: builder/src/disk.rs).
+    let root = format!("{}?offset={}", raw.display(), 135168 * 512);
+    let dumped = tmp.path().join("dumped-agent");
+    let out = Command::new("debugfs").arg("-R").arg(format!("dump /usr/bin/kiln-agent {}", dumped.display())).arg(&root).output().unwrap();
+    assert_eq!(std::fs::read(&dumped).ok().as_ref(), Some(&want), "the disk's agent: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("debugfs").args(["-R", "stat /usr/bin/kiln-agent"]).arg(&root).output().unwrap();
+    let stat = String::from_utf8_lossy(&out.stdout);
+    assert!(stat.contains("Mode:  0755") && stat.contains("User:     0   Group:     0"), "{stat}");
+    let out = Command::new("e2fsck").arg("-fn").arg(&root).output().unwrap();
+    assert!(out.status.success(), "e2fsck -fn: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let initrd = std::fs::read(images.join("worker/initrd.img")).unwrap();
+    assert!(initrd.windows(want.len()).any(|w| w == want), "the initrd carries the new agent as it is");
+
+    // A cached system damaged since it was made (its squashfs overwritten,
+    // the size kept) is found when it is used, and made again.
+    let systems = cache_dir().join("systems/worker");
+    let system = std::fs::read_dir(&systems)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| {
+            std::fs::read_to_string(d.join("system.json")).is_ok_and(|j| j.contains(&after.artifact("root.squashfs").unwrap().sha256))
+        })
+        .expect("the system in the cache");
+    let squashfs = system.join("root.squashfs");
+    let size = std::fs::metadata(&squashfs).unwrap().len();
+    std::fs::write(&squashfs, vec![0u8; size as usize]).unwrap();
+    let agent = changed_agent(tmp.path(), "kiln-damaged-system");
+    let (ev, _) = build_ok(&images, Some(&agent));
+    let made_again = ev.iter().any(|e| e["phase"] == "system" && e["detail"].as_str().unwrap_or("").contains("made again"));
+    assert!(made_again && ev.iter().any(|e| e["phase"] == "filesystem"), "the damaged system is made again: {ev:?}");
+    let again = manifest(&images);
+    assert_eq!(again.check(), Ok(()));
+    assert_eq!(again.artifact("root.squashfs"), after.artifact("root.squashfs"), "the same squashfs as before the damage");
 }
 
 /// Writes a copy of worker.toml with `edit` applied, beside the real one's
@@ -232,9 +301,10 @@ fn killed_build_leaves_the_cache_and_the_previous_image_usable() {
     build_ok(&images, None);
     let before = manifest(&images);
 
-    // Kill a rebuild (new agent) as soon as it is making file systems.
+    // Kill a rebuild (a new file: a system to make) as soon as it is making file systems.
+    let spec = motd_variant(tmp.path(), &unique("kiln-killed-build"));
     let agent = changed_agent(tmp.path(), "kiln-killed-build");
-    let mut cmd = golden::build_command(&golden::worker_spec(), &images, None, Some(&agent));
+    let mut cmd = golden::build_command(&spec, &images, None, Some(&agent));
     cmd.stderr(Stdio::null());
     let mut build = Process::spawn(cmd, "kiln build");
     let stdout = build.child.stdout.take().unwrap();
@@ -252,8 +322,8 @@ fn killed_build_leaves_the_cache_and_the_previous_image_usable() {
     assert_eq!(before.check(), Ok(()));
 
     // The next build finishes from the same cache and cleans up after the killed one.
-    let (ev, _) = build_ok(&images, Some(&agent));
-    assert!(ev.iter().any(|e| e["phase"] == "base" && e["detail"].as_str().unwrap_or("").starts_with("cached")), "{ev:?}");
+    let (ev, _) = build_spec_ok(&spec, &images, Some(&agent));
+    assert!(reused(&ev, "base"), "{ev:?}");
     assert_ne!(manifest(&images).digest, before.digest);
     let leftovers: Vec<_> = std::fs::read_dir(cache_dir().join("work")).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
     assert!(leftovers.is_empty(), "no work directories left: {leftovers:?}");
@@ -525,16 +595,17 @@ fn interrupted_build_stops_every_program_and_the_next_build_succeeds() {
             .collect()
     };
 
-    // SIGINT in the middle of mksquashfs and mke2fs.
+    // SIGINT in the middle of mksquashfs and mke2fs (a new file: a system to make).
+    let spec = motd_variant(tmp.path(), &unique("kiln-interrupted-build"));
     let agent = changed_agent(tmp.path(), "kiln-interrupted-build");
-    let rebuild = golden::build_command(&golden::worker_spec(), &images, None, Some(&agent));
+    let rebuild = golden::build_command(&spec, &images, None, Some(&agent));
     let (build, running) = build_until(rebuild, |e| e["phase"] == "filesystem", &["mksquashfs"]);
     interrupt(build, Signal::SIGINT, &running);
     assert_eq!(manifest(&images), before, "the previous image is whole");
     assert_eq!(before.check(), Ok(()));
     assert!(leftovers(&images).is_empty() && leftovers(&cache_dir().join("work")).is_empty(), "no temporary directory is left");
-    let (ev, _) = build_ok(&images, Some(&agent));
-    assert!(ev.iter().any(|e| e["phase"] == "base" && e["detail"].as_str().unwrap_or("").starts_with("cached")), "{ev:?}");
+    let (ev, _) = build_spec_ok(&spec, &images, Some(&agent));
+    assert!(reused(&ev, "base"), "{ev:?}");
     assert_ne!(manifest(&images).digest, before.digest);
 
     // SIGTERM while mmdebstrap (apt, dpkg) makes a base the cache lacks:
