@@ -18,8 +18,8 @@ pub enum Entry {
     CharDev(u32, u32),
 }
 
-/// Writes entries into a cpio stream with every owner 0:0 and every mtime
-/// `mtime`, numbering inodes in write order.
+/// Writes entries into a cpio stream with every mtime `mtime` (owner 0:0
+/// unless given), numbering inodes in write order.
 pub struct Writer<W: Write> {
     out: W,
     ino: u32,
@@ -35,6 +35,11 @@ impl<W: Write> Writer<W> {
 
     /// Appends `path` (relative, no leading slash) with permission bits `perm`.
     pub fn add(&mut self, path: &str, perm: u32, entry: &Entry) -> io::Result<()> {
+        self.add_owned(path, perm, (0, 0), entry)
+    }
+
+    /// [`Writer::add`], owned by `owner` (uid, gid).
+    pub fn add_owned(&mut self, path: &str, perm: u32, owner: (u32, u32), entry: &Entry) -> io::Result<()> {
         let (kind, data, rdev): (u32, &[u8], (u32, u32)) = match entry {
             Entry::Dir => (0o040000, &[], (0, 0)),
             Entry::File(bytes) => (0o100000, bytes, (0, 0)),
@@ -43,16 +48,16 @@ impl<W: Write> Writer<W> {
         };
         let ino = self.ino;
         self.ino += 1;
-        self.record(path, kind | (perm & 0o7777), ino, data, rdev)
+        self.record(path, kind | (perm & 0o7777), owner, ino, data, rdev)
     }
 
-    fn record(&mut self, path: &str, mode: u32, ino: u32, data: &[u8], rdev: (u32, u32)) -> io::Result<()> {
+    fn record(&mut self, path: &str, mode: u32, owner: (u32, u32), ino: u32, data: &[u8], rdev: (u32, u32)) -> io::Result<()> {
         let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
         let name_len = path.len() + 1;
         let header = format!(
             "070701{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}{dmaj:08x}{dmin:08x}{rmaj:08x}{rmin:08x}{namesize:08x}{check:08x}",
-            uid = 0,
-            gid = 0,
+            uid = owner.0,
+            gid = owner.1,
             mtime = self.mtime,
             size = data.len(),
             dmaj = 0,
@@ -83,7 +88,7 @@ impl<W: Write> Writer<W> {
 
     /// Writes the trailer and returns the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
-        self.record("TRAILER!!!", 0, 0, &[], (0, 0))?;
+        self.record("TRAILER!!!", 0, (0, 0), 0, &[], (0, 0))?;
         Ok(self.out)
     }
 }

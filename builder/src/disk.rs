@@ -114,26 +114,15 @@ impl Mke2fs {
         Ok(Mke2fs { program, debugfs, lib_path: Some(lib_path), version })
     }
 
-    /// Writes the file `local` (a name in `dir`) as `dest` (absolute, its
-    /// directory already there, the name not), mode `mode`, owner 0:0, into
-    /// the ext4 file system at byte `offset` of `dir/image`, with `debugfs
-    /// -w`: no mount, no loop device. Every time it sets is `epoch` (set
-    /// on the file by hand too: an epoch of 0 means "no fake time" to
-    /// e2fsprogs), so the same inputs give the same bytes. debugfs exits 0 whatever its
-    /// commands did: anything it prints to stderr but its banner is an
-    /// error.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_file(&self, dir: &Path, image: &str, offset: u64, local: &str, dest: &str, mode: u32, epoch: u32) -> Result<(), Error> {
-        let (parent, name) =
-            dest.rsplit_once('/').filter(|(p, n)| p.starts_with('/') && !n.is_empty()).unwrap_or_else(|| panic!("{dest} must be absolute"));
-        for word in [image, local, parent, name] {
-            assert!(!word.is_empty() && word.bytes().all(|b| b.is_ascii_graphic() && b != b'"'), "debugfs argument {word:?}");
-        }
-        let commands = format!(
-            "cd {parent}\nwrite {local} {name}\nsif {name} mode 0{mode:o}\nsif {name} uid 0\nsif {name} gid 0\n\
-             sif {name} mtime @{epoch}\nsif {name} ctime @{epoch}\nsif {name} atime @{epoch}\nsif {name} crtime @{epoch}\n",
-            mode = 0o100000 | mode
-        );
+    /// Runs `commands` (a `debugfs` script) with `debugfs -w` on the ext4
+    /// file system at byte `offset` of `dir/image`: no mount, no loop
+    /// device. `E2FSPROGS_FAKE_TIME` is `epoch`, so the same commands give
+    /// the same bytes (the script sets the times it cares about itself: an
+    /// epoch of 0 means "no fake time" to e2fsprogs). debugfs exits 0
+    /// whatever its commands did: anything it prints to stderr but its
+    /// banner is an error.
+    pub fn debugfs(&self, dir: &Path, image: &str, offset: u64, commands: &str, epoch: u32) -> Result<(), Error> {
+        assert!(!image.is_empty() && image.bytes().all(|b| b.is_ascii_graphic() && b != b'?'), "debugfs image {image:?}");
         let script = dir.join("debugfs.commands");
         std::fs::write(&script, commands).map_err(|source| Error::Io { path: script, source })?;
         let mut cmd = Command::new(&self.debugfs);
@@ -153,7 +142,7 @@ impl Mke2fs {
             stderr.lines().enumerate().filter(|(i, l)| !(l.trim().is_empty() || *i == 0 && banner(l))).map(|(_, l)| l).collect();
         if !out.status.success() || !errors.is_empty() {
             return Err(Error::Command {
-                program: format!("{} (writing {dest} into {} at byte {offset})", self.debugfs.display(), dir.join(image).display()),
+                program: format!("{} (writing into {} at byte {offset})", self.debugfs.display(), dir.join(image).display()),
                 status: out.status.to_string(),
                 stderr: errors.join("\n"),
             });

@@ -7,10 +7,11 @@
 //! overlay as the root; a static busybox for `wget` and `sha256sum`; and
 //! the squashfs and overlay modules, which initramfs-tools leaves out.
 //!
-//! The agent comes last, in an archive of its own ([`with_agent`]), not in
-//! `root.squashfs`: the script copies it into the overlay's upper layer
-//! before the root is switched to. A build with a new agent reuses the
-//! squashfs and Debian's part of the initrd as they are.
+//! The agent and the spec's files, units and users come last, in an
+//! archive of their own ([`crate::additions`]), not in `root.squashfs`: the
+//! script copies them over the overlay root before the root is switched
+//! to. A build with a new agent or a changed file reuses the squashfs and
+//! this initrd as they are.
 //!
 //! The same initrd still boots from the disk: without `boot=kiln`,
 //! initramfs-tools mounts the disk's root as always.
@@ -41,10 +42,6 @@ pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// there, and an archive entry for a link's path would replace the link).
 const BUSYBOX_PATH: &str = "usr/lib/kiln/busybox";
 const MODULE_DIR: &str = "usr/lib/kiln";
-
-/// Where the agent travels in the initrd; the script copies it to
-/// `/usr/bin/kiln-agent` in the root.
-const AGENT_PATH: &str = "usr/lib/kiln/kiln-agent";
 
 /// The modules the script loads by path, inside `lib/modules/KVER/kernel`.
 const MODULES: [&str; 2] = ["fs/squashfs/squashfs.ko", "fs/overlayfs/overlay.ko"];
@@ -77,17 +74,6 @@ pub fn initrd(debian_initrd: &[u8], tree: &Path, kver: &str, busybox: &[u8], epo
     }
     let gz = w.finish().map_err(io("initrd.img"))?;
     gz.finish().map_err(io("initrd.img"))
-}
-
-/// `initrd` (made by [`initrd`]) with one more archive after it, not
-/// compressed (its bytes are an executable's; the kernel takes both
-/// kinds): the agent, at `usr/lib/kiln/kiln-agent`, mode 0755, time `epoch`.
-pub fn with_agent(mut initrd: Vec<u8>, agent: &[u8], epoch: u32) -> Result<Vec<u8>, Error> {
-    initrd.resize(initrd.len().next_multiple_of(4), 0);
-    let mut w = Writer::new(initrd, epoch);
-    let io = |source| Error::Io { path: AGENT_PATH.into(), source };
-    w.add(AGENT_PATH, 0o755, &Entry::File(agent.to_vec())).map_err(io)?;
-    w.finish().map_err(io)
 }
 
 #[cfg(test)]
@@ -125,22 +111,6 @@ mod tests {
         assert_eq!(names, ["scripts/kiln", "usr/lib/kiln", "usr/lib/kiln/busybox", "usr/lib/kiln/squashfs.ko", "usr/lib/kiln/overlay.ko"]);
         let again = initrd(&debian, dir.path(), "6.1.0-test", b"\x7fELF busybox", 1_700_000_000).unwrap();
         assert_eq!(out, again, "the same inputs give the same bytes");
-
-        // The agent's archive follows, on a 4-byte boundary, as it is.
-        let whole = with_agent(out.clone(), b"\x7fELF the agent", 1_700_000_000).unwrap();
-        assert!(whole.starts_with(&out), "the initrd before it is unchanged");
-        let start = out.len().next_multiple_of(4);
-        assert!(whole[out.len()..start].iter().all(|&b| b == 0));
-        let mut child = Command::new("cpio")
-            .args(["-i", "--to-stdout", "--quiet", AGENT_PATH])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("cpio is installed");
-        std::io::Write::write_all(child.stdin.as_mut().unwrap(), &whole[start..]).unwrap();
-        let agent = child.wait_with_output().unwrap().stdout;
-        assert_eq!(agent, b"\x7fELF the agent", "cpio finds the agent at {AGENT_PATH}");
-        assert_eq!(whole, with_agent(out, b"\x7fELF the agent", 1_700_000_000).unwrap(), "the same bytes again");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 #   kiln.rootfs_sha256=HEX
 # mountroot brings the network up (initramfs-tools' configure_networking),
 # fetches the squashfs into RAM, checks its sha256, and mounts it read-only
-# under a tmpfs overlay at ${rootmnt}, with the agent from the initrd. Everything lives under /run/kiln,
+# under a tmpfs overlay at ${rootmnt}, with the agent and the spec's files
+# from the initrd over it. Everything lives under /run/kiln,
 # which /init moves into the new root with /run.
 
 kiln_arg()
@@ -68,10 +69,11 @@ mountroot()
 		-o lowerdir=/run/kiln/lower,upperdir=/run/kiln/upper,workdir=/run/kiln/work kiln-root "${rootmnt?}" ||
 		panic "kiln: could not mount the overlay root"
 
-	# The agent travels in the initrd, not in the squashfs (a new agent
-	# reuses the squashfs): into the overlay's upper layer, mode and time kept.
-	/usr/lib/kiln/busybox cp -p /usr/lib/kiln/kiln-agent "${rootmnt}/usr/bin/kiln-agent" ||
-		panic "kiln: could not copy the agent into the root"
+	# The agent and the spec's files, units and users travel in the initrd,
+	# not in the squashfs (a change to them reuses the squashfs): over the
+	# root, into the overlay's upper layer, modes, owners and times kept.
+	/usr/lib/kiln/busybox cp -a /usr/lib/kiln/additions/. "${rootmnt}/" ||
+		panic "kiln: could not copy the agent and the spec's files into the root"
 
 	# A diskless node has no disk file systems to mount.
 	echo "# kiln: diskless root (${kiln_url} in RAM under a tmpfs overlay); no disk file systems" >"${rootmnt}/etc/fstab"

@@ -1,8 +1,11 @@
 //! The layers kiln puts on a cached base tree to make a worker's root
-//! filesystem: the agent's unit, the spec's files, users and units,
-//! and the settings every worker needs (empty machine id, cloud-init on
-//! NoCloud only, the root filesystem by UUID, DHCP on every NIC, GRUB's
-//! configuration).
+//! filesystem, in two parts:
+//! - [`apply_system`]: what every worker needs (the agent's unit, an empty
+//!   machine id, cloud-init on NoCloud only, the root filesystem by UUID,
+//!   DHCP on every NIC, GRUB's configuration), made into the cached system;
+//! - [`apply_spec`]: the spec's files, units and users, into a small tree of
+//!   their own that goes in after the system is made, with the agent
+//!   ([`crate::additions`]).
 //!
 //! The tree being layered is a hard-linked copy of the base ([`link_copy`]),
 //! so every change goes through [`Tree::write`], [`Tree::symlink`] or
@@ -10,12 +13,7 @@
 //! files are never written through a link. File times need no care: the
 //! file systems are made with `SOURCE_DATE_EPOCH`, which clamps them.
 //!
-//! To add something every worker gets, add it to [`apply`].
-//!
-//! The agent binary itself is not a layer: it goes in last, at
-//! [`AGENT_PATH`], into the made file system (`crate::disk::Mke2fs::add_file`)
-//! and the initrd (`crate::diskless::with_agent`), so that a build with a
-//! new agent reuses everything made from the tree.
+//! To add something every worker gets, add it to [`apply_system`].
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -24,9 +22,6 @@ use std::process::Command;
 use crate::Error;
 use crate::apt::run;
 use crate::spec::{WorkerSpec, parse_mode};
-
-/// Where the agent is in a worker's root.
-pub const AGENT_PATH: &str = "/usr/bin/kiln-agent";
 
 /// The agent's systemd unit.
 pub const AGENT_UNIT: &str = include_str!("kiln-agent.service");
@@ -144,8 +139,6 @@ pub fn wanted_by(unit: &str) -> Vec<String> {
 
 /// What a layer needs besides the spec.
 pub struct LayerInputs<'a> {
-    /// The spec's directory: `source =` paths are relative to it.
-    pub spec_dir: &'a Path,
     /// The root filesystem's UUID.
     pub root_uuid: &'a str,
     /// The kernel release in `/boot`.
@@ -154,8 +147,8 @@ pub struct LayerInputs<'a> {
     pub ca: Option<&'a [u8]>,
 }
 
-/// Applies every layer to `tree`.
-pub fn apply(tree: &Tree, spec: &WorkerSpec, inputs: &LayerInputs<'_>, file: &Path) -> Result<(), Error> {
+/// Applies kiln's own layers to `tree`: what the system holds.
+pub fn apply_system(tree: &Tree, spec: &WorkerSpec, inputs: &LayerInputs<'_>) -> Result<(), Error> {
     // Each node makes its own machine id at first boot (systemd), and its
     // own SSH host keys (cloud-init).
     tree.write("/etc/machine-id", b"", 0o444)?;
@@ -181,35 +174,6 @@ pub fn apply(tree: &Tree, spec: &WorkerSpec, inputs: &LayerInputs<'_>, file: &Pa
         tree.write(kiln_core::IMAGE_CA_PATH, ca, 0o644)?;
     }
 
-    for (i, f) in spec.files.iter().enumerate() {
-        let bytes = source_bytes(inputs.spec_dir, &f.source, &f.content, file, &format!("files[{i}].source"))?;
-        let mode = parse_mode(&f.mode).map_err(|e| Error::SpecInvalid {
-            file: file.into(),
-            key: format!("files[{i}].mode"),
-            message: e.to_string(),
-        })?;
-        tree.write(&f.path, &bytes, mode)?;
-    }
-    for (i, u) in spec.units.iter().enumerate() {
-        let bytes = source_bytes(inputs.spec_dir, &u.source, &u.content, file, &format!("units[{i}].source"))?;
-        let path = format!("/etc/systemd/system/{}", u.name);
-        tree.write(&path, &bytes, 0o644)?;
-        if u.enable {
-            let text = String::from_utf8_lossy(&bytes);
-            if wanted_by(&text).is_empty() {
-                return Err(Error::SpecInvalid {
-                    file: file.into(),
-                    key: format!("units[{i}].enable"),
-                    message: format!("{} has no WantedBy= in [Install] to enable it for", u.name),
-                });
-            }
-            tree.enable(&u.name, &text, &path)?;
-        }
-    }
-    for (i, u) in spec.users.iter().enumerate() {
-        add_user(tree, u, file, i)?;
-    }
-
     let cmdline = std::iter::once(format!("root=UUID={} ro", inputs.root_uuid))
         .chain(spec.kernel.cmdline.iter().cloned())
         .collect::<Vec<_>>()
@@ -225,8 +189,93 @@ pub fn apply(tree: &Tree, spec: &WorkerSpec, inputs: &LayerInputs<'_>, file: &Pa
          menuentry 'kiln {name}' {{\n  linux /boot/vmlinuz-{kver} {cmdline}\n  initrd /boot/initrd.img-{kver}\n}}\n",
         name = spec.name
     );
-    tree.write("/boot/grub/grub.cfg", grub_cfg.as_bytes(), 0o644)?;
+    tree.write("/boot/grub/grub.cfg", grub_cfg.as_bytes(), 0o644)
+}
+
+/// The files that [`add_user`] edits, taken from the system's root when the
+/// spec's tree does not have them yet.
+const ACCOUNT_FILES: [&str; 4] = ["/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"];
+
+/// Applies the spec's files, units and users to `tree` (a tree of their
+/// own), where `system` is the root they go over: the files' paths are
+/// taken through its directory links (`/bin` is `/usr/bin`), and users are
+/// added to its account files. `spec_dir` holds the `source =` files.
+pub fn apply_spec(tree: &Tree, spec: &WorkerSpec, spec_dir: &Path, system: &Path, file: &Path) -> Result<(), Error> {
+    for (i, f) in spec.files.iter().enumerate() {
+        let bytes = source_bytes(spec_dir, &f.source, &f.content, file, &format!("files[{i}].source"))?;
+        let mode = parse_mode(&f.mode).map_err(|e| Error::SpecInvalid {
+            file: file.into(),
+            key: format!("files[{i}].mode"),
+            message: e.to_string(),
+        })?;
+        tree.write(&resolve(system, &f.path), &bytes, mode)?;
+    }
+    for (i, u) in spec.units.iter().enumerate() {
+        let bytes = source_bytes(spec_dir, &u.source, &u.content, file, &format!("units[{i}].source"))?;
+        let path = format!("/etc/systemd/system/{}", u.name);
+        tree.write(&path, &bytes, 0o644)?;
+        if u.enable {
+            let text = String::from_utf8_lossy(&bytes);
+            if wanted_by(&text).is_empty() {
+                return Err(Error::SpecInvalid {
+                    file: file.into(),
+                    key: format!("units[{i}].enable"),
+                    message: format!("{} has no WantedBy= in [Install] to enable it for", u.name),
+                });
+            }
+            tree.enable(&u.name, &text, &path)?;
+        }
+    }
+    if !spec.users.is_empty() {
+        for path in ACCOUNT_FILES {
+            let (from, to) = (system.join(&path[1..]), tree.path(path));
+            if to.symlink_metadata().is_err() {
+                tree.mkdir("/etc")?;
+                std::fs::copy(&from, &to).map_err(Tree::io(&from))?;
+            }
+        }
+    }
+    for (i, u) in spec.users.iter().enumerate() {
+        add_user(tree, u, file, i)?;
+    }
     Ok(())
+}
+
+/// `path` (absolute, in the image) with every directory link in it followed
+/// in the tree at `root`, as the image will resolve it: `/bin/x` is
+/// `/usr/bin/x` in a merged-/usr root. The last part is not followed.
+pub fn resolve(root: &Path, path: &str) -> String {
+    let mut done: Vec<String> = Vec::new();
+    let mut todo: std::collections::VecDeque<String> = path.split('/').filter(|c| !c.is_empty()).map(str::to_string).collect();
+    let mut hops = 0;
+    while let Some(part) = todo.pop_front() {
+        match part.as_str() {
+            "." => continue,
+            ".." => {
+                done.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let here = root.join(done.join("/")).join(&part);
+        // Every link but the last part's, 40 at most (as the kernel).
+        if !todo.is_empty()
+            && hops < 40
+            && let Ok(target) = std::fs::read_link(&here)
+        {
+            hops += 1;
+            let target = target.to_string_lossy().into_owned();
+            if target.starts_with('/') {
+                done.clear();
+            }
+            for t in target.split('/').filter(|c| !c.is_empty()).rev() {
+                todo.push_front(t.to_string());
+            }
+            continue;
+        }
+        done.push(part);
+    }
+    format!("/{}", done.join("/"))
 }
 
 /// The bytes of a `source =` file (relative to the spec's directory) or a `content =` text.
@@ -382,12 +431,13 @@ mod tests {
             panic!("worker.toml is a worker spec")
         };
         let inputs = LayerInputs {
-            spec_dir: &Path::new(env!("CARGO_MANIFEST_DIR")).join("../images"),
             root_uuid: "00000000-0000-4000-8000-000000000000",
             kernel_release: "6.1.0-1-cloud-amd64",
             ca: Some(b"-----BEGIN CERTIFICATE-----\n"),
         };
-        apply(&tree, &spec, &inputs, Path::new("images/worker.toml")).unwrap();
+        apply_system(&tree, &spec, &inputs).unwrap();
+        let spec_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+        apply_spec(&tree, &spec, &spec_dir, tree.path("/").as_path(), Path::new("images/worker.toml")).unwrap();
         assert_eq!(tree.read("/etc/machine-id").unwrap(), "", "machine id left empty");
         assert!(tree.read("/etc/cloud/cloud.cfg.d/90_kiln.cfg").unwrap().contains("datasource_list: [ NoCloud, None ]"));
         let link = std::fs::read_link(tree.path("/etc/systemd/system/multi-user.target.wants/kiln-agent.service")).unwrap();

@@ -30,6 +30,7 @@
 //! Owns building images and their cache; does not serve, boot or sign
 //! anything (the CA it bakes in is handed to it).
 
+pub mod additions;
 pub mod apt;
 pub mod base;
 pub mod cpio;

@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
@@ -26,7 +26,7 @@ pub struct ImageSpec {
 }
 
 /// `[kernel]`
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct KernelSpec {
     /// Debian package (or metapackage) of the kernel, e.g. `linux-image-cloud-amd64`.
@@ -228,7 +228,7 @@ impl RepositorySpec {
 }
 
 /// `[disk]`
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DiskSpec {
     /// Size of the root filesystem in MiB; default: the tree's size with room to spare.
@@ -384,7 +384,7 @@ impl WorkerSpec {
             let key = |k: &str| format!("files[{i}].{k}");
             image_path_ok(&f.path).map_err(|m| invalid(&key("path"), m.to_string()))?;
             // `/bin` is a link to `/usr/bin` in the tree (merged /usr).
-            if [crate::layer::AGENT_PATH, "/bin/kiln-agent"].contains(&f.path.as_str()) {
+            if [crate::additions::AGENT_PATH, "/bin/kiln-agent"].contains(&f.path.as_str()) {
                 let why = format!("{} is where kiln puts its agent (`kiln build --agent PATH` picks another agent)", f.path);
                 return Err(invalid(&key("path"), why));
             }
@@ -450,8 +450,9 @@ fn check_cmdline(args: &[String], invalid: &dyn Fn(&str, String) -> Error) -> Re
 /// caller names the file and key ([`Error::SpecInvalid`]).
 #[derive(Debug, thiserror::Error)]
 pub enum BadValue {
-    /// A path in the image is not absolute or has `.`, `..` or empty parts.
-    #[error("{0:?} must be an absolute path without `.`, `..` or `//`")]
+    /// A path in the image is not absolute, has `.`, `..` or empty parts,
+    /// or a control character.
+    #[error("{0:?} must be an absolute path without `.`, `..`, `//` or control characters")]
     ImagePath(String),
     /// Both or neither of `source` and `content`.
     #[error("give exactly one of `source` and `content`")]
@@ -463,7 +464,10 @@ pub enum BadValue {
 
 /// An absolute path with no `..`, `.` or empty parts.
 fn image_path_ok(path: &str) -> Result<(), BadValue> {
-    let ok = path.starts_with('/') && path.len() > 1 && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    let ok = path.starts_with('/')
+        && path.len() > 1
+        && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && !path.chars().any(char::is_control);
     if ok { Ok(()) } else { Err(BadValue::ImagePath(path.into())) }
 }
 

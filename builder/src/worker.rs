@@ -3,18 +3,20 @@
 //! `root.squashfs` (network boot, diskless: [`crate::diskless`]), and `manifest.json` whose
 //! `inputs.packages` lists every installed package (the image's SBOM).
 //!
-//! An image is made in two steps: the **system**, everything but the agent
-//! (the raw disk, the squashfs, the kernel, the initrd), cached in
-//! `CACHE/systems/<name>/<key>/` and keyed on the base and the spec; then
-//! the agent, written into a copy of the system's disk and appended to its
-//! initrd. A new agent, the most common rebuild, makes no file system: it
-//! reuses the system as it is. A cold build takes the same two steps, so
-//! that it and a rebuild give the same bytes.
+//! An image is made in two steps: the **system**, the base with kiln's own
+//! layers (the raw disk, the squashfs, the kernel, the initrd), cached in
+//! `CACHE/systems/<name>/<key>/` and keyed on the base, the spec's
+//! `[kernel]` and `[disk]`; then the **additions** ([`crate::additions`]):
+//! the agent and the spec's files, units and users, written into a copy of
+//! the system's disk and appended to its initrd. A new agent or a changed
+//! file, the common rebuilds, make no file system: they reuse the system as
+//! it is. A cold build takes the same two steps, so that it and a rebuild
+//! give the same bytes.
 //!
 //! Phases, each reported as an [`Event::Phase`]:
-//! 1. **resolve**: hash the spec, the files it adds and the agent; with the
-//!    base's key and the tools' versions they make the system's key, and
-//!    with the agent the image's cache key. An image whose manifest has
+//! 1. **resolve**: hash the spec, the files it adds and the agent; the
+//!    base's key, the tools' versions and what the system is made from make
+//!    the system's key, and with the additions the image's cache key. An image whose manifest has
 //!    that key and whose artifacts match their sha256 is a cache hit
 //!    (no-op build).
 //! 2. **base**: the cached base tree ([`crate::base`]), made if missing.
@@ -25,9 +27,9 @@
 //!      the squashfs is made in another thread;
 //!    - **filesystem**: the ext4 root, made in place in the disk; the
 //!      kernel and initrd.
-//! 4. **agent**: a copy of the system's raw disk (its data only) with the
-//!    agent written into the ext4 root (`debugfs`), and the initrd with the
-//!    agent's archive after it ([`crate::diskless::with_agent`]).
+//! 4. **additions**: a copy of the system's raw disk (its data only) with the
+//!    agent and the spec's files, units and users written into the ext4 root
+//!    (`debugfs`), and the initrd with their archive after it.
 //! 5. **convert**: the qcow2; meanwhile the squashfs and the kernel are
 //!    copied into the output, checked against the sha256 recorded when
 //!    they were made (a damaged system is made again).
@@ -46,6 +48,7 @@ use kiln_core::manifest::MANIFEST_FILE;
 use kiln_core::{Artifact, BootSpec, InputDigests, Manifest, PackageRef};
 use serde::{Deserialize, Serialize};
 
+use crate::additions::{self, Additions};
 use crate::base::{self, Base, BaseInfo, BaseSource, Mmdebstrap};
 use crate::disk::{self, DiskIds, Mke2fs};
 use crate::diskless;
@@ -55,7 +58,7 @@ use crate::spec::WorkerSpec;
 use crate::{Archive, Builder, Error, Event, Outcome, sha256_hex};
 
 /// Bumped when a worker image made from the same inputs changes.
-const WORKER_FORMAT: &str = "kiln-worker/2";
+const WORKER_FORMAT: &str = "kiln-worker/3";
 /// How many systems of one image name the cache keeps (the latest used).
 pub const SYSTEMS_KEPT: usize = 2;
 const MIB: u64 = 1 << 20;
@@ -86,20 +89,20 @@ pub fn build(
     let mut artifacts = match System::cached(&builder.cache, &spec.name, &resolved.system_key) {
         Some(system) => {
             progress(Event::Phase { phase: "system".into(), detail: format!("cached {}", &resolved.system_key.hex()[..12]) });
-            match job.finish(&resolved, &system, work.path(), staging.path()) {
+            match job.finish(&resolved, &base, &system, work.path(), staging.path()) {
                 // Damaged since it was made (the disk, a hand): made again.
                 Err(e @ Error::DamagedCache { .. }) => {
                     progress(Event::Phase { phase: "system".into(), detail: format!("{e}: made again") });
                     system.remove();
                     let system = job.system(&resolved, &base, work.path())?;
-                    job.finish(&resolved, &system, work.path(), staging.path())?
+                    job.finish(&resolved, &base, &system, work.path(), staging.path())?
                 }
                 other => other?,
             }
         }
         None => {
             let system = job.system(&resolved, &base, work.path())?;
-            job.finish(&resolved, &system, work.path(), staging.path())?
+            job.finish(&resolved, &base, &system, work.path(), staging.path())?
         }
     };
     stop()?;
@@ -132,7 +135,7 @@ struct Resolved {
     spec_digest: String,
     agent_digest: String,
     base_key: kiln_core::Digest,
-    /// The system's key: the image's inputs but the agent.
+    /// The system's key: the image's inputs but the additions.
     system_key: kiln_core::Digest,
     /// `[[base.repositories]]`, their keys read.
     repos: Vec<Repository>,
@@ -155,9 +158,9 @@ struct Paths<'a> {
     tree: PathBuf,
 }
 
-/// A worker image but its agent, cached in `CACHE/systems/<name>/<key hex>/`:
-/// `disk.raw` (sparse: GPT, GRUB, ESP and the ext4 root without the
-/// agent), and the files listed in [`SystemInfo::files`].
+/// A worker image but its additions, cached in
+/// `CACHE/systems/<name>/<key hex>/`: `disk.raw` (sparse: GPT, GRUB, ESP and
+/// the ext4 root without them), and the files listed in [`SystemInfo::files`].
 struct System {
     dir: PathBuf,
     info: SystemInfo,
@@ -175,7 +178,7 @@ struct SystemInfo {
     /// `disk.raw`'s length.
     disk_bytes: u64,
     /// `root.squashfs`, `vmlinuz`, and `initrd.img` (the last without the
-    /// agent's archive), as the image's artifacts list them.
+    /// additions' archive), as the image's artifacts list them.
     files: Vec<Artifact>,
 }
 
@@ -245,8 +248,8 @@ fn evict_systems(parent: &Path, keep: &Path) {
 }
 
 impl Job<'_> {
-    /// **resolve**: hashes the spec and the agent, resolves mke2fs and
-    /// busybox, and makes the image's cache key.
+    /// **resolve**: hashes the spec, its files and the agent, resolves
+    /// mke2fs and busybox, and makes the system's and the image's keys.
     fn resolve(&self, spec_bytes: &[u8]) -> Result<Resolved, Error> {
         let epoch = self.builder.source_date_epoch;
         let agent = self.builder.agent_bytes()?;
@@ -264,17 +267,21 @@ impl Job<'_> {
         let archive = Archive::new(&self.builder.cache).with_lists(self.builder.apt_lists.clone());
         let mke2fs = Mke2fs::find(&archive)?;
         let busybox = archive.resolve(diskless::BUSYBOX_PACKAGE)?.package;
-        let head = format!("{}\n{WORKER_FORMAT}\n{spec_digest}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
-        let system_key = self.system_key(head, &busybox)?;
-        let key = kiln_core::Digest::of(format!("{system_key}\nagent {agent_digest}\n")).to_string();
+        // What the system is made from in the spec: its name (GRUB's menu),
+        // `[kernel]` and `[disk]`; the base's key has `[base]`.
+        let made_from = serde_json::to_string(&(&self.spec.name, &self.spec.kernel, &self.spec.disk)).expect("a spec serialises");
+        let head = format!("{}\n{WORKER_FORMAT}\n{made_from}\n{base_key}\n{}\n{epoch}\n", crate::BUILDER_FORMAT, mke2fs.version);
+        let system_key = self.system_key(head, &busybox);
+        let key =
+            kiln_core::Digest::of(format!("{system_key}\nspec {spec_digest}\nagent {agent_digest}\n{}", self.sources_key()?)).to_string();
         Ok(Resolved { agent, spec_digest, agent_digest, base_key, system_key, repos, archive, mke2fs, busybox, key })
     }
 
-    /// The system's key: `key_text` (the digests above) with the files and
-    /// units the spec adds, the CA, the initrd's busybox and kiln's own
-    /// texts baked into the image.
-    fn system_key(&self, mut key_text: String, busybox: &PackageRef) -> Result<kiln_core::Digest, Error> {
+    /// The sha256 of each file and unit the spec adds, one per line (the
+    /// spec's own digest does not cover the files it names).
+    fn sources_key(&self) -> Result<String, Error> {
         let spec_dir = self.spec_dir();
+        let mut key_text = String::new();
         for (i, f) in self.spec.files.iter().enumerate() {
             let bytes = layer::source_bytes(spec_dir, &f.source, &f.content, self.spec_path, &format!("files[{i}].source"))?;
             key_text.push_str(&format!("file {} {}\n", f.path, sha256_hex(&bytes)));
@@ -283,6 +290,12 @@ impl Job<'_> {
             let bytes = layer::source_bytes(spec_dir, &u.source, &u.content, self.spec_path, &format!("units[{i}].source"))?;
             key_text.push_str(&format!("unit {} {}\n", u.name, sha256_hex(&bytes)));
         }
+        Ok(key_text)
+    }
+
+    /// The system's key: `key_text` (the digests above) with the CA, the
+    /// initrd's busybox and kiln's own texts baked into the image.
+    fn system_key(&self, mut key_text: String, busybox: &PackageRef) -> kiln_core::Digest {
         if let Some(ca) = &self.builder.ca {
             key_text.push_str(&format!("ca {}\n", sha256_hex(ca)));
         }
@@ -291,7 +304,11 @@ impl Job<'_> {
             key_text.push_str(&sha256_hex(text.as_bytes()));
             key_text.push('\n');
         }
-        Ok(kiln_core::Digest::of(&key_text))
+        kiln_core::Digest::of(&key_text)
+    }
+
+    fn layer_inputs<'a>(&'a self, base: &'a Base, ids: &'a DiskIds) -> LayerInputs<'a> {
+        LayerInputs { root_uuid: &ids.root, kernel_release: &base.info.kernel_release, ca: self.builder.ca.as_deref() }
     }
 
     fn spec_dir(&self) -> &Path {
@@ -318,7 +335,7 @@ impl Job<'_> {
     }
 
     /// **layers**: a hard-linked copy of the base in `work`, with kiln's
-    /// layers; returns its path.
+    /// own layers; returns its path.
     fn layers(&self, base: &Base, ids: &DiskIds, work: &Path) -> Result<PathBuf, Error> {
         let spec = self.spec;
         (self.progress)(Event::Phase {
@@ -327,14 +344,7 @@ impl Job<'_> {
         });
         let tree_path = work.join("tree");
         layer::link_copy(&base.tree, &tree_path)?;
-        let tree = Tree::new(&tree_path);
-        let inputs = LayerInputs {
-            spec_dir: self.spec_dir(),
-            root_uuid: &ids.root,
-            kernel_release: &base.info.kernel_release,
-            ca: self.builder.ca.as_deref(),
-        };
-        layer::apply(&tree, spec, &inputs, self.spec_path)?;
+        layer::apply_system(&Tree::new(&tree_path), spec, &self.layer_inputs(base, ids))?;
         Ok(tree_path)
     }
 
@@ -408,18 +418,33 @@ impl Job<'_> {
         })
     }
 
-    /// **agent** and **convert**: the agent written into a copy of the
-    /// system's disk and appended to its initrd, the qcow2 converted from
-    /// that disk while the system's other files are copied into `staging`
-    /// and the layered tree, if any, is removed. Returns every artifact.
-    fn finish(&self, resolved: &Resolved, system: &System, work: &Path, staging: &Path) -> Result<Vec<Artifact>, Error> {
-        let epoch = self.builder.source_date_epoch;
-        (self.progress)(Event::Phase { phase: "agent".into(), detail: format!("{} into the root and the initrd", layer::AGENT_PATH) });
+    /// **additions** and **convert**: the agent and the spec's files, units
+    /// and users written into a copy of the system's disk (over `base`) and
+    /// appended to its initrd, the qcow2 converted from that disk while the
+    /// system's other files are copied into `staging` and the layered tree,
+    /// if any, is removed. Returns every artifact.
+    fn finish(&self, resolved: &Resolved, base: &Base, system: &System, work: &Path, staging: &Path) -> Result<Vec<Artifact>, Error> {
+        let (spec, epoch) = (self.spec, self.builder.source_date_epoch);
+        let detail = format!(
+            "the agent, {} files, {} units, {} users into the root and the initrd",
+            spec.files.len(),
+            spec.units.len(),
+            spec.users.len()
+        );
+        (self.progress)(Event::Phase { phase: "additions".into(), detail });
         let raw = work.join(SYSTEM_DISK);
         disk::copy_sparse(&system.dir.join(SYSTEM_DISK), &raw)?;
-        let local = work.join("kiln-agent");
-        std::fs::write(&local, &resolved.agent).map_err(|source| Error::Io { path: local, source })?;
-        resolved.mke2fs.add_file(work, SYSTEM_DISK, system.info.root_offset, "kiln-agent", layer::AGENT_PATH, 0o755, epoch)?;
+        // Kiln's own layers alone: with the base, what the system has.
+        let kiln = work.join("kiln-layers");
+        if kiln.symlink_metadata().is_ok() {
+            std::fs::remove_dir_all(&kiln).map_err(|source| Error::Io { path: kiln.clone(), source })?;
+        }
+        let ids = DiskIds::from_key(&resolved.system_key.to_string());
+        layer::apply_system(&Tree::new(&kiln), spec, &self.layer_inputs(base, &ids))?;
+        let inputs = additions::Inputs { spec, spec_path: self.spec_path, spec_dir: self.spec_dir(), agent: &resolved.agent };
+        let additions = Additions::make(&work.join("additions"), &inputs, &base.tree, &kiln)?;
+        let script = additions.debugfs_commands(epoch)?;
+        resolved.mke2fs.debugfs(work, SYSTEM_DISK, system.info.root_offset, &script, epoch)?;
         crate::interrupt::check()?;
         let qcow2_name = format!("{}.qcow2", self.spec.name);
         (self.progress)(Event::Phase { phase: "convert".into(), detail: qcow2_name.clone() });
@@ -437,7 +462,7 @@ impl Job<'_> {
                 if got != a.sha256 {
                     return Err(Error::DamagedCache { path: from, got, want: a.sha256.clone() });
                 }
-                let initrd = diskless::with_agent(initrd, &resolved.agent, epoch)?;
+                let initrd = additions.append_to(initrd, epoch)?;
                 std::fs::write(&to, &initrd).map_err(|source| Error::Io { path: to.clone(), source })?;
                 Ok(Artifact { name: a.name.clone(), size: initrd.len() as u64, sha256: sha256_hex(&initrd) })
             });

@@ -65,15 +65,19 @@ fn reused(ev: &[serde_json::Value], phase: &str) -> bool {
     ev.iter().any(|e| e["phase"] == phase && e["detail"].as_str().unwrap_or("").starts_with("cached"))
 }
 
-/// `what` and the time now: a text no earlier run of the tests used.
+/// `what` and the time now: a word no earlier run of the tests used.
 fn unique(what: &str) -> String {
-    format!("{what} {}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
+    format!("{what}-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
 }
 
-/// A copy of worker.toml whose /etc/motd is `text`: another system to make.
-fn motd_variant(dir: &Path, text: &str) -> PathBuf {
-    spec_variant(dir, |t| t.replace("source = \"worker/motd\"", &format!("content = \"{text}\\n\"")))
+/// A copy of worker.toml whose kernel command line has one more word,
+/// `word`: another system to make (file systems and all).
+fn system_variant(dir: &Path, word: &str) -> PathBuf {
+    spec_variant(dir, |t| t.replace("cmdline = [\"console=tty0\"", &format!("cmdline = [\"{word}\", \"console=tty0\"")))
 }
+
+/// The banner kiln-console-banner.service (the spec's unit) prints.
+const BANNER: &str = "kiln-worker: ";
 
 /// A copy of the release agent that differs in its bytes (a trailing
 /// marker: still the same ELF program), so the image's agent layer changes.
@@ -166,6 +170,7 @@ fn worker_image_builds_reproducibly_and_boots_to_registered() {
         let journal = serial.split("KILN-JOURNAL-BEGIN").nth(1).and_then(|s| s.split("KILN-JOURNAL-END").next()).unwrap_or_default();
         assert!(journal.contains("kiln-agent"), "journalctl -u kiln-agent printed the agent's lines:\n{journal}");
         assert!(journal.contains("registered with"), "the journal has the agent's registration line:\n{journal}");
+        assert!(guest.wait_serial(BANNER, Duration::from_secs(60)), "the spec's unit printed its banner:\n{}", tail(&serial, 60));
         drop(guest);
     }
 }
@@ -231,6 +236,35 @@ fn warm_rebuild_after_an_agent_change_reuses_the_base() {
     let again = manifest(&images);
     assert_eq!(again.check(), Ok(()));
     assert_eq!(again.artifact("root.squashfs"), after.artifact("root.squashfs"), "the same squashfs as before the damage");
+
+    // One file changed and a user added: the system is reused as well, and
+    // the disk's root has both (debugfs, as the image is; e2fsck clean).
+    let motd = unique("kiln-one-file-changed");
+    let spec = spec_variant(tmp.path(), |t| {
+        t.replace("source = \"worker/motd\"", &format!("content = \"{motd}\\n\""))
+            + "\n[[users]]\nname = \"ops\"\nssh-authorized-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKiln ops@example\"]\n"
+    });
+    let (ev, rebuilt) = build_spec_ok(&spec, &images, Some(&agent));
+    eprintln!("rebuild after one file changed and a user added: {rebuilt:?}");
+    assert!(reused(&ev, "base") && reused(&ev, "system"), "base and system reused: {ev:?}");
+    assert!(!ev.iter().any(|e| e["phase"] == "filesystem"), "no file system made: {ev:?}");
+    let changed = manifest(&images);
+    assert_eq!(changed.check(), Ok(()));
+    assert_eq!(changed.artifact("root.squashfs"), after.artifact("root.squashfs"), "the squashfs is reused as it is");
+    let out = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(images.join("worker/worker.qcow2")).arg(&raw).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let debugfs = |request: &str| {
+        let out = Command::new("debugfs").arg("-R").arg(request).arg(&root).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(debugfs("cat /etc/motd"), format!("{motd}\n"), "the disk's /etc/motd is the changed one");
+    assert!(debugfs("cat /etc/passwd").contains("\nops:x:1000:1000::/home/ops:/bin/bash\n"), "the user is in the disk's passwd");
+    let keys = debugfs("stat /home/ops/.ssh/authorized_keys");
+    assert!(keys.contains("Mode:  0600") && keys.contains("User:  1000   Group:  1000"), "{keys}");
+    let out = Command::new("e2fsck").arg("-fn").arg(&root).output().unwrap();
+    assert!(out.status.success(), "e2fsck -fn: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let initrd = std::fs::read(images.join("worker/initrd.img")).unwrap();
+    assert!(initrd.windows(motd.len()).any(|w| w == motd.as_bytes()), "the initrd carries the changed motd");
 }
 
 /// Writes a copy of worker.toml with `edit` applied, beside the real one's
@@ -302,7 +336,7 @@ fn killed_build_leaves_the_cache_and_the_previous_image_usable() {
     let before = manifest(&images);
 
     // Kill a rebuild (a new file: a system to make) as soon as it is making file systems.
-    let spec = motd_variant(tmp.path(), &unique("kiln-killed-build"));
+    let spec = system_variant(tmp.path(), &unique("kiln-killed-build"));
     let agent = changed_agent(tmp.path(), "kiln-killed-build");
     let mut cmd = golden::build_command(&spec, &images, None, Some(&agent));
     cmd.stderr(Stdio::null());
@@ -426,6 +460,9 @@ fn worker_image_boots_diskless_through_a_rebuild_and_refuses_a_tampered_root() {
             panic!("the diskless guest did not register; serial:\n{}\nserver:\n{}", tail(&guest.serial(), 60), tail(&server.log(), 20))
         });
         eprintln!("diskless: boot to registered over the network: {:?}", start.elapsed());
+        // The spec's unit came with the initrd, over the squashfs.
+        let banner = wait_for(Duration::from_secs(120), || guest.serial().contains(BANNER).then_some(()));
+        assert!(banner.is_some(), "the spec's unit printed no banner; serial:\n{}", tail(&guest.serial(), 60));
         node
     };
 
@@ -596,7 +633,7 @@ fn interrupted_build_stops_every_program_and_the_next_build_succeeds() {
     };
 
     // SIGINT in the middle of mksquashfs and mke2fs (a new file: a system to make).
-    let spec = motd_variant(tmp.path(), &unique("kiln-interrupted-build"));
+    let spec = system_variant(tmp.path(), &unique("kiln-interrupted-build"));
     let agent = changed_agent(tmp.path(), "kiln-interrupted-build");
     let rebuild = golden::build_command(&spec, &images, None, Some(&agent));
     let (build, running) = build_until(rebuild, |e| e["phase"] == "filesystem", &["mksquashfs"]);
