@@ -10,9 +10,9 @@
 //!
 //! So a new agent, a changed file, unit or user reuses the system whole.
 //!
-//! A directory the system has keeps its mode and owner (both ways: the
-//! archive carries the system's); a file or link the system has is
-//! replaced, as a layer would replace it. Every time is `SOURCE_DATE_EPOCH`.
+//! A directory the system has keeps its mode and owner (the archive
+//! carries the system's); a file or link the system has is replaced, as a
+//! layer would replace it. Every time set is `SOURCE_DATE_EPOCH`.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -83,8 +83,13 @@ impl Additions {
         }
         std::fs::create_dir_all(root).map_err(io(root))?;
         let tree = Tree::new(root);
-        tree.write(AGENT_PATH, inputs.agent, 0o755)?;
         layer::apply_spec(&tree, inputs.spec, inputs.spec_dir, base, inputs.spec_path)?;
+        // Last, and nothing of the spec's there (a file reaching it through a link).
+        if tree.path(AGENT_PATH).symlink_metadata().is_ok() {
+            let message = format!("a file of the spec lands on {AGENT_PATH}, where kiln puts its agent");
+            return Err(Error::SpecInvalid { file: inputs.spec_path.to_path_buf(), key: "files".into(), message });
+        }
+        tree.write(AGENT_PATH, inputs.agent, 0o755)?;
 
         let mut entries = Vec::new();
         let mut dirs = vec![String::new()];
@@ -101,7 +106,9 @@ impl Additions {
                 let rel = if dir.is_empty() { name.to_string_lossy().into_owned() } else { format!("{dir}/{}", name.to_string_lossy()) };
                 let path = root.join(&rel);
                 let meta = path.symlink_metadata().map_err(io(&path))?;
-                let system = [base, kiln].iter().find_map(|r| r.join(&rel).symlink_metadata().ok());
+                let removed = layer::REMOVED.contains(&format!("/{rel}").as_str());
+                // The base's first: a directory there has its real mode.
+                let system = [base, kiln].iter().filter(|r| !(removed && **r == base)).find_map(|r| r.join(&rel).symlink_metadata().ok());
                 let kind = if meta.is_dir() {
                     Kind::Dir
                 } else if meta.is_symlink() {
@@ -122,7 +129,7 @@ impl Additions {
                             return Err(Error::SpecInvalid {
                                 file: inputs.spec_path.to_path_buf(),
                                 key: "files".into(),
-                                message: format!("/{rel} is not a directory in the image, and the spec puts files in it"),
+                                message: format!("/{rel} is not a directory in the image, and the spec puts something in it"),
                             });
                         }
                         added.perm = s.mode() & 0o7777;
@@ -241,13 +248,25 @@ mod tests {
         tree.mkdir("/home").unwrap();
         tree.mkdir("/etc/systemd/system").unwrap();
         tree.symlink("usr/bin", "/bin").unwrap();
+        tree.symlink(".", "/usr/bin/X11").unwrap();
+        tree.write("/var/lib/dbus/machine-id", b"the build host's\n", 0o444).unwrap();
         base
+    }
+
+    fn spec_base() -> WorkerSpec {
+        let Spec::Worker(spec) = Spec::from_str(include_str!("../../images/worker.toml"), Path::new("images/worker.toml")).unwrap() else {
+            panic!("a worker spec")
+        };
+        spec
     }
 
     fn spec() -> WorkerSpec {
         let text = include_str!("../../images/worker.toml").to_string()
             + "[[files]]\npath = \"/bin/hello \\\"there\\\"\"\ncontent = \"hi\\n\"\nmode = \"0755\"\n\n\
                [[files]]\npath = \"/etc/sudoers.d/ops\"\ncontent = \"ops ALL=(ALL) NOPASSWD: ALL\\n\"\nmode = \"0440\"\n\n\
+               [[files]]\npath = \"/etc/kiln/extra.conf\"\ncontent = \"x\\n\"\n\n\
+               [[files]]\npath = \"/var/lib/dbus/machine-id\"\ncontent = \"\"\n\n\
+               [[files]]\npath = \"/usr/bin/setuid\"\ncontent = \"#!/bin/sh\\n\"\nmode = \"4755\"\n\n\
                [[users]]\nname = \"ops\"\ngroups = [\"sudo\"]\nssh-authorized-keys = [\"ssh-ed25519 AAAAC3 ops@example\"]\n";
         let Spec::Worker(spec) = Spec::from_str(&text, Path::new("images/worker.toml")).unwrap() else { panic!("a worker spec") };
         spec
@@ -280,11 +299,34 @@ mod tests {
         let ssh = find("home/ops/.ssh");
         assert_eq!((ssh.perm, ssh.owner, ssh.in_system), (0o700, (1000, 1000), false));
         assert!(find("etc/passwd").in_system && find("usr/bin/kiln-agent").perm == 0o755);
+        assert!(find("etc/kiln").in_system && !find("etc/kiln/extra.conf").in_system, "kiln's layers are in the system");
+        assert!(!find("var/lib/dbus/machine-id").in_system, "what kiln's layers remove is not");
+        assert_eq!(find("usr/bin/setuid").perm, 0o4755);
         let wants = find("etc/systemd/system/multi-user.target.wants/kiln-console-banner.service");
         assert_eq!(wants.kind, Kind::Symlink("/etc/systemd/system/kiln-console-banner.service".into()));
         let order: Vec<&str> = a.entries.iter().map(|e| e.rel.as_str()).collect();
         let pos = |r: &str| order.iter().position(|o| *o == r).unwrap();
         assert!(pos("home") < pos("home/ops") && pos("home/ops") < pos("home/ops/.ssh"), "parents first: {order:?}");
+    }
+
+    #[test]
+    fn a_file_reaching_the_agent_or_a_target_leaving_its_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec();
+        spec.files[0].path = "/usr/bin/X11/kiln-agent".into();
+        let base = base(dir.path());
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+        let inputs = Inputs { spec: &spec, spec_path: Path::new("images/w.toml"), spec_dir: &images, agent: b"agent" };
+        let err = Additions::make(&dir.path().join("a"), &inputs, &base, &dir.path().join("kiln")).err().expect("refused").to_string();
+        assert!(err.contains("images/w.toml") && err.contains("where kiln puts its agent"), "{err}");
+
+        let mut spec = spec_base();
+        spec.units[0].source = None;
+        spec.units[0].content = Some("[Install]\nWantedBy=../../../../tmp/x.target\n".into());
+        let inputs = Inputs { spec: &spec, ..inputs };
+        let err = Additions::make(&dir.path().join("b"), &inputs, &base, &dir.path().join("kiln")).err().expect("refused").to_string();
+        assert!(err.contains("units[0].source") && err.contains("is not a unit name"), "{err}");
+        assert!(!dir.path().join("tmp").exists() && !Path::new("/tmp/x.target.wants").exists(), "nothing written outside");
     }
 
     /// The script on a real ext4 file system (the host's e2fsprogs), and
@@ -294,14 +336,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec();
         let a = made(dir.path(), &spec);
+        // The system: the base with kiln's layers, less what they remove.
+        let system = dir.path().join("system");
+        let cp = |from: &str, to: &Path| Command::new("cp").arg("-a").arg(dir.path().join(from)).arg(to).status().unwrap().success();
+        assert!(cp("base", &system) && cp("kiln/.", &system));
+        std::fs::remove_file(system.join("var/lib/dbus/machine-id")).unwrap();
         let img = dir.path().join("root.img");
-        let out = Command::new("mke2fs")
-            .args(["-q", "-t", "ext4", "-d"])
-            .arg(dir.path().join("base"))
-            .arg(&img)
-            .arg("64M")
-            .output()
-            .expect("mke2fs");
+        let out = Command::new("mke2fs").args(["-q", "-t", "ext4", "-d"]).arg(&system).arg(&img).arg("64M").output().expect("mke2fs");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let script = a.debugfs_commands(1_700_000_000).unwrap();
         std::fs::write(dir.path().join("cmds"), &script).unwrap();
@@ -326,6 +367,9 @@ mod tests {
         assert!(ssh.contains("Mode:  0700") && ssh.contains("User:  1000   Group:  1000"), "{ssh}");
         assert!(stat("/etc/sudoers.d").contains("Mode:  0750"), "the system's directory is as it was");
         assert!(stat("/etc/sudoers.d/ops").contains("Mode:  0440"));
+        assert!(stat("/usr/bin/setuid").contains("Mode:  04755"), "the setuid bit is kept: {}", stat("/usr/bin/setuid"));
+        assert_eq!(cat("/etc/kiln/extra.conf"), "x\n", "into a directory only kiln's layers make");
+        assert!(stat("/var/lib/dbus/machine-id").contains("Size: 0"), "where kiln's layers removed the base's file");
         let out = Command::new("e2fsck").arg("-fn").arg(&img).output().unwrap();
         assert!(out.status.success(), "e2fsck -fn: {}", String::from_utf8_lossy(&out.stdout));
 

@@ -85,7 +85,7 @@ impl DiskIds {
 #[derive(Debug, Clone)]
 pub struct Mke2fs {
     program: PathBuf,
-    /// The same e2fsprogs' `debugfs`, which adds a file to a made file system.
+    /// The same e2fsprogs' `debugfs`, which writes into a made file system.
     debugfs: PathBuf,
     lib_path: Option<String>,
     /// `mke2fs 1.47.2` (what it prints), for the cache key.

@@ -72,7 +72,7 @@ mountroot()
 	# The agent and the spec's files, units and users travel in the initrd,
 	# not in the squashfs (a change to them reuses the squashfs): over the
 	# root, into the overlay's upper layer, modes, owners and times kept.
-	/usr/lib/kiln/busybox cp -a /usr/lib/kiln/additions/. "${rootmnt}/" ||
+	/usr/lib/kiln/busybox cp -af /usr/lib/kiln/additions/. "${rootmnt}/" ||
 		panic "kiln: could not copy the agent and the spec's files into the root"
 
 	# A diskless node has no disk file systems to mount.

@@ -91,8 +91,9 @@ impl Tree {
         self.remove(path)?;
         let p = self.path(path);
         std::fs::write(&p, bytes).map_err(Self::io(&p))?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(Self::io(&p))?;
-        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(Self::io(&p))
+        // Owner first: chown clears the setuid and setgid bits.
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(Self::io(&p))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(Self::io(&p))
     }
 
     /// Makes `path` a symbolic link to `target`.
@@ -137,6 +138,9 @@ pub fn wanted_by(unit: &str) -> Vec<String> {
     targets
 }
 
+/// What [`apply_system`] removes from the base.
+pub const REMOVED: [&str; 1] = ["/var/lib/dbus/machine-id"];
+
 /// What a layer needs besides the spec.
 pub struct LayerInputs<'a> {
     /// The root filesystem's UUID.
@@ -152,7 +156,9 @@ pub fn apply_system(tree: &Tree, spec: &WorkerSpec, inputs: &LayerInputs<'_>) ->
     // Each node makes its own machine id at first boot (systemd), and its
     // own SSH host keys (cloud-init).
     tree.write("/etc/machine-id", b"", 0o444)?;
-    tree.remove("/var/lib/dbus/machine-id")?;
+    for path in REMOVED {
+        tree.remove(path)?;
+    }
     // mmdebstrap copies the build host's hostname and resolver in.
     tree.write("/etc/hostname", b"localhost\n", 0o644)?;
     tree.write("/etc/resolv.conf", b"", 0o644)?;
@@ -216,6 +222,14 @@ pub fn apply_spec(tree: &Tree, spec: &WorkerSpec, spec_dir: &Path, system: &Path
         tree.write(&path, &bytes, 0o644)?;
         if u.enable {
             let text = String::from_utf8_lossy(&bytes);
+            // A target names a file beside the unit: one name, no path.
+            if let Some(t) = wanted_by(&text).iter().find(|t| t.starts_with('.') || t.contains('/') || t.chars().any(char::is_control)) {
+                return Err(Error::SpecInvalid {
+                    file: file.into(),
+                    key: format!("units[{i}].source"),
+                    message: format!("{}: WantedBy={t:?} is not a unit name", u.name),
+                });
+            }
             if wanted_by(&text).is_empty() {
                 return Err(Error::SpecInvalid {
                     file: file.into(),

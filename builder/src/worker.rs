@@ -338,10 +338,7 @@ impl Job<'_> {
     /// own layers; returns its path.
     fn layers(&self, base: &Base, ids: &DiskIds, work: &Path) -> Result<PathBuf, Error> {
         let spec = self.spec;
-        (self.progress)(Event::Phase {
-            phase: "layers".into(),
-            detail: format!("{} files, {} users, {} units", spec.files.len(), spec.users.len(), spec.units.len()),
-        });
+        (self.progress)(Event::Phase { phase: "layers".into(), detail: "kiln's own".into() });
         let tree_path = work.join("tree");
         layer::link_copy(&base.tree, &tree_path)?;
         layer::apply_system(&Tree::new(&tree_path), spec, &self.layer_inputs(base, ids))?;

@@ -335,7 +335,7 @@ fn killed_build_leaves_the_cache_and_the_previous_image_usable() {
     build_ok(&images, None);
     let before = manifest(&images);
 
-    // Kill a rebuild (a new file: a system to make) as soon as it is making file systems.
+    // Kill a rebuild (another kernel argument: a system to make) as soon as it is making file systems.
     let spec = system_variant(tmp.path(), &unique("kiln-killed-build"));
     let agent = changed_agent(tmp.path(), "kiln-killed-build");
     let mut cmd = golden::build_command(&spec, &images, None, Some(&agent));
@@ -632,7 +632,7 @@ fn interrupted_build_stops_every_program_and_the_next_build_succeeds() {
             .collect()
     };
 
-    // SIGINT in the middle of mksquashfs and mke2fs (a new file: a system to make).
+    // SIGINT in the middle of mksquashfs and mke2fs (another kernel argument: a system to make).
     let spec = system_variant(tmp.path(), &unique("kiln-interrupted-build"));
     let agent = changed_agent(tmp.path(), "kiln-interrupted-build");
     let rebuild = golden::build_command(&spec, &images, None, Some(&agent));
